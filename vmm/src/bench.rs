@@ -1,0 +1,153 @@
+//! `mqvisor bench boot`: cold-start latency and memory of `mqvisor run`.
+//!
+//! Owns spawning fresh `mqvisor run` processes and reading their figures:
+//! process exec to the guest banner (measured here), KVM_CREATE_VM to the
+//! guest's first instruction (reported by the guest in its banner), and the
+//! child's peak RSS (from `wait4`). Prints figures; never judges them.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Firecracker's published start-up figure for the same step (guest init).
+pub const FIRECRACKER_BOOT_MS: f64 = 125.0;
+
+/// Figures from one cold start.
+#[derive(Debug, Clone, Copy)]
+pub struct BootSample {
+    /// Process exec to the banner line on stdout.
+    pub exec_to_banner: Duration,
+    /// KVM_CREATE_VM to the guest's `_start`, as the guest measured it.
+    pub create_vm_to_start: Duration,
+    /// Peak resident set of the `mqvisor run` process.
+    pub peak_rss_kib: u64,
+}
+
+/// Extracts `boot-to-start N us` from the guest banner.
+pub fn parse_boot_to_start(banner: &str) -> Option<Duration> {
+    let rest = banner.split("boot-to-start ").nth(1)?;
+    let micros = rest.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_micros(micros))
+}
+
+/// Waits for `pid` and returns its exit status and peak RSS in KiB.
+fn wait_with_rusage(pid: u32) -> std::io::Result<(ExitStatus, u64)> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::Error::other("pid out of range"))?;
+    let mut status = 0;
+    // SAFETY: all-zero is a valid `rusage`; wait4 fills it.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `status` and `usage` are live, writable and correctly typed;
+    // `pid` is our own unwaited child, so no other process is reaped.
+    let ret = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((ExitStatus::from_raw(status), u64::try_from(usage.ru_maxrss).unwrap_or(0)))
+}
+
+/// Runs one cold start of `exe run` with an idle guest.
+pub fn boot_once(exe: &Path, memory_mib: u32) -> Result<BootSample, String> {
+    let start = Instant::now();
+    let mut child = Command::new(exe)
+        .args(["run", "--memory", &memory_mib.to_string(), "--timeout", "30"])
+        // One short idle period after the banner: what an idle tenant costs.
+        .args(["--cmdline", "sleeps=1 sleep_ms=50"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout pipe")?;
+    let mut banner = String::new();
+    let mut exec_to_banner = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.map_err(|e| format!("reading guest console: {e}"))?;
+        if exec_to_banner.is_none() && line.contains(" ready: ") {
+            exec_to_banner = Some(start.elapsed());
+            banner = line;
+        }
+    }
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+    }
+    let (status, peak_rss_kib) = wait_with_rusage(child.id()).map_err(|e| format!("waiting for child: {e}"))?;
+    if !status.success() {
+        return Err(format!("`mqvisor run` failed ({status}): {}", stderr.trim()));
+    }
+    let exec_to_banner = exec_to_banner.ok_or("the guest printed no banner")?;
+    let create_vm_to_start = parse_boot_to_start(&banner).ok_or_else(|| format!("unreadable banner: {banner}"))?;
+    Ok(BootSample { exec_to_banner, create_vm_to_start, peak_rss_kib })
+}
+
+/// The value at `fraction` (0..=1) of sorted `values`, nearest rank.
+pub fn percentile(sorted: &[f64], fraction: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (fraction * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Runs `runs` cold starts and prints the figures.
+pub fn boot(exe: &Path, runs: usize, memory_mib: u32) -> Result<(), String> {
+    let mut samples = Vec::with_capacity(runs);
+    for i in 1..=runs {
+        let sample = boot_once(exe, memory_mib)?;
+        eprintln!(
+            "run {i:>3}/{runs}: exec->banner {:>7.2} ms, create_vm->start {:>7.2} ms, peak RSS {:>6} KiB",
+            sample.exec_to_banner.as_secs_f64() * 1e3,
+            sample.create_vm_to_start.as_secs_f64() * 1e3,
+            sample.peak_rss_kib
+        );
+        samples.push(sample);
+    }
+    let sorted_ms = |f: fn(&BootSample) -> Duration| {
+        let mut v: Vec<f64> = samples.iter().map(|s| f(s).as_secs_f64() * 1e3).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let exec = sorted_ms(|s| s.exec_to_banner);
+    let create = sorted_ms(|s| s.create_vm_to_start);
+    let peak_rss = samples.iter().map(|s| s.peak_rss_kib).max().unwrap_or(0);
+    let median_exec = percentile(&exec, 0.5);
+    println!("mqvisor boot benchmark: {runs} cold starts, {memory_mib} MiB guest");
+    println!("{:<34} {:>10} {:>10}", "figure", "median", "p90");
+    println!("{:<34} {:>8.2}ms {:>8.2}ms", "process exec -> guest banner", median_exec, percentile(&exec, 0.9));
+    println!(
+        "{:<34} {:>8.2}ms {:>8.2}ms",
+        "KVM_CREATE_VM -> first guest insn",
+        percentile(&create, 0.5),
+        percentile(&create, 0.9)
+    );
+    println!("{:<34} {:>7.2}MiB", "peak RSS of `mqvisor run` (max)", peak_rss as f64 / 1024.0);
+    println!(
+        "Firecracker's published start to guest init: {FIRECRACKER_BOOT_MS} ms; ratio (Firecracker / mqvisor exec->banner median): {:.1}x",
+        FIRECRACKER_BOOT_MS / median_exec
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_banner_figure() {
+        let banner = "mqvisor-guest 0.1.0 ready: boot-to-start 1234 us, start-to-ready 5 us, ram 32 MiB";
+        assert_eq!(parse_boot_to_start(banner), Some(Duration::from_micros(1234)));
+        assert_eq!(parse_boot_to_start("ready: boot-to-start soon"), None);
+        assert_eq!(parse_boot_to_start(""), None);
+    }
+
+    #[test]
+    fn percentiles_use_nearest_rank() {
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 10.0);
+        assert_eq!(percentile(&v, 0.9), 18.0);
+        assert_eq!(percentile(&v, 1.0), 20.0);
+        assert_eq!(percentile(&v, 0.0), 1.0);
+        assert!(percentile(&[], 0.5).is_nan());
+    }
+}

@@ -1,0 +1,150 @@
+//! The `mqvisor` command: parses arguments, runs a VM or a benchmark, and maps
+//! the result to a one-line message and an exit code. No VM logic lives here.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use mqvisor::vcpu::Outcome;
+use mqvisor::vm::{self, VmConfig};
+
+/// Exit code when the VM could not be started (bad input, no KVM, ...).
+const EXIT_SETUP_FAILED: u8 = 125;
+/// Exit code when the guest crashed (fault, triple fault, unexpected exit).
+const EXIT_GUEST_CRASHED: u8 = 126;
+/// Exit code when `--timeout` passed before the guest exited.
+const EXIT_TIMED_OUT: u8 = 124;
+
+#[derive(Parser)]
+#[command(
+    name = "mqvisor",
+    version,
+    about = "Per-tenant MQTT brokers, each in its own KVM microVM",
+    long_about = "Per-tenant MQTT brokers, each in its own KVM microVM.\n\n\
+                  `mqvisor run` boots one tenant VM in the foreground from the image built into \
+                  this binary (or --image). Needs read/write access to /dev/kvm."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Commands,
+}
+
+#[derive(Subcommand)]
+enum Commands {
+    /// Boot one tenant VM in the foreground and wait for it to exit.
+    #[command(after_help = "Exit status: the guest's exit code (0-255; larger codes become 255), \
+                            124 if --timeout passed, 125 if the VM could not be started, \
+                            126 if the guest crashed.")]
+    Run(RunArgs),
+    /// Measure mqvisor itself.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Guest image (static x86-64 ELF following the mqvisor boot ABI) [default: built-in image]
+    #[arg(long, value_name = "PATH")]
+    image: Option<PathBuf>,
+    /// Guest RAM in MiB (pages are only allocated when the guest touches them)
+    #[arg(long, value_name = "MIB", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(vm::MAX_MEMORY_MIB)))]
+    memory: u32,
+    /// Stop the guest after this many seconds (fractions allowed) [default: no limit]
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
+    /// Command line passed to the guest (see images/default.md for the built-in image's words)
+    #[arg(long, value_name = "STRING", default_value = "")]
+    cmdline: String,
+    /// KVM device node
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm", env = "MQVISOR_KVM_DEVICE")]
+    kvm_device: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Cold starts of `mqvisor run`: exec->banner, KVM_CREATE_VM->first guest
+    /// instruction, peak RSS; compared with Firecracker's published figure.
+    Boot {
+        /// Number of cold starts
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        runs: u32,
+        /// Guest RAM in MiB
+        #[arg(long, default_value_t = 32)]
+        memory: u32,
+    },
+}
+
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if !(secs > 0.0) {
+        return Err("the timeout must be greater than zero".into());
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| format!("`{text}` seconds is too long"))
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let image = match &args.image {
+        None => mqvisor::DEFAULT_IMAGE.to_vec(),
+        Some(path) => match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                eprintln!("mqvisor: cannot read image {}: {e}", path.display());
+                return ExitCode::from(EXIT_SETUP_FAILED);
+            }
+        },
+    };
+    let config = VmConfig {
+        image,
+        memory_mib: args.memory,
+        cmdline: args.cmdline,
+        timeout: args.timeout,
+        kvm_device: args.kvm_device,
+        console: Box::new(std::io::stdout()),
+    };
+    let rip = |rip: Option<u64>| rip.map_or_else(|| "unknown".to_string(), |r| format!("{r:#x}"));
+    match vm::run(config) {
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            ExitCode::from(EXIT_SETUP_FAILED)
+        }
+        Ok(Outcome::Exited { code, message }) => {
+            if !message.is_empty() {
+                eprintln!("mqvisor: guest exited with code {code}: {message}");
+            }
+            ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
+        }
+        Ok(Outcome::Crashed { reason, rip: at }) => {
+            eprintln!("mqvisor: guest crashed: {reason} at RIP {}", rip(at));
+            ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        Ok(Outcome::TimedOut { after, rip: at }) => {
+            eprintln!(
+                "mqvisor: guest did not exit within --timeout ({:.1} s); stopped at RIP {}",
+                after.as_secs_f64(),
+                rip(at)
+            );
+            ExitCode::from(EXIT_TIMED_OUT)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Run(args) => run(args),
+        Commands::Bench(BenchCommand::Boot { runs, memory }) => {
+            let result = std::env::current_exe()
+                .map_err(|e| format!("cannot find the mqvisor executable: {e}"))
+                .and_then(|exe| mqvisor::bench::boot(&exe, runs as usize, memory));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mqvisor: bench boot: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

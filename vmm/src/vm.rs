@@ -1,0 +1,215 @@
+//! One tenant VM from start to finish: open KVM, lay out guest memory, load
+//! the image, fill boot-info, configure the vCPU, run it, report the outcome.
+//!
+//! Owns the order of those steps and the errors of each one, worded for the
+//! operator (what went wrong and what to do). It must never panic on bad
+//! input: every failure becomes a [`VmmError`] or an [`Outcome`].
+
+use std::ffi::CString;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use mqvisor_boot_abi::{BootInfo, CMDLINE_CAPACITY, layout};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::arch::{self, ArchError};
+use crate::image::{self, ImageError};
+use crate::vcpu::{self, Outcome};
+
+/// Smallest heap an image gets; less memory than image + this is refused.
+pub const MIN_HEAP_BYTES: u64 = 1 << 20;
+/// Largest `--memory`: RAM must end below the device hole.
+pub const MAX_MEMORY_MIB: u32 = (layout::RAM_LIMIT >> 20) as u32;
+/// The guest's TSC, MSR 0x10 (SDM Vol. 4, table 2-2).
+const MSR_IA32_TSC: u32 = 0x10;
+
+/// Everything needed to run one VM.
+pub struct VmConfig {
+    /// The guest ELF image.
+    pub image: Vec<u8>,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Command line handed to the guest through boot-info.
+    pub cmdline: String,
+    /// Stop the guest after this long.
+    pub timeout: Option<Duration>,
+    /// The KVM device node.
+    pub kvm_device: PathBuf,
+    /// Where guest console output goes.
+    pub console: Box<dyn Write + Send>,
+}
+
+/// Why a VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(
+        "{0} does not exist: this machine does not expose KVM (enable hardware or nested \
+         virtualization, or load the kvm module)"
+    )]
+    KvmMissing(PathBuf),
+    #[error("permission denied opening {0}: run as a user in the group that owns it (usually `kvm`)")]
+    KvmPermission(PathBuf),
+    #[error("cannot open {path}: {source}")]
+    KvmOpen { path: PathBuf, source: kvm_ioctls::Error },
+    #[error("{what} failed: {source}")]
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    #[error("bad image: {0}")]
+    Image(#[from] ImageError),
+    #[error(
+        "--memory {given_mib} MiB is too small for this image: it needs at least {needed_mib} MiB \
+         (image ends at {image_end:#x}, plus 1 MiB of heap)"
+    )]
+    MemoryTooSmall { given_mib: u32, needed_mib: u64, image_end: u64 },
+    #[error("--memory {0} MiB is out of range (1..={MAX_MEMORY_MIB})")]
+    MemoryOutOfRange(u32),
+    #[error("allocating {mib} MiB of guest memory: {reason}")]
+    GuestMemory { mib: u32, reason: String },
+    #[error("the guest command line is {0} bytes; at most {CMDLINE_CAPACITY} fit")]
+    CmdlineTooLong(usize),
+    #[error("setting up the vCPU: {0}")]
+    Arch(#[from] ArchError),
+    #[error("writing boot-info: {0}")]
+    BootInfo(vm_memory::GuestMemoryError),
+    #[error("starting the vCPU thread: {0}")]
+    Thread(std::io::Error),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+/// Opens the KVM device, turning the common failures into advice.
+pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
+    let c_path = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| VmmError::KvmMissing(path.to_path_buf()))?;
+    Kvm::new_with_path(&c_path).map_err(|source| match source.errno() {
+        libc::ENOENT => VmmError::KvmMissing(path.to_path_buf()),
+        libc::EACCES | libc::EPERM => VmmError::KvmPermission(path.to_path_buf()),
+        _ => VmmError::KvmOpen { path: path.to_path_buf(), source },
+    })
+}
+
+/// Fills boot-info for a guest with `ram_size` bytes whose image ends at `image_end`.
+pub fn boot_info(ram_size: u64, image_end: u64, cmdline: &str) -> Result<BootInfo, VmmError> {
+    let mut info = BootInfo { ram_size, ..BootInfo::default() };
+    info.heap_start = image_end.next_multiple_of(layout::PAGE_SIZE);
+    info.heap_end = ram_size;
+    let bytes = cmdline.as_bytes();
+    if bytes.len() > CMDLINE_CAPACITY {
+        return Err(VmmError::CmdlineTooLong(bytes.len()));
+    }
+    info.cmdline[..bytes.len()].copy_from_slice(bytes);
+    // Checked against CMDLINE_CAPACITY (1024) just above.
+    info.cmdline_len = bytes.len() as u32;
+    Ok(info)
+}
+
+/// Guest RAM, registered with KVM as slot 0 at guest-physical 0.
+fn create_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, VmmError> {
+    let size = usize::try_from(memory_mib).unwrap_or(usize::MAX) << 20;
+    // Anonymous, lazily touched mappings: an idle 32 MiB guest costs the host
+    // only the pages it writes.
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|e| VmmError::GuestMemory { mib: memory_mib, reason: e.to_string() })?;
+    for (slot, region) in (0u32..).zip(mem.iter()) {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::GuestMemory { mib: memory_mib, reason: e.to_string() })?;
+        let region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the host range is a live mapping owned by `mem`, which the
+        // caller keeps alive for as long as the VM (`Vm` holds both and drops
+        // the VM fd first); the slot is new and does not overlap another.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(mem)
+}
+
+/// Reads the guest TSC (0 if KVM will not say): lets the guest time its start.
+fn guest_tsc(vcpu: &VcpuFd) -> u64 {
+    let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }]) else {
+        return 0;
+    };
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => msrs.as_slice()[0].data,
+        _ => 0,
+    }
+}
+
+/// Boots the VM described by `config` and runs it to the end.
+pub fn run(config: VmConfig) -> Result<Outcome, VmmError> {
+    if config.memory_mib == 0 || config.memory_mib > MAX_MEMORY_MIB {
+        return Err(VmmError::MemoryOutOfRange(config.memory_mib));
+    }
+    let ram_size = u64::from(config.memory_mib) << 20;
+    // Check the image on its own first, so a good image in too little memory
+    // is reported as "too little memory", not as a bad image.
+    let image_layout = image::check(&config.image, layout::RAM_LIMIT)?;
+    let needed = image_layout.end.next_multiple_of(layout::PAGE_SIZE) + MIN_HEAP_BYTES;
+    if needed > ram_size {
+        return Err(VmmError::MemoryTooSmall {
+            given_mib: config.memory_mib,
+            needed_mib: needed.div_ceil(1 << 20),
+            image_end: image_layout.end,
+        });
+    }
+    let mut info = boot_info(ram_size, image_layout.end, &config.cmdline)?;
+
+    let kvm = open_kvm(&config.kvm_device)?;
+    let created = Instant::now();
+    info.boot_wall_clock_ns = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    let mem = create_memory(&vm, config.memory_mib)?;
+    let loaded = image::load(&config.image, &mem, ram_size)?;
+    let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+    arch::configure_vcpu(&kvm, &vcpu, &mem, ram_size, loaded.entry)?;
+    info.tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?.into();
+    info.entry_tsc = guest_tsc(&vcpu);
+    info.setup_ns = u64::try_from(created.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    mem.write_obj(info, GuestAddress(layout::BOOT_INFO)).map_err(VmmError::BootInfo)?;
+
+    let outcome = vcpu::run(vcpu, mem.clone(), config.console, config.timeout).map_err(VmmError::Thread)?;
+    // The vCPU thread has returned; KVM lets go of guest memory when the VM fd
+    // closes, so the mapping must outlive it.
+    drop(vm);
+    drop(mem);
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heap_starts_on_the_page_after_the_image() {
+        let info = boot_info(32 << 20, 0x20_a001, "").unwrap();
+        assert_eq!((info.heap_start, info.heap_end), (0x20_b000, 32 << 20));
+        assert!(info.is_valid());
+    }
+
+    #[test]
+    fn cmdline_is_copied_and_bounded() {
+        let info = boot_info(32 << 20, 0x20_0000, "exit=3 sleeps=0").unwrap();
+        assert_eq!(info.cmdline(), Some("exit=3 sleeps=0"));
+        let long = "x".repeat(CMDLINE_CAPACITY + 1);
+        assert!(matches!(boot_info(32 << 20, 0x20_0000, &long), Err(VmmError::CmdlineTooLong(1025))));
+    }
+
+    #[test]
+    fn missing_kvm_device_is_explained() {
+        let err = open_kvm(std::path::Path::new("/nonexistent/kvm")).unwrap_err();
+        assert!(matches!(err, VmmError::KvmMissing(_)), "{err}");
+        assert!(err.to_string().contains("does not expose KVM"));
+    }
+}
