@@ -33,9 +33,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Commands {
     /// Boot one tenant VM in the foreground and wait for it to exit.
-    #[command(after_help = "Exit status: the guest's exit code (0-255; larger codes become 255), \
+    #[command(
+        after_help = "Exit status: the guest's exit code (0-255; larger codes become 255), \
                             124 if --timeout passed, 125 if the VM could not be started, \
-                            126 if the guest crashed.")]
+                            126 if the guest crashed."
+    )]
     Run(RunArgs),
     /// Measure mqvisor itself.
     #[command(subcommand)]
@@ -58,7 +60,12 @@ struct RunArgs {
     #[arg(long, value_name = "STRING", default_value = "")]
     cmdline: String,
     /// KVM device node
-    #[arg(long, value_name = "PATH", default_value = "/dev/kvm", env = "MQVISOR_KVM_DEVICE")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/dev/kvm",
+        env = "MQVISOR_KVM_DEVICE"
+    )]
     kvm_device: PathBuf,
 }
 
@@ -77,8 +84,10 @@ enum BenchCommand {
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
-    if !(secs > 0.0) {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    if secs.is_nan() || secs <= 0.0 {
         return Err("the timeout must be greater than zero".into());
     }
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{text}` seconds is too long"))

@@ -68,7 +68,10 @@ impl VcpuLoop {
     fn run(mut self, started: Instant) -> Outcome {
         loop {
             if self.stop.load(Ordering::Acquire) {
-                return Outcome::TimedOut { after: started.elapsed(), rip: self.rip() };
+                return Outcome::TimedOut {
+                    after: started.elapsed(),
+                    rip: self.rip(),
+                };
             }
             let step = match self.vcpu.run() {
                 Ok(exit) => Self::on_exit(exit, &self.mem, &mut self.console),
@@ -79,39 +82,60 @@ impl VcpuLoop {
                 Step::Continue => {}
                 Step::Wait(timeout) => self.park(timeout),
                 Step::End(outcome) => return outcome,
-                Step::Crash(reason) => return Outcome::Crashed { reason, rip: self.rip() },
+                Step::Crash(reason) => {
+                    return Outcome::Crashed {
+                        reason,
+                        rip: self.rip(),
+                    };
+                }
             }
         }
     }
 
     fn on_exit(exit: VcpuExit, mem: &GuestMemoryMmap, console: &mut Box<dyn Write + Send>) -> Step {
         match exit {
-            VcpuExit::IoOut(port, data) => match paravirt::decode_out(port, paravirt::out_value(data), mem) {
-                Ok(PortRequest::Console(text)) => {
-                    // A closed stdout must not kill the guest; output is best effort.
-                    let _ = console.write_all(text.as_bytes()).and_then(|()| console.flush());
-                    Step::Continue
+            VcpuExit::IoOut(port, data) => {
+                match paravirt::decode_out(port, paravirt::out_value(data), mem) {
+                    Ok(PortRequest::Console(text)) => {
+                        // A closed stdout must not kill the guest; output is best effort.
+                        let _ = console
+                            .write_all(text.as_bytes())
+                            .and_then(|()| console.flush());
+                        Step::Continue
+                    }
+                    Ok(PortRequest::Exit { code, message }) => {
+                        Step::End(Outcome::Exited { code, message })
+                    }
+                    Ok(PortRequest::Wait(timeout)) => Step::Wait(timeout),
+                    Ok(PortRequest::Unknown { port }) => {
+                        Step::Crash(format!("guest wrote to unknown I/O port {port:#x}"))
+                    }
+                    Err(e) => Step::Crash(format!("guest paravirt page unreadable: {e}")),
                 }
-                Ok(PortRequest::Exit { code, message }) => Step::End(Outcome::Exited { code, message }),
-                Ok(PortRequest::Wait(timeout)) => Step::Wait(timeout),
-                Ok(PortRequest::Unknown { port }) => Step::Crash(format!("guest wrote to unknown I/O port {port:#x}")),
-                Err(e) => Step::Crash(format!("guest paravirt page unreadable: {e}")),
-            },
-            VcpuExit::IoIn(port, _) => Step::Crash(format!("guest read from unknown I/O port {port:#x}")),
-            VcpuExit::MmioRead(addr, _) => Step::Crash(format!("guest read unmapped guest-physical address {addr:#x}")),
-            VcpuExit::MmioWrite(addr, _) => {
-                Step::Crash(format!("guest wrote unmapped guest-physical address {addr:#x}"))
             }
-            VcpuExit::Shutdown => {
-                Step::Crash("guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception it could not handle".into())
+            VcpuExit::IoIn(port, _) => {
+                Step::Crash(format!("guest read from unknown I/O port {port:#x}"))
             }
+            VcpuExit::MmioRead(addr, _) => Step::Crash(format!(
+                "guest read unmapped guest-physical address {addr:#x}"
+            )),
+            VcpuExit::MmioWrite(addr, _) => Step::Crash(format!(
+                "guest wrote unmapped guest-physical address {addr:#x}"
+            )),
+            VcpuExit::Shutdown => Step::Crash(
+                "guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception it could not handle".into(),
+            ),
             VcpuExit::Hlt => Step::Crash("guest executed HLT (KVM_EXIT_HLT)".into()),
             VcpuExit::Intr => Step::Continue,
-            VcpuExit::FailEntry(reason, cpu) => {
-                Step::Crash(format!("KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"))
+            VcpuExit::FailEntry(reason, cpu) => Step::Crash(format!(
+                "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"
+            )),
+            VcpuExit::InternalError => {
+                Step::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
             }
-            VcpuExit::InternalError => Step::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
-            VcpuExit::SystemEvent(kind, _) => Step::Crash(format!("guest system event {kind} (KVM_EXIT_SYSTEM_EVENT)")),
+            VcpuExit::SystemEvent(kind, _) => {
+                Step::Crash(format!("guest system event {kind} (KVM_EXIT_SYSTEM_EVENT)"))
+            }
             other => Step::Crash(format!("unexpected VM exit {other:?}")),
         }
     }
@@ -123,8 +147,14 @@ impl VcpuLoop {
             // Below 1e9, fits any c_long.
             tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
         });
-        let mut pollfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(&*self.wake), events: libc::POLLIN, revents: 0 };
-        let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+        let mut pollfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&*self.wake),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ts_ptr = ts
+            .as_ref()
+            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
         // SAFETY: one valid pollfd for the duration of the call; `ts_ptr` is
         // null or points at a live timespec; a null sigmask leaves it as is.
         // EINTR (a kick) simply returns early, which is what we want.
@@ -144,11 +174,18 @@ pub fn run(
     console: Box<dyn Write + Send>,
     timeout: Option<Duration>,
 ) -> std::io::Result<Outcome> {
-    register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let vcpu_loop = VcpuLoop { vcpu, mem, console, wake: wake.clone(), stop: stop.clone() };
+    let vcpu_loop = VcpuLoop {
+        vcpu,
+        mem,
+        console,
+        wake: wake.clone(),
+        stop: stop.clone(),
+    };
     let (done_tx, done_rx) = mpsc::channel();
     let handle = thread::Builder::new().name("vcpu0".into()).spawn(move || {
         // The receiver lives until this thread is joined below.
@@ -171,14 +208,20 @@ pub fn run(
                     Ok(outcome) => break outcome,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        break Outcome::Crashed { reason: "vCPU thread ended without an outcome".into(), rip: None };
+                        break Outcome::Crashed {
+                            reason: "vCPU thread ended without an outcome".into(),
+                            rip: None,
+                        };
                     }
                 }
             }
         }
     };
     if handle.join().is_err() {
-        return Ok(Outcome::Crashed { reason: "vCPU thread panicked".into(), rip: None });
+        return Ok(Outcome::Crashed {
+            reason: "vCPU thread panicked".into(),
+            rip: None,
+        });
     }
     Ok(outcome)
 }

@@ -23,6 +23,7 @@ use crate::vcpu::{self, Outcome};
 /// Smallest heap an image gets; less memory than image + this is refused.
 pub const MIN_HEAP_BYTES: u64 = 1 << 20;
 /// Largest `--memory`: RAM must end below the device hole.
+#[allow(clippy::cast_possible_truncation)] // 3072
 pub const MAX_MEMORY_MIB: u32 = (layout::RAM_LIMIT >> 20) as u32;
 /// The guest's TSC, MSR 0x10 (SDM Vol. 4, table 2-2).
 const MSR_IA32_TSC: u32 = 0x10;
@@ -51,19 +52,31 @@ pub enum VmmError {
          virtualization, or load the kvm module)"
     )]
     KvmMissing(PathBuf),
-    #[error("permission denied opening {0}: run as a user in the group that owns it (usually `kvm`)")]
+    #[error(
+        "permission denied opening {0}: run as a user in the group that owns it (usually `kvm`)"
+    )]
     KvmPermission(PathBuf),
     #[error("cannot open {path}: {source}")]
-    KvmOpen { path: PathBuf, source: kvm_ioctls::Error },
+    KvmOpen {
+        path: PathBuf,
+        source: kvm_ioctls::Error,
+    },
     #[error("{what} failed: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("bad image: {0}")]
     Image(#[from] ImageError),
     #[error(
         "--memory {given_mib} MiB is too small for this image: it needs at least {needed_mib} MiB \
          (image ends at {image_end:#x}, plus 1 MiB of heap)"
     )]
-    MemoryTooSmall { given_mib: u32, needed_mib: u64, image_end: u64 },
+    MemoryTooSmall {
+        given_mib: u32,
+        needed_mib: u64,
+        image_end: u64,
+    },
     #[error("--memory {0} MiB is out of range (1..={MAX_MEMORY_MIB})")]
     MemoryOutOfRange(u32),
     #[error("allocating {mib} MiB of guest memory: {reason}")]
@@ -89,13 +102,19 @@ pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
     Kvm::new_with_path(&c_path).map_err(|source| match source.errno() {
         libc::ENOENT => VmmError::KvmMissing(path.to_path_buf()),
         libc::EACCES | libc::EPERM => VmmError::KvmPermission(path.to_path_buf()),
-        _ => VmmError::KvmOpen { path: path.to_path_buf(), source },
+        _ => VmmError::KvmOpen {
+            path: path.to_path_buf(),
+            source,
+        },
     })
 }
 
 /// Fills boot-info for a guest with `ram_size` bytes whose image ends at `image_end`.
 pub fn boot_info(ram_size: u64, image_end: u64, cmdline: &str) -> Result<BootInfo, VmmError> {
-    let mut info = BootInfo { ram_size, ..BootInfo::default() };
+    let mut info = BootInfo {
+        ram_size,
+        ..BootInfo::default()
+    };
     info.heap_start = image_end.next_multiple_of(layout::PAGE_SIZE);
     info.heap_end = ram_size;
     let bytes = cmdline.as_bytes();
@@ -103,8 +122,8 @@ pub fn boot_info(ram_size: u64, image_end: u64, cmdline: &str) -> Result<BootInf
         return Err(VmmError::CmdlineTooLong(bytes.len()));
     }
     info.cmdline[..bytes.len()].copy_from_slice(bytes);
-    // Checked against CMDLINE_CAPACITY (1024) just above.
-    info.cmdline_len = bytes.len() as u32;
+    info.cmdline_len =
+        u32::try_from(bytes.len()).map_err(|_| VmmError::CmdlineTooLong(bytes.len()))?;
     Ok(info)
 }
 
@@ -113,12 +132,19 @@ fn create_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, VmmError
     let size = usize::try_from(memory_mib).unwrap_or(usize::MAX) << 20;
     // Anonymous, lazily touched mappings: an idle 32 MiB guest costs the host
     // only the pages it writes.
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
-        .map_err(|e| VmmError::GuestMemory { mib: memory_mib, reason: e.to_string() })?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| {
+        VmmError::GuestMemory {
+            mib: memory_mib,
+            reason: e.to_string(),
+        }
+    })?;
     for (slot, region) in (0u32..).zip(mem.iter()) {
-        let host = mem
-            .get_host_address(region.start_addr())
-            .map_err(|e| VmmError::GuestMemory { mib: memory_mib, reason: e.to_string() })?;
+        let host =
+            mem.get_host_address(region.start_addr())
+                .map_err(|e| VmmError::GuestMemory {
+                    mib: memory_mib,
+                    reason: e.to_string(),
+                })?;
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: region.start_addr().0,
@@ -129,14 +155,18 @@ fn create_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, VmmError
         // SAFETY: the host range is a live mapping owned by `mem`, which the
         // caller keeps alive for as long as the VM (`Vm` holds both and drops
         // the VM fd first); the slot is new and does not overlap another.
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(region) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(mem)
 }
 
 /// Reads the guest TSC (0 if KVM will not say): lets the guest time its start.
 fn guest_tsc(vcpu: &VcpuFd) -> u64 {
-    let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }]) else {
+    let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }]) else {
         return 0;
     };
     match vcpu.get_msrs(&mut msrs) {
@@ -174,12 +204,17 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmmError> {
     let loaded = image::load(&config.image, &mem, ram_size)?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     arch::configure_vcpu(&kvm, &vcpu, &mem, ram_size, loaded.entry)?;
-    info.tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?.into();
+    info.tsc_khz = vcpu
+        .get_tsc_khz()
+        .map_err(kvm_err("KVM_GET_TSC_KHZ"))?
+        .into();
     info.entry_tsc = guest_tsc(&vcpu);
     info.setup_ns = u64::try_from(created.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    mem.write_obj(info, GuestAddress(layout::BOOT_INFO)).map_err(VmmError::BootInfo)?;
+    mem.write_slice(info.as_bytes(), GuestAddress(layout::BOOT_INFO))
+        .map_err(VmmError::BootInfo)?;
 
-    let outcome = vcpu::run(vcpu, mem.clone(), config.console, config.timeout).map_err(VmmError::Thread)?;
+    let outcome =
+        vcpu::run(vcpu, mem.clone(), config.console, config.timeout).map_err(VmmError::Thread)?;
     // The vCPU thread has returned; KVM lets go of guest memory when the VM fd
     // closes, so the mapping must outlive it.
     drop(vm);
@@ -203,7 +238,10 @@ mod tests {
         let info = boot_info(32 << 20, 0x20_0000, "exit=3 sleeps=0").unwrap();
         assert_eq!(info.cmdline(), Some("exit=3 sleeps=0"));
         let long = "x".repeat(CMDLINE_CAPACITY + 1);
-        assert!(matches!(boot_info(32 << 20, 0x20_0000, &long), Err(VmmError::CmdlineTooLong(1025))));
+        assert!(matches!(
+            boot_info(32 << 20, 0x20_0000, &long),
+            Err(VmmError::CmdlineTooLong(1025))
+        ));
     }
 
     #[test]

@@ -182,6 +182,20 @@ impl BootInfo {
         core::str::from_utf8(&self.cmdline[..len]).ok()
     }
 
+    /// The structure's bytes, as the VMM writes them into guest memory.
+    pub fn as_bytes(&self) -> &[u8] {
+        // SAFETY: BootInfo is repr(C), made only of integers and integer
+        // arrays, with no padding (its size is asserted below to be the sum of
+        // its fields), so all of its bytes are initialised; the slice borrows
+        // `self` for its whole lifetime.
+        unsafe {
+            core::slice::from_raw_parts(
+                (self as *const BootInfo).cast::<u8>(),
+                core::mem::size_of::<BootInfo>(),
+            )
+        }
+    }
+
     /// The valid device entries, clamped to the array.
     pub fn devices(&self) -> &[DeviceDescriptor] {
         let count = (self.device_count as usize).min(MAX_DEVICES);
@@ -211,22 +225,11 @@ pub struct ParavirtPage {
 // The VMM reads and writes these structures as raw bytes, so their sizes are
 // part of the ABI: a field added without updating the layout fails here.
 const _: () = assert!(core::mem::size_of::<DeviceDescriptor>() == 24);
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 72 + 24 * MAX_DEVICES + 8 + CMDLINE_CAPACITY);
-const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= layout::PARAVIRT - layout::BOOT_INFO);
+const _: () =
+    assert!(core::mem::size_of::<BootInfo>() == 72 + 24 * MAX_DEVICES + 8 + CMDLINE_CAPACITY);
+const _: () =
+    assert!(core::mem::size_of::<BootInfo>() as u64 <= layout::PARAVIRT - layout::BOOT_INFO);
 const _: () = assert!(core::mem::size_of::<ParavirtPage>() as u64 == layout::PAGE_SIZE);
-
-#[cfg(feature = "vm-memory")]
-mod byte_valued {
-    use super::{BootInfo, DeviceDescriptor, ParavirtPage};
-
-    // SAFETY: repr(C) structs made only of integers and integer arrays, with
-    // no padding (sizes asserted above), so every byte pattern is valid.
-    unsafe impl vm_memory::ByteValued for DeviceDescriptor {}
-    // SAFETY: as above.
-    unsafe impl vm_memory::ByteValued for BootInfo {}
-    // SAFETY: as above.
-    unsafe impl vm_memory::ByteValued for ParavirtPage {}
-}
 
 #[cfg(test)]
 mod tests {
@@ -240,12 +243,14 @@ mod tests {
     #[test]
     fn system_area_is_ordered_and_page_aligned() {
         use layout::*;
-        let areas = [PML4, PDPT, PD_BASE, PT_LOW, GDT, BOOT_INFO, PARAVIRT, SYSTEM_END];
+        let areas = [
+            PML4, PDPT, PD_BASE, PT_LOW, GDT, BOOT_INFO, PARAVIRT, SYSTEM_END,
+        ];
         assert!(areas.windows(2).all(|w| w[0] < w[1]));
         assert!(areas.iter().all(|a| a % PAGE_SIZE == 0));
         assert_eq!(PD_BASE + PD_COUNT * PAGE_SIZE, PT_LOW);
-        assert!(SYSTEM_END < STACK_BOTTOM && STACK_TOP <= IMAGE_BASE);
-        assert!(RAM_LIMIT <= PD_COUNT << 30);
+        const { assert!(SYSTEM_END < STACK_BOTTOM && STACK_TOP <= IMAGE_BASE) };
+        const { assert!(RAM_LIMIT <= PD_COUNT << 30) };
     }
 
     #[test]
@@ -260,6 +265,18 @@ mod tests {
         assert_eq!(info.devices().len(), MAX_DEVICES);
         info.cmdline[1] = 0xff;
         assert_eq!(info.cmdline(), None);
+    }
+
+    #[test]
+    fn bytes_are_the_little_endian_fields() {
+        let info = BootInfo {
+            ram_size: 0x0102_0304,
+            ..BootInfo::default()
+        };
+        let bytes = info.as_bytes();
+        assert_eq!(bytes.len(), core::mem::size_of::<BootInfo>());
+        assert_eq!(&bytes[..8], b"MQVBOOT1");
+        assert_eq!(&bytes[16..24], &0x0102_0304u64.to_le_bytes());
     }
 
     #[test]

@@ -52,7 +52,9 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
 
 /// The current time.
 pub fn now() -> Instant {
-    Instant(ticks_to_ns(rdtsc().wrapping_sub(START_TSC.load(Ordering::Relaxed))))
+    Instant(ticks_to_ns(
+        rdtsc().wrapping_sub(START_TSC.load(Ordering::Relaxed)),
+    ))
 }
 
 /// Parks the vCPU until `deadline`. The VMM may wake the guest early when it

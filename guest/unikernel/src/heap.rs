@@ -19,7 +19,9 @@ pub enum HeapError {
 impl core::fmt::Display for HeapError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            HeapError::BadRange { start, end } => write!(f, "heap range {start:#x}..{end:#x} is not usable RAM"),
+            HeapError::BadRange { start, end } => {
+                write!(f, "heap range {start:#x}..{end:#x} is not usable RAM")
+            }
         }
     }
 }

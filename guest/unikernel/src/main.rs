@@ -51,7 +51,12 @@ enum SelfTest {
 
 impl Command {
     fn parse(cmdline: &str) -> Result<Command, &str> {
-        let mut command = Command { sleeps: 3, sleep_ms: 10, exit_code: 0, selftest: None };
+        let mut command = Command {
+            sleeps: 3,
+            sleep_ms: 10,
+            exit_code: 0,
+            selftest: None,
+        };
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             match key {
@@ -81,7 +86,10 @@ struct MessageBuf {
 
 impl MessageBuf {
     fn new() -> Self {
-        MessageBuf { bytes: [0; 256], len: 0 }
+        MessageBuf {
+            bytes: [0; 256],
+            len: 0,
+        }
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -109,16 +117,25 @@ fn exit_with(code: u32, args: core::fmt::Arguments) -> ! {
 extern "C" fn _start(boot_info: *const BootInfo) -> ! {
     let start_tsc = clock::rdtsc();
     if boot_info as u64 != layout::BOOT_INFO {
-        exit_with(EXIT_BAD_BOOT, format_args!("boot-info pointer {boot_info:p} is not where the ABI puts it"));
+        exit_with(
+            EXIT_BAD_BOOT,
+            format_args!("boot-info pointer {boot_info:p} is not where the ABI puts it"),
+        );
     }
     // SAFETY: the pointer is the ABI's boot-info address (checked above), which
     // the VMM maps and fills before entry; nothing writes it afterwards.
     let info = unsafe { &*boot_info };
     if !info.is_valid() {
-        exit_with(EXIT_BAD_BOOT, format_args!("boot-info magic/version mismatch"));
+        exit_with(
+            EXIT_BAD_BOOT,
+            format_args!("boot-info magic/version mismatch"),
+        );
     }
     if info.tsc_khz == 0 {
-        exit_with(EXIT_BAD_BOOT, format_args!("boot-info has no TSC frequency"));
+        exit_with(
+            EXIT_BAD_BOOT,
+            format_args!("boot-info has no TSC frequency"),
+        );
     }
     clock::init(info.tsc_khz, start_tsc);
     let heap_size = match heap::init(info) {
@@ -130,7 +147,10 @@ extern "C" fn _start(boot_info: *const BootInfo) -> ! {
     };
     let command = match Command::parse(cmdline) {
         Ok(command) => command,
-        Err(word) => exit_with(EXIT_BAD_BOOT, format_args!("unknown or malformed command-line word {word:?}")),
+        Err(word) => exit_with(
+            EXIT_BAD_BOOT,
+            format_args!("unknown or malformed command-line word {word:?}"),
+        ),
     };
     let ready = clock::now();
 
@@ -195,8 +215,14 @@ fn run(command: &Command) {
 fn panic(info: &PanicInfo) -> ! {
     // One line, so the VMM can report it as one.
     match info.location() {
-        Some(at) => exit_with(exit_codes::PANIC, format_args!("panicked at {at}: {}", info.message())),
-        None => exit_with(exit_codes::PANIC, format_args!("panicked: {}", info.message())),
+        Some(at) => exit_with(
+            exit_codes::PANIC,
+            format_args!("panicked at {at}: {}", info.message()),
+        ),
+        None => exit_with(
+            exit_codes::PANIC,
+            format_args!("panicked: {}", info.message()),
+        ),
     }
 }
 

@@ -47,7 +47,7 @@ pub unsafe extern "C" fn memset(dest: *mut u8, value: i32, n: usize) -> *mut u8 
     // SAFETY: the caller guarantees `dest` is valid for `n` bytes. C passes
     // the byte as an int; only its low 8 bits are stored.
     unsafe {
-        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dest => _, in("al") value as u8,
+        asm!("rep stosb", inout("rcx") n => _, inout("rdi") dest => _, in("al") value.to_le_bytes()[0],
              options(nostack, preserves_flags));
     }
     dest

@@ -28,6 +28,9 @@ pub const USER_CODE: u16 = 4;
 pub const TSS: u16 = 5;
 /// Number of 8-byte slots.
 pub const ENTRIES: usize = 7;
+/// The GDTR limit: the table's size in bytes minus one.
+#[allow(clippy::cast_possible_truncation)] // 55
+pub const LIMIT: u16 = (8 * ENTRIES - 1) as u16;
 
 /// Where the TSS lives, relative to the GDT base.
 pub const TSS_OFFSET: u64 = 0x100;
@@ -41,6 +44,7 @@ const IO_BITMAP_PORTS: usize = 0x600;
 /// architecture requires after the bitmap.
 const TSS_LEN: usize = TSS_HEADER_LEN + IO_BITMAP_PORTS / 8 + 1;
 /// The TSS limit (inclusive), so that the bitmap is inside the segment.
+#[allow(clippy::cast_possible_truncation)] // TSS_LEN is 297.
 pub const TSS_LIMIT: u32 = TSS_LEN as u32 - 1;
 
 /// One segment descriptor, before encoding.
@@ -54,7 +58,11 @@ pub struct Descriptor {
 impl Descriptor {
     /// The 8-byte encoding.
     pub fn encode(self) -> u64 {
-        let (base, limit, flags) = (u64::from(self.base), u64::from(self.limit), u64::from(self.flags));
+        let (base, limit, flags) = (
+            u64::from(self.base),
+            u64::from(self.limit),
+            u64::from(self.flags),
+        );
         ((base & 0xff00_0000) << 32)
             | ((base & 0x00ff_ffff) << 16)
             | (limit & 0xffff)
@@ -65,7 +73,11 @@ impl Descriptor {
     /// The KVM view of the descriptor loaded with `selector`.
     pub fn to_kvm_segment(self, selector: u16) -> kvm_segment {
         let bit = |mask: u16| u8::from(self.flags & mask != 0);
-        let limit = if self.flags & G != 0 { (self.limit << 12) | 0xfff } else { self.limit };
+        let limit = if self.flags & G != 0 {
+            (self.limit << 12) | 0xfff
+        } else {
+            self.limit
+        };
         kvm_segment {
             base: u64::from(self.base),
             limit,
@@ -89,20 +101,34 @@ impl Descriptor {
 const TSS_BASE: u32 = {
     let base = layout::GDT + TSS_OFFSET;
     assert!(base + TSS_LIMIT as u64 <= layout::BOOT_INFO);
-    base as u32
+    #[allow(clippy::cast_possible_truncation)] // Asserted below the boot-info page.
+    let base = base as u32;
+    base
 };
 
 /// The table, for a GDT at `layout::GDT`.
 pub fn table() -> [Descriptor; ENTRIES] {
-    let flat = |flags| Descriptor { flags, base: 0, limit: 0xf_ffff };
-    let null = Descriptor { flags: 0, base: 0, limit: 0 };
+    let flat = |flags| Descriptor {
+        flags,
+        base: 0,
+        limit: 0xf_ffff,
+    };
+    let null = Descriptor {
+        flags: 0,
+        base: 0,
+        limit: 0,
+    };
     let mut table = [null; ENTRIES];
     table[usize::from(KERNEL_CODE)] = flat(P | S | ACCESSED_CODE_RX | L | G);
     table[usize::from(KERNEL_DATA)] = flat(P | S | ACCESSED_DATA_RW | DB | G);
     table[usize::from(USER_DATA)] = flat(P | S | DPL3 | ACCESSED_DATA_RW | DB | G);
     table[usize::from(USER_CODE)] = flat(P | S | DPL3 | ACCESSED_CODE_RX | L | G);
     // The slot after TSS holds base bits 32..64: zero, as `null` leaves it.
-    table[usize::from(TSS)] = Descriptor { flags: P | BUSY_TSS64, base: TSS_BASE, limit: TSS_LIMIT };
+    table[usize::from(TSS)] = Descriptor {
+        flags: P | BUSY_TSS64,
+        base: TSS_BASE,
+        limit: TSS_LIMIT,
+    };
     table
 }
 
@@ -116,13 +142,16 @@ pub fn table() -> [Descriptor; ENTRIES] {
 /// IOPL = 3 alone suffices; the bitmap is then unused.
 pub fn tss(open_ports: &[u16], width: u16) -> [u8; TSS_LEN] {
     let mut tss = [0u8; TSS_LEN];
-    // TSS_HEADER_LEN is 104: fits in the 16-bit field.
-    tss[TSS_IO_MAP_BASE..TSS_IO_MAP_BASE + 2].copy_from_slice(&(TSS_HEADER_LEN as u16).to_le_bytes());
+    let io_map_base = u16::try_from(TSS_HEADER_LEN).unwrap_or(u16::MAX);
+    tss[TSS_IO_MAP_BASE..TSS_IO_MAP_BASE + 2].copy_from_slice(&io_map_base.to_le_bytes());
     let bitmap = &mut tss[TSS_HEADER_LEN..];
     bitmap.fill(0xff);
     for &first in open_ports {
         for port in usize::from(first)..usize::from(first) + usize::from(width) {
-            assert!(port < IO_BITMAP_PORTS, "paravirt port {port:#x} outside the I/O bitmap");
+            assert!(
+                port < IO_BITMAP_PORTS,
+                "paravirt port {port:#x} outside the I/O bitmap"
+            );
             bitmap[port / 8] &= !(1 << (port % 8));
         }
     }
@@ -152,7 +181,10 @@ mod tests {
     fn user_segments_are_dpl3_and_64_bit() {
         let t = table();
         let cs = t[USER_CODE as usize].to_kvm_segment(selector(USER_CODE, 3));
-        assert_eq!((cs.dpl, cs.l, cs.db, cs.present, cs.s, cs.type_), (3, 1, 0, 1, 1, 0xb));
+        assert_eq!(
+            (cs.dpl, cs.l, cs.db, cs.present, cs.s, cs.type_),
+            (3, 1, 0, 1, 1, 0xb)
+        );
         assert_eq!(cs.selector, 0x23);
         assert_eq!(cs.limit, 0xffff_ffff);
         let ss = t[USER_DATA as usize].to_kvm_segment(selector(USER_DATA, 3));
@@ -162,14 +194,20 @@ mod tests {
     #[test]
     fn tss_points_after_the_table() {
         let tr = table()[TSS as usize].to_kvm_segment(selector(TSS, 0));
-        assert_eq!((tr.base, tr.limit, tr.type_, tr.s, tr.present), (0x8100, TSS_LIMIT, 0xb, 0, 1));
+        assert_eq!(
+            (tr.base, tr.limit, tr.type_, tr.s, tr.present),
+            (0x8100, TSS_LIMIT, 0xb, 0, 1)
+        );
     }
 
     /// What the CPU (or KVM's emulator) checks for a `len`-byte `out` to
     /// `port`: two bytes read at `io_map_base + port / 8` inside the limit,
     /// the bits of ports `port..port + len` all clear.
     fn port_allowed(tss: &[u8], port: u16, len: u16) -> bool {
-        let base = usize::from(u16::from_le_bytes([tss[TSS_IO_MAP_BASE], tss[TSS_IO_MAP_BASE + 1]]));
+        let base = usize::from(u16::from_le_bytes([
+            tss[TSS_IO_MAP_BASE],
+            tss[TSS_IO_MAP_BASE + 1],
+        ]));
         let at = base + usize::from(port) / 8;
         if at + 1 > TSS_LIMIT as usize {
             return false;

@@ -18,6 +18,7 @@ const LARGE: u64 = 1 << 7;
 const TABLE: u64 = PRESENT | WRITABLE | USER;
 
 const ENTRIES: usize = 512;
+#[allow(clippy::cast_possible_truncation)] // 4
 const PD_COUNT_USIZE: usize = PD_COUNT as usize;
 
 /// The full set of tables, ready to be written at their ABI addresses.
@@ -50,10 +51,14 @@ impl PageTables {
                 *entry = addr | PRESENT | WRITABLE | USER;
             }
         }
-        let large_pages = ram_size.div_ceil(LARGE_PAGE_SIZE).min(PD_COUNT * ENTRIES as u64);
+        let large_pages = ram_size
+            .div_ceil(LARGE_PAGE_SIZE)
+            .min(PD_COUNT * ENTRIES as u64);
         for page in 1..large_pages {
-            // page < PD_COUNT * 512, so both indices are in range.
-            let (pd, index) = ((page / ENTRIES as u64) as usize, (page % ENTRIES as u64) as usize);
+            // page < PD_COUNT * 512 = 2048: the casts are exact and both
+            // indices are in range.
+            #[allow(clippy::cast_possible_truncation)]
+            let (pd, index) = (page as usize / ENTRIES, page as usize % ENTRIES);
             tables.pds[pd][index] = (page * LARGE_PAGE_SIZE) | PRESENT | WRITABLE | USER | LARGE;
         }
         tables
@@ -61,7 +66,9 @@ impl PageTables {
 
     /// Writes the tables at their ABI addresses.
     pub fn write_to(&self, mem: &GuestMemoryMmap) -> Result<(), GuestMemoryError> {
-        let as_bytes = |table: &[u64; ENTRIES]| -> Vec<u8> { table.iter().flat_map(|e| e.to_le_bytes()).collect() };
+        let as_bytes = |table: &[u64; ENTRIES]| -> Vec<u8> {
+            table.iter().flat_map(|e| e.to_le_bytes()).collect()
+        };
         mem.write_slice(&as_bytes(&self.pml4), GuestAddress(PML4))?;
         mem.write_slice(&as_bytes(&self.pdpt), GuestAddress(PDPT))?;
         for (i, pd) in self.pds.iter().enumerate() {
@@ -112,7 +119,15 @@ mod tests {
     fn ram_is_identity_mapped_for_user_mode() {
         let ram = 32 << 20;
         let tables = PageTables::identity(ram);
-        for addr in [PML4, BOOT_INFO, PARAVIRT + 8, STACK_BOTTOM, STACK_TOP - 8, IMAGE_BASE, ram - 8] {
+        for addr in [
+            PML4,
+            BOOT_INFO,
+            PARAVIRT + 8,
+            STACK_BOTTOM,
+            STACK_TOP - 8,
+            IMAGE_BASE,
+            ram - 8,
+        ] {
             assert_eq!(tables.translate(addr), Some((addr, true)), "{addr:#x}");
         }
     }
@@ -121,7 +136,15 @@ mod tests {
     fn null_page_stack_guard_and_beyond_ram_are_unmapped() {
         let ram = 32 << 20;
         let tables = PageTables::identity(ram);
-        for addr in [0, 8, SYSTEM_END, STACK_BOTTOM - 8, ram, ram + LARGE_PAGE_SIZE, 1 << 40] {
+        for addr in [
+            0,
+            8,
+            SYSTEM_END,
+            STACK_BOTTOM - 8,
+            ram,
+            ram + LARGE_PAGE_SIZE,
+            1 << 40,
+        ] {
             assert_eq!(tables.translate(addr), None, "{addr:#x}");
         }
     }
@@ -130,7 +153,10 @@ mod tests {
     fn large_ram_spans_several_page_directories() {
         let ram = 3 << 30;
         let tables = PageTables::identity(ram);
-        assert_eq!(tables.translate((2 << 30) + 0x1234), Some(((2 << 30) + 0x1234, true)));
+        assert_eq!(
+            tables.translate((2 << 30) + 0x1234),
+            Some(((2 << 30) + 0x1234, true))
+        );
         assert_eq!(tables.translate(ram - 1), Some((ram - 1, true)));
         assert_eq!(tables.translate(ram), None);
     }
