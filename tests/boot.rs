@@ -17,32 +17,16 @@ fn default_image_prints_banner_sleeps_and_exits_zero() {
     assert_eq!(out.status.code(), Some(0), "stderr: {}", stderr(&out));
     let banner = text.lines().next().expect("a banner line");
     assert!(banner.starts_with("mqvisor-guest "), "{banner}");
-    assert!(
-        banner.contains("boot-to-start ") && banner.contains("start-to-ready "),
-        "{banner}"
-    );
+    assert!(banner.contains("boot-to-start ") && banner.contains("start-to-ready "), "{banner}");
     assert!(banner.contains("ram 32 MiB"), "{banner}");
     // Three 10 ms sleeps, each measured by the guest's TSC clock: WAIT parked
     // the vCPU at least as long as asked (never shorter).
-    let timer = text
-        .lines()
-        .find(|l| l.starts_with("timer: "))
-        .expect("a timer line");
-    assert!(
-        timer.starts_with("timer: 3 sleeps of 10 ms took ["),
-        "{timer}"
-    );
-    let list = timer
-        .split('[')
-        .nth(1)
-        .and_then(|r| r.split(']').next())
-        .unwrap();
+    let timer = text.lines().find(|l| l.starts_with("timer: ")).expect("a timer line");
+    assert!(timer.starts_with("timer: 3 sleeps of 10 ms took ["), "{timer}");
+    let list = timer.split('[').nth(1).and_then(|r| r.split(']').next()).unwrap();
     let slept: Vec<u64> = list.split(", ").map(|n| n.parse().unwrap()).collect();
     assert_eq!(slept.len(), 3, "{timer}");
-    assert!(
-        slept.iter().all(|&us| us >= 10_000),
-        "a sleep ended early: {timer}"
-    );
+    assert!(slept.iter().all(|&us| us >= 10_000), "a sleep ended early: {timer}");
     assert!(stderr(&out).is_empty(), "{}", stderr(&out));
 }
 
@@ -64,12 +48,7 @@ fn guest_exit_code_is_the_exit_status() {
     for (code, expected) in [("0", 0), ("7", 7), ("255", 255), ("300", 255)] {
         let cmdline = format!("sleeps=0 exit={code}");
         let out = run_vm(&["--cmdline", &cmdline, "--timeout", "30"]);
-        assert_eq!(
-            out.status.code(),
-            Some(expected),
-            "exit={code}: {}",
-            stderr(&out)
-        );
+        assert_eq!(out.status.code(), Some(expected), "exit={code}: {}", stderr(&out));
     }
 }
 
@@ -80,11 +59,7 @@ fn guest_panic_shows_its_message() {
     }
     let out = run_vm(&["--cmdline", "selftest=panic", "--timeout", "30"]);
     assert_fails_with(&out, 101, "guest exited with code 101: panicked at ");
-    assert!(
-        stderr(&out).contains("selftest panic requested"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("selftest panic requested"), "{}", stderr(&out));
 }
 
 #[test]
@@ -93,19 +68,12 @@ fn guest_fault_is_reported_with_rip() {
         return;
     }
     let out = run_vm(&["--cmdline", "selftest=fault", "--timeout", "30"]);
-    assert_fails_with(
-        &out,
-        126,
-        "guest crashed: guest triple-faulted (KVM_EXIT_SHUTDOWN)",
-    );
+    assert_fails_with(&out, 126, "guest crashed: guest triple-faulted (KVM_EXIT_SHUTDOWN)");
     // The faulting instruction is in the image, which loads at 2 MiB.
     let err = stderr(&out);
     let rip = err.split("RIP 0x").nth(1).expect("a RIP");
     let rip = u64::from_str_radix(rip.trim(), 16).expect("hex RIP");
-    assert!(
-        (0x20_0000..0x40_0000).contains(&rip),
-        "RIP {rip:#x} outside the image"
-    );
+    assert!((0x20_0000..0x40_0000).contains(&rip), "RIP {rip:#x} outside the image");
 }
 
 #[test]
@@ -134,21 +102,13 @@ fn bad_guest_command_line_is_refused_by_the_guest() {
         return;
     }
     let out = run_vm(&["--cmdline", "sleeps=lots", "--timeout", "30"]);
-    assert_fails_with(
-        &out,
-        2,
-        "unknown or malformed command-line word \"sleeps=lots\"",
-    );
+    assert_fails_with(&out, 2, "unknown or malformed command-line word \"sleeps=lots\"");
 }
 
 #[test]
 fn missing_kvm_device_is_a_clear_error() {
     let out = run_vm(&["--kvm-device", "/nonexistent/kvm"]);
-    assert_fails_with(
-        &out,
-        125,
-        "/nonexistent/kvm does not exist: this machine does not expose KVM",
-    );
+    assert_fails_with(&out, 125, "/nonexistent/kvm does not exist: this machine does not expose KVM");
 }
 
 #[test]
@@ -174,11 +134,7 @@ fn kvm_device_without_permission_is_a_clear_error() {
             .output()
             .expect("setpriv (util-linux) is needed to test permissions as root")
     } else {
-        mqvisor()
-            .args(["run", "--kvm-device"])
-            .arg(&device)
-            .output()
-            .unwrap()
+        mqvisor().args(["run", "--kvm-device"]).arg(&device).output().unwrap()
     };
     assert_fails_with(&out, 125, "permission denied opening");
     let _ = std::fs::remove_dir_all(&dir);
@@ -227,28 +183,15 @@ fn image_with_a_segment_outside_guest_ram_is_refused() {
 #[test]
 fn memory_too_small_for_the_image_is_refused() {
     let out = run_vm(&["--memory", "2"]);
-    assert_fails_with(
-        &out,
-        125,
-        "--memory 2 MiB is too small for this image: it needs at least",
-    );
+    assert_fails_with(&out, 125, "--memory 2 MiB is too small for this image: it needs at least");
 }
 
 #[test]
 fn out_of_range_arguments_are_refused_by_the_parser() {
-    for args in [
-        &["--memory", "0"][..],
-        &["--memory", "999999"],
-        &["--timeout", "0"],
-        &["--timeout", "soon"],
-    ] {
+    for args in [&["--memory", "0"][..], &["--memory", "999999"], &["--timeout", "0"], &["--timeout", "soon"]] {
         let out = run_vm(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(
-            stderr(&out).contains("invalid value"),
-            "{args:?}: {}",
-            stderr(&out)
-        );
+        assert!(stderr(&out).contains("invalid value"), "{args:?}: {}", stderr(&out));
     }
 }
 
@@ -256,16 +199,7 @@ fn out_of_range_arguments_are_refused_by_the_parser() {
 fn help_explains_the_commands_and_exit_codes() {
     let out = mqvisor().args(["run", "--help"]).output().unwrap();
     let help = stdout(&out);
-    for needle in [
-        "--image",
-        "--memory",
-        "--timeout",
-        "--cmdline",
-        "--kvm-device",
-        "124",
-        "125",
-        "126",
-    ] {
+    for needle in ["--image", "--memory", "--timeout", "--cmdline", "--kvm-device", "124", "125", "126"] {
         assert!(help.contains(needle), "{needle} missing from help:\n{help}");
     }
 }
@@ -273,16 +207,8 @@ fn help_explains_the_commands_and_exit_codes() {
 fn run_image(image: &[u8], args: &[&str]) -> std::process::Output {
     let dir = tempdir();
     let path = dir.join("image.elf");
-    std::fs::File::create(&path)
-        .unwrap()
-        .write_all(image)
-        .unwrap();
-    let out = mqvisor()
-        .args(["run", "--image"])
-        .arg(&path)
-        .args(args)
-        .output()
-        .unwrap();
+    std::fs::File::create(&path).unwrap().write_all(image).unwrap();
+    let out = mqvisor().args(["run", "--image"]).arg(&path).args(args).output().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     out
 }
@@ -290,11 +216,8 @@ fn run_image(image: &[u8], args: &[&str]) -> std::process::Output {
 fn tempdir() -> std::path::PathBuf {
     use std::sync::atomic::{AtomicU32, Ordering};
     static N: AtomicU32 = AtomicU32::new(0);
-    let dir = std::env::temp_dir().join(format!(
-        "mqvisor-test-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir =
+        std::env::temp_dir().join(format!("mqvisor-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed)));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

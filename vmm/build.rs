@@ -13,24 +13,15 @@ const GUEST_PACKAGE: &str = "mqvisor-guest";
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let workspace = manifest_dir
-        .parent()
-        .expect("vmm/ lives in the workspace root");
-    let target_root =
-        env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
+    let workspace = manifest_dir.parent().expect("vmm/ lives in the workspace root");
+    let target_root = env::var_os("CARGO_TARGET_DIR").map_or_else(|| workspace.join("target"), PathBuf::from);
     let guest_target = target_root.join("guest-image");
 
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(cargo);
     build
         .current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "--package",
-            GUEST_PACKAGE,
-            "--target-dir",
-        ])
+        .args(["build", "--release", "--package", GUEST_PACKAGE, "--target-dir"])
         .arg(&guest_target);
     // The guest is freestanding: flags meant for the host build (sanitizers,
     // coverage, clippy as the compiler) must not leak into it.
@@ -47,26 +38,13 @@ fn main() {
     ] {
         build.env_remove(var);
     }
-    let status = build
-        .status()
-        .expect("running cargo to build the guest image");
-    assert!(
-        status.success(),
-        "building the default guest image ({GUEST_PACKAGE}) failed"
-    );
+    let status = build.status().expect("running cargo to build the guest image");
+    assert!(status.success(), "building the default guest image ({GUEST_PACKAGE}) failed");
 
     let image = guest_target.join("release").join(GUEST_PACKAGE);
-    assert!(
-        image.is_file(),
-        "guest image missing at {}",
-        image.display()
-    );
+    assert!(image.is_file(), "guest image missing at {}", image.display());
     println!("cargo:rustc-env=MQVISOR_DEFAULT_IMAGE={}", image.display());
-    for path in [
-        workspace.join("guest"),
-        workspace.join("Cargo.lock"),
-        workspace.join("Cargo.toml"),
-    ] {
+    for path in [workspace.join("guest"), workspace.join("Cargo.lock"), workspace.join("Cargo.toml")] {
         rerun_if_changed(&path);
     }
 }

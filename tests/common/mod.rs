@@ -17,21 +17,14 @@ pub fn kvm_available(test: &str) -> bool {
         return true;
     }
     let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    assert!(
-        !ci,
-        "{test}: /dev/kvm is missing and CI=true: VM tests cannot run on this machine"
-    );
+    assert!(!ci, "{test}: /dev/kvm is missing and CI=true: VM tests cannot run on this machine");
     eprintln!("\n*** {test}: SKIPPED: /dev/kvm is missing, this VM test did not run ***\n");
     false
 }
 
 /// Runs `mqvisor run` with `args` and returns its output.
 pub fn run_vm(args: &[&str]) -> Output {
-    mqvisor()
-        .arg("run")
-        .args(args)
-        .output()
-        .expect("spawning mqvisor")
+    mqvisor().arg("run").args(args).output().expect("spawning mqvisor")
 }
 
 pub fn stdout(out: &Output) -> String {
@@ -47,9 +40,5 @@ pub fn assert_fails_with(out: &Output, code: i32, needle: &str) {
     let err = stderr(out);
     assert_eq!(out.status.code(), Some(code), "stderr: {err}");
     assert!(err.contains(needle), "expected {needle:?} in stderr: {err}");
-    assert_eq!(
-        err.trim_end().lines().count(),
-        1,
-        "error should be one line: {err}"
-    );
+    assert_eq!(err.trim_end().lines().count(), 1, "error should be one line: {err}");
 }

@@ -44,23 +44,14 @@ fn wait_with_rusage(pid: u32) -> std::io::Result<(ExitStatus, u64)> {
     if ret < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok((
-        ExitStatus::from_raw(status),
-        u64::try_from(usage.ru_maxrss).unwrap_or(0),
-    ))
+    Ok((ExitStatus::from_raw(status), u64::try_from(usage.ru_maxrss).unwrap_or(0)))
 }
 
 /// Runs one cold start of `exe run` with an idle guest.
 pub fn boot_once(exe: &Path, memory_mib: u32) -> Result<BootSample, String> {
     let start = Instant::now();
     let mut child = Command::new(exe)
-        .args([
-            "run",
-            "--memory",
-            &memory_mib.to_string(),
-            "--timeout",
-            "30",
-        ])
+        .args(["run", "--memory", &memory_mib.to_string(), "--timeout", "30"])
         // One short idle period after the banner: what an idle tenant costs.
         .args(["--cmdline", "sleeps=1 sleep_ms=50"])
         .stdout(Stdio::piped())
@@ -81,22 +72,13 @@ pub fn boot_once(exe: &Path, memory_mib: u32) -> Result<BootSample, String> {
     if let Some(mut pipe) = child.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
     }
-    let (status, peak_rss_kib) =
-        wait_with_rusage(child.id()).map_err(|e| format!("waiting for child: {e}"))?;
+    let (status, peak_rss_kib) = wait_with_rusage(child.id()).map_err(|e| format!("waiting for child: {e}"))?;
     if !status.success() {
-        return Err(format!(
-            "`mqvisor run` failed ({status}): {}",
-            stderr.trim()
-        ));
+        return Err(format!("`mqvisor run` failed ({status}): {}", stderr.trim()));
     }
     let exec_to_banner = exec_to_banner.ok_or("the guest printed no banner")?;
-    let create_vm_to_start =
-        parse_boot_to_start(&banner).ok_or_else(|| format!("unreadable banner: {banner}"))?;
-    Ok(BootSample {
-        exec_to_banner,
-        create_vm_to_start,
-        peak_rss_kib,
-    })
+    let create_vm_to_start = parse_boot_to_start(&banner).ok_or_else(|| format!("unreadable banner: {banner}"))?;
+    Ok(BootSample { exec_to_banner, create_vm_to_start, peak_rss_kib })
 }
 
 /// The value at `fraction` (0..=1) of sorted `values`, nearest rank.
@@ -134,23 +116,14 @@ pub fn boot(exe: &Path, runs: usize, memory_mib: u32) -> Result<(), String> {
     let median_exec = percentile(&exec, 0.5);
     println!("mqvisor boot benchmark: {runs} cold starts, {memory_mib} MiB guest");
     println!("{:<34} {:>10} {:>10}", "figure", "median", "p90");
-    println!(
-        "{:<34} {:>8.2}ms {:>8.2}ms",
-        "process exec -> guest banner",
-        median_exec,
-        percentile(&exec, 0.9)
-    );
+    println!("{:<34} {:>8.2}ms {:>8.2}ms", "process exec -> guest banner", median_exec, percentile(&exec, 0.9));
     println!(
         "{:<34} {:>8.2}ms {:>8.2}ms",
         "KVM_CREATE_VM -> first guest insn",
         percentile(&create, 0.5),
         percentile(&create, 0.9)
     );
-    println!(
-        "{:<34} {:>7.2}MiB",
-        "peak RSS of `mqvisor run` (max)",
-        peak_rss as f64 / 1024.0
-    );
+    println!("{:<34} {:>7.2}MiB", "peak RSS of `mqvisor run` (max)", peak_rss as f64 / 1024.0);
     println!(
         "Firecracker's published start to guest init: {FIRECRACKER_BOOT_MS} ms; ratio (Firecracker / mqvisor exec->banner median): {:.1}x",
         FIRECRACKER_BOOT_MS / median_exec
@@ -164,12 +137,8 @@ mod tests {
 
     #[test]
     fn reads_the_banner_figure() {
-        let banner =
-            "mqvisor-guest 0.1.0 ready: boot-to-start 1234 us, start-to-ready 5 us, ram 32 MiB";
-        assert_eq!(
-            parse_boot_to_start(banner),
-            Some(Duration::from_micros(1234))
-        );
+        let banner = "mqvisor-guest 0.1.0 ready: boot-to-start 1234 us, start-to-ready 5 us, ram 32 MiB";
+        assert_eq!(parse_boot_to_start(banner), Some(Duration::from_micros(1234)));
         assert_eq!(parse_boot_to_start("ready: boot-to-start soon"), None);
         assert_eq!(parse_boot_to_start(""), None);
     }

@@ -12,8 +12,8 @@ use std::io::Cursor;
 use std::mem::size_of;
 
 use linux_loader::elf::{
-    EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2LSB, ELFMAG0, ELFMAG1, ELFMAG2, ELFMAG3, EM_X86_64,
-    ET_EXEC, Elf64_Ehdr, Elf64_Phdr, PF_X, PT_LOAD,
+    EI_CLASS, EI_DATA, ELFCLASS64, ELFDATA2LSB, ELFMAG0, ELFMAG1, ELFMAG2, ELFMAG3, EM_X86_64, ET_EXEC, Elf64_Ehdr,
+    Elf64_Phdr, PF_X, PT_LOAD,
 };
 use linux_loader::loader::{KernelLoader, elf::Elf};
 use mqvisor_boot_abi::layout;
@@ -26,9 +26,7 @@ pub enum ImageError {
     #[error("not an ELF file")]
     NotElf,
     /// 32-bit, big-endian, or another machine.
-    #[error(
-        "not an x86-64 little-endian 64-bit ELF (class {class}, data {data}, machine {machine})"
-    )]
+    #[error("not an x86-64 little-endian 64-bit ELF (class {class}, data {data}, machine {machine})")]
     WrongArchitecture { class: u8, data: u8, machine: u16 },
     /// A shared object or relocatable: the guest must be a static executable.
     #[error("ELF type {0} is not a static executable (ET_EXEC); link with -static -no-pie")]
@@ -38,23 +36,13 @@ pub enum ImageError {
     BadProgramHeaders,
     /// A segment's file bytes lie outside the file.
     #[error("segment {index} claims file bytes {offset:#x}+{size:#x} beyond the end of the file")]
-    SegmentOutsideFile {
-        index: usize,
-        offset: u64,
-        size: u64,
-    },
+    SegmentOutsideFile { index: usize, offset: u64, size: u64 },
     /// A segment would load below the image base or beyond guest RAM.
     #[error(
         "segment {index} loads at {start:#x}..{end:#x}, outside guest RAM available to images \
          ({base:#x}..{ram_end:#x})"
     )]
-    SegmentOutsideRam {
-        index: usize,
-        start: u64,
-        end: u64,
-        base: u64,
-        ram_end: u64,
-    },
+    SegmentOutsideRam { index: usize, start: u64, end: u64, base: u64, ram_end: u64 },
     /// No loadable segment at all.
     #[error("ELF has no loadable segments")]
     NoSegments,
@@ -90,8 +78,7 @@ pub fn check(bytes: &[u8], ram_size: u64) -> Result<ImageLayout, ImageError> {
     if [ident[0], ident[1], ident[2], ident[3]] != [ELFMAG0, ELFMAG1, ELFMAG2, ELFMAG3] {
         return Err(ImageError::NotElf);
     }
-    if ident[EI_CLASS] != ELFCLASS64 || ident[EI_DATA] != ELFDATA2LSB || ehdr.e_machine != EM_X86_64
-    {
+    if ident[EI_CLASS] != ELFCLASS64 || ident[EI_DATA] != ELFDATA2LSB || ehdr.e_machine != EM_X86_64 {
         return Err(ImageError::WrongArchitecture {
             class: ident[EI_CLASS],
             data: ident[EI_DATA],
@@ -120,16 +107,11 @@ pub fn check(bytes: &[u8], ram_size: u64) -> Result<ImageLayout, ImageError> {
         loads += 1;
         let file_end = phdr.p_offset.checked_add(phdr.p_filesz);
         if file_end.is_none_or(|e| e > bytes.len() as u64) || phdr.p_filesz > phdr.p_memsz {
-            return Err(ImageError::SegmentOutsideFile {
-                index,
-                offset: phdr.p_offset,
-                size: phdr.p_filesz,
-            });
+            return Err(ImageError::SegmentOutsideFile { index, offset: phdr.p_offset, size: phdr.p_filesz });
         }
         let start = phdr.p_paddr;
         let seg_end = start.checked_add(phdr.p_memsz);
-        let Some(seg_end) = seg_end.filter(|&e| start >= layout::IMAGE_BASE && e <= ram_size)
-        else {
+        let Some(seg_end) = seg_end.filter(|&e| start >= layout::IMAGE_BASE && e <= ram_size) else {
             return Err(ImageError::SegmentOutsideRam {
                 index,
                 start,
@@ -149,23 +131,15 @@ pub fn check(bytes: &[u8], ram_size: u64) -> Result<ImageLayout, ImageError> {
     if !entry_ok {
         return Err(ImageError::BadEntry(ehdr.e_entry));
     }
-    Ok(ImageLayout {
-        entry: ehdr.e_entry,
-        end,
-    })
+    Ok(ImageLayout { entry: ehdr.e_entry, end })
 }
 
 /// Checks `bytes` against `mem`'s size and copies its segments into `mem`.
 /// Memory is fresh and zeroed, so `.bss` needs no clearing.
 pub fn load(bytes: &[u8], mem: &GuestMemoryMmap, ram_size: u64) -> Result<ImageLayout, ImageError> {
     let image = check(bytes, ram_size)?;
-    Elf::load(
-        mem,
-        None,
-        &mut Cursor::new(bytes),
-        Some(vm_memory::GuestAddress(layout::IMAGE_BASE)),
-    )
-    .map_err(|e| ImageError::Load(e.to_string()))?;
+    Elf::load(mem, None, &mut Cursor::new(bytes), Some(vm_memory::GuestAddress(layout::IMAGE_BASE)))
+        .map_err(|e| ImageError::Load(e.to_string()))?;
     Ok(image)
 }
 
@@ -221,13 +195,7 @@ pub(crate) mod tests {
     #[test]
     fn accepts_a_minimal_executable() {
         let layout = check(&tiny_elf(), RAM).unwrap();
-        assert_eq!(
-            layout,
-            ImageLayout {
-                entry: layout::IMAGE_BASE,
-                end: layout::IMAGE_BASE + 0x1000
-            }
-        );
+        assert_eq!(layout, ImageLayout { entry: layout::IMAGE_BASE, end: layout::IMAGE_BASE + 0x1000 });
     }
 
     #[test]
@@ -241,16 +209,10 @@ pub(crate) mod tests {
     fn refuses_other_architectures() {
         let mut arm = tiny_elf();
         arm[18] = 183; // EM_AARCH64
-        assert!(matches!(
-            check(&arm, RAM),
-            Err(ImageError::WrongArchitecture { machine: 183, .. })
-        ));
+        assert!(matches!(check(&arm, RAM), Err(ImageError::WrongArchitecture { machine: 183, .. })));
         let mut elf32 = tiny_elf();
         elf32[EI_CLASS] = 1;
-        assert!(matches!(
-            check(&elf32, RAM),
-            Err(ImageError::WrongArchitecture { class: 1, .. })
-        ));
+        assert!(matches!(check(&elf32, RAM), Err(ImageError::WrongArchitecture { class: 1, .. })));
     }
 
     #[test]
@@ -263,43 +225,25 @@ pub(crate) mod tests {
     #[test]
     fn refuses_segments_outside_ram_or_in_the_system_area() {
         let high = with_phdr(|p| p.p_paddr = RAM - 0x100);
-        assert!(matches!(
-            check(&high, RAM),
-            Err(ImageError::SegmentOutsideRam { .. })
-        ));
+        assert!(matches!(check(&high, RAM), Err(ImageError::SegmentOutsideRam { .. })));
         let low = with_phdr(|p| p.p_paddr = layout::BOOT_INFO);
-        assert!(matches!(
-            check(&low, RAM),
-            Err(ImageError::SegmentOutsideRam { .. })
-        ));
+        assert!(matches!(check(&low, RAM), Err(ImageError::SegmentOutsideRam { .. })));
         let wrapping = with_phdr(|p| p.p_memsz = u64::MAX);
-        assert!(matches!(
-            check(&wrapping, RAM),
-            Err(ImageError::SegmentOutsideRam { .. })
-        ));
+        assert!(matches!(check(&wrapping, RAM), Err(ImageError::SegmentOutsideRam { .. })));
     }
 
     #[test]
     fn refuses_segments_beyond_the_file() {
         let long = with_phdr(|p| p.p_filesz = 0x10_0000);
-        assert!(matches!(
-            check(&long, RAM),
-            Err(ImageError::SegmentOutsideFile { .. })
-        ));
+        assert!(matches!(check(&long, RAM), Err(ImageError::SegmentOutsideFile { .. })));
         let wrapping = with_phdr(|p| p.p_offset = u64::MAX);
-        assert!(matches!(
-            check(&wrapping, RAM),
-            Err(ImageError::SegmentOutsideFile { .. })
-        ));
+        assert!(matches!(check(&wrapping, RAM), Err(ImageError::SegmentOutsideFile { .. })));
     }
 
     #[test]
     fn refuses_an_entry_outside_code() {
         let no_exec = with_phdr(|p| p.p_flags = 4);
-        assert_eq!(
-            check(&no_exec, RAM),
-            Err(ImageError::BadEntry(layout::IMAGE_BASE))
-        );
+        assert_eq!(check(&no_exec, RAM), Err(ImageError::BadEntry(layout::IMAGE_BASE)));
     }
 
     #[test]

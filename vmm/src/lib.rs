@@ -9,7 +9,9 @@
 
 pub mod arch;
 pub mod bench;
+pub mod devices;
 pub mod image;
+pub mod net;
 pub mod paravirt;
 pub mod vcpu;
 pub mod vm;

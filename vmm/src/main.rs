@@ -1,13 +1,14 @@
 //! The `mqvisor` command: parses arguments, runs a VM or a benchmark, and maps
 //! the result to a one-line message and an exit code. No VM logic lives here.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use mqvisor::vcpu::Outcome;
-use mqvisor::vm::{self, VmConfig};
+use mqvisor::vm::{self, RunReport, Service, VmConfig};
 
 /// Exit code when the VM could not be started (bad input, no KVM, ...).
 const EXIT_SETUP_FAILED: u8 = 125;
@@ -33,11 +34,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Commands {
     /// Boot one tenant VM in the foreground and wait for it to exit.
-    #[command(
-        after_help = "Exit status: the guest's exit code (0-255; larger codes become 255), \
+    #[command(after_help = "Exit status: the guest's exit code (0-255; larger codes become 255), \
                             124 if --timeout passed, 125 if the VM could not be started, \
-                            126 if the guest crashed."
-    )]
+                            126 if the guest crashed, 128+N when stopped by signal N (Ctrl-C: 130).")]
     Run(RunArgs),
     /// Measure mqvisor itself.
     #[command(subcommand)]
@@ -60,13 +59,17 @@ struct RunArgs {
     #[arg(long, value_name = "STRING", default_value = "")]
     cmdline: String,
     /// KVM device node
-    #[arg(
-        long,
-        value_name = "PATH",
-        default_value = "/dev/kvm",
-        env = "MQVISOR_KVM_DEVICE"
-    )]
+    #[arg(long, value_name = "PATH", default_value = "/dev/kvm", env = "MQVISOR_KVM_DEVICE")]
     kvm_device: PathBuf,
+    /// Serve TCP echo in the guest instead of the default service (for testing the network path)
+    #[arg(long)]
+    echo: bool,
+    /// Host address tenant clients connect to; every connection is carried into the guest
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1883")]
+    listen: SocketAddr,
+    /// Print VM exit and network counters to stderr when the VM ends
+    #[arg(long)]
+    stats: bool,
 }
 
 #[derive(Subcommand)]
@@ -84,9 +87,7 @@ enum BenchCommand {
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let secs: f64 = text
-        .parse()
-        .map_err(|_| format!("`{text}` is not a number of seconds"))?;
+    let secs: f64 = text.parse().map_err(|_| format!("`{text}` is not a number of seconds"))?;
     if secs.is_nan() || secs <= 0.0 {
         return Err("the timeout must be greater than zero".into());
     }
@@ -111,24 +112,35 @@ fn run(args: RunArgs) -> ExitCode {
         timeout: args.timeout,
         kvm_device: args.kvm_device,
         console: Box::new(std::io::stdout()),
+        service: if args.echo { Service::Echo { listen: args.listen } } else { Service::Demo },
     };
     let rip = |rip: Option<u64>| rip.map_or_else(|| "unknown".to_string(), |r| format!("{r:#x}"));
-    match vm::run(config) {
+    let report = match vm::run(config) {
+        Ok(report) => report,
         Err(e) => {
             eprintln!("mqvisor: {e}");
-            ExitCode::from(EXIT_SETUP_FAILED)
+            return ExitCode::from(EXIT_SETUP_FAILED);
         }
-        Ok(Outcome::Exited { code, message }) => {
+    };
+    if args.stats {
+        print_stats(&report);
+    }
+    match report.outcome {
+        Outcome::Exited { code, message } => {
             if !message.is_empty() {
                 eprintln!("mqvisor: guest exited with code {code}: {message}");
             }
             ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX))
         }
-        Ok(Outcome::Crashed { reason, rip: at }) => {
+        Outcome::Crashed { reason, rip: at } => {
             eprintln!("mqvisor: guest crashed: {reason} at RIP {}", rip(at));
             ExitCode::from(EXIT_GUEST_CRASHED)
         }
-        Ok(Outcome::TimedOut { after, rip: at }) => {
+        Outcome::Stopped { signal } => {
+            eprintln!("mqvisor: stopped by signal {signal}; clients were disconnected cleanly");
+            ExitCode::from(u8::try_from(128 + signal).unwrap_or(u8::MAX))
+        }
+        Outcome::TimedOut { after, rip: at } => {
             eprintln!(
                 "mqvisor: guest did not exit within --timeout ({:.1} s); stopped at RIP {}",
                 after.as_secs_f64(),
@@ -137,6 +149,25 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_TIMED_OUT)
         }
     }
+}
+
+fn print_stats(report: &RunReport) {
+    let exits = &report.exits;
+    eprint!(
+        "mqvisor: stats: exits {} (port I/O {}, MMIO {}, other {}), queue notifications {}",
+        exits.total(),
+        exits.port_io,
+        exits.mmio,
+        exits.other,
+        report.notifications
+    );
+    if let Some(net) = &report.net {
+        eprint!(
+            ", guest tx {} frames / {} bytes, guest rx {} frames / {} bytes, refused chains {}",
+            net.tx_frames, net.tx_bytes, net.rx_frames, net.rx_bytes, net.refused_chains
+        );
+    }
+    eprintln!();
 }
 
 fn main() -> ExitCode {

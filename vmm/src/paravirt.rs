@@ -32,9 +32,7 @@ fn field(offset: usize) -> GuestAddress {
 /// Reads the message the guest left in the shared page, escaped for display.
 fn read_message(mem: &GuestMemoryMmap) -> Result<String, GuestMemoryError> {
     let len: u32 = mem.read_obj(field(offset_of!(ParavirtPage, len)))?;
-    let len = usize::try_from(len)
-        .unwrap_or(usize::MAX)
-        .min(PARAVIRT_DATA_CAPACITY);
+    let len = usize::try_from(len).unwrap_or(usize::MAX).min(PARAVIRT_DATA_CAPACITY);
     let mut bytes = vec![0u8; len];
     mem.read_slice(&mut bytes, field(offset_of!(ParavirtPage, data)))?;
     Ok(escape_for_terminal(&String::from_utf8_lossy(&bytes)))
@@ -54,17 +52,10 @@ pub fn escape_for_terminal(text: &str) -> String {
 }
 
 /// Decodes an `out` of `value` to `port`.
-pub fn decode_out(
-    port: u16,
-    value: u32,
-    mem: &GuestMemoryMmap,
-) -> Result<PortRequest, GuestMemoryError> {
+pub fn decode_out(port: u16, value: u32, mem: &GuestMemoryMmap) -> Result<PortRequest, GuestMemoryError> {
     Ok(match port {
         ports::CONSOLE => PortRequest::Console(read_message(mem)?),
-        ports::EXIT => PortRequest::Exit {
-            code: value,
-            message: read_message(mem)?,
-        },
+        ports::EXIT => PortRequest::Exit { code: value, message: read_message(mem)? },
         ports::WAIT => {
             let ns: u64 = mem.read_obj(field(offset_of!(ParavirtPage, wait_ns)))?;
             PortRequest::Wait((ns != u64::MAX).then(|| Duration::from_nanos(ns)))
@@ -90,29 +81,22 @@ mod tests {
     }
 
     fn put_message(mem: &GuestMemoryMmap, len: u32, data: &[u8]) {
-        mem.write_obj(len, field(offset_of!(ParavirtPage, len)))
-            .unwrap();
-        mem.write_slice(data, field(offset_of!(ParavirtPage, data)))
-            .unwrap();
+        mem.write_obj(len, field(offset_of!(ParavirtPage, len))).unwrap();
+        mem.write_slice(data, field(offset_of!(ParavirtPage, data))).unwrap();
     }
 
     #[test]
     fn console_reads_exactly_len_bytes() {
         let mem = memory();
         put_message(&mem, 5, b"hello world");
-        assert_eq!(
-            decode_out(ports::CONSOLE, 0, &mem).unwrap(),
-            PortRequest::Console("hello".into())
-        );
+        assert_eq!(decode_out(ports::CONSOLE, 0, &mem).unwrap(), PortRequest::Console("hello".into()));
     }
 
     #[test]
     fn a_hostile_length_is_clamped_to_the_page() {
         let mem = memory();
         put_message(&mem, u32::MAX, b"x");
-        let PortRequest::Console(text) = decode_out(ports::CONSOLE, 0, &mem).unwrap() else {
-            panic!()
-        };
+        let PortRequest::Console(text) = decode_out(ports::CONSOLE, 0, &mem).unwrap() else { panic!() };
         // 'x' then the rest of the page (zeroes, shown escaped), and no more.
         assert!(text.starts_with('x'));
         assert_eq!(text.matches("\\u{0}").count(), PARAVIRT_DATA_CAPACITY - 1);
@@ -120,16 +104,10 @@ mod tests {
 
     #[test]
     fn terminal_escapes_are_neutralised() {
-        assert_eq!(
-            escape_for_terminal("a\x1b[2Jb\n\tc\u{7}"),
-            "a\\u{1b}[2Jb\n\tc\\u{7}"
-        );
+        assert_eq!(escape_for_terminal("a\x1b[2Jb\n\tc\u{7}"), "a\\u{1b}[2Jb\n\tc\\u{7}");
         let mem = memory();
         put_message(&mem, 3, b"\xff\x1bz");
-        assert_eq!(
-            decode_out(ports::CONSOLE, 0, &mem).unwrap(),
-            PortRequest::Console("\u{fffd}\\u{1b}z".into())
-        );
+        assert_eq!(decode_out(ports::CONSOLE, 0, &mem).unwrap(), PortRequest::Console("\u{fffd}\\u{1b}z".into()));
     }
 
     #[test]
@@ -138,36 +116,22 @@ mod tests {
         put_message(&mem, 4, b"boom");
         assert_eq!(
             decode_out(ports::EXIT, 101, &mem).unwrap(),
-            PortRequest::Exit {
-                code: 101,
-                message: "boom".into()
-            }
+            PortRequest::Exit { code: 101, message: "boom".into() }
         );
     }
 
     #[test]
     fn wait_reads_the_deadline() {
         let mem = memory();
-        mem.write_obj(1_500u64, field(offset_of!(ParavirtPage, wait_ns)))
-            .unwrap();
-        assert_eq!(
-            decode_out(ports::WAIT, 0, &mem).unwrap(),
-            PortRequest::Wait(Some(Duration::from_nanos(1_500)))
-        );
-        mem.write_obj(u64::MAX, field(offset_of!(ParavirtPage, wait_ns)))
-            .unwrap();
-        assert_eq!(
-            decode_out(ports::WAIT, 0, &mem).unwrap(),
-            PortRequest::Wait(None)
-        );
+        mem.write_obj(1_500u64, field(offset_of!(ParavirtPage, wait_ns))).unwrap();
+        assert_eq!(decode_out(ports::WAIT, 0, &mem).unwrap(), PortRequest::Wait(Some(Duration::from_nanos(1_500))));
+        mem.write_obj(u64::MAX, field(offset_of!(ParavirtPage, wait_ns))).unwrap();
+        assert_eq!(decode_out(ports::WAIT, 0, &mem).unwrap(), PortRequest::Wait(None));
     }
 
     #[test]
     fn unknown_ports_are_reported() {
-        assert_eq!(
-            decode_out(0x80, 0, &memory()).unwrap(),
-            PortRequest::Unknown { port: 0x80 }
-        );
+        assert_eq!(decode_out(0x80, 0, &memory()).unwrap(), PortRequest::Unknown { port: 0x80 });
         assert_eq!(out_value(&[0x34, 0x12]), 0x1234);
         assert_eq!(out_value(&[1, 2, 3, 4, 5]), 0x0403_0201);
     }

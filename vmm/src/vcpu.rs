@@ -1,23 +1,25 @@
 //! The vCPU thread: KVM_RUN in a loop, every exit reason accounted for.
 //!
-//! Owns the run loop, parking the vCPU on WAIT, and stopping it from outside
-//! (the `--timeout` watchdog). Every exit the guest can cause ends in an
-//! [`Outcome`]: an unexpected exit stops the run with the exit reason and the
-//! guest RIP. Must never hang on a guest that stops cooperating: a guest that
-//! spins without exiting is interrupted by a signal to this thread.
+//! Owns the run loop, parking the vCPU on WAIT, routing MMIO exits to the
+//! device bus, and stopping the vCPU from outside (the `--timeout` watchdog).
+//! Every exit the guest can cause ends in an [`Outcome`]: an unexpected exit
+//! stops the run with the exit reason and the guest RIP. Must never hang on a
+//! guest that stops cooperating: a guest that spins without exiting is
+//! interrupted by a signal to this thread.
 
 use std::io::Write;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
-use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{Killable, SIGRTMIN, SignalHandler, register_signal_handler};
 
+use crate::devices::MmioBus;
 use crate::paravirt::{self, PortRequest};
 
 /// How a VM run ended.
@@ -29,6 +31,31 @@ pub enum Outcome {
     Crashed { reason: String, rip: Option<u64> },
     /// `--timeout` passed first.
     TimedOut { after: Duration, rip: Option<u64> },
+    /// The operator asked mqvisor to stop (SIGINT or SIGTERM).
+    Stopped { signal: i32 },
+}
+
+/// Exits the vCPU made to this process (each costs ~30 µs on nested KVM).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStats {
+    pub port_io: u64,
+    pub mmio: u64,
+    pub other: u64,
+}
+
+impl ExitStats {
+    pub fn total(&self) -> u64 {
+        self.port_io + self.mmio + self.other
+    }
+}
+
+/// What the vCPU thread needs besides the vCPU.
+pub struct VcpuContext {
+    pub mem: GuestMemoryMmap,
+    pub bus: MmioBus,
+    pub console: Box<dyn Write + Send>,
+    /// Written by devices to end a WAIT early (must be EFD_NONBLOCK).
+    pub wake: Arc<EventFd>,
 }
 
 /// How often the watchdog re-signals a vCPU that has not stopped yet: a signal
@@ -44,12 +71,21 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     // Nothing to do: the point is that KVM_RUN returns EINTR.
 }
 
+/// The last SIGINT/SIGTERM received, or 0.
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: a single atomic store.
+    STOP_SIGNAL.store(signal, Ordering::Release);
+}
+
+/// How often the supervisor looks for a stop signal while the guest runs.
+const SUPERVISE_INTERVAL: Duration = Duration::from_millis(50);
+
 struct VcpuLoop {
     vcpu: VcpuFd,
-    mem: GuestMemoryMmap,
-    console: Box<dyn Write + Send>,
-    /// Written to wake the vCPU from WAIT early.
-    wake: Arc<EventFd>,
+    context: VcpuContext,
+    stats: ExitStats,
     stop: Arc<AtomicBool>,
 }
 
@@ -65,139 +101,130 @@ impl VcpuLoop {
         self.vcpu.get_regs().ok().map(|regs| regs.rip)
     }
 
-    fn run(mut self, started: Instant) -> Outcome {
+    fn run(mut self, started: Instant) -> (Outcome, ExitStats) {
+        let outcome = self.run_until_end(started);
+        (outcome, self.stats)
+    }
+
+    fn run_until_end(&mut self, started: Instant) -> Outcome {
         loop {
             if self.stop.load(Ordering::Acquire) {
-                return Outcome::TimedOut {
-                    after: started.elapsed(),
-                    rip: self.rip(),
-                };
+                return Outcome::TimedOut { after: started.elapsed(), rip: self.rip() };
             }
             let step = match self.vcpu.run() {
-                Ok(exit) => Self::on_exit(exit, &self.mem, &mut self.console),
+                Ok(exit) => on_exit(exit, &mut self.context, &mut self.stats),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
                 Err(e) => Step::Crash(format!("KVM_RUN failed: {e}")),
             };
             match step {
                 Step::Continue => {}
-                Step::Wait(timeout) => self.park(timeout),
+                Step::Wait(timeout) => park(&self.context.wake, timeout),
                 Step::End(outcome) => return outcome,
-                Step::Crash(reason) => {
-                    return Outcome::Crashed {
-                        reason,
-                        rip: self.rip(),
-                    };
-                }
+                Step::Crash(reason) => return Outcome::Crashed { reason, rip: self.rip() },
             }
         }
     }
+}
 
-    fn on_exit(exit: VcpuExit, mem: &GuestMemoryMmap, console: &mut Box<dyn Write + Send>) -> Step {
-        match exit {
-            VcpuExit::IoOut(port, data) => {
-                match paravirt::decode_out(port, paravirt::out_value(data), mem) {
-                    Ok(PortRequest::Console(text)) => {
-                        // A closed stdout must not kill the guest; output is best effort.
-                        let _ = console
-                            .write_all(text.as_bytes())
-                            .and_then(|()| console.flush());
-                        Step::Continue
-                    }
-                    Ok(PortRequest::Exit { code, message }) => {
-                        Step::End(Outcome::Exited { code, message })
-                    }
-                    Ok(PortRequest::Wait(timeout)) => Step::Wait(timeout),
-                    Ok(PortRequest::Unknown { port }) => {
-                        Step::Crash(format!("guest wrote to unknown I/O port {port:#x}"))
-                    }
-                    Err(e) => Step::Crash(format!("guest paravirt page unreadable: {e}")),
-                }
-            }
-            VcpuExit::IoIn(port, _) => {
-                Step::Crash(format!("guest read from unknown I/O port {port:#x}"))
-            }
-            VcpuExit::MmioRead(addr, _) => Step::Crash(format!(
-                "guest read unmapped guest-physical address {addr:#x}"
-            )),
-            VcpuExit::MmioWrite(addr, _) => Step::Crash(format!(
-                "guest wrote unmapped guest-physical address {addr:#x}"
-            )),
-            VcpuExit::Shutdown => Step::Crash(
-                "guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception it could not handle".into(),
-            ),
-            VcpuExit::Hlt => Step::Crash("guest executed HLT (KVM_EXIT_HLT)".into()),
-            VcpuExit::Intr => Step::Continue,
-            VcpuExit::FailEntry(reason, cpu) => Step::Crash(format!(
-                "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"
-            )),
-            VcpuExit::InternalError => {
-                Step::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into())
-            }
-            VcpuExit::SystemEvent(kind, _) => {
-                Step::Crash(format!("guest system event {kind} (KVM_EXIT_SYSTEM_EVENT)"))
-            }
-            other => Step::Crash(format!("unexpected VM exit {other:?}")),
-        }
+fn on_exit(exit: VcpuExit, context: &mut VcpuContext, stats: &mut ExitStats) -> Step {
+    match &exit {
+        VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => stats.port_io += 1,
+        VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => stats.mmio += 1,
+        _ => stats.other += 1,
     }
-
-    /// Blocks until `timeout` passes or someone writes `wake`.
-    fn park(&self, timeout: Option<Duration>) {
-        let ts = timeout.map(|t| libc::timespec {
-            tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
-            // Below 1e9, fits any c_long.
-            tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
-        });
-        let mut pollfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(&*self.wake),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ts_ptr = ts
-            .as_ref()
-            .map_or(std::ptr::null(), |t| t as *const libc::timespec);
-        // SAFETY: one valid pollfd for the duration of the call; `ts_ptr` is
-        // null or points at a live timespec; a null sigmask leaves it as is.
-        // EINTR (a kick) simply returns early, which is what we want.
-        let ready = unsafe { libc::ppoll(&mut pollfd, 1, ts_ptr, std::ptr::null()) };
-        if ready > 0 {
-            // Drain the counter; the eventfd is non-blocking, so this cannot hang.
-            let _ = self.wake.read();
+    match exit {
+        VcpuExit::IoOut(port, data) => match paravirt::decode_out(port, paravirt::out_value(data), &context.mem) {
+            Ok(PortRequest::Console(text)) => {
+                // A closed stdout must not kill the guest; output is best effort.
+                let _ = context.console.write_all(text.as_bytes()).and_then(|()| context.console.flush());
+                Step::Continue
+            }
+            Ok(PortRequest::Exit { code, message }) => Step::End(Outcome::Exited { code, message }),
+            Ok(PortRequest::Wait(timeout)) => Step::Wait(timeout),
+            Ok(PortRequest::Unknown { port }) => Step::Crash(format!("guest wrote to unknown I/O port {port:#x}")),
+            Err(e) => Step::Crash(format!("guest paravirt page unreadable: {e}")),
+        },
+        VcpuExit::IoIn(port, _) => Step::Crash(format!("guest read from unknown I/O port {port:#x}")),
+        VcpuExit::MmioRead(addr, data) => {
+            if context.bus.read(addr, data) {
+                Step::Continue
+            } else {
+                Step::Crash(format!("guest read unmapped guest-physical address {addr:#x}"))
+            }
         }
+        VcpuExit::MmioWrite(addr, data) => {
+            if context.bus.write(addr, data) {
+                Step::Continue
+            } else {
+                Step::Crash(format!("guest wrote unmapped guest-physical address {addr:#x}"))
+            }
+        }
+        VcpuExit::Shutdown => {
+            Step::Crash("guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception it could not handle".into())
+        }
+        VcpuExit::Hlt => Step::Crash("guest executed HLT (KVM_EXIT_HLT)".into()),
+        VcpuExit::Intr => Step::Continue,
+        VcpuExit::FailEntry(reason, cpu) => {
+            Step::Crash(format!("KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"))
+        }
+        VcpuExit::InternalError => Step::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
+        VcpuExit::SystemEvent(kind, _) => Step::Crash(format!("guest system event {kind} (KVM_EXIT_SYSTEM_EVENT)")),
+        other => Step::Crash(format!("unexpected VM exit {other:?}")),
+    }
+}
+
+/// Blocks until `timeout` passes or someone writes `wake`.
+fn park(wake: &EventFd, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: libc::time_t::try_from(t.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(t.subsec_nanos().min(999_999_999) as i32),
+    });
+    let mut pollfd = libc::pollfd { fd: std::os::fd::AsRawFd::as_raw_fd(wake), events: libc::POLLIN, revents: 0 };
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: one valid pollfd for the duration of the call; `ts_ptr` is null
+    // or points at a live timespec; a null sigmask leaves the mask alone.
+    // EINTR (a kick) simply returns early, which is what we want.
+    let ready = unsafe { libc::ppoll(&mut pollfd, 1, ts_ptr, std::ptr::null()) };
+    if ready > 0 {
+        // Drain the counter; the eventfd is non-blocking, so this cannot hang.
+        let _ = wake.read();
     }
 }
 
 /// Runs `vcpu` on its own thread until the guest exits, crashes, or
 /// `timeout` passes.
-pub fn run(
-    vcpu: VcpuFd,
-    mem: GuestMemoryMmap,
-    console: Box<dyn Write + Send>,
-    timeout: Option<Duration>,
-) -> std::io::Result<Outcome> {
-    register_signal_handler(kick_signal(), on_kick)
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
-    let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std::io::Result<(Outcome, ExitStats)> {
+    for (signal, handler) in
+        [(kick_signal(), on_kick as SignalHandler), (libc::SIGINT, on_stop), (libc::SIGTERM, on_stop)]
+    {
+        register_signal_handler(signal, handler).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    let wake = context.wake.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
-    let vcpu_loop = VcpuLoop {
-        vcpu,
-        mem,
-        console,
-        wake: wake.clone(),
-        stop: stop.clone(),
-    };
+    let vcpu_loop = VcpuLoop { vcpu, context, stats: ExitStats::default(), stop: stop.clone() };
     let (done_tx, done_rx) = mpsc::channel();
     let handle = thread::Builder::new().name("vcpu0".into()).spawn(move || {
         // The receiver lives until this thread is joined below.
         let _ = done_tx.send(vcpu_loop.run(started));
     })?;
 
-    let wait_for = |limit: Option<Duration>| match limit {
-        Some(limit) => done_rx.recv_timeout(limit).ok(),
-        None => done_rx.recv().ok(),
+    let deadline = timeout.map(|t| started + t);
+    let first = loop {
+        let wait = deadline
+            .map_or(SUPERVISE_INTERVAL, |d| d.saturating_duration_since(Instant::now()).min(SUPERVISE_INTERVAL));
+        match done_rx.recv_timeout(wait) {
+            Ok(result) => break Some(result),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break None,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if STOP_SIGNAL.load(Ordering::Acquire) != 0 || deadline.is_some_and(|d| Instant::now() >= d) {
+                    break None;
+                }
+            }
+        }
     };
-    let outcome = match wait_for(timeout) {
-        Some(outcome) => outcome,
+    let result = match first {
+        Some(result) => result,
         None => {
             stop.store(true, Ordering::Release);
             let _ = wake.write(1);
@@ -205,23 +232,23 @@ pub fn run(
                 // ESRCH means the thread is already gone; recv will say so.
                 let _ = handle.kill(kick_signal());
                 match done_rx.recv_timeout(KICK_INTERVAL) {
-                    Ok(outcome) => break outcome,
+                    Ok(result) => break result,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        break Outcome::Crashed {
-                            reason: "vCPU thread ended without an outcome".into(),
-                            rip: None,
-                        };
+                        let reason = "vCPU thread ended without an outcome".to_string();
+                        break (Outcome::Crashed { reason, rip: None }, ExitStats::default());
                     }
                 }
             }
         }
     };
+    let signal = STOP_SIGNAL.load(Ordering::Acquire);
+    let result = match result {
+        (Outcome::TimedOut { .. }, stats) if signal != 0 => (Outcome::Stopped { signal }, stats),
+        other => other,
+    };
     if handle.join().is_err() {
-        return Ok(Outcome::Crashed {
-            reason: "vCPU thread panicked".into(),
-            rip: None,
-        });
+        return Ok((Outcome::Crashed { reason: "vCPU thread panicked".into(), rip: None }, ExitStats::default()));
     }
-    Ok(outcome)
+    Ok(result)
 }

@@ -7,18 +7,29 @@
 
 use std::ffi::CString;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
-use mqvisor_boot_abi::{BootInfo, CMDLINE_CAPACITY, layout};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use mqvisor_boot_abi::{BootInfo, CMDLINE_CAPACITY, DeviceDescriptor, device_kind, layout, service};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::arch::{self, ArchError};
+use crate::devices::MmioBus;
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::net as net_device;
+use crate::devices::virtio::net::NetDevice;
 use crate::image::{self, ImageError};
-use crate::vcpu::{self, Outcome};
+use crate::net::{
+    self,
+    proxy::{self, NetBackend, NetThread},
+};
+use crate::vcpu::{self, ExitStats, Outcome, VcpuContext};
 
 /// Smallest heap an image gets; less memory than image + this is refused.
 pub const MIN_HEAP_BYTES: u64 = 1 << 20;
@@ -42,7 +53,21 @@ pub struct VmConfig {
     pub kvm_device: PathBuf,
     /// Where guest console output goes.
     pub console: Box<dyn Write + Send>,
+    /// What the guest runs.
+    pub service: Service,
 }
+
+/// What the guest runs, and what the host provides for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    /// Banner, timer proof, exit; no network.
+    Demo,
+    /// TCP echo on the guest port, reached through `listen` on the host.
+    Echo { listen: SocketAddr },
+}
+
+/// The port the guest serves on its side of the link.
+pub const GUEST_PORT: u16 = 1883;
 
 /// Why a VM could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -52,31 +77,19 @@ pub enum VmmError {
          virtualization, or load the kvm module)"
     )]
     KvmMissing(PathBuf),
-    #[error(
-        "permission denied opening {0}: run as a user in the group that owns it (usually `kvm`)"
-    )]
+    #[error("permission denied opening {0}: run as a user in the group that owns it (usually `kvm`)")]
     KvmPermission(PathBuf),
     #[error("cannot open {path}: {source}")]
-    KvmOpen {
-        path: PathBuf,
-        source: kvm_ioctls::Error,
-    },
+    KvmOpen { path: PathBuf, source: kvm_ioctls::Error },
     #[error("{what} failed: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
     #[error("bad image: {0}")]
     Image(#[from] ImageError),
     #[error(
         "--memory {given_mib} MiB is too small for this image: it needs at least {needed_mib} MiB \
          (image ends at {image_end:#x}, plus 1 MiB of heap)"
     )]
-    MemoryTooSmall {
-        given_mib: u32,
-        needed_mib: u64,
-        image_end: u64,
-    },
+    MemoryTooSmall { given_mib: u32, needed_mib: u64, image_end: u64 },
     #[error("--memory {0} MiB is out of range (1..={MAX_MEMORY_MIB})")]
     MemoryOutOfRange(u32),
     #[error("allocating {mib} MiB of guest memory: {reason}")]
@@ -87,8 +100,12 @@ pub enum VmmError {
     Arch(#[from] ArchError),
     #[error("writing boot-info: {0}")]
     BootInfo(vm_memory::GuestMemoryError),
-    #[error("starting the vCPU thread: {0}")]
+    #[error("starting a VMM thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("the network device has no queue notification eventfd")]
+    NoQueueEvent,
 }
 
 fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
@@ -97,24 +114,17 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
 
 /// Opens the KVM device, turning the common failures into advice.
 pub fn open_kvm(path: &std::path::Path) -> Result<Kvm, VmmError> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| VmmError::KvmMissing(path.to_path_buf()))?;
+    let c_path = CString::new(path.as_os_str().as_bytes()).map_err(|_| VmmError::KvmMissing(path.to_path_buf()))?;
     Kvm::new_with_path(&c_path).map_err(|source| match source.errno() {
         libc::ENOENT => VmmError::KvmMissing(path.to_path_buf()),
         libc::EACCES | libc::EPERM => VmmError::KvmPermission(path.to_path_buf()),
-        _ => VmmError::KvmOpen {
-            path: path.to_path_buf(),
-            source,
-        },
+        _ => VmmError::KvmOpen { path: path.to_path_buf(), source },
     })
 }
 
 /// Fills boot-info for a guest with `ram_size` bytes whose image ends at `image_end`.
 pub fn boot_info(ram_size: u64, image_end: u64, cmdline: &str) -> Result<BootInfo, VmmError> {
-    let mut info = BootInfo {
-        ram_size,
-        ..BootInfo::default()
-    };
+    let mut info = BootInfo { ram_size, ..BootInfo::default() };
     info.heap_start = image_end.next_multiple_of(layout::PAGE_SIZE);
     info.heap_end = ram_size;
     let bytes = cmdline.as_bytes();
@@ -122,8 +132,7 @@ pub fn boot_info(ram_size: u64, image_end: u64, cmdline: &str) -> Result<BootInf
         return Err(VmmError::CmdlineTooLong(bytes.len()));
     }
     info.cmdline[..bytes.len()].copy_from_slice(bytes);
-    info.cmdline_len =
-        u32::try_from(bytes.len()).map_err(|_| VmmError::CmdlineTooLong(bytes.len()))?;
+    info.cmdline_len = u32::try_from(bytes.len()).map_err(|_| VmmError::CmdlineTooLong(bytes.len()))?;
     Ok(info)
 }
 
@@ -132,19 +141,12 @@ fn create_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, VmmError
     let size = usize::try_from(memory_mib).unwrap_or(usize::MAX) << 20;
     // Anonymous, lazily touched mappings: an idle 32 MiB guest costs the host
     // only the pages it writes.
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).map_err(|e| {
-        VmmError::GuestMemory {
-            mib: memory_mib,
-            reason: e.to_string(),
-        }
-    })?;
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)])
+        .map_err(|e| VmmError::GuestMemory { mib: memory_mib, reason: e.to_string() })?;
     for (slot, region) in (0u32..).zip(mem.iter()) {
-        let host =
-            mem.get_host_address(region.start_addr())
-                .map_err(|e| VmmError::GuestMemory {
-                    mib: memory_mib,
-                    reason: e.to_string(),
-                })?;
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmmError::GuestMemory { mib: memory_mib, reason: e.to_string() })?;
         let region = kvm_userspace_memory_region {
             slot,
             guest_phys_addr: region.start_addr().0,
@@ -155,18 +157,14 @@ fn create_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, VmmError
         // SAFETY: the host range is a live mapping owned by `mem`, which the
         // caller keeps alive for as long as the VM (`Vm` holds both and drops
         // the VM fd first); the slot is new and does not overlap another.
-        unsafe { vm.set_user_memory_region(region) }
-            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(mem)
 }
 
 /// Reads the guest TSC (0 if KVM will not say): lets the guest time its start.
 fn guest_tsc(vcpu: &VcpuFd) -> u64 {
-    let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        ..Default::default()
-    }]) else {
+    let Ok(mut msrs) = Msrs::from_entries(&[kvm_msr_entry { index: MSR_IA32_TSC, ..Default::default() }]) else {
         return 0;
     };
     match vcpu.get_msrs(&mut msrs) {
@@ -175,8 +173,89 @@ fn guest_tsc(vcpu: &VcpuFd) -> u64 {
     }
 }
 
+/// How a run ended, with what it cost.
+#[derive(Debug)]
+pub struct RunReport {
+    pub outcome: Outcome,
+    pub exits: ExitStats,
+    /// Queue notifications the guest made (in-kernel exits via ioeventfd).
+    pub notifications: u64,
+    /// Frames and bytes the virtio-net device moved, when there was one.
+    pub net: Option<NetCounters>,
+}
+
+/// A snapshot of the network device's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NetCounters {
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub refused_chains: u64,
+}
+
+/// The network half of a VM: the device, its worker thread, and KVM's
+/// notification shortcuts.
+struct Network {
+    transport: Arc<Mutex<MmioTransport<NetDevice>>>,
+    thread: NetThread,
+}
+
+impl Network {
+    /// Creates the virtio-net device, binds the tenant listener, registers the
+    /// queue notifications with KVM and starts the net thread.
+    fn start(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        listen: SocketAddr,
+        wake: Arc<EventFd>,
+    ) -> Result<(Self, MmioBus), VmmError> {
+        let listener =
+            std::net::TcpListener::bind(listen).map_err(|source| VmmError::Listen { addr: listen, source })?;
+        let bound = listener.local_addr().map_err(|source| VmmError::Listen { addr: listen, source })?;
+        let device = NetDevice::new(net::GUEST_MAC, net::MAX_FRAME);
+        let transport = MmioTransport::new(device, mem.clone()).map_err(VmmError::Thread)?;
+        // Queue notifications go straight to the net thread's eventfds, so
+        // the vCPU never returns to this process for them.
+        for (queue, index) in [(net_device::RX_QUEUE, 0u32), (net_device::TX_QUEUE, 1u32)] {
+            let event = transport.queue_event(queue).ok_or(VmmError::NoQueueEvent)?;
+            let addr = IoEventAddress::Mmio(layout::DEVICE_WINDOW + mmio::QUEUE_NOTIFY_OFFSET);
+            // The driver writes the queue index; each queue has its own eventfd.
+            vm.register_ioevent(event, &addr, index).map_err(kvm_err("KVM_IOEVENTFD"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        let thread = proxy::spawn(NetBackend {
+            transport: transport.clone(),
+            wake_guest: wake,
+            listener,
+            guest_port: GUEST_PORT,
+        })
+        .map_err(VmmError::Thread)?;
+        eprintln!("mqvisor: tenant VM listening on {bound}");
+        let mut bus = MmioBus::default();
+        bus.insert(layout::DEVICE_WINDOW, layout::DEVICE_SIZE, transport.clone());
+        Ok((Network { transport, thread }, bus))
+    }
+
+    /// Closes every client connection and returns the device's counters.
+    fn stop(self) -> (NetCounters, u64) {
+        self.thread.stop();
+        let Ok(transport) = self.transport.lock() else { return (NetCounters::default(), 0) };
+        let m = transport.device().metrics();
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let counters = NetCounters {
+            tx_frames: get(&m.tx_frames),
+            tx_bytes: get(&m.tx_bytes),
+            rx_frames: get(&m.rx_frames),
+            rx_bytes: get(&m.rx_bytes),
+            refused_chains: get(&m.tx_malformed) + get(&m.rx_malformed) + get(&m.rx_too_big),
+        };
+        (counters, transport.notifications())
+    }
+}
+
 /// Boots the VM described by `config` and runs it to the end.
-pub fn run(config: VmConfig) -> Result<Outcome, VmmError> {
+pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     if config.memory_mib == 0 || config.memory_mib > MAX_MEMORY_MIB {
         return Err(VmmError::MemoryOutOfRange(config.memory_mib));
     }
@@ -204,22 +283,41 @@ pub fn run(config: VmConfig) -> Result<Outcome, VmmError> {
     let loaded = image::load(&config.image, &mem, ram_size)?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     arch::configure_vcpu(&kvm, &vcpu, &mem, ram_size, loaded.entry)?;
-    info.tsc_khz = vcpu
-        .get_tsc_khz()
-        .map_err(kvm_err("KVM_GET_TSC_KHZ"))?
-        .into();
+
+    let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?);
+    let (network, bus) = match config.service {
+        Service::Demo => (None, MmioBus::default()),
+        Service::Echo { listen } => {
+            let (network, bus) = Network::start(&vm, &mem, listen, wake.clone())?;
+            info.service = service::ECHO;
+            info.net = net::guest_net_config(GUEST_PORT);
+            info.devices[0] = DeviceDescriptor {
+                base: layout::DEVICE_WINDOW,
+                size: layout::DEVICE_SIZE,
+                kind: device_kind::VIRTIO_NET,
+                reserved: 0,
+            };
+            info.device_count = 1;
+            (Some(network), bus)
+        }
+    };
+
+    info.tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?.into();
     info.entry_tsc = guest_tsc(&vcpu);
     info.setup_ns = u64::try_from(created.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    mem.write_slice(info.as_bytes(), GuestAddress(layout::BOOT_INFO))
-        .map_err(VmmError::BootInfo)?;
+    mem.write_slice(info.as_bytes(), GuestAddress(layout::BOOT_INFO)).map_err(VmmError::BootInfo)?;
 
-    let outcome =
-        vcpu::run(vcpu, mem.clone(), config.console, config.timeout).map_err(VmmError::Thread)?;
-    // The vCPU thread has returned; KVM lets go of guest memory when the VM fd
-    // closes, so the mapping must outlive it.
+    let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake };
+    let (outcome, exits) = vcpu::run(vcpu, context, config.timeout).map_err(VmmError::Thread)?;
+    let (net, notifications) = match network.map(Network::stop) {
+        Some((counters, notifications)) => (Some(counters), notifications),
+        None => (None, 0),
+    };
+    // The vCPU and net threads have returned; KVM lets go of guest memory
+    // when the VM fd closes, so the mapping must outlive it.
     drop(vm);
     drop(mem);
-    Ok(outcome)
+    Ok(RunReport { outcome, exits, notifications, net })
 }
 
 #[cfg(test)]
@@ -238,10 +336,7 @@ mod tests {
         let info = boot_info(32 << 20, 0x20_0000, "exit=3 sleeps=0").unwrap();
         assert_eq!(info.cmdline(), Some("exit=3 sleeps=0"));
         let long = "x".repeat(CMDLINE_CAPACITY + 1);
-        assert!(matches!(
-            boot_info(32 << 20, 0x20_0000, &long),
-            Err(VmmError::CmdlineTooLong(1025))
-        ));
+        assert!(matches!(boot_info(32 << 20, 0x20_0000, &long), Err(VmmError::CmdlineTooLong(1025))));
     }
 
     #[test]

@@ -25,7 +25,7 @@
 /// `BootInfo::magic`: "MQVBOOT1" in little-endian byte order.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MQVBOOT1");
 /// `BootInfo::version`; bumped on any layout change.
-pub const BOOT_INFO_VERSION: u32 = 1;
+pub const BOOT_INFO_VERSION: u32 = 2;
 
 /// Guest-physical memory layout at entry.
 pub mod layout {
@@ -60,6 +60,18 @@ pub mod layout {
     pub const IMAGE_BASE: u64 = 0x20_0000;
     /// Guest RAM must end at or below this address (start of the device hole).
     pub const RAM_LIMIT: u64 = 0xC000_0000;
+    /// The 2 MiB window holding the virtio-mmio devices, one page each.
+    pub const DEVICE_WINDOW: u64 = 0xD000_0000;
+    /// Size of one device's MMIO region.
+    pub const DEVICE_SIZE: u64 = 0x1000;
+}
+
+/// What the guest runs, chosen by the VMM.
+pub mod service {
+    /// Print the banner, prove the timer, exit (no network).
+    pub const DEMO: u32 = 0;
+    /// Echo every TCP connection on `NetConfig::port` back to its sender.
+    pub const ECHO: u32 = 1;
 }
 
 /// Paravirtual I/O ports. A 32-bit `out` to one of them exits to the VMM.
@@ -112,6 +124,29 @@ pub struct DeviceDescriptor {
     pub reserved: u32,
 }
 
+/// The guest's side of the virtual link (valid when a virtio-net device is
+/// present): addresses the VMM chose, the port to serve and the link MTU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The guest's MAC address (also in the device's config space).
+    pub guest_mac: [u8; 6],
+    /// The VMM's MAC address on the link.
+    pub host_mac: [u8; 6],
+    /// The guest's IPv4 address.
+    pub guest_ip: [u8; 4],
+    /// The VMM's IPv4 address (the only peer on the link).
+    pub host_ip: [u8; 4],
+    /// TCP port the guest serves.
+    pub port: u16,
+    /// IP MTU of the link: the largest IP packet either side may send.
+    pub mtu: u16,
+    /// Prefix length of the link's subnet.
+    pub prefix_len: u8,
+    /// Zero.
+    pub reserved: [u8; 7],
+}
+
 /// What the VMM tells the guest at boot. Lives at [`layout::BOOT_INFO`].
 ///
 /// All fields are little-endian integers; there is no implicit padding.
@@ -147,6 +182,12 @@ pub struct BootInfo {
     pub reserved: u32,
     /// Guest command line: space-separated UTF-8 words.
     pub cmdline: [u8; CMDLINE_CAPACITY],
+    /// One of [`service`].
+    pub service: u32,
+    /// Zero.
+    pub reserved2: u32,
+    /// The virtual link, when `devices` holds a virtio-net device.
+    pub net: NetConfig,
 }
 
 impl Default for BootInfo {
@@ -166,6 +207,9 @@ impl Default for BootInfo {
             cmdline_len: 0,
             reserved: 0,
             cmdline: [0; CMDLINE_CAPACITY],
+            service: service::DEMO,
+            reserved2: 0,
+            net: NetConfig::default(),
         }
     }
 }
@@ -188,12 +232,7 @@ impl BootInfo {
         // arrays, with no padding (its size is asserted below to be the sum of
         // its fields), so all of its bytes are initialised; the slice borrows
         // `self` for its whole lifetime.
-        unsafe {
-            core::slice::from_raw_parts(
-                (self as *const BootInfo).cast::<u8>(),
-                core::mem::size_of::<BootInfo>(),
-            )
-        }
+        unsafe { core::slice::from_raw_parts((self as *const BootInfo).cast::<u8>(), core::mem::size_of::<BootInfo>()) }
     }
 
     /// The valid device entries, clamped to the array.
@@ -225,10 +264,9 @@ pub struct ParavirtPage {
 // The VMM reads and writes these structures as raw bytes, so their sizes are
 // part of the ABI: a field added without updating the layout fails here.
 const _: () = assert!(core::mem::size_of::<DeviceDescriptor>() == 24);
-const _: () =
-    assert!(core::mem::size_of::<BootInfo>() == 72 + 24 * MAX_DEVICES + 8 + CMDLINE_CAPACITY);
-const _: () =
-    assert!(core::mem::size_of::<BootInfo>() as u64 <= layout::PARAVIRT - layout::BOOT_INFO);
+const _: () = assert!(core::mem::size_of::<NetConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<BootInfo>() == 72 + 24 * MAX_DEVICES + 8 + CMDLINE_CAPACITY + 8 + 32);
+const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= layout::PARAVIRT - layout::BOOT_INFO);
 const _: () = assert!(core::mem::size_of::<ParavirtPage>() as u64 == layout::PAGE_SIZE);
 
 #[cfg(test)]
@@ -243,9 +281,7 @@ mod tests {
     #[test]
     fn system_area_is_ordered_and_page_aligned() {
         use layout::*;
-        let areas = [
-            PML4, PDPT, PD_BASE, PT_LOW, GDT, BOOT_INFO, PARAVIRT, SYSTEM_END,
-        ];
+        let areas = [PML4, PDPT, PD_BASE, PT_LOW, GDT, BOOT_INFO, PARAVIRT, SYSTEM_END];
         assert!(areas.windows(2).all(|w| w[0] < w[1]));
         assert!(areas.iter().all(|a| a % PAGE_SIZE == 0));
         assert_eq!(PD_BASE + PD_COUNT * PAGE_SIZE, PT_LOW);
@@ -255,11 +291,7 @@ mod tests {
 
     #[test]
     fn hostile_lengths_are_clamped() {
-        let mut info = BootInfo {
-            cmdline_len: u32::MAX,
-            device_count: u32::MAX,
-            ..BootInfo::default()
-        };
+        let mut info = BootInfo { cmdline_len: u32::MAX, device_count: u32::MAX, ..BootInfo::default() };
         info.cmdline[0] = b'x';
         assert_eq!(info.cmdline().map(str::len), Some(CMDLINE_CAPACITY));
         assert_eq!(info.devices().len(), MAX_DEVICES);
@@ -269,10 +301,7 @@ mod tests {
 
     #[test]
     fn bytes_are_the_little_endian_fields() {
-        let info = BootInfo {
-            ram_size: 0x0102_0304,
-            ..BootInfo::default()
-        };
+        let info = BootInfo { ram_size: 0x0102_0304, ..BootInfo::default() };
         let bytes = info.as_bytes();
         assert_eq!(bytes.len(), core::mem::size_of::<BootInfo>());
         assert_eq!(&bytes[..8], b"MQVBOOT1");
@@ -282,10 +311,7 @@ mod tests {
     #[test]
     fn default_is_valid() {
         assert!(BootInfo::default().is_valid());
-        let bad = BootInfo {
-            version: BOOT_INFO_VERSION + 1,
-            ..BootInfo::default()
-        };
+        let bad = BootInfo { version: BOOT_INFO_VERSION + 1, ..BootInfo::default() };
         assert!(!bad.is_valid());
     }
 }

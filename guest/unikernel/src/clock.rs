@@ -24,6 +24,11 @@ impl Instant {
         Instant(self.0.saturating_add(ns))
     }
 
+    /// Microseconds since `_start`.
+    pub fn as_micros(self) -> u64 {
+        self.0 / 1000
+    }
+
     /// Nanoseconds from `earlier` to `self` (0 if `earlier` is later).
     pub fn ns_since(self, earlier: Instant) -> u64 {
         self.0.saturating_sub(earlier.0)
@@ -52,9 +57,7 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
 
 /// The current time.
 pub fn now() -> Instant {
-    Instant(ticks_to_ns(
-        rdtsc().wrapping_sub(START_TSC.load(Ordering::Relaxed)),
-    ))
+    Instant(ticks_to_ns(rdtsc().wrapping_sub(START_TSC.load(Ordering::Relaxed))))
 }
 
 /// Parks the vCPU until `deadline`. The VMM may wake the guest early when it

@@ -18,10 +18,7 @@ pub struct Console {
 impl Console {
     /// An empty buffer.
     pub const fn new() -> Self {
-        Console {
-            buf: [0; LINE_CAPACITY],
-            len: 0,
-        }
+        Console { buf: [0; LINE_CAPACITY], len: 0 }
     }
 
     /// Sends what is buffered.

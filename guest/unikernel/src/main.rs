@@ -18,16 +18,19 @@ mod clock;
 mod console;
 mod heap;
 mod mem;
+mod net;
 mod paravirt;
 
 use alloc::vec::Vec;
 use core::fmt::Write;
 use core::panic::PanicInfo;
 
-use mqvisor_boot_abi::{BootInfo, exit_codes, layout};
+use mqvisor_boot_abi::{BootInfo, exit_codes, layout, service};
 
 /// Exit code for a boot-info or command line the guest cannot use.
 const EXIT_BAD_BOOT: u32 = 2;
+/// Exit code when the heap is exhausted.
+pub const EXIT_NO_MEMORY: u32 = 4;
 
 /// What the command line asks for; words are `key=value` or bare names.
 #[derive(Debug)]
@@ -51,12 +54,7 @@ enum SelfTest {
 
 impl Command {
     fn parse(cmdline: &str) -> Result<Command, &str> {
-        let mut command = Command {
-            sleeps: 3,
-            sleep_ms: 10,
-            exit_code: 0,
-            selftest: None,
-        };
+        let mut command = Command { sleeps: 3, sleep_ms: 10, exit_code: 0, selftest: None };
         for word in cmdline.split_ascii_whitespace() {
             let (key, value) = word.split_once('=').unwrap_or((word, ""));
             match key {
@@ -86,10 +84,7 @@ struct MessageBuf {
 
 impl MessageBuf {
     fn new() -> Self {
-        MessageBuf {
-            bytes: [0; 256],
-            len: 0,
-        }
+        MessageBuf { bytes: [0; 256], len: 0 }
     }
 
     fn as_bytes(&self) -> &[u8] {
@@ -117,25 +112,16 @@ fn exit_with(code: u32, args: core::fmt::Arguments) -> ! {
 extern "C" fn _start(boot_info: *const BootInfo) -> ! {
     let start_tsc = clock::rdtsc();
     if boot_info as u64 != layout::BOOT_INFO {
-        exit_with(
-            EXIT_BAD_BOOT,
-            format_args!("boot-info pointer {boot_info:p} is not where the ABI puts it"),
-        );
+        exit_with(EXIT_BAD_BOOT, format_args!("boot-info pointer {boot_info:p} is not where the ABI puts it"));
     }
     // SAFETY: the pointer is the ABI's boot-info address (checked above), which
     // the VMM maps and fills before entry; nothing writes it afterwards.
     let info = unsafe { &*boot_info };
     if !info.is_valid() {
-        exit_with(
-            EXIT_BAD_BOOT,
-            format_args!("boot-info magic/version mismatch"),
-        );
+        exit_with(EXIT_BAD_BOOT, format_args!("boot-info magic/version mismatch"));
     }
     if info.tsc_khz == 0 {
-        exit_with(
-            EXIT_BAD_BOOT,
-            format_args!("boot-info has no TSC frequency"),
-        );
+        exit_with(EXIT_BAD_BOOT, format_args!("boot-info has no TSC frequency"));
     }
     clock::init(info.tsc_khz, start_tsc);
     let heap_size = match heap::init(info) {
@@ -147,10 +133,7 @@ extern "C" fn _start(boot_info: *const BootInfo) -> ! {
     };
     let command = match Command::parse(cmdline) {
         Ok(command) => command,
-        Err(word) => exit_with(
-            EXIT_BAD_BOOT,
-            format_args!("unknown or malformed command-line word {word:?}"),
-        ),
+        Err(word) => exit_with(EXIT_BAD_BOOT, format_args!("unknown or malformed command-line word {word:?}")),
     };
     let ready = clock::now();
 
@@ -171,8 +154,14 @@ extern "C" fn _start(boot_info: *const BootInfo) -> ! {
         info.tsc_khz,
     );
 
-    run(&command);
-    exit_with(command.exit_code, format_args!(""))
+    match info.service {
+        service::DEMO => {
+            run(&command);
+            exit_with(command.exit_code, format_args!(""))
+        }
+        service::ECHO => net::run_echo(info),
+        other => exit_with(EXIT_BAD_BOOT, format_args!("unknown service {other} in boot-info")),
+    }
 }
 
 fn run(command: &Command) {
@@ -215,14 +204,8 @@ fn run(command: &Command) {
 fn panic(info: &PanicInfo) -> ! {
     // One line, so the VMM can report it as one.
     match info.location() {
-        Some(at) => exit_with(
-            exit_codes::PANIC,
-            format_args!("panicked at {at}: {}", info.message()),
-        ),
-        None => exit_with(
-            exit_codes::PANIC,
-            format_args!("panicked: {}", info.message()),
-        ),
+        Some(at) => exit_with(exit_codes::PANIC, format_args!("panicked at {at}: {}", info.message())),
+        None => exit_with(exit_codes::PANIC, format_args!("panicked: {}", info.message())),
     }
 }
 

@@ -18,9 +18,7 @@ fn page() -> *mut ParavirtPage {
 fn out32(port: u16, value: u32) {
     // SAFETY: the VMM enters the guest with RFLAGS.IOPL = 3, so `out` at CPL 3
     // is allowed; it only causes a VM exit and touches no guest memory.
-    unsafe {
-        asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags))
-    };
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nostack, preserves_flags)) };
 }
 
 /// Copies `bytes` (truncated to the page's capacity) into the shared page and
@@ -31,11 +29,7 @@ fn fill(bytes: &[u8]) -> usize {
     // SAFETY: the paravirt page is mapped, page sized and owned by this module;
     // `len` is within `data`'s capacity; the source is a live slice.
     unsafe {
-        core::ptr::copy_nonoverlapping(
-            bytes.as_ptr(),
-            addr_of_mut!((*page).data).cast::<u8>(),
-            len,
-        );
+        core::ptr::copy_nonoverlapping(bytes.as_ptr(), addr_of_mut!((*page).data).cast::<u8>(), len);
         addr_of_mut!((*page).len).write_volatile(u32::try_from(len).unwrap_or(0));
     }
     len

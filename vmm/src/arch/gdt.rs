@@ -58,11 +58,7 @@ pub struct Descriptor {
 impl Descriptor {
     /// The 8-byte encoding.
     pub fn encode(self) -> u64 {
-        let (base, limit, flags) = (
-            u64::from(self.base),
-            u64::from(self.limit),
-            u64::from(self.flags),
-        );
+        let (base, limit, flags) = (u64::from(self.base), u64::from(self.limit), u64::from(self.flags));
         ((base & 0xff00_0000) << 32)
             | ((base & 0x00ff_ffff) << 16)
             | (limit & 0xffff)
@@ -73,11 +69,7 @@ impl Descriptor {
     /// The KVM view of the descriptor loaded with `selector`.
     pub fn to_kvm_segment(self, selector: u16) -> kvm_segment {
         let bit = |mask: u16| u8::from(self.flags & mask != 0);
-        let limit = if self.flags & G != 0 {
-            (self.limit << 12) | 0xfff
-        } else {
-            self.limit
-        };
+        let limit = if self.flags & G != 0 { (self.limit << 12) | 0xfff } else { self.limit };
         kvm_segment {
             base: u64::from(self.base),
             limit,
@@ -108,27 +100,15 @@ const TSS_BASE: u32 = {
 
 /// The table, for a GDT at `layout::GDT`.
 pub fn table() -> [Descriptor; ENTRIES] {
-    let flat = |flags| Descriptor {
-        flags,
-        base: 0,
-        limit: 0xf_ffff,
-    };
-    let null = Descriptor {
-        flags: 0,
-        base: 0,
-        limit: 0,
-    };
+    let flat = |flags| Descriptor { flags, base: 0, limit: 0xf_ffff };
+    let null = Descriptor { flags: 0, base: 0, limit: 0 };
     let mut table = [null; ENTRIES];
     table[usize::from(KERNEL_CODE)] = flat(P | S | ACCESSED_CODE_RX | L | G);
     table[usize::from(KERNEL_DATA)] = flat(P | S | ACCESSED_DATA_RW | DB | G);
     table[usize::from(USER_DATA)] = flat(P | S | DPL3 | ACCESSED_DATA_RW | DB | G);
     table[usize::from(USER_CODE)] = flat(P | S | DPL3 | ACCESSED_CODE_RX | L | G);
     // The slot after TSS holds base bits 32..64: zero, as `null` leaves it.
-    table[usize::from(TSS)] = Descriptor {
-        flags: P | BUSY_TSS64,
-        base: TSS_BASE,
-        limit: TSS_LIMIT,
-    };
+    table[usize::from(TSS)] = Descriptor { flags: P | BUSY_TSS64, base: TSS_BASE, limit: TSS_LIMIT };
     table
 }
 
@@ -148,10 +128,7 @@ pub fn tss(open_ports: &[u16], width: u16) -> [u8; TSS_LEN] {
     bitmap.fill(0xff);
     for &first in open_ports {
         for port in usize::from(first)..usize::from(first) + usize::from(width) {
-            assert!(
-                port < IO_BITMAP_PORTS,
-                "paravirt port {port:#x} outside the I/O bitmap"
-            );
+            assert!(port < IO_BITMAP_PORTS, "paravirt port {port:#x} outside the I/O bitmap");
             bitmap[port / 8] &= !(1 << (port % 8));
         }
     }
@@ -181,10 +158,7 @@ mod tests {
     fn user_segments_are_dpl3_and_64_bit() {
         let t = table();
         let cs = t[USER_CODE as usize].to_kvm_segment(selector(USER_CODE, 3));
-        assert_eq!(
-            (cs.dpl, cs.l, cs.db, cs.present, cs.s, cs.type_),
-            (3, 1, 0, 1, 1, 0xb)
-        );
+        assert_eq!((cs.dpl, cs.l, cs.db, cs.present, cs.s, cs.type_), (3, 1, 0, 1, 1, 0xb));
         assert_eq!(cs.selector, 0x23);
         assert_eq!(cs.limit, 0xffff_ffff);
         let ss = t[USER_DATA as usize].to_kvm_segment(selector(USER_DATA, 3));
@@ -194,20 +168,14 @@ mod tests {
     #[test]
     fn tss_points_after_the_table() {
         let tr = table()[TSS as usize].to_kvm_segment(selector(TSS, 0));
-        assert_eq!(
-            (tr.base, tr.limit, tr.type_, tr.s, tr.present),
-            (0x8100, TSS_LIMIT, 0xb, 0, 1)
-        );
+        assert_eq!((tr.base, tr.limit, tr.type_, tr.s, tr.present), (0x8100, TSS_LIMIT, 0xb, 0, 1));
     }
 
     /// What the CPU (or KVM's emulator) checks for a `len`-byte `out` to
     /// `port`: two bytes read at `io_map_base + port / 8` inside the limit,
     /// the bits of ports `port..port + len` all clear.
     fn port_allowed(tss: &[u8], port: u16, len: u16) -> bool {
-        let base = usize::from(u16::from_le_bytes([
-            tss[TSS_IO_MAP_BASE],
-            tss[TSS_IO_MAP_BASE + 1],
-        ]));
+        let base = usize::from(u16::from_le_bytes([tss[TSS_IO_MAP_BASE], tss[TSS_IO_MAP_BASE + 1]]));
         let at = base + usize::from(port) / 8;
         if at + 1 > TSS_LIMIT as usize {
             return false;

@@ -40,16 +40,10 @@ const MXCSR_DEFAULT: u32 = 0x1f80;
 pub enum ArchError {
     /// Writing page tables or the GDT into guest memory.
     #[error("writing {what} into guest memory: {source}")]
-    Memory {
-        what: &'static str,
-        source: GuestMemoryError,
-    },
+    Memory { what: &'static str, source: GuestMemoryError },
     /// A KVM ioctl.
     #[error("{what}: {source}")]
-    Kvm {
-        what: &'static str,
-        source: kvm_ioctls::Error,
-    },
+    Kvm { what: &'static str, source: kvm_ioctls::Error },
 }
 
 fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> ArchError {
@@ -69,23 +63,14 @@ pub fn configure_vcpu(
     ram_size: u64,
     entry: u64,
 ) -> Result<(), ArchError> {
-    PageTables::identity(ram_size)
-        .write_to(mem)
-        .map_err(memory("page tables"))?;
+    PageTables::identity(ram_size).write_to(mem).map_err(memory("page tables"))?;
     let table = gdt::table();
-    let encoded: Vec<u8> = table
-        .iter()
-        .flat_map(|d| d.encode().to_le_bytes())
-        .collect();
-    mem.write_slice(&encoded, GuestAddress(layout::GDT))
-        .map_err(memory("GDT"))?;
+    let encoded: Vec<u8> = table.iter().flat_map(|d| d.encode().to_le_bytes()).collect();
+    mem.write_slice(&encoded, GuestAddress(layout::GDT)).map_err(memory("GDT"))?;
     let tss = gdt::tss(&ports::ALL, ports::WIDTH);
-    mem.write_slice(&tss, GuestAddress(layout::GDT + gdt::TSS_OFFSET))
-        .map_err(memory("TSS"))?;
+    mem.write_slice(&tss, GuestAddress(layout::GDT + gdt::TSS_OFFSET)).map_err(memory("TSS"))?;
 
-    let cpuid = kvm_handle
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
+    let cpuid = kvm_handle.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(kvm("KVM_GET_SUPPORTED_CPUID"))?;
     vcpu.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
 
     let mut sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
@@ -106,11 +91,7 @@ pub fn configure_vcpu(
     sregs.efer = EFER_LME | EFER_LMA;
     vcpu.set_sregs(&sregs).map_err(kvm("KVM_SET_SREGS"))?;
 
-    let fpu = kvm_fpu {
-        fcw: FCW_DEFAULT,
-        mxcsr: MXCSR_DEFAULT,
-        ..Default::default()
-    };
+    let fpu = kvm_fpu { fcw: FCW_DEFAULT, mxcsr: MXCSR_DEFAULT, ..Default::default() };
     vcpu.set_fpu(&fpu).map_err(kvm("KVM_SET_FPU"))?;
 
     let regs = kvm_regs {

@@ -7,7 +7,7 @@
 //! pages. Pure data: building the tables never touches guest memory.
 
 use mqvisor_boot_abi::layout::{
-    LARGE_PAGE_SIZE, PAGE_SIZE, PD_BASE, PD_COUNT, PDPT, PML4, PT_LOW, STACK_BOTTOM, SYSTEM_END,
+    DEVICE_WINDOW, LARGE_PAGE_SIZE, PAGE_SIZE, PD_BASE, PD_COUNT, PDPT, PML4, PT_LOW, STACK_BOTTOM, SYSTEM_END,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
@@ -51,9 +51,7 @@ impl PageTables {
                 *entry = addr | PRESENT | WRITABLE | USER;
             }
         }
-        let large_pages = ram_size
-            .div_ceil(LARGE_PAGE_SIZE)
-            .min(PD_COUNT * ENTRIES as u64);
+        let large_pages = ram_size.div_ceil(LARGE_PAGE_SIZE).min(PD_COUNT * ENTRIES as u64);
         for page in 1..large_pages {
             // page < PD_COUNT * 512 = 2048: the casts are exact and both
             // indices are in range.
@@ -61,14 +59,18 @@ impl PageTables {
             let (pd, index) = (page as usize / ENTRIES, page as usize % ENTRIES);
             tables.pds[pd][index] = (page * LARGE_PAGE_SIZE) | PRESENT | WRITABLE | USER | LARGE;
         }
+        // The device window: one 2 MiB page, not backed by RAM, so every
+        // access is an MMIO exit to the device model.
+        let page = DEVICE_WINDOW / LARGE_PAGE_SIZE;
+        #[allow(clippy::cast_possible_truncation)] // DEVICE_WINDOW < 4 GiB: page < 2048.
+        let (pd, index) = (page as usize / ENTRIES, page as usize % ENTRIES);
+        tables.pds[pd][index] = DEVICE_WINDOW | PRESENT | WRITABLE | USER | LARGE;
         tables
     }
 
     /// Writes the tables at their ABI addresses.
     pub fn write_to(&self, mem: &GuestMemoryMmap) -> Result<(), GuestMemoryError> {
-        let as_bytes = |table: &[u64; ENTRIES]| -> Vec<u8> {
-            table.iter().flat_map(|e| e.to_le_bytes()).collect()
-        };
+        let as_bytes = |table: &[u64; ENTRIES]| -> Vec<u8> { table.iter().flat_map(|e| e.to_le_bytes()).collect() };
         mem.write_slice(&as_bytes(&self.pml4), GuestAddress(PML4))?;
         mem.write_slice(&as_bytes(&self.pdpt), GuestAddress(PDPT))?;
         for (i, pd) in self.pds.iter().enumerate() {
@@ -119,15 +121,7 @@ mod tests {
     fn ram_is_identity_mapped_for_user_mode() {
         let ram = 32 << 20;
         let tables = PageTables::identity(ram);
-        for addr in [
-            PML4,
-            BOOT_INFO,
-            PARAVIRT + 8,
-            STACK_BOTTOM,
-            STACK_TOP - 8,
-            IMAGE_BASE,
-            ram - 8,
-        ] {
+        for addr in [PML4, BOOT_INFO, PARAVIRT + 8, STACK_BOTTOM, STACK_TOP - 8, IMAGE_BASE, ram - 8] {
             assert_eq!(tables.translate(addr), Some((addr, true)), "{addr:#x}");
         }
     }
@@ -136,27 +130,23 @@ mod tests {
     fn null_page_stack_guard_and_beyond_ram_are_unmapped() {
         let ram = 32 << 20;
         let tables = PageTables::identity(ram);
-        for addr in [
-            0,
-            8,
-            SYSTEM_END,
-            STACK_BOTTOM - 8,
-            ram,
-            ram + LARGE_PAGE_SIZE,
-            1 << 40,
-        ] {
+        for addr in [0, 8, SYSTEM_END, STACK_BOTTOM - 8, ram, ram + LARGE_PAGE_SIZE, 1 << 40] {
             assert_eq!(tables.translate(addr), None, "{addr:#x}");
         }
+    }
+
+    #[test]
+    fn the_device_window_is_mapped() {
+        let tables = PageTables::identity(32 << 20);
+        assert_eq!(tables.translate(DEVICE_WINDOW + 0x50), Some((DEVICE_WINDOW + 0x50, true)));
+        assert_eq!(tables.translate(DEVICE_WINDOW - 8), None);
     }
 
     #[test]
     fn large_ram_spans_several_page_directories() {
         let ram = 3 << 30;
         let tables = PageTables::identity(ram);
-        assert_eq!(
-            tables.translate((2 << 30) + 0x1234),
-            Some(((2 << 30) + 0x1234, true))
-        );
+        assert_eq!(tables.translate((2 << 30) + 0x1234), Some(((2 << 30) + 0x1234, true)));
         assert_eq!(tables.translate(ram - 1), Some((ram - 1, true)));
         assert_eq!(tables.translate(ram), None);
     }

@@ -1,0 +1,292 @@
+//! The virtio-net device model (virtio 1.2, section 5.1): queue 0 receives
+//! (host to guest), queue 1 transmits (guest to host).
+//!
+//! Owns turning TX descriptor chains into Ethernet frames and writing frames
+//! into RX chains. Every chain is validated before use: directions (TX
+//! buffers device-readable only, RX buffers device-writable only), total
+//! length against the link's largest frame, and every address range against
+//! guest memory (through `virtio-queue`'s `Reader`/`Writer`, which never touch
+//! memory outside guest RAM). A malformed chain is returned to the guest with
+//! length 0 and counted; an avail ring that runs past the queue is a broken
+//! driver and puts the device in NEEDS_RESET. It never panics.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{ActivateError, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice};
+
+/// virtio device ID of a network card.
+pub const DEVICE_ID: u32 = 1;
+/// Feature bit: the device has a MAC address in config space (5.1.3).
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+/// Size of `virtio_net_hdr` with VIRTIO_F_VERSION_1 (5.1.6).
+pub const NET_HDR_LEN: usize = 12;
+/// Queue indices.
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+/// Descriptors per queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Ethernet header length.
+const ETH_HDR_LEN: usize = 14;
+
+/// Counters at every drop and failure point; readable while the device runs.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    pub tx_frames: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    pub rx_frames: AtomicU64,
+    pub rx_bytes: AtomicU64,
+    /// TX chains refused: wrong direction, too long, too short, bad address.
+    pub tx_malformed: AtomicU64,
+    /// RX chains refused: wrong direction, bad address.
+    pub rx_malformed: AtomicU64,
+    /// Frames dropped because the guest's RX buffer was too small.
+    pub rx_too_big: AtomicU64,
+    /// Times the driver broke the ring protocol (device needs reset).
+    pub ring_faults: AtomicU64,
+}
+
+impl NetMetrics {
+    fn bump(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+/// The driver broke the virtqueue protocol; the device must be reset.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("virtqueue {queue} is broken: {reason}")]
+pub struct RingFault {
+    pub queue: usize,
+    pub reason: String,
+}
+
+struct Active {
+    rx: Queue,
+    tx: Queue,
+    mem: GuestMemoryMmap,
+}
+
+/// A virtio-net device; frames go to and come from whoever drives it.
+pub struct NetDevice {
+    mac: [u8; 6],
+    /// Largest Ethernet frame (without the virtio header) either way.
+    max_frame: usize,
+    active: Option<Active>,
+    metrics: NetMetrics,
+}
+
+/// Why a chain was refused.
+#[derive(Debug, PartialEq, Eq)]
+enum ChainError {
+    WrongDirection,
+    TooLong,
+    TooShort,
+    Memory,
+}
+
+impl NetDevice {
+    /// A device with `mac`, carrying frames of at most `max_frame` bytes.
+    pub fn new(mac: [u8; 6], max_frame: usize) -> Self {
+        NetDevice { mac, max_frame, active: None, metrics: NetMetrics::default() }
+    }
+
+    /// The device's counters.
+    pub fn metrics(&self) -> &NetMetrics {
+        &self.metrics
+    }
+
+    /// True when the driver has activated the device.
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Moves the frames the guest transmitted into `out`, at most `limit`.
+    /// Returns how many chains were consumed (frames plus refused chains).
+    pub fn pop_tx_frames(&mut self, out: &mut VecDeque<Vec<u8>>, limit: usize) -> Result<usize, RingFault> {
+        let max_chain = NET_HDR_LEN + self.max_frame;
+        let Some(active) = self.active.as_mut() else { return Ok(0) };
+        let mut consumed = 0;
+        while consumed < limit {
+            let chain = match active.tx.iter(&active.mem) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => return Err(fault(TX_QUEUE, e)),
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            match read_frame(chain, &active.mem, max_chain) {
+                Ok(frame) => {
+                    NetMetrics::bump(&self.metrics.tx_frames, 1);
+                    NetMetrics::bump(&self.metrics.tx_bytes, frame.len() as u64);
+                    out.push_back(frame);
+                }
+                Err(_) => NetMetrics::bump(&self.metrics.tx_malformed, 1),
+            }
+            active.tx.add_used(&active.mem, head, 0).map_err(|e| fault(TX_QUEUE, e))?;
+            consumed += 1;
+        }
+        Ok(consumed)
+    }
+
+    /// Writes frames from the front of `frames` into the guest's RX buffers
+    /// while it has some. Returns how many frames were delivered or dropped.
+    pub fn push_rx_frames(&mut self, frames: &mut VecDeque<Vec<u8>>) -> Result<usize, RingFault> {
+        let Some(active) = self.active.as_mut() else { return Ok(0) };
+        let mut done = 0;
+        while let Some(frame) = frames.front() {
+            let chain = match active.rx.iter(&active.mem) {
+                Ok(mut iter) => iter.next(),
+                Err(e) => return Err(fault(RX_QUEUE, e)),
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let written = match write_frame(chain, &active.mem, frame) {
+                Ok(len) => {
+                    NetMetrics::bump(&self.metrics.rx_frames, 1);
+                    NetMetrics::bump(&self.metrics.rx_bytes, frame.len() as u64);
+                    len
+                }
+                Err(ChainError::TooShort) => {
+                    NetMetrics::bump(&self.metrics.rx_too_big, 1);
+                    0
+                }
+                Err(_) => {
+                    NetMetrics::bump(&self.metrics.rx_malformed, 1);
+                    // The frame stays queued for the next, hopefully sane, buffer.
+                    active.rx.add_used(&active.mem, head, 0).map_err(|e| fault(RX_QUEUE, e))?;
+                    continue;
+                }
+            };
+            active.rx.add_used(&active.mem, head, written).map_err(|e| fault(RX_QUEUE, e))?;
+            frames.pop_front();
+            done += 1;
+        }
+        Ok(done)
+    }
+
+    /// Stops notifications for `queue` while the worker is busy polling it.
+    pub fn disable_notification(&mut self, queue: usize) -> Result<(), RingFault> {
+        let Some(active) = self.active.as_mut() else { return Ok(()) };
+        let q = if queue == RX_QUEUE { &mut active.rx } else { &mut active.tx };
+        q.disable_notification(&active.mem).map_err(|e| fault(queue, e))
+    }
+
+    /// Re-arms notifications for `queue`; true if buffers arrived meanwhile
+    /// (then the worker must look again instead of sleeping).
+    pub fn enable_notification(&mut self, queue: usize) -> Result<bool, RingFault> {
+        let Some(active) = self.active.as_mut() else { return Ok(false) };
+        let q = if queue == RX_QUEUE { &mut active.rx } else { &mut active.tx };
+        q.enable_notification(&active.mem).map_err(|e| fault(queue, e))
+    }
+}
+
+fn fault(queue: usize, e: virtio_queue::Error) -> RingFault {
+    RingFault { queue, reason: e.to_string() }
+}
+
+/// Checks that every descriptor goes the expected way and that the total
+/// stays within `max_len`; returns the total.
+fn check_chain(
+    chain: &DescriptorChain<&GuestMemoryMmap>,
+    device_writes: bool,
+    max_len: usize,
+) -> Result<usize, ChainError> {
+    let mut total = 0usize;
+    // The iterator stops after `queue size` hops, so a looping chain ends.
+    for desc in chain.clone() {
+        if desc.is_write_only() != device_writes {
+            return Err(ChainError::WrongDirection);
+        }
+        total = total.checked_add(desc.len() as usize).ok_or(ChainError::TooLong)?;
+        if total > max_len {
+            return Err(ChainError::TooLong);
+        }
+    }
+    Ok(total)
+}
+
+/// Reads the Ethernet frame out of a TX chain (virtio header stripped).
+fn read_frame(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    max_chain: usize,
+) -> Result<Vec<u8>, ChainError> {
+    let total = check_chain(&chain, false, max_chain)?;
+    if total < NET_HDR_LEN + ETH_HDR_LEN {
+        return Err(ChainError::TooShort);
+    }
+    let mut reader = chain.reader(mem).map_err(|_| ChainError::Memory)?;
+    let mut header = [0u8; NET_HDR_LEN];
+    reader.read_exact(&mut header).map_err(|_| ChainError::Memory)?;
+    let mut frame = vec![0u8; total - NET_HDR_LEN];
+    reader.read_exact(&mut frame).map_err(|_| ChainError::Memory)?;
+    Ok(frame)
+}
+
+/// Writes header and `frame` into an RX chain; returns the bytes written.
+fn write_frame(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    frame: &[u8],
+) -> Result<u32, ChainError> {
+    // An RX chain's size is the driver's business; only its direction and
+    // addresses are checked, and whether this frame fits.
+    let room = check_chain(&chain, true, usize::MAX)?;
+    let needed = NET_HDR_LEN + frame.len();
+    if room < needed {
+        return Err(ChainError::TooShort);
+    }
+    let mut writer = chain.writer(mem).map_err(|_| ChainError::Memory)?;
+    let mut header = [0u8; NET_HDR_LEN];
+    header[10] = 1; // num_buffers = 1: the frame is in this one chain.
+    writer.write_all(&header).map_err(|_| ChainError::Memory)?;
+    writer.write_all(frame).map_err(|_| ChainError::Memory)?;
+    u32::try_from(needed).map_err(|_| ChainError::TooLong)
+}
+
+impl VirtioDevice for NetDevice {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID
+    }
+
+    fn offered_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX | VIRTIO_NET_F_MAC
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // Config layout (5.1.4): mac[6], then fields we do not offer.
+        let mut config = [0u8; 8];
+        config[..6].copy_from_slice(&self.mac);
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|at| config.get(at))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, queues: Vec<Queue>, features: u64, mem: GuestMemoryMmap) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Ok([mut rx, mut tx]) = <[Queue; 2]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { got, want: 2 });
+        };
+        let event_idx = features & VIRTIO_F_RING_EVENT_IDX != 0;
+        rx.set_event_idx(event_idx);
+        tx.set_event_idx(event_idx);
+        self.active = Some(Active { rx, tx, mem });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}

@@ -1,0 +1,38 @@
+//! The VMM's end of the virtual link: a host-side TCP/IP stack (smoltcp)
+//! whose Ethernet frames travel through the virtio-net device, and the proxy
+//! that carries every accepted host TCP connection into the guest's port.
+//!
+//! No tap device, no root, no host routes: the link exists only between this
+//! process and its guest. Addresses are fixed per VM (each VM has its own link).
+
+pub mod link;
+pub mod proxy;
+
+use mqvisor_boot_abi::NetConfig;
+
+/// The guest's MAC: locally administered, unicast.
+pub const GUEST_MAC: [u8; 6] = [0x02, 0x6d, 0x71, 0x76, 0x00, 0x02];
+/// The VMM's MAC on the link.
+pub const HOST_MAC: [u8; 6] = [0x02, 0x6d, 0x71, 0x76, 0x00, 0x01];
+pub const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
+pub const HOST_IP: [u8; 4] = [10, 0, 2, 2];
+pub const PREFIX_LEN: u8 = 24;
+/// IP MTU of the link. Large frames amortise the per-frame costs (queue
+/// work, and on nested hypervisors the rare VM exits) over more bytes.
+pub const LINK_MTU: u16 = 16384;
+/// Largest Ethernet frame on the link (MTU plus the Ethernet header).
+pub const MAX_FRAME: usize = LINK_MTU as usize + 14;
+
+/// The link as the guest sees it, for boot-info.
+pub fn guest_net_config(port: u16) -> NetConfig {
+    NetConfig {
+        guest_mac: GUEST_MAC,
+        host_mac: HOST_MAC,
+        guest_ip: GUEST_IP,
+        host_ip: HOST_IP,
+        port,
+        mtu: LINK_MTU,
+        prefix_len: PREFIX_LEN,
+        reserved: [0; 7],
+    }
+}
