@@ -1,7 +1,7 @@
 //! Builds the default guest image and hands its path to the `mqvisor` crate,
 //! which embeds it: a fresh clone needs one command to run a tenant VM.
 //!
-//! The recipe is `images/default.md`: the `mqvisor-guest` package, release
+//! The recipe is `images/default.md`: the `guest/unikernel` workspace, release
 //! profile, host target. The guest is built by a nested `cargo` into its own
 //! target directory so that it never shares flags or a lock with this build.
 
@@ -21,7 +21,9 @@ fn main() {
     let mut build = Command::new(cargo);
     build
         .current_dir(workspace)
-        .args(["build", "--release", "--package", GUEST_PACKAGE, "--target-dir"])
+        .args(["build", "--release", "--manifest-path"])
+        .arg(workspace.join("guest/unikernel/Cargo.toml"))
+        .arg("--target-dir")
         .arg(&guest_target);
     // The guest is freestanding: flags meant for the host build (sanitizers,
     // coverage, clippy as the compiler) must not leak into it.
