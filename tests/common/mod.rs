@@ -42,3 +42,63 @@ pub fn assert_fails_with(out: &Output, code: i32, needle: &str) {
     assert!(err.contains(needle), "expected {needle:?} in stderr: {err}");
     assert_eq!(err.trim_end().lines().count(), 1, "error should be one line: {err}");
 }
+
+/// A `mqvisor run` in the background, stopped (SIGTERM) when dropped.
+pub struct RunningVm {
+    pub child: std::process::Child,
+    pub addr: std::net::SocketAddr,
+    /// stderr lines after the "listening" line, read on demand.
+    stderr: std::io::Lines<std::io::BufReader<std::process::ChildStderr>>,
+}
+
+impl RunningVm {
+    /// Starts `mqvisor run --listen 127.0.0.1:0 <args>` and waits until it
+    /// reports the address it listens on.
+    pub fn start(args: &[&str]) -> RunningVm {
+        use std::io::BufRead;
+        let mut child = mqvisor()
+            .args(["run", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning mqvisor");
+        let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = stderr.next().expect("mqvisor ended before listening").unwrap();
+            if let Some(addr) = line.strip_prefix("mqvisor: tenant VM listening on ") {
+                break addr.parse().expect("a socket address");
+            }
+        };
+        RunningVm { child, addr, stderr }
+    }
+
+    /// Sends SIGTERM and returns the exit status and the rest of stderr.
+    pub fn stop(mut self) -> (std::process::ExitStatus, String) {
+        self.terminate();
+        let status = self.child.wait().unwrap();
+        let rest: Vec<String> = self.stderr.by_ref().map_while(Result::ok).collect();
+        (status, rest.join("\n"))
+    }
+
+    fn terminate(&mut self) {
+        // SAFETY: kill(2) with our own child's pid and a valid signal.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+
+    /// Resident set of the mqvisor process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.terminate();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -105,6 +105,10 @@ pub mod device_kind {
     pub const VIRTIO_NET: u32 = 1;
 }
 
+/// Listening sockets a guest service keeps open at once: TCP handshakes the
+/// VMM may have in flight towards it (smoltcp has no listen backlog).
+pub const LISTEN_BACKLOG: usize = 8;
+
 /// Maximum number of devices in [`BootInfo::devices`].
 pub const MAX_DEVICES: usize = 8;
 /// Capacity of [`BootInfo::cmdline`] in bytes.

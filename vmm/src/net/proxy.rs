@@ -13,7 +13,7 @@
 //! clean close. This thread never touches the vCPU; it wakes a parked guest
 //! through the wake eventfd after giving it frames.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +42,10 @@ const SOCKET_BUFFER: usize = 256 * 1024;
 const WRITER_QUEUE: usize = 4;
 /// Most client connections carried at once; more are refused (closed).
 pub const MAX_CONNECTIONS: usize = 4096;
+/// Handshakes in flight towards the guest at once. smoltcp has no listen
+/// backlog, so the guest keeps this many listening sockets
+/// (`mqvisor_boot_abi::LISTEN_BACKLOG`); more SYNs at once would meet RSTs.
+const MAX_HANDSHAKES: usize = mqvisor_boot_abi::LISTEN_BACKLOG;
 /// TX chains consumed per device visit, so RX gets its turn.
 const TX_BATCH: usize = 256;
 /// Ephemeral ports for the host side of carried connections.
@@ -151,6 +155,11 @@ struct Proxy {
     link: FrameLink,
     sockets: SocketSet<'static>,
     conns: HashMap<ConnId, Conn>,
+    /// Clients accepted but not yet carried: the guest's device is not up
+    /// yet, or enough handshakes are already in flight.
+    waiting: VecDeque<TcpStream>,
+    /// Whether the device was active at the last look (to notice a reset).
+    device_was_active: bool,
     ports_in_use: HashSet<u16>,
     next_port: u16,
     next_id: ConnId,
@@ -190,6 +199,8 @@ impl Proxy {
             link,
             sockets: SocketSet::new(Vec::new()),
             conns: HashMap::new(),
+            waiting: VecDeque::new(),
+            device_was_active: false,
             ports_in_use: HashSet::new(),
             next_port: LOCAL_PORTS.start,
             next_id: 0,
@@ -249,7 +260,12 @@ impl Proxy {
 
     fn on_event(&mut self, event: ClientEvent) {
         match event {
-            ClientEvent::Accepted(stream) => self.open(stream),
+            ClientEvent::Accepted(stream) => {
+                // Past the limit the stream is dropped: the client sees a close.
+                if self.conns.len() + self.waiting.len() < MAX_CONNECTIONS {
+                    self.waiting.push_back(stream);
+                }
+            }
             ClientEvent::Data(id, data) => {
                 if let Some(conn) = self.conns.get_mut(&id) {
                     conn.pending_in = Some((data, 0));
@@ -285,10 +301,27 @@ impl Proxy {
         None
     }
 
-    fn open(&mut self, stream: TcpStream) {
-        if self.conns.len() >= MAX_CONNECTIONS {
-            return; // Dropping the stream closes it: the tenant is at its limit.
+    /// Starts carrying waiting clients while the guest can take handshakes.
+    fn start_waiting(&mut self) -> bool {
+        if !self.device_was_active {
+            return false;
         }
+        let mut handshakes = self
+            .conns
+            .values()
+            .filter(|c| self.sockets.get::<tcp::Socket>(c.socket).state() == tcp::State::SynSent)
+            .count();
+        let mut started = false;
+        while handshakes < MAX_HANDSHAKES {
+            let Some(stream) = self.waiting.pop_front() else { break };
+            self.open(stream);
+            handshakes += 1;
+            started = true;
+        }
+        started
+    }
+
+    fn open(&mut self, stream: TcpStream) {
         let Some(local_port) = self.allocate_port() else { return };
         let _ = stream.set_nodelay(true);
         let mut socket = tcp::Socket::new(
@@ -331,6 +364,7 @@ impl Proxy {
     fn pump(&mut self) {
         loop {
             let mut progress = self.device_to_link();
+            progress |= self.start_waiting();
             let now = self.now();
             self.iface.poll(now, &mut self.link, &mut self.sockets);
             progress |= self.move_data();
@@ -345,14 +379,20 @@ impl Proxy {
 
     fn device_to_link(&mut self) -> bool {
         let Ok(mut transport) = self.transport.lock() else { return false };
-        if !transport.is_activated() {
-            // A reset guest has lost its TCP state: the carried connections are gone.
+        let active = transport.is_activated();
+        if active != self.device_was_active {
+            self.device_was_active = active;
             drop(transport);
-            if !self.conns.is_empty() {
+            if !active {
+                // A reset guest has lost its TCP state: the carried
+                // connections are gone, and so are frames in flight.
                 self.reset_all();
+                self.link.from_guest.clear();
+                self.link.to_guest.clear();
             }
-            self.link.from_guest.clear();
-            self.link.to_guest.clear();
+            return true;
+        }
+        if !active {
             return false;
         }
         let device = transport.device_mut();

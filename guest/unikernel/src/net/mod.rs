@@ -12,7 +12,7 @@ use alloc::vec;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use mqvisor_boot_abi::{BootInfo, NetConfig, device_kind};
+use mqvisor_boot_abi::{BootInfo, LISTEN_BACKLOG, NetConfig, device_kind};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -68,7 +68,7 @@ fn new_listener(port: u16) -> tcp::Socket<'static> {
     socket
 }
 
-/// Echoes what each connection sends, keeps one socket listening, closes
+/// Echoes what each connection sends, keeps a backlog of listening sockets, closes
 /// after the peer closes and everything was echoed. True if anything moved.
 fn serve_echo(
     sockets: &mut SocketSet<'static>,
@@ -103,8 +103,9 @@ fn serve_echo(
         }
         true
     });
-    if listening == 0 && handles.len() < MAX_CONNECTIONS {
+    while listening < LISTEN_BACKLOG && handles.len() < MAX_CONNECTIONS {
         handles.push(sockets.add(new_listener(port)));
+        listening += 1;
         progress = true;
     }
     progress
@@ -120,6 +121,8 @@ pub fn run_echo(info: &BootInfo) -> ! {
     let mut sockets = SocketSet::new(Vec::new());
     let mut handles = Vec::new();
     let mut scratch = vec![0u8; SOCKET_BUFFER];
+    // Listen before the first poll: the VMM may already have SYNs queued.
+    serve_echo(&mut sockets, &mut handles, port, &mut scratch);
     crate::println!("echo: serving TCP port {port}");
     loop {
         iface.poll(now(), &mut device, &mut sockets);

@@ -1,0 +1,183 @@
+//! End-to-end tests of the network path: host TCP clients, the VMM's proxy,
+//! virtio-net, and the guest's TCP echo service, in a real VM.
+
+mod common;
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{RunningVm, kvm_available};
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    // xorshift: reproducible, incompressible enough for an echo test.
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+fn connect(vm: &RunningVm) -> TcpStream {
+    let stream = TcpStream::connect(vm.addr).expect("connecting to the tenant listener");
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream
+}
+
+/// Sends `data` and reads back as much, concurrently; returns what came back.
+fn echo(stream: TcpStream, data: &[u8]) -> Vec<u8> {
+    let mut reader = stream.try_clone().unwrap();
+    let len = data.len();
+    let read = thread::spawn(move || {
+        let mut got = vec![0u8; len];
+        reader.read_exact(&mut got).map(|()| got)
+    });
+    let mut writer = stream;
+    writer.write_all(data).unwrap();
+    read.join().unwrap().expect("reading the echo")
+}
+
+#[test]
+fn many_concurrent_connections_echo_large_payloads_intact() {
+    if !kvm_available("many_concurrent_connections_echo_large_payloads_intact") {
+        return;
+    }
+    let vm = RunningVm::start(&["--echo", "--memory", "64", "--timeout", "120"]);
+    let clients: Vec<_> = (0..24)
+        .map(|i| {
+            let stream = connect(&vm);
+            thread::spawn(move || {
+                let data = random_bytes(512 * 1024 + i * 4099, i as u64 + 1);
+                let got = echo(stream, &data);
+                assert!(got == data, "connection {i}: echoed bytes differ");
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("a client failed");
+    }
+}
+
+#[test]
+fn half_close_gets_all_data_back_then_eof() {
+    if !kvm_available("half_close_gets_all_data_back_then_eof") {
+        return;
+    }
+    let vm = RunningVm::start(&["--echo", "--timeout", "60"]);
+    let mut stream = connect(&vm);
+    let data = random_bytes(300_000, 7);
+    stream.write_all(&data).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    stream.read_to_end(&mut got).expect("a clean EOF after the echo");
+    assert!(got == data, "echo after half-close differs ({} of {} bytes)", got.len(), data.len());
+}
+
+#[test]
+fn a_client_reset_does_not_disturb_other_connections() {
+    if !kvm_available("a_client_reset_does_not_disturb_other_connections") {
+        return;
+    }
+    let vm = RunningVm::start(&["--echo", "--timeout", "60"]);
+    let bystander = connect(&vm);
+    for round in 0..5 {
+        let mut doomed = connect(&vm);
+        doomed.write_all(&random_bytes(100_000, round)).unwrap();
+        // SO_LINGER 0: close sends RST instead of FIN.
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&doomed);
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: a valid socket fd and a correctly sized linger struct.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size_of::<libc::linger>() as u32,
+            )
+        };
+        assert_eq!(rc, 0);
+        drop(doomed);
+    }
+    let data = random_bytes(200_000, 99);
+    assert!(echo(bystander, &data) == data);
+    let fresh = connect(&vm);
+    assert!(echo(fresh, b"still serving") == b"still serving");
+}
+
+#[test]
+fn stopping_the_vm_closes_connected_clients_cleanly() {
+    if !kvm_available("stopping_the_vm_closes_connected_clients_cleanly") {
+        return;
+    }
+    let vm = RunningVm::start(&["--echo", "--timeout", "60", "--stats"]);
+    let mut clients: Vec<TcpStream> = (0..4).map(|_| connect(&vm)).collect();
+    for client in &mut clients {
+        client.write_all(b"ping").unwrap();
+        let mut pong = [0u8; 4];
+        client.read_exact(&mut pong).unwrap();
+        assert_eq!(&pong, b"ping");
+    }
+    let (status, stderr) = vm.stop();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(stderr.contains("stopped by signal"), "{stderr}");
+    assert!(stderr.contains("mqvisor: stats: exits "), "{stderr}");
+    for mut client in clients {
+        let mut rest = Vec::new();
+        // A clean close is an EOF, not a reset.
+        client.read_to_end(&mut rest).expect("EOF rather than a reset");
+        assert!(rest.is_empty());
+    }
+}
+
+#[test]
+fn a_client_that_never_reads_cannot_make_the_vmm_buffer_without_bound() {
+    if !kvm_available("a_client_that_never_reads_cannot_make_the_vmm_buffer_without_bound") {
+        return;
+    }
+    let vm = RunningVm::start(&["--echo", "--timeout", "60"]);
+    let stream = connect(&vm);
+    stream.set_nonblocking(true).unwrap();
+    let before = vm.rss_kib();
+    // Push as much as the path will take for a while without reading the echo.
+    let chunk = random_bytes(1 << 20, 3);
+    let mut accepted = 0usize;
+    let started = Instant::now();
+    let mut last_progress = Instant::now();
+    let mut writer = &stream;
+    while started.elapsed() < Duration::from_secs(10) && last_progress.elapsed() < Duration::from_secs(1) {
+        match writer.write(&chunk) {
+            Ok(n) => {
+                accepted += n;
+                last_progress = Instant::now();
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("write failed: {e}"),
+        }
+    }
+    let grown_kib = vm.rss_kib().saturating_sub(before);
+    // Everything in flight sits in bounded buffers: kernel socket buffers, one
+    // chunk per direction in the proxy, smoltcp windows on both ends.
+    assert!(accepted < 64 << 20, "the path accepted {accepted} bytes without the client reading");
+    assert!(grown_kib < 32 * 1024, "the VMM grew by {grown_kib} KiB");
+    // And the connection still works once the client reads.
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut reader = &stream;
+    let mut echoed = vec![0u8; accepted];
+    reader.read_exact(&mut echoed).expect("the held-back echo arrives");
+}
+
+#[test]
+fn a_busy_listen_address_is_a_clear_error() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = common::run_vm(&["--echo", "--listen", &addr]);
+    common::assert_fails_with(&out, 125, &format!("cannot listen on {addr}"));
+}
