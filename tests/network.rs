@@ -99,7 +99,7 @@ fn a_client_reset_does_not_disturb_other_connections() {
                 libc::SOL_SOCKET,
                 libc::SO_LINGER,
                 (&raw const linger).cast(),
-                size_of::<libc::linger>() as u32,
+                libc::socklen_t::try_from(size_of::<libc::linger>()).unwrap(),
             )
         };
         assert_eq!(rc, 0);
