@@ -191,14 +191,20 @@ fn park(wake: &EventFd, timeout: Option<Duration>) {
     }
 }
 
-/// Runs `vcpu` on its own thread until the guest exits, crashes, or
-/// `timeout` passes.
-pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std::io::Result<(Outcome, ExitStats)> {
+/// Installs the vCPU kick handler and turns SIGINT/SIGTERM into a clean stop.
+/// Call before anything the operator may want to interrupt cleanly starts.
+pub fn install_signal_handlers() -> std::io::Result<()> {
     for (signal, handler) in
         [(kick_signal(), on_kick as SignalHandler), (libc::SIGINT, on_stop), (libc::SIGTERM, on_stop)]
     {
         register_signal_handler(signal, handler).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     }
+    Ok(())
+}
+
+/// Runs `vcpu` on its own thread until the guest exits, crashes, or
+/// `timeout` passes. [`install_signal_handlers`] must have run.
+pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std::io::Result<(Outcome, ExitStats)> {
     let wake = context.wake.clone();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();

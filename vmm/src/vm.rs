@@ -273,6 +273,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     }
     let mut info = boot_info(ram_size, image_layout.end, &config.cmdline)?;
 
+    vcpu::install_signal_handlers().map_err(VmmError::Thread)?;
     let kvm = open_kvm(&config.kvm_device)?;
     let created = Instant::now();
     info.boot_wall_clock_ns = SystemTime::now()

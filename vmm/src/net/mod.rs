@@ -19,7 +19,7 @@ pub const HOST_IP: [u8; 4] = [10, 0, 2, 2];
 pub const PREFIX_LEN: u8 = 24;
 /// IP MTU of the link. Large frames amortise the per-frame costs (queue
 /// work, and on nested hypervisors the rare VM exits) over more bytes.
-pub const LINK_MTU: u16 = 16384;
+pub const LINK_MTU: u16 = 65000;
 /// Largest Ethernet frame on the link (MTU plus the Ethernet header).
 pub const MAX_FRAME: usize = LINK_MTU as usize + 14;
 

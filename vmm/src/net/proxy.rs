@@ -397,9 +397,10 @@ impl Proxy {
         }
         let device = transport.device_mut();
         let result = device.pop_tx_frames(&mut self.link.from_guest, TX_BATCH).and_then(|n| {
-            // Quiet now? Re-arm notifications; if frames slipped in meanwhile,
-            // report progress so the loop comes back for them.
-            if n < TX_BATCH { device.enable_notification(TX_QUEUE).map(|more| n > 0 || more) } else { Ok(true) }
+            // While the ring yields frames, leave notifications off: the pump
+            // loop comes back here anyway. Only a look that finds nothing
+            // re-arms them (and if frames slipped in meanwhile, loops again).
+            if n == 0 { device.enable_notification(TX_QUEUE) } else { Ok(true) }
         });
         match result {
             Ok(progress) => progress,

@@ -25,10 +25,18 @@ use device::VirtioNet;
 
 /// Exit code when the network cannot be brought up.
 pub const EXIT_NO_NETWORK: u32 = 3;
-/// Most TCP connections served at once (each costs two socket buffers).
-const MAX_CONNECTIONS: usize = 128;
-/// Size of each socket buffer.
-const SOCKET_BUFFER: usize = 64 * 1024;
+/// Most TCP connections served at once, whatever the memory.
+const MAX_CONNECTIONS: usize = 1024;
+/// Size of each socket buffer: a window large enough for jumbo frames.
+const SOCKET_BUFFER: usize = 256 * 1024;
+/// Heap kept back from sockets: TX frames in flight and scratch space.
+const HEAP_RESERVE: usize = 8 << 20;
+
+/// How many connections fit in what is left of the heap.
+fn connection_limit() -> usize {
+    let per_connection = 2 * SOCKET_BUFFER;
+    (crate::heap::free_bytes().saturating_sub(HEAP_RESERVE) / per_connection).clamp(LISTEN_BACKLOG, MAX_CONNECTIONS)
+}
 
 fn now() -> Instant {
     Instant::from_micros(i64::try_from(clock::now().as_micros()).unwrap_or(i64::MAX))
@@ -74,6 +82,7 @@ fn serve_echo(
     sockets: &mut SocketSet<'static>,
     handles: &mut Vec<SocketHandle>,
     port: u16,
+    max_connections: usize,
     scratch: &mut [u8],
 ) -> bool {
     let mut progress = false;
@@ -103,7 +112,7 @@ fn serve_echo(
         }
         true
     });
-    while listening < LISTEN_BACKLOG && handles.len() < MAX_CONNECTIONS {
+    while listening < LISTEN_BACKLOG && handles.len() < max_connections {
         handles.push(sockets.add(new_listener(port)));
         listening += 1;
         progress = true;
@@ -122,11 +131,12 @@ pub fn run_echo(info: &BootInfo) -> ! {
     let mut handles = Vec::new();
     let mut scratch = vec![0u8; SOCKET_BUFFER];
     // Listen before the first poll: the VMM may already have SYNs queued.
-    serve_echo(&mut sockets, &mut handles, port, &mut scratch);
-    crate::println!("echo: serving TCP port {port}");
+    let max_connections = connection_limit();
+    serve_echo(&mut sockets, &mut handles, port, max_connections, &mut scratch);
+    crate::println!("echo: serving TCP port {port}, up to {max_connections} connections");
     loop {
         iface.poll(now(), &mut device, &mut sockets);
-        let moved = serve_echo(&mut sockets, &mut handles, port, &mut scratch);
+        let moved = serve_echo(&mut sockets, &mut handles, port, max_connections, &mut scratch);
         if device.failed() {
             paravirt::exit(EXIT_NO_NETWORK, b"virtio-net driver reported an inconsistent device");
         }

@@ -11,6 +11,8 @@ use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use super::percentile;
+
 /// Firecracker's published start-up figure for the same step (guest init).
 pub const FIRECRACKER_BOOT_MS: f64 = 125.0;
 
@@ -81,17 +83,6 @@ pub fn boot_once(exe: &Path, memory_mib: u32) -> Result<BootSample, String> {
     Ok(BootSample { exec_to_banner, create_vm_to_start, peak_rss_kib })
 }
 
-/// The value at `fraction` (0..=1) of sorted `values`, nearest rank.
-pub fn percentile(sorted: &[f64], fraction: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    // A float-to-int `as` saturates; the clamp below bounds the rank.
-    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-    let rank = (fraction * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// Runs `runs` cold starts and prints the figures.
 pub fn boot(exe: &Path, runs: usize, memory_mib: u32) -> Result<(), String> {
     let mut samples = Vec::with_capacity(runs);
@@ -141,15 +132,5 @@ mod tests {
         assert_eq!(parse_boot_to_start(banner), Some(Duration::from_micros(1234)));
         assert_eq!(parse_boot_to_start("ready: boot-to-start soon"), None);
         assert_eq!(parse_boot_to_start(""), None);
-    }
-
-    #[test]
-    fn percentiles_use_nearest_rank() {
-        let v: Vec<f64> = (1..=20).map(f64::from).collect();
-        assert_eq!(percentile(&v, 0.5), 10.0);
-        assert_eq!(percentile(&v, 0.9), 18.0);
-        assert_eq!(percentile(&v, 1.0), 20.0);
-        assert_eq!(percentile(&v, 0.0), 1.0);
-        assert!(percentile(&[], 0.5).is_nan());
     }
 }
