@@ -181,3 +181,31 @@ fn a_busy_listen_address_is_a_clear_error() {
     let out = common::run_vm(&["--echo", "--listen", &addr]);
     common::assert_fails_with(&out, 125, &format!("cannot listen on {addr}"));
 }
+
+#[test]
+fn a_guest_at_its_connection_limit_resets_the_extra_client() {
+    if !kvm_available("a_guest_at_its_connection_limit_resets_the_extra_client") {
+        return;
+    }
+    // 16 MiB leaves the guest room for its minimum of 8 connections.
+    let vm = RunningVm::start(&["--echo", "--memory", "16", "--timeout", "60"]);
+    let mut held: Vec<TcpStream> = Vec::new();
+    for _ in 0..8 {
+        let mut stream = connect(&vm);
+        stream.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).unwrap();
+        held.push(stream);
+    }
+    let mut extra = connect(&vm);
+    let _ = extra.write_all(b"hello");
+    let mut buf = [0u8; 8];
+    let err = extra.read(&mut buf).expect_err("the guest refused this connection");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    // The held connections are unaffected.
+    let mut first = held.remove(0);
+    first.write_all(b"y").unwrap();
+    let mut byte = [0u8; 1];
+    first.read_exact(&mut byte).unwrap();
+    assert_eq!(&byte, b"y");
+}
