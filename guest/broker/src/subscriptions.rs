@@ -146,10 +146,8 @@ fn walk(node: &Node, levels: &[&str], dollar_first: bool, f: &mut impl FnMut(&Su
     if let Some(child) = node.children.get(level) {
         walk(child, rest, false, f);
     }
-    if !dollar_first {
-        if let Some(plus) = &node.plus {
-            walk(plus, rest, false, f);
-        }
+    if let Some(plus) = node.plus.as_ref().filter(|_| !dollar_first) {
+        walk(plus, rest, false, f);
     }
 }
 
@@ -206,11 +204,11 @@ mod tests {
     #[test]
     fn agrees_with_the_reference_matcher() {
         let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
+        let mut next = move |n: usize| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
-            seed % n
+            usize::try_from(seed % n as u64).unwrap()
         };
         let words = ["a", "b", "", "$s"];
         for round in 0..200 {
@@ -223,7 +221,7 @@ mod tests {
                     levels.push(match next(6) {
                         0 => "+",
                         1 if d == depth - 1 => "#",
-                        _ => words[next(3) as usize],
+                        _ => words[next(3)],
                     });
                 }
                 let mut filter = levels.join("/");
@@ -235,7 +233,7 @@ mod tests {
             }
             for _ in 0..20 {
                 let depth = 1 + next(4);
-                let name = (0..depth).map(|_| words[next(4) as usize]).collect::<Vec<_>>().join("/");
+                let name = (0..depth).map(|_| words[next(4)]).collect::<Vec<_>>().join("/");
                 if name.is_empty() {
                     continue; // "" is not a valid topic name
                 }

@@ -144,9 +144,9 @@ impl Writer for Vec<u8> {
         }
     }
     fn put_binary(&mut self, v: &[u8]) {
-        let len = v.len().min(usize::from(u16::MAX));
-        self.put_u16(len as u16);
-        self.extend_from_slice(&v[..len]);
+        let len = u16::try_from(v.len()).unwrap_or(u16::MAX);
+        self.put_u16(len);
+        self.extend_from_slice(&v[..usize::from(len)]);
     }
 }
 
