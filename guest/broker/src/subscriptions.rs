@@ -22,6 +22,8 @@ pub struct Subscription {
     pub session: SessionKey,
     pub options: SubscriptionOptions,
     pub identifier: Option<u32>,
+    /// For a shared subscription, the whole `$share/{group}/{filter}`: one
+    /// member among those with equal keys receives each message.
     pub share_group: Option<String>,
 }
 

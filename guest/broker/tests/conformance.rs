@@ -1,0 +1,650 @@
+//! Conformance tests of the broker core, driven on simulated time with
+//! hand-encoded packets (the codec is tested on its own, with golden bytes).
+
+use std::sync::Arc;
+
+use mqvisor_broker::broker::{Broker, Config, ConnId, Event, reason};
+use mqvisor_broker::packet::{
+    self, Ack, Connect, Packet, Publish, QoS, Subscribe, SubscriptionOptions, Unsubscribe, Version, Will,
+};
+use mqvisor_broker::properties::Properties;
+
+struct Net {
+    broker: Broker,
+    now: u64,
+    /// Packets received after the one a helper was waiting for.
+    stash: std::collections::HashMap<ConnId, Vec<Packet>>,
+}
+
+impl Net {
+    fn new() -> Net {
+        Net::with(Config { sys_interval_ms: 0, ..Config::default() })
+    }
+
+    fn with(config: Config) -> Net {
+        Net { broker: Broker::new(config), now: 1_000, stash: Default::default() }
+    }
+
+    fn send(&mut self, conn: ConnId, version: Version, packet: &Packet) {
+        let mut bytes = Vec::new();
+        packet::encode(packet, version, &mut bytes);
+        self.broker.receive(conn, &bytes, self.now);
+    }
+
+    fn raw(&mut self, conn: ConnId, bytes: &[u8]) {
+        self.broker.receive(conn, bytes, self.now);
+    }
+
+    /// Everything the broker sent to `conn` since the last call.
+    fn recv(&mut self, conn: ConnId, version: Version) -> Vec<Packet> {
+        let bytes = self.broker.output(conn).to_vec();
+        self.broker.consume_output(conn, bytes.len(), self.now);
+        let mut packets = self.stash.remove(&conn).unwrap_or_default();
+        let mut at = 0;
+        while at < bytes.len() {
+            let frame = packet::frame(&bytes[at..], usize::MAX).unwrap().expect("whole packets only");
+            packets.push(packet::decode_from_server(frame, &bytes[at..], version).unwrap());
+            at += frame.len;
+        }
+        packets
+    }
+
+    fn closes(&mut self) -> Vec<ConnId> {
+        let mut out = Vec::new();
+        while let Some(Event::Close(c)) = self.broker.poll_event() {
+            out.push(c);
+        }
+        out
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now += ms;
+        self.broker.tick(self.now);
+    }
+
+    fn connect_with(&mut self, conn: ConnId, connect: Connect) -> Packet {
+        let version = connect.version;
+        self.broker.open(conn, self.now);
+        self.send(conn, version, &Packet::Connect(Box::new(connect)));
+        self.first(conn, version)
+    }
+
+    /// The first packet now, the rest kept for the next `recv`.
+    fn first(&mut self, conn: ConnId, version: Version) -> Packet {
+        let mut packets = self.recv(conn, version);
+        assert!(!packets.is_empty(), "no packet for {conn}");
+        let first = packets.remove(0);
+        self.stash.insert(conn, packets);
+        first
+    }
+
+    fn connect(&mut self, conn: ConnId, version: Version, client_id: &str, clean: bool) -> Packet {
+        self.connect_with(conn, connect(version, client_id, clean))
+    }
+
+    fn subscribe(&mut self, conn: ConnId, version: Version, filter: &str, qos: QoS) -> Vec<u8> {
+        let options = SubscriptionOptions { qos, no_local: false, retain_as_published: false, retain_handling: 0 };
+        self.subscribe_with(conn, version, filter, options, Properties::default())
+    }
+
+    fn subscribe_with(
+        &mut self,
+        conn: ConnId,
+        version: Version,
+        filter: &str,
+        options: SubscriptionOptions,
+        properties: Properties,
+    ) -> Vec<u8> {
+        let s = Subscribe { packet_id: 1, properties, filters: vec![(filter.into(), options)] };
+        self.send(conn, version, &Packet::Subscribe(s));
+        match Some(self.first(conn, version)) {
+            Some(Packet::Suback { codes, .. }) => codes,
+            other => panic!("expected SUBACK, got {other:?}"),
+        }
+    }
+
+    fn publish(&mut self, conn: ConnId, version: Version, p: Publish) {
+        self.send(conn, version, &Packet::Publish(p));
+    }
+}
+
+fn connect(version: Version, client_id: &str, clean: bool) -> Connect {
+    Connect {
+        version,
+        clean_start: clean,
+        keep_alive: 0,
+        properties: Properties::default(),
+        client_id: client_id.into(),
+        will: None,
+        username: None,
+        password: None,
+    }
+}
+
+fn publish(topic: &str, payload: &[u8], qos: QoS, packet_id: Option<u16>) -> Publish {
+    Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: Arc::from(topic),
+        packet_id,
+        properties: Properties::default(),
+        payload: Arc::from(payload),
+    }
+}
+
+fn ack(packet_id: u16) -> Ack {
+    Ack { packet_id, code: 0, properties: Properties::default() }
+}
+
+fn connack_code(p: &Packet) -> (bool, u8) {
+    match p {
+        Packet::Connack(c) => (c.session_present, c.code),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+}
+
+fn publishes(packets: &[Packet]) -> Vec<Publish> {
+    packets.iter().filter_map(|p| if let Packet::Publish(p) = p { Some(p.clone()) } else { None }).collect()
+}
+
+const V3: Version = Version::V3_1_1;
+const V5: Version = Version::V5;
+
+#[test]
+fn connack_for_every_protocol_version() {
+    let mut net = Net::new();
+    for (conn, version) in [(1, Version::V3_1), (2, Version::V3_1_1), (3, Version::V5)] {
+        assert_eq!(connack_code(&net.connect(conn, version, &format!("c{conn}"), true)), (false, 0));
+    }
+    // v5 CONNACK announces the broker's limits.
+    let mut net = Net::new();
+    let Packet::Connack(c) = net.connect(1, V5, "a", true) else { panic!() };
+    assert_eq!(c.properties.receive_maximum, Some(100));
+    assert_eq!(c.properties.maximum_packet_size, Some(1 << 20));
+}
+
+#[test]
+fn anything_before_connect_closes_the_connection() {
+    let mut net = Net::new();
+    net.broker.open(1, net.now);
+    net.send(1, V3, &Packet::Pingreq);
+    assert_eq!(net.closes(), vec![1]);
+    assert!(net.recv(1, V3).is_empty());
+}
+
+#[test]
+fn a_second_connect_is_a_protocol_error() {
+    let mut net = Net::new();
+    net.connect(1, V5, "a", true);
+    net.send(1, V5, &Packet::Connect(Box::new(connect(V5, "a", true))));
+    assert_eq!(
+        net.recv(1, V5),
+        vec![Packet::Disconnect { code: reason::PROTOCOL_ERROR, properties: Properties::default() }]
+    );
+    assert_eq!(net.closes(), vec![1]);
+}
+
+#[test]
+fn unsupported_protocol_level_gets_return_code_1() {
+    let mut net = Net::new();
+    net.broker.open(1, net.now);
+    net.raw(1, &[0x10, 10, 0, 4, b'M', b'Q', b'T', b'T', 9, 0x02, 0, 10]);
+    assert_eq!(connack_code(&net.recv(1, V3)[0]), (false, 1));
+    assert_eq!(net.closes(), vec![1]);
+}
+
+#[test]
+fn auth_methods_are_refused_cleanly() {
+    let mut net = Net::new();
+    let mut c = connect(V5, "a", true);
+    c.properties.authentication_method = Some("SCRAM-SHA-1".into());
+    assert_eq!(connack_code(&net.connect_with(1, c)), (false, reason::BAD_AUTHENTICATION_METHOD));
+    assert_eq!(net.closes(), vec![1]);
+}
+
+#[test]
+fn empty_client_id_rules() {
+    let mut net = Net::new();
+    // 3.1.1: allowed only with a clean session.
+    assert_eq!(connack_code(&net.connect(1, V3, "", false)), (false, 2));
+    assert_eq!(connack_code(&net.connect(2, V3, "", true)), (false, 0));
+    // v5: the server assigns one and says which.
+    let Packet::Connack(c) = net.connect(3, V5, "", true) else { panic!() };
+    assert_eq!(c.code, 0);
+    assert!(c.properties.assigned_client_identifier.is_some_and(|id| !id.is_empty()));
+}
+
+#[test]
+fn qos0_fan_out_with_wildcards_and_the_dollar_rule() {
+    let mut net = Net::new();
+    net.connect(1, V3, "pub", true);
+    for (conn, filter) in [(2, "a/+/c"), (3, "a/#"), (4, "#"), (5, "x/y")] {
+        net.connect(conn, V3, &format!("s{conn}"), true);
+        assert_eq!(net.subscribe(conn, V3, filter, QoS::AtMostOnce), vec![0]);
+    }
+    net.publish(1, V3, publish("a/b/c", b"hi", QoS::AtMostOnce, None));
+    for conn in [2, 3, 4] {
+        let got = publishes(&net.recv(conn, V3));
+        assert_eq!(got.len(), 1, "conn {conn}");
+        assert_eq!((&*got[0].topic, &*got[0].payload), ("a/b/c", &b"hi"[..]));
+    }
+    assert!(net.recv(5, V3).is_empty());
+    // "#" does not see "$" topics.
+    net.publish(1, V3, publish("$internal/x", b"no", QoS::AtMostOnce, None));
+    assert!(net.recv(4, V3).is_empty());
+}
+
+#[test]
+fn qos1_both_ways() {
+    let mut net = Net::new();
+    net.connect(1, V3, "pub", true);
+    net.connect(2, V3, "sub", true);
+    assert_eq!(net.subscribe(2, V3, "t", QoS::AtLeastOnce), vec![1]);
+    net.publish(1, V3, publish("t", b"m", QoS::AtLeastOnce, Some(10)));
+    assert_eq!(net.recv(1, V3), vec![Packet::Puback(ack(10))]);
+    let got = publishes(&net.recv(2, V3));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].qos, QoS::AtLeastOnce);
+    let id = got[0].packet_id.unwrap();
+    net.send(2, V3, &Packet::Puback(ack(id)));
+    assert!(net.recv(2, V3).is_empty());
+}
+
+#[test]
+fn qos2_both_ways_and_a_duplicate_is_delivered_once() {
+    let mut net = Net::new();
+    net.connect(1, V5, "pub", true);
+    net.connect(2, V5, "sub", true);
+    net.subscribe(2, V5, "t", QoS::ExactlyOnce);
+    let p = publish("t", b"once", QoS::ExactlyOnce, Some(5));
+    net.publish(1, V5, p.clone());
+    assert!(matches!(net.recv(1, V5)[..], [Packet::Pubrec(Ack { packet_id: 5, code: 0, .. })]));
+    // The publisher retransmits before PUBREL: acknowledged, not delivered twice.
+    net.publish(1, V5, Publish { dup: true, ..p });
+    assert!(matches!(net.recv(1, V5)[..], [Packet::Pubrec(Ack { packet_id: 5, .. })]));
+    net.send(1, V5, &Packet::Pubrel(ack(5)));
+    assert!(matches!(net.recv(1, V5)[..], [Packet::Pubcomp(Ack { packet_id: 5, code: 0, .. })]));
+
+    let got = publishes(&net.recv(2, V5));
+    assert_eq!(got.len(), 1);
+    let id = got[0].packet_id.unwrap();
+    net.send(2, V5, &Packet::Pubrec(ack(id)));
+    assert!(matches!(net.recv(2, V5)[..], [Packet::Pubrel(Ack { code: 0, .. })]));
+    net.send(2, V5, &Packet::Pubcomp(ack(id)));
+    assert!(net.recv(2, V5).is_empty());
+}
+
+#[test]
+fn retained_messages_set_replace_delete() {
+    let mut net = Net::new();
+    net.connect(1, V3, "pub", true);
+    let retained = |payload: &[u8]| Publish { retain: true, ..publish("r/t", payload, QoS::AtMostOnce, None) };
+    net.publish(1, V3, retained(b"one"));
+    net.publish(1, V3, retained(b"two"));
+    net.connect(2, V3, "late", true);
+    net.subscribe(2, V3, "r/#", QoS::AtMostOnce);
+    let got = publishes(&net.recv(2, V3));
+    assert_eq!(got.len(), 1);
+    assert_eq!((&*got[0].payload, got[0].retain), (&b"two"[..], true));
+    // Live delivery carries retain = 0 for a normal subscription.
+    net.publish(1, V3, retained(b"three"));
+    assert!(!publishes(&net.recv(2, V3))[0].retain);
+    // An empty retained payload deletes it.
+    net.publish(1, V3, retained(b""));
+    net.recv(2, V3);
+    net.connect(3, V3, "later", true);
+    net.subscribe(3, V3, "r/#", QoS::AtMostOnce);
+    assert!(publishes(&net.recv(3, V3)).is_empty());
+}
+
+#[test]
+fn v5_subscription_options_retain_handling_no_local_and_ids() {
+    let mut net = Net::new();
+    net.connect(1, V5, "me", true);
+    net.publish(1, V5, Publish { retain: true, ..publish("t", b"kept", QoS::AtMostOnce, None) });
+    let options =
+        SubscriptionOptions { qos: QoS::AtMostOnce, no_local: true, retain_as_published: true, retain_handling: 2 };
+    let props = Properties { subscription_identifiers: vec![42], ..Properties::default() };
+    net.subscribe_with(1, V5, "t", options, props);
+    // Retain handling 2: no retained message on subscribe.
+    assert!(publishes(&net.recv(1, V5)).is_empty());
+    // No local: our own message does not come back.
+    net.publish(1, V5, publish("t", b"mine", QoS::AtMostOnce, None));
+    assert!(publishes(&net.recv(1, V5)).is_empty());
+    // Another client's retained publish arrives with retain as published and the id.
+    net.connect(2, V5, "other", true);
+    net.publish(2, V5, Publish { retain: true, ..publish("t", b"theirs", QoS::AtMostOnce, None) });
+    let got = publishes(&net.recv(1, V5));
+    assert_eq!(got.len(), 1);
+    assert!(got[0].retain);
+    assert_eq!(got[0].properties.subscription_identifiers, vec![42]);
+}
+
+#[test]
+fn message_properties_pass_through() {
+    let mut net = Net::new();
+    net.connect(1, V5, "pub", true);
+    net.connect(2, V5, "sub", true);
+    net.subscribe(2, V5, "req", QoS::AtMostOnce);
+    let mut p = publish("req", b"{}", QoS::AtMostOnce, None);
+    p.properties.payload_format_indicator = Some(1);
+    p.properties.content_type = Some("application/json".into());
+    p.properties.response_topic = Some("resp/1".into());
+    p.properties.correlation_data = Some(vec![9, 9]);
+    p.properties.user_properties = vec![("k".into(), "v".into())];
+    net.publish(1, V5, p.clone());
+    let got = publishes(&net.recv(2, V5));
+    let q = &got[0].properties;
+    assert_eq!(q.payload_format_indicator, Some(1));
+    assert_eq!(q.content_type.as_deref(), Some("application/json"));
+    assert_eq!(q.response_topic.as_deref(), Some("resp/1"));
+    assert_eq!(q.correlation_data, Some(vec![9, 9]));
+    assert_eq!(q.user_properties, p.properties.user_properties);
+}
+
+#[test]
+fn persistent_session_keeps_subscriptions_and_queues_qos1() {
+    let mut net = Net::new();
+    net.connect(1, V3, "durable", false);
+    net.subscribe(1, V3, "t", QoS::AtLeastOnce);
+    net.broker.closed(1, net.now);
+    net.connect(2, V3, "pub", true);
+    net.publish(2, V3, publish("t", b"while away", QoS::AtLeastOnce, Some(1)));
+    net.publish(2, V3, publish("t", b"qos0 dropped", QoS::AtMostOnce, None));
+    // Reconnect without clean session: session present, message delivered.
+    assert_eq!(connack_code(&net.connect(3, V3, "durable", false)), (true, 0));
+    let got = publishes(&net.recv(3, V3));
+    assert_eq!(got.iter().map(|p| &*p.payload).collect::<Vec<_>>(), vec![&b"while away"[..]]);
+    // A clean session starts empty.
+    net.broker.closed(3, net.now);
+    assert_eq!(connack_code(&net.connect(4, V3, "durable", true)), (false, 0));
+    net.publish(2, V3, publish("t", b"gone", QoS::AtLeastOnce, Some(2)));
+    assert!(publishes(&net.recv(4, V3)).is_empty());
+}
+
+#[test]
+fn unacknowledged_messages_are_redelivered_with_dup_on_reconnect() {
+    let mut net = Net::new();
+    net.connect(1, V3, "durable", false);
+    net.subscribe(1, V3, "t", QoS::AtLeastOnce);
+    net.connect(2, V3, "pub", true);
+    net.publish(2, V3, publish("t", b"m", QoS::AtLeastOnce, Some(1)));
+    let first = publishes(&net.recv(1, V3));
+    assert!(!first[0].dup);
+    net.broker.closed(1, net.now); // lost before PUBACK
+    net.connect(3, V3, "durable", false);
+    let again = publishes(&net.recv(3, V3));
+    assert_eq!(again.len(), 1);
+    assert!(again[0].dup);
+    assert_eq!(again[0].packet_id, first[0].packet_id);
+}
+
+#[test]
+fn v5_session_expiry() {
+    let mut net = Net::new();
+    let mut c = connect(V5, "expiring", true);
+    c.properties.session_expiry_interval = Some(10);
+    net.connect_with(1, c.clone());
+    net.subscribe(1, V5, "t", QoS::AtLeastOnce);
+    net.broker.closed(1, net.now);
+    net.advance(5_000);
+    let resumed = Connect { clean_start: false, ..c.clone() };
+    assert_eq!(connack_code(&net.connect_with(2, resumed.clone())), (true, 0));
+    net.broker.closed(2, net.now);
+    net.advance(11_000);
+    assert_eq!(connack_code(&net.connect_with(3, resumed)), (false, 0));
+}
+
+#[test]
+fn will_on_abrupt_close_but_not_after_disconnect() {
+    for graceful in [false, true] {
+        let mut net = Net::new();
+        net.connect(1, V3, "watcher", true);
+        net.subscribe(1, V3, "wills/#", QoS::AtMostOnce);
+        let mut c = connect(V3, "mortal", true);
+        c.will = Some(Will {
+            topic: "wills/mortal".into(),
+            payload: b"gone".to_vec(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: Properties::default(),
+        });
+        net.connect_with(2, c);
+        if graceful {
+            net.send(2, V3, &Packet::Disconnect { code: 0, properties: Properties::default() });
+        }
+        net.broker.closed(2, net.now);
+        let got = publishes(&net.recv(1, V3));
+        assert_eq!(got.len(), usize::from(!graceful), "graceful={graceful}");
+    }
+}
+
+#[test]
+fn v5_will_delay_and_cancel_by_reconnect() {
+    let mut net = Net::new();
+    net.connect(1, V5, "watcher", true);
+    net.subscribe(1, V5, "w", QoS::AtMostOnce);
+    let mut c = connect(V5, "mortal", true);
+    c.properties.session_expiry_interval = Some(60);
+    c.will = Some(Will {
+        topic: "w".into(),
+        payload: b"late".to_vec(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties { will_delay_interval: Some(5), ..Properties::default() },
+    });
+    net.connect_with(2, c.clone());
+    net.broker.closed(2, net.now);
+    net.advance(2_000);
+    assert!(publishes(&net.recv(1, V5)).is_empty(), "will sent before its delay");
+    net.advance(4_000);
+    assert_eq!(publishes(&net.recv(1, V5)).len(), 1, "will not sent after its delay");
+
+    // Reconnecting within the delay cancels the will.
+    net.connect_with(3, Connect { clean_start: false, ..c.clone() });
+    net.broker.closed(3, net.now);
+    net.advance(1_000);
+    net.connect_with(4, Connect { clean_start: false, ..c });
+    net.advance(10_000);
+    assert!(publishes(&net.recv(1, V5)).is_empty());
+}
+
+#[test]
+fn keep_alive_is_enforced_at_one_and_a_half_times() {
+    let mut net = Net::new();
+    let mut c = connect(V5, "sleepy", true);
+    c.keep_alive = 10;
+    net.connect_with(1, c);
+    net.advance(14_000);
+    assert!(net.closes().is_empty());
+    net.send(1, V5, &Packet::Pingreq);
+    assert_eq!(net.recv(1, V5), vec![Packet::Pingresp]);
+    net.advance(14_999);
+    assert!(net.closes().is_empty());
+    net.advance(2);
+    assert_eq!(
+        net.recv(1, V5),
+        vec![Packet::Disconnect { code: reason::KEEP_ALIVE_TIMEOUT, properties: Properties::default() }]
+    );
+    assert_eq!(net.closes(), vec![1]);
+    assert_eq!(net.broker.next_deadline(), None);
+}
+
+#[test]
+fn session_take_over_closes_the_old_connection() {
+    let mut net = Net::new();
+    net.connect(1, V5, "same", true);
+    net.connect(2, V5, "same", true);
+    assert_eq!(
+        net.recv(1, V5),
+        vec![Packet::Disconnect { code: reason::SESSION_TAKEN_OVER, properties: Properties::default() }]
+    );
+    assert_eq!(net.closes(), vec![1]);
+    // The old connection going away later does not disturb the new one.
+    net.broker.closed(1, net.now);
+    net.subscribe(2, V5, "t", QoS::AtMostOnce);
+}
+
+#[test]
+fn oversize_packets_are_refused_before_buffering() {
+    let mut net = Net::with(Config { max_packet_size: 1024, sys_interval_ms: 0, ..Config::default() });
+    net.connect(1, V5, "big", true);
+    // Only the fixed header of a 1 MiB PUBLISH arrives.
+    net.raw(1, &[0x30, 0x80, 0x80, 0x40]);
+    assert_eq!(
+        net.recv(1, V5),
+        vec![Packet::Disconnect { code: reason::PACKET_TOO_LARGE, properties: Properties::default() }]
+    );
+    assert_eq!(net.closes(), vec![1]);
+}
+
+#[test]
+fn wildcards_in_a_publish_topic_end_the_connection() {
+    let mut net = Net::new();
+    net.connect(1, V5, "bad", true);
+    net.publish(1, V5, publish("a/+", b"x", QoS::AtMostOnce, None));
+    assert_eq!(
+        net.recv(1, V5),
+        vec![Packet::Disconnect { code: reason::TOPIC_NAME_INVALID, properties: Properties::default() }]
+    );
+    assert_eq!(net.closes(), vec![1]);
+}
+
+#[test]
+fn invalid_filters_get_failure_codes_per_version() {
+    let mut net = Net::new();
+    net.connect(1, V3, "a", true);
+    assert_eq!(net.subscribe(1, V3, "a/#/b", QoS::AtMostOnce), vec![0x80]);
+    net.connect(2, V5, "b", true);
+    assert_eq!(net.subscribe(2, V5, "a+", QoS::AtMostOnce), vec![reason::TOPIC_FILTER_INVALID]);
+}
+
+#[test]
+fn unsubscribe_reports_what_existed() {
+    let mut net = Net::new();
+    net.connect(1, V5, "u", true);
+    net.subscribe(1, V5, "t", QoS::AtMostOnce);
+    let u = Unsubscribe { packet_id: 3, properties: Properties::default(), filters: vec!["t".into(), "nope".into()] };
+    net.send(1, V5, &Packet::Unsubscribe(u));
+    let got = net.recv(1, V5);
+    assert!(
+        matches!(&got[..], [Packet::Unsuback { packet_id: 3, codes, .. }] if codes == &vec![0, reason::NO_SUBSCRIPTION_EXISTED])
+    );
+}
+
+#[test]
+fn shared_subscriptions_share_the_load() {
+    let mut net = Net::new();
+    net.connect(1, V5, "pub", true);
+    for conn in [2, 3] {
+        net.connect(conn, V5, &format!("worker{conn}"), true);
+        net.subscribe(conn, V5, "$share/g/jobs", QoS::AtMostOnce);
+    }
+    for i in 0..10u8 {
+        net.publish(1, V5, publish("jobs", &[i], QoS::AtMostOnce, None));
+    }
+    let a = publishes(&net.recv(2, V5)).len();
+    let b = publishes(&net.recv(3, V5)).len();
+    assert_eq!(a + b, 10);
+    assert_eq!((a, b), (5, 5));
+}
+
+#[test]
+fn inbound_topic_aliases() {
+    let mut net = Net::new();
+    net.connect(1, V5, "pub", true);
+    net.connect(2, V5, "sub", true);
+    net.subscribe(2, V5, "long/topic/name", QoS::AtMostOnce);
+    let mut first = publish("long/topic/name", b"1", QoS::AtMostOnce, None);
+    first.properties.topic_alias = Some(3);
+    net.publish(1, V5, first);
+    let mut second = publish("", b"2", QoS::AtMostOnce, None);
+    second.properties.topic_alias = Some(3);
+    net.publish(1, V5, second);
+    let got = publishes(&net.recv(2, V5));
+    assert_eq!(
+        got.iter().map(|p| (&*p.topic, &*p.payload)).collect::<Vec<_>>(),
+        vec![("long/topic/name", &b"1"[..]), ("long/topic/name", &b"2"[..])]
+    );
+    // An alias never set is a protocol error.
+    let mut unknown = publish("", b"3", QoS::AtMostOnce, None);
+    unknown.properties.topic_alias = Some(9);
+    net.publish(1, V5, unknown);
+    assert_eq!(
+        net.recv(1, V5),
+        vec![Packet::Disconnect { code: reason::PROTOCOL_ERROR, properties: Properties::default() }]
+    );
+}
+
+#[test]
+fn offline_queue_is_bounded_and_drops_are_counted() {
+    let mut net = Net::with(Config { max_queued_messages: 3, sys_interval_ms: 0, ..Config::default() });
+    net.connect(1, V3, "away", false);
+    net.subscribe(1, V3, "t", QoS::AtLeastOnce);
+    net.broker.closed(1, net.now);
+    net.connect(2, V3, "pub", true);
+    for i in 0..10u16 {
+        net.publish(2, V3, publish("t", b"m", QoS::AtLeastOnce, Some(i + 1)));
+    }
+    assert_eq!(net.broker.stats().messages_dropped, 7);
+    net.connect(3, V3, "away", false);
+    assert_eq!(publishes(&net.recv(3, V3)).len(), 3);
+}
+
+#[test]
+fn inflight_window_limits_unacknowledged_messages() {
+    let mut net = Net::with(Config { max_inflight: 2, sys_interval_ms: 0, ..Config::default() });
+    net.connect(1, V3, "slow", true);
+    net.subscribe(1, V3, "t", QoS::AtLeastOnce);
+    net.connect(2, V3, "pub", true);
+    for i in 0..5u16 {
+        net.publish(2, V3, publish("t", b"m", QoS::AtLeastOnce, Some(i + 1)));
+    }
+    let first = publishes(&net.recv(1, V3));
+    assert_eq!(first.len(), 2);
+    net.send(1, V3, &Packet::Puback(ack(first[0].packet_id.unwrap())));
+    assert_eq!(publishes(&net.recv(1, V3)).len(), 1);
+}
+
+#[test]
+fn sys_statistics_are_published() {
+    let mut net = Net::with(Config { sys_interval_ms: 1000, ..Config::default() });
+    net.connect(1, V3, "ops", true);
+    net.subscribe(1, V3, "$SYS/broker/clients/connected", QoS::AtMostOnce);
+    net.advance(1000);
+    let got = publishes(&net.recv(1, V3));
+    assert_eq!(got.last().map(|p| &*p.payload), Some(&b"1"[..]));
+}
+
+#[test]
+fn random_byte_streams_never_panic_and_stay_bounded() {
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let mut net = Net::with(Config { max_packet_size: 4096, ..Config::default() });
+    // Valid prefixes make random tails reach deeper states.
+    let mut connect_bytes = Vec::new();
+    packet::encode(&Packet::Connect(Box::new(connect(V5, "fuzz", true))), V5, &mut connect_bytes);
+    for conn in 0..300u64 {
+        net.broker.open(conn, net.now);
+        if conn % 2 == 0 {
+            net.raw(conn, &connect_bytes);
+        }
+        for _ in 0..20 {
+            let len = (next() % 64) as usize;
+            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            net.raw(conn, &bytes);
+            let out = net.broker.output(conn).len();
+            net.broker.consume_output(conn, out, net.now);
+        }
+        net.advance(next() % 2000);
+        for closed in net.closes() {
+            net.broker.closed(closed, net.now);
+        }
+    }
+}
