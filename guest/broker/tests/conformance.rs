@@ -637,7 +637,7 @@ fn random_byte_streams_never_panic_and_stay_bounded() {
         }
         for _ in 0..20 {
             let len = (next() % 64) as usize;
-            let bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            let bytes: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
             net.raw(conn, &bytes);
             let out = net.broker.output(conn).len();
             net.broker.consume_output(conn, out, net.now);
