@@ -48,7 +48,7 @@ fn many_concurrent_connections_echo_large_payloads_intact() {
     if !kvm_available("many_concurrent_connections_echo_large_payloads_intact") {
         return;
     }
-    let vm = RunningVm::start(&["--echo", "--memory", "64", "--timeout", "120"]);
+    let vm = RunningVm::start(&["--service", "echo", "--memory", "64", "--timeout", "120"]);
     let clients: Vec<_> = (0..24)
         .map(|i| {
             let stream = connect(&vm);
@@ -69,7 +69,7 @@ fn half_close_gets_all_data_back_then_eof() {
     if !kvm_available("half_close_gets_all_data_back_then_eof") {
         return;
     }
-    let vm = RunningVm::start(&["--echo", "--timeout", "60"]);
+    let vm = RunningVm::start(&["--service", "echo", "--timeout", "60"]);
     let mut stream = connect(&vm);
     let data = random_bytes(300_000, 7);
     stream.write_all(&data).unwrap();
@@ -84,7 +84,7 @@ fn a_client_reset_does_not_disturb_other_connections() {
     if !kvm_available("a_client_reset_does_not_disturb_other_connections") {
         return;
     }
-    let vm = RunningVm::start(&["--echo", "--timeout", "60"]);
+    let vm = RunningVm::start(&["--service", "echo", "--timeout", "60"]);
     let bystander = connect(&vm);
     for round in 0..5 {
         let mut doomed = connect(&vm);
@@ -116,7 +116,7 @@ fn stopping_the_vm_closes_connected_clients_cleanly() {
     if !kvm_available("stopping_the_vm_closes_connected_clients_cleanly") {
         return;
     }
-    let vm = RunningVm::start(&["--echo", "--timeout", "60", "--stats"]);
+    let vm = RunningVm::start(&["--service", "echo", "--timeout", "60", "--stats"]);
     let mut clients: Vec<TcpStream> = (0..4).map(|_| connect(&vm)).collect();
     for client in &mut clients {
         client.write_all(b"ping").unwrap();
@@ -141,7 +141,7 @@ fn a_client_that_never_reads_cannot_make_the_vmm_buffer_without_bound() {
     if !kvm_available("a_client_that_never_reads_cannot_make_the_vmm_buffer_without_bound") {
         return;
     }
-    let vm = RunningVm::start(&["--echo", "--timeout", "60"]);
+    let vm = RunningVm::start(&["--service", "echo", "--timeout", "60"]);
     let stream = connect(&vm);
     stream.set_nonblocking(true).unwrap();
     let before = vm.rss_kib();
@@ -178,7 +178,7 @@ fn a_client_that_never_reads_cannot_make_the_vmm_buffer_without_bound() {
 fn a_busy_listen_address_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let out = common::run_vm(&["--echo", "--listen", &addr]);
+    let out = common::run_vm(&["--service", "echo", "--listen", &addr]);
     common::assert_fails_with(&out, 125, &format!("cannot listen on {addr}"));
 }
 
@@ -188,7 +188,7 @@ fn a_guest_at_its_connection_limit_resets_the_extra_client() {
         return;
     }
     // 16 MiB leaves the guest room for its minimum of 8 connections.
-    let vm = RunningVm::start(&["--echo", "--memory", "16", "--timeout", "60"]);
+    let vm = RunningVm::start(&["--service", "echo", "--memory", "16", "--timeout", "60"]);
     let mut held: Vec<TcpStream> = Vec::new();
     for _ in 0..8 {
         let mut stream = connect(&vm);

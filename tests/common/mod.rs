@@ -22,9 +22,15 @@ pub fn kvm_available(test: &str) -> bool {
     false
 }
 
-/// Runs `mqvisor run` with `args` and returns its output.
+/// Runs `mqvisor run` with `args` and returns its output. Without a
+/// `--service`, the boot demo runs (it exits by itself).
 pub fn run_vm(args: &[&str]) -> Output {
-    mqvisor().arg("run").args(args).output().expect("spawning mqvisor")
+    let mut command = mqvisor();
+    command.arg("run");
+    if !args.contains(&"--service") {
+        command.args(["--service", "demo"]);
+    }
+    command.args(args).output().expect("spawning mqvisor")
 }
 
 pub fn stdout(out: &Output) -> String {

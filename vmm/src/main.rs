@@ -24,7 +24,8 @@ const EXIT_TIMED_OUT: u8 = 124;
     about = "Per-tenant MQTT brokers, each in its own KVM microVM",
     long_about = "Per-tenant MQTT brokers, each in its own KVM microVM.\n\n\
                   `mqvisor run` boots one tenant VM in the foreground from the image built into \
-                  this binary (or --image). Needs read/write access to /dev/kvm."
+                  this binary (or --image) and serves MQTT on --listen (default 127.0.0.1:1883). \
+                  Needs read/write access to /dev/kvm."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -38,9 +39,59 @@ enum Commands {
                             124 if --timeout passed, 125 if the VM could not be started, \
                             126 if the guest crashed, 128+N when stopped by signal N (Ctrl-C: 130).")]
     Run(RunArgs),
+    /// Run the broker core natively on the host (development, tests and
+    /// side-by-side benchmarks; tenants run in VMs with `mqvisor run`).
+    Broker(BrokerArgs),
     /// Measure mqvisor itself.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Broker limits shared by `mqvisor broker` and the tenant VM.
+#[derive(clap::Args, Clone, Debug)]
+struct BrokerLimits {
+    /// Most concurrent MQTT connections
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_connections: usize,
+    /// Largest MQTT packet accepted, in bytes (protocol maximum 268435460)
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(16..=268_435_460))]
+    max_packet_size: u32,
+    /// Messages queued per offline or slow session before new ones are dropped
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    max_queued_messages: usize,
+    /// Unacknowledged QoS 1/2 messages in flight per session
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..))]
+    max_inflight: u16,
+}
+
+impl BrokerLimits {
+    /// The limits as the guest's `mqtt.*` command-line words.
+    fn cmdline_words(&self) -> String {
+        format!(
+            "mqtt.max_connections={} mqtt.max_packet_size={} mqtt.max_queued_messages={} mqtt.max_inflight={}",
+            self.max_connections, self.max_packet_size, self.max_queued_messages, self.max_inflight
+        )
+    }
+
+    fn config(&self) -> mqvisor_broker::broker::Config {
+        mqvisor_broker::broker::Config {
+            max_connections: self.max_connections,
+            max_packet_size: self.max_packet_size as usize,
+            max_queued_messages: self.max_queued_messages,
+            max_inflight: self.max_inflight,
+            ..mqvisor_broker::broker::Config::default()
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct BrokerArgs {
+    /// Address to serve MQTT on
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1883")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    limits: BrokerLimits,
 }
 
 #[derive(clap::Args)]
@@ -61,15 +112,25 @@ struct RunArgs {
     /// KVM device node
     #[arg(long, value_name = "PATH", default_value = "/dev/kvm", env = "MQVISOR_KVM_DEVICE")]
     kvm_device: PathBuf,
-    /// Serve TCP echo in the guest instead of the default service (for testing the network path)
-    #[arg(long)]
-    echo: bool,
+    /// What the guest runs: an MQTT broker, TCP echo (to test the network
+    /// path), or the boot demo (banner, timer, exit; no network)
+    #[arg(long, value_enum, default_value = "mqtt")]
+    service: ServiceKind,
     /// Host address tenant clients connect to; every connection is carried into the guest
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1883")]
     listen: SocketAddr,
     /// Print VM exit and network counters to stderr when the VM ends
     #[arg(long)]
     stats: bool,
+    #[command(flatten)]
+    limits: BrokerLimits,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ServiceKind {
+    Mqtt,
+    Echo,
+    Demo,
 }
 
 #[derive(Subcommand)]
@@ -121,11 +182,19 @@ fn run(args: RunArgs) -> ExitCode {
     let config = VmConfig {
         image,
         memory_mib: args.memory,
-        cmdline: args.cmdline,
+        cmdline: match args.service {
+            // The broker's limits travel on the guest command line.
+            ServiceKind::Mqtt => format!("{} {}", args.cmdline, args.limits.cmdline_words()).trim().to_string(),
+            _ => args.cmdline,
+        },
         timeout: args.timeout,
         kvm_device: args.kvm_device,
         console: Box::new(std::io::stdout()),
-        service: if args.echo { Service::Echo { listen: args.listen } } else { Service::Demo },
+        service: match args.service {
+            ServiceKind::Mqtt => Service::Mqtt { listen: args.listen },
+            ServiceKind::Echo => Service::Echo { listen: args.listen },
+            ServiceKind::Demo => Service::Demo,
+        },
     };
     let rip = |rip: Option<u64>| rip.map_or_else(|| "unknown".to_string(), |r| format!("{r:#x}"));
     let report = match vm::run(config) {
@@ -187,6 +256,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Commands::Run(args) => run(args),
+        Commands::Broker(args) => match mqvisor::broker_runner::run(args.listen, args.limits.config()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mqvisor: broker on {}: {e}", args.listen);
+                ExitCode::from(EXIT_SETUP_FAILED)
+            }
+        },
         Commands::Bench(bench) => {
             let result = std::env::current_exe()
                 .map_err(|e| format!("cannot find the mqvisor executable: {e}"))

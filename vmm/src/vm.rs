@@ -64,6 +64,8 @@ pub enum Service {
     Demo,
     /// TCP echo on the guest port, reached through `listen` on the host.
     Echo { listen: SocketAddr },
+    /// The MQTT broker on the guest port, reached through `listen`.
+    Mqtt { listen: SocketAddr },
 }
 
 /// The port the guest serves on its side of the link.
@@ -288,9 +290,9 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?);
     let (network, bus) = match config.service {
         Service::Demo => (None, MmioBus::default()),
-        Service::Echo { listen } => {
+        Service::Echo { listen } | Service::Mqtt { listen } => {
             let (network, bus) = Network::start(&vm, &mem, listen, wake.clone())?;
-            info.service = service::ECHO;
+            info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
             info.net = net::guest_net_config(GUEST_PORT);
             info.devices[0] = DeviceDescriptor {
                 base: layout::DEVICE_WINDOW,

@@ -72,6 +72,8 @@ pub mod service {
     pub const DEMO: u32 = 0;
     /// Echo every TCP connection on `NetConfig::port` back to its sender.
     pub const ECHO: u32 = 1;
+    /// Serve MQTT on `NetConfig::port`.
+    pub const MQTT: u32 = 2;
 }
 
 /// Paravirtual I/O ports. A 32-bit `out` to one of them exits to the VMM.

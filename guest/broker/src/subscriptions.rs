@@ -239,7 +239,8 @@ mod tests {
                 if name.is_empty() {
                     continue; // "" is not a valid topic name
                 }
-                let mut expected: Vec<u64> = (0..8u64).filter(|&s| matches(&filters[usize::try_from(s).unwrap()], &name)).collect();
+                let mut expected: Vec<u64> =
+                    (0..8u64).filter(|&s| matches(&filters[usize::try_from(s).unwrap()], &name)).collect();
                 expected.sort_unstable();
                 assert_eq!(matching(&index, &name), expected, "round {round}: {name:?} vs {filters:?}");
             }

@@ -61,6 +61,8 @@ impl Command {
                 "sleeps" => command.sleeps = value.parse().map_err(|_| word)?,
                 "sleep_ms" => command.sleep_ms = value.parse().map_err(|_| word)?,
                 "exit" => command.exit_code = value.parse().map_err(|_| word)?,
+                // Broker settings, read by the MQTT service.
+                _ if key.starts_with("mqtt.") => {}
                 "selftest" => {
                     command.selftest = Some(match value {
                         "panic" => SelfTest::Panic,
@@ -159,7 +161,11 @@ extern "C" fn _start(boot_info: *const BootInfo) -> ! {
             run(&command);
             exit_with(command.exit_code, format_args!(""))
         }
-        service::ECHO => net::run_echo(info),
+        service::ECHO => net::echo::run(info),
+        service::MQTT => match net::mqtt::config_from_cmdline(cmdline) {
+            Ok(config) => net::mqtt::run(info, config),
+            Err(word) => exit_with(EXIT_BAD_BOOT, format_args!("malformed broker setting {word:?}")),
+        },
         other => exit_with(EXIT_BAD_BOOT, format_args!("unknown service {other} in boot-info")),
     }
 }
@@ -213,3 +219,10 @@ fn panic(info: &PanicInfo) -> ! {
 /// `panic = "abort"`; nothing ever calls it.
 #[unsafe(no_mangle)]
 extern "C" fn rust_eh_personality() {}
+
+/// Likewise referenced by the prebuilt `alloc` (its unwinding landing pads);
+/// with `panic = "abort"` no unwinding ever starts, so this cannot be reached.
+#[unsafe(no_mangle)]
+extern "C" fn _Unwind_Resume() -> ! {
+    paravirt::exit(exit_codes::PANIC, b"unwinding is not supported")
+}

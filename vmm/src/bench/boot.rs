@@ -53,7 +53,7 @@ fn wait_with_rusage(pid: u32) -> std::io::Result<(ExitStatus, u64)> {
 pub fn boot_once(exe: &Path, memory_mib: u32) -> Result<BootSample, String> {
     let start = Instant::now();
     let mut child = Command::new(exe)
-        .args(["run", "--memory", &memory_mib.to_string(), "--timeout", "30"])
+        .args(["run", "--service", "demo", "--memory", &memory_mib.to_string(), "--timeout", "30"])
         // One short idle period after the banner: what an idle tenant costs.
         .args(["--cmdline", "sleeps=1 sleep_ms=50"])
         .stdout(Stdio::piped())

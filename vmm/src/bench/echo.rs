@@ -143,7 +143,16 @@ struct EchoVm {
 impl EchoVm {
     fn start(exe: &Path, memory_mib: u32) -> Result<EchoVm, String> {
         let mut child = Command::new(exe)
-            .args(["run", "--echo", "--stats", "--listen", "127.0.0.1:0", "--memory", &memory_mib.to_string()])
+            .args([
+                "run",
+                "--service",
+                "echo",
+                "--stats",
+                "--listen",
+                "127.0.0.1:0",
+                "--memory",
+                &memory_mib.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
