@@ -61,9 +61,19 @@ impl RunningVm {
     /// Starts `mqvisor run --listen 127.0.0.1:0 <args>` and waits until it
     /// reports the address it listens on.
     pub fn start(args: &[&str]) -> RunningVm {
+        let mut full = vec!["run", "--listen", "127.0.0.1:0"];
+        full.extend_from_slice(args);
+        RunningVm::start_command(&full, "mqvisor: tenant VM listening on ")
+    }
+
+    /// Starts `mqvisor broker --listen 127.0.0.1:0` (the host-native runner).
+    pub fn start_host_broker() -> RunningVm {
+        RunningVm::start_command(&["broker", "--listen", "127.0.0.1:0"], "mqvisor: broker listening on ")
+    }
+
+    fn start_command(args: &[&str], marker: &str) -> RunningVm {
         use std::io::BufRead;
         let mut child = mqvisor()
-            .args(["run", "--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
@@ -72,7 +82,7 @@ impl RunningVm {
         let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let addr = loop {
             let line = stderr.next().expect("mqvisor ended before listening").unwrap();
-            if let Some(addr) = line.strip_prefix("mqvisor: tenant VM listening on ") {
+            if let Some(addr) = line.strip_prefix(marker) {
                 break addr.parse().expect("a socket address");
             }
         };
@@ -107,4 +117,18 @@ impl Drop for RunningVm {
             let _ = self.child.wait();
         }
     }
+}
+
+/// True when `probe` (a shell command) succeeds, i.e. the external tool
+/// `what` is installed. A missing tool is said loudly, and under `CI=true`
+/// it is a failure (CI installs it).
+pub fn tool_available(test: &str, what: &str, probe: &str) -> bool {
+    let ok = Command::new("sh").args(["-c", probe]).output().is_ok_and(|o| o.status.success());
+    if ok {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(!ci, "{test}: {what} is not installed and CI=true (.ci/run installs it)");
+    eprintln!("\n*** {test}: SKIPPED: {what} is not installed ***\n");
+    false
 }

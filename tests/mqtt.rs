@@ -1,0 +1,146 @@
+//! MQTT end to end with real clients: mosquitto_pub / mosquitto_sub (Debian)
+//! and paho-mqtt (PyPI), against the tenant VM (`mqvisor run`) and the
+//! host-native runner (`mqvisor broker`); and hostile bytes on the wire.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use common::{RunningVm, kvm_available, tool_available};
+
+const PAHO: &str = "Python paho-mqtt (pip install paho-mqtt)";
+const PAHO_PROBE: &str = "python3 -c 'import paho.mqtt'";
+const MOSQUITTO: &str = "mosquitto_pub/mosquitto_sub (apt-get install mosquitto-clients)";
+const MOSQUITTO_PROBE: &str = "command -v mosquitto_pub && command -v mosquitto_sub";
+
+fn paho_suite(target: &RunningVm) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/clients/paho_suite.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(target.addr.ip().to_string())
+        .arg(target.addr.port().to_string())
+        .output()
+        .expect("running python3");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "paho checks failed:\n{report}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(report.lines().filter(|l| l.starts_with("ok ")).count() >= 11, "{report}");
+}
+
+fn mosquitto_round_trip(target: &RunningVm) {
+    let (host, port) = (target.addr.ip().to_string(), target.addr.port().to_string());
+    for (version, qos) in [("mqttv311", "0"), ("mqttv311", "1"), ("mqttv5", "2"), ("mqttv31", "1")] {
+        let topic = format!("mosq/{version}/{qos}");
+        let sub = Command::new("mosquitto_sub")
+            .args(["-h", &host, "-p", &port, "-V", version, "-q", qos, "-t", "mosq/#", "-C", "3", "-W", "10", "-v"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("mosquitto_sub");
+        thread::sleep(Duration::from_millis(300));
+        for i in 0..3 {
+            let status = Command::new("mosquitto_pub")
+                .args(["-h", &host, "-p", &port, "-V", version, "-q", qos, "-t", &topic, "-m", &format!("m{i}")])
+                .status()
+                .expect("mosquitto_pub");
+            assert!(status.success(), "mosquitto_pub {version} QoS {qos}");
+        }
+        let out = sub.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let expected: Vec<String> = (0..3).map(|i| format!("{topic} m{i}")).collect();
+        assert_eq!(text.lines().collect::<Vec<_>>(), expected, "{version} QoS {qos}");
+    }
+    // A retained message reaches a later subscriber.
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", &host, "-p", &port, "-t", "mosq/retained", "-m", "kept", "-r", "-q", "1"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", &host, "-p", &port, "-t", "mosq/retained", "-C", "1", "-W", "10"])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "kept");
+}
+
+/// Garbage, a packet before CONNECT, and an oversize packet all end the
+/// connection, and the broker keeps serving.
+fn hostile_bytes(target: &RunningVm) {
+    let expect_closed = |mut s: TcpStream| {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        rest
+    };
+    let mut garbage = TcpStream::connect(target.addr).unwrap();
+    garbage.write_all(&[0xff; 64]).unwrap();
+    assert!(expect_closed(garbage).is_empty());
+
+    let mut early = TcpStream::connect(target.addr).unwrap();
+    early.write_all(&[0xc0, 0x00]).unwrap(); // PINGREQ before CONNECT
+    assert!(expect_closed(early).is_empty());
+
+    // v5 CONNECT, then a PUBLISH announcing 200 MB: DISCONNECT 0x95.
+    let mut big = TcpStream::connect(target.addr).unwrap();
+    big.write_all(&[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30, 0, 0, 0]).unwrap();
+    big.write_all(&[0x30, 0x80, 0x80, 0x80, 0x60]).unwrap();
+    let rest = expect_closed(big);
+    // DISCONNECT, remaining length 2, reason 0x95, no properties.
+    let disconnect = rest.windows(4).any(|w| w == [0xe0, 0x02, 0x95, 0x00]);
+    assert!(disconnect, "expected DISCONNECT 0x95 after CONNACK, got {rest:02x?}");
+
+    // Still serving.
+    let mut fine = TcpStream::connect(target.addr).unwrap();
+    fine.write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 0]).unwrap();
+    let mut connack = [0u8; 4];
+    fine.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    fine.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+}
+
+#[test]
+fn vm_paho_suite() {
+    if !kvm_available("vm_paho_suite") || !tool_available("vm_paho_suite", PAHO, PAHO_PROBE) {
+        return;
+    }
+    paho_suite(&RunningVm::start(&["--service", "mqtt", "--timeout", "300"]));
+}
+
+#[test]
+fn host_runner_paho_suite() {
+    if !tool_available("host_runner_paho_suite", PAHO, PAHO_PROBE) {
+        return;
+    }
+    paho_suite(&RunningVm::start_host_broker());
+}
+
+#[test]
+fn vm_mosquitto_clients() {
+    if !kvm_available("vm_mosquitto_clients") || !tool_available("vm_mosquitto_clients", MOSQUITTO, MOSQUITTO_PROBE) {
+        return;
+    }
+    mosquitto_round_trip(&RunningVm::start(&["--service", "mqtt", "--timeout", "300"]));
+}
+
+#[test]
+fn host_runner_mosquitto_clients() {
+    if !tool_available("host_runner_mosquitto_clients", MOSQUITTO, MOSQUITTO_PROBE) {
+        return;
+    }
+    mosquitto_round_trip(&RunningVm::start_host_broker());
+}
+
+#[test]
+fn vm_refuses_hostile_bytes() {
+    if !kvm_available("vm_refuses_hostile_bytes") {
+        return;
+    }
+    hostile_bytes(&RunningVm::start(&["--service", "mqtt", "--timeout", "300"]));
+}
+
+#[test]
+fn host_runner_refuses_hostile_bytes() {
+    hostile_bytes(&RunningVm::start_host_broker());
+}
