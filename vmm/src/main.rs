@@ -158,6 +158,20 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         memory: u32,
     },
+    /// MQTT throughput and p50/p99 latency for QoS 0/1/2 in 1->1, 10->1 and
+    /// 1->100 topologies with 100-byte payloads: Mosquitto (the anchor), the
+    /// host-native runner and a tenant VM, side by side in one run.
+    Mqtt {
+        /// Multiplies the message counts (1.0: 100k QoS 0, 20k QoS 1, 10k QoS 2 per topology)
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Leave out the tenant VM (compare the host-native runner only)
+        #[arg(long)]
+        no_vm: bool,
+        /// Guest RAM in MiB for the VM target (101 connections need room)
+        #[arg(long, default_value_t = 128)]
+        memory: u32,
+    },
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
@@ -270,6 +284,12 @@ fn main() -> ExitCode {
                     BenchCommand::Boot { runs, memory } => mqvisor::bench::boot::boot(&exe, runs as usize, memory),
                     BenchCommand::Echo { connections, seconds, memory } => {
                         mqvisor::bench::echo::echo(&exe, connections as usize, seconds, memory)
+                    }
+                    BenchCommand::Mqtt { scale, no_vm, memory } => {
+                        if !(scale > 0.0 && scale <= 100.0) {
+                            return Err("--scale must be in (0, 100]".to_string());
+                        }
+                        mqvisor::bench::mqtt::mqtt(&exe, scale, !no_vm, memory)
                     }
                 });
             match result {

@@ -89,8 +89,9 @@ pub struct Config {
     pub server_keep_alive: Option<u16>,
     /// Cap on a session's expiry interval, seconds.
     pub max_session_expiry: u32,
-    /// Bytes of encoded output a connection may have pending before QoS 0
-    /// messages to it are dropped and QoS 1/2 ones wait in its queue.
+    /// Bytes of encoded output a connection may have pending before further
+    /// messages to it wait in its session queue (bounded by
+    /// `max_queued_messages`; beyond that they are dropped and counted).
     pub max_pending_output: usize,
     /// How often `$SYS/broker/...` statistics are published, ms (0: never).
     pub sys_interval_ms: u64,
@@ -762,17 +763,11 @@ impl Broker {
     fn deliver(&mut self, key: SessionKey, p: Publish, expires_at: Option<u64>, now: u64) {
         let Some(session) = self.sessions.get_mut(&key) else { return };
         let online = session.conn.is_some();
-        if p.qos == QoS::AtMostOnce {
-            // QoS 0 is never stored for offline sessions, nor for
-            // connections that are not keeping up.
-            let congested = session
-                .conn
-                .and_then(|c| self.conns.get(&c))
-                .is_none_or(|c| c.out.len() >= self.config.max_pending_output);
-            if !online || congested {
-                self.stats.messages_dropped += 1;
-                return;
-            }
+        if p.qos == QoS::AtMostOnce && !online {
+            // QoS 0 is not stored for offline sessions; for a slow online
+            // one it waits in the (bounded) queue like any other message.
+            self.stats.messages_dropped += 1;
+            return;
         }
         if session.queue.len() >= self.config.max_queued_messages {
             self.stats.messages_dropped += 1;
