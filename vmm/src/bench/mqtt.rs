@@ -141,12 +141,8 @@ pub fn run_shape(addr: SocketAddr, shape: Shape) -> Result<Figures, String> {
             stream.set_read_timeout(Some(Duration::from_secs(3))).map_err(io_err)?;
             let mut local = Vec::new();
             let mut writer = BufWriter::new(stream);
-            loop {
-                let packet = match read_packet(&mut reader, &mut buf) {
-                    Ok(p) => p,
-                    // Quiet for 3 s: the run is over (or lost messages).
-                    Err(_) => break,
-                };
+            // A read error is 3 quiet seconds: the run is over (or lost messages).
+            while let Ok(packet) = read_packet(&mut reader, &mut buf) {
                 match packet {
                     Packet::Publish(p) => {
                         let sent = u64::from_le_bytes(p.payload[..8].try_into().unwrap_or([0; 8]));
@@ -372,6 +368,8 @@ fn start_mqvisor(exe: &Path, name: &'static str, args: &[&str]) -> Result<Target
 
 /// The shapes of the issue: 1->1, 10->1, 1->100 at QoS 0, 1, 2.
 pub fn shapes(scale: f64) -> Vec<Shape> {
+    // scale is in (0, 100]: the product is positive and far below usize::MAX.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let n = |base: usize| ((base as f64 * scale) as usize).max(10);
     let mut out = Vec::new();
     for qos in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce] {
