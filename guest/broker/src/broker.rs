@@ -18,6 +18,7 @@ use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
+use crate::auth::{Acl, PasswordFile, Want};
 use crate::packet::{self, Ack, Connack, Connect, Packet, Publish, QoS, Subscribe, Unsubscribe, Version, Will};
 use crate::properties::Properties;
 use crate::subscriptions::{SessionKey, Subscription, SubscriptionIndex};
@@ -64,6 +65,7 @@ mod v3_return {
     pub const UNACCEPTABLE_PROTOCOL_VERSION: u8 = 1;
     pub const IDENTIFIER_REJECTED: u8 = 2;
     pub const SERVER_UNAVAILABLE: u8 = 3;
+    pub const BAD_USER_NAME_OR_PASSWORD: u8 = 4;
     pub const NOT_AUTHORIZED: u8 = 5;
 }
 
@@ -97,6 +99,13 @@ pub struct Config {
     pub sys_interval_ms: u64,
     /// How long a connection may stay silent before its CONNECT, ms.
     pub connect_timeout_ms: u64,
+    /// When set, clients must present a user name and password from it
+    /// (unless `allow_anonymous` and they present no user name).
+    pub passwords: Option<PasswordFile>,
+    /// Whether clients without a user name may connect.
+    pub allow_anonymous: bool,
+    /// When set, every publish and subscribe must be granted by it.
+    pub acl: Option<Acl>,
 }
 
 impl Default for Config {
@@ -117,6 +126,9 @@ impl Default for Config {
             max_pending_output: 256 * 1024,
             sys_interval_ms: 10_000,
             connect_timeout_ms: 10_000,
+            passwords: None,
+            allow_anonymous: true,
+            acl: None,
         }
     }
 }
@@ -208,6 +220,9 @@ struct Conn {
     outbound_aliases: BTreeMap<Arc<str>, u16>,
     /// The client sent DISCONNECT (so no will, unless it asked for one).
     graceful: bool,
+    /// The authenticated user, for ACL checks.
+    username: Option<String>,
+    client_id: String,
 }
 
 impl Conn {
@@ -224,6 +239,8 @@ impl Conn {
             client_receive_max: u16::MAX,
             client_alias_max: 0,
             inbound_aliases: BTreeMap::new(),
+            username: None,
+            client_id: String::new(),
             outbound_aliases: BTreeMap::new(),
             graceful: false,
         }
@@ -521,7 +538,25 @@ impl Broker {
             // No authentication methods are configured (MQTT 5 4.12).
             return refuse_connect(self, reason::BAD_AUTHENTICATION_METHOD, v3_return::NOT_AUTHORIZED);
         }
+        let user = connect.username.as_deref();
+        let authenticated = match (&self.config.passwords, user) {
+            (_, None) => self.config.allow_anonymous,
+            (Some(passwords), Some(name)) => connect.password.as_deref().is_some_and(|pw| passwords.verify(name, pw)),
+            // A user name but no password file: nothing to check it against.
+            (None, Some(_)) => self.config.allow_anonymous,
+        };
+        if !authenticated {
+            let bad_credentials = user.is_some();
+            return if bad_credentials {
+                refuse_connect(self, reason::BAD_USER_NAME_OR_PASSWORD, v3_return::BAD_USER_NAME_OR_PASSWORD)
+            } else {
+                refuse_connect(self, reason::NOT_AUTHORIZED, v3_return::NOT_AUTHORIZED)
+            };
+        }
         if let Some(will) = &connect.will {
+            if !self.acl_allows(user, &connect.client_id, Want::Publish, &will.topic) {
+                return refuse_connect(self, reason::NOT_AUTHORIZED, v3_return::NOT_AUTHORIZED);
+            }
             if topic::validate_name(&will.topic, self.config.topic_limits).is_err() {
                 return refuse_connect(self, reason::TOPIC_NAME_INVALID, v3_return::NOT_AUTHORIZED);
             }
@@ -589,6 +624,8 @@ impl Broker {
             c.client_max_packet = connect.properties.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
             c.client_receive_max = connect.properties.receive_maximum.unwrap_or(u16::MAX);
             c.client_alias_max = connect.properties.topic_alias_maximum.unwrap_or(0);
+            c.username = connect.username.clone();
+            c.client_id = client_id.clone();
         }
         let mut props = Properties::default();
         if v5 {
@@ -667,9 +704,9 @@ impl Broker {
             return Err(refuse(reason::RETAIN_NOT_SUPPORTED, "retain not supported"));
         }
         self.stats.messages_received += 1;
-        let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
         // Clients may not publish into the broker's own namespace.
-        let allowed = !p.topic.starts_with("$SYS");
+        let allowed = !p.topic.starts_with("$SYS") && self.conn_allows(conn, Want::Publish, &p.topic);
+        let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
         match (p.qos, p.packet_id) {
             (QoS::AtMostOnce, _) => {
                 if allowed {
@@ -908,6 +945,10 @@ impl Broker {
                     continue;
                 }
             };
+            if !self.conn_allows(conn, Want::Subscribe, parsed.filter) {
+                codes.push(if v5 { reason::NOT_AUTHORIZED } else { reason::UNSPECIFIED_ERROR });
+                continue;
+            }
             let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
             if parsed.share_group.is_some() && options.no_local {
                 // MQTT 5 3.8.3-4: no local on a shared subscription is a protocol error.
@@ -999,6 +1040,15 @@ impl Broker {
         self.detach(key, conn, graceful, now);
         self.events.push_back(Event::Close(conn));
         Ok(())
+    }
+
+    fn acl_allows(&self, user: Option<&str>, client_id: &str, want: Want, topic: &str) -> bool {
+        self.config.acl.as_ref().is_none_or(|acl| acl.allows(user, client_id, want, topic))
+    }
+
+    fn conn_allows(&self, conn: ConnId, want: Want, topic: &str) -> bool {
+        let Some(c) = self.conns.get(&conn) else { return false };
+        self.acl_allows(c.username.as_deref(), &c.client_id, want, topic)
     }
 
     // ----- ending things ------------------------------------------------------

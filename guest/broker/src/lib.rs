@@ -9,6 +9,7 @@
 //! - [`packet`]: framing, decoding and encoding of control packets;
 //! - [`topic`]: topic names, filters and matching;
 //! - [`subscriptions`]: the subscription index;
+//! - [`auth`]: password files and ACLs (Mosquitto formats);
 //! - [`broker`]: sessions, delivery, retained messages, wills, limits.
 //!
 //! Hostile input is normal input: every decode error ends in the
@@ -18,6 +19,7 @@
 
 extern crate alloc;
 
+pub mod auth;
 pub mod broker;
 pub mod packet;
 pub mod properties;

@@ -648,3 +648,53 @@ fn random_byte_streams_never_panic_and_stay_bounded() {
         }
     }
 }
+
+const PASSWORDS: &str = "alice:$7$101$UdmVFG4Cfxk2O1VO$rSNLgEwwuKSNj861LvltavG18Kq8wv1IQbj67BhI+jBe6eA9T8etGURdw69SZ2LTo1aWIS2XT9CsGfKLIiqCdg==\n";
+
+fn with_auth(allow_anonymous: bool, acl: Option<&str>) -> Net {
+    use mqvisor_broker::auth::{Acl, PasswordFile};
+    Net::with(Config {
+        passwords: Some(PasswordFile::parse(PASSWORDS).unwrap()),
+        allow_anonymous,
+        acl: acl.map(|a| Acl::parse(a).unwrap()),
+        sys_interval_ms: 0,
+        ..Config::default()
+    })
+}
+
+fn login(version: Version, id: &str, user: Option<&str>, password: &[u8]) -> Connect {
+    Connect { username: user.map(String::from), password: Some(password.to_vec()), ..connect(version, id, true) }
+}
+
+#[test]
+fn user_names_and_passwords_are_checked() {
+    let mut net = with_auth(false, None);
+    assert_eq!(connack_code(&net.connect_with(1, login(V3, "a", Some("alice"), b"s3cret"))), (false, 0));
+    assert_eq!(connack_code(&net.connect_with(2, login(V3, "b", Some("alice"), b"wrong"))), (false, 4));
+    assert_eq!(
+        connack_code(&net.connect_with(3, login(V5, "c", Some("mallory"), b"s3cret"))),
+        (false, reason::BAD_USER_NAME_OR_PASSWORD)
+    );
+    // Anonymous refused unless allowed.
+    assert_eq!(connack_code(&net.connect(4, V3, "d", true)), (false, 5));
+    assert_eq!(connack_code(&net.connect(5, V5, "e", true)), (false, reason::NOT_AUTHORIZED));
+    let mut open = with_auth(true, None);
+    assert_eq!(connack_code(&open.connect(1, V3, "anon", true)), (false, 0));
+}
+
+#[test]
+fn acl_denied_subscriptions_get_0x80_or_0x87_and_publishes_are_dropped() {
+    let acl = "user alice\ntopic readwrite alice/#\ntopic read shared/#\n";
+    let mut net = with_auth(false, Some(acl));
+    net.connect_with(1, login(V3, "a3", Some("alice"), b"s3cret"));
+    assert_eq!(net.subscribe(1, V3, "alice/+", QoS::AtMostOnce), vec![0]);
+    assert_eq!(net.subscribe(1, V3, "bob/#", QoS::AtMostOnce), vec![0x80]);
+    net.connect_with(2, login(V5, "a5", Some("alice"), b"s3cret"));
+    assert_eq!(net.subscribe(2, V5, "#", QoS::AtLeastOnce), vec![reason::NOT_AUTHORIZED]);
+    assert_eq!(net.subscribe(2, V5, "shared/x", QoS::AtLeastOnce), vec![1]);
+    // Publishing where only read is granted: QoS 1 gets PUBACK 0x87, nobody receives it.
+    net.publish(2, V5, publish("shared/x", b"no", QoS::AtLeastOnce, Some(4)));
+    assert!(matches!(net.recv(2, V5)[..], [Packet::Puback(Ack { packet_id: 4, code: reason::NOT_AUTHORIZED, .. })]));
+    net.publish(1, V3, publish("alice/x", b"yes", QoS::AtMostOnce, None));
+    assert_eq!(publishes(&net.recv(1, V3)).len(), 1);
+}
