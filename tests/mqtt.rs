@@ -144,3 +144,73 @@ fn vm_refuses_hostile_bytes() {
 fn host_runner_refuses_hostile_bytes() {
     hostile_bytes(&RunningVm::start_host_broker());
 }
+
+/// A password file as `mosquitto_passwd` writes it: alice / s3cret.
+const PASSWORDS: &str = "alice:$7$101$UdmVFG4Cfxk2O1VO$rSNLgEwwuKSNj861LvltavG18Kq8wv1IQbj67BhI+jBe6eA9T8etGURdw69SZ2LTo1aWIS2XT9CsGfKLIiqCdg==\n";
+
+#[test]
+fn vm_password_file_and_acl() {
+    if !kvm_available("vm_password_file_and_acl")
+        || !tool_available("vm_password_file_and_acl", MOSQUITTO, MOSQUITTO_PROBE)
+    {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("mqvisor-auth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (pw, acl) = (dir.join("passwords"), dir.join("acl"));
+    std::fs::write(&pw, PASSWORDS).unwrap();
+    std::fs::write(&acl, "user alice\ntopic readwrite alice/#\n").unwrap();
+    let vm = RunningVm::start(&[
+        "--service",
+        "mqtt",
+        "--timeout",
+        "300",
+        "--password-file",
+        pw.to_str().unwrap(),
+        "--acl-file",
+        acl.to_str().unwrap(),
+    ]);
+    let (host, port) = (vm.addr.ip().to_string(), vm.addr.port().to_string());
+    let pub_as = |user: &[&str], topic: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", &host, "-p", &port, "-t", topic, "-m", "x", "-q", "1"])
+            .args(user)
+            .output()
+            .unwrap()
+    };
+    // Anonymous: CONNACK 5 (not authorised); wrong password: 4.
+    let anonymous = pub_as(&[], "alice/x");
+    assert!(String::from_utf8_lossy(&anonymous.stderr).contains("not authorised"), "{anonymous:?}");
+    let wrong = pub_as(&["-u", "alice", "-P", "nope"], "alice/x");
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("bad user name or password"), "{wrong:?}");
+    // Alice within her ACL: delivered.
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", &host, "-p", &port, "-u", "alice", "-P", "s3cret", "-t", "alice/#", "-C", "1", "-W", "10"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(400));
+    assert!(pub_as(&["-u", "alice", "-P", "s3cret"], "alice/x").status.success());
+    assert_eq!(String::from_utf8_lossy(&sub.wait_with_output().unwrap().stdout).trim(), "x");
+    // Outside it: the subscription is refused (v5 reason 0x87).
+    let denied = Command::new("mosquitto_sub")
+        .args(["-h", &host, "-p", &port, "-u", "alice", "-P", "s3cret", "-t", "bob/#", "-C", "1", "-W", "5"])
+        .args(["-V", "mqttv5"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("denied"), "{denied:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn unreadable_or_malformed_auth_files_are_clear_errors() {
+    let out = common::mqvisor().args(["broker", "--password-file", "/nonexistent/pw"]).output().unwrap();
+    common::assert_fails_with(&out, 125, "password file /nonexistent/pw");
+    let dir = std::env::temp_dir().join(format!("mqvisor-badauth-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("acl");
+    std::fs::write(&bad, "topic read a/#\nfrobnicate x\n").unwrap();
+    let out = common::run_vm(&["--service", "mqtt", "--acl-file", bad.to_str().unwrap()]);
+    common::assert_fails_with(&out, 125, "line 2: unknown keyword `frobnicate`");
+    let _ = std::fs::remove_dir_all(&dir);
+}

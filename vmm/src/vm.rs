@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
-use mqvisor_boot_abi::{BootInfo, CMDLINE_CAPACITY, DeviceDescriptor, device_kind, layout, service};
+use mqvisor_boot_abi::{BootInfo, CMDLINE_CAPACITY, DeviceDescriptor, config_blob, device_kind, layout, service};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -55,6 +55,8 @@ pub struct VmConfig {
     pub console: Box<dyn Write + Send>,
     /// What the guest runs.
     pub service: Service,
+    /// Service configuration for the guest (see `mqvisor_boot_abi::config_blob`).
+    pub config_blob: Vec<u8>,
 }
 
 /// What the guest runs, and what the host provides for it.
@@ -96,6 +98,8 @@ pub enum VmmError {
     MemoryOutOfRange(u32),
     #[error("allocating {mib} MiB of guest memory: {reason}")]
     GuestMemory { mib: u32, reason: String },
+    #[error("the service configuration is {0} bytes; at most {max} fit", max = config_blob::MAX_LEN)]
+    ConfigTooLarge(u64),
     #[error("the guest command line is {0} bytes; at most {CMDLINE_CAPACITY} fit")]
     CmdlineTooLong(usize),
     #[error("setting up the vCPU: {0}")]
@@ -265,7 +269,13 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     // Check the image on its own first, so a good image in too little memory
     // is reported as "too little memory", not as a bad image.
     let image_layout = image::check(&config.image, layout::RAM_LIMIT)?;
-    let needed = image_layout.end.next_multiple_of(layout::PAGE_SIZE) + MIN_HEAP_BYTES;
+    let blob_len = config.config_blob.len() as u64;
+    if blob_len > config_blob::MAX_LEN {
+        return Err(VmmError::ConfigTooLarge(blob_len));
+    }
+    // The blob sits between the image and the heap.
+    let blob_at = image_layout.end.next_multiple_of(layout::PAGE_SIZE);
+    let needed = (blob_at + blob_len).next_multiple_of(layout::PAGE_SIZE) + MIN_HEAP_BYTES;
     if needed > ram_size {
         return Err(VmmError::MemoryTooSmall {
             given_mib: config.memory_mib,
@@ -273,7 +283,11 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
             image_end: image_layout.end,
         });
     }
-    let mut info = boot_info(ram_size, image_layout.end, &config.cmdline)?;
+    let mut info = boot_info(ram_size, blob_at + blob_len, &config.cmdline)?;
+    if blob_len > 0 {
+        info.config_addr = blob_at;
+        info.config_len = blob_len;
+    }
 
     vcpu::install_signal_handlers().map_err(VmmError::Thread)?;
     let kvm = open_kvm(&config.kvm_device)?;
@@ -284,6 +298,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     let mem = create_memory(&vm, config.memory_mib)?;
     let loaded = image::load(&config.image, &mem, ram_size)?;
+    mem.write_slice(&config.config_blob, GuestAddress(blob_at)).map_err(VmmError::BootInfo)?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     arch::configure_vcpu(&kvm, &vcpu, &mem, ram_size, loaded.entry)?;
 

@@ -163,7 +163,10 @@ extern "C" fn _start(boot_info: *const BootInfo) -> ! {
         }
         service::ECHO => net::echo::run(info),
         service::MQTT => match net::mqtt::config_from_cmdline(cmdline) {
-            Ok(config) => net::mqtt::run(info, config),
+            Ok(mut config) => match net::mqtt::add_auth_files(&mut config, info) {
+                Ok(()) => net::mqtt::run(info, config),
+                Err(why) => exit_with(EXIT_BAD_BOOT, format_args!("broker configuration: {why}")),
+            },
             Err(word) => exit_with(EXIT_BAD_BOOT, format_args!("malformed broker setting {word:?}")),
         },
         other => exit_with(EXIT_BAD_BOOT, format_args!("unknown service {other} in boot-info")),

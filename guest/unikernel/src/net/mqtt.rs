@@ -8,6 +8,8 @@
 //! `tick`. Limits come from the command line the VMM writes.
 
 use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::format;
+use alloc::string::String;
 
 use mqvisor_boot_abi::BootInfo;
 use mqvisor_broker::broker::{Broker, Config, ConnId, Event};
@@ -19,6 +21,35 @@ use crate::clock;
 
 /// Socket buffer size per direction and connection.
 const SOCKET_BUFFER: usize = 64 * 1024;
+
+/// Adds the password and ACL files from the boot-info configuration blob.
+pub fn add_auth_files(config: &mut Config, info: &BootInfo) -> Result<(), String> {
+    use mqvisor_boot_abi::config_blob;
+    use mqvisor_broker::auth::{Acl, PasswordFile};
+    if info.config_len == 0 {
+        return Ok(());
+    }
+    if info.config_len > config_blob::MAX_LEN
+        || info.config_addr < mqvisor_boot_abi::layout::IMAGE_BASE
+        || info.config_addr.saturating_add(info.config_len) > info.heap_start
+    {
+        return Err("configuration blob outside its region".into());
+    }
+    // SAFETY: the range was checked above to lie between the image base and
+    // the heap, inside mapped RAM, where the VMM wrote the blob before entry;
+    // nothing in the guest writes it.
+    let blob = unsafe { core::slice::from_raw_parts(info.config_addr as *const u8, info.config_len as usize) };
+    let sections = config_blob::parse(blob).ok_or("malformed configuration blob")?;
+    let text =
+        |bytes: &[u8]| core::str::from_utf8(bytes).map(String::from).map_err(|_| String::from("file is not UTF-8"));
+    if let Some(bytes) = sections[config_blob::PASSWORD_FILE] {
+        config.passwords = Some(PasswordFile::parse(&text(bytes)?).map_err(|e| format!("password file: {e}"))?);
+    }
+    if let Some(bytes) = sections[config_blob::ACL_FILE] {
+        config.acl = Some(Acl::parse(&text(bytes)?).map_err(|e| format!("ACL file: {e}"))?);
+    }
+    Ok(())
+}
 
 /// Broker limits from `mqtt.*` command-line words; unknown words are the
 /// caller's business.
@@ -33,6 +64,7 @@ pub fn config_from_cmdline(cmdline: &str) -> Result<Config, &str> {
             "max_packet_size" => config.max_packet_size = usize::try_from(number()?).map_err(|_| word)?,
             "max_queued_messages" => config.max_queued_messages = usize::try_from(number()?).map_err(|_| word)?,
             "max_inflight" => config.max_inflight = u16::try_from(number()?).map_err(|_| word)?,
+            "allow_anonymous" => config.allow_anonymous = number()? != 0,
             _ => return Err(word),
         }
     }
