@@ -35,10 +35,11 @@ pub fn add_auth_files(config: &mut Config, info: &BootInfo) -> Result<(), String
     {
         return Err("configuration blob outside its region".into());
     }
+    let len = usize::try_from(info.config_len).map_err(|_| "configuration blob too large")?;
     // SAFETY: the range was checked above to lie between the image base and
     // the heap, inside mapped RAM, where the VMM wrote the blob before entry;
     // nothing in the guest writes it.
-    let blob = unsafe { core::slice::from_raw_parts(info.config_addr as *const u8, info.config_len as usize) };
+    let blob = unsafe { core::slice::from_raw_parts(info.config_addr as *const u8, len) };
     let sections = config_blob::parse(blob).ok_or("malformed configuration blob")?;
     let text =
         |bytes: &[u8]| core::str::from_utf8(bytes).map(String::from).map_err(|_| String::from("file is not UTF-8"));
