@@ -223,6 +223,8 @@ struct Conn {
     /// The authenticated user, for ACL checks.
     username: Option<String>,
     client_id: String,
+    /// v5: the client accepts reason strings.
+    problem_information: bool,
 }
 
 impl Conn {
@@ -241,6 +243,7 @@ impl Conn {
             inbound_aliases: BTreeMap::new(),
             username: None,
             client_id: String::new(),
+            problem_information: true,
             outbound_aliases: BTreeMap::new(),
             graceful: false,
         }
@@ -626,6 +629,7 @@ impl Broker {
             c.client_alias_max = connect.properties.topic_alias_maximum.unwrap_or(0);
             c.username = connect.username.clone();
             c.client_id = client_id.clone();
+            c.problem_information = connect.properties.request_problem_information != Some(0);
         }
         let mut props = Properties::default();
         if v5 {
@@ -644,6 +648,10 @@ impl Broker {
             }
             if connect.properties.session_expiry_interval.is_some_and(|e| e > expiry) {
                 props.session_expiry_interval = Some(expiry);
+            }
+            if connect.properties.request_response_information == Some(1) {
+                // A per-client prefix for response topics (MQTT 5 4.10).
+                props.response_information = Some(format!("response/{client_id}/"));
             }
         }
         let code = if v5 { reason::SUCCESS } else { v3_return::ACCEPTED };
@@ -1057,10 +1065,12 @@ impl Broker {
     /// reason; the will is published as for a lost connection.
     fn end_connection(&mut self, conn: ConnId, refusal: Refusal, now: u64) {
         let Some(c) = self.conns.get(&conn) else { return };
-        let _ = refusal.why;
         if c.version == Version::V5 {
-            let packet = Packet::Disconnect { code: refusal.code, properties: Properties::default() };
-            self.send_to(conn, &packet);
+            // A reason string helps the operator, unless the client asked for
+            // none (Request Problem Information = 0, MQTT 5 3.1.2.11.7).
+            let reason_string = c.problem_information.then(|| String::from(refusal.why));
+            let properties = Properties { reason_string, ..Properties::default() };
+            self.send_to(conn, &Packet::Disconnect { code: refusal.code, properties });
         }
         if let Some(Phase::Connected(key)) = self.conns.get(&conn).map(|c| &c.phase) {
             let key = *key;

@@ -137,6 +137,15 @@ fn ack(packet_id: u16) -> Ack {
     Ack { packet_id, code: 0, properties: Properties::default() }
 }
 
+/// DISCONNECT reason codes among `packets`.
+fn codes(packets: &[Packet]) -> Vec<u8> {
+    packets.iter().filter_map(|p| if let Packet::Disconnect { code, .. } = p { Some(*code) } else { None }).collect()
+}
+
+fn disconnect(code: u8) -> Vec<u8> {
+    vec![code]
+}
+
 fn connack_code(p: &Packet) -> (bool, u8) {
     match p {
         Packet::Connack(c) => (c.session_present, c.code),
@@ -178,10 +187,7 @@ fn a_second_connect_is_a_protocol_error() {
     let mut net = Net::new();
     net.connect(1, V5, "a", true);
     net.send(1, V5, &Packet::Connect(Box::new(connect(V5, "a", true))));
-    assert_eq!(
-        net.recv(1, V5),
-        vec![Packet::Disconnect { code: reason::PROTOCOL_ERROR, properties: Properties::default() }]
-    );
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::PROTOCOL_ERROR));
     assert_eq!(net.closes(), vec![1]);
 }
 
@@ -463,10 +469,7 @@ fn keep_alive_is_enforced_at_one_and_a_half_times() {
     net.advance(14_999);
     assert!(net.closes().is_empty());
     net.advance(2);
-    assert_eq!(
-        net.recv(1, V5),
-        vec![Packet::Disconnect { code: reason::KEEP_ALIVE_TIMEOUT, properties: Properties::default() }]
-    );
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::KEEP_ALIVE_TIMEOUT));
     assert_eq!(net.closes(), vec![1]);
     assert_eq!(net.broker.next_deadline(), None);
 }
@@ -476,10 +479,7 @@ fn session_take_over_closes_the_old_connection() {
     let mut net = Net::new();
     net.connect(1, V5, "same", true);
     net.connect(2, V5, "same", true);
-    assert_eq!(
-        net.recv(1, V5),
-        vec![Packet::Disconnect { code: reason::SESSION_TAKEN_OVER, properties: Properties::default() }]
-    );
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::SESSION_TAKEN_OVER));
     assert_eq!(net.closes(), vec![1]);
     // The old connection going away later does not disturb the new one.
     net.broker.closed(1, net.now);
@@ -492,10 +492,7 @@ fn oversize_packets_are_refused_before_buffering() {
     net.connect(1, V5, "big", true);
     // Only the fixed header of a 1 MiB PUBLISH arrives.
     net.raw(1, &[0x30, 0x80, 0x80, 0x40]);
-    assert_eq!(
-        net.recv(1, V5),
-        vec![Packet::Disconnect { code: reason::PACKET_TOO_LARGE, properties: Properties::default() }]
-    );
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::PACKET_TOO_LARGE));
     assert_eq!(net.closes(), vec![1]);
 }
 
@@ -504,10 +501,7 @@ fn wildcards_in_a_publish_topic_end_the_connection() {
     let mut net = Net::new();
     net.connect(1, V5, "bad", true);
     net.publish(1, V5, publish("a/+", b"x", QoS::AtMostOnce, None));
-    assert_eq!(
-        net.recv(1, V5),
-        vec![Packet::Disconnect { code: reason::TOPIC_NAME_INVALID, properties: Properties::default() }]
-    );
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::TOPIC_NAME_INVALID));
     assert_eq!(net.closes(), vec![1]);
 }
 
@@ -571,10 +565,7 @@ fn inbound_topic_aliases() {
     let mut unknown = publish("", b"3", QoS::AtMostOnce, None);
     unknown.properties.topic_alias = Some(9);
     net.publish(1, V5, unknown);
-    assert_eq!(
-        net.recv(1, V5),
-        vec![Packet::Disconnect { code: reason::PROTOCOL_ERROR, properties: Properties::default() }]
-    );
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::PROTOCOL_ERROR));
 }
 
 #[test]
@@ -697,4 +688,32 @@ fn acl_denied_subscriptions_get_0x80_or_0x87_and_publishes_are_dropped() {
     assert!(matches!(net.recv(2, V5)[..], [Packet::Puback(Ack { packet_id: 4, code: reason::NOT_AUTHORIZED, .. })]));
     net.publish(1, V3, publish("alice/x", b"yes", QoS::AtMostOnce, None));
     assert_eq!(publishes(&net.recv(1, V3)).len(), 1);
+}
+
+#[test]
+fn reason_strings_unless_the_client_declines_them() {
+    let mut net = Net::new();
+    net.connect(1, V5, "chatty", true);
+    net.send(1, V5, &Packet::Connect(Box::new(connect(V5, "chatty", true))));
+    let got = net.recv(1, V5);
+    assert!(
+        matches!(&got[..], [Packet::Disconnect { properties, .. }] if properties.reason_string.as_deref() == Some("second CONNECT"))
+    );
+    let mut quiet = connect(V5, "quiet", true);
+    quiet.properties.request_problem_information = Some(0);
+    net.connect_with(2, quiet.clone());
+    net.send(2, V5, &Packet::Connect(Box::new(quiet)));
+    let got = net.recv(2, V5);
+    assert!(matches!(&got[..], [Packet::Disconnect { properties, .. }] if properties.reason_string.is_none()));
+}
+
+#[test]
+fn response_information_when_requested() {
+    let mut net = Net::new();
+    let mut c = connect(V5, "asker", true);
+    c.properties.request_response_information = Some(1);
+    let Packet::Connack(ack) = net.connect_with(1, c) else { panic!() };
+    assert_eq!(ack.properties.response_information.as_deref(), Some("response/asker/"));
+    let Packet::Connack(ack) = net.connect(2, V5, "other", true) else { panic!() };
+    assert_eq!(ack.properties.response_information, None);
 }
