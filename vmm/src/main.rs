@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use mqvisor::settings::BrokerFlags;
 use mqvisor::vcpu::Outcome;
 use mqvisor::vm::{self, RunReport, Service, VmConfig};
 
@@ -47,128 +48,13 @@ enum Commands {
     Bench(BenchCommand),
 }
 
-/// Broker limits shared by `mqvisor broker` and the tenant VM.
-#[derive(clap::Args, Clone, Debug)]
-struct BrokerLimits {
-    /// Most concurrent MQTT connections
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
-    max_connections: usize,
-    /// Largest MQTT packet accepted, in bytes (protocol maximum 268435460)
-    #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
-          value_parser = clap::value_parser!(u32).range(16..=268_435_460))]
-    max_packet_size: u32,
-    /// Messages queued per offline or slow session before new ones are dropped
-    #[arg(long, value_name = "N", default_value_t = 1000)]
-    max_queued_messages: usize,
-    /// Unacknowledged QoS 1/2 messages in flight per session
-    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u16).range(1..))]
-    max_inflight: u16,
-    /// Users and salted password hashes, as written by `mosquitto_passwd`
-    #[arg(long, value_name = "PATH")]
-    password_file: Option<PathBuf>,
-    /// Per-user publish/subscribe rules (Mosquitto ACL file format)
-    #[arg(long, value_name = "PATH")]
-    acl_file: Option<PathBuf>,
-    /// Let clients without a user name connect [default: true without
-    /// --password-file, false with it]
-    #[arg(long, value_name = "BOOL")]
-    allow_anonymous: Option<bool>,
-}
-
-/// The operator's password and ACL files, read and checked.
-struct AuthFiles {
-    passwords: Option<(String, mqvisor_broker::auth::PasswordFile)>,
-    acl: Option<(String, mqvisor_broker::auth::Acl)>,
-    allow_anonymous: bool,
-}
-
-/// Largest password or ACL file accepted.
-const MAX_AUTH_FILE: u64 = 512 * 1024;
-
-fn read_text(path: &std::path::Path, what: &str) -> Result<String, String> {
-    let size = std::fs::metadata(path).map_err(|e| format!("{what} {}: {e}", path.display()))?.len();
-    if size > MAX_AUTH_FILE {
-        return Err(format!("{what} {} is {size} bytes; at most {MAX_AUTH_FILE} are accepted", path.display()));
-    }
-    std::fs::read_to_string(path).map_err(|e| format!("{what} {}: {e}", path.display()))
-}
-
-impl BrokerLimits {
-    /// Reads and checks the password and ACL files.
-    fn auth_files(&self) -> Result<AuthFiles, String> {
-        use mqvisor_broker::auth::{Acl, PasswordFile};
-        let passwords = match &self.password_file {
-            Some(path) => {
-                let text = read_text(path, "password file")?;
-                let parsed =
-                    PasswordFile::parse(&text).map_err(|e| format!("password file {}: {e}", path.display()))?;
-                Some((text, parsed))
-            }
-            None => None,
-        };
-        let acl = match &self.acl_file {
-            Some(path) => {
-                let text = read_text(path, "ACL file")?;
-                let parsed = Acl::parse(&text).map_err(|e| format!("ACL file {}: {e}", path.display()))?;
-                Some((text, parsed))
-            }
-            None => None,
-        };
-        let allow_anonymous = self.allow_anonymous.unwrap_or(passwords.is_none());
-        Ok(AuthFiles { passwords, acl, allow_anonymous })
-    }
-
-    /// The limits as the guest's `mqtt.*` command-line words.
-    fn cmdline_words(&self, auth: &AuthFiles) -> String {
-        format!(
-            "mqtt.max_connections={} mqtt.max_packet_size={} mqtt.max_queued_messages={} mqtt.max_inflight={} \
-             mqtt.allow_anonymous={}",
-            self.max_connections,
-            self.max_packet_size,
-            self.max_queued_messages,
-            self.max_inflight,
-            u8::from(auth.allow_anonymous)
-        )
-    }
-
-    fn config(&self, auth: AuthFiles) -> mqvisor_broker::broker::Config {
-        mqvisor_broker::broker::Config {
-            max_connections: self.max_connections,
-            max_packet_size: self.max_packet_size as usize,
-            max_queued_messages: self.max_queued_messages,
-            max_inflight: self.max_inflight,
-            passwords: auth.passwords.map(|(_, p)| p),
-            acl: auth.acl.map(|(_, a)| a),
-            allow_anonymous: auth.allow_anonymous,
-            ..mqvisor_broker::broker::Config::default()
-        }
-    }
-}
-
-/// The files as the guest's configuration blob (`mqvisor_boot_abi::config_blob`).
-fn config_blob(auth: &AuthFiles) -> Vec<u8> {
-    let mut blob = Vec::new();
-    for text in [auth.passwords.as_ref().map(|(t, _)| t), auth.acl.as_ref().map(|(t, _)| t)] {
-        match text {
-            None => blob.push(0),
-            Some(text) => {
-                blob.push(1);
-                // Bounded by MAX_AUTH_FILE above.
-                blob.extend_from_slice(&u32::try_from(text.len()).unwrap_or(u32::MAX).to_le_bytes());
-                blob.extend_from_slice(text.as_bytes());
-            }
-        }
-    }
-    blob
-}
-
 #[derive(clap::Args)]
 struct BrokerArgs {
     /// Address to serve MQTT on
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1883")]
     listen: SocketAddr,
     #[command(flatten)]
-    limits: BrokerLimits,
+    broker: BrokerFlags,
 }
 
 #[derive(clap::Args)]
@@ -200,7 +86,7 @@ struct RunArgs {
     #[arg(long)]
     stats: bool,
     #[command(flatten)]
-    limits: BrokerLimits,
+    broker: BrokerFlags,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -270,20 +156,20 @@ fn run(args: RunArgs) -> ExitCode {
             }
         },
     };
-    let auth = match args.limits.auth_files() {
-        Ok(auth) => auth,
+    let settings = match args.broker.resolve() {
+        Ok(settings) => settings,
         Err(e) => {
             eprintln!("mqvisor: {e}");
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
     let config = VmConfig {
-        config_blob: if args.service == ServiceKind::Mqtt { config_blob(&auth) } else { Vec::new() },
+        config_blob: if args.service == ServiceKind::Mqtt { settings.config_blob() } else { Vec::new() },
         image,
         memory_mib: args.memory,
         cmdline: match args.service {
             // The broker's limits travel on the guest command line.
-            ServiceKind::Mqtt => format!("{} {}", args.cmdline, args.limits.cmdline_words(&auth)).trim().to_string(),
+            ServiceKind::Mqtt => format!("{} {}", args.cmdline, settings.cmdline_words()).trim().to_string(),
             _ => args.cmdline,
         },
         timeout: args.timeout,
@@ -356,14 +242,14 @@ fn main() -> ExitCode {
     match cli.command {
         Commands::Run(args) => run(args),
         Commands::Broker(args) => {
-            let auth = match args.limits.auth_files() {
-                Ok(auth) => auth,
+            let settings = match args.broker.resolve() {
+                Ok(settings) => settings,
                 Err(e) => {
                     eprintln!("mqvisor: {e}");
                     return ExitCode::from(EXIT_SETUP_FAILED);
                 }
             };
-            match mqvisor::broker_runner::run(args.listen, args.limits.config(auth)) {
+            match mqvisor::broker_runner::run(args.listen, settings.config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("mqvisor: broker on {}: {e}", args.listen);
