@@ -214,3 +214,51 @@ fn unreadable_or_malformed_auth_files_are_clear_errors() {
     common::assert_fails_with(&out, 125, "line 2: unknown keyword `frobnicate`");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn vm_enforces_limits_set_on_the_host() {
+    use mqvisor_broker::packet::{self, Connect, Packet, QoS, Subscribe, SubscriptionOptions, Version};
+    use mqvisor_broker::properties::Properties;
+    if !kvm_available("vm_enforces_limits_set_on_the_host") {
+        return;
+    }
+    let vm = RunningVm::start(&["--service", "mqtt", "--timeout", "300", "--max-topic-levels", "2"]);
+    let mut stream = TcpStream::connect(vm.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let connect = Connect {
+        version: Version::V5,
+        clean_start: true,
+        keep_alive: 30,
+        properties: Properties::default(),
+        client_id: "limits".into(),
+        will: None,
+        username: None,
+        password: None,
+    };
+    let options =
+        SubscriptionOptions { qos: QoS::AtMostOnce, no_local: false, retain_as_published: false, retain_handling: 0 };
+    let subscribe = Subscribe {
+        packet_id: 1,
+        properties: Properties::default(),
+        filters: vec![("a/b".into(), options), ("a/b/c".into(), options)],
+    };
+    let mut bytes = Vec::new();
+    packet::encode(&Packet::Connect(Box::new(connect)), Version::V5, &mut bytes);
+    packet::encode(&Packet::Subscribe(subscribe), Version::V5, &mut bytes);
+    stream.write_all(&bytes).unwrap();
+    let mut got = Vec::new();
+    let suback = loop {
+        let mut chunk = [0u8; 256];
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed early");
+        got.extend_from_slice(&chunk[..n]);
+        let connack_len = packet::frame(&got, usize::MAX).unwrap().map(|f| f.len);
+        if let Some(at) = connack_len {
+            if let Ok(Some(frame)) = packet::frame(&got[at..], usize::MAX) {
+                break packet::decode_from_server(frame, &got[at..], Version::V5).unwrap();
+            }
+        }
+    };
+    // Two levels are fine; three exceed the limit: Topic Filter invalid.
+    assert!(matches!(suback, Packet::Suback { codes, .. } if codes == vec![0, 0x8f]));
+}

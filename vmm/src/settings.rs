@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use mqvisor_broker::auth::{Acl, PasswordFile};
 use mqvisor_broker::broker::Config;
+use mqvisor_broker::topic::TopicLimits;
 use serde::Deserialize;
 
 /// Largest password, ACL or config file accepted.
@@ -35,6 +36,15 @@ pub struct BrokerFlags {
     /// Unacknowledged QoS 1/2 messages in flight per session, at least 1 [default: 20]
     #[arg(long, value_name = "N")]
     pub max_inflight: Option<u16>,
+    /// Subscriptions one client may hold [default: 1000]
+    #[arg(long, value_name = "N")]
+    pub max_subscriptions_per_client: Option<usize>,
+    /// Longest topic name or filter, in bytes [default: 65535]
+    #[arg(long, value_name = "BYTES")]
+    pub max_topic_length: Option<usize>,
+    /// Most levels in a topic name or filter [default: 128]
+    #[arg(long, value_name = "N")]
+    pub max_topic_levels: Option<usize>,
     /// Users and salted password hashes, as written by `mosquitto_passwd`
     #[arg(long, value_name = "PATH")]
     pub password_file: Option<PathBuf>,
@@ -55,6 +65,9 @@ struct FileSettings {
     max_packet_size: Option<u32>,
     max_queued_messages: Option<usize>,
     max_inflight: Option<u16>,
+    max_subscriptions_per_client: Option<usize>,
+    max_topic_length: Option<usize>,
+    max_topic_levels: Option<usize>,
     password_file: Option<PathBuf>,
     acl_file: Option<PathBuf>,
     allow_anonymous: Option<bool>,
@@ -119,6 +132,13 @@ impl BrokerFlags {
             _ => None,
         };
         let allow_anonymous = self.allow_anonymous.or(file.allow_anonymous).unwrap_or(passwords.is_none());
+        let topic_limits = TopicLimits {
+            max_len: self.max_topic_length.or(file.max_topic_length).unwrap_or(defaults.topic_limits.max_len),
+            max_levels: self.max_topic_levels.or(file.max_topic_levels).unwrap_or(defaults.topic_limits.max_levels),
+        };
+        if topic_limits.max_len == 0 || topic_limits.max_levels == 0 {
+            return Err("topic length and level limits must be at least 1".into());
+        }
         let config = Config {
             max_connections: self.max_connections.or(file.max_connections).unwrap_or(defaults.max_connections),
             max_packet_size,
@@ -127,6 +147,11 @@ impl BrokerFlags {
                 .or(file.max_queued_messages)
                 .unwrap_or(defaults.max_queued_messages),
             max_inflight,
+            max_subscriptions_per_client: self
+                .max_subscriptions_per_client
+                .or(file.max_subscriptions_per_client)
+                .unwrap_or(defaults.max_subscriptions_per_client),
+            topic_limits,
             passwords,
             acl,
             allow_anonymous,
@@ -142,11 +167,15 @@ impl Settings {
         let c = &self.config;
         format!(
             "mqtt.max_connections={} mqtt.max_packet_size={} mqtt.max_queued_messages={} mqtt.max_inflight={} \
+             mqtt.max_subscriptions_per_client={} mqtt.max_topic_length={} mqtt.max_topic_levels={} \
              mqtt.allow_anonymous={}",
             c.max_connections,
             c.max_packet_size,
             c.max_queued_messages,
             c.max_inflight,
+            c.max_subscriptions_per_client,
+            c.topic_limits.max_len,
+            c.topic_limits.max_levels,
             u8::from(c.allow_anonymous)
         )
     }

@@ -717,3 +717,107 @@ fn response_information_when_requested() {
     let Packet::Connack(ack) = net.connect(2, V5, "other", true) else { panic!() };
     assert_eq!(ack.properties.response_information, None);
 }
+
+#[test]
+fn outbound_topic_aliases_for_clients_that_accept_them() {
+    let mut net = Net::new();
+    let mut c = connect(V5, "aliased", true);
+    c.properties.topic_alias_maximum = Some(1);
+    net.connect_with(1, c);
+    net.subscribe(1, V5, "#", QoS::AtMostOnce);
+    net.connect(2, V5, "pub", true);
+    for topic in ["a/long/topic", "a/long/topic", "other"] {
+        net.publish(2, V5, publish(topic, b"x", QoS::AtMostOnce, None));
+    }
+    let got = publishes(&net.recv(1, V5));
+    let seen: Vec<(&str, Option<u16>)> = got.iter().map(|p| (&*p.topic, p.properties.topic_alias)).collect();
+    // First use sets alias 1, the second uses it alone, the table is then full.
+    assert_eq!(seen, vec![("a/long/topic", Some(1)), ("", Some(1)), ("other", None)]);
+}
+
+#[test]
+fn max_connections_refuses_with_server_busy() {
+    let mut net = Net::with(Config { max_connections: 1, sys_interval_ms: 0, ..Config::default() });
+    assert_eq!(connack_code(&net.connect(1, V5, "first", true)), (false, 0));
+    assert_eq!(connack_code(&net.connect(2, V5, "second", true)), (false, reason::SERVER_BUSY));
+    assert_eq!(connack_code(&net.connect(3, V3, "third", true)), (false, 3));
+}
+
+#[test]
+fn subscriptions_per_client_are_limited() {
+    let mut net = Net::with(Config { max_subscriptions_per_client: 2, sys_interval_ms: 0, ..Config::default() });
+    net.connect(1, V5, "greedy", true);
+    assert_eq!(net.subscribe(1, V5, "a", QoS::AtMostOnce), vec![0]);
+    assert_eq!(net.subscribe(1, V5, "b", QoS::AtMostOnce), vec![0]);
+    assert_eq!(net.subscribe(1, V5, "c", QoS::AtMostOnce), vec![reason::QUOTA_EXCEEDED]);
+    // Re-subscribing to a held filter is a replacement, not a new one.
+    assert_eq!(net.subscribe(1, V5, "a", QoS::AtLeastOnce), vec![1]);
+}
+
+#[test]
+fn messages_larger_than_the_client_accepts_are_not_sent() {
+    let mut net = Net::new();
+    let mut c = connect(V5, "small", true);
+    c.properties.maximum_packet_size = Some(64);
+    net.connect_with(1, c);
+    net.subscribe(1, V5, "t", QoS::AtMostOnce);
+    net.connect(2, V5, "pub", true);
+    net.publish(2, V5, publish("t", &[0u8; 100], QoS::AtMostOnce, None));
+    net.publish(2, V5, publish("t", b"fits", QoS::AtMostOnce, None));
+    let got = publishes(&net.recv(1, V5));
+    assert_eq!(got.iter().map(|p| &*p.payload).collect::<Vec<_>>(), vec![&b"fits"[..]]);
+    assert_eq!(net.broker.stats().messages_dropped, 1);
+}
+
+#[test]
+fn the_clients_receive_maximum_bounds_unacknowledged_messages() {
+    let mut net = Net::new();
+    let mut c = connect(V5, "careful", true);
+    c.properties.receive_maximum = Some(2);
+    net.connect_with(1, c);
+    net.subscribe(1, V5, "t", QoS::AtLeastOnce);
+    net.connect(2, V5, "pub", true);
+    for i in 0..5u16 {
+        net.publish(2, V5, publish("t", b"m", QoS::AtLeastOnce, Some(i + 1)));
+    }
+    let first = publishes(&net.recv(1, V5));
+    assert_eq!(first.len(), 2);
+    for p in &first {
+        net.send(1, V5, &Packet::Puback(ack(p.packet_id.unwrap())));
+    }
+    assert_eq!(publishes(&net.recv(1, V5)).len(), 2);
+}
+
+#[test]
+fn expired_messages_are_not_delivered_and_the_rest_count_down() {
+    let mut net = Net::new();
+    let mut c = connect(V5, "away", false);
+    c.properties.session_expiry_interval = Some(600);
+    net.connect_with(1, c.clone());
+    net.subscribe(1, V5, "t", QoS::AtLeastOnce);
+    net.broker.closed(1, net.now);
+    net.connect(2, V5, "pub", true);
+    let mut short = publish("t", b"short", QoS::AtLeastOnce, Some(1));
+    short.properties.message_expiry_interval = Some(5);
+    let mut long = publish("t", b"long", QoS::AtLeastOnce, Some(2));
+    long.properties.message_expiry_interval = Some(60);
+    net.publish(2, V5, short);
+    net.publish(2, V5, long);
+    net.advance(10_000);
+    net.connect_with(3, c);
+    let got = publishes(&net.recv(3, V5));
+    assert_eq!(got.len(), 1);
+    assert_eq!(&*got[0].payload, b"long");
+    assert_eq!(got[0].properties.message_expiry_interval, Some(50));
+}
+
+#[test]
+fn topic_length_and_level_limits() {
+    use mqvisor_broker::topic::TopicLimits;
+    let limits = TopicLimits { max_len: 16, max_levels: 3 };
+    let mut net = Net::with(Config { topic_limits: limits, sys_interval_ms: 0, ..Config::default() });
+    net.connect(1, V5, "c", true);
+    assert_eq!(net.subscribe(1, V5, "a/b/c/d", QoS::AtMostOnce), vec![reason::TOPIC_FILTER_INVALID]);
+    net.publish(1, V5, publish("a/very/long/topic/name", b"x", QoS::AtMostOnce, None));
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::TOPIC_NAME_INVALID));
+}

@@ -66,6 +66,11 @@ pub fn config_from_cmdline(cmdline: &str) -> Result<Config, &str> {
             "max_queued_messages" => config.max_queued_messages = usize::try_from(number()?).map_err(|_| word)?,
             "max_inflight" => config.max_inflight = u16::try_from(number()?).map_err(|_| word)?,
             "allow_anonymous" => config.allow_anonymous = number()? != 0,
+            "max_subscriptions_per_client" => {
+                config.max_subscriptions_per_client = usize::try_from(number()?).map_err(|_| word)?
+            }
+            "max_topic_length" => config.topic_limits.max_len = usize::try_from(number()?).map_err(|_| word)?,
+            "max_topic_levels" => config.topic_limits.max_levels = usize::try_from(number()?).map_err(|_| word)?,
             _ => return Err(word),
         }
     }
