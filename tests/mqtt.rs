@@ -252,11 +252,10 @@ fn vm_enforces_limits_set_on_the_host() {
         let n = stream.read(&mut chunk).unwrap();
         assert!(n > 0, "connection closed early");
         got.extend_from_slice(&chunk[..n]);
+        // Skip the CONNACK; decode the SUBACK once it is whole.
         let connack_len = packet::frame(&got, usize::MAX).unwrap().map(|f| f.len);
-        if let Some(at) = connack_len {
-            if let Ok(Some(frame)) = packet::frame(&got[at..], usize::MAX) {
-                break packet::decode_from_server(frame, &got[at..], Version::V5).unwrap();
-            }
+        if let Some((at, frame)) = connack_len.and_then(|at| Some((at, packet::frame(&got[at..], usize::MAX).ok()??))) {
+            break packet::decode_from_server(frame, &got[at..], Version::V5).unwrap();
         }
     };
     // Two levels are fine; three exceed the limit: Topic Filter invalid.
