@@ -45,6 +45,9 @@ pub struct BrokerFlags {
     /// Most levels in a topic name or filter [default: 128]
     #[arg(long, value_name = "N")]
     pub max_topic_levels: Option<usize>,
+    /// Keep-alive the broker imposes on MQTT 5 clients, seconds [default: the client's]
+    #[arg(long, value_name = "SECS")]
+    pub server_keep_alive: Option<u16>,
     /// Users and salted password hashes, as written by `mosquitto_passwd`
     #[arg(long, value_name = "PATH")]
     pub password_file: Option<PathBuf>,
@@ -68,6 +71,7 @@ struct FileSettings {
     max_subscriptions_per_client: Option<usize>,
     max_topic_length: Option<usize>,
     max_topic_levels: Option<usize>,
+    server_keep_alive: Option<u16>,
     password_file: Option<PathBuf>,
     acl_file: Option<PathBuf>,
     allow_anonymous: Option<bool>,
@@ -152,6 +156,7 @@ impl BrokerFlags {
                 .or(file.max_subscriptions_per_client)
                 .unwrap_or(defaults.max_subscriptions_per_client),
             topic_limits,
+            server_keep_alive: self.server_keep_alive.or(file.server_keep_alive),
             passwords,
             acl,
             allow_anonymous,
@@ -168,7 +173,7 @@ impl Settings {
         format!(
             "mqtt.max_connections={} mqtt.max_packet_size={} mqtt.max_queued_messages={} mqtt.max_inflight={} \
              mqtt.max_subscriptions_per_client={} mqtt.max_topic_length={} mqtt.max_topic_levels={} \
-             mqtt.allow_anonymous={}",
+             mqtt.allow_anonymous={}{}",
             c.max_connections,
             c.max_packet_size,
             c.max_queued_messages,
@@ -176,7 +181,8 @@ impl Settings {
             c.max_subscriptions_per_client,
             c.topic_limits.max_len,
             c.topic_limits.max_levels,
-            u8::from(c.allow_anonymous)
+            u8::from(c.allow_anonymous),
+            c.server_keep_alive.map(|k| format!(" mqtt.server_keep_alive={k}")).unwrap_or_default()
         )
     }
 

@@ -177,6 +177,8 @@ struct Queued {
 #[derive(Debug)]
 struct Session {
     client_id: String,
+    /// The user the session was last authenticated as (for ACL reads).
+    username: Option<String>,
     conn: Option<ConnId>,
     version: Version,
     /// Seconds the session outlives its connection; u32::MAX: forever.
@@ -620,6 +622,7 @@ impl Broker {
             // A reconnect before a delayed will fires cancels it (MQTT 5 3.1.3.2.2).
             s.will_at = None;
             s.will = connect.will;
+            s.username = connect.username.clone();
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.phase = Phase::Connected(key);
@@ -679,6 +682,7 @@ impl Broker {
                 queue: VecDeque::new(),
                 will: None,
                 will_at: None,
+                username: None,
             },
         );
         self.by_client_id.insert(client_id.to_string(), key);
@@ -793,6 +797,13 @@ impl Broker {
         }
         let count = targets.len();
         for (session, (sub_qos, retain_as_published, ids)) in targets {
+            // Read access is checked per message too, as Mosquitto does: an
+            // ACL changed after subscribing, or a wide filter, does not leak.
+            if let (Some(acl), Some(s)) = (&self.config.acl, self.sessions.get(&session)) {
+                if !acl.allows(s.username.as_deref(), &s.client_id, Want::Subscribe, &p.topic) {
+                    continue;
+                }
+            }
             let mut out = p.clone();
             out.qos = p.qos.min(sub_qos);
             out.retain = retain_as_published && p.retain;

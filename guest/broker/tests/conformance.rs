@@ -821,3 +821,28 @@ fn topic_length_and_level_limits() {
     net.publish(1, V5, publish("a/very/long/topic/name", b"x", QoS::AtMostOnce, None));
     assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::TOPIC_NAME_INVALID));
 }
+
+#[test]
+fn acl_read_access_is_checked_for_every_message() {
+    // "#" may be subscribed to, but nothing under private/ may be read.
+    let acl = "user alice\ntopic read #\ntopic deny private/#\ntopic write #\n";
+    let mut net = with_auth(false, Some(acl));
+    net.connect_with(1, login(V3, "reader", Some("alice"), b"s3cret"));
+    assert_eq!(net.subscribe(1, V3, "#", QoS::AtMostOnce), vec![0]);
+    net.connect_with(2, login(V3, "writer", Some("alice"), b"s3cret"));
+    net.publish(2, V3, publish("public/x", b"ok", QoS::AtMostOnce, None));
+    net.publish(2, V3, publish("private/x", b"secret", QoS::AtMostOnce, None));
+    let got = publishes(&net.recv(1, V3));
+    assert_eq!(got.iter().map(|p| &*p.payload).collect::<Vec<_>>(), vec![&b"ok"[..]]);
+}
+
+#[test]
+fn server_keep_alive_overrides_the_clients() {
+    let mut net = Net::with(Config { server_keep_alive: Some(5), sys_interval_ms: 0, ..Config::default() });
+    let mut c = connect(V5, "k", true);
+    c.keep_alive = 600;
+    let Packet::Connack(ack) = net.connect_with(1, c) else { panic!() };
+    assert_eq!(ack.properties.server_keep_alive, Some(5));
+    net.advance(7_600);
+    assert_eq!(net.closes(), vec![1]);
+}

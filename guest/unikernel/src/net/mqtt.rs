@@ -70,6 +70,7 @@ pub fn config_from_cmdline(cmdline: &str) -> Result<Config, &str> {
                 config.max_subscriptions_per_client = usize::try_from(number()?).map_err(|_| word)?
             }
             "max_topic_length" => config.topic_limits.max_len = usize::try_from(number()?).map_err(|_| word)?,
+            "server_keep_alive" => config.server_keep_alive = Some(u16::try_from(number()?).map_err(|_| word)?),
             "max_topic_levels" => config.topic_limits.max_levels = usize::try_from(number()?).map_err(|_| word)?,
             _ => return Err(word),
         }
