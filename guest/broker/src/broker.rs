@@ -799,10 +799,12 @@ impl Broker {
         for (session, (sub_qos, retain_as_published, ids)) in targets {
             // Read access is checked per message too, as Mosquitto does: an
             // ACL changed after subscribing, or a wide filter, does not leak.
-            if let (Some(acl), Some(s)) = (&self.config.acl, self.sessions.get(&session)) {
-                if !acl.allows(s.username.as_deref(), &s.client_id, Want::Subscribe, &p.topic) {
-                    continue;
-                }
+            let readable = match (&self.config.acl, self.sessions.get(&session)) {
+                (Some(acl), Some(s)) => acl.allows(s.username.as_deref(), &s.client_id, Want::Subscribe, &p.topic),
+                _ => true,
+            };
+            if !readable {
+                continue;
             }
             let mut out = p.clone();
             out.qos = p.qos.min(sub_qos);
