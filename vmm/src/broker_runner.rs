@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mqvisor_broker::broker::{Broker, Config, ConnId, Event};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::runtime::{Read, read_paced, sleep_or_forever};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
@@ -74,7 +76,14 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
                     next_id += 1;
                     let (read_half, write_half) = stream.into_split();
                     let reader_go = Arc::new(Notify::new());
-                    let reader = tokio::spawn(read_client(id, read_half, events_tx.clone(), reader_go.clone()));
+                    let events = events_tx.clone();
+                    let reader = tokio::spawn(read_paced(read_half, READ_CHUNK, reader_go.clone(), move |read| {
+                        let event = match read {
+                            Read::Data(data) => ClientEvent::Data(id, data),
+                            Read::Eof | Read::Failed => ClientEvent::Gone(id),
+                        };
+                        events.send(event).is_ok()
+                    }));
                     let (to_socket, from_core) = mpsc::channel(WRITER_QUEUE);
                     tokio::spawn(write_client(id, write_half, from_core, events_tx.clone()));
                     clients.insert(id, Client { to_socket: Some(to_socket), reader, reader_go, closing: false });
@@ -133,37 +142,6 @@ fn flush(broker: &mut Broker, clients: &mut HashMap<ConnId, Client>, waiting: &m
             clients.remove(&id);
             broker.closed(id, now);
         }
-    }
-}
-
-async fn sleep_or_forever(delay: Option<Duration>) {
-    match delay {
-        Some(delay) => tokio::time::sleep(delay).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn read_client(
-    id: ConnId,
-    mut stream: OwnedReadHalf,
-    events: mpsc::UnboundedSender<ClientEvent>,
-    go: Arc<Notify>,
-) {
-    let mut chunk = vec![0u8; READ_CHUNK];
-    loop {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => {
-                let _ = events.send(ClientEvent::Gone(id));
-                return;
-            }
-            Ok(n) => {
-                if events.send(ClientEvent::Data(id, chunk[..n].to_vec())).is_err() {
-                    return;
-                }
-            }
-        }
-        // One chunk in flight: a client that floods waits for the core.
-        go.notified().await;
     }
 }
 

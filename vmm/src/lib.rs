@@ -15,6 +15,7 @@ pub mod devices;
 pub mod image;
 pub mod net;
 pub mod paravirt;
+pub mod runtime;
 pub mod settings;
 pub mod vcpu;
 pub mod vm;

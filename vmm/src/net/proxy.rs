@@ -21,9 +21,9 @@ use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as NetInstant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+use tokio::io::AsyncWriteExt;
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -33,6 +33,7 @@ use super::link::FrameLink;
 use super::{GUEST_IP, HOST_IP, HOST_MAC, MAX_FRAME, PREFIX_LEN};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{NetDevice, RX_QUEUE, TX_QUEUE};
+use crate::runtime::{Read, read_paced, sleep_or_forever};
 
 /// Bytes a client reader moves per chunk, and per writer message.
 const CHUNK: usize = 64 * 1024;
@@ -340,7 +341,15 @@ impl Proxy {
         self.next_id += 1;
         let (read_half, write_half) = stream.into_split();
         let reader_go = Arc::new(Notify::new());
-        let reader = tokio::spawn(read_client(id, read_half, self.events_tx.clone(), reader_go.clone()));
+        let events = self.events_tx.clone();
+        let reader = tokio::spawn(read_paced(read_half, CHUNK, reader_go.clone(), move |read| {
+            let event = match read {
+                Read::Data(data) => ClientEvent::Data(id, data),
+                Read::Eof => ClientEvent::Eof(id),
+                Read::Failed => ClientEvent::Failed(id),
+            };
+            events.send(event).is_ok()
+        }));
         let (to_client, from_net) = mpsc::channel(WRITER_QUEUE);
         tokio::spawn(write_client(id, write_half, from_net, self.events_tx.clone()));
         self.conns.insert(
@@ -548,38 +557,6 @@ fn watch(event: EventFd) -> std::io::Result<AsyncFd<EventFd>> {
     // SAFETY: `EventFd` owns its descriptor, keeps it open until dropped and
     // always returns the same one from `as_raw_fd`; the AsyncFd owns it.
     unsafe { AsyncFd::register(event) }.map_err(std::io::Error::from)
-}
-
-async fn sleep_or_forever(delay: Option<Duration>) {
-    match delay {
-        Some(delay) => tokio::time::sleep(delay).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn read_client(
-    id: ConnId,
-    mut stream: OwnedReadHalf,
-    events: mpsc::UnboundedSender<ClientEvent>,
-    go: Arc<Notify>,
-) {
-    loop {
-        let mut chunk = vec![0u8; CHUNK];
-        let event = match stream.read(&mut chunk).await {
-            Ok(0) => ClientEvent::Eof(id),
-            Ok(n) => {
-                chunk.truncate(n);
-                ClientEvent::Data(id, chunk)
-            }
-            Err(_) => ClientEvent::Failed(id),
-        };
-        let more = matches!(event, ClientEvent::Data(..));
-        if events.send(event).is_err() || !more {
-            return;
-        }
-        // One chunk in flight per client: wait until the net loop took it.
-        go.notified().await;
-    }
 }
 
 async fn write_client(
