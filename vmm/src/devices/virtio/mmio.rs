@@ -69,7 +69,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// A transport in reset state for `device`.
     pub fn new(device: D, mem: GuestMemoryMmap) -> std::io::Result<Self> {
         let sizes = device.queue_max_sizes().to_vec();
-        let queues = sizes.iter().map(|&max| Queue::new(max).expect("queue max sizes are powers of two")).collect();
+        let queues = sizes
+            .iter()
+            .map(|&max| Queue::new(max).map_err(|e| std::io::Error::other(format!("queue size {max}: {e}"))))
+            .collect::<Result<_, _>>()?;
         let queue_events =
             sizes.iter().map(|_| EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)).collect::<Result<_, _>>()?;
         Ok(MmioTransport {
@@ -283,7 +286,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
             self.status |= status::DEVICE_NEEDS_RESET;
             return;
         }
-        let queues = self.queues.iter().map(clone_queue).collect();
+        let Some(queues) = self.queues.iter().map(clone_queue).collect::<Option<Vec<_>>>() else {
+            self.status |= status::DEVICE_NEEDS_RESET;
+            return;
+        };
         match self.device.activate(queues, self.driver_features, self.mem.clone()) {
             Ok(()) => {
                 self.status = value;
@@ -300,14 +306,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
 /// A fresh `Queue` configured like `queue` (the transport keeps its copy so
 /// that a reset can re-read the registers).
-fn clone_queue(queue: &Queue) -> Queue {
-    let mut copy = Queue::new(queue.max_size()).expect("max size already validated");
+fn clone_queue(queue: &Queue) -> Option<Queue> {
+    let mut copy = Queue::new(queue.max_size()).ok()?;
     copy.set_size(queue.size());
     copy.set_desc_table_address(Some(low(queue.desc_table())), Some(high(queue.desc_table())));
     copy.set_avail_ring_address(Some(low(queue.avail_ring())), Some(high(queue.avail_ring())));
     copy.set_used_ring_address(Some(low(queue.used_ring())), Some(high(queue.used_ring())));
     copy.set_ready(queue.ready());
-    copy
+    Some(copy)
 }
 
 fn low(value: u64) -> u32 {
