@@ -129,8 +129,9 @@ fn flush(broker: &mut Broker, clients: &mut HashMap<ConnId, Client>, waiting: &m
                 break;
             };
             let chunk = broker.output(id).to_vec();
-            permit.send(chunk.clone());
-            broker.consume_output(id, chunk.len(), now);
+            let sent = chunk.len();
+            permit.send(chunk);
+            broker.consume_output(id, sent, now);
         }
         waiting.extend(broker.take_dirty());
         waiting.remove(&id);

@@ -220,8 +220,6 @@ struct Conn {
     inbound_aliases: BTreeMap<u16, Arc<str>>,
     /// Aliases we set towards the client.
     outbound_aliases: BTreeMap<Arc<str>, u16>,
-    /// The client sent DISCONNECT (so no will, unless it asked for one).
-    graceful: bool,
     /// The authenticated user, for ACL checks.
     username: Option<String>,
     client_id: String,
@@ -247,7 +245,6 @@ impl Conn {
             client_id: String::new(),
             problem_information: true,
             outbound_aliases: BTreeMap::new(),
-            graceful: false,
         }
     }
 }
@@ -303,10 +300,6 @@ impl Broker {
 
     pub fn stats(&self) -> Stats {
         self.stats
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.config
     }
 
     /// Number of open transport connections.
@@ -396,7 +389,8 @@ impl Broker {
             // A Closing connection has already been detached from its session.
             _ => return,
         };
-        self.detach(key, conn, c.graceful, now);
+        // Gone without DISCONNECT (a DISCONNECT leaves the phase Closing).
+        self.detach(key, conn, false, now);
     }
 
     /// When `tick` must next be called, if ever.
@@ -488,23 +482,25 @@ impl Broker {
 
     fn handle(&mut self, conn: ConnId, packet: Packet, now: u64) {
         let Some(c) = self.conns.get(&conn) else { return };
-        let key = match (&c.phase, packet) {
-            (Phase::AwaitingConnect, Packet::Connect(connect)) => return self.handle_connect(conn, *connect, now),
+        let key = match (&c.phase, &packet) {
+            (Phase::Connected(key), _) => *key,
+            (Phase::AwaitingConnect, Packet::Connect(_)) => {
+                let Packet::Connect(connect) = packet else { return };
+                return self.handle_connect(conn, *connect, now);
+            }
             (Phase::AwaitingConnect, _) => {
                 // Anything before CONNECT: close without a word (3.1.1 3.1.0-1).
                 self.stats.protocol_errors += 1;
                 return self.close(conn);
             }
-            (Phase::Connected(key), packet) => (*key, packet),
             (Phase::Closing, _) => return,
         };
-        let (key, packet) = key;
         let result = match packet {
             Packet::Connect(_) => Err(refuse(reason::PROTOCOL_ERROR, "second CONNECT")),
             Packet::Publish(p) => self.handle_publish(conn, key, p, now),
-            Packet::Puback(a) => self.handle_ack(conn, key, a.packet_id, Awaiting::Puback, now),
+            Packet::Puback(a) => self.handle_ack(key, a.packet_id, Awaiting::Puback, now),
             Packet::Pubrec(a) => self.handle_pubrec(conn, key, a, now),
-            Packet::Pubcomp(a) => self.handle_ack(conn, key, a.packet_id, Awaiting::Pubcomp, now),
+            Packet::Pubcomp(a) => self.handle_ack(key, a.packet_id, Awaiting::Pubcomp, now),
             Packet::Pubrel(a) => self.handle_pubrel(conn, key, a),
             Packet::Subscribe(s) => self.handle_subscribe(conn, key, s, now),
             Packet::Unsubscribe(u) => self.handle_unsubscribe(conn, key, u),
@@ -901,24 +897,12 @@ impl Broker {
         }
     }
 
-    fn handle_ack(
-        &mut self,
-        conn: ConnId,
-        key: SessionKey,
-        id: u16,
-        expected: Awaiting,
-        now: u64,
-    ) -> Result<(), Refusal> {
+    fn handle_ack(&mut self, key: SessionKey, id: u16, expected: Awaiting, now: u64) -> Result<(), Refusal> {
         let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
-        match session.inflight.get(&id) {
-            Some(out) if out.state == expected => {
-                session.inflight.remove(&id);
-                self.pump(key, now);
-            }
-            // An unknown id is ignored: a late duplicate after a resend.
-            _ => {
-                let _ = conn;
-            }
+        // An unknown id is ignored: a late duplicate after a resend.
+        if session.inflight.get(&id).is_some_and(|out| out.state == expected) {
+            session.inflight.remove(&id);
+            self.pump(key, now);
         }
         Ok(())
     }
@@ -1050,16 +1034,10 @@ impl Broker {
             }
             session.expiry = requested.min(self.config.max_session_expiry);
         }
-        if let Some(c) = self.conns.get_mut(&conn) {
-            // "Disconnect with Will Message" keeps the will; anything else drops it.
-            c.graceful = code != reason::DISCONNECT_WITH_WILL;
-        }
-        let graceful = self.conns.get(&conn).is_some_and(|c| c.graceful);
-        if let Some(c) = self.conns.get_mut(&conn) {
-            c.phase = Phase::Closing;
-        }
+        // "Disconnect with Will Message" keeps the will; anything else drops it.
+        let graceful = code != reason::DISCONNECT_WITH_WILL;
+        self.close(conn);
         self.detach(key, conn, graceful, now);
-        self.events.push_back(Event::Close(conn));
         Ok(())
     }
 
@@ -1078,6 +1056,10 @@ impl Broker {
     /// reason; the will is published as for a lost connection.
     fn end_connection(&mut self, conn: ConnId, refusal: Refusal, now: u64) {
         let Some(c) = self.conns.get(&conn) else { return };
+        let connected = match c.phase {
+            Phase::Connected(key) => Some(key),
+            _ => None,
+        };
         if c.version == Version::V5 {
             // A reason string helps the operator, unless the client asked for
             // none (Request Problem Information = 0, MQTT 5 3.1.2.11.7).
@@ -1085,14 +1067,10 @@ impl Broker {
             let properties = Properties { reason_string, ..Properties::default() };
             self.send_to(conn, &Packet::Disconnect { code: refusal.code, properties });
         }
-        if let Some(Phase::Connected(key)) = self.conns.get(&conn).map(|c| &c.phase) {
-            let key = *key;
-            if let Some(c) = self.conns.get_mut(&conn) {
-                c.phase = Phase::Closing;
-            }
+        self.close(conn);
+        if let Some(key) = connected {
             self.detach(key, conn, false, now);
         }
-        self.close(conn);
     }
 
     /// Detaches the session from its connection: will, expiry.
@@ -1148,9 +1126,9 @@ impl Broker {
         }
     }
 
+    /// Asks the runner to close `conn` (once); its input is ignored from now on.
     fn close(&mut self, conn: ConnId) {
-        let already = self.events.contains(&Event::Close(conn));
-        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.phase != Phase::Closing || !already) {
+        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.phase != Phase::Closing) {
             c.phase = Phase::Closing;
             self.events.push_back(Event::Close(conn));
         }

@@ -8,7 +8,7 @@
 
 use std::collections::VecDeque;
 
-use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
 /// Frames waiting for guest RX buffers, at most.
@@ -40,10 +40,7 @@ pub fn capabilities(max_frame: usize) -> DeviceCapabilities {
     let mut caps = DeviceCapabilities::default();
     caps.medium = Medium::Ethernet;
     caps.max_transmission_unit = max_frame;
-    let mut checksum = ChecksumCapabilities::ignored();
-    checksum.ipv4 = Checksum::None;
-    checksum.tcp = Checksum::None;
-    caps.checksum = checksum;
+    caps.checksum = ChecksumCapabilities::ignored();
     caps
 }
 

@@ -196,8 +196,7 @@ impl phy::Device for VirtioNet {
         caps.medium = Medium::Ethernet;
         caps.max_transmission_unit = self.mtu;
         // Same as the host end: the link is memory, nothing to check.
-        caps.checksum.ipv4 = smoltcp::phy::Checksum::None;
-        caps.checksum.tcp = smoltcp::phy::Checksum::None;
+        caps.checksum = smoltcp::phy::ChecksumCapabilities::ignored();
         caps
     }
 }

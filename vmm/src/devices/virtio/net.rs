@@ -101,11 +101,6 @@ impl NetDevice {
         &self.metrics
     }
 
-    /// True when the driver has activated the device.
-    pub fn is_active(&self) -> bool {
-        self.active.is_some()
-    }
-
     /// Moves the frames the guest transmitted into `out`, at most `limit`.
     /// Returns how many chains were consumed (frames plus refused chains).
     pub fn pop_tx_frames(&mut self, out: &mut VecDeque<Vec<u8>>, limit: usize) -> Result<usize, RingFault> {
@@ -167,13 +162,6 @@ impl NetDevice {
             done += 1;
         }
         Ok(done)
-    }
-
-    /// Stops notifications for `queue` while the worker is busy polling it.
-    pub fn disable_notification(&mut self, queue: usize) -> Result<(), RingFault> {
-        let Some(active) = self.active.as_mut() else { return Ok(()) };
-        let q = if queue == RX_QUEUE { &mut active.rx } else { &mut active.tx };
-        q.disable_notification(&active.mem).map_err(|e| fault(queue, e))
     }
 
     /// Re-arms notifications for `queue`; true if buffers arrived meanwhile
