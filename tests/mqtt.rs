@@ -261,3 +261,25 @@ fn vm_enforces_limits_set_on_the_host() {
     // Two levels are fine; three exceed the limit: Topic Filter invalid.
     assert!(matches!(suback, Packet::Suback { codes, .. } if codes == vec![0, 0x8f]));
 }
+
+#[test]
+fn vm_refuses_a_malformed_broker_setting() {
+    if !kvm_available("vm_refuses_a_malformed_broker_setting") {
+        return;
+    }
+    let out = common::run_vm(&[
+        "--service",
+        "mqtt",
+        "--listen",
+        "127.0.0.1:0",
+        "--cmdline",
+        "mqtt.max_inflight=lots",
+        "--timeout",
+        "30",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    // The listener is announced first; the guest's refusal is the last line.
+    let last = err.trim_end().lines().last().unwrap_or_default();
+    assert!(last.contains("malformed broker setting \"mqtt.max_inflight=lots\""), "{err}");
+}

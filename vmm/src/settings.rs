@@ -237,6 +237,17 @@ mod tests {
     }
 
     #[test]
+    fn zero_limits_and_oversize_files_are_refused() {
+        let err = BrokerFlags { max_inflight: Some(0), ..BrokerFlags::default() }.resolve().unwrap_err();
+        assert!(err.contains("max inflight"), "{err}");
+        let err = BrokerFlags { max_topic_levels: Some(0), ..BrokerFlags::default() }.resolve().unwrap_err();
+        assert!(err.contains("topic length and level"), "{err}");
+        let big = temp("big", &"#".repeat(usize::try_from(MAX_FILE).unwrap() + 1));
+        let err = BrokerFlags { acl_file: Some(big), ..BrokerFlags::default() }.resolve().unwrap_err();
+        assert!(err.contains("at most"), "{err}");
+    }
+
+    #[test]
     fn bad_files_are_named() {
         let conf = temp("b.toml", "max_conections = 5\n");
         let err = BrokerFlags { config: Some(conf), ..BrokerFlags::default() }.resolve().unwrap_err();

@@ -357,6 +357,33 @@ mod tests {
         assert!(matches!(boot_info(32 << 20, 0x20_0000, &long), Err(VmmError::CmdlineTooLong(1025))));
     }
 
+    fn config(memory_mib: u32, config_blob: Vec<u8>) -> VmConfig {
+        VmConfig {
+            image: crate::DEFAULT_IMAGE.to_vec(),
+            memory_mib,
+            cmdline: String::new(),
+            timeout: None,
+            // Never opened: the refusals under test come before KVM.
+            kvm_device: PathBuf::from("/nonexistent/kvm"),
+            console: Box::new(std::io::sink()),
+            service: Service::Demo,
+            config_blob,
+        }
+    }
+
+    #[test]
+    fn memory_out_of_range_is_refused_before_kvm() {
+        for mib in [0, MAX_MEMORY_MIB + 1] {
+            assert!(matches!(run(config(mib, Vec::new())), Err(VmmError::MemoryOutOfRange(m)) if m == mib));
+        }
+    }
+
+    #[test]
+    fn an_oversize_configuration_blob_is_refused_before_kvm() {
+        let blob = vec![0u8; usize::try_from(config_blob::MAX_LEN).unwrap() + 1];
+        assert!(matches!(run(config(32, blob)), Err(VmmError::ConfigTooLarge(_))));
+    }
+
     #[test]
     fn missing_kvm_device_is_explained() {
         let err = open_kvm(std::path::Path::new("/nonexistent/kvm")).unwrap_err();

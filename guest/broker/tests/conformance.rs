@@ -846,3 +846,132 @@ fn server_keep_alive_overrides_the_clients() {
     net.advance(7_600);
     assert_eq!(net.closes(), vec![1]);
 }
+
+#[test]
+fn a_connection_silent_before_connect_is_closed() {
+    let mut net = Net::with(Config { connect_timeout_ms: 2_000, sys_interval_ms: 0, ..Config::default() });
+    net.broker.open(1, net.now);
+    assert_eq!(net.broker.next_deadline(), Some(net.now + 2_000));
+    net.advance(1_999);
+    assert!(net.closes().is_empty());
+    net.advance(1);
+    assert_eq!(net.closes(), vec![1]);
+}
+
+#[test]
+fn topic_aliases_outside_the_announced_range_are_refused() {
+    for alias in [0, 17] {
+        let mut net = Net::new(); // announces topic_alias_maximum 16
+        net.connect(1, V5, "a", true);
+        let mut p = publish("t", b"x", QoS::AtMostOnce, None);
+        p.properties.topic_alias = Some(alias);
+        net.publish(1, V5, p);
+        assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::TOPIC_ALIAS_INVALID), "alias {alias}");
+    }
+}
+
+#[test]
+fn unsupported_qos_and_retain_are_refused_on_publish_and_in_wills() {
+    let config =
+        || Config { max_qos: QoS::AtLeastOnce, retain_available: false, sys_interval_ms: 0, ..Config::default() };
+    let mut net = Net::with(config());
+    let Packet::Connack(ack) = net.connect(1, V5, "a", true) else { panic!() };
+    assert_eq!((ack.properties.maximum_qos, ack.properties.retain_available), (Some(1), Some(0)));
+    net.publish(1, V5, publish("t", b"x", QoS::ExactlyOnce, Some(1)));
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::QOS_NOT_SUPPORTED));
+    net.connect(2, V5, "b", true);
+    net.publish(2, V5, Publish { retain: true, ..publish("t", b"x", QoS::AtMostOnce, None) });
+    assert_eq!(codes(&net.recv(2, V5)), disconnect(reason::RETAIN_NOT_SUPPORTED));
+
+    let will = |qos, retain, topic: &str| Will {
+        topic: topic.into(),
+        payload: b"w".to_vec(),
+        qos,
+        retain,
+        properties: Properties::default(),
+    };
+    for (conn, w, expected) in [
+        (3, will(QoS::ExactlyOnce, false, "w"), reason::QOS_NOT_SUPPORTED),
+        (4, will(QoS::AtMostOnce, true, "w"), reason::RETAIN_NOT_SUPPORTED),
+        (5, will(QoS::AtMostOnce, false, "w/+"), reason::TOPIC_NAME_INVALID),
+    ] {
+        let c = Connect { will: Some(w), ..connect(V5, &format!("w{conn}"), true) };
+        assert_eq!(connack_code(&net.connect_with(conn, c)), (false, expected));
+    }
+}
+
+#[test]
+fn a_will_outside_the_acl_is_refused_at_connect() {
+    let mut net = with_auth(false, Some("user alice\ntopic readwrite alice/#\n"));
+    let mut c = login(V5, "a", Some("alice"), b"s3cret");
+    c.will = Some(Will {
+        topic: "bob/will".into(),
+        payload: b"w".to_vec(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    assert_eq!(connack_code(&net.connect_with(1, c)), (false, reason::NOT_AUTHORIZED));
+}
+
+#[test]
+fn exceeding_the_receive_maximum_ends_the_connection() {
+    let mut net = Net::with(Config { receive_maximum: 2, sys_interval_ms: 0, ..Config::default() });
+    net.connect(1, V5, "flood", true);
+    for id in 1..=2 {
+        net.publish(1, V5, publish("t", b"x", QoS::ExactlyOnce, Some(id)));
+    }
+    assert_eq!(net.recv(1, V5).len(), 2, "two PUBRECs");
+    net.publish(1, V5, publish("t", b"x", QoS::ExactlyOnce, Some(3)));
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::RECEIVE_MAXIMUM_EXCEEDED));
+    assert_eq!(net.closes(), vec![1]);
+}
+
+#[test]
+fn no_local_on_a_shared_subscription_is_a_protocol_error() {
+    let mut net = Net::new();
+    net.connect(1, V5, "a", true);
+    let options =
+        SubscriptionOptions { qos: QoS::AtMostOnce, no_local: true, retain_as_published: false, retain_handling: 0 };
+    let s =
+        Subscribe { packet_id: 1, properties: Properties::default(), filters: vec![("$share/g/t".into(), options)] };
+    net.send(1, V5, &Packet::Subscribe(s));
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::PROTOCOL_ERROR));
+}
+
+#[test]
+fn raising_a_zero_session_expiry_at_disconnect_is_a_protocol_error() {
+    let mut net = Net::new();
+    net.connect(1, V5, "a", true); // session expiry 0
+    let properties = Properties { session_expiry_interval: Some(60), ..Properties::default() };
+    net.send(1, V5, &Packet::Disconnect { code: 0, properties });
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::PROTOCOL_ERROR));
+    assert_eq!(net.closes(), vec![1]);
+}
+
+#[test]
+fn clients_cannot_publish_into_sys() {
+    let mut net = Net::new();
+    net.connect(1, V5, "spoof", true);
+    net.connect(2, V5, "watch", true);
+    net.subscribe(2, V5, "$SYS/#", QoS::AtMostOnce);
+    net.publish(1, V5, publish("$SYS/broker/uptime", b"forever", QoS::AtLeastOnce, Some(9)));
+    assert!(matches!(net.recv(1, V5)[..], [Packet::Puback(Ack { packet_id: 9, code: reason::NOT_AUTHORIZED, .. })]));
+    assert!(publishes(&net.recv(2, V5)).is_empty());
+}
+
+#[test]
+fn unknown_packet_identifiers_in_the_qos2_flow_get_0x92() {
+    let mut net = Net::new();
+    net.connect(1, V5, "a", true);
+    net.send(1, V5, &Packet::Pubrel(ack(77)));
+    assert!(matches!(
+        net.recv(1, V5)[..],
+        [Packet::Pubcomp(Ack { packet_id: 77, code: reason::PACKET_IDENTIFIER_NOT_FOUND, .. })]
+    ));
+    net.send(1, V5, &Packet::Pubrec(ack(78)));
+    assert!(matches!(
+        net.recv(1, V5)[..],
+        [Packet::Pubrel(Ack { packet_id: 78, code: reason::PACKET_IDENTIFIER_NOT_FOUND, .. })]
+    ));
+}

@@ -323,3 +323,90 @@ fn low(value: u64) -> u32 {
 fn high(value: u64) -> u32 {
     (value >> 32) as u32
 }
+
+#[cfg(test)]
+mod tests {
+    //! A driver that misbehaves, register by register.
+
+    use super::*;
+    use crate::devices::virtio::VIRTIO_F_RING_EVENT_IDX;
+    use crate::devices::virtio::net::NetDevice;
+    use vm_memory::GuestAddress;
+
+    fn transport() -> MmioTransport<NetDevice> {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        MmioTransport::new(NetDevice::new([2, 0, 0, 0, 0, 1], 2048), mem).unwrap()
+    }
+
+    fn write(t: &mut MmioTransport<NetDevice>, reg: u64, value: u32) {
+        t.write(reg, &value.to_le_bytes());
+    }
+
+    fn driver_features(t: &mut MmioTransport<NetDevice>, features: u64) {
+        write(t, reg::DRIVER_FEATURES_SEL, 0);
+        write(t, reg::DRIVER_FEATURES, low(features));
+        write(t, reg::DRIVER_FEATURES_SEL, 1);
+        write(t, reg::DRIVER_FEATURES, high(features));
+    }
+
+    const AD: u32 = status::ACKNOWLEDGE | status::DRIVER;
+
+    #[test]
+    fn the_register_file_identifies_a_version_2_net_device() {
+        let mut t = transport();
+        let mut v = [0u8; 4];
+        t.read(reg::MAGIC_VALUE, &mut v);
+        assert_eq!(u32::from_le_bytes(v), MAGIC_VALUE);
+        t.read(reg::VERSION, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 2);
+        t.read(reg::DEVICE_ID, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 1);
+    }
+
+    #[test]
+    fn features_never_offered_or_a_legacy_driver_withhold_features_ok() {
+        for features in [VIRTIO_F_VERSION_1 | (1 << 0), VIRTIO_F_RING_EVENT_IDX] {
+            let mut t = transport();
+            write(&mut t, reg::STATUS, AD);
+            driver_features(&mut t, features);
+            write(&mut t, reg::STATUS, AD | status::FEATURES_OK);
+            assert_eq!(t.status(), AD, "features {features:#x}");
+        }
+        let mut t = transport();
+        write(&mut t, reg::STATUS, AD);
+        driver_features(&mut t, VIRTIO_F_VERSION_1 | VIRTIO_F_RING_EVENT_IDX);
+        write(&mut t, reg::STATUS, AD | status::FEATURES_OK);
+        assert_eq!(t.status(), AD | status::FEATURES_OK);
+    }
+
+    #[test]
+    fn status_bits_out_of_order_cleared_or_unknown_are_ignored() {
+        let mut t = transport();
+        write(&mut t, reg::STATUS, status::DRIVER); // DRIVER before ACKNOWLEDGE
+        assert_eq!(t.status(), 0);
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE | status::DRIVER_OK); // skips steps
+        assert_eq!(t.status(), 0);
+        write(&mut t, reg::STATUS, AD);
+        write(&mut t, reg::STATUS, status::ACKNOWLEDGE); // clears DRIVER
+        assert_eq!(t.status(), AD);
+        write(&mut t, reg::STATUS, AD | 0x200); // unknown bit
+        assert_eq!(t.status(), AD);
+        // A 2-byte access to a 32-bit register is ignored.
+        t.write(reg::STATUS, &[0, 0]);
+        assert_eq!(t.status(), AD);
+        write(&mut t, reg::STATUS, 0); // reset
+        assert_eq!(t.status(), 0);
+    }
+
+    #[test]
+    fn driver_ok_with_queues_not_set_up_needs_reset() {
+        let mut t = transport();
+        write(&mut t, reg::STATUS, AD);
+        driver_features(&mut t, VIRTIO_F_VERSION_1);
+        write(&mut t, reg::STATUS, AD | status::FEATURES_OK);
+        write(&mut t, reg::STATUS, AD | status::FEATURES_OK | status::DRIVER_OK);
+        assert!(!t.is_activated());
+        assert_eq!(t.status() & status::DEVICE_NEEDS_RESET, status::DEVICE_NEEDS_RESET);
+        assert_eq!(t.status() & status::DRIVER_OK, 0);
+    }
+}
