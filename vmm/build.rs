@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const GUEST_PACKAGE: &str = "mqvisor-guest";
+/// The crates the image is built from (the unikernel and its path dependencies).
+const GUEST_CRATES: [&str; 3] = ["guest/unikernel", "guest/boot-abi", "guest/broker"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
@@ -46,8 +48,16 @@ fn main() {
     let image = guest_target.join("release").join(GUEST_PACKAGE);
     assert!(image.is_file(), "guest image missing at {}", image.display());
     println!("cargo:rustc-env=MQVISOR_DEFAULT_IMAGE={}", image.display());
-    for path in [workspace.join("guest"), workspace.join("Cargo.lock"), workspace.join("Cargo.toml")] {
-        rerun_if_changed(&path);
+    // Only the guest's sources, manifests and lock files: a folder would be
+    // scanned whole, build output and fuzz corpora included.
+    for crate_dir in GUEST_CRATES {
+        let dir = workspace.join(crate_dir);
+        for file in ["Cargo.toml", "Cargo.lock", "build.rs", "src"] {
+            let path = dir.join(file);
+            if path.exists() {
+                rerun_if_changed(&path);
+            }
+        }
     }
 }
 
