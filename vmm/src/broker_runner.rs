@@ -7,11 +7,11 @@
 //! writer task (a bounded channel, so a slow reader leaves output in the
 //! core, which then queues or drops per its limits).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mqvisor_broker::broker::{Broker, Config, ConnId, Event};
+use mqvisor_broker::broker::{Broker, Config, ConnId, Transmit};
 
 use crate::runtime::{Read, read_paced, sleep_or_forever};
 use tokio::io::AsyncWriteExt;
@@ -31,14 +31,13 @@ enum ClientEvent {
     /// The client's side is gone (EOF or error).
     Gone(ConnId),
     /// A writer has room again.
-    Drained(ConnId),
+    Drained,
 }
 
 struct Client {
-    to_socket: Option<mpsc::Sender<Vec<u8>>>,
+    to_socket: mpsc::Sender<Vec<u8>>,
     reader: JoinHandle<()>,
     reader_go: Arc<Notify>,
-    closing: bool,
 }
 
 /// Serves MQTT on `listener` until the process ends.
@@ -49,7 +48,6 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let mut clients: HashMap<ConnId, Client> = HashMap::new();
     let mut next_id: ConnId = 1;
-    let mut waiting_output: HashSet<ConnId> = HashSet::new();
     loop {
         let sleep = broker.next_deadline().map(|at| Duration::from_millis(at.saturating_sub(now())));
         let event = tokio::select! {
@@ -60,7 +58,7 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
             Some(event) = events_rx.recv() => event,
             () = sleep_or_forever(sleep) => {
                 broker.tick(now());
-                flush(&mut broker, &mut clients, &mut waiting_output, now());
+                flush(&mut broker, &mut clients, now());
                 continue;
             }
         };
@@ -86,7 +84,7 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
                     }));
                     let (to_socket, from_core) = mpsc::channel(WRITER_QUEUE);
                     tokio::spawn(write_client(id, write_half, from_core, events_tx.clone()));
-                    clients.insert(id, Client { to_socket: Some(to_socket), reader, reader_go, closing: false });
+                    clients.insert(id, Client { to_socket, reader, reader_go });
                     broker.open(id, now());
                 }
                 ClientEvent::Data(id, bytes) => {
@@ -99,51 +97,37 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
                     if let Some(client) = clients.remove(&id) {
                         client.reader.abort();
                     }
-                    waiting_output.remove(&id);
                     broker.closed(id, now());
                 }
-                ClientEvent::Drained(id) => {
-                    waiting_output.insert(id);
-                }
+                // The next flush offers the writer its output again.
+                ClientEvent::Drained => {}
             }
         }
-        flush(&mut broker, &mut clients, &mut waiting_output, now());
+        flush(&mut broker, &mut clients, now());
     }
 }
 
-/// Moves the core's output into writer channels and carries out its events.
-fn flush(broker: &mut Broker, clients: &mut HashMap<ConnId, Client>, waiting: &mut HashSet<ConnId>, now: u64) {
-    while let Some(Event::Close(id)) = broker.poll_event() {
-        if let Some(client) = clients.get_mut(&id) {
-            client.closing = true;
+/// Moves the core's output into writer channels, and closes what it ended.
+fn flush(broker: &mut Broker, clients: &mut HashMap<ConnId, Client>, now: u64) {
+    broker.poll_transmit(now, |id, transmit| {
+        let Some(client) = clients.get_mut(&id) else { return 0 };
+        match transmit {
+            Transmit::Bytes(bytes) => {
+                // A full writer takes nothing; it reports Drained when it has room.
+                let Ok(permit) = client.to_socket.try_reserve() else { return 0 };
+                permit.send(bytes.to_vec());
+                bytes.len()
+            }
+            Transmit::Close => {
+                // Dropping the channel makes the writer flush and send FIN;
+                // the reader ends when the client closes too.
+                if let Some(client) = clients.remove(&id) {
+                    client.reader.abort();
+                }
+                0
+            }
         }
-        waiting.insert(id);
-    }
-    waiting.extend(broker.take_dirty());
-    let ids: Vec<ConnId> = waiting.drain().collect();
-    for id in ids {
-        let Some(client) = clients.get_mut(&id) else { continue };
-        while !broker.output(id).is_empty() {
-            let Some(permit) = client.to_socket.as_ref().and_then(|tx| tx.try_reserve().ok()) else {
-                // The writer is full: it reports Drained when it has room.
-                break;
-            };
-            let chunk = broker.output(id).to_vec();
-            let sent = chunk.len();
-            permit.send(chunk);
-            broker.consume_output(id, sent, now);
-        }
-        waiting.extend(broker.take_dirty());
-        waiting.remove(&id);
-        if client.closing && broker.output(id).is_empty() {
-            // Dropping the channel makes the writer flush and send FIN; the
-            // reader ends when the client closes too.
-            client.to_socket = None;
-            client.reader.abort();
-            clients.remove(&id);
-            broker.closed(id, now);
-        }
-    }
+    });
 }
 
 async fn write_client(
@@ -157,7 +141,7 @@ async fn write_client(
             let _ = events.send(ClientEvent::Gone(id));
             return;
         }
-        let _ = events.send(ClientEvent::Drained(id));
+        let _ = events.send(ClientEvent::Drained);
     }
     let _ = stream.shutdown().await;
 }

@@ -167,11 +167,7 @@ fn run(args: RunArgs) -> ExitCode {
         config_blob: if args.service == ServiceKind::Mqtt { settings.config_blob() } else { Vec::new() },
         image,
         memory_mib: args.memory,
-        cmdline: match args.service {
-            // The broker's limits travel on the guest command line.
-            ServiceKind::Mqtt => format!("{} {}", args.cmdline, settings.cmdline_words()).trim().to_string(),
-            _ => args.cmdline,
-        },
+        cmdline: args.cmdline,
         timeout: args.timeout,
         kvm_device: args.kvm_device,
         console: Box::new(std::io::stdout()),

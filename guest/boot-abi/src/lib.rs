@@ -2,9 +2,10 @@
 //!
 //! This crate owns the contract both sides compile against: the guest-physical
 //! memory layout at entry, the boot-info page, the paravirtual I/O ports and
-//! the shared page they exchange data through. It holds only plain data and
-//! constants: it must never contain logic that one side could run differently
-//! from the other.
+//! the shared page they exchange data through, and the codec of the tenant's
+//! broker settings ([`config_blob`]). Both sides run the same code for
+//! everything they exchange: nothing here may be interpreted differently by
+//! the VMM and the guest.
 //!
 //! # Entry state
 //!
@@ -21,6 +22,8 @@
 //! through [`ParavirtPage`] and the port write only says "look now".
 #![no_std]
 #![deny(missing_docs)]
+
+extern crate alloc;
 
 /// `BootInfo::magic`: "MQVBOOT1" in little-endian byte order.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MQVBOOT1");
@@ -201,42 +204,7 @@ pub struct BootInfo {
     pub config_len: u64,
 }
 
-/// The service configuration blob: files the operator gave the VMM (a
-/// password file, an ACL file), carried verbatim. Layout: for each of
-/// [`config_blob::PASSWORD_FILE`] and [`config_blob::ACL_FILE`] in that order,
-/// one presence byte (0 or 1) and, when present, a little-endian u32 length
-/// followed by that many bytes.
-pub mod config_blob {
-    /// Largest blob the VMM writes and the guest accepts.
-    pub const MAX_LEN: u64 = 1 << 20;
-    /// Section index of the password file (`mosquitto_passwd` format).
-    pub const PASSWORD_FILE: usize = 0;
-    /// Section index of the ACL file (Mosquitto format).
-    pub const ACL_FILE: usize = 1;
-    /// Number of sections.
-    pub const SECTIONS: usize = 2;
-
-    /// Splits a blob into its sections; `None` if it is malformed.
-    pub fn parse(mut blob: &[u8]) -> Option<[Option<&[u8]>; SECTIONS]> {
-        let mut out = [None; SECTIONS];
-        for section in &mut out {
-            let (&present, rest) = blob.split_first()?;
-            blob = rest;
-            match present {
-                0 => {}
-                1 => {
-                    let len_bytes: [u8; 4] = blob.get(..4)?.try_into().ok()?;
-                    let len = usize::try_from(u32::from_le_bytes(len_bytes)).ok()?;
-                    let body = blob.get(4..4usize.checked_add(len)?)?;
-                    *section = Some(body);
-                    blob = &blob[4 + len..];
-                }
-                _ => return None,
-            }
-        }
-        blob.is_empty().then_some(out)
-    }
-}
+pub mod config_blob;
 
 impl Default for BootInfo {
     fn default() -> Self {
@@ -356,19 +324,6 @@ mod tests {
         assert_eq!(bytes.len(), core::mem::size_of::<BootInfo>());
         assert_eq!(&bytes[..8], b"MQVBOOT1");
         assert_eq!(&bytes[16..24], &0x0102_0304u64.to_le_bytes());
-    }
-
-    #[test]
-    fn config_blob_sections() {
-        assert_eq!(config_blob::parse(&[0, 0]), Some([None, None]));
-        let blob = [1, 2, 0, 0, 0, b'h', b'i', 1, 0, 0, 0, 0];
-        assert_eq!(config_blob::parse(&blob), Some([Some(&b"hi"[..]), Some(&b""[..])]));
-        // Truncated, overlong, trailing bytes, bad presence byte.
-        assert_eq!(config_blob::parse(&[1, 9, 0, 0, 0, b'x']), None);
-        assert_eq!(config_blob::parse(&[1, 0xff, 0xff, 0xff, 0xff]), None);
-        assert_eq!(config_blob::parse(&[0, 0, 0]), None);
-        assert_eq!(config_blob::parse(&[2, 0]), None);
-        assert_eq!(config_blob::parse(&[]), None);
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct FileError {
     pub why: String,
 }
 
+impl core::error::Error for FileError {}
+
 impl core::fmt::Display for FileError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         write!(f, "line {}: {}", self.line, self.why)
@@ -130,8 +132,9 @@ pub struct Acl {
 pub enum Want {
     /// Publish to a topic name.
     Publish,
-    /// Subscribe to a topic filter.
-    Subscribe,
+    /// Receive messages: subscribe to a topic filter (a rule must cover the
+    /// whole filter), or be sent a message on a topic name.
+    Read,
 }
 
 /// True if every topic `sub` can match is matched by `rule` (both filters).
@@ -212,7 +215,7 @@ impl Acl {
         let rules: Vec<Rule> = own.into_iter().cloned().chain(patterns).collect();
         let applies = |rule: &Rule| match want {
             Want::Publish => crate::topic::matches(&rule.filter, topic),
-            Want::Subscribe => covers(&rule.filter, topic),
+            Want::Read => covers(&rule.filter, topic),
         };
         if rules.iter().any(|r| r.access == Access::Deny && applies(r)) {
             return false;
@@ -220,7 +223,7 @@ impl Acl {
         rules.iter().any(|r| {
             let grants = match want {
                 Want::Publish => matches!(r.access, Access::Write | Access::ReadWrite),
-                Want::Subscribe => matches!(r.access, Access::Read | Access::ReadWrite),
+                Want::Read => matches!(r.access, Access::Read | Access::ReadWrite),
             };
             grants && applies(r)
         })
@@ -272,15 +275,15 @@ carol:$6$kzh82Fxp04vs5MHw$Af9HpxJnHhSz4amwiN5oS21VmWmPTe7Z+VTzQ3TavvJyTxL6J8VhKL
         assert!(acl.allows(alice, "c1", Want::Publish, "alice/x"));
         assert!(!acl.allows(alice, "c1", Want::Publish, "alice/secret/x"));
         assert!(acl.allows(alice, "c1", Want::Publish, "sensors/t1"));
-        assert!(!acl.allows(alice, "c1", Want::Subscribe, "sensors/t1"));
-        assert!(acl.allows(alice, "c1", Want::Subscribe, "alice/+/y"));
-        assert!(!acl.allows(alice, "c1", Want::Subscribe, "#"));
+        assert!(!acl.allows(alice, "c1", Want::Read, "sensors/t1"));
+        assert!(acl.allows(alice, "c1", Want::Read, "alice/+/y"));
+        assert!(!acl.allows(alice, "c1", Want::Read, "#"));
         assert!(acl.allows(alice, "c1", Want::Publish, "clients/c1/status"));
         assert!(!acl.allows(alice, "c1", Want::Publish, "clients/c2/status"));
         // Anonymous: only the rules before the first `user` line.
-        assert!(acl.allows(None, "x", Want::Subscribe, "public/news"));
+        assert!(acl.allows(None, "x", Want::Read, "public/news"));
         assert!(!acl.allows(None, "x", Want::Publish, "public/news"));
-        assert!(!acl.allows(None, "x", Want::Subscribe, "alice/x"));
+        assert!(!acl.allows(None, "x", Want::Read, "alice/x"));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -22,9 +23,26 @@ pub struct Subscription {
     pub session: SessionKey,
     pub options: SubscriptionOptions,
     pub identifier: Option<u32>,
-    /// For a shared subscription, the whole `$share/{group}/{filter}`: one
-    /// member among those with equal keys receives each message.
-    pub share_group: Option<String>,
+    /// For a shared subscription, the whole `$share/{share name}/{filter}`:
+    /// one member among those with equal keys receives each message.
+    pub share_key: Option<String>,
+}
+
+impl Subscription {
+    /// `session`'s subscription to `filter` (shared if it names a share).
+    pub fn new(
+        session: SessionKey,
+        filter: &ParsedFilter,
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+    ) -> Subscription {
+        Subscription { session, options, identifier, share_key: share_key(filter) }
+    }
+}
+
+/// The key that tells shared subscriptions apart: share name and filter.
+fn share_key(filter: &ParsedFilter) -> Option<String> {
+    filter.share_name.map(|name| format!("$share/{name}/{}", filter.filter))
 }
 
 #[derive(Debug, Default)]
@@ -48,8 +66,8 @@ pub struct SubscriptionIndex {
     count: usize,
 }
 
-fn same_slot(a: &Subscription, session: SessionKey, group: Option<&str>) -> bool {
-    a.session == session && a.share_group.as_deref() == group
+fn same_slot(a: &Subscription, session: SessionKey, share: Option<&str>) -> bool {
+    a.session == session && a.share_key.as_deref() == share
 }
 
 impl SubscriptionIndex {
@@ -75,8 +93,8 @@ impl SubscriptionIndex {
                 _ => node = node.children.entry(Box::from(level)).or_default(),
             }
         };
-        let group = sub.share_group.clone();
-        if let Some(existing) = list.iter_mut().find(|s| same_slot(s, sub.session, group.as_deref())) {
+        let share = sub.share_key.clone();
+        if let Some(existing) = list.iter_mut().find(|s| same_slot(s, sub.session, share.as_deref())) {
             *existing = sub;
             true
         } else {
@@ -89,7 +107,7 @@ impl SubscriptionIndex {
     /// Removes `session`'s subscription to `filter`; true if there was one.
     pub fn remove(&mut self, filter: ParsedFilter, session: SessionKey) -> bool {
         let levels: Vec<&str> = filter.filter.split('/').collect();
-        let removed = remove_at(&mut self.root, &levels, session, filter.share_group);
+        let removed = remove_at(&mut self.root, &levels, session, share_key(&filter).as_deref());
         if removed {
             self.count -= 1;
         }
@@ -105,15 +123,15 @@ impl SubscriptionIndex {
     }
 }
 
-fn remove_at(node: &mut Node, levels: &[&str], session: SessionKey, group: Option<&str>) -> bool {
+fn remove_at(node: &mut Node, levels: &[&str], session: SessionKey, share: Option<&str>) -> bool {
     let Some((&level, rest)) = levels.split_first() else {
-        return take(&mut node.here, session, group);
+        return take(&mut node.here, session, share);
     };
     match level {
-        "#" => take(&mut node.hash, session, group),
+        "#" => take(&mut node.hash, session, share),
         "+" => {
             let Some(child) = node.plus.as_mut() else { return false };
-            let removed = remove_at(child, rest, session, group);
+            let removed = remove_at(child, rest, session, share);
             if child.is_empty() {
                 node.plus = None;
             }
@@ -121,7 +139,7 @@ fn remove_at(node: &mut Node, levels: &[&str], session: SessionKey, group: Optio
         }
         _ => {
             let Some(child) = node.children.get_mut(level) else { return false };
-            let removed = remove_at(child, rest, session, group);
+            let removed = remove_at(child, rest, session, share);
             if child.is_empty() {
                 node.children.remove(level);
             }
@@ -130,9 +148,9 @@ fn remove_at(node: &mut Node, levels: &[&str], session: SessionKey, group: Optio
     }
 }
 
-fn take(list: &mut Vec<Subscription>, session: SessionKey, group: Option<&str>) -> bool {
+fn take(list: &mut Vec<Subscription>, session: SessionKey, share: Option<&str>) -> bool {
     let before = list.len();
-    list.retain(|s| !same_slot(s, session, group));
+    list.retain(|s| !same_slot(s, session, share));
     list.len() != before
 }
 
@@ -167,7 +185,7 @@ mod tests {
             retain_as_published: false,
             retain_handling: 0,
         };
-        Subscription { session, options, identifier: None, share_group: None }
+        Subscription { session, options, identifier: None, share_key: None }
     }
 
     fn matching(index: &SubscriptionIndex, name: &str) -> Vec<SessionKey> {

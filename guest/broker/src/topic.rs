@@ -69,7 +69,7 @@ pub fn validate_filter(filter: &str, limits: TopicLimits) -> Result<(), TopicErr
 /// A filter as subscribed: plain, or `$share/{group}/{filter}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ParsedFilter<'a> {
-    pub share_group: Option<&'a str>,
+    pub share_name: Option<&'a str>,
     pub filter: &'a str,
 }
 
@@ -81,10 +81,10 @@ pub fn parse_filter(raw: &str, limits: TopicLimits) -> Result<ParsedFilter<'_>, 
             return Err(TopicError::BadShare);
         }
         validate_filter(filter, limits)?;
-        return Ok(ParsedFilter { share_group: Some(group), filter });
+        return Ok(ParsedFilter { share_name: Some(group), filter });
     }
     validate_filter(raw, limits)?;
-    Ok(ParsedFilter { share_group: None, filter: raw })
+    Ok(ParsedFilter { share_name: None, filter: raw })
 }
 
 /// True if topic name `name` matches `filter` (both already validated).
@@ -140,11 +140,11 @@ mod tests {
 
     #[test]
     fn shared_subscriptions_parse() {
-        assert_eq!(parse_filter("$share/g/a/+", L), Ok(ParsedFilter { share_group: Some("g"), filter: "a/+" }));
+        assert_eq!(parse_filter("$share/g/a/+", L), Ok(ParsedFilter { share_name: Some("g"), filter: "a/+" }));
         assert_eq!(parse_filter("$share/g", L), Err(TopicError::BadShare));
         assert_eq!(parse_filter("$share//a", L), Err(TopicError::BadShare));
         assert_eq!(parse_filter("$share/g+/a", L), Err(TopicError::BadShare));
-        assert_eq!(parse_filter("$sharex/g/a", L), Ok(ParsedFilter { share_group: None, filter: "$sharex/g/a" }));
+        assert_eq!(parse_filter("$sharex/g/a", L), Ok(ParsedFilter { share_name: None, filter: "$sharex/g/a" }));
     }
 
     #[test]

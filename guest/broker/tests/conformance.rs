@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use mqvisor_broker::broker::{Broker, Config, ConnId, Event, reason};
+use mqvisor_broker::broker::{Broker, Config, ConnId, Transmit, reason};
 use mqvisor_broker::packet::{
     self, Ack, Connect, Packet, Publish, QoS, Subscribe, SubscriptionOptions, Unsubscribe, Version, Will,
 };
@@ -14,6 +14,10 @@ struct Net {
     now: u64,
     /// Packets received after the one a helper was waiting for.
     stash: std::collections::HashMap<ConnId, Vec<Packet>>,
+    /// Bytes the broker transmitted, per connection, not yet decoded.
+    wire: std::collections::HashMap<ConnId, Vec<u8>>,
+    /// Connections the broker closed, not yet reported by `closes`.
+    closed: Vec<ConnId>,
 }
 
 impl Net {
@@ -22,7 +26,14 @@ impl Net {
     }
 
     fn with(config: Config) -> Net {
-        Net { broker: Broker::new(config), now: 1_000, stash: Default::default() }
+        config.validate().expect("a valid test configuration");
+        Net {
+            broker: Broker::new(config),
+            now: 1_000,
+            stash: Default::default(),
+            wire: Default::default(),
+            closed: Vec::new(),
+        }
     }
 
     fn send(&mut self, conn: ConnId, version: Version, packet: &Packet) {
@@ -35,10 +46,26 @@ impl Net {
         self.broker.receive(conn, bytes, self.now);
     }
 
+    /// Takes everything the broker has to transmit, as a runner with room
+    /// for all of it would.
+    fn transmit(&mut self) {
+        let (wire, closed) = (&mut self.wire, &mut self.closed);
+        self.broker.poll_transmit(self.now, |conn, t| match t {
+            Transmit::Bytes(bytes) => {
+                wire.entry(conn).or_default().extend_from_slice(bytes);
+                bytes.len()
+            }
+            Transmit::Close => {
+                closed.push(conn);
+                0
+            }
+        });
+    }
+
     /// Everything the broker sent to `conn` since the last call.
     fn recv(&mut self, conn: ConnId, version: Version) -> Vec<Packet> {
-        let bytes = self.broker.output(conn).to_vec();
-        self.broker.consume_output(conn, bytes.len(), self.now);
+        self.transmit();
+        let bytes = self.wire.remove(&conn).unwrap_or_default();
         let mut packets = self.stash.remove(&conn).unwrap_or_default();
         let mut at = 0;
         while at < bytes.len() {
@@ -50,11 +77,8 @@ impl Net {
     }
 
     fn closes(&mut self) -> Vec<ConnId> {
-        let mut out = Vec::new();
-        while let Some(Event::Close(c)) = self.broker.poll_event() {
-            out.push(c);
-        }
-        out
+        self.transmit();
+        std::mem::take(&mut self.closed)
     }
 
     fn advance(&mut self, ms: u64) {
@@ -140,6 +164,11 @@ fn ack(packet_id: u16) -> Ack {
 /// DISCONNECT reason codes among `packets`.
 fn codes(packets: &[Packet]) -> Vec<u8> {
     packets.iter().filter_map(|p| if let Packet::Disconnect { code, .. } = p { Some(*code) } else { None }).collect()
+}
+
+/// PUBACK reason codes among `packets`.
+fn puback_codes(packets: &[Packet]) -> Vec<u8> {
+    packets.iter().filter_map(|p| if let Packet::Puback(a) = p { Some(a.code) } else { None }).collect()
 }
 
 fn disconnect(code: u8) -> Vec<u8> {
@@ -545,6 +574,46 @@ fn shared_subscriptions_share_the_load() {
 }
 
 #[test]
+fn unsubscribing_a_shared_subscription_stops_its_messages() {
+    let mut net = Net::new();
+    net.connect(1, V5, "pub", true);
+    net.connect(2, V5, "worker", true);
+    net.subscribe(2, V5, "$share/g/jobs", QoS::AtMostOnce);
+    let u = Unsubscribe { packet_id: 4, properties: Properties::default(), filters: vec!["$share/g/jobs".into()] };
+    net.send(2, V5, &Packet::Unsubscribe(u));
+    let got = net.recv(2, V5);
+    assert!(matches!(&got[..], [Packet::Unsuback { codes, .. }] if codes == &vec![reason::SUCCESS]), "{got:?}");
+    net.publish(1, V5, publish("jobs", b"after", QoS::AtLeastOnce, Some(1)));
+    assert!(publishes(&net.recv(2, V5)).is_empty());
+    assert_eq!(puback_codes(&net.recv(1, V5)), vec![reason::NO_MATCHING_SUBSCRIBERS]);
+}
+
+#[test]
+fn a_removed_session_takes_its_shared_subscriptions_with_it() {
+    let mut net = Net::new();
+    net.connect(1, V5, "pub", true);
+    net.connect(2, V5, "worker", true);
+    net.subscribe(2, V5, "$share/g/jobs", QoS::AtMostOnce);
+    net.broker.closed(2, net.now); // expiry 0: the session ends here
+    net.publish(1, V5, publish("jobs", b"nobody", QoS::AtLeastOnce, Some(1)));
+    assert_eq!(puback_codes(&net.recv(1, V5)), vec![reason::NO_MATCHING_SUBSCRIBERS]);
+}
+
+#[test]
+fn a_session_ended_by_a_malformed_packet_expires_from_that_moment() {
+    let mut net = Net::new();
+    net.advance(100_000);
+    let mut c = connect(V5, "garbled", true);
+    c.properties.session_expiry_interval = Some(10);
+    net.connect_with(1, c.clone());
+    net.raw(1, &[0x30, 0x02, 0xff, 0xff]); // a PUBLISH whose topic runs past the packet
+    assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::MALFORMED_PACKET));
+    net.advance(5_000);
+    let resumed = Connect { clean_start: false, ..c };
+    assert_eq!(connack_code(&net.connect_with(2, resumed)), (true, 0), "the session must live 10 s from the error");
+}
+
+#[test]
 fn inbound_topic_aliases() {
     let mut net = Net::new();
     net.connect(1, V5, "pub", true);
@@ -630,13 +699,11 @@ fn random_byte_streams_never_panic_and_stay_bounded() {
             let len = (next() % 64) as usize;
             let bytes: Vec<u8> = (0..len).map(|_| next().to_le_bytes()[0]).collect();
             net.raw(conn, &bytes);
-            let out = net.broker.output(conn).len();
-            net.broker.consume_output(conn, out, net.now);
+            net.transmit();
         }
         net.advance(next() % 2000);
-        for closed in net.closes() {
-            net.broker.closed(closed, net.now);
-        }
+        net.closes();
+        net.wire.clear();
     }
 }
 
@@ -837,14 +904,44 @@ fn acl_read_access_is_checked_for_every_message() {
 }
 
 #[test]
-fn server_keep_alive_overrides_the_clients() {
-    let mut net = Net::with(Config { server_keep_alive: Some(5), sys_interval_ms: 0, ..Config::default() });
+fn max_keep_alive_caps_v5_clients_that_ask_for_more_or_none() {
+    for asked in [600, 0] {
+        let mut net = Net::with(Config { max_keep_alive: Some(5), sys_interval_ms: 0, ..Config::default() });
+        let mut c = connect(V5, "k", true);
+        c.keep_alive = asked;
+        let Packet::Connack(ack) = net.connect_with(1, c) else { panic!() };
+        assert_eq!((ack.code, ack.properties.server_keep_alive), (reason::SUCCESS, Some(5)), "asked {asked}");
+        // Enforced at the cap: 1.5 times 5 s of silence ends the connection.
+        net.advance(7_499);
+        assert!(net.closes().is_empty());
+        net.advance(1);
+        assert_eq!(net.closes(), vec![1]);
+    }
+}
+
+#[test]
+fn max_keep_alive_leaves_a_shorter_keep_alive_alone() {
+    let mut net = Net::with(Config { max_keep_alive: Some(60), sys_interval_ms: 0, ..Config::default() });
     let mut c = connect(V5, "k", true);
-    c.keep_alive = 600;
+    c.keep_alive = 2;
     let Packet::Connack(ack) = net.connect_with(1, c) else { panic!() };
-    assert_eq!(ack.properties.server_keep_alive, Some(5));
-    net.advance(7_600);
+    assert_eq!(ack.properties.server_keep_alive, None);
+    net.advance(3_000);
     assert_eq!(net.closes(), vec![1]);
+}
+
+#[test]
+fn max_keep_alive_refuses_a_v3_client_that_asks_for_more() {
+    let mut net = Net::with(Config { max_keep_alive: Some(60), sys_interval_ms: 0, ..Config::default() });
+    let mut c = connect(V3, "k", true);
+    c.keep_alive = 61;
+    let Packet::Connack(ack) = net.connect_with(1, c) else { panic!() };
+    assert_eq!(ack.code, 2, "identifier rejected, as Mosquitto answers");
+    assert_eq!(net.closes(), vec![1]);
+    let mut c = connect(V3, "k", true);
+    c.keep_alive = 60;
+    let Packet::Connack(ack) = net.connect_with(2, c) else { panic!() };
+    assert_eq!(ack.code, 0);
 }
 
 #[test]

@@ -6,9 +6,11 @@
 //! when idle. A panic or an unusable boot-info ends the VM through the EXIT
 //! port with a message; nothing here may loop forever without parking.
 //!
-//! For now the guest proves the platform: it prints a banner with its start-up
-//! latency, sleeps on the timer, and exits. The command line (`--cmdline` on
-//! the host) selects diagnostics; see [`Command`].
+//! It prints a banner with its start-up latency, then runs the service the
+//! VMM chose in boot-info: the MQTT broker (`net::mqtt`, configured from the
+//! boot-info configuration blob), TCP echo (`net::echo`), or the boot demo
+//! (timer sleeps, then exit). The command line (`--cmdline` on the host)
+//! selects diagnostics; see [`Command`].
 #![no_std]
 #![no_main]
 
@@ -61,8 +63,6 @@ impl Command {
                 "sleeps" => command.sleeps = value.parse().map_err(|_| word)?,
                 "sleep_ms" => command.sleep_ms = value.parse().map_err(|_| word)?,
                 "exit" => command.exit_code = value.parse().map_err(|_| word)?,
-                // Broker settings, read by the MQTT service.
-                _ if key.starts_with("mqtt.") => {}
                 "selftest" => {
                     command.selftest = Some(match value {
                         "panic" => SelfTest::Panic,
@@ -162,12 +162,9 @@ extern "C" fn _start(boot_info: *const BootInfo) -> ! {
             exit_with(command.exit_code, format_args!(""))
         }
         service::ECHO => net::echo::run(info),
-        service::MQTT => match net::mqtt::config_from_cmdline(cmdline) {
-            Ok(mut config) => match net::mqtt::add_auth_files(&mut config, info) {
-                Ok(()) => net::mqtt::run(info, config),
-                Err(why) => exit_with(EXIT_BAD_BOOT, format_args!("broker configuration: {why}")),
-            },
-            Err(word) => exit_with(EXIT_BAD_BOOT, format_args!("malformed broker setting {word:?}")),
+        service::MQTT => match net::mqtt::read_config(info) {
+            Ok(config) => net::mqtt::run(info, config),
+            Err(why) => exit_with(EXIT_BAD_BOOT, format_args!("broker configuration: {why}")),
         },
         other => exit_with(EXIT_BAD_BOOT, format_args!("unknown service {other} in boot-info")),
     }

@@ -4,11 +4,11 @@
 //!
 //! Input format, repeated: one control byte (connection index in the low
 //! 2 bits; bits 2-3: 0 = bytes follow, 1 = close, 2 = advance time,
-//! 3 = drain output), one length byte, then that many bytes.
+//! 3 = take that connection's output; the others have no room), one length byte, then that many bytes.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mqvisor_broker::broker::{Broker, Config, Event};
+use mqvisor_broker::broker::{Broker, Config, Transmit};
 
 const CONNECT_V5: &[u8] = &[0x10, 13, 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 5, 0, 0, 0];
 const CONNECT_V3: &[u8] = &[0x10, 14, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x00, 0, 5, 0, 2, b'f', b'z'];
@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         let n = usize::from(*len).min(tail.len());
         let (bytes, next) = tail.split_at(n);
         rest = next;
+        let mut drain = None;
         match (control >> 2) & 3 {
             0 => {
                 if !open[conn as usize] {
@@ -46,16 +47,16 @@ fuzz_target!(|data: &[u8]| {
                 now += u64::from(*len) * 100;
                 broker.tick(now);
             }
-            _ => {
-                let pending = broker.output(conn).len();
-                broker.consume_output(conn, pending, now);
+            _ => drain = Some(conn),
+        }
+        broker.poll_transmit(now, |c, transmit| match transmit {
+            Transmit::Bytes(bytes) if drain == Some(c) => bytes.len(),
+            Transmit::Bytes(_) => 0,
+            Transmit::Close => {
+                open[c as usize] = false;
+                0
             }
-        }
-        while let Some(Event::Close(c)) = broker.poll_event() {
-            broker.closed(c, now);
-            open[c as usize] = false;
-        }
-        let _ = broker.take_dirty();
+        });
         assert!(broker.connection_count() <= 4);
     }
 });

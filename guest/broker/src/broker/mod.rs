@@ -1,0 +1,387 @@
+//! The broker: the runner-facing API and the dispatcher that hands each
+//! decoded packet to the module that owns it (MQTT 3.1.1 and 5.0, sections
+//! 3 and 4).
+//!
+//! Sans-I/O, in the quinn-proto style. The runner calls, in any order:
+//! - [`Broker::open`] when a transport connection is accepted,
+//! - [`Broker::receive`] with bytes from it,
+//! - [`Broker::closed`] when the peer has gone,
+//! - [`Broker::tick`] when [`Broker::next_deadline`] has passed;
+//!
+//! and after any of them [`Broker::poll_transmit`], the one output call: it
+//! offers each connection's pending bytes, and asks for a close once a
+//! connection the broker ended has sent everything. Time is milliseconds
+//! from any origin, passed in. Nothing here blocks, reads a clock, or grows
+//! without a configured bound.
+//!
+//! The parts: [`config`] (settings and their check), [`connection`]
+//! (per-connection state), [`connect`] (admission and CONNACK), [`session`]
+//! (session life), [`subscribe`], [`delivery`] (publish, route, queue,
+//! acknowledge), [`sys`] (counters and `$SYS`), [`reason`] (codes).
+
+mod config;
+mod connect;
+mod connection;
+mod delivery;
+pub mod reason;
+mod session;
+mod subscribe;
+mod sys;
+
+use alloc::collections::{BTreeMap, BTreeSet};
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+
+pub use config::{Config, ConfigError, MAX_PACKET_SIZE_LIMIT, MIN_PACKET_SIZE};
+pub use sys::Stats;
+
+use crate::auth::Want;
+use crate::packet::{self, Packet, Version};
+use crate::properties::Properties;
+use crate::subscriptions::{SessionKey, SubscriptionIndex};
+use crate::wire::DecodeError;
+use connection::{Conn, Phase};
+use session::{Awaiting, Queued, Session};
+
+/// A transport connection, numbered by the runner.
+pub type ConnId = u64;
+
+/// What [`Broker::poll_transmit`] asks of the runner for one connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transmit<'a> {
+    /// Send these bytes, in order; answer how many were taken (0 when there
+    /// is no room now: they are offered again on the next call).
+    Bytes(&'a [u8]),
+    /// Everything is sent: close the transport connection (FIN). The broker
+    /// has already forgotten it; do not call [`Broker::closed`] for it.
+    Close,
+}
+
+/// Why a connection is being ended by the server.
+struct Refusal {
+    code: u8,
+    why: &'static str,
+}
+
+fn refuse(code: u8, why: &'static str) -> Refusal {
+    Refusal { code, why }
+}
+
+/// The broker.
+pub struct Broker {
+    config: Config,
+    conns: BTreeMap<ConnId, Conn>,
+    sessions: BTreeMap<SessionKey, Session>,
+    by_client_id: BTreeMap<String, SessionKey>,
+    index: SubscriptionIndex,
+    retained: BTreeMap<Arc<str>, Queued>,
+    /// Round-robin position per shared subscription (its share key).
+    share_cursor: BTreeMap<String, usize>,
+    /// Connections with output or a close for the runner.
+    ready: BTreeSet<ConnId>,
+    stats: Stats,
+    next_session: SessionKey,
+    next_assigned_id: u64,
+    started_at: Option<u64>,
+    next_sys_at: u64,
+}
+
+impl Broker {
+    /// A broker with `config`, which the runner has checked with
+    /// [`Config::validate`].
+    pub fn new(config: Config) -> Broker {
+        Broker {
+            config,
+            conns: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            by_client_id: BTreeMap::new(),
+            index: SubscriptionIndex::default(),
+            retained: BTreeMap::new(),
+            share_cursor: BTreeMap::new(),
+            ready: BTreeSet::new(),
+            stats: Stats::default(),
+            next_session: 1,
+            next_assigned_id: 1,
+            started_at: None,
+            next_sys_at: 0,
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Number of open transport connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    // ----- the runner's side -------------------------------------------------
+
+    /// A transport connection was accepted.
+    pub fn open(&mut self, conn: ConnId, now: u64) {
+        self.started_at.get_or_insert(now);
+        self.conns.insert(conn, Conn::new(now));
+    }
+
+    /// Bytes arrived on `conn`.
+    pub fn receive(&mut self, conn: ConnId, bytes: &[u8], now: u64) {
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if c.phase == Phase::Closing {
+            return;
+        }
+        c.last_rx = now;
+        c.inbuf.extend_from_slice(bytes);
+        self.stats.bytes_received += bytes.len() as u64;
+        loop {
+            let Some(c) = self.conns.get_mut(&conn) else { return };
+            if c.phase == Phase::Closing {
+                c.inbuf.clear();
+                return;
+            }
+            let (version, connected) = (c.version, matches!(c.phase, Phase::Connected(_)));
+            let frame = match packet::frame(&c.inbuf, self.config.max_packet_size) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return,
+                Err(e) => return self.decode_failed(conn, e, connected, now),
+            };
+            let decoded = packet::decode(frame, &c.inbuf, version);
+            c.inbuf.drain(..frame.len);
+            match decoded {
+                Ok(packet) => self.handle(conn, packet, now),
+                Err(e) => return self.decode_failed(conn, e, connected, now),
+            }
+        }
+    }
+
+    /// The one output call: offers every connection's pending bytes to
+    /// `transmit` (`Transmit::Bytes`, which answers how many it took), and
+    /// once a connection the broker ended has nothing left, asks for its
+    /// close (`Transmit::Close`). Room freed in a connection's output lets
+    /// its queued messages move, and they are offered in the same call.
+    /// Returns true if anything was taken or closed.
+    pub fn poll_transmit(&mut self, now: u64, mut transmit: impl FnMut(ConnId, Transmit<'_>) -> usize) -> bool {
+        let mut moved = false;
+        let ready: Vec<ConnId> = self.ready.iter().copied().collect();
+        for conn in ready {
+            while let Some(c) = self.conns.get_mut(&conn) {
+                if c.out.is_empty() {
+                    break;
+                }
+                let taken = transmit(conn, Transmit::Bytes(&c.out)).min(c.out.len());
+                if taken == 0 {
+                    break;
+                }
+                c.out.drain(..taken);
+                self.stats.bytes_sent += taken as u64;
+                moved = true;
+                if let Phase::Connected(key) = c.phase {
+                    self.pump(key, now);
+                }
+            }
+            let Some(c) = self.conns.get(&conn) else {
+                self.ready.remove(&conn);
+                continue;
+            };
+            if !c.out.is_empty() {
+                continue; // No room at the runner: offered again next time.
+            }
+            self.ready.remove(&conn);
+            if c.phase == Phase::Closing {
+                transmit(conn, Transmit::Close);
+                self.conns.remove(&conn);
+                moved = true;
+            }
+        }
+        moved
+    }
+
+    /// The transport connection is gone (the peer closed or reset it).
+    pub fn closed(&mut self, conn: ConnId, now: u64) {
+        let Some(c) = self.conns.remove(&conn) else { return };
+        self.ready.remove(&conn);
+        // A Closing connection has already been detached from its session.
+        if let Phase::Connected(key) = c.phase {
+            // Gone without DISCONNECT (a DISCONNECT leaves the phase Closing).
+            self.detach(key, conn, false, now);
+        }
+    }
+
+    /// When `tick` must next be called, if ever.
+    pub fn next_deadline(&self) -> Option<u64> {
+        let keep_alive = self.conns.values().filter_map(Conn::keep_alive_deadline);
+        let connects = self.conns.values().filter_map(|c| c.connect_deadline(self.config.connect_timeout_ms));
+        let wills = self.sessions.values().filter_map(|s| s.will_at);
+        let expiries = self.sessions.values().filter_map(Session::end);
+        let sys = (self.config.sys_interval_ms > 0 && !self.conns.is_empty()).then_some(self.next_sys_at);
+        keep_alive.chain(connects).chain(wills).chain(expiries).chain(sys).min()
+    }
+
+    /// Enforces keep-alive and the CONNECT timeout, fires delayed wills, ends
+    /// expired sessions and retained messages, publishes `$SYS` statistics.
+    pub fn tick(&mut self, now: u64) {
+        let late: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.keep_alive_deadline().is_some_and(|t| now >= t))
+            .map(|(&id, _)| id)
+            .collect();
+        for conn in late {
+            self.end_connection(conn, refuse(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout"), now);
+        }
+        let silent: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.connect_deadline(self.config.connect_timeout_ms).is_some_and(|t| now >= t))
+            .map(|(&id, _)| id)
+            .collect();
+        for conn in silent {
+            self.close(conn);
+        }
+        self.expire_sessions(now);
+        self.retained.retain(|_, m| m.expires_at.is_none_or(|t| now < t));
+        if self.config.sys_interval_ms > 0 && now >= self.next_sys_at {
+            self.next_sys_at = now + self.config.sys_interval_ms;
+            self.publish_sys(now);
+        }
+    }
+
+    // ----- dispatch -----------------------------------------------------------
+
+    fn decode_failed(&mut self, conn: ConnId, error: DecodeError, connected: bool, now: u64) {
+        self.stats.protocol_errors += 1;
+        let code = match error {
+            DecodeError::TooLarge => reason::PACKET_TOO_LARGE,
+            DecodeError::Protocol(_) => reason::PROTOCOL_ERROR,
+            DecodeError::UnsupportedProtocol => reason::UNSUPPORTED_PROTOCOL_VERSION,
+            _ => reason::MALFORMED_PACKET,
+        };
+        if !connected && error == DecodeError::UnsupportedProtocol {
+            // A CONNECT with a level we do not speak: answer in 3.1.1 form,
+            // which every client version can read (3.1.1 section 3.1.2.2).
+            let refusal = reason::v3::UNACCEPTABLE_PROTOCOL_VERSION;
+            self.send(conn, Version::V3_1_1, &connect::connack(false, refusal, Properties::default()));
+            self.close(conn);
+            return;
+        }
+        if connected {
+            self.end_connection(conn, refuse(code, "malformed or invalid packet"), now);
+        } else {
+            self.close(conn);
+        }
+    }
+
+    fn handle(&mut self, conn: ConnId, packet: Packet, now: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let key = match c.phase {
+            Phase::Connected(key) => key,
+            Phase::AwaitingConnect => {
+                if let Packet::Connect(connect) = packet {
+                    return self.handle_connect(conn, *connect, now);
+                }
+                // Anything before CONNECT: close without a word (3.1.1 3.1.0-1).
+                self.stats.protocol_errors += 1;
+                return self.close(conn);
+            }
+            Phase::Closing => return,
+        };
+        let result = match packet {
+            Packet::Connect(_) => Err(refuse(reason::PROTOCOL_ERROR, "second CONNECT")),
+            Packet::Publish(p) => self.handle_publish(conn, key, p, now),
+            Packet::Puback(a) => self.handle_ack(key, a.packet_id, Awaiting::Puback, now),
+            Packet::Pubrec(a) => self.handle_pubrec(conn, key, a, now),
+            Packet::Pubcomp(a) => self.handle_ack(key, a.packet_id, Awaiting::Pubcomp, now),
+            Packet::Pubrel(a) => self.handle_pubrel(conn, key, a),
+            Packet::Subscribe(s) => self.handle_subscribe(conn, key, s, now),
+            Packet::Unsubscribe(u) => self.handle_unsubscribe(conn, key, u),
+            Packet::Pingreq => {
+                self.send_to(conn, &Packet::Pingresp);
+                Ok(())
+            }
+            Packet::Disconnect { code, properties } => self.handle_disconnect(conn, key, code, properties, now),
+            Packet::Auth { .. } => Err(refuse(reason::PROTOCOL_ERROR, "AUTH without an authentication method")),
+            // Server-to-client packets never decode from a client.
+            _ => Err(refuse(reason::PROTOCOL_ERROR, "unexpected packet")),
+        };
+        if let Err(refusal) = result {
+            self.stats.protocol_errors += 1;
+            self.end_connection(conn, refusal, now);
+        }
+    }
+
+    fn handle_disconnect(
+        &mut self,
+        conn: ConnId,
+        key: SessionKey,
+        code: u8,
+        props: Properties,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        if let Some(requested) = props.session_expiry_interval {
+            let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
+            if session.expiry == 0 && requested != 0 {
+                // MQTT 5 3.14.2.2.2: cannot turn a 0 expiry into a non-zero one.
+                return Err(refuse(reason::PROTOCOL_ERROR, "session expiry raised at DISCONNECT"));
+            }
+            session.expiry = requested.min(self.config.max_session_expiry);
+        }
+        // "Disconnect with Will Message" keeps the will; anything else drops it.
+        let graceful = code != reason::DISCONNECT_WITH_WILL;
+        self.close(conn);
+        self.detach(key, conn, graceful, now);
+        Ok(())
+    }
+
+    fn acl_allows(&self, user: Option<&str>, client_id: &str, want: Want, topic: &str) -> bool {
+        self.config.acl.as_ref().is_none_or(|acl| acl.allows(user, client_id, want, topic))
+    }
+
+    fn conn_allows(&self, conn: ConnId, want: Want, topic: &str) -> bool {
+        let Some(c) = self.conns.get(&conn) else { return false };
+        self.acl_allows(c.username.as_deref(), &c.client_id, want, topic)
+    }
+
+    // ----- ending connections and sending ----------------------------------------
+
+    /// Server-side end of a connection: v5 clients get a DISCONNECT with the
+    /// reason; the will is published as for a lost connection.
+    fn end_connection(&mut self, conn: ConnId, refusal: Refusal, now: u64) {
+        let Some(c) = self.conns.get(&conn) else { return };
+        let connected = match c.phase {
+            Phase::Connected(key) => Some(key),
+            _ => None,
+        };
+        if c.version == Version::V5 {
+            // A reason string helps the operator, unless the client asked for
+            // none (Request Problem Information = 0, MQTT 5 3.1.2.11.7).
+            let reason_string = c.problem_information.then(|| String::from(refusal.why));
+            let properties = Properties { reason_string, ..Properties::default() };
+            self.send_to(conn, &Packet::Disconnect { code: refusal.code, properties });
+        }
+        self.close(conn);
+        if let Some(key) = connected {
+            self.detach(key, conn, false, now);
+        }
+    }
+
+    /// Ends `conn` once its output is out (once); its input is ignored from now on.
+    fn close(&mut self, conn: ConnId) {
+        if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.phase != Phase::Closing) {
+            c.phase = Phase::Closing;
+            self.ready.insert(conn);
+        }
+    }
+
+    fn send(&mut self, conn: ConnId, version: Version, packet: &Packet) {
+        if let Some(c) = self.conns.get_mut(&conn) {
+            packet::encode(packet, version, &mut c.out);
+            self.ready.insert(conn);
+        }
+    }
+
+    fn send_to(&mut self, conn: ConnId, packet: &Packet) {
+        let Some(version) = self.conns.get(&conn).map(|c| c.version) else { return };
+        self.send(conn, version, packet);
+    }
+}

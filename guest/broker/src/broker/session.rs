@@ -1,0 +1,174 @@
+//! Sessions (MQTT 5 section 4.1): what the broker keeps for a client id
+//! across connections — subscriptions, messages queued and in flight, the
+//! will — and their life: creation, detaching from a connection, delayed
+//! wills, expiry, removal.
+//!
+//! Owns the session table and the client-id index. Never writes to a
+//! connection: resuming delivery is [`super::delivery`]'s job.
+
+use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
+use alloc::string::{String, ToString};
+use alloc::sync::Arc;
+
+use super::{Broker, ConnId};
+use crate::packet::{Publish, Version, Will};
+use crate::subscriptions::SessionKey;
+use crate::topic;
+
+/// What an outgoing QoS 1/2 message waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Awaiting {
+    Puback,
+    Pubrec,
+    Pubcomp,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Outgoing {
+    pub(super) publish: Publish,
+    pub(super) state: Awaiting,
+}
+
+/// A message waiting for delivery, with its absolute expiry time.
+#[derive(Debug, Clone)]
+pub(super) struct Queued {
+    pub(super) publish: Publish,
+    pub(super) expires_at: Option<u64>,
+}
+
+#[derive(Debug)]
+pub(super) struct Session {
+    pub(super) client_id: String,
+    /// The user the session was last authenticated as (for ACL reads).
+    pub(super) username: Option<String>,
+    pub(super) conn: Option<ConnId>,
+    pub(super) version: Version,
+    /// Seconds the session outlives its connection; u32::MAX: forever.
+    pub(super) expiry: u32,
+    pub(super) disconnected_at: Option<u64>,
+    /// Raw filters (with any `$share/` prefix) this session holds.
+    pub(super) filters: BTreeSet<String>,
+    pub(super) next_packet_id: u16,
+    pub(super) inflight: BTreeMap<u16, Outgoing>,
+    /// QoS 2 packet ids received and not yet released by PUBREL.
+    pub(super) incoming_qos2: BTreeSet<u16>,
+    pub(super) queue: VecDeque<Queued>,
+    pub(super) will: Option<Will>,
+    /// When a delayed will falls due, once the connection is gone.
+    pub(super) will_at: Option<u64>,
+}
+
+impl Session {
+    /// When a disconnected session ends, if it does.
+    pub(super) fn end(&self) -> Option<u64> {
+        let at = self.disconnected_at?;
+        (self.expiry != u32::MAX).then(|| at + u64::from(self.expiry) * 1000)
+    }
+
+    /// The next packet identifier not in flight (1..=65535, wrapping).
+    pub(super) fn next_free_id(&mut self) -> u16 {
+        // The window is far smaller than 65535, so a free id is always found.
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+impl Broker {
+    pub(super) fn new_session(&mut self, client_id: &str, version: Version) -> SessionKey {
+        let key = self.next_session;
+        self.next_session += 1;
+        self.sessions.insert(
+            key,
+            Session {
+                client_id: client_id.to_string(),
+                username: None,
+                conn: None,
+                version,
+                expiry: 0,
+                disconnected_at: None,
+                filters: BTreeSet::new(),
+                next_packet_id: 1,
+                inflight: BTreeMap::new(),
+                incoming_qos2: BTreeSet::new(),
+                queue: VecDeque::new(),
+                will: None,
+                will_at: None,
+            },
+        );
+        self.by_client_id.insert(client_id.to_string(), key);
+        key
+    }
+
+    /// Detaches the session from its connection: will, expiry.
+    pub(super) fn detach(&mut self, key: SessionKey, conn: ConnId, graceful: bool, now: u64) {
+        let Some(session) = self.sessions.get_mut(&key) else { return };
+        if session.conn != Some(conn) {
+            return; // Already taken over by a newer connection.
+        }
+        session.conn = None;
+        session.disconnected_at = Some(now);
+        if graceful {
+            session.will = None;
+        }
+        let delay = session.will.as_ref().and_then(|w| w.properties.will_delay_interval).unwrap_or(0);
+        if session.will.is_some() {
+            session.will_at = Some(now + u64::from(delay) * 1000);
+        }
+        if session.expiry == 0 {
+            self.fire_will(key, now);
+            self.remove_session(key);
+        } else if delay == 0 {
+            self.fire_will(key, now);
+        }
+    }
+
+    pub(super) fn fire_will(&mut self, key: SessionKey, now: u64) {
+        let Some(session) = self.sessions.get_mut(&key) else { return };
+        session.will_at = None;
+        let Some(will) = session.will.take() else { return };
+        let mut properties = will.properties;
+        properties.will_delay_interval = None;
+        let p = Publish {
+            dup: false,
+            qos: will.qos,
+            retain: will.retain,
+            topic: Arc::from(will.topic.as_str()),
+            packet_id: None,
+            properties,
+            payload: Arc::from(will.payload.as_slice()),
+        };
+        self.accept_publish(key, p, now);
+    }
+
+    pub(super) fn remove_session(&mut self, key: SessionKey) {
+        let Some(session) = self.sessions.remove(&key) else { return };
+        for raw in &session.filters {
+            if let Ok(parsed) = topic::parse_filter(raw, self.config.topic_limits) {
+                self.index.remove(parsed, key);
+            }
+        }
+        if self.by_client_id.get(&session.client_id) == Some(&key) {
+            self.by_client_id.remove(&session.client_id);
+        }
+    }
+
+    /// Fires the wills that fell due and ends the sessions that expired.
+    pub(super) fn expire_sessions(&mut self, now: u64) {
+        let due: alloc::vec::Vec<SessionKey> =
+            self.sessions.iter().filter(|(_, s)| s.will_at.is_some_and(|t| now >= t)).map(|(&k, _)| k).collect();
+        for key in due {
+            self.fire_will(key, now);
+        }
+        let expired: alloc::vec::Vec<SessionKey> =
+            self.sessions.iter().filter(|(_, s)| s.end().is_some_and(|t| now >= t)).map(|(&k, _)| k).collect();
+        for key in expired {
+            self.fire_will(key, now);
+            self.remove_session(key);
+        }
+    }
+}

@@ -1,0 +1,99 @@
+//! SUBSCRIBE and UNSUBSCRIBE (MQTT 5 sections 3.8 to 3.11): filter checks,
+//! read access, the per-client subscription limit, granted QoS, and the
+//! retained messages a new subscription receives.
+//!
+//! Owns the session's side of the subscription index (its `filters`); the
+//! index itself is [`crate::subscriptions`].
+
+use alloc::vec::Vec;
+
+use super::{Broker, ConnId, Refusal, reason, refuse};
+use crate::auth::Want;
+use crate::packet::{Packet, Subscribe, Unsubscribe, Version};
+use crate::properties::Properties;
+use crate::subscriptions::{SessionKey, Subscription};
+use crate::topic;
+
+impl Broker {
+    pub(super) fn handle_subscribe(
+        &mut self,
+        conn: ConnId,
+        key: SessionKey,
+        s: Subscribe,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        let v5 = self.conns.get(&conn).is_some_and(|c| c.version == Version::V5);
+        let identifier = s.properties.subscription_identifiers.first().copied();
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut retained_to_send = Vec::new();
+        for (raw, options) in &s.filters {
+            let parsed = match topic::parse_filter(raw, self.config.topic_limits) {
+                Ok(parsed) => parsed,
+                Err(_) => {
+                    codes.push(if v5 { reason::TOPIC_FILTER_INVALID } else { reason::UNSPECIFIED_ERROR });
+                    continue;
+                }
+            };
+            if !self.conn_allows(conn, Want::Read, parsed.filter) {
+                codes.push(if v5 { reason::NOT_AUTHORIZED } else { reason::UNSPECIFIED_ERROR });
+                continue;
+            }
+            let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
+            if parsed.share_name.is_some() && options.no_local {
+                // MQTT 5 3.8.3-4: no local on a shared subscription is a protocol error.
+                return Err(refuse(reason::PROTOCOL_ERROR, "no local on a shared subscription"));
+            }
+            if !session.filters.contains(raw.as_str())
+                && session.filters.len() >= self.config.max_subscriptions_per_client
+            {
+                codes.push(if v5 { reason::QUOTA_EXCEEDED } else { reason::UNSPECIFIED_ERROR });
+                continue;
+            }
+            let mut granted = *options;
+            granted.qos = options.qos.min(self.config.max_qos);
+            let subscription = Subscription::new(key, &parsed, granted, identifier);
+            let existed = self.index.insert(parsed, subscription);
+            session.filters.insert(raw.clone());
+            codes.push(granted.qos as u8);
+            let wants_retained = match granted.retain_handling {
+                0 => true,
+                1 => !existed,
+                _ => false,
+            };
+            if wants_retained && parsed.share_name.is_none() {
+                for (name, message) in &self.retained {
+                    if topic::matches(parsed.filter, name) {
+                        let mut p = message.publish.clone();
+                        p.qos = p.qos.min(granted.qos);
+                        // Retained messages keep retain = 1 on subscribe (3.3.1.3).
+                        p.retain = true;
+                        p.dup = false;
+                        p.properties.subscription_identifiers = identifier.into_iter().collect();
+                        retained_to_send.push((p, message.expires_at));
+                    }
+                }
+            }
+        }
+        self.send_to(conn, &Packet::Suback { packet_id: s.packet_id, properties: Properties::default(), codes });
+        for (p, expires_at) in retained_to_send {
+            self.deliver(key, p, expires_at, now);
+        }
+        Ok(())
+    }
+
+    pub(super) fn handle_unsubscribe(&mut self, conn: ConnId, key: SessionKey, u: Unsubscribe) -> Result<(), Refusal> {
+        let mut codes = Vec::with_capacity(u.filters.len());
+        for raw in &u.filters {
+            let removed = match topic::parse_filter(raw, self.config.topic_limits) {
+                Ok(parsed) => self.index.remove(parsed, key),
+                Err(_) => false,
+            };
+            if let Some(session) = self.sessions.get_mut(&key) {
+                session.filters.remove(raw.as_str());
+            }
+            codes.push(if removed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
+        }
+        self.send_to(conn, &Packet::Unsuback { packet_id: u.packet_id, properties: Properties::default(), codes });
+        Ok(())
+    }
+}
