@@ -23,11 +23,11 @@ use crate::arch::{self, ArchError};
 use crate::devices::MmioBus;
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::net as net_device;
-use crate::devices::virtio::net::NetDevice;
+use crate::devices::virtio::net::{NetDevice, NetMetrics, RingFault};
 use crate::image::{self, ImageError};
 use crate::net::{
     self,
-    proxy::{self, NetBackend, NetThread},
+    proxy::{self, NetThread, ProxyConfig},
 };
 use crate::vcpu::{self, ExitStats, Outcome, VcpuContext};
 
@@ -191,13 +191,16 @@ pub struct RunReport {
 }
 
 /// A snapshot of the network device's counters.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default)]
 pub struct NetCounters {
     pub tx_frames: u64,
     pub tx_bytes: u64,
     pub rx_frames: u64,
     pub rx_bytes: u64,
     pub refused_chains: u64,
+    /// Times the driver broke a ring, and the last such fault.
+    pub ring_faults: u64,
+    pub last_ring_fault: Option<RingFault>,
 }
 
 /// The network half of a VM: the device, its worker thread, and KVM's
@@ -230,7 +233,7 @@ impl Network {
             vm.register_ioevent(event, &addr, index).map_err(kvm_err("KVM_IOEVENTFD"))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        let thread = proxy::spawn(NetBackend {
+        let thread = proxy::spawn(ProxyConfig {
             transport: transport.clone(),
             wake_guest: wake,
             listener,
@@ -246,17 +249,22 @@ impl Network {
     /// Closes every client connection and returns the device's counters.
     fn stop(self) -> (NetCounters, u64) {
         self.thread.stop();
-        let Ok(transport) = self.transport.lock() else { return (NetCounters::default(), 0) };
-        let m = transport.device().metrics();
-        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let Ok(mut transport) = self.transport.lock() else { return (NetCounters::default(), 0) };
+        let notifications = transport.notifications();
+        let device = transport.device_mut();
+        let last_ring_fault = device.take_last_fault();
+        let m = device.metrics();
+        let get = NetMetrics::get;
         let counters = NetCounters {
             tx_frames: get(&m.tx_frames),
             tx_bytes: get(&m.tx_bytes),
             rx_frames: get(&m.rx_frames),
             rx_bytes: get(&m.rx_bytes),
             refused_chains: get(&m.tx_malformed) + get(&m.rx_malformed) + get(&m.rx_too_big),
+            ring_faults: get(&m.ring_faults),
+            last_ring_fault,
         };
-        (counters, transport.notifications())
+        (counters, notifications)
     }
 }
 

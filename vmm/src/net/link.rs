@@ -11,6 +11,8 @@ use std::collections::VecDeque;
 use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
 use smoltcp::time::Instant;
 
+use crate::devices::virtio::net::NetBackend;
+
 /// Frames waiting for guest RX buffers, at most.
 pub const MAX_QUEUED_TO_GUEST: usize = 512;
 
@@ -23,6 +25,8 @@ pub struct FrameLink {
     pub to_guest: VecDeque<Vec<u8>>,
     /// Frames dropped because `to_guest` was full.
     pub dropped_to_guest: u64,
+    /// Frames ever queued for the guest (tells the proxy the stack sent some).
+    pub sent_to_guest: u64,
     max_frame: usize,
 }
 
@@ -59,6 +63,7 @@ impl phy::TxToken for TxToken<'_> {
         let result = f(&mut frame);
         if self.0.to_guest.len() < MAX_QUEUED_TO_GUEST && len <= self.0.max_frame {
             self.0.to_guest.push_back(frame);
+            self.0.sent_to_guest += 1;
         } else {
             self.0.dropped_to_guest += 1;
         }
@@ -81,6 +86,17 @@ impl phy::Device for FrameLink {
 
     fn capabilities(&self) -> DeviceCapabilities {
         capabilities(self.max_frame)
+    }
+}
+
+/// The virtio-net device's backend: its frames come from and go to the host stack.
+impl NetBackend for FrameLink {
+    fn frames_from_guest(&mut self) -> &mut VecDeque<Vec<u8>> {
+        &mut self.from_guest
+    }
+
+    fn frames_to_guest(&mut self) -> &mut VecDeque<Vec<u8>> {
+        &mut self.to_guest
     }
 }
 

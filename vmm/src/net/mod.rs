@@ -6,6 +6,7 @@
 //! process and its guest. Addresses are fixed per VM (each VM has its own link).
 
 pub mod link;
+pub mod paced;
 pub mod proxy;
 
 use mqvisor_boot_abi::NetConfig;

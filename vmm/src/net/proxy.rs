@@ -30,10 +30,10 @@ use tokio::task::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::link::FrameLink;
+use super::paced::{Read, read_paced, sleep_or_forever};
 use super::{GUEST_IP, HOST_IP, HOST_MAC, MAX_FRAME, PREFIX_LEN};
 use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::net::{NetDevice, RX_QUEUE, TX_QUEUE};
-use crate::runtime::{Read, read_paced, sleep_or_forever};
+use crate::devices::virtio::net::{NetDevice, NetEventHandler};
 
 /// Bytes a client reader moves per chunk, and per writer message.
 const CHUNK: usize = 64 * 1024;
@@ -47,13 +47,11 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// backlog, so the guest keeps this many listening sockets
 /// (`mqvisor_boot_abi::LISTEN_BACKLOG`); more SYNs at once would meet RSTs.
 const MAX_HANDSHAKES: usize = mqvisor_boot_abi::LISTEN_BACKLOG;
-/// TX chains consumed per device visit, so RX gets its turn.
-const TX_BATCH: usize = 256;
 /// Ephemeral ports for the host side of carried connections.
 const LOCAL_PORTS: std::ops::Range<u16> = 1024..u16::MAX;
 
 /// Everything the net thread needs from the VM.
-pub struct NetBackend {
+pub struct ProxyConfig {
     pub transport: Arc<Mutex<MmioTransport<NetDevice>>>,
     /// Written after frames are handed to the guest, to end a WAIT.
     pub wake_guest: Arc<EventFd>,
@@ -92,13 +90,13 @@ impl Drop for NetThread {
 }
 
 /// Starts the net thread.
-pub fn spawn(backend: NetBackend) -> std::io::Result<NetThread> {
+pub fn spawn(config: ProxyConfig) -> std::io::Result<NetThread> {
     let (stop_tx, stop_rx) = oneshot::channel();
-    backend.listener.set_nonblocking(true)?;
+    config.listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let handle = std::thread::Builder::new().name("net".into()).spawn(move || {
         runtime.block_on(async move {
-            match Proxy::new(backend) {
+            match Proxy::new(config) {
                 Ok(proxy) => proxy.run(stop_rx).await,
                 Err(e) => eprintln!("mqvisor: network disabled: {e}"),
             }
@@ -146,8 +144,7 @@ struct Conn {
 }
 
 struct Proxy {
-    transport: Arc<Mutex<MmioTransport<NetDevice>>>,
-    wake_guest: Arc<EventFd>,
+    device: NetEventHandler,
     listener: TcpListener,
     guest_port: u16,
     rx_event: AsyncFd<EventFd>,
@@ -159,8 +156,8 @@ struct Proxy {
     /// Clients accepted but not yet carried: the guest's device is not up
     /// yet, or enough handshakes are already in flight.
     waiting: VecDeque<TcpStream>,
-    /// Whether the device was active at the last look (to notice a reset).
-    device_was_active: bool,
+    /// Whether the device was active at the last visit (clients wait until it is).
+    device_active: bool,
     ports_in_use: HashSet<u16>,
     next_port: u16,
     next_id: ConnId,
@@ -170,30 +167,21 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn new(backend: NetBackend) -> std::io::Result<Proxy> {
-        let (rx_event, tx_event) = {
-            let transport = backend.transport.lock().map_err(|_| std::io::Error::other("device lock poisoned"))?;
-            let event = |i| {
-                transport
-                    .queue_event(i)
-                    .ok_or_else(|| std::io::Error::other("no queue event"))
-                    .and_then(EventFd::try_clone)
-            };
-            (event(RX_QUEUE)?, event(TX_QUEUE)?)
-        };
+    fn new(config: ProxyConfig) -> std::io::Result<Proxy> {
+        let device = NetEventHandler::new(config.transport, config.wake_guest);
+        let (rx_event, tx_event) = device.queue_events()?;
         let mut link = FrameLink::new(MAX_FRAME);
         let started = std::time::Instant::now();
-        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(HOST_MAC)));
-        let mut iface = Interface::new(config, &mut link, NetInstant::ZERO);
+        let iface_config = Config::new(HardwareAddress::Ethernet(EthernetAddress(HOST_MAC)));
+        let mut iface = Interface::new(iface_config, &mut link, NetInstant::ZERO);
         iface.update_ip_addrs(|addrs| {
             let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(Ipv4Address::from_octets(HOST_IP)), PREFIX_LEN));
         });
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         Ok(Proxy {
-            transport: backend.transport,
-            wake_guest: backend.wake_guest,
-            listener: TcpListener::from_std(backend.listener)?,
-            guest_port: backend.guest_port,
+            device,
+            listener: TcpListener::from_std(config.listener)?,
+            guest_port: config.guest_port,
             rx_event: watch(rx_event)?,
             tx_event: watch(tx_event)?,
             iface,
@@ -201,7 +189,7 @@ impl Proxy {
             sockets: SocketSet::new(Vec::new()),
             conns: HashMap::new(),
             waiting: VecDeque::new(),
-            device_was_active: false,
+            device_active: false,
             ports_in_use: HashSet::new(),
             next_port: LOCAL_PORTS.start,
             next_id: 0,
@@ -237,26 +225,20 @@ impl Proxy {
                     if let Ok(mut guard) = ready {
                         let count = guard.get_inner().read().unwrap_or(0);
                         guard.clear_ready();
-                        self.count_notifications(count);
+                        self.device.add_notifications(count);
                     }
                 }
                 ready = self.rx_event.readable() => {
                     if let Ok(mut guard) = ready {
                         let count = guard.get_inner().read().unwrap_or(0);
                         guard.clear_ready();
-                        self.count_notifications(count);
+                        self.device.add_notifications(count);
                     }
                 }
                 () = sleep_or_forever(delay) => {}
             }
         }
         self.close_all();
-    }
-
-    fn count_notifications(&self, count: u64) {
-        if let Ok(mut transport) = self.transport.lock() {
-            transport.add_notifications(count);
-        }
     }
 
     fn on_event(&mut self, event: ClientEvent) {
@@ -304,7 +286,7 @@ impl Proxy {
 
     /// Starts carrying waiting clients while the guest can take handshakes.
     fn start_waiting(&mut self) -> bool {
-        if !self.device_was_active {
+        if !self.device_active {
             return false;
         }
         let mut handshakes = self
@@ -372,85 +354,25 @@ impl Proxy {
     /// Does all the work there is, until nothing moves.
     fn pump(&mut self) {
         loop {
-            let mut progress = self.device_to_link();
+            let visit = self.device.process(&mut self.link);
+            self.device_active = visit.active;
+            if visit.reset {
+                // A reset guest has lost its TCP state: the carried
+                // connections are gone (the link dropped the frames in flight).
+                self.reset_all();
+            }
+            let mut progress = visit.moved;
             progress |= self.start_waiting();
+            let sent_before = self.link.sent_to_guest;
             let now = self.now();
             self.iface.poll(now, &mut self.link, &mut self.sockets);
             progress |= self.move_data();
             let now = self.now();
             self.iface.poll(now, &mut self.link, &mut self.sockets);
-            progress |= self.link_to_device();
+            // New frames for the guest: the next visit hands them over.
+            progress |= self.link.sent_to_guest != sent_before;
             if !progress {
                 break;
-            }
-        }
-    }
-
-    fn device_to_link(&mut self) -> bool {
-        let Ok(mut transport) = self.transport.lock() else { return false };
-        let active = transport.is_activated();
-        if active != self.device_was_active {
-            self.device_was_active = active;
-            drop(transport);
-            if !active {
-                // A reset guest has lost its TCP state: the carried
-                // connections are gone, and so are frames in flight.
-                self.reset_all();
-                self.link.from_guest.clear();
-                self.link.to_guest.clear();
-            }
-            return true;
-        }
-        if !active {
-            return false;
-        }
-        let device = transport.device_mut();
-        let result = device.pop_tx_frames(&mut self.link.from_guest, TX_BATCH).and_then(|n| {
-            // While the ring yields frames, leave notifications off: the pump
-            // loop comes back here anyway. Only a look that finds nothing
-            // re-arms them (and if frames slipped in meanwhile, loops again).
-            if n == 0 { device.enable_notification(TX_QUEUE) } else { Ok(true) }
-        });
-        match result {
-            Ok(progress) => progress,
-            Err(_) => {
-                transport.set_needs_reset();
-                false
-            }
-        }
-    }
-
-    fn link_to_device(&mut self) -> bool {
-        if self.link.to_guest.is_empty() {
-            return false;
-        }
-        let Ok(mut transport) = self.transport.lock() else { return false };
-        if !transport.is_activated() {
-            return false;
-        }
-        let device = transport.device_mut();
-        let result = device.push_rx_frames(&mut self.link.to_guest).and_then(|n| {
-            // Out of guest buffers with frames left: ask for a notification
-            // when the guest adds more (true: it already did).
-            if self.link.to_guest.is_empty() {
-                Ok(n > 0)
-            } else {
-                device.enable_notification(RX_QUEUE).map(|more| n > 0 || more)
-            }
-        });
-        drop(transport);
-        match result {
-            Ok(progress) => {
-                if progress {
-                    let _ = self.wake_guest.write(1);
-                }
-                progress
-            }
-            Err(_) => {
-                if let Ok(mut transport) = self.transport.lock() {
-                    transport.set_needs_reset();
-                }
-                false
             }
         }
     }

@@ -8,61 +8,18 @@
 //! guest memory (through `virtio-queue`'s `Reader`/`Writer`, which never touch
 //! memory outside guest RAM). A malformed chain is returned to the guest with
 //! length 0 and counted; an avail ring that runs past the queue is a broken
-//! driver and puts the device in NEEDS_RESET. It never panics.
+//! driver: a [`RingFault`], counted, kept for the report, and the device
+//! needs a reset. It never panics.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{ActivateError, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice};
-
-/// virtio device ID of a network card.
-pub const DEVICE_ID: u32 = 1;
-/// Feature bit: the device has a MAC address in config space (5.1.3).
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-/// Size of `virtio_net_hdr` with VIRTIO_F_VERSION_1 (5.1.6).
-pub const NET_HDR_LEN: usize = 12;
-/// Queue indices.
-pub const RX_QUEUE: usize = 0;
-pub const TX_QUEUE: usize = 1;
-/// Descriptors per queue.
-pub const QUEUE_SIZE: u16 = 256;
-/// Ethernet header length.
-const ETH_HDR_LEN: usize = 14;
-
-/// Counters at every drop and failure point; readable while the device runs.
-#[derive(Debug, Default)]
-pub struct NetMetrics {
-    pub tx_frames: AtomicU64,
-    pub tx_bytes: AtomicU64,
-    pub rx_frames: AtomicU64,
-    pub rx_bytes: AtomicU64,
-    /// TX chains refused: wrong direction, too long, too short, bad address.
-    pub tx_malformed: AtomicU64,
-    /// RX chains refused: wrong direction, bad address.
-    pub rx_malformed: AtomicU64,
-    /// Frames dropped because the guest's RX buffer was too small.
-    pub rx_too_big: AtomicU64,
-    /// Times the driver broke the ring protocol (device needs reset).
-    pub ring_faults: AtomicU64,
-}
-
-impl NetMetrics {
-    fn bump(counter: &AtomicU64, by: u64) {
-        counter.fetch_add(by, Ordering::Relaxed);
-    }
-}
-
-/// The driver broke the virtqueue protocol; the device must be reset.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("virtqueue {queue} is broken: {reason}")]
-pub struct RingFault {
-    pub queue: usize,
-    pub reason: String,
-}
+use super::metrics::NetMetrics;
+use super::{DEVICE_ID, ETH_HDR_LEN, NET_HDR_LEN, QUEUE_SIZE, RX_QUEUE, RingFault, TX_QUEUE, VIRTIO_NET_F_MAC};
+use crate::devices::virtio::{ActivateError, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice};
 
 struct Active {
     rx: Queue,
@@ -77,6 +34,8 @@ pub struct NetDevice {
     max_frame: usize,
     active: Option<Active>,
     metrics: NetMetrics,
+    /// The most recent ring fault, for the report.
+    last_fault: Option<RingFault>,
 }
 
 /// Why a chain was refused.
@@ -93,12 +52,28 @@ enum ChainError {
 impl NetDevice {
     /// A device with `mac`, carrying frames of at most `max_frame` bytes.
     pub fn new(mac: [u8; 6], max_frame: usize) -> Self {
-        NetDevice { mac, max_frame, active: None, metrics: NetMetrics::default() }
+        NetDevice { mac, max_frame, active: None, metrics: NetMetrics::default(), last_fault: None }
     }
 
     /// The device's counters.
     pub fn metrics(&self) -> &NetMetrics {
         &self.metrics
+    }
+
+    /// The most recent ring fault, if the driver ever broke a ring.
+    pub fn last_fault(&self) -> Option<&RingFault> {
+        self.last_fault.as_ref()
+    }
+
+    /// Takes the most recent ring fault, for the report at the end.
+    pub fn take_last_fault(&mut self) -> Option<RingFault> {
+        self.last_fault.take()
+    }
+
+    /// Counts a ring fault and keeps it for the report.
+    pub fn record_fault(&mut self, fault: RingFault) {
+        NetMetrics::bump(&self.metrics.ring_faults, 1);
+        self.last_fault = Some(fault);
     }
 
     /// Moves the frames the guest transmitted into `out`, at most `limit`.
@@ -173,8 +148,8 @@ impl NetDevice {
     }
 }
 
-fn fault(queue: usize, e: virtio_queue::Error) -> RingFault {
-    RingFault { queue, reason: e.to_string() }
+fn fault(queue: usize, error: virtio_queue::Error) -> RingFault {
+    RingFault { queue, error }
 }
 
 /// Checks that every descriptor goes the expected way and that the total
@@ -292,6 +267,7 @@ mod tests {
     //! Hand-built queues, from a driver that may be lying.
 
     use super::*;
+    use std::sync::atomic::Ordering;
     use virtio_queue::desc::RawDescriptor;
     use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::mock::MockSplitQueue;
@@ -339,7 +315,7 @@ mod tests {
         tx.add_desc_chains(&[desc(BUFS, 12, NEXT, 1), desc(BUFS + 12, 100, 0, 0)], 0).unwrap();
         let mut device = activated(&mem, &rx, &tx);
         let mut out = VecDeque::new();
-        assert_eq!(device.pop_tx_frames(&mut out, 64), Ok(1));
+        assert_eq!(device.pop_tx_frames(&mut out, 64).unwrap(), 1);
         assert_eq!(out.pop_front(), Some(payload));
         let used = tx.used().ring().ref_at(0).unwrap().load();
         assert_eq!((used.id(), used.len()), (0, 0));
@@ -362,7 +338,7 @@ mod tests {
         .unwrap();
         let mut device = activated(&mem, &rx, &tx);
         let mut out = VecDeque::new();
-        assert_eq!(device.pop_tx_frames(&mut out, 64), Ok(5));
+        assert_eq!(device.pop_tx_frames(&mut out, 64).unwrap(), 5);
         assert!(out.is_empty());
         assert_eq!(device.metrics().tx_malformed.load(Ordering::Relaxed), 5);
         for i in 0..5 {
@@ -403,7 +379,7 @@ mod tests {
         let mut device = activated(&mem, &rx, &tx);
         let payload = frame(300);
         let mut frames = VecDeque::from([payload.clone()]);
-        assert_eq!(device.push_rx_frames(&mut frames), Ok(1));
+        assert_eq!(device.push_rx_frames(&mut frames).unwrap(), 1);
         assert!(frames.is_empty());
         let used = rx.used().ring().ref_at(0).unwrap().load();
         assert_eq!(used.len() as usize, NET_HDR_LEN + 300);
@@ -424,7 +400,7 @@ mod tests {
         .unwrap();
         let mut device = activated(&mem, &rx, &tx);
         let mut frames = VecDeque::from([frame(64)]);
-        assert_eq!(device.push_rx_frames(&mut frames), Ok(1));
+        assert_eq!(device.push_rx_frames(&mut frames).unwrap(), 1);
         assert_eq!(device.metrics().rx_malformed.load(Ordering::Relaxed), 2);
         assert_eq!(rx.used().ring().ref_at(0).unwrap().load().len(), 0);
         assert_eq!(rx.used().ring().ref_at(1).unwrap().load().len(), 0);
@@ -438,7 +414,7 @@ mod tests {
         rx.add_desc_chains(&[desc(BUFS, 100, WRITE, 0)], 0).unwrap();
         let mut device = activated(&mem, &rx, &tx);
         let mut frames = VecDeque::from([frame(200)]);
-        assert_eq!(device.push_rx_frames(&mut frames), Ok(1));
+        assert_eq!(device.push_rx_frames(&mut frames).unwrap(), 1);
         assert!(frames.is_empty());
         assert_eq!(device.metrics().rx_too_big.load(Ordering::Relaxed), 1);
         assert_eq!(rx.used().ring().ref_at(0).unwrap().load().len(), 0);
@@ -452,7 +428,7 @@ mod tests {
         rx.add_desc_chains(&[desc(BUFS, 64, WRITE | NEXT, 1), desc(BUFS, 64, WRITE, 0)], 0).unwrap();
         let mut device = activated(&mem, &rx, &tx);
         let mut frames = VecDeque::from([frame(80)]);
-        assert_eq!(device.push_rx_frames(&mut frames), Ok(1));
+        assert_eq!(device.push_rx_frames(&mut frames).unwrap(), 1);
         assert_eq!(rx.used().ring().ref_at(0).unwrap().load().len() as usize, NET_HDR_LEN + 80);
     }
 
@@ -460,8 +436,8 @@ mod tests {
     fn an_inactive_device_moves_nothing() {
         let mut device = NetDevice::new([2, 0, 0, 0, 0, 1], MAX_FRAME);
         let mut frames = VecDeque::from([frame(80)]);
-        assert_eq!(device.push_rx_frames(&mut frames), Ok(0));
-        assert_eq!(device.pop_tx_frames(&mut frames, 8), Ok(0));
+        assert_eq!(device.push_rx_frames(&mut frames).unwrap(), 0);
+        assert_eq!(device.pop_tx_frames(&mut frames, 8).unwrap(), 0);
         assert_eq!(frames.len(), 1);
     }
 

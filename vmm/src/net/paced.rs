@@ -1,5 +1,5 @@
-//! Small pieces shared by the VMM's tokio loops (the network proxy and the
-//! host-native broker runner).
+//! Reading host TCP clients at the pace their consumer sets, for tokio loops
+//! (the network proxy here, and the `mqvisor broker` runner).
 
 use std::sync::Arc;
 use std::time::Duration;

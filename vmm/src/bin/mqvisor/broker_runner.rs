@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use mqvisor_broker::broker::{Broker, Config, ConnId, Transmit};
 
-use crate::runtime::{Read, read_paced, sleep_or_forever};
+use mqvisor::net::paced::{Read, read_paced, sleep_or_forever};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};

@@ -6,10 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod bench;
+mod broker_runner;
+mod settings;
+
 use clap::{Parser, Subcommand};
-use mqvisor::settings::BrokerFlags;
 use mqvisor::vcpu::Outcome;
 use mqvisor::vm::{self, RunReport, Service, VmConfig};
+use settings::BrokerFlags;
 
 /// Exit code when the VM could not be started (bad input, no KVM, ...).
 const EXIT_SETUP_FAILED: u8 = 125;
@@ -226,9 +230,12 @@ fn print_stats(report: &RunReport) {
     );
     if let Some(net) = &report.net {
         eprint!(
-            ", guest tx {} frames / {} bytes, guest rx {} frames / {} bytes, refused chains {}",
-            net.tx_frames, net.tx_bytes, net.rx_frames, net.rx_bytes, net.refused_chains
+            ", guest tx {} frames / {} bytes, guest rx {} frames / {} bytes, refused chains {}, ring faults {}",
+            net.tx_frames, net.tx_bytes, net.rx_frames, net.rx_bytes, net.refused_chains, net.ring_faults
         );
+        if let Some(fault) = &net.last_ring_fault {
+            eprint!(" (last: {fault})");
+        }
     }
     eprintln!();
 }
@@ -245,7 +252,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_SETUP_FAILED);
                 }
             };
-            match mqvisor::broker_runner::run(args.listen, settings.config) {
+            match broker_runner::run(args.listen, settings.config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("mqvisor: broker on {}: {e}", args.listen);
@@ -257,15 +264,15 @@ fn main() -> ExitCode {
             let result = std::env::current_exe()
                 .map_err(|e| format!("cannot find the mqvisor executable: {e}"))
                 .and_then(|exe| match bench {
-                    BenchCommand::Boot { runs, memory } => mqvisor::bench::boot::boot(&exe, runs as usize, memory),
+                    BenchCommand::Boot { runs, memory } => bench::boot::boot(&exe, runs as usize, memory),
                     BenchCommand::Echo { connections, seconds, memory } => {
-                        mqvisor::bench::echo::echo(&exe, connections as usize, seconds, memory)
+                        bench::echo::echo(&exe, connections as usize, seconds, memory)
                     }
                     BenchCommand::Mqtt { scale, no_vm, memory } => {
                         if !(scale > 0.0 && scale <= 100.0) {
                             return Err("--scale must be in (0, 100]".to_string());
                         }
-                        mqvisor::bench::mqtt::mqtt(&exe, scale, !no_vm, memory)
+                        bench::mqtt::mqtt(&exe, scale, !no_vm, memory)
                     }
                 });
             match result {
