@@ -285,3 +285,29 @@ fn broker_settings_are_not_command_line_words() {
     let last = err.trim_end().lines().last().unwrap_or_default();
     assert!(last.contains("unknown or malformed command-line word \"mqtt.max_inflight=lots\""), "{err}");
 }
+
+#[test]
+fn vm_caps_keep_alive_like_mosquitto() {
+    if !kvm_available("vm_caps_keep_alive_like_mosquitto")
+        || !tool_available("vm_caps_keep_alive", MOSQUITTO, MOSQUITTO_PROBE)
+    {
+        return;
+    }
+    // The cap travels to the guest in the configuration blob.
+    let vm = RunningVm::start(&["--service", "mqtt", "--timeout", "300", "--max-keep-alive", "30"]);
+    let (host, port) = (vm.addr.ip().to_string(), vm.addr.port().to_string());
+    let publish = |version: &str, keep_alive: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", &host, "-p", &port, "-V", version, "-k", keep_alive, "-t", "ka", "-m", "x", "-q", "1"])
+            .output()
+            .expect("mosquitto_pub")
+    };
+    let refused = publish("mqttv311", "60");
+    assert!(!refused.status.success(), "a 3.1.1 client asking for more than the cap is refused");
+    let why = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    assert!(why.contains("identifier rejected"), "{why}");
+    assert!(publish("mqttv311", "30").status.success(), "at the cap a 3.1.1 client is accepted");
+    assert!(publish("mqttv5", "60").status.success(), "an MQTT 5 client is told the cap instead");
+    let (status, rest) = vm.stop();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM), "the VM served until stopped: {rest}");
+}
