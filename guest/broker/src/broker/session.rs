@@ -9,6 +9,7 @@
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 use alloc::string::{String, ToString};
 use alloc::sync::Arc;
+use alloc::vec::Vec;
 
 use super::{Broker, ConnId};
 use crate::packet::{Publish, Version, Will};
@@ -159,12 +160,12 @@ impl Broker {
 
     /// Fires the wills that fell due and ends the sessions that expired.
     pub(super) fn expire_sessions(&mut self, now: u64) {
-        let due: alloc::vec::Vec<SessionKey> =
+        let due: Vec<SessionKey> =
             self.sessions.iter().filter(|(_, s)| s.will_at.is_some_and(|t| now >= t)).map(|(&k, _)| k).collect();
         for key in due {
             self.fire_will(key, now);
         }
-        let expired: alloc::vec::Vec<SessionKey> =
+        let expired: Vec<SessionKey> =
             self.sessions.iter().filter(|(_, s)| s.end().is_some_and(|t| now >= t)).map(|(&k, _)| k).collect();
         for key in expired {
             self.fire_will(key, now);
