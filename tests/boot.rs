@@ -18,7 +18,7 @@ fn default_image_prints_banner_sleeps_and_exits_zero() {
     let banner = text.lines().next().expect("a banner line");
     assert!(banner.starts_with("mqvisor-guest "), "{banner}");
     assert!(banner.contains("boot-to-start ") && banner.contains("start-to-ready "), "{banner}");
-    assert!(banner.contains("ram 32 MiB"), "{banner}");
+    assert!(banner.contains("ram 64 MiB"), "{banner}");
     // Three 10 ms sleeps, each measured by the guest's TSC clock: WAIT parked
     // the vCPU at least as long as asked (never shorter).
     let timer = text.lines().find(|l| l.starts_with("timer: ")).expect("a timer line");

@@ -102,6 +102,14 @@ impl RunningVm {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
     }
 
+    /// Proportional set size of the mqvisor process (its share of every page
+    /// it maps, guest memory the guest touched included), in KiB.
+    pub fn pss_kib(&self) -> u64 {
+        let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.child.id())).unwrap();
+        let line = rollup.lines().find(|l| l.starts_with("Pss:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
     /// Resident set of the mqvisor process, in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();

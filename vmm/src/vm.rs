@@ -10,12 +10,15 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
-use mqvisor_boot_abi::{BootInfo, CMDLINE_CAPACITY, DeviceDescriptor, config_blob, device_kind, layout, service};
+use mqvisor_boot_abi::{
+    BootInfo, CMDLINE_CAPACITY, DeviceDescriptor, capacity, config_blob, device_kind, layout, service,
+};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -27,7 +30,7 @@ use crate::devices::virtio::net::{NetDevice, NetMetrics, RingFault};
 use crate::image::{self, ImageError};
 use crate::net::{
     self,
-    proxy::{self, NetThread, ProxyConfig},
+    proxy::{self, LinkFaults, NetThread, ProxyConfig},
 };
 use crate::vcpu::{self, ExitStats, Outcome, VcpuContext};
 
@@ -64,13 +67,15 @@ pub struct VmConfig {
 pub enum Service {
     /// Banner, timer proof, exit; no network.
     Demo,
-    /// TCP echo on the guest port, reached through `listen` on the host.
+    /// Echo of every client connection to `listen` on the host.
     Echo { listen: SocketAddr },
-    /// The MQTT broker on the guest port, reached through `listen`.
-    Mqtt { listen: SocketAddr },
+    /// The MQTT broker, reached through `listen`, with the two settings that
+    /// decide how much guest memory it needs.
+    Mqtt { listen: SocketAddr, max_connections: usize, max_packet_size: usize },
 }
 
-/// The port the guest serves on its side of the link.
+/// The port the guest serves, as boot-info names it (streams arrive over
+/// the link, not on a TCP port, but the guest reports it).
 pub const GUEST_PORT: u16 = 1883;
 
 /// Why a VM could not be started.
@@ -94,6 +99,16 @@ pub enum VmmError {
          (image ends at {image_end:#x}, plus 1 MiB of heap)"
     )]
     MemoryTooSmall { given_mib: u32, needed_mib: u64, image_end: u64 },
+    #[error(
+        "--max-connections {connections} does not fit in --memory {memory_mib} MiB, which holds at most \
+         {capacity} connections: raise --memory or lower --max-connections"
+    )]
+    ConnectionsDoNotFit { connections: usize, memory_mib: u32, capacity: u64 },
+    #[error(
+        "--max-packet-size {packet_size} does not fit in --memory {memory_mib} MiB (a packet may be held \
+         twice while it is assembled and delivered): raise --memory or lower --max-packet-size"
+    )]
+    PacketDoesNotFit { packet_size: usize, memory_mib: u32 },
     #[error("--memory {0} MiB is out of range (1..={MAX_MEMORY_MIB})")]
     MemoryOutOfRange(u32),
     #[error("allocating {mib} MiB of guest memory: {reason}")]
@@ -201,6 +216,9 @@ pub struct NetCounters {
     /// Times the driver broke a ring, and the last such fault.
     pub ring_faults: u64,
     pub last_ring_fault: Option<RingFault>,
+    /// Frames and records of the guest that broke the stream protocol.
+    pub bad_frames: u64,
+    pub bad_records: u64,
 }
 
 /// The network half of a VM: the device, its worker thread, and KVM's
@@ -208,6 +226,7 @@ pub struct NetCounters {
 struct Network {
     transport: Arc<Mutex<MmioTransport<NetDevice>>>,
     thread: NetThread,
+    faults: Arc<LinkFaults>,
 }
 
 impl Network {
@@ -217,6 +236,7 @@ impl Network {
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         listen: SocketAddr,
+        max_connections: usize,
         wake: Arc<EventFd>,
     ) -> Result<(Self, MmioBus), VmmError> {
         let listener =
@@ -233,17 +253,19 @@ impl Network {
             vm.register_ioevent(event, &addr, index).map_err(kvm_err("KVM_IOEVENTFD"))?;
         }
         let transport = Arc::new(Mutex::new(transport));
+        let faults = Arc::new(LinkFaults::default());
         let thread = proxy::spawn(ProxyConfig {
             transport: transport.clone(),
             wake_guest: wake,
             listener,
-            guest_port: GUEST_PORT,
+            max_connections,
+            faults: faults.clone(),
         })
         .map_err(VmmError::Thread)?;
         eprintln!("mqvisor: tenant VM listening on {bound}");
         let mut bus = MmioBus::default();
         bus.insert(layout::DEVICE_WINDOW, layout::DEVICE_SIZE, transport.clone());
-        Ok((Network { transport, thread }, bus))
+        Ok((Network { transport, thread, faults }, bus))
     }
 
     /// Closes every client connection and returns the device's counters.
@@ -263,6 +285,8 @@ impl Network {
             refused_chains: get(&m.tx_malformed) + get(&m.rx_malformed) + get(&m.rx_too_big),
             ring_faults: get(&m.ring_faults),
             last_ring_fault,
+            bad_frames: self.faults.bad_frames.load(Ordering::Relaxed),
+            bad_records: self.faults.bad_records.load(Ordering::Relaxed),
         };
         (counters, notifications)
     }
@@ -292,6 +316,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
         });
     }
     let mut info = boot_info(ram_size, blob_at + blob_len, &config.cmdline)?;
+    let max_connections = connection_limit(config.service, info.heap_end - info.heap_start, config.memory_mib)?;
     if blob_len > 0 {
         info.config_addr = blob_at;
         info.config_len = blob_len;
@@ -313,8 +338,8 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?);
     let (network, bus) = match config.service {
         Service::Demo => (None, MmioBus::default()),
-        Service::Echo { listen } | Service::Mqtt { listen } => {
-            let (network, bus) = Network::start(&vm, &mem, listen, wake.clone())?;
+        Service::Echo { listen } | Service::Mqtt { listen, .. } => {
+            let (network, bus) = Network::start(&vm, &mem, listen, max_connections, wake.clone())?;
             info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
             info.net = net::guest_net_config(GUEST_PORT);
             info.devices[0] = DeviceDescriptor {
@@ -344,6 +369,29 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     drop(vm);
     drop(mem);
     Ok(RunReport { outcome, exits, notifications, net })
+}
+
+/// The most client connections the service may carry in a heap of `heap`
+/// bytes, or why its settings do not fit (`mqvisor_boot_abi::capacity`).
+fn connection_limit(service: Service, heap: u64, memory_mib: u32) -> Result<usize, VmmError> {
+    match service {
+        Service::Demo => Ok(0),
+        Service::Echo { .. } => {
+            let fit = capacity::connections(heap, capacity::ECHO_CONNECTION, 0);
+            Ok(usize::try_from(fit).unwrap_or(usize::MAX))
+        }
+        Service::Mqtt { max_connections, max_packet_size, .. } => {
+            let packet = (max_packet_size as u64).saturating_mul(capacity::PACKET_COPIES);
+            if packet.saturating_add(capacity::LINK_FIXED) > heap {
+                return Err(VmmError::PacketDoesNotFit { packet_size: max_packet_size, memory_mib });
+            }
+            let fit = capacity::connections(heap, capacity::MQTT_CONNECTION, packet);
+            if max_connections as u64 > fit {
+                return Err(VmmError::ConnectionsDoNotFit { connections: max_connections, memory_mib, capacity: fit });
+            }
+            Ok(max_connections)
+        }
+    }
 }
 
 #[cfg(test)]

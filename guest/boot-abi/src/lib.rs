@@ -3,7 +3,8 @@
 //! This crate owns the contract both sides compile against: the guest-physical
 //! memory layout at entry, the boot-info page, the paravirtual I/O ports and
 //! the shared page they exchange data through, and the codec of the tenant's
-//! broker settings ([`config_blob`]). Both sides run the same code for
+//! broker settings ([`config_blob`]) and the framing of client streams over
+//! the virtual link ([`streams`]). Both sides run the same code for
 //! everything they exchange: nothing here may be interpreted differently by
 //! the VMM and the guest.
 //!
@@ -28,7 +29,7 @@ extern crate alloc;
 /// `BootInfo::magic`: "MQVBOOT1" in little-endian byte order.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MQVBOOT1");
 /// `BootInfo::version`; bumped on any layout change.
-pub const BOOT_INFO_VERSION: u32 = 3;
+pub const BOOT_INFO_VERSION: u32 = 4;
 
 /// Guest-physical memory layout at entry.
 pub mod layout {
@@ -109,10 +110,6 @@ pub mod device_kind {
     /// virtio-net (virtio 1.2, section 5.1).
     pub const VIRTIO_NET: u32 = 1;
 }
-
-/// Listening sockets a guest service keeps open at once: TCP handshakes the
-/// VMM may have in flight towards it (smoltcp has no listen backlog).
-pub const LISTEN_BACKLOG: usize = 8;
 
 /// Maximum number of devices in [`BootInfo::devices`].
 pub const MAX_DEVICES: usize = 8;
@@ -204,7 +201,9 @@ pub struct BootInfo {
     pub config_len: u64,
 }
 
+pub mod capacity;
 pub mod config_blob;
+pub mod streams;
 
 impl Default for BootInfo {
     fn default() -> Self {

@@ -1,54 +1,53 @@
-//! The net thread: accepts tenant TCP connections on the host and carries each
-//! one into the guest over the virtual link.
+//! The net thread: accepts tenant TCP connections on the host and carries
+//! each one into the guest as a stream over the virtual link
+//! (`mqvisor_boot_abi::streams`).
 //!
-//! Owns the host-side smoltcp interface, one smoltcp socket per accepted
-//! client, and the loop that moves frames between smoltcp and the virtio-net
-//! device. Backpressure both ways, every buffer bounded:
-//! - client to guest: a client's reader task holds at most one chunk in
-//!   flight and reads the next only once the chunk is in the smoltcp socket;
-//! - guest to client: data leaves a smoltcp socket only when the client's
-//!   writer channel has room, otherwise the guest's window closes.
+//! Owns the client sockets, the records in and out of frames, and every
+//! host-side buffer of a stream, each bounded:
+//! - client to guest: bytes are read from the socket straight into the frame
+//!   being built, only within the stream's window and while the link has room
+//!   for frames, so a flooding client is held back by TCP itself;
+//! - guest to client: bytes go straight to the socket; what it does not take
+//!   waits in the stream's buffer (at most one window, freed when written),
+//!   and past [`OUT_BUDGET`] for all streams the guest's frames wait in its
+//!   TX queue.
 //!
-//! FIN and RST propagate both ways. When the VM stops, every client sees a
-//! clean close. This thread never touches the vCPU; it wakes a parked guest
-//! through the wake eventfd after giving it frames.
+//! An idle stream costs its socket, a small struct and one parked task.
+//! FIN propagates both ways as `Close` records; a client reset ends the
+//! stream. When the VM stops, every client sees a clean close. This thread
+//! never touches the vCPU; the device handler wakes a parked guest after
+//! giving it frames. Nothing a guest writes is trusted: records are checked,
+//! and what breaks the protocol is counted in [`LinkFaults`].
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
+use std::io::ErrorKind;
+use std::net::Shutdown;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::socket::tcp;
-use smoltcp::time::Instant as NetInstant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
-use tokio::io::AsyncWriteExt;
+use mqvisor_boot_abi::streams::{self, FrameWriter, Record, StreamId, WINDOW};
 use tokio::io::unix::AsyncFd;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{Interest, Ready};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::link::FrameLink;
-use super::paced::{Read, read_paced, sleep_or_forever};
-use super::{GUEST_IP, HOST_IP, HOST_MAC, MAX_FRAME, PREFIX_LEN};
+use super::paced::sleep_or_forever;
+use super::{GUEST_MAC, HOST_MAC, MAX_FRAME};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{NetDevice, NetEventHandler};
 
-/// Bytes a client reader moves per chunk, and per writer message.
-const CHUNK: usize = 64 * 1024;
-/// Size of each smoltcp socket buffer on the host side.
-const SOCKET_BUFFER: usize = 256 * 1024;
-/// Chunks waiting for a slow client, at most, before the guest is held back.
-const WRITER_QUEUE: usize = 4;
-/// Most client connections carried at once; more are refused (closed).
-pub const MAX_CONNECTIONS: usize = 4096;
-/// Handshakes in flight towards the guest at once. smoltcp has no listen
-/// backlog, so the guest keeps this many listening sockets
-/// (`mqvisor_boot_abi::LISTEN_BACKLOG`); more SYNs at once would meet RSTs.
-const MAX_HANDSHAKES: usize = mqvisor_boot_abi::LISTEN_BACKLOG;
-/// Ephemeral ports for the host side of carried connections.
-const LOCAL_PORTS: std::ops::Range<u16> = 1024..u16::MAX;
+/// Guest bytes waiting for slow clients, all streams together, before the
+/// guest's frames are left in its TX queue.
+const OUT_BUDGET: usize = 32 << 20;
+/// How long a stream the guest closed may wait for its client to take the
+/// last bytes before the client is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// A stream's window in bytes.
+const WINDOW_BYTES: usize = WINDOW as usize;
 
 /// Everything the net thread needs from the VM.
 pub struct ProxyConfig {
@@ -57,8 +56,20 @@ pub struct ProxyConfig {
     pub wake_guest: Arc<EventFd>,
     /// Bound before boot, so a busy port is reported before anything starts.
     pub listener: std::net::TcpListener,
-    /// The guest port to carry connections to.
-    pub guest_port: u16,
+    /// Most client connections carried at once; more are reset.
+    pub max_connections: usize,
+    /// Where protocol faults of the guest are counted.
+    pub faults: Arc<LinkFaults>,
+}
+
+/// What the guest did wrong on the link, counted (a hostile or broken guest
+/// costs itself its streams, never the host anything more).
+#[derive(Debug, Default)]
+pub struct LinkFaults {
+    /// Frames that were not stream frames or held a malformed record.
+    pub bad_frames: AtomicU64,
+    /// Records the guest may not send (`Open`), or `Data` beyond the window.
+    pub bad_records: AtomicU64,
 }
 
 /// Stops the net thread (closing every client cleanly) and waits for it.
@@ -105,120 +116,133 @@ pub fn spawn(config: ProxyConfig) -> std::io::Result<NetThread> {
     Ok(NetThread { stop: Some(stop_tx), handle: Some(handle) })
 }
 
-type ConnId = u64;
+const READ: u8 = 1;
+const WRITE: u8 = 2;
 
-/// What a client's tasks tell the net loop.
-enum ClientEvent {
-    Accepted(TcpStream),
-    Data(ConnId, Vec<u8>),
-    /// The client closed its sending side (FIN).
-    Eof(ConnId),
-    /// The client connection failed (reset or I/O error).
-    Failed(ConnId),
-    /// A writer finished a chunk: there is room for more guest data.
-    Drained,
+/// The readiness a stream's watcher task waits for, set by the net loop.
+#[derive(Default)]
+struct Watch {
+    interest: AtomicU8,
+    changed: Notify,
 }
 
-/// What the net loop tells a client's writer task.
-enum ToClient {
-    Data(Vec<u8>),
-    /// The guest reset the connection: reset the client too.
-    Reset,
+/// A watcher saw readiness (`READ` and/or `WRITE` bits) on a stream.
+struct Woken(StreamId, u8);
+
+/// Where a stream's client-to-guest side stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// The watcher waits for the socket to become readable.
+    Armed,
+    /// In the read queue: the socket may have bytes.
+    Queued,
+    /// Readable, but the guest's window is shut.
+    Stalled,
+    /// The client finished or failed; nothing more goes to the guest.
+    Done,
 }
 
-struct Conn {
-    socket: SocketHandle,
-    local_port: u16,
-    /// `None` once the guest's FIN has been passed on (the writer then
-    /// shuts down the client's receiving side).
-    to_client: Option<mpsc::Sender<ToClient>>,
-    /// Client bytes not yet accepted by the smoltcp socket.
-    pending_in: Option<(Vec<u8>, usize)>,
-    /// Lets the reader task read its next chunk.
-    reader_go: Arc<Notify>,
-    reader: JoinHandle<()>,
-    client_eof: bool,
-    fin_sent_to_guest: bool,
-    guest_fin_seen: bool,
-    was_established: bool,
+struct Stream {
+    socket: Arc<TcpStream>,
+    watch: Arc<Watch>,
+    watcher: JoinHandle<()>,
+    reading: Reading,
+    /// Client bytes the guest will still take.
+    window: usize,
+    /// Guest bytes the client socket has not taken yet.
+    out: Vec<u8>,
+    /// Guest bytes the guest may still send (its window, as seen here).
+    guest_window: usize,
+    /// Bytes written to the client and not yet credited to the guest.
+    owed: usize,
+    /// The client socket failed: nothing more can reach it.
+    failed: bool,
+    /// The guest sent `Close`: FIN follows the last of `out`.
+    guest_closed: bool,
+    /// When the guest closed with bytes still in `out`.
+    lingering_since: Option<Instant>,
+}
+
+impl Stream {
+    fn arm(&mut self, bits: u8) {
+        self.watch.interest.fetch_or(bits, Ordering::AcqRel);
+        self.watch.changed.notify_one();
+    }
 }
 
 struct Proxy {
     device: NetEventHandler,
     listener: TcpListener,
-    guest_port: u16,
     rx_event: AsyncFd<EventFd>,
     tx_event: AsyncFd<EventFd>,
-    iface: Interface,
     link: FrameLink,
-    sockets: SocketSet<'static>,
-    conns: HashMap<ConnId, Conn>,
-    /// Clients accepted but not yet carried: the guest's device is not up
-    /// yet, or enough handshakes are already in flight.
+    streams: HashMap<StreamId, Stream>,
+    /// Streams whose sockets may have bytes for the guest, in turn.
+    read_queue: VecDeque<StreamId>,
+    /// Records without bytes waiting for a frame, in order.
+    control: VecDeque<(StreamId, Control)>,
+    /// The frame for the guest being built, and its length so far.
+    building: Option<(Vec<u8>, usize)>,
+    /// Bytes in every stream's `out`.
+    out_total: usize,
+    /// Clients accepted before the guest's device was up.
     waiting: VecDeque<TcpStream>,
-    /// Whether the device was active at the last visit (clients wait until it is).
     device_active: bool,
-    ports_in_use: HashSet<u16>,
-    next_port: u16,
-    next_id: ConnId,
-    events_tx: mpsc::UnboundedSender<ClientEvent>,
-    events_rx: mpsc::UnboundedReceiver<ClientEvent>,
-    started: std::time::Instant,
+    max_connections: usize,
+    next_id: StreamId,
+    woken_tx: mpsc::UnboundedSender<Woken>,
+    woken_rx: mpsc::UnboundedReceiver<Woken>,
+    faults: Arc<LinkFaults>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    Open,
+    Close,
+    Credit(u32),
 }
 
 impl Proxy {
     fn new(config: ProxyConfig) -> std::io::Result<Proxy> {
         let device = NetEventHandler::new(config.transport, config.wake_guest);
         let (rx_event, tx_event) = device.queue_events()?;
-        let mut link = FrameLink::new(MAX_FRAME);
-        let started = std::time::Instant::now();
-        let iface_config = Config::new(HardwareAddress::Ethernet(EthernetAddress(HOST_MAC)));
-        let mut iface = Interface::new(iface_config, &mut link, NetInstant::ZERO);
-        iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(Ipv4Address::from_octets(HOST_IP)), PREFIX_LEN));
-        });
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (woken_tx, woken_rx) = mpsc::unbounded_channel();
         Ok(Proxy {
             device,
             listener: TcpListener::from_std(config.listener)?,
-            guest_port: config.guest_port,
-            rx_event: watch(rx_event)?,
-            tx_event: watch(tx_event)?,
-            iface,
-            link,
-            sockets: SocketSet::new(Vec::new()),
-            conns: HashMap::new(),
+            rx_event: watch_fd(rx_event)?,
+            tx_event: watch_fd(tx_event)?,
+            link: FrameLink::default(),
+            streams: HashMap::new(),
+            read_queue: VecDeque::new(),
+            control: VecDeque::new(),
+            building: None,
+            out_total: 0,
             waiting: VecDeque::new(),
             device_active: false,
-            ports_in_use: HashSet::new(),
-            next_port: LOCAL_PORTS.start,
-            next_id: 0,
-            events_tx,
-            events_rx,
-            started,
+            max_connections: config.max_connections,
+            next_id: 1,
+            woken_tx,
+            woken_rx,
+            faults: config.faults,
         })
-    }
-
-    fn now(&self) -> NetInstant {
-        NetInstant::from_micros(i64::try_from(self.started.elapsed().as_micros()).unwrap_or(i64::MAX))
     }
 
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
         loop {
             self.pump();
-            let delay =
-                self.iface.poll_delay(self.now(), &self.sockets).map(|d| Duration::from_micros(d.total_micros()));
+            let linger = self.next_linger_end().map(|end| end.saturating_duration_since(Instant::now()));
             tokio::select! {
                 _ = &mut stop => break,
                 accepted = self.listener.accept() => {
-                    if let Ok((stream, _)) = accepted {
-                        self.on_event(ClientEvent::Accepted(stream));
+                    if let Ok((socket, _)) = accepted {
+                        self.accept(socket);
                     }
                 }
-                Some(event) = self.events_rx.recv() => {
-                    self.on_event(event);
-                    while let Ok(event) = self.events_rx.try_recv() {
-                        self.on_event(event);
+                Some(woken) = self.woken_rx.recv() => {
+                    self.on_woken(woken);
+                    while let Ok(woken) = self.woken_rx.try_recv() {
+                        self.on_woken(woken);
                     }
                 }
                 ready = self.tx_event.readable() => {
@@ -235,278 +259,458 @@ impl Proxy {
                         self.device.add_notifications(count);
                     }
                 }
-                () = sleep_or_forever(delay) => {}
+                () = sleep_or_forever(linger) => self.end_lingering(),
             }
         }
         self.close_all();
     }
 
-    fn on_event(&mut self, event: ClientEvent) {
-        match event {
-            ClientEvent::Accepted(stream) => {
-                // Past the limit the stream is dropped: the client sees a close.
-                if self.conns.len() + self.waiting.len() < MAX_CONNECTIONS {
-                    self.waiting.push_back(stream);
-                }
-            }
-            ClientEvent::Data(id, data) => {
-                if let Some(conn) = self.conns.get_mut(&id) {
-                    conn.pending_in = Some((data, 0));
-                }
-            }
-            ClientEvent::Eof(id) => {
-                if let Some(conn) = self.conns.get_mut(&id) {
-                    conn.client_eof = true;
-                }
-            }
-            ClientEvent::Failed(id) => {
-                if let Some(conn) = self.conns.get_mut(&id) {
-                    self.sockets.get_mut::<tcp::Socket>(conn.socket).abort();
-                    conn.to_client = None;
-                    conn.client_eof = true;
-                    conn.pending_in = None;
-                }
-            }
-            // Nothing to record: the next pump sees the writer's free room.
-            ClientEvent::Drained => {}
-        }
-    }
-
-    fn allocate_port(&mut self) -> Option<u16> {
-        let span = usize::from(LOCAL_PORTS.end - LOCAL_PORTS.start);
-        for _ in 0..span {
-            let port = self.next_port;
-            self.next_port = if port + 1 == LOCAL_PORTS.end { LOCAL_PORTS.start } else { port + 1 };
-            if !self.ports_in_use.contains(&port) {
-                return Some(port);
-            }
-        }
-        None
-    }
-
-    /// Starts carrying waiting clients while the guest can take handshakes.
-    fn start_waiting(&mut self) -> bool {
-        if !self.device_active {
-            return false;
-        }
-        let mut handshakes = self
-            .conns
-            .values()
-            .filter(|c| self.sockets.get::<tcp::Socket>(c.socket).state() == tcp::State::SynSent)
-            .count();
-        let mut started = false;
-        while handshakes < MAX_HANDSHAKES {
-            let Some(stream) = self.waiting.pop_front() else { break };
-            self.open(stream);
-            handshakes += 1;
-            started = true;
-        }
-        started
-    }
-
-    fn open(&mut self, stream: TcpStream) {
-        let Some(local_port) = self.allocate_port() else { return };
-        let _ = stream.set_nodelay(true);
-        let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
-            tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]),
-        );
-        socket.set_nagle_enabled(false);
-        let remote = (IpAddress::Ipv4(Ipv4Address::from_octets(GUEST_IP)), self.guest_port);
-        if socket.connect(self.iface.context(), remote, local_port).is_err() {
+    fn accept(&mut self, socket: TcpStream) {
+        if self.streams.len() + self.waiting.len() >= self.max_connections {
+            // Over the limit: the client sees a reset, nobody else anything.
+            reset(&socket);
             return;
         }
-        let handle = self.sockets.add(socket);
-        self.ports_in_use.insert(local_port);
+        let _ = socket.set_nodelay(true);
+        if self.device_active {
+            self.open(socket);
+        } else {
+            self.waiting.push_back(socket);
+        }
+    }
 
+    fn open(&mut self, socket: TcpStream) {
         let id = self.next_id;
         self.next_id += 1;
-        let (read_half, write_half) = stream.into_split();
-        let reader_go = Arc::new(Notify::new());
-        let events = self.events_tx.clone();
-        let reader = tokio::spawn(read_paced(read_half, CHUNK, reader_go.clone(), move |read| {
-            let event = match read {
-                Read::Data(data) => ClientEvent::Data(id, data),
-                Read::Eof => ClientEvent::Eof(id),
-                Read::Failed => ClientEvent::Failed(id),
-            };
-            events.send(event).is_ok()
-        }));
-        let (to_client, from_net) = mpsc::channel(WRITER_QUEUE);
-        tokio::spawn(write_client(id, write_half, from_net, self.events_tx.clone()));
-        self.conns.insert(
-            id,
-            Conn {
-                socket: handle,
-                local_port,
-                to_client: Some(to_client),
-                pending_in: None,
-                reader_go,
-                reader,
-                client_eof: false,
-                fin_sent_to_guest: false,
-                guest_fin_seen: false,
-                was_established: false,
-            },
-        );
+        let socket = Arc::new(socket);
+        let watch = Arc::new(Watch::default());
+        let watcher = tokio::spawn(watch_stream(id, socket.clone(), watch.clone(), self.woken_tx.clone()));
+        // Clients usually speak first: look at once rather than after a wake-up.
+        let stream = Stream {
+            socket,
+            watch,
+            watcher,
+            reading: Reading::Queued,
+            window: WINDOW_BYTES,
+            out: Vec::new(),
+            guest_window: WINDOW_BYTES,
+            owed: 0,
+            failed: false,
+            guest_closed: false,
+            lingering_since: None,
+        };
+        self.streams.insert(id, stream);
+        self.control.push_back((id, Control::Open));
+        self.read_queue.push_back(id);
+    }
+
+    fn on_woken(&mut self, Woken(id, bits): Woken) {
+        let Some(stream) = self.streams.get_mut(&id) else { return };
+        if bits & READ != 0 && stream.reading == Reading::Armed {
+            stream.reading = Reading::Queued;
+            self.read_queue.push_back(id);
+        }
+        if bits & WRITE != 0 {
+            self.write_out(id);
+        }
     }
 
     /// Does all the work there is, until nothing moves.
     fn pump(&mut self) {
         loop {
             let visit = self.device.process(&mut self.link);
-            self.device_active = visit.active;
             if visit.reset {
-                // A reset guest has lost its TCP state: the carried
-                // connections are gone (the link dropped the frames in flight).
+                // A reset guest has lost its streams: so have their clients.
                 self.reset_all();
             }
+            self.device_active = visit.active;
             let mut progress = visit.moved;
-            progress |= self.start_waiting();
-            let sent_before = self.link.sent_to_guest;
-            let now = self.now();
-            self.iface.poll(now, &mut self.link, &mut self.sockets);
-            progress |= self.move_data();
-            let now = self.now();
-            self.iface.poll(now, &mut self.link, &mut self.sockets);
-            // New frames for the guest: the next visit hands them over.
-            progress |= self.link.sent_to_guest != sent_before;
+            if self.device_active {
+                while let Some(socket) = self.waiting.pop_front() {
+                    self.open(socket);
+                    progress = true;
+                }
+            }
+            progress |= self.take_guest_frames();
+            progress |= self.fill_frames();
+            self.link.holding_guest_output = self.out_total > OUT_BUDGET;
             if !progress {
                 break;
             }
         }
     }
 
-    /// Moves bytes between client connections and smoltcp sockets; propagates
-    /// FIN and RST; forgets finished connections. True if anything moved.
-    fn move_data(&mut self) -> bool {
-        let mut progress = false;
-        let mut finished = Vec::new();
-        for (&id, conn) in self.conns.iter_mut() {
-            let socket = self.sockets.get_mut::<tcp::Socket>(conn.socket);
-            conn.was_established |= socket.state() == tcp::State::Established;
-
-            // Client -> guest.
-            if let Some((data, offset)) = conn.pending_in.as_mut() {
-                if socket.can_send() {
-                    let sent = socket.send_slice(&data[*offset..]).unwrap_or(0);
-                    *offset += sent;
-                    progress |= sent > 0;
-                }
-                if *offset >= data.len() {
-                    conn.pending_in = None;
-                    conn.reader_go.notify_one();
-                }
-            }
-            if conn.client_eof && conn.pending_in.is_none() && !conn.fin_sent_to_guest && socket.may_send() {
-                socket.close();
-                conn.fin_sent_to_guest = true;
-                progress = true;
-            }
-
-            // Guest -> client.
-            if let Some(to_client) = &conn.to_client {
-                while socket.can_recv() {
-                    let Ok(permit) = to_client.try_reserve() else { break };
-                    let mut chunk = vec![0u8; CHUNK.min(socket.recv_queue())];
-                    let n = socket.recv_slice(&mut chunk).unwrap_or(0);
-                    chunk.truncate(n);
-                    permit.send(ToClient::Data(chunk));
-                    progress = true;
-                }
-                if conn.was_established
-                    && !socket.may_recv()
-                    && socket.recv_queue() == 0
-                    && socket.state() != tcp::State::Closed
-                {
-                    // The guest sent FIN: pass it on once queued data is out.
-                    conn.guest_fin_seen = true;
-                    conn.to_client = None;
-                    progress = true;
-                }
-            }
-
-            if socket.state() == tcp::State::Closed {
-                if let Some(to_client) = conn.to_client.take() {
-                    // Closed without a FIN from the guest: it reset the
-                    // connection (or never accepted it).
-                    if !conn.guest_fin_seen {
-                        let _ = to_client.try_send(ToClient::Reset);
+    /// Acts on every record the guest sent. True if there were frames.
+    fn take_guest_frames(&mut self) -> bool {
+        let mut any = false;
+        while let Some(frame) = self.link.from_guest.pop_front() {
+            any = true;
+            let Ok(records) = streams::records(&frame) else {
+                self.faults.bad_frames.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            for record in records {
+                match record {
+                    Ok(Record::Data(id, bytes)) => self.on_guest_data(id, bytes),
+                    Ok(Record::Close(id)) => self.on_guest_close(id),
+                    Ok(Record::Credit(id, n)) => {
+                        if let Some(stream) = self.streams.get_mut(&id) {
+                            stream.window = stream.window.saturating_add(n as usize).min(WINDOW_BYTES);
+                            if stream.reading == Reading::Stalled && stream.window > 0 {
+                                stream.reading = Reading::Queued;
+                                self.read_queue.push_back(id);
+                            }
+                        }
+                    }
+                    Ok(Record::Open(_)) => {
+                        self.faults.bad_records.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        self.faults.bad_frames.fetch_add(1, Ordering::Relaxed);
+                        break;
                     }
                 }
-                if conn.client_eof || !conn.guest_fin_seen {
-                    finished.push(id);
+            }
+        }
+        any
+    }
+
+    fn on_guest_data(&mut self, id: StreamId, bytes: &[u8]) {
+        // Bytes for a stream that ended here are the guest's to lose.
+        let Some(stream) = self.streams.get_mut(&id) else { return };
+        if stream.guest_closed {
+            self.faults.bad_records.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let allowed = bytes.len().min(stream.guest_window);
+        if allowed < bytes.len() {
+            self.faults.bad_records.fetch_add(1, Ordering::Relaxed);
+        }
+        let bytes = &bytes[..allowed];
+        stream.guest_window -= allowed;
+        if stream.failed {
+            // The client is gone: what the guest sends now goes nowhere,
+            // and the window it used comes straight back.
+            stream.owed += allowed;
+        } else {
+            stream.out.extend_from_slice(bytes);
+            self.out_total += bytes.len();
+        }
+        self.write_out(id);
+    }
+
+    fn on_guest_close(&mut self, id: StreamId) {
+        let Some(stream) = self.streams.get_mut(&id) else { return };
+        if stream.guest_closed {
+            self.faults.bad_records.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        stream.guest_closed = true;
+        if stream.reading != Reading::Done {
+            // Whatever the client still sends goes nowhere.
+            stream.reading = Reading::Done;
+            self.control.push_back((id, Control::Close));
+        }
+        self.write_out(id);
+    }
+
+    /// Writes what the client socket takes of the stream's `out`, credits
+    /// the guest, and ends the stream once both sides are done.
+    fn write_out(&mut self, id: StreamId) {
+        let Some(stream) = self.streams.get_mut(&id) else { return };
+        let mut failed = false;
+        let mut written = 0;
+        while written < stream.out.len() {
+            match stream.socket.try_write(&stream.out[written..]) {
+                Ok(0) => {
+                    failed = true;
+                    break;
+                }
+                Ok(n) => written += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    stream.arm(WRITE);
+                    break;
+                }
+                Err(_) => {
+                    failed = true;
+                    break;
                 }
             }
         }
-        for id in finished {
+        stream.out.drain(..written);
+        self.out_total -= written;
+        stream.owed += written;
+        if stream.out.is_empty() && stream.out.capacity() > 0 {
+            // An idle stream keeps no buffer.
+            stream.out = Vec::new();
+        }
+        if failed {
+            if stream.reading != Reading::Done {
+                stream.reading = Reading::Done;
+                self.control.push_back((id, Control::Close));
+            }
+            self.drop_out(id);
+        }
+        let Some(stream) = self.streams.get_mut(&id) else { return };
+        if stream.owed >= WINDOW_BYTES / 2 && !stream.guest_closed {
+            let credit = std::mem::take(&mut stream.owed);
+            stream.guest_window += credit;
+            // At most one window: it fits.
+            self.control.push_back((id, Control::Credit(u32::try_from(credit).unwrap_or(WINDOW))));
+        }
+        if stream.guest_closed && stream.reading == Reading::Done {
+            if stream.out.is_empty() {
+                // Both sides are done and the client has every byte: FIN.
+                let _ = socket2::SockRef::from(&*stream.socket).shutdown(Shutdown::Write);
+                self.forget(id);
+            } else if stream.lingering_since.is_none() {
+                stream.lingering_since = Some(Instant::now());
+            }
+        }
+    }
+
+    /// Builds frames for the guest: control records first, then client bytes
+    /// from streams in turn, while the link has room. True if any was built.
+    fn fill_frames(&mut self) -> bool {
+        let mut built = false;
+        while let Some(&(id, control)) = self.control.front() {
+            let record = match control {
+                Control::Open => Record::Open(id),
+                Control::Close => Record::Close(id),
+                Control::Credit(n) => Record::Credit(id, n),
+            };
+            if !self.with_frame(|frame| usize::from(frame.control(record))) {
+                return built;
+            }
+            self.control.pop_front();
+            built = true;
+        }
+        let mut turns = self.read_queue.len();
+        while turns > 0 {
+            turns -= 1;
+            let Some(id) = self.read_queue.pop_front() else { break };
+            match self.read_client(id) {
+                Some(true) => built = true,
+                Some(false) => {}
+                None => {
+                    // No room for frames: this stream keeps its turn.
+                    self.read_queue.push_front(id);
+                    break;
+                }
+            }
+        }
+        self.finish_frame();
+        built
+    }
+
+    /// Reads one chunk of stream `id`'s client into the frame being built.
+    /// `Some(true)`: bytes or an end went to the guest; `None`: the link
+    /// has no room.
+    fn read_client(&mut self, id: StreamId) -> Option<bool> {
+        let Some(stream) = self.streams.get_mut(&id) else { return Some(false) };
+        if stream.reading != Reading::Queued {
+            return Some(false);
+        }
+        if stream.window == 0 {
+            stream.reading = Reading::Stalled;
+            return Some(false);
+        }
+        let socket = stream.socket.clone();
+        let window = stream.window;
+        let mut outcome = Ok(0);
+        let room = self.with_frame(|frame| {
+            if frame.data_room() == 0 {
+                return 0; // A full frame: take a fresh one.
+            }
+            outcome = socket.try_read(frame.data_slot(window));
+            frame.commit_data(id, *outcome.as_ref().unwrap_or(&0));
+            1
+        });
+        if !room {
+            return None;
+        }
+        let stream = self.streams.get_mut(&id)?;
+        match outcome {
+            Ok(n) if n > 0 => {
+                stream.window -= n;
+                self.read_queue.push_back(id);
+                Some(true)
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                stream.reading = Reading::Armed;
+                stream.arm(READ);
+                Some(false)
+            }
+            Ok(_) => {
+                // EOF: the guest hears the client is done sending.
+                stream.reading = Reading::Done;
+                self.control.push_back((id, Control::Close));
+                self.write_out(id);
+                Some(true)
+            }
+            Err(_) => {
+                // A failed socket: the same, and nothing more reaches it.
+                stream.reading = Reading::Done;
+                self.control.push_back((id, Control::Close));
+                self.drop_out(id);
+                self.write_out(id);
+                Some(true)
+            }
+        }
+    }
+
+    /// Discards what a failed client will never read.
+    fn drop_out(&mut self, id: StreamId) {
+        if let Some(stream) = self.streams.get_mut(&id) {
+            stream.failed = true;
+            self.out_total -= stream.out.len();
+            stream.owed += stream.out.len();
+            stream.out = Vec::new();
+        }
+    }
+
+    /// Runs `write` on the frame being built (starting one if needed);
+    /// when it writes nothing into a frame with records, queues that frame
+    /// and retries on a fresh one. False when the link has no room.
+    fn with_frame(&mut self, mut write: impl FnMut(&mut FrameWriter<'_>) -> usize) -> bool {
+        for _ in 0..2 {
+            if self.building.is_none() {
+                if !self.link.has_room_for_guest() {
+                    return false;
+                }
+                let mut buf = vec![0u8; MAX_FRAME];
+                let len = FrameWriter::new(&mut buf, GUEST_MAC, HOST_MAC).len();
+                self.building = Some((buf, len));
+            }
+            let Some((buf, len)) = self.building.as_mut() else { return false };
+            let mut frame = FrameWriter::resume(buf, *len);
+            let written = write(&mut frame);
+            let (new_len, empty) = (frame.len(), frame.is_empty());
+            *len = new_len;
+            if written > 0 || empty {
+                return true;
+            }
+            self.finish_frame();
+        }
+        false
+    }
+
+    /// Queues the frame being built for the guest, if it has records.
+    fn finish_frame(&mut self) {
+        if let Some((mut buf, len)) = self.building.take() {
+            if len > streams::ETHERNET_HEADER_LEN {
+                buf.truncate(len);
+                self.link.to_guest.push_back(buf);
+            } else {
+                self.building = Some((buf, len));
+            }
+        }
+    }
+
+    fn next_linger_end(&self) -> Option<Instant> {
+        self.streams.values().filter_map(|s| s.lingering_since).min().map(|since| since + CLOSE_LINGER)
+    }
+
+    /// Drops clients that did not take the guest's last bytes in time.
+    fn end_lingering(&mut self) {
+        let now = Instant::now();
+        let late: Vec<StreamId> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.lingering_since.is_some_and(|since| now >= since + CLOSE_LINGER))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            if let Some(stream) = self.streams.get(&id) {
+                reset(&stream.socket);
+            }
+            self.drop_out(id);
             self.forget(id);
         }
-        progress
     }
 
-    fn forget(&mut self, id: ConnId) {
-        if let Some(conn) = self.conns.remove(&id) {
-            conn.reader.abort();
-            self.sockets.remove(conn.socket);
-            self.ports_in_use.remove(&conn.local_port);
+    fn forget(&mut self, id: StreamId) {
+        if let Some(stream) = self.streams.remove(&id) {
+            stream.watcher.abort();
+            self.out_total -= stream.out.len();
         }
     }
 
-    /// The guest lost all connections (device reset): reset every client.
+    /// The guest lost every stream (device reset): reset every client.
     fn reset_all(&mut self) {
-        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
         for id in ids {
-            if let Some(to_client) = self.conns.get_mut(&id).and_then(|conn| conn.to_client.take()) {
-                let _ = to_client.try_send(ToClient::Reset);
+            if let Some(stream) = self.streams.get(&id) {
+                reset(&stream.socket);
             }
             self.forget(id);
         }
+        self.read_queue.clear();
+        self.control.clear();
+        self.building = None;
     }
 
     /// The VM is stopping: close every client connection cleanly (FIN).
     fn close_all(&mut self) {
-        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for stream in self.streams.values() {
+            let _ = socket2::SockRef::from(&*stream.socket).shutdown(Shutdown::Write);
+        }
+        let ids: Vec<StreamId> = self.streams.keys().copied().collect();
         for id in ids {
-            // Dropping the writer channel makes the writer flush and shut down.
             self.forget(id);
         }
     }
 }
 
+/// Makes closing `socket` send RST instead of FIN.
+fn reset(socket: &TcpStream) {
+    // SO_LINGER 0 turns the close into an RST; a zero linger never blocks.
+    let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
+}
+
 /// Registers an owned eventfd with the runtime's reactor.
-fn watch(event: EventFd) -> std::io::Result<AsyncFd<EventFd>> {
+fn watch_fd(event: EventFd) -> std::io::Result<AsyncFd<EventFd>> {
     // SAFETY: `EventFd` owns its descriptor, keeps it open until dropped and
     // always returns the same one from `as_raw_fd`; the AsyncFd owns it.
     unsafe { AsyncFd::register(event) }.map_err(std::io::Error::from)
 }
 
-async fn write_client(
-    id: ConnId,
-    mut stream: OwnedWriteHalf,
-    mut from_net: mpsc::Receiver<ToClient>,
-    events: mpsc::UnboundedSender<ClientEvent>,
-) {
-    while let Some(message) = from_net.recv().await {
-        match message {
-            ToClient::Data(chunk) => {
-                if stream.write_all(&chunk).await.is_err() {
-                    let _ = events.send(ClientEvent::Failed(id));
+/// Waits for the readiness the net loop asks for on one stream and reports
+/// it. Parked (no readiness asked) it costs a task and nothing else.
+async fn watch_stream(id: StreamId, socket: Arc<TcpStream>, watch: Arc<Watch>, woken: mpsc::UnboundedSender<Woken>) {
+    loop {
+        let bits = watch.interest.load(Ordering::Acquire);
+        let interest = match bits {
+            READ => Interest::READABLE,
+            WRITE => Interest::WRITABLE,
+            0 => {
+                watch.changed.notified().await;
+                continue;
+            }
+            _ => Interest::READABLE | Interest::WRITABLE,
+        };
+        tokio::select! {
+            ready = socket.ready(interest) => {
+                // An error is reported as readiness: the net loop's next
+                // read or write finds it.
+                let ready = ready.unwrap_or(Ready::ALL);
+                let mut fired = 0;
+                if ready.is_readable() || ready.is_read_closed() || ready.is_error() {
+                    fired |= READ;
+                }
+                if ready.is_writable() || ready.is_write_closed() || ready.is_error() {
+                    fired |= WRITE;
+                }
+                let fired = fired & bits;
+                if fired == 0 {
+                    continue;
+                }
+                watch.interest.fetch_and(!fired, Ordering::AcqRel);
+                if woken.send(Woken(id, fired)).is_err() {
                     return;
                 }
-                let _ = events.send(ClientEvent::Drained);
             }
-            ToClient::Reset => {
-                // SO_LINGER 0 turns the close into an RST. Tokio deprecates
-                // linger because a non-zero one blocks on close; zero never does.
-                #[allow(deprecated)]
-                let _ = stream.as_ref().set_linger(Some(Duration::ZERO));
-                // No FIN first: the socket closes (with RST) when the read
-                // half, which the net loop aborts, is dropped too.
-                stream.forget();
-                return;
-            }
+            () = watch.changed.notified() => {}
         }
     }
-    let _ = stream.shutdown().await;
 }

@@ -1,5 +1,5 @@
-//! The guest's network device: a smoltcp `Device` over the `virtio-drivers`
-//! raw net driver.
+//! The guest's network device: whole frames in and out of the
+//! `virtio-drivers` raw net driver.
 //!
 //! Owns the RX buffers posted to the device and the TX buffers in flight.
 //! Nothing here waits for the device: transmits are queued and reclaimed
@@ -10,10 +10,6 @@
 use alloc::boxed::Box;
 use alloc::vec;
 use alloc::vec::Vec;
-use core::cell::RefCell;
-
-use smoltcp::phy::{self, DeviceCapabilities, Medium};
-use smoltcp::time::Instant;
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::MmioTransport;
 
@@ -22,7 +18,7 @@ use super::hal::GuestHal;
 /// Descriptors per virtqueue.
 pub const QUEUE_SIZE: usize = 64;
 /// Size of the virtio-net header in front of every frame (VERSION_1).
-const NET_HDR_LEN: usize = 12;
+pub const NET_HDR_LEN: usize = 12;
 
 type Driver = VirtIONetRaw<GuestHal, MmioTransport<'static>, QUEUE_SIZE>;
 
@@ -69,10 +65,9 @@ impl Inner {
     }
 }
 
-/// The virtio-net card as smoltcp sees it.
+/// The virtio-net card: frames in, frames out.
 pub struct VirtioNet {
-    inner: RefCell<Inner>,
-    mtu: usize,
+    inner: Inner,
 }
 
 impl VirtioNet {
@@ -91,112 +86,76 @@ impl VirtioNet {
         for _ in 0..QUEUE_SIZE {
             inner.post_rx(vec![0u8; buf_len].into_boxed_slice());
         }
-        VirtioNet { inner: RefCell::new(inner), mtu: max_frame }
+        VirtioNet { inner }
     }
 
     /// True if a frame is waiting (so the guest must not park).
     pub fn has_rx(&self) -> bool {
-        self.inner.borrow().driver.poll_receive().is_some()
+        self.inner.driver.poll_receive().is_some()
     }
 
     /// True once the driver has reported an inconsistency.
     pub fn failed(&self) -> bool {
-        self.inner.borrow().failed
+        self.inner.failed
     }
-}
 
-pub struct RxToken<'a> {
-    inner: &'a RefCell<Inner>,
-    buf: Box<[u8]>,
-    start: usize,
-    len: usize,
-}
-
-pub struct TxToken<'a> {
-    inner: &'a RefCell<Inner>,
-}
-
-impl phy::RxToken for RxToken<'_> {
-    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
-        let result = f(&self.buf[self.start..self.start + self.len]);
-        self.inner.borrow_mut().post_rx(self.buf);
-        result
-    }
-}
-
-impl phy::TxToken for TxToken<'_> {
-    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
-        let mut inner = self.inner.borrow_mut();
-        let buf_len = inner.buf_len;
-        let mut buf = inner.tx_free.pop().unwrap_or_else(|| vec![0u8; buf_len].into_boxed_slice());
-        let total = NET_HDR_LEN + len;
-        if total > buf.len() {
-            // smoltcp never exceeds the MTU we report; refuse rather than panic.
-            let mut scratch = vec![0u8; len];
-            inner.tx_free.push(buf);
+    /// Hands the next received frame (without its virtio-net header) to
+    /// `f`, then gives its buffer back to the device. `None`: no frame.
+    pub fn receive<R>(&mut self, f: impl FnOnce(&[u8]) -> R) -> Option<R> {
+        let inner = &mut self.inner;
+        let token = inner.driver.poll_receive()?;
+        let Some(mut buf) = inner.rx_posted.get_mut(usize::from(token)).and_then(Option::take) else {
             inner.failed = true;
-            return f(&mut scratch);
-        }
-        let header_ok = inner.driver.fill_buffer_header(&mut buf[..total]).is_ok();
-        let result = f(&mut buf[NET_HDR_LEN..total]);
-        // SAFETY: the box goes into `tx_inflight` under the returned token and
-        // is not touched until `transmit_complete` hands it back.
-        match header_ok.then(|| unsafe { inner.driver.transmit_begin(&buf[..total]) }) {
-            Some(Ok(token)) => {
-                if let Some(slot) = inner.tx_inflight.get_mut(usize::from(token)) {
-                    *slot = Some((buf, total));
-                }
+            return None;
+        };
+        // SAFETY: the same buffer as given to receive_begin for this token.
+        let lengths = unsafe { inner.driver.receive_complete(token, &mut buf) };
+        let result = match lengths {
+            Ok((start, len)) if start.checked_add(len).is_some_and(|end| end <= buf.len()) => {
+                Some(f(&buf[start..start + len]))
             }
             _ => {
                 inner.failed = true;
-                inner.tx_free.push(buf);
-            }
-        }
-        result
-    }
-}
-
-impl phy::Device for VirtioNet {
-    type RxToken<'a> = RxToken<'a>;
-    type TxToken<'a> = TxToken<'a>;
-
-    fn receive(&mut self, _: Instant) -> Option<(RxToken<'_>, TxToken<'_>)> {
-        let mut inner = self.inner.borrow_mut();
-        inner.reclaim_tx();
-        let token = inner.driver.poll_receive()?;
-        let mut buf = inner.rx_posted.get_mut(usize::from(token)).and_then(Option::take)?;
-        // SAFETY: the same buffer as given to receive_begin for this token.
-        let (start, len) = match unsafe { inner.driver.receive_complete(token, &mut buf) } {
-            Ok(lengths) => lengths,
-            Err(_) => {
-                inner.post_rx(buf);
-                return None;
+                None
             }
         };
-        if start + len > buf.len() {
-            inner.post_rx(buf);
-            return None;
-        }
-        drop(inner);
-        Some((RxToken { inner: &self.inner, buf, start, len }, TxToken { inner: &self.inner }))
+        inner.post_rx(buf);
+        result
     }
 
-    fn transmit(&mut self, _: Instant) -> Option<TxToken<'_>> {
-        let mut inner = self.inner.borrow_mut();
+    /// A buffer to build a frame in, if the TX queue has room. The frame goes
+    /// at `NET_HDR_LEN..`; hand it to [`VirtioNet::transmit`].
+    pub fn tx_buffer(&mut self) -> Option<Box<[u8]>> {
+        let inner = &mut self.inner;
         inner.reclaim_tx();
         if !inner.driver.can_send() {
             return None;
         }
-        drop(inner);
-        Some(TxToken { inner: &self.inner })
+        let buf_len = inner.buf_len;
+        Some(inner.tx_free.pop().unwrap_or_else(|| vec![0u8; buf_len].into_boxed_slice()))
     }
 
-    fn capabilities(&self) -> DeviceCapabilities {
-        let mut caps = DeviceCapabilities::default();
-        caps.medium = Medium::Ethernet;
-        caps.max_transmission_unit = self.mtu;
-        // Same as the host end: the link is memory, nothing to check.
-        caps.checksum = smoltcp::phy::ChecksumCapabilities::ignored();
-        caps
+    /// Queues the frame of `frame_len` bytes built in `buf` (from
+    /// [`VirtioNet::tx_buffer`]). The device is told at most once per burst.
+    pub fn transmit(&mut self, mut buf: Box<[u8]>, frame_len: usize) {
+        let inner = &mut self.inner;
+        let total = NET_HDR_LEN + frame_len;
+        if total > buf.len() || inner.driver.fill_buffer_header(&mut buf[..total]).is_err() {
+            inner.failed = true;
+            inner.tx_free.push(buf);
+            return;
+        }
+        // SAFETY: the box goes into `tx_inflight` under the returned token and
+        // is not touched until `transmit_complete` hands it back.
+        match unsafe { inner.driver.transmit_begin(&buf[..total]) } {
+            Ok(token) => match inner.tx_inflight.get_mut(usize::from(token)) {
+                Some(slot) => *slot = Some((buf, total)),
+                None => inner.failed = true,
+            },
+            Err(_) => {
+                inner.failed = true;
+                inner.tx_free.push(buf);
+            }
+        }
     }
 }

@@ -1,46 +1,76 @@
-//! TCP echo on the service port: the network path's test service
+//! Echo of every client stream: the network path's test service
 //! (`mqvisor run --service echo`).
+//!
+//! Owns the bytes received but not yet echoed, at most one window per
+//! stream: credit goes back to the VMM only for echoed bytes, so a client
+//! that never reads stops its own sender.
 
-use alloc::vec;
+use alloc::collections::BTreeMap;
+use alloc::vec::Vec;
 
 use mqvisor_boot_abi::BootInfo;
-use smoltcp::socket::tcp;
+use mqvisor_boot_abi::streams::{Record, StreamId};
 
-use super::Net;
+use super::{Link, Window};
 
-/// Socket buffer size: a window large enough for the link's jumbo frames.
-const SOCKET_BUFFER: usize = 256 * 1024;
+#[derive(Default)]
+struct Echo {
+    window: Window,
+    pending: Vec<u8>,
+    /// The client has gone: close once everything is echoed.
+    closing: bool,
+}
 
-/// Echoes what each connection sends and closes after the peer closed and
+/// Echoes what each stream sends, and closes after the client closed and
 /// everything was echoed.
 pub fn run(info: &BootInfo) -> ! {
-    let mut net = Net::bring_up(info, SOCKET_BUFFER);
-    let mut scratch = vec![0u8; SOCKET_BUFFER];
-    crate::println!("echo: serving TCP port {}, up to {} connections", net.port(), net.max_connections());
+    let mut link = Link::bring_up(info);
+    let mut echoes: BTreeMap<StreamId, Echo> = BTreeMap::new();
+    crate::println!("echo: serving");
     loop {
-        net.poll();
-        let mut moved = false;
-        for &handle in &net.handles {
-            let socket = net.sockets.get_mut::<tcp::Socket>(handle);
-            while socket.can_recv() && socket.can_send() {
-                let room = socket.send_capacity() - socket.send_queue();
-                let take = room.min(scratch.len());
-                let n = socket.recv_slice(&mut scratch[..take]).unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                let _ = socket.send_slice(&scratch[..n]);
-                moved = true;
+        let mut moved = link.receive(|record| match record {
+            Record::Open(id) => {
+                echoes.insert(id, Echo::default());
             }
-            if !socket.may_recv() && socket.recv_queue() == 0 && socket.state() == tcp::State::CloseWait {
-                socket.close(); // FIN after the echoed data.
+            Record::Data(id, bytes) => {
+                if let Some(echo) = echoes.get_mut(&id) {
+                    echo.pending.extend_from_slice(bytes);
+                }
+            }
+            Record::Close(id) => {
+                if let Some(echo) = echoes.get_mut(&id) {
+                    echo.closing = true;
+                }
+            }
+            Record::Credit(id, n) => {
+                if let Some(echo) = echoes.get_mut(&id) {
+                    echo.window.credited(n);
+                }
+            }
+        });
+        let mut done = Vec::new();
+        for (&id, echo) in echoes.iter_mut() {
+            let room = echo.pending.len().min(echo.window.send_room());
+            let sent = link.send_data(id, &echo.pending[..room]);
+            if sent > 0 {
+                echo.pending.drain(..sent);
+                echo.window.sent(sent);
                 moved = true;
+                if let Some(credit) = echo.window.consumed(sent) {
+                    link.send_credit(id, credit);
+                }
+            }
+            if echo.closing && echo.pending.is_empty() {
+                done.push(id);
             }
         }
-        net.reap_closed(|_| {});
-        moved |= net.keep_listening();
+        for id in done {
+            echoes.remove(&id);
+            link.send_close(id);
+            moved = true;
+        }
         if !moved {
-            net.idle(None);
+            link.idle(None);
         }
     }
 }

@@ -1,66 +1,67 @@
-//! The guest's network: finds the virtio-net device in boot-info, brings up
-//! smoltcp on it, and runs a TCP service ([`echo`] or [`mqtt`]) until the VM
-//! is stopped.
+//! The guest's network: finds the virtio-net device in boot-info and carries
+//! the VMM's client streams over it (`mqvisor_boot_abi::streams`), for a
+//! service ([`echo`] or [`mqtt`]) that runs until the VM is stopped.
 //!
-//! Owns what the services share: bring-up, the listening-socket backlog and
-//! the idle step (park in the VMM until smoltcp's or the service's next
-//! deadline, or until the VMM delivers frames). Must never spin while idle.
+//! Owns the frame being built (records of any number of streams share it;
+//! [`Link::flush`] sends it) and the idle step: park in the VMM until the
+//! service's deadline or until the VMM delivers frames. Must never spin while
+//! idle, and never hold a record back once the service's pass is over.
 
 mod device;
 pub mod echo;
 mod hal;
 pub mod mqtt;
 
-use alloc::vec;
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use mqvisor_boot_abi::{BootInfo, LISTEN_BACKLOG, NetConfig, device_kind};
-use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
-use smoltcp::socket::tcp;
-use smoltcp::time::Instant;
-use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr, Ipv4Address};
+use mqvisor_boot_abi::streams::{self, FrameWriter, Record, StreamId};
+use mqvisor_boot_abi::{BootInfo, NetConfig, device_kind};
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
 
 use crate::{clock, paravirt};
-use device::VirtioNet;
+use device::{NET_HDR_LEN, VirtioNet};
 
 /// Exit code when the network cannot be brought up.
 pub const EXIT_NO_NETWORK: u32 = 3;
-/// Most TCP connections served at once, whatever the memory.
-const MAX_CONNECTIONS: usize = 4096;
-/// Heap kept back from sockets: TX frames in flight, service state, scratch.
-const HEAP_RESERVE: usize = 8 << 20;
+/// How long to park when the TX queue was full: the VMM frees TX buffers
+/// without waking the guest.
+const TX_FULL_WAIT_NS: u64 = 200_000;
 
-fn now() -> Instant {
-    Instant::from_micros(i64::try_from(clock::now().as_micros()).unwrap_or(i64::MAX))
-}
-
-/// The device, the interface and the service's sockets.
-pub struct Net {
+/// The guest's end of the link.
+pub struct Link {
     device: VirtioNet,
-    iface: Interface,
-    pub sockets: SocketSet<'static>,
-    /// Every socket the service owns, listening or connected.
-    pub handles: Vec<SocketHandle>,
-    port: u16,
-    socket_buffer: usize,
-    max_connections: usize,
+    guest_mac: [u8; 6],
+    host_mac: [u8; 6],
+    /// The frame being built: its TX buffer and the frame bytes written.
+    building: Option<(Box<[u8]>, usize)>,
+    /// Control records that found no room; sent before anything else.
+    held: Vec<(StreamId, Control)>,
+    /// The TX queue had no room during this pass.
+    tx_full: bool,
+    /// Frames from the VMM that did not decode (counted, then skipped).
+    pub bad_frames: u64,
 }
 
-impl Net {
-    /// Brings up the device and interface from boot-info, or ends the VM.
-    /// Each connection gets two socket buffers of `socket_buffer` bytes; the
-    /// connection limit follows from what is left of the heap.
-    pub fn bring_up(info: &BootInfo, socket_buffer: usize) -> Net {
-        match Self::try_bring_up(info, socket_buffer) {
-            Ok(net) => net,
+/// A record without bytes, kept when it found no room.
+#[derive(Clone, Copy)]
+enum Control {
+    Close,
+    Credit(u32),
+}
+
+impl Link {
+    /// Brings up the device from boot-info, or ends the VM.
+    pub fn bring_up(info: &BootInfo) -> Link {
+        match Self::try_bring_up(info) {
+            Ok(link) => link,
             Err(why) => paravirt::exit(EXIT_NO_NETWORK, why.as_bytes()),
         }
     }
 
-    fn try_bring_up(info: &BootInfo, socket_buffer: usize) -> Result<Net, &'static str> {
+    fn try_bring_up(info: &BootInfo) -> Result<Link, &'static str> {
         let desc = info
             .devices()
             .iter()
@@ -75,94 +76,192 @@ impl Net {
             unsafe { MmioTransport::new(header, size) }.map_err(|_| "virtio-net window is not a virtio-mmio device")?;
         let driver = VirtIONetRaw::new(transport).map_err(|_| "virtio-net device refused initialisation")?;
         let net: &NetConfig = &info.net;
-        let max_frame = usize::from(net.mtu) + 14;
-        let mut device = VirtioNet::new(driver, max_frame);
-        let config = Config::new(HardwareAddress::Ethernet(EthernetAddress(net.guest_mac)));
-        let mut iface = Interface::new(config, &mut device, now());
-        iface.update_ip_addrs(|addrs| {
-            let _ = addrs.push(IpCidr::new(IpAddress::Ipv4(Ipv4Address::from_octets(net.guest_ip)), net.prefix_len));
-        });
-        let per_connection = 2 * socket_buffer;
-        let max_connections = (crate::heap::free_bytes().saturating_sub(HEAP_RESERVE) / per_connection)
-            .clamp(LISTEN_BACKLOG, MAX_CONNECTIONS);
-        let mut net = Net {
-            device,
-            iface,
-            sockets: SocketSet::new(Vec::new()),
-            handles: Vec::new(),
-            port: net.port,
-            socket_buffer,
-            max_connections,
-        };
-        // Listen before the first poll: the VMM may already have SYNs queued.
-        net.keep_listening();
-        Ok(net)
+        let max_frame = usize::from(net.mtu) + streams::ETHERNET_HEADER_LEN;
+        Ok(Link {
+            device: VirtioNet::new(driver, max_frame),
+            guest_mac: net.guest_mac,
+            host_mac: net.host_mac,
+            building: None,
+            held: Vec::new(),
+            tx_full: false,
+            bad_frames: 0,
+        })
     }
 
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    pub fn max_connections(&self) -> usize {
-        self.max_connections
-    }
-
-    /// Moves frames between the device and the sockets.
-    pub fn poll(&mut self) {
-        self.iface.poll(now(), &mut self.device, &mut self.sockets);
+    /// Hands every record of every waiting frame to `on`, in order; true if
+    /// there were any frames.
+    pub fn receive(&mut self, mut on: impl FnMut(Record<'_>)) -> bool {
+        let mut any = false;
+        let mut bad = 0;
+        while self
+            .device
+            .receive(|frame| match streams::records(frame) {
+                Ok(records) => {
+                    for record in records {
+                        match record {
+                            Ok(record) => on(record),
+                            Err(_) => {
+                                bad += 1;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Err(_) => bad += 1,
+            })
+            .is_some()
+        {
+            any = true;
+        }
+        self.bad_frames += bad;
         if self.device.failed() {
             paravirt::exit(EXIT_NO_NETWORK, b"virtio-net driver reported an inconsistent device");
         }
+        any
     }
 
-    /// Keeps `LISTEN_BACKLOG` sockets listening while under the connection
-    /// limit; true if it added any.
-    pub fn keep_listening(&mut self) -> bool {
-        let mut listening =
-            self.handles.iter().filter(|&&h| self.sockets.get::<tcp::Socket>(h).state() == tcp::State::Listen).count();
-        let mut added = false;
-        while listening < LISTEN_BACKLOG && self.handles.len() < self.max_connections {
-            let mut socket = tcp::Socket::new(
-                tcp::SocketBuffer::new(vec![0; self.socket_buffer]),
-                tcp::SocketBuffer::new(vec![0; self.socket_buffer]),
-            );
-            socket.set_nagle_enabled(false);
-            // A fresh socket in Closed state always accepts `listen`.
-            let _ = socket.listen(self.port);
-            self.handles.push(self.sockets.add(socket));
-            listening += 1;
-            added = true;
+    /// The frame being built, started in a fresh TX buffer if needed; `None`
+    /// when the TX queue is full.
+    fn frame(&mut self) -> Option<FrameWriter<'_>> {
+        if self.building.is_none() {
+            let Some(mut buf) = self.device.tx_buffer() else {
+                self.tx_full = true;
+                return None;
+            };
+            let len = FrameWriter::new(&mut buf[NET_HDR_LEN..], self.host_mac, self.guest_mac).len();
+            self.building = Some((buf, len));
         }
-        added
+        let (buf, len) = self.building.as_mut()?;
+        Some(FrameWriter::resume(&mut buf[NET_HDR_LEN..], *len))
     }
 
-    /// Forgets sockets that reached Closed (the service is done with them).
-    pub fn reap_closed(&mut self, mut done: impl FnMut(SocketHandle)) {
-        let sockets = &mut self.sockets;
-        self.handles.retain(|&h| {
-            if sockets.get::<tcp::Socket>(h).state() == tcp::State::Closed {
-                done(h);
-                sockets.remove(h);
-                false
-            } else {
-                true
+    /// Writes with `write` into the frame being built; when it writes
+    /// nothing into a frame that has records, sends that frame and tries a
+    /// fresh one. Returns what `write` returned last (0: no room anywhere).
+    fn write(&mut self, mut write: impl FnMut(&mut FrameWriter<'_>) -> usize) -> usize {
+        for _ in 0..2 {
+            let Some(mut frame) = self.frame() else { return 0 };
+            let written = write(&mut frame);
+            let (len, empty) = (frame.len(), frame.is_empty());
+            if let Some((_, building)) = self.building.as_mut() {
+                *building = len;
             }
-        });
+            if written > 0 || empty {
+                return written;
+            }
+            self.flush();
+        }
+        0
     }
 
-    /// Parks until smoltcp's next deadline, `service_deadline_us` (guest
-    /// microseconds), or frames from the VMM — unless frames already wait.
-    pub fn idle(&mut self, service_deadline_us: Option<u64>) {
+    /// Sends up to `bytes.len()` bytes of stream `id`; returns how many were
+    /// taken (0 when the TX queue is full).
+    pub fn send_data(&mut self, id: StreamId, bytes: &[u8]) -> usize {
+        if bytes.is_empty() || !self.send_held() {
+            return 0;
+        }
+        self.write(|frame| frame.data(id, bytes))
+    }
+
+    /// Tells the VMM the service is done with stream `id` (after its data).
+    pub fn send_close(&mut self, id: StreamId) {
+        self.send_control(id, Control::Close);
+    }
+
+    /// Gives the VMM `bytes` more of stream `id`'s window.
+    pub fn send_credit(&mut self, id: StreamId, bytes: u32) {
+        self.send_control(id, Control::Credit(bytes));
+    }
+
+    fn send_control(&mut self, id: StreamId, control: Control) {
+        if !self.send_held() || !self.try_control(id, control) {
+            self.held.push((id, control));
+        }
+    }
+
+    fn try_control(&mut self, id: StreamId, control: Control) -> bool {
+        let record = match control {
+            Control::Close => Record::Close(id),
+            Control::Credit(n) => Record::Credit(id, n),
+        };
+        self.write(|frame| usize::from(frame.control(record))) == 1
+    }
+
+    /// Sends held control records, oldest first; true once none is left.
+    fn send_held(&mut self) -> bool {
+        while let Some(&(id, control)) = self.held.first() {
+            if !self.try_control(id, control) {
+                return false;
+            }
+            self.held.remove(0);
+        }
+        true
+    }
+
+    /// Sends the frame being built, if it has records.
+    pub fn flush(&mut self) {
+        self.send_held();
+        if let Some((buf, len)) = self.building.take() {
+            if len > streams::ETHERNET_HEADER_LEN {
+                self.device.transmit(buf, len);
+            } else {
+                self.building = Some((buf, len));
+            }
+        }
+    }
+
+    /// Parks until `deadline_us` (guest microseconds) or frames from the VMM,
+    /// unless frames already wait. Sends what was built first.
+    pub fn idle(&mut self, deadline_us: Option<u64>) {
+        self.flush();
         if self.device.has_rx() {
             return;
         }
         let now_us = clock::now().as_micros();
-        let net_delay = self.iface.poll_delay(now(), &self.sockets).map(|d| d.total_micros());
-        let service_delay = service_deadline_us.map(|t| t.saturating_sub(now_us));
-        let delay_us = match (net_delay, service_delay) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        paravirt::wait_ns(delay_us.map_or(u64::MAX, |us| us.saturating_mul(1000)));
+        let mut wait_ns = deadline_us.map_or(u64::MAX, |t| t.saturating_sub(now_us).saturating_mul(1000));
+        if core::mem::take(&mut self.tx_full) || !self.held.is_empty() {
+            wait_ns = wait_ns.min(TX_FULL_WAIT_NS);
+        }
+        paravirt::wait_ns(wait_ns);
+    }
+}
+
+/// One stream's flow control as the guest keeps it (see
+/// `mqvisor_boot_abi::streams`): what it may still send, and what it has
+/// consumed of the VMM's bytes without crediting them yet.
+pub struct Window {
+    send: u32,
+    owed: u32,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window { send: streams::WINDOW, owed: 0 }
+    }
+}
+
+impl Window {
+    /// Bytes the guest may send now.
+    pub fn send_room(&self) -> usize {
+        self.send as usize
+    }
+
+    /// `n` bytes were sent.
+    pub fn sent(&mut self, n: usize) {
+        self.send = self.send.saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+
+    /// The VMM confirmed `n` more bytes (never past the window, whatever it says).
+    pub fn credited(&mut self, n: u32) {
+        self.send = self.send.saturating_add(n).min(streams::WINDOW);
+    }
+
+    /// `n` received bytes were consumed; returns the credit to give back
+    /// now. Credit goes back in halves of the window: one record per 32 KiB,
+    /// and the VMM never waits for bytes already consumed (it stops only
+    /// with a whole window outstanding, half of which is then on its way).
+    pub fn consumed(&mut self, n: usize) -> Option<u32> {
+        self.owed = self.owed.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        (self.owed >= streams::WINDOW / 2).then(|| core::mem::take(&mut self.owed))
     }
 }

@@ -1,26 +1,23 @@
-//! The MQTT broker service: the broker core (`mqvisor-broker`) over smoltcp
-//! sockets on the service port.
+//! The MQTT broker service: the broker core (`mqvisor-broker`) over the
+//! link's client streams.
 //!
-//! Owns the mapping between sockets and broker connections, and moving bytes
-//! between them: socket bytes into the core, the core's output into socket
-//! send buffers (what does not fit stays in the core, which then queues or
-//! drops per its limits), the core's close requests into FINs, and time into
-//! `tick`. The configuration comes from the blob the VMM writes.
+//! Owns the mapping between streams and broker connections, and moving bytes
+//! between them: stream bytes into the core, the core's output into `Data`
+//! records within each stream's window (what does not fit stays in the core,
+//! which then queues or drops per its limits), the core's close requests
+//! into `Close` records, and time into `tick`. The configuration comes from
+//! the blob the VMM writes.
 
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 
+use mqvisor_boot_abi::streams::{Record, StreamId};
 use mqvisor_boot_abi::{BootInfo, config_blob};
-use mqvisor_broker::broker::{Broker, Config, ConnId, Transmit};
-use smoltcp::iface::SocketHandle;
-use smoltcp::socket::tcp;
+use mqvisor_broker::broker::{Broker, Config, Transmit};
 
-use super::Net;
+use super::{Link, Window};
 use crate::clock;
-
-/// Socket buffer size per direction and connection.
-const SOCKET_BUFFER: usize = 64 * 1024;
 
 /// The broker configuration the VMM wrote into the configuration blob,
 /// decoded and checked (`mqvisor_boot_abi::config_blob`).
@@ -39,63 +36,61 @@ pub fn read_config(info: &BootInfo) -> Result<Config, String> {
     config_blob::read(blob).map_err(|e| format!("{e}"))
 }
 
-struct Link {
-    conn: ConnId,
-    /// The broker no longer knows the connection: it closed it, or was told
-    /// the peer has gone.
-    released: bool,
-}
-
 fn now_ms() -> u64 {
     clock::now().as_micros() / 1000
 }
 
 /// Serves MQTT forever.
 pub fn run(info: &BootInfo, config: Config) -> ! {
-    let mut net = Net::bring_up(info, SOCKET_BUFFER);
-    let max_connections = net.max_connections().min(config.max_connections);
+    let mut link = Link::bring_up(info);
+    let max_connections = config.max_connections;
     let mut broker = Broker::new(config);
-    let mut links: BTreeMap<SocketHandle, Link> = BTreeMap::new();
-    let mut by_conn: BTreeMap<ConnId, SocketHandle> = BTreeMap::new();
-    let mut next_conn: ConnId = 1;
-    crate::println!("mqtt: serving MQTT on TCP port {}, up to {} connections", net.port(), max_connections);
+    // Streams the broker knows, by id (the broker's connection id is the stream id).
+    let mut windows: BTreeMap<StreamId, Window> = BTreeMap::new();
+    crate::println!("mqtt: serving MQTT, up to {max_connections} connections");
     loop {
-        net.poll();
         let now = now_ms();
-        let mut moved = false;
-
-        // Sockets -> broker.
-        for &handle in &net.handles {
-            let socket = net.sockets.get_mut::<tcp::Socket>(handle);
-            let state = socket.state();
-            if !links.contains_key(&handle) && !matches!(state, tcp::State::Listen | tcp::State::SynReceived) {
-                if state == tcp::State::Closed {
-                    continue;
+        // Streams to close: refused, or closed by the client.
+        let mut closing = alloc::vec::Vec::new();
+        let mut credits = alloc::vec::Vec::new();
+        let mut moved = link.receive(|record| match record {
+            Record::Open(id) => {
+                // The VMM keeps to the limit; a second check costs nothing.
+                if windows.len() < max_connections && !windows.contains_key(&id) {
+                    windows.insert(id, Window::default());
+                    broker.open(id, now);
+                } else {
+                    closing.push(id);
                 }
-                let conn = next_conn;
-                next_conn += 1;
-                broker.open(conn, now);
-                links.insert(handle, Link { conn, released: false });
-                by_conn.insert(conn, handle);
-                moved = true;
             }
-            let Some(link) = links.get_mut(&handle) else { continue };
-            while socket.can_recv() {
-                let received = socket.recv(|bytes| {
-                    broker.receive(link.conn, bytes, now);
-                    (bytes.len(), bytes.len())
-                });
-                if !matches!(received, Ok(n) if n > 0) {
-                    break;
+            Record::Data(id, bytes) => {
+                if let Some(window) = windows.get_mut(&id) {
+                    broker.receive(id, bytes, now);
+                    if let Some(credit) = window.consumed(bytes.len()) {
+                        credits.push((id, credit));
+                    }
                 }
-                moved = true;
             }
-            let peer_gone = (!socket.may_recv() && socket.recv_queue() == 0) || socket.state() == tcp::State::Closed;
-            if peer_gone && !link.released {
-                broker.closed(link.conn, now);
-                link.released = true;
-                socket.close();
-                moved = true;
+            Record::Close(id) => {
+                // The client has gone: the stream ends both ways.
+                if windows.remove(&id).is_some() {
+                    broker.closed(id, now);
+                    closing.push(id);
+                }
+            }
+            Record::Credit(id, n) => {
+                if let Some(window) = windows.get_mut(&id) {
+                    window.credited(n);
+                }
+            }
+        });
+        for id in closing {
+            link.send_close(id);
+        }
+        for (id, credit) in credits {
+            // The broker may have closed the stream meanwhile: no credit then.
+            if windows.contains_key(&id) {
+                link.send_credit(id, credit);
             }
         }
 
@@ -103,35 +98,25 @@ pub fn run(info: &BootInfo, config: Config) -> ! {
             broker.tick(now);
             moved = true;
         }
-        // Broker -> sockets: what does not fit stays in the core, which
-        // offers it again on the next pass.
-        moved |= broker.poll_transmit(now, |conn, transmit| {
-            let Some(&handle) = by_conn.get(&conn) else { return 0 };
-            let Some(link) = links.get_mut(&handle) else { return 0 };
-            let socket = net.sockets.get_mut::<tcp::Socket>(handle);
-            match transmit {
-                Transmit::Bytes(bytes) => socket.send_slice(bytes).unwrap_or(0),
-                Transmit::Close => {
-                    socket.close();
-                    link.released = true;
-                    0
-                }
+        // What does not fit in a stream's window or the TX queue stays in
+        // the core, which offers it again on the next pass.
+        moved |= broker.poll_transmit(now, |id, transmit| match transmit {
+            Transmit::Bytes(bytes) => {
+                let Some(window) = windows.get_mut(&id) else { return 0 };
+                let room = bytes.len().min(window.send_room());
+                let sent = link.send_data(id, &bytes[..room]);
+                window.sent(sent);
+                sent
+            }
+            Transmit::Close => {
+                windows.remove(&id);
+                link.send_close(id);
+                0
             }
         });
-
-        net.reap_closed(|handle| {
-            if let Some(link) = links.remove(&handle) {
-                by_conn.remove(&link.conn);
-                if !link.released {
-                    broker.closed(link.conn, now);
-                }
-            }
-        });
-        if links.len() < max_connections {
-            moved |= net.keep_listening();
-        }
+        link.flush();
         if !moved {
-            net.idle(broker.next_deadline().map(|ms| ms.saturating_mul(1000)));
+            link.idle(broker.next_deadline().map(|ms| ms.saturating_mul(1000)));
         }
     }
 }

@@ -1,0 +1,324 @@
+//! Client streams over the virtual link: how the VMM and the guest carry
+//! many byte streams in virtio-net frames.
+//!
+//! Both ends are ours and the link is memory: lossless and in order. So a
+//! stream needs no TCP (no handshakes, no retransmission, no socket buffers
+//! sized for the worst case): a frame is an Ethernet header with
+//! [`ETHERTYPE`], then records back to back, each a kind byte, a stream id
+//! (u64 LE) and a length or count (u32 LE), then the bytes of a `Data`
+//! record. One frame carries records of any number of streams, so a burst
+//! for a thousand clients is a handful of frames.
+//!
+//! Flow control is one credit per stream, guest to host only: the guest may
+//! have [`WINDOW`] bytes of a stream's `Data` unconfirmed by the host's
+//! `Credit` records; the host confirms bytes once its client socket took
+//! them. Host to guest needs none: the guest hands every byte to the broker,
+//! which bounds what it keeps, and the host stops reading clients while its
+//! frames for the guest wait.
+//!
+//! Owns the wire format, its encoder and its checked decoder. Never trusts
+//! a frame: the host decodes what a possibly hostile guest wrote.
+
+use core::fmt;
+
+/// Local experimental EtherType (IEEE 802 "local experimental 1").
+pub const ETHERTYPE: u16 = 0x88B5;
+/// Ethernet header: destination MAC, source MAC, EtherType.
+pub const ETHERNET_HEADER_LEN: usize = 14;
+/// Record header: kind (1), stream (8), length or count (4).
+pub const RECORD_HEADER_LEN: usize = 13;
+/// Bytes of `Data` a guest may send on one stream before the host confirms
+/// some with `Credit`.
+pub const WINDOW: u32 = 64 * 1024;
+
+/// A stream's number, chosen by the host and never reused while the VM runs.
+pub type StreamId = u64;
+
+const OPEN: u8 = 1;
+const DATA: u8 = 2;
+const CLOSE: u8 = 3;
+const CREDIT: u8 = 4;
+
+/// One record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Record<'a> {
+    /// Host to guest: a client connected.
+    Open(StreamId),
+    /// Bytes of the stream, in order.
+    Data(StreamId, &'a [u8]),
+    /// The sender will send nothing more on the stream. Host to guest: the
+    /// client closed its side or failed. Guest to host: send what is queued,
+    /// then close the client. Each side sends it once; a side that received
+    /// it answers with its own when done (at once, or after the last echo
+    /// of a half-closed stream), and the stream is gone when both went.
+    Close(StreamId),
+    /// Host to guest: this many more bytes of the stream left for the client.
+    Credit(StreamId, u32),
+}
+
+/// Why a frame could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameError {
+    /// Shorter than an Ethernet header, or not our EtherType.
+    NotStreams,
+    /// A record header or its bytes run past the end, at this offset.
+    Truncated(usize),
+    /// An unknown record kind at this offset.
+    UnknownKind(usize, u8),
+}
+
+impl fmt::Display for FrameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FrameError::NotStreams => f.write_str("not a stream frame"),
+            FrameError::Truncated(at) => write!(f, "record at offset {at} runs past the frame"),
+            FrameError::UnknownKind(at, kind) => write!(f, "unknown record kind {kind} at offset {at}"),
+        }
+    }
+}
+
+/// Decodes the records of one frame, in order. A bad record ends the
+/// iteration with its error; records before it are valid.
+pub fn records(frame: &[u8]) -> Result<Records<'_>, FrameError> {
+    if frame.len() < ETHERNET_HEADER_LEN || frame[12..14] != ETHERTYPE.to_be_bytes() {
+        return Err(FrameError::NotStreams);
+    }
+    Ok(Records { frame, at: ETHERNET_HEADER_LEN })
+}
+
+/// Iterator over a frame's records.
+pub struct Records<'a> {
+    frame: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Iterator for Records<'a> {
+    type Item = Result<Record<'a>, FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let start = self.at;
+        let rest = self.frame.get(start..)?;
+        if rest.is_empty() {
+            return None;
+        }
+        let Some(header) = rest.get(..RECORD_HEADER_LEN) else {
+            self.at = self.frame.len();
+            return Some(Err(FrameError::Truncated(start)));
+        };
+        let kind = header[0];
+        let mut id = [0; 8];
+        id.copy_from_slice(&header[1..9]);
+        let id = StreamId::from_le_bytes(id);
+        let mut value = [0; 4];
+        value.copy_from_slice(&header[9..13]);
+        let value = u32::from_le_bytes(value);
+        self.at = start + RECORD_HEADER_LEN;
+        let record = match kind {
+            OPEN => Record::Open(id),
+            CLOSE => Record::Close(id),
+            CREDIT => Record::Credit(id, value),
+            DATA => {
+                let len = value as usize;
+                let Some(bytes) = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len) else {
+                    self.at = self.frame.len();
+                    return Some(Err(FrameError::Truncated(start)));
+                };
+                self.at += len;
+                Record::Data(id, bytes)
+            }
+            other => {
+                self.at = self.frame.len();
+                return Some(Err(FrameError::UnknownKind(start, other)));
+            }
+        };
+        Some(Ok(record))
+    }
+}
+
+/// Builds one frame in a caller's buffer.
+pub struct FrameWriter<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl<'a> FrameWriter<'a> {
+    /// Starts a frame from `src` to `dst` in `buf` (at least an Ethernet
+    /// header plus one record header long, or nothing fits).
+    pub fn new(buf: &'a mut [u8], dst: [u8; 6], src: [u8; 6]) -> FrameWriter<'a> {
+        let mut writer = FrameWriter { buf, len: 0 };
+        if writer.buf.len() >= ETHERNET_HEADER_LEN {
+            writer.buf[..6].copy_from_slice(&dst);
+            writer.buf[6..12].copy_from_slice(&src);
+            writer.buf[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
+            writer.len = ETHERNET_HEADER_LEN;
+        }
+        writer
+    }
+
+    /// Continues a frame of which `len` bytes are already written.
+    pub fn resume(buf: &'a mut [u8], len: usize) -> FrameWriter<'a> {
+        let len = len.min(buf.len());
+        FrameWriter { buf, len }
+    }
+
+    /// Bytes written so far, Ethernet header included.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when no record has been written.
+    pub fn is_empty(&self) -> bool {
+        self.len <= ETHERNET_HEADER_LEN
+    }
+
+    /// Room for `Data` bytes in one more record.
+    pub fn data_room(&self) -> usize {
+        self.buf.len().saturating_sub(self.len + RECORD_HEADER_LEN).min(u32::MAX as usize)
+    }
+
+    fn header(&mut self, kind: u8, id: StreamId, value: u32) -> bool {
+        let Some(header) = self.buf.get_mut(self.len..self.len + RECORD_HEADER_LEN) else { return false };
+        header[0] = kind;
+        header[1..9].copy_from_slice(&id.to_le_bytes());
+        header[9..13].copy_from_slice(&value.to_le_bytes());
+        self.len += RECORD_HEADER_LEN;
+        true
+    }
+
+    /// Writes `Open`, `Close` or `Credit`; false if it does not fit.
+    pub fn control(&mut self, record: Record<'_>) -> bool {
+        match record {
+            Record::Open(id) => self.header(OPEN, id, 0),
+            Record::Close(id) => self.header(CLOSE, id, 0),
+            Record::Credit(id, n) => self.header(CREDIT, id, n),
+            Record::Data(id, bytes) => self.data(id, bytes) == bytes.len(),
+        }
+    }
+
+    /// Writes as many of `bytes` as fit as one `Data` record; returns how
+    /// many (0 when there is no room, and for empty `bytes`).
+    pub fn data(&mut self, id: StreamId, bytes: &[u8]) -> usize {
+        let take = bytes.len().min(self.data_room());
+        if take == 0 {
+            return 0;
+        }
+        self.header(DATA, id, len_u32(take));
+        self.buf[self.len..self.len + take].copy_from_slice(&bytes[..take]);
+        self.len += take;
+        take
+    }
+
+    /// Reserves room for a `Data` record of up to `max` bytes that the caller
+    /// fills in place (for example straight from a socket read); the returned
+    /// slice is the room, and [`FrameWriter::commit_data`] records how much
+    /// was filled.
+    pub fn data_slot(&mut self, max: usize) -> &mut [u8] {
+        let take = max.min(self.data_room());
+        let start = self.len + RECORD_HEADER_LEN;
+        &mut self.buf[start..start + take]
+    }
+
+    /// Completes the record begun with [`FrameWriter::data_slot`] with the
+    /// first `filled` bytes of the slot (0: no record).
+    pub fn commit_data(&mut self, id: StreamId, filled: usize) {
+        let filled = filled.min(self.data_room());
+        if filled > 0 {
+            self.header(DATA, id, len_u32(filled));
+            self.len += filled;
+        }
+    }
+}
+
+/// A `Data` length: never above `data_room()`, which is capped at u32::MAX.
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    fn all(frame: &[u8]) -> Vec<Result<Record<'_>, FrameError>> {
+        records(frame).unwrap().collect()
+    }
+
+    #[test]
+    fn records_round_trip_in_order() {
+        let mut buf = [0u8; 128];
+        let mut w = FrameWriter::new(&mut buf, [1; 6], [2; 6]);
+        assert!(w.is_empty());
+        assert!(w.control(Record::Open(7)));
+        assert_eq!(w.data(7, b"hello"), 5);
+        assert!(w.control(Record::Credit(9, 4096)));
+        assert!(w.control(Record::Close(u64::MAX)));
+        let len = w.len();
+        assert_eq!(
+            all(&buf[..len]),
+            vec![
+                Ok(Record::Open(7)),
+                Ok(Record::Data(7, b"hello")),
+                Ok(Record::Credit(9, 4096)),
+                Ok(Record::Close(u64::MAX))
+            ]
+        );
+        assert_eq!(&buf[..6], &[1; 6]);
+    }
+
+    #[test]
+    fn data_takes_what_fits_and_control_refuses_when_full() {
+        let mut buf = [0u8; ETHERNET_HEADER_LEN + RECORD_HEADER_LEN + 3];
+        let mut w = FrameWriter::new(&mut buf, [0; 6], [0; 6]);
+        assert_eq!(w.data(1, b"abcdef"), 3);
+        assert_eq!(w.data(1, b"def"), 0);
+        assert!(!w.control(Record::Close(1)));
+        let len = w.len();
+        assert_eq!(all(&buf[..len]), vec![Ok(Record::Data(1, b"abc"))]);
+    }
+
+    #[test]
+    fn a_slot_filled_in_place_becomes_a_record() {
+        let mut buf = [0u8; 64];
+        let mut w = FrameWriter::new(&mut buf, [0; 6], [0; 6]);
+        let slot = w.data_slot(4);
+        assert_eq!(slot.len(), 4);
+        slot[..2].copy_from_slice(b"hi");
+        w.commit_data(3, 2);
+        w.data_slot(10);
+        w.commit_data(4, 0);
+        let len = w.len();
+        let mut w = FrameWriter::resume(&mut buf, len);
+        assert!(w.control(Record::Close(3)));
+        let len = w.len();
+        assert_eq!(all(&buf[..len]), vec![Ok(Record::Data(3, b"hi")), Ok(Record::Close(3))]);
+    }
+
+    #[test]
+    fn hostile_frames_are_refused_with_the_offset() {
+        assert_eq!(records(&[0u8; 13]).err(), Some(FrameError::NotStreams));
+        let mut frame = vec![0u8; 14];
+        frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        assert_eq!(records(&frame).err(), Some(FrameError::NotStreams));
+        frame[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
+        assert!(all(&frame).is_empty());
+        // A header cut short.
+        let mut cut = frame.clone();
+        cut.extend_from_slice(&[CLOSE, 1, 2]);
+        assert_eq!(all(&cut), vec![Err(FrameError::Truncated(14))]);
+        // A length near 4 GiB.
+        let mut long = frame.clone();
+        long.push(DATA);
+        long.extend_from_slice(&1u64.to_le_bytes());
+        long.extend_from_slice(&u32::MAX.to_le_bytes());
+        long.extend_from_slice(b"xy");
+        assert_eq!(all(&long), vec![Err(FrameError::Truncated(14))]);
+        // An unknown kind after a good record.
+        let mut unknown = frame.clone();
+        unknown.push(OPEN);
+        unknown.extend_from_slice(&[0; 12]);
+        unknown.push(0xEE);
+        unknown.extend_from_slice(&[0; 12]);
+        assert_eq!(all(&unknown), vec![Ok(Record::Open(0)), Err(FrameError::UnknownKind(27, 0xEE))]);
+    }
+}
