@@ -1,10 +1,10 @@
 //! Reading host TCP clients at the pace their consumer sets, for tokio loops
-//! (the network proxy here, and the `mqvisor broker` runner).
+//! (the `mqvisor broker` runner), and the socket settings every client
+//! socket of the host gets (the proxy's too).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::Notify;
 
@@ -28,22 +28,24 @@ pub enum Read {
 
 /// Reads `stream` in chunks of at most `chunk` bytes and hands each to
 /// `deliver`, then waits for `go` before reading on: one chunk in flight per
-/// connection, so a client that floods is held back by TCP itself. Ends after
-/// EOF or an error, or when `deliver` returns false.
-pub async fn read_paced(
-    mut stream: OwnedReadHalf,
-    chunk: usize,
-    go: Arc<Notify>,
-    mut deliver: impl FnMut(Read) -> bool,
-) {
+/// connection, so a client that floods is held back by TCP itself. A buffer
+/// exists only while bytes wait, so an idle connection holds none. Ends
+/// after EOF or an error, or when `deliver` returns false.
+pub async fn read_paced(stream: OwnedReadHalf, chunk: usize, go: Arc<Notify>, mut deliver: impl FnMut(Read) -> bool) {
     loop {
+        if stream.readable().await.is_err() {
+            deliver(Read::Failed);
+            return;
+        }
         let mut buf = vec![0u8; chunk];
-        let read = match stream.read(&mut buf).await {
+        let read = match stream.try_read(&mut buf) {
             Ok(0) => Read::Eof,
             Ok(n) => {
                 buf.truncate(n);
+                quick_ack(stream.as_ref());
                 Read::Data(buf)
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => Read::Failed,
         };
         let more = matches!(read, Read::Data(_));
@@ -52,4 +54,15 @@ pub async fn read_paced(
         }
         go.notified().await;
     }
+}
+
+/// Asks the kernel to ACK what it just received from `stream` at once.
+///
+/// Linux delays the ACK of received bytes, hoping to carry it on a reply.
+/// When the broker has no reply to a client's packet (a PUBACK the client
+/// sent), a client with Nagle's algorithm on holds its next small packet
+/// back until that ACK: ~40 ms per request/response round trip. The flag
+/// lasts until the kernel's next change of mode, so it is set after every read.
+pub fn quick_ack(stream: &impl std::os::fd::AsFd) {
+    let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
 }

@@ -35,7 +35,7 @@ use tokio::task::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::link::FrameLink;
-use super::paced::sleep_or_forever;
+use super::paced::{quick_ack, sleep_or_forever};
 use super::{GUEST_MAC, HOST_MAC, MAX_FRAME};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{NetDevice, NetEventHandler};
@@ -532,6 +532,7 @@ impl Proxy {
         let stream = self.streams.get_mut(&id)?;
         match outcome {
             Ok(n) if n > 0 => {
+                quick_ack(&*stream.socket);
                 stream.window -= n;
                 self.read_queue.push_back(id);
                 Some(true)

@@ -3,9 +3,10 @@
 //! For development, conformance tests and side-by-side benchmarks; the
 //! product path is the VM. Owns the sockets and the clock; the core owns
 //! everything MQTT. One task drives the core; each client has a reader task
-//! (one chunk in flight, so a flooding client is held back by TCP) and a
-//! writer task (a bounded channel, so a slow reader leaves output in the
-//! core, which then queues or drops per its limits).
+//! (one chunk in flight, so a flooding client is held back by TCP). Output
+//! is written straight from the core to the socket; what the socket does not
+//! take stays in the core (which then queues or drops per its limits) until
+//! a short-lived task sees the socket writable again.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +15,6 @@ use std::time::{Duration, Instant};
 use mqvisor_broker::broker::{Broker, Config, ConnId, Transmit};
 
 use mqvisor::net::paced::{Read, read_paced, sleep_or_forever};
-use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc};
@@ -22,20 +22,21 @@ use tokio::task::JoinHandle;
 
 /// Bytes per read from a client.
 const READ_CHUNK: usize = 64 * 1024;
-/// Output chunks queued towards one client's socket.
-const WRITER_QUEUE: usize = 8;
 
 enum ClientEvent {
     Accepted(TcpStream),
     Data(ConnId, Vec<u8>),
     /// The client's side is gone (EOF or error).
     Gone(ConnId),
-    /// A writer has room again.
-    Drained,
+    /// A full socket has room again.
+    Writable(ConnId),
 }
 
 struct Client {
-    to_socket: mpsc::Sender<Vec<u8>>,
+    /// Dropping it sends FIN.
+    writer: Arc<OwnedWriteHalf>,
+    /// A task waits for the socket to take more.
+    awaiting_room: bool,
     reader: JoinHandle<()>,
     reader_go: Arc<Notify>,
 }
@@ -58,7 +59,7 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
             Some(event) = events_rx.recv() => event,
             () = sleep_or_forever(sleep) => {
                 broker.tick(now());
-                flush(&mut broker, &mut clients, now());
+                flush(&mut broker, &mut clients, &events_tx, now());
                 continue;
             }
         };
@@ -82,9 +83,8 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
                         };
                         events.send(event).is_ok()
                     }));
-                    let (to_socket, from_core) = mpsc::channel(WRITER_QUEUE);
-                    tokio::spawn(write_client(id, write_half, from_core, events_tx.clone()));
-                    clients.insert(id, Client { to_socket, reader, reader_go });
+                    let writer = Arc::new(write_half);
+                    clients.insert(id, Client { writer, awaiting_room: false, reader, reader_go });
                     broker.open(id, now());
                 }
                 ClientEvent::Data(id, bytes) => {
@@ -99,28 +99,55 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
                     }
                     broker.closed(id, now());
                 }
-                // The next flush offers the writer its output again.
-                ClientEvent::Drained => {}
+                // The next flush offers the socket its output again.
+                ClientEvent::Writable(id) => {
+                    if let Some(client) = clients.get_mut(&id) {
+                        client.awaiting_room = false;
+                    }
+                }
             }
         }
-        flush(&mut broker, &mut clients, now());
+        flush(&mut broker, &mut clients, &events_tx, now());
     }
 }
 
-/// Moves the core's output into writer channels, and closes what it ended.
-fn flush(broker: &mut Broker, clients: &mut HashMap<ConnId, Client>, now: u64) {
+/// Writes the core's output to client sockets, and closes what it ended.
+fn flush(
+    broker: &mut Broker,
+    clients: &mut HashMap<ConnId, Client>,
+    events: &mpsc::UnboundedSender<ClientEvent>,
+    now: u64,
+) {
     broker.poll_transmit(now, |id, transmit| {
         let Some(client) = clients.get_mut(&id) else { return 0 };
         match transmit {
             Transmit::Bytes(bytes) => {
-                // A full writer takes nothing; it reports Drained when it has room.
-                let Ok(permit) = client.to_socket.try_reserve() else { return 0 };
-                permit.send(bytes.to_vec());
-                bytes.len()
+                if client.awaiting_room {
+                    return 0;
+                }
+                match client.writer.try_write(bytes) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        client.awaiting_room = true;
+                        let (writer, events) = (client.writer.clone(), events.clone());
+                        tokio::spawn(async move {
+                            let event = match writer.writable().await {
+                                Ok(()) => ClientEvent::Writable(id),
+                                Err(_) => ClientEvent::Gone(id),
+                            };
+                            let _ = events.send(event);
+                        });
+                        0
+                    }
+                    Err(_) => {
+                        let _ = events.send(ClientEvent::Gone(id));
+                        0
+                    }
+                }
             }
             Transmit::Close => {
-                // Dropping the channel makes the writer flush and send FIN;
-                // the reader ends when the client closes too.
+                // Dropping the write half sends FIN once the socket has
+                // everything; the reader ends when the client closes too.
                 if let Some(client) = clients.remove(&id) {
                     client.reader.abort();
                 }
@@ -128,22 +155,6 @@ fn flush(broker: &mut Broker, clients: &mut HashMap<ConnId, Client>, now: u64) {
             }
         }
     });
-}
-
-async fn write_client(
-    id: ConnId,
-    mut stream: OwnedWriteHalf,
-    mut from_core: mpsc::Receiver<Vec<u8>>,
-    events: mpsc::UnboundedSender<ClientEvent>,
-) {
-    while let Some(chunk) = from_core.recv().await {
-        if stream.write_all(&chunk).await.is_err() {
-            let _ = events.send(ClientEvent::Gone(id));
-            return;
-        }
-        let _ = events.send(ClientEvent::Drained);
-    }
-    let _ = stream.shutdown().await;
 }
 
 /// Binds `addr` and serves forever on a single-threaded runtime.
