@@ -169,3 +169,112 @@ fn connection_churn_leaves_no_memory_behind() {
     eprintln!("PSS before {before} KiB, after 10,000 more connections {after} KiB");
     assert!(after <= before + before / 10, "PSS grew from {before} KiB to {after} KiB");
 }
+
+/// Reads one MQTT packet: its first byte and its body.
+fn read_packet(stream: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first).unwrap();
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).unwrap();
+        len |= usize::from(byte[0] & 0x7f) << shift;
+        shift += 7;
+        if byte[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).unwrap();
+    (first[0], body)
+}
+
+fn remaining_length(mut len: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = u8::try_from(len % 128).unwrap();
+        len /= 128;
+        out.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+}
+
+/// An MQTT 5 client: CONNECT, and a successful CONNACK.
+fn mqtt5_connect(vm: &RunningVm, client_id: &str) -> TcpStream {
+    let mut stream = TcpStream::connect(vm.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let id = client_id.as_bytes();
+    let mut packet = vec![0x10, u8::try_from(13 + id.len()).unwrap(), 0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 0, 0];
+    packet.extend_from_slice(&u16::try_from(id.len()).unwrap().to_be_bytes());
+    packet.extend_from_slice(id);
+    stream.write_all(&packet).unwrap();
+    let (kind, body) = read_packet(&mut stream);
+    assert_eq!((kind, body[1]), (0x20, 0), "CONNACK");
+    stream
+}
+
+/// An MQTT 5 PUBLISH at QoS 1, retained when asked.
+fn publish5(topic: &str, payload: &[u8], packet_id: u16, retain: bool) -> Vec<u8> {
+    let mut packet = vec![0x32 | u8::from(retain)];
+    remaining_length(2 + topic.len() + 2 + 1 + payload.len(), &mut packet);
+    packet.extend_from_slice(&u16::try_from(topic.len()).unwrap().to_be_bytes());
+    packet.extend_from_slice(topic.as_bytes());
+    packet.extend_from_slice(&packet_id.to_be_bytes());
+    packet.push(0); // no properties
+    packet.extend_from_slice(payload);
+    packet
+}
+
+/// The reason code of a v5 PUBACK body (absent: success).
+fn puback_code(body: &[u8]) -> u8 {
+    body.get(2).copied().unwrap_or(0)
+}
+
+#[test]
+fn a_retained_flood_meets_quota_refusals_not_a_crash() {
+    if !kvm_available("a_retained_flood_meets_quota_refusals_not_a_crash") {
+        return;
+    }
+    let vm = RunningVm::start(&["--max-connections", "100", "--timeout", "120"]);
+    // A subscriber of something else, connected before the flood.
+    let mut bystander = mqtt5_connect(&vm, "bystander");
+    // SUBSCRIBE (v5, packet id 1, no properties) to "news" at QoS 1.
+    bystander.write_all(&[0x82, 10, 0, 1, 0, 0, 4, b'n', b'e', b'w', b's', 1]).unwrap();
+    let (kind, _) = read_packet(&mut bystander);
+    assert_eq!(kind, 0x90, "SUBACK");
+    let mut flooder = mqtt5_connect(&vm, "flooder");
+    let payload = vec![b'r'; 10_000];
+    let (mut accepted, mut refused) = (0u32, 0u32);
+    for i in 0..20_000u32 {
+        let id = u16::try_from(i % 60_000 + 1).unwrap();
+        flooder.write_all(&publish5(&format!("flood/{i}"), &payload, id, true)).unwrap();
+        let (kind, body) = read_packet(&mut flooder);
+        assert_eq!(kind, 0x40, "PUBACK");
+        match puback_code(&body) {
+            0 | 0x10 => accepted += 1,
+            0x97 => refused += 1,
+            other => panic!("PUBACK reason {other:#x}"),
+        }
+        if refused >= 100 {
+            break;
+        }
+    }
+    eprintln!("retained 10 KB messages: {accepted} accepted, then {refused} refused with 0x97");
+    assert!(accepted > 1000, "only {accepted} retained messages fit in 64 MiB");
+    assert!(refused >= 100, "no quota refusal after {accepted} retained messages");
+    // The VM is alive and everyone connected is served: retained messages
+    // have their own bound, so live traffic still flows.
+    bystander.write_all(&publish5("news", b"still here", 1, false)).unwrap();
+    let mut got_message = false;
+    for _ in 0..2 {
+        let (kind, body) = read_packet(&mut bystander);
+        if kind & 0xf0 == 0x30 {
+            got_message = body.ends_with(b"still here");
+        }
+    }
+    assert!(got_message, "the bystander's own message did not come back");
+    ping(&mut flooder);
+    let mut late = mqtt_connect(&vm, "late").expect("a new client connects at the memory budget");
+    ping(&mut late);
+}

@@ -39,6 +39,17 @@ pub fn mqtt_message_budget(heap: u64, max_connections: u64) -> u64 {
     heap.saturating_sub(LINK_FIXED).saturating_sub(max_connections.saturating_mul(MQTT_CONNECTION))
 }
 
+/// Heap an MQTT guest keeps free before it refuses what would hold more
+/// (`Broker::set_memory_low`): TX frames not yet allocated and one pass of
+/// input (the link's allowance), a packet held twice, 1 MiB of allocator
+/// slack, and a place for every connection still to come.
+pub fn mqtt_low_water(max_packet_size: u64, connections_to_come: u64) -> u64 {
+    LINK_FIXED
+        .saturating_add(max_packet_size.saturating_mul(PACKET_COPIES))
+        .saturating_add(1 << 20)
+        .saturating_add(connections_to_come.saturating_mul(MQTT_CONNECTION))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

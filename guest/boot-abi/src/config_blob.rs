@@ -139,6 +139,8 @@ const FIELDS: &[Field] = &[
     number!(14, max_pending_output: usize),
     number!(15, sys_interval_ms: u64),
     number!(16, connect_timeout_ms: u64),
+    number!(18, max_retained_messages: usize),
+    number!(19, max_retained_bytes: usize),
     Field {
         tag: 17,
         get: |c| Some(u64::from(c.allow_anonymous)),

@@ -1072,3 +1072,31 @@ fn unknown_packet_identifiers_in_the_qos2_flow_get_0x92() {
         [Packet::Pubrel(Ack { packet_id: 78, code: reason::PACKET_IDENTIFIER_NOT_FOUND, .. })]
     ));
 }
+
+#[test]
+fn low_memory_refuses_publishes_and_subscriptions_with_quota_exceeded() {
+    let mut net = Net::new();
+    net.connect(1, V5, "pub5", true);
+    net.connect(2, V3, "pub3", true);
+    net.connect(3, V5, "sub", true);
+    assert_eq!(net.subscribe(3, V5, "t/#", QoS::AtLeastOnce), vec![1]);
+    net.broker.set_memory_low(true);
+    net.publish(1, V5, publish("t/a", b"m", QoS::AtLeastOnce, Some(1)));
+    assert_eq!(puback_codes(&net.recv(1, V5)), vec![reason::QUOTA_EXCEEDED]);
+    // 3.x has no refusal in PUBACK: acknowledged, dropped, counted.
+    net.publish(2, V3, publish("t/b", b"m", QoS::AtLeastOnce, Some(2)));
+    assert_eq!(net.recv(2, V3), vec![Packet::Puback(ack(2))]);
+    let retained = Publish { retain: true, ..publish("t/r", b"kept?", QoS::AtMostOnce, None) };
+    net.publish(1, V5, retained);
+    assert!(publishes(&net.recv(3, V5)).is_empty(), "nothing refused was delivered");
+    assert_eq!(net.subscribe(3, V5, "other", QoS::AtMostOnce), vec![reason::QUOTA_EXCEEDED]);
+    assert_eq!(net.broker.stats().quota_refusals, 4);
+    // Memory back: served again, and the refused retained message was never kept.
+    net.broker.set_memory_low(false);
+    net.publish(1, V5, publish("t/a", b"m", QoS::AtLeastOnce, Some(3)));
+    assert_eq!(puback_codes(&net.recv(1, V5)), vec![0]);
+    assert_eq!(publishes(&net.recv(3, V5)).len(), 1);
+    net.connect(4, V5, "late", true);
+    assert_eq!(net.subscribe(4, V5, "t/r", QoS::AtMostOnce), vec![0]);
+    assert!(publishes(&net.recv(4, V5)).is_empty());
+}

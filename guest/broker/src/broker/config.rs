@@ -30,6 +30,11 @@ pub struct Config {
     /// Incoming QoS 1/2 messages a client may have unacknowledged (v5 Receive Maximum).
     pub receive_maximum: u16,
     pub topic_limits: TopicLimits,
+    /// Retained messages kept at most; past it new topics are refused
+    /// (v5 0x97 Quota exceeded, 3.x counted drops).
+    pub max_retained_messages: usize,
+    /// Topic and payload bytes of all retained messages together, at most.
+    pub max_retained_bytes: usize,
     pub max_subscriptions_per_client: usize,
     pub max_qos: QoS,
     pub retain_available: bool,
@@ -68,6 +73,8 @@ impl Default for Config {
             max_inflight: 20,
             receive_maximum: 100,
             topic_limits: TopicLimits::default(),
+            max_retained_messages: 100_000,
+            max_retained_bytes: 64 << 20,
             max_subscriptions_per_client: 1000,
             max_qos: QoS::ExactlyOnce,
             retain_available: true,

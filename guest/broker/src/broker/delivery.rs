@@ -55,16 +55,21 @@ impl Broker {
         self.stats.messages_received += 1;
         // Clients may not publish into the broker's own namespace.
         let allowed = !p.topic.starts_with("$SYS") && self.conn_allows(conn, Want::Publish, &p.topic);
+        let quota = !self.memory_low
+            && (!p.retain || self.retained.fits(&p, self.config.max_retained_messages, self.config.max_retained_bytes));
+        if allowed && !quota {
+            self.stats.quota_refusals += 1;
+        }
         let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
         match (p.qos, p.packet_id) {
             (QoS::AtMostOnce, _) => {
-                if allowed {
+                if allowed && quota {
                     self.accept_publish(key, p, now);
                 }
             }
             (QoS::AtLeastOnce, Some(id)) => {
-                let delivered = if allowed { self.accept_publish(key, p, now) } else { 0 };
-                let code = ack_code(allowed, delivered);
+                let delivered = if allowed && quota { self.accept_publish(key, p, now) } else { 0 };
+                let code = ack_code(allowed, quota, delivered);
                 self.send_to(conn, &Packet::Puback(ack(id, if v5 { code } else { 0 })));
             }
             (QoS::ExactlyOnce, Some(id)) => {
@@ -76,13 +81,13 @@ impl Broker {
                 if session.incoming_qos2.len() >= usize::from(self.config.receive_maximum) {
                     return Err(refuse(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
                 }
-                let delivered = if allowed {
+                let delivered = if allowed && quota {
                     session.incoming_qos2.insert(id);
                     self.accept_publish(key, p, now)
                 } else {
                     0
                 };
-                let code = ack_code(allowed, delivered);
+                let code = ack_code(allowed, quota, delivered);
                 self.send_to(conn, &Packet::Pubrec(ack(id, if v5 { code } else { 0 })));
             }
             _ => return Err(refuse(reason::MALFORMED_PACKET, "QoS > 0 without packet identifier")),
@@ -94,11 +99,7 @@ impl Broker {
     pub(super) fn accept_publish(&mut self, from: SessionKey, p: Publish, now: u64) -> usize {
         let expires_at = p.properties.message_expiry_interval.map(|s| now + u64::from(s) * 1000);
         if p.retain {
-            if p.payload.is_empty() {
-                self.retained.remove(&p.topic);
-            } else {
-                self.retained.insert(p.topic.clone(), Queued { publish: p.clone(), expires_at });
-            }
+            self.retained.set(&p, expires_at);
         }
         self.route(Some(from), &p, expires_at, now)
     }
@@ -181,7 +182,9 @@ impl Broker {
         let Some(conn) = session.conn else { return };
         let Some(c) = self.conns.get_mut(&conn) else { return };
         let window = usize::from(self.config.max_inflight.min(c.client_receive_max));
-        while c.out.len() < self.config.max_pending_output {
+        // Low on memory, a connection gets one encoded message at a time.
+        let max_out = if self.memory_low { 1 } else { self.config.max_pending_output };
+        while c.out.len() < max_out {
             let Some(front) = session.queue.front() else { break };
             if front.publish.qos != QoS::AtMostOnce && session.inflight.len() >= window {
                 break;
@@ -285,10 +288,11 @@ pub(super) fn ack(packet_id: u16, code: u8) -> Ack {
     Ack { packet_id, code, properties: Properties::default() }
 }
 
-fn ack_code(allowed: bool, delivered: usize) -> u8 {
-    match (allowed, delivered) {
-        (false, _) => reason::NOT_AUTHORIZED,
-        (true, 0) => reason::NO_MATCHING_SUBSCRIBERS,
+fn ack_code(allowed: bool, quota: bool, delivered: usize) -> u8 {
+    match (allowed, quota, delivered) {
+        (false, _, _) => reason::NOT_AUTHORIZED,
+        (true, false, _) => reason::QUOTA_EXCEEDED,
+        (true, true, 0) => reason::NO_MATCHING_SUBSCRIBERS,
         _ => reason::SUCCESS,
     }
 }

@@ -24,13 +24,13 @@ mod connect;
 mod connection;
 mod delivery;
 pub mod reason;
+mod retained;
 mod session;
 mod subscribe;
 mod sys;
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::String;
-use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 pub use config::{Config, ConfigError, MAX_PACKET_SIZE_LIMIT, MIN_PACKET_SIZE};
@@ -42,7 +42,8 @@ use crate::properties::Properties;
 use crate::subscriptions::{SessionKey, SubscriptionIndex};
 use crate::wire::DecodeError;
 use connection::{Conn, Phase};
-use session::{Awaiting, Queued, Session};
+use retained::Retained;
+use session::{Awaiting, Session};
 
 /// A transport connection, numbered by the runner.
 pub type ConnId = u64;
@@ -75,7 +76,7 @@ pub struct Broker {
     sessions: BTreeMap<SessionKey, Session>,
     by_client_id: BTreeMap<String, SessionKey>,
     index: SubscriptionIndex,
-    retained: BTreeMap<Arc<str>, Queued>,
+    retained: Retained,
     /// Round-robin position per shared subscription (its share key).
     share_cursor: BTreeMap<String, usize>,
     /// Connections with output or a close for the runner.
@@ -85,6 +86,8 @@ pub struct Broker {
     next_assigned_id: u64,
     started_at: Option<u64>,
     next_sys_at: u64,
+    /// The runner says memory is low: refuse what would hold more.
+    memory_low: bool,
 }
 
 impl Broker {
@@ -97,7 +100,7 @@ impl Broker {
             sessions: BTreeMap::new(),
             by_client_id: BTreeMap::new(),
             index: SubscriptionIndex::default(),
-            retained: BTreeMap::new(),
+            retained: Retained::default(),
             share_cursor: BTreeMap::new(),
             ready: BTreeSet::new(),
             stats: Stats::default(),
@@ -105,11 +108,20 @@ impl Broker {
             next_assigned_id: 1,
             started_at: None,
             next_sys_at: 0,
+            memory_low: false,
         }
     }
 
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// The runner's word on memory: while low, publishes are refused (v5
+    /// 0x97 Quota exceeded on PUBACK/PUBREC; 3.x acknowledged and dropped),
+    /// new subscriptions are refused, and nothing queued is encoded for a
+    /// connection that still has output. Every refusal is counted.
+    pub fn set_memory_low(&mut self, low: bool) {
+        self.memory_low = low;
     }
 
     /// Number of open transport connections.
@@ -240,7 +252,7 @@ impl Broker {
             self.close(conn);
         }
         self.expire_sessions(now);
-        self.retained.retain(|_, m| m.expires_at.is_none_or(|t| now < t));
+        self.retained.expire(now);
         if self.config.sys_interval_ms > 0 && now >= self.next_sys_at {
             self.next_sys_at = now + self.config.sys_interval_ms;
             self.publish_sys(now);

@@ -44,8 +44,11 @@ impl Broker {
                 return Err(refuse(reason::PROTOCOL_ERROR, "no local on a shared subscription"));
             }
             if !session.filters.contains(raw.as_str())
-                && session.filters.len() >= self.config.max_subscriptions_per_client
+                && (session.filters.len() >= self.config.max_subscriptions_per_client || self.memory_low)
             {
+                if self.memory_low {
+                    self.stats.quota_refusals += 1;
+                }
                 codes.push(if v5 { reason::QUOTA_EXCEEDED } else { reason::UNSPECIFIED_ERROR });
                 continue;
             }
@@ -61,7 +64,7 @@ impl Broker {
                 _ => false,
             };
             if wants_retained && parsed.share_name.is_none() {
-                for (name, message) in &self.retained {
+                for (name, message) in self.retained.iter() {
                     if topic::matches(parsed.filter, name) {
                         let mut p = message.publish.clone();
                         p.qos = p.qos.min(granted.qos);

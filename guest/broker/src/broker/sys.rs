@@ -8,7 +8,6 @@ use alloc::string::ToString;
 use alloc::sync::Arc;
 
 use super::Broker;
-use super::session::Queued;
 use crate::packet::{Publish, QoS};
 use crate::properties::Properties;
 
@@ -23,6 +22,9 @@ pub struct Stats {
     pub bytes_sent: u64,
     pub connections_refused: u64,
     pub protocol_errors: u64,
+    /// Publishes and subscriptions refused because memory ran low (v5:
+    /// reason code 0x97 Quota exceeded; 3.x: acknowledged and dropped).
+    pub quota_refusals: u64,
 }
 
 impl Broker {
@@ -40,6 +42,7 @@ impl Broker {
             ("$SYS/broker/messages/received", stats.messages_received.to_string()),
             ("$SYS/broker/messages/sent", stats.messages_sent.to_string()),
             ("$SYS/broker/messages/dropped", stats.messages_dropped.to_string()),
+            ("$SYS/broker/messages/refused", stats.quota_refusals.to_string()),
             ("$SYS/broker/bytes/received", stats.bytes_received.to_string()),
             ("$SYS/broker/bytes/sent", stats.bytes_sent.to_string()),
         ];
@@ -53,7 +56,7 @@ impl Broker {
                 properties: Properties::default(),
                 payload: Arc::from(value.as_bytes()),
             };
-            self.retained.insert(p.topic.clone(), Queued { publish: p.clone(), expires_at: None });
+            self.retained.set(&p, None);
             self.route(None, &p, None, now);
         }
     }

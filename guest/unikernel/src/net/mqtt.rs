@@ -13,7 +13,7 @@ use alloc::format;
 use alloc::string::String;
 
 use mqvisor_boot_abi::streams::{Record, StreamId};
-use mqvisor_boot_abi::{BootInfo, config_blob};
+use mqvisor_boot_abi::{BootInfo, capacity, config_blob};
 use mqvisor_broker::broker::{Broker, Config, Transmit};
 
 use super::{Link, Window};
@@ -41,15 +41,25 @@ fn now_ms() -> u64 {
 }
 
 /// Serves MQTT forever.
-pub fn run(info: &BootInfo, config: Config) -> ! {
+pub fn run(info: &BootInfo, mut config: Config) -> ! {
     let mut link = Link::bring_up(info);
+    // Retained messages may take at most half of what is left for messages,
+    // so a retained flood never starves the queues of live traffic.
+    let heap = info.heap_end.saturating_sub(info.heap_start);
+    let budget = capacity::mqtt_message_budget(heap, config.max_connections as u64);
+    config.max_retained_bytes = config.max_retained_bytes.min(usize::try_from(budget / 2).unwrap_or(usize::MAX));
     let max_connections = config.max_connections;
+    let max_packet_size = config.max_packet_size as u64;
     let mut broker = Broker::new(config);
     // Streams the broker knows, by id (the broker's connection id is the stream id).
     let mut windows: BTreeMap<StreamId, Window> = BTreeMap::new();
     crate::println!("mqtt: serving MQTT, up to {max_connections} connections");
     loop {
         let now = now_ms();
+        // Refuse what would hold more before the heap runs out, never after.
+        let to_come = max_connections.saturating_sub(windows.len()) as u64;
+        let low_water = capacity::mqtt_low_water(max_packet_size, to_come);
+        broker.set_memory_low((crate::heap::free_bytes() as u64) < low_water);
         // Streams to close: refused, or closed by the client.
         let mut closing = alloc::vec::Vec::new();
         let mut credits = alloc::vec::Vec::new();

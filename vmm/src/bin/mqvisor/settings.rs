@@ -46,6 +46,15 @@ pub struct BrokerFlags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<u16>,
+    /// Retained messages kept at most; past it new ones are refused [default: 100000]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retained_messages: Option<usize>,
+    /// Bytes (topics and payloads) of all retained messages together, at most;
+    /// a VM also keeps them within half its memory for messages [default: 67108864]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retained_bytes: Option<usize>,
     /// Subscriptions one client may hold [default: 1000]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -178,6 +187,8 @@ impl BrokerFlags {
             max_packet_size: self.max_packet_size.map_or(defaults.max_packet_size, |v| v as usize),
             max_queued_messages: self.max_queued_messages.unwrap_or(defaults.max_queued_messages),
             max_inflight: self.max_inflight.unwrap_or(defaults.max_inflight),
+            max_retained_messages: self.max_retained_messages.unwrap_or(defaults.max_retained_messages),
+            max_retained_bytes: self.max_retained_bytes.unwrap_or(defaults.max_retained_bytes),
             max_subscriptions_per_client: self
                 .max_subscriptions_per_client
                 .unwrap_or(defaults.max_subscriptions_per_client),
