@@ -1,9 +1,12 @@
-//! The VMM's end of the virtual link: a host-side TCP/IP stack (smoltcp)
-//! whose Ethernet frames travel through the virtio-net device, and the proxy
-//! that carries every accepted host TCP connection into the guest's port.
+//! The VMM's end of the virtual link: the proxy that carries every accepted
+//! host TCP connection into the guest as a stream of records
+//! (`mqvisor_boot_abi::streams`) in Ethernet frames through the virtio-net
+//! device.
 //!
 //! No tap device, no root, no host routes: the link exists only between this
-//! process and its guest. Addresses are fixed per VM (each VM has its own link).
+//! process and its guest. Addresses are fixed per VM (each VM has its own
+//! link); the IPv4 addresses stay in boot-info for the guest's banner and a
+//! future tap backend, and no IP packet crosses the link today.
 
 pub mod link;
 pub mod paced;
@@ -18,7 +21,7 @@ pub const HOST_MAC: [u8; 6] = [0x02, 0x6d, 0x71, 0x76, 0x00, 0x01];
 pub const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
 pub const HOST_IP: [u8; 4] = [10, 0, 2, 2];
 pub const PREFIX_LEN: u8 = 24;
-/// IP MTU of the link. Large frames amortise the per-frame costs (queue
+/// MTU of the link. Large frames amortise the per-frame costs (queue
 /// work, and on nested hypervisors the rare VM exits) over more bytes.
 pub const LINK_MTU: u16 = 65000;
 /// Largest Ethernet frame on the link (MTU plus the Ethernet header).
