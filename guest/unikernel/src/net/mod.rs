@@ -41,8 +41,8 @@ pub struct Link {
     held: Vec<(StreamId, Control)>,
     /// The TX queue had no room during this pass.
     tx_full: bool,
-    /// Frames from the VMM that did not decode (counted, then skipped).
-    pub bad_frames: u64,
+    /// Frames from the VMM that did not decode (skipped).
+    bad_frames: u64,
 }
 
 /// A record without bytes, kept when it found no room.
@@ -112,6 +112,10 @@ impl Link {
             .is_some()
         {
             any = true;
+        }
+        if bad > 0 && self.bad_frames == 0 {
+            // The VMM is ours: a bad frame is a bug worth one line, not a stop.
+            crate::println!("net: skipped a malformed frame from the VMM (further ones are counted silently)");
         }
         self.bad_frames += bad;
         if self.device.failed() {
