@@ -167,7 +167,28 @@ pub struct Frame {
 /// are needed. A packet longer than `max_packet_size` is refused as soon as
 /// its length is known, before its body arrives.
 pub fn frame(buf: &[u8], max_packet_size: usize) -> Result<Option<Frame>, DecodeError> {
-    let Some(&header) = buf.first() else { return Ok(None) };
+    let Some((body_start, len)) = announced(buf)? else { return Ok(None) };
+    if len > max_packet_size {
+        return Err(DecodeError::TooLarge);
+    }
+    if buf.len() < len {
+        return Ok(None);
+    }
+    Ok(Some(Frame { header: buf[0], body_start, len }))
+}
+
+/// The total length of the packet at the start of `buf` once its fixed
+/// header is complete, whether or not its body has arrived (so a receiver
+/// can make room for it once, not by doubling).
+pub fn announced_len(buf: &[u8]) -> Option<usize> {
+    announced(buf).ok().flatten().map(|(_, len)| len)
+}
+
+/// Offset of the body and total length, once the remaining length is read.
+fn announced(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+    if buf.is_empty() {
+        return Ok(None);
+    }
     let mut remaining = 0usize;
     let mut at = 1;
     loop {
@@ -182,14 +203,7 @@ pub fn frame(buf: &[u8], max_packet_size: usize) -> Result<Option<Frame>, Decode
         }
     }
     debug_assert!(remaining <= MAX_REMAINING_LENGTH);
-    let len = at + remaining;
-    if len > max_packet_size {
-        return Err(DecodeError::TooLarge);
-    }
-    if buf.len() < len {
-        return Ok(None);
-    }
-    Ok(Some(Frame { header, body_start: at, len }))
+    Ok(Some((at, at + remaining)))
 }
 
 fn check_flags(header: u8, expected: u8) -> Result<(), DecodeError> {
@@ -429,6 +443,25 @@ pub fn publish_len(publish: &Publish, version: Version) -> usize {
     1 + var_int_len(u32::try_from(body).unwrap_or(u32::MAX)) + body
 }
 
+/// Appends a PUBLISH encoded for a client speaking `version`, all but its
+/// payload: the payload's bytes follow as they are, so a runner can send one
+/// shared copy of them to every subscriber.
+pub fn encode_publish_head(p: &Publish, version: Version, out: &mut Vec<u8>) {
+    let header = (PUBLISH << 4) | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain);
+    let mut head = Vec::with_capacity(p.topic.len() + 16);
+    head.put_str(&p.topic);
+    if let Some(id) = p.packet_id {
+        head.put_u16(id);
+    }
+    if version == Version::V5 {
+        p.properties.encode(&mut head);
+    }
+    out.push(header);
+    // Packets are bounded by the maximum packet size we enforce (< 2^28).
+    out.put_var_int(u32::try_from(head.len() + p.payload.len()).unwrap_or(u32::MAX));
+    out.extend_from_slice(&head);
+}
+
 /// Appends `packet` encoded for a client speaking `version`.
 pub fn encode(packet: &Packet, version: Version, out: &mut Vec<u8>) {
     let v5 = version == Version::V5;
@@ -443,17 +476,8 @@ pub fn encode(packet: &Packet, version: Version, out: &mut Vec<u8>) {
             finish(out, CONNACK << 4, &body);
         }
         Packet::Publish(p) => {
-            let header = (PUBLISH << 4) | (u8::from(p.dup) << 3) | ((p.qos as u8) << 1) | u8::from(p.retain);
-            let mut body = Vec::with_capacity(p.topic.len() + p.payload.len() + 16);
-            body.put_str(&p.topic);
-            if let Some(id) = p.packet_id {
-                body.put_u16(id);
-            }
-            if v5 {
-                p.properties.encode(&mut body);
-            }
-            body.extend_from_slice(&p.payload);
-            finish(out, header, &body);
+            encode_publish_head(p, version, out);
+            out.extend_from_slice(&p.payload);
         }
         Packet::Puback(a) => encode_ack(out, PUBACK << 4, a, version),
         Packet::Pubrec(a) => encode_ack(out, PUBREC << 4, a, version),

@@ -1100,3 +1100,30 @@ fn low_memory_refuses_publishes_and_subscriptions_with_quota_exceeded() {
     assert_eq!(net.subscribe(4, V5, "t/r", QoS::AtMostOnce), vec![0]);
     assert!(publishes(&net.recv(4, V5)).is_empty());
 }
+
+#[test]
+fn packets_split_anywhere_or_batched_arrive_the_same() {
+    // A burst of packets (one larger than a shared payload), cut at every
+    // size from one byte up, and all at once.
+    let big = vec![9u8; 10_000];
+    let mut burst = Vec::new();
+    for (i, payload) in [&b"a"[..], &big[..], &b"c"[..]].into_iter().enumerate() {
+        let id = u16::try_from(i + 1).unwrap();
+        packet::encode(&Packet::Publish(publish("t", payload, QoS::AtLeastOnce, Some(id))), V3, &mut burst);
+    }
+    for step in [1, 2, 3, 7, 100, 4096, burst.len()] {
+        let mut net = Net::new();
+        net.connect(1, V3, "pub", true);
+        net.connect(2, V3, "sub", true);
+        assert_eq!(net.subscribe(2, V3, "t", QoS::AtMostOnce), vec![0]);
+        for chunk in burst.chunks(step) {
+            net.raw(1, chunk);
+        }
+        let acks = net.recv(1, V3);
+        assert_eq!(acks, (1..=3).map(|id| Packet::Puback(ack(id))).collect::<Vec<_>>(), "step {step}");
+        let got = publishes(&net.recv(2, V3));
+        let payloads: Vec<usize> = got.iter().map(|p| p.payload.len()).collect();
+        assert_eq!(payloads, vec![1, 10_000, 1], "step {step}");
+        assert_eq!(&got[1].payload[..], &big[..]);
+    }
+}

@@ -10,6 +10,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
+use super::output::Output;
 use crate::packet::{Publish, Version};
 use crate::subscriptions::SessionKey;
 
@@ -29,7 +30,7 @@ pub(super) struct Conn {
     /// Bytes of a packet not yet complete.
     pub(super) inbuf: Vec<u8>,
     /// Encoded packets not yet taken by the runner.
-    pub(super) out: Vec<u8>,
+    pub(super) out: Output,
     pub(super) keep_alive_ms: u64,
     pub(super) last_rx: u64,
     /// v5: what the client accepts from us.
@@ -54,7 +55,7 @@ impl Conn {
             phase: Phase::AwaitingConnect,
             version: Version::V3_1_1,
             inbuf: Vec::new(),
-            out: Vec::new(),
+            out: Output::default(),
             keep_alive_ms: 0,
             last_rx: now,
             client_max_packet: usize::MAX,

@@ -214,7 +214,7 @@ impl Broker {
                 continue;
             }
             c.apply_outbound_alias(&mut publish);
-            packet::encode(&Packet::Publish(publish), c.version, &mut c.out);
+            c.out.push(&Packet::Publish(publish), c.version);
             self.stats.messages_sent += 1;
             self.ready.insert(conn);
         }
@@ -236,7 +236,7 @@ impl Broker {
                 }
                 Awaiting::Pubcomp => Packet::Pubrel(ack(id, 0)),
             };
-            packet::encode(&packet, c.version, &mut c.out);
+            c.out.push(&packet, c.version);
         }
         if !session.inflight.is_empty() {
             self.ready.insert(conn);

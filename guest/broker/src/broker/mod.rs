@@ -23,6 +23,7 @@ mod config;
 mod connect;
 mod connection;
 mod delivery;
+mod output;
 pub mod reason;
 mod retained;
 mod session;
@@ -57,6 +58,16 @@ pub enum Transmit<'a> {
     /// Everything is sent: close the transport connection (FIN). The broker
     /// has already forgotten it; do not call [`Broker::closed`] for it.
     Close,
+}
+
+/// A buffer holding `rest`, the start of a packet, with room for the whole
+/// packet once its length is known (bounded by the maximum packet size,
+/// which `packet::frame` enforces before the body arrives).
+fn packet_start(rest: &[u8], max_packet_size: usize) -> Vec<u8> {
+    let total = packet::announced_len(rest).unwrap_or(rest.len()).clamp(rest.len(), max_packet_size.max(rest.len()));
+    let mut inbuf = Vec::with_capacity(total);
+    inbuf.extend_from_slice(rest);
+    inbuf
 }
 
 /// Why a connection is being ended by the server.
@@ -144,25 +155,55 @@ impl Broker {
             return;
         }
         c.last_rx = now;
-        c.inbuf.extend_from_slice(bytes);
         self.stats.bytes_received += bytes.len() as u64;
+        // Whole packets are decoded where they lie; only a packet's start
+        // that has no end yet is kept, in a buffer sized once for it.
+        let (buf, from_inbuf) = if c.inbuf.is_empty() {
+            (bytes, None)
+        } else {
+            c.inbuf.extend_from_slice(bytes);
+            (&[][..], Some(core::mem::take(&mut c.inbuf)))
+        };
+        let buf = from_inbuf.as_deref().unwrap_or(buf);
+        let used = self.decode_packets(conn, buf, now);
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if used == buf.len() || c.phase == Phase::Closing {
+            return;
+        }
+        c.inbuf = match from_inbuf {
+            // Still the start of the same packet: the buffer made for it.
+            Some(inbuf) if used == 0 => inbuf,
+            Some(inbuf) => packet_start(&inbuf[used..], self.config.max_packet_size),
+            None => packet_start(&bytes[used..], self.config.max_packet_size),
+        };
+    }
+
+    /// Decodes and handles the whole packets at the start of `buf`; returns
+    /// how many bytes they took (all of `buf` once the connection is ending).
+    fn decode_packets(&mut self, conn: ConnId, buf: &[u8], now: u64) -> usize {
+        let mut at = 0;
         loop {
-            let Some(c) = self.conns.get_mut(&conn) else { return };
+            let Some(c) = self.conns.get(&conn) else { return buf.len() };
             if c.phase == Phase::Closing {
-                c.inbuf.clear();
-                return;
+                return buf.len();
             }
             let (version, connected) = (c.version, matches!(c.phase, Phase::Connected(_)));
-            let frame = match packet::frame(&c.inbuf, self.config.max_packet_size) {
+            let frame = match packet::frame(&buf[at..], self.config.max_packet_size) {
                 Ok(Some(frame)) => frame,
-                Ok(None) => return,
-                Err(e) => return self.decode_failed(conn, e, connected, now),
+                Ok(None) => return at,
+                Err(e) => {
+                    self.decode_failed(conn, e, connected, now);
+                    return buf.len();
+                }
             };
-            let decoded = packet::decode(frame, &c.inbuf, version);
-            c.inbuf.drain(..frame.len);
+            let decoded = packet::decode(frame, &buf[at..], version);
+            at += frame.len;
             match decoded {
                 Ok(packet) => self.handle(conn, packet, now),
-                Err(e) => return self.decode_failed(conn, e, connected, now),
+                Err(e) => {
+                    self.decode_failed(conn, e, connected, now);
+                    return buf.len();
+                }
             }
         }
     }
@@ -181,11 +222,11 @@ impl Broker {
                 if c.out.is_empty() {
                     break;
                 }
-                let taken = transmit(conn, Transmit::Bytes(&c.out)).min(c.out.len());
+                let taken = transmit(conn, Transmit::Bytes(c.out.front()));
                 if taken == 0 {
                     break;
                 }
-                c.out.drain(..taken);
+                c.out.consume(taken);
                 self.stats.bytes_sent += taken as u64;
                 moved = true;
                 if let Phase::Connected(key) = c.phase {
@@ -387,7 +428,7 @@ impl Broker {
 
     fn send(&mut self, conn: ConnId, version: Version, packet: &Packet) {
         if let Some(c) = self.conns.get_mut(&conn) {
-            packet::encode(packet, version, &mut c.out);
+            c.out.push(packet, version);
             self.ready.insert(conn);
         }
     }

@@ -128,6 +128,23 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         memory: u32,
     },
+    /// What connections cost: PSS per idle connection, new connections per
+    /// second, PSS after churn, and a large message's QoS 1 round trip, for
+    /// Mosquitto, the host-native runner and a tenant VM side by side.
+    Conns {
+        /// Idle CONNECTed connections held at once
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        idle: u32,
+        /// Sequential connect/CONNACK/DISCONNECT cycles
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        churn: u32,
+        /// Payload of the round-trip message, MiB
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=255))]
+        large_mib: u32,
+        /// Leave out the tenant VM
+        #[arg(long)]
+        no_vm: bool,
+    },
     /// MQTT throughput and p50/p99 latency for QoS 0/1/2 in 1->1, 10->1 and
     /// 1->100 topologies with 100-byte payloads: Mosquitto (the anchor), the
     /// host-native runner and a tenant VM, side by side in one run.
@@ -288,6 +305,9 @@ fn main() -> ExitCode {
                             return Err("--scale must be in (0, 100]".to_string());
                         }
                         bench::mqtt::mqtt(&exe, scale, !no_vm, memory)
+                    }
+                    BenchCommand::Conns { idle, churn, large_mib, no_vm } => {
+                        bench::conns::conns(&exe, idle as usize, churn as usize, large_mib as usize, !no_vm)
                     }
                 });
             match result {

@@ -2,6 +2,7 @@
 //! its anchor from the same run. Benchmarks print figures; they never judge.
 
 pub mod boot;
+pub mod conns;
 pub mod echo;
 pub mod mqtt;
 

@@ -54,12 +54,12 @@ pub struct Figures {
     pub p99_us: f64,
 }
 
-fn io_err(e: impl std::fmt::Display) -> String {
+pub(super) fn io_err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
 /// Reads one packet from a blocking reader.
-fn read_packet(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<Packet> {
+pub(super) fn read_packet(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<Packet> {
     let bad = |e: packet_error::DecodeError| std::io::Error::other(format!("{e:?}"));
     buf.clear();
     let mut byte = [0u8; 1];
@@ -82,13 +82,13 @@ fn read_packet(r: &mut impl Read, buf: &mut Vec<u8>) -> std::io::Result<Packet> 
     packet::decode_from_server(frame, buf, Version::V3_1_1).map_err(bad)
 }
 
-fn encode(p: &Packet) -> Vec<u8> {
+pub(super) fn encode(p: &Packet) -> Vec<u8> {
     let mut out = Vec::new();
     packet::encode(p, Version::V3_1_1, &mut out);
     out
 }
 
-fn connect(addr: SocketAddr, client_id: &str) -> Result<(TcpStream, BufReader<TcpStream>), String> {
+pub(super) fn connect(addr: SocketAddr, client_id: &str) -> Result<(TcpStream, BufReader<TcpStream>), String> {
     let stream = TcpStream::connect(addr).map_err(io_err)?;
     stream.set_nodelay(true).map_err(io_err)?;
     let c = Connect {
@@ -285,10 +285,10 @@ fn publish_all(
 }
 
 /// A broker under test, stopped when dropped.
-struct Target {
-    name: &'static str,
-    addr: SocketAddr,
-    child: Child,
+pub(super) struct Target {
+    pub(super) name: &'static str,
+    pub(super) addr: SocketAddr,
+    pub(super) child: Child,
     _config_dir: Option<std::path::PathBuf>,
 }
 
@@ -321,7 +321,7 @@ fn wait_listening(addr: SocketAddr) -> Result<(), String> {
     Err(format!("nothing listening on {addr}"))
 }
 
-fn start_mosquitto() -> Result<Target, String> {
+pub(super) fn start_mosquitto(extra_conf: &str) -> Result<Target, String> {
     let port = free_port()?;
     let dir = std::env::temp_dir().join(format!("mqvisor-bench-mosquitto-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(io_err)?;
@@ -331,7 +331,7 @@ fn start_mosquitto() -> Result<Target, String> {
         &conf,
         format!(
             "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages {QUEUE}\n\
-             max_inflight_messages {WINDOW}\npersistence false\nlog_dest none\n"
+             max_inflight_messages {WINDOW}\npersistence false\nlog_dest none\n{extra_conf}"
         ),
     )
     .map_err(io_err)?;
@@ -350,7 +350,7 @@ fn start_mosquitto() -> Result<Target, String> {
     Ok(target)
 }
 
-fn start_mqvisor(exe: &Path, name: &'static str, args: &[&str]) -> Result<Target, String> {
+pub(super) fn start_mqvisor(exe: &Path, name: &'static str, args: &[&str]) -> Result<Target, String> {
     let port = free_port()?;
     let listen = format!("127.0.0.1:{port}");
     let child = Command::new(exe)
@@ -391,7 +391,7 @@ pub fn mqtt(exe: &Path, scale: f64, include_vm: bool, memory_mib: u32) -> Result
     let queue = QUEUE.to_string();
     let limits = ["--max-queued-messages", &queue];
     let mut targets =
-        vec![start_mosquitto()?, start_mqvisor(exe, "mqvisor host", &[&["broker"][..], &limits].concat())?];
+        vec![start_mosquitto("")?, start_mqvisor(exe, "mqvisor host", &[&["broker"][..], &limits].concat())?];
     if include_vm {
         let args = [&["run", "--service", "mqtt", "--memory", &memory][..], &limits].concat();
         targets.push(start_mqvisor(exe, "mqvisor VM", &args)?);
