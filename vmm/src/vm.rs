@@ -105,8 +105,8 @@ pub enum VmmError {
     )]
     ConnectionsDoNotFit { connections: usize, memory_mib: u32, capacity: u64 },
     #[error(
-        "--max-packet-size {packet_size} does not fit in --memory {memory_mib} MiB (a packet may be held \
-         twice while it is assembled and delivered): raise --memory or lower --max-packet-size"
+        "--max-packet-size {packet_size} does not fit in --memory {memory_mib} MiB next to the link's \
+         buffers: raise --memory or lower --max-packet-size"
     )]
     PacketDoesNotFit { packet_size: usize, memory_mib: u32 },
     #[error("--memory {0} MiB is out of range (1..={MAX_MEMORY_MIB})")]

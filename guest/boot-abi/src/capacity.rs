@@ -17,20 +17,15 @@ pub const LINK_FIXED: u64 = 9 << 20;
 pub const MQTT_CONNECTION: u64 = 2 << 10;
 /// Heap an echo stream may hold: one window of bytes not yet echoed.
 pub const ECHO_CONNECTION: u64 = streams::WINDOW as u64 + 512;
-/// Copies of a packet the broker may hold at once while it assembles,
-/// decodes and queues it.
-pub const PACKET_COPIES: u64 = 2;
+/// Copies of a packet the broker holds while it assembles and delivers it:
+/// the buffer a PUBLISH arrives in becomes the message that every queue
+/// shares, so one.
+pub const PACKET_COPIES: u64 = 1;
 
 /// Connections a heap of `heap` bytes holds at `per_connection` each,
 /// next to the link and `reserved` bytes for other things.
 pub fn connections(heap: u64, per_connection: u64, reserved: u64) -> u64 {
     heap.saturating_sub(LINK_FIXED).saturating_sub(reserved) / per_connection.max(1)
-}
-
-/// Bytes an MQTT broker needs for `max_connections` idle connections and
-/// one packet of `max_packet_size` in flight, beyond the link.
-pub fn mqtt_reserved(max_connections: u64, max_packet_size: u64) -> u64 {
-    max_connections.saturating_mul(MQTT_CONNECTION).saturating_add(max_packet_size.saturating_mul(PACKET_COPIES))
 }
 
 /// Bytes of heap left for messages (retained, queued, in flight, partial
@@ -41,8 +36,8 @@ pub fn mqtt_message_budget(heap: u64, max_connections: u64) -> u64 {
 
 /// Heap an MQTT guest keeps free before it refuses what would hold more
 /// (`Broker::set_memory_low`): TX frames not yet allocated and one pass of
-/// input (the link's allowance), a packet held twice, 1 MiB of allocator
-/// slack, and a place for every connection still to come.
+/// input (the link's allowance), room for a packet being assembled, 1 MiB of
+/// allocator slack, and a place for every connection still to come.
 pub fn mqtt_low_water(max_packet_size: u64, connections_to_come: u64) -> u64 {
     LINK_FIXED
         .saturating_add(max_packet_size.saturating_mul(PACKET_COPIES))

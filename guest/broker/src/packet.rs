@@ -52,7 +52,61 @@ pub struct Publish {
     /// Present iff `qos > 0`.
     pub packet_id: Option<u16>,
     pub properties: Properties,
-    pub payload: Arc<[u8]>,
+    pub payload: Payload,
+}
+
+/// A message's payload: one copy, shared by every holder (subscribers'
+/// queues, the retained store, connection output). A large one is the tail
+/// of the very buffer its PUBLISH arrived in ([`decode_owned`]).
+#[derive(Clone, Default)]
+pub struct Payload {
+    bytes: Arc<Vec<u8>>,
+    start: usize,
+}
+
+impl Payload {
+    /// The bytes of `buf` from `start` on, without copying them.
+    pub fn tail_of(buf: Vec<u8>, start: usize) -> Payload {
+        let start = start.min(buf.len());
+        Payload { bytes: Arc::new(buf), start }
+    }
+}
+
+impl core::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
+impl From<&[u8]> for Payload {
+    fn from(bytes: &[u8]) -> Payload {
+        Payload::tail_of(bytes.to_vec(), 0)
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(bytes: Vec<u8>) -> Payload {
+        Payload::tail_of(bytes, 0)
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Payload {}
+
+impl core::fmt::Debug for Payload {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.get(..32) {
+            Some(head) => write!(f, "{head:?}.. ({} bytes)", self.len()),
+            None => write!(f, "{:?}", &**self),
+        }
+    }
 }
 
 /// The will message from CONNECT.
@@ -286,6 +340,27 @@ fn decode_ack(r: &mut Reader, version: Version) -> Result<Ack, DecodeError> {
 }
 
 fn decode_publish(header: u8, r: &mut Reader, version: Version) -> Result<Publish, DecodeError> {
+    let mut publish = decode_publish_head(header, r, version)?;
+    publish.payload = Payload::from(r.rest());
+    Ok(publish)
+}
+
+/// Decodes the complete packet `frame` that is all of `buf`, which it takes:
+/// a PUBLISH's payload stays where it is (no copy); anything else decodes
+/// as [`decode`] does.
+pub fn decode_owned(frame: Frame, buf: Vec<u8>, version: Version) -> Result<Packet, DecodeError> {
+    if frame.header >> 4 != PUBLISH || frame.len != buf.len() {
+        return decode(frame, &buf, version);
+    }
+    let mut r = Reader::new(&buf[frame.body_start..frame.len]);
+    let mut publish = decode_publish_head(frame.header, &mut r, version)?;
+    let payload_start = frame.len - r.remaining();
+    publish.payload = Payload::tail_of(buf, payload_start);
+    Ok(Packet::Publish(publish))
+}
+
+/// A PUBLISH up to its payload; the payload is left empty.
+fn decode_publish_head(header: u8, r: &mut Reader, version: Version) -> Result<Publish, DecodeError> {
     let qos = QoS::from_bits((header >> 1) & 0x03).ok_or(DecodeError::Malformed("PUBLISH QoS 3"))?;
     let dup = header & 0x08 != 0;
     if dup && qos == QoS::AtMostOnce {
@@ -294,8 +369,7 @@ fn decode_publish(header: u8, r: &mut Reader, version: Version) -> Result<Publis
     let topic: Arc<str> = Arc::from(r.string()?);
     let packet_id = if qos == QoS::AtMostOnce { None } else { Some(packet_id(r)?) };
     let properties = read_properties(r, version, Context::Publish)?;
-    let payload: Arc<[u8]> = Arc::from(r.rest());
-    Ok(Publish { dup, qos, retain: header & 0x01 != 0, topic, packet_id, properties, payload })
+    Ok(Publish { dup, qos, retain: header & 0x01 != 0, topic, packet_id, properties, payload: Payload::default() })
 }
 
 fn decode_subscribe(r: &mut Reader, version: Version) -> Result<Subscribe, DecodeError> {
@@ -696,7 +770,7 @@ mod tests {
                 topic: Arc::from("a/b"),
                 packet_id: Some(7),
                 properties,
-                payload: Arc::from(&b"hello"[..]),
+                payload: Payload::from(&b"hello"[..]),
             };
             let mut out = Vec::new();
             encode(&Packet::Publish(publish.clone()), version, &mut out);

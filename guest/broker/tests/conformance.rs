@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use mqvisor_broker::broker::{Broker, Config, ConnId, Transmit, reason};
 use mqvisor_broker::packet::{
-    self, Ack, Connect, Packet, Publish, QoS, Subscribe, SubscriptionOptions, Unsubscribe, Version, Will,
+    self, Ack, Connect, Packet, Payload, Publish, QoS, Subscribe, SubscriptionOptions, Unsubscribe, Version, Will,
 };
 use mqvisor_broker::properties::Properties;
 
@@ -153,7 +153,7 @@ fn publish(topic: &str, payload: &[u8], qos: QoS, packet_id: Option<u16>) -> Pub
         topic: Arc::from(topic),
         packet_id,
         properties: Properties::default(),
-        payload: Arc::from(payload),
+        payload: Payload::from(payload),
     }
 }
 

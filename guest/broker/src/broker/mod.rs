@@ -157,25 +157,48 @@ impl Broker {
         c.last_rx = now;
         self.stats.bytes_received += bytes.len() as u64;
         // Whole packets are decoded where they lie; only a packet's start
-        // that has no end yet is kept, in a buffer sized once for it.
-        let (buf, from_inbuf) = if c.inbuf.is_empty() {
-            (bytes, None)
-        } else {
-            c.inbuf.extend_from_slice(bytes);
-            (&[][..], Some(core::mem::take(&mut c.inbuf)))
-        };
-        let buf = from_inbuf.as_deref().unwrap_or(buf);
-        let used = self.decode_packets(conn, buf, now);
-        let Some(c) = self.conns.get_mut(&conn) else { return };
-        if used == buf.len() || c.phase == Phase::Closing {
-            return;
+        // that has no end yet is kept, in a buffer sized once for it, and
+        // once complete that buffer becomes the message (no copy).
+        let mut rest = bytes;
+        if !c.inbuf.is_empty() {
+            let mut partial = core::mem::take(&mut c.inbuf);
+            let (version, connected) = (c.version, matches!(c.phase, Phase::Connected(_)));
+            let frame = loop {
+                match packet::frame(&partial, self.config.max_packet_size) {
+                    Ok(Some(frame)) => break frame,
+                    Err(e) => return self.decode_failed(conn, e, connected, now),
+                    Ok(None) if rest.is_empty() => {
+                        if let Some(c) = self.conns.get_mut(&conn) {
+                            c.inbuf = partial;
+                        }
+                        return;
+                    }
+                    Ok(None) => {
+                        // One byte at a time until the length is known, then
+                        // up to the end of the packet.
+                        let need = match packet::announced_len(&partial) {
+                            Some(len) => {
+                                partial.reserve_exact(len - partial.len());
+                                len - partial.len()
+                            }
+                            None => 1,
+                        };
+                        let take = need.min(rest.len());
+                        partial.extend_from_slice(&rest[..take]);
+                        rest = &rest[take..];
+                    }
+                }
+            };
+            match packet::decode_owned(frame, partial, version) {
+                Ok(packet) => self.handle(conn, packet, now),
+                Err(e) => return self.decode_failed(conn, e, connected, now),
+            }
         }
-        c.inbuf = match from_inbuf {
-            // Still the start of the same packet: the buffer made for it.
-            Some(inbuf) if used == 0 => inbuf,
-            Some(inbuf) => packet_start(&inbuf[used..], self.config.max_packet_size),
-            None => packet_start(&bytes[used..], self.config.max_packet_size),
-        };
+        let used = self.decode_packets(conn, rest, now);
+        let Some(c) = self.conns.get_mut(&conn) else { return };
+        if used < rest.len() && c.phase != Phase::Closing {
+            c.inbuf = packet_start(&rest[used..], self.config.max_packet_size);
+        }
     }
 
     /// Decodes and handles the whole packets at the start of `buf`; returns

@@ -8,17 +8,16 @@
 //! taken at once: an idle connection holds no buffer.
 
 use alloc::collections::VecDeque;
-use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use crate::packet::{self, Packet, Version};
+use crate::packet::{self, Packet, Payload, Version};
 
 /// Payloads at least this long are referenced, not copied.
 const SHARE_FROM: usize = 4096;
 
 enum Segment {
     Bytes(Vec<u8>),
-    Shared(Arc<[u8]>),
+    Shared(Payload),
 }
 
 impl Segment {
@@ -101,6 +100,7 @@ mod tests {
     use super::*;
     use crate::packet::{Publish, QoS};
     use crate::properties::Properties;
+    use alloc::sync::Arc;
     use alloc::vec;
 
     fn publish(payload: &[u8]) -> Packet {
@@ -111,7 +111,7 @@ mod tests {
             topic: Arc::from("t"),
             packet_id: None,
             properties: Properties::default(),
-            payload: Arc::from(payload),
+            payload: Payload::from(payload),
         })
     }
 

@@ -12,7 +12,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use super::{Broker, ConnId};
-use crate::packet::{Publish, Version, Will};
+use crate::packet::{Payload, Publish, Version, Will};
 use crate::subscriptions::SessionKey;
 use crate::topic;
 
@@ -141,7 +141,7 @@ impl Broker {
             topic: Arc::from(will.topic.as_str()),
             packet_id: None,
             properties,
-            payload: Arc::from(will.payload.as_slice()),
+            payload: Payload::from(will.payload.as_slice()),
         };
         self.accept_publish(key, p, now);
     }

@@ -8,7 +8,7 @@ use alloc::string::ToString;
 use alloc::sync::Arc;
 
 use super::Broker;
-use crate::packet::{Publish, QoS};
+use crate::packet::{Payload, Publish, QoS};
 use crate::properties::Properties;
 
 /// Counters, published under `$SYS/broker/`.
@@ -54,7 +54,7 @@ impl Broker {
                 topic: Arc::from(name),
                 packet_id: None,
                 properties: Properties::default(),
-                payload: Arc::from(value.as_bytes()),
+                payload: Payload::from(value.as_bytes()),
             };
             self.retained.set(&p, None);
             self.route(None, &p, None, now);

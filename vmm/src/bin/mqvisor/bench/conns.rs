@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
-use mqvisor_broker::packet::{Packet, Publish, QoS, Subscribe, SubscriptionOptions};
+use mqvisor_broker::packet::{Packet, Payload, Publish, QoS, Subscribe, SubscriptionOptions};
 use mqvisor_broker::properties::Properties;
 
 use super::mqtt::{Target, connect, encode, io_err, read_packet, start_mosquitto, start_mqvisor};
@@ -82,7 +82,7 @@ fn round_trip(target: &Target, size: usize) -> Result<f64, String> {
         topic: Arc::from("bench/large"),
         packet_id: Some(2),
         properties: Properties::default(),
-        payload: Arc::from(vec![0x5a; size]),
+        payload: Payload::from(vec![0x5a; size]),
     };
     let bytes = encode(&Packet::Publish(publish));
     let started = Instant::now();

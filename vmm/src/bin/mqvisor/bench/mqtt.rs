@@ -18,7 +18,9 @@ use std::sync::{Arc, Barrier, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use mqvisor_broker::packet::{self, Ack, Connect, Packet, Publish, QoS, Subscribe, SubscriptionOptions, Version};
+use mqvisor_broker::packet::{
+    self, Ack, Connect, Packet, Payload, Publish, QoS, Subscribe, SubscriptionOptions, Version,
+};
 use mqvisor_broker::properties::Properties;
 use mqvisor_broker::wire as packet_error;
 
@@ -231,7 +233,7 @@ fn publish_all(
             topic: Arc::from(TOPIC),
             packet_id: id,
             properties: Properties::default(),
-            payload: Arc::from(payload),
+            payload: Payload::from(payload),
         })
     };
     if shape.qos == QoS::AtMostOnce {
