@@ -278,3 +278,126 @@ fn a_retained_flood_meets_quota_refusals_not_a_crash() {
     let mut late = mqtt_connect(&vm, "late").expect("a new client connects at the memory budget");
     ping(&mut late);
 }
+
+/// An MQTT 3.1.1 CONNECT keeping its session (clean session 0), keep-alive 0.
+fn persistent_connect_packet(client_id: &str) -> Vec<u8> {
+    let mut packet = connect_packet(client_id);
+    packet[9] = 0x00;
+    packet
+}
+
+#[test]
+fn an_offline_session_flood_is_bounded_and_what_was_kept_is_delivered() {
+    if !kvm_available("an_offline_session_flood_is_bounded_and_what_was_kept_is_delivered") {
+        return;
+    }
+    let vm = RunningVm::start(&["--max-connections", "100", "--timeout", "120"]);
+    // A persistent subscriber of off/# at QoS 1 goes away.
+    let mut sub = TcpStream::connect(vm.addr).unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sub.write_all(&persistent_connect_packet("offline")).unwrap();
+    assert_eq!(read_packet(&mut sub).0, 0x20);
+    sub.write_all(&[0x82, 10, 0, 1, 0, 5, b'o', b'f', b'f', b'/', b'#', 1]).unwrap();
+    assert_eq!(read_packet(&mut sub).0, 0x90);
+    sub.write_all(&[0xe0, 0]).unwrap();
+    drop(sub);
+    // 100 KB messages for it, far more than 64 MiB holds.
+    let mut publisher = mqtt5_connect(&vm, "flood");
+    let payload = vec![b'q'; 100_000];
+    let (mut accepted, mut refused) = (0u32, 0u32);
+    for i in 0..1500u32 {
+        let id = u16::try_from(i + 1).unwrap();
+        publisher.write_all(&publish5(&format!("off/{i}"), &payload, id, false)).unwrap();
+        let (kind, body) = read_packet(&mut publisher);
+        assert_eq!(kind, 0x40, "PUBACK");
+        match puback_code(&body) {
+            0 => accepted += 1,
+            0x97 => refused += 1,
+            other => panic!("PUBACK reason {other:#x}"),
+        }
+    }
+    eprintln!("offline flood of 100 KB messages: {accepted} queued, {refused} refused with 0x97");
+    assert!(refused > 0, "1,500 messages of 100 KB were all accepted into 64 MiB");
+    assert!(accepted > 50, "only {accepted} messages were queued");
+    // The subscriber comes back and gets every message that was accepted.
+    let mut sub = TcpStream::connect(vm.addr).unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sub.write_all(&persistent_connect_packet("offline")).unwrap();
+    let (kind, body) = read_packet(&mut sub);
+    assert_eq!((kind, body[0]), (0x20, 1), "CONNACK with session present");
+    let mut delivered = 0;
+    while delivered < accepted {
+        let (kind, body) = read_packet(&mut sub);
+        assert_eq!(kind & 0xf0, 0x30, "PUBLISH");
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let id = [body[2 + topic_len], body[3 + topic_len]];
+        assert_eq!(body.len() - topic_len - 4, payload.len(), "a queued message arrived cut");
+        sub.write_all(&[0x40, 2, id[0], id[1]]).unwrap();
+        delivered += 1;
+    }
+    // The broker is still serving: memory came back once the queue drained.
+    ping(&mut publisher);
+    publisher.write_all(&publish5("off/after", b"small", 9999, false)).unwrap();
+    let (kind, body) = read_packet(&mut publisher);
+    assert_eq!((kind, puback_code(&body)), (0x40, 0), "a publish after the drain is accepted");
+}
+
+#[test]
+fn mutated_packets_on_many_connections_do_not_disturb_a_healthy_subscriber() {
+    if !kvm_available("mutated_packets_on_many_connections_do_not_disturb_a_healthy_subscriber") {
+        return;
+    }
+    let vm = RunningVm::start(&["--timeout", "120"]);
+    let mut sub = mqtt_connect(&vm, "healthy-sub").unwrap();
+    // SUBSCRIBE healthy/# at QoS 1 (3.1.1).
+    sub.write_all(&[0x82, 14, 0, 1, 0, 9, b'h', b'e', b'a', b'l', b't', b'h', b'y', b'/', b'#', 1]).unwrap();
+    assert_eq!(read_packet(&mut sub).0, 0x90);
+    let mut publisher = mqtt_connect(&vm, "healthy-pub").unwrap();
+    // Valid packets, mutated: flipped bytes, cut lengths, stray kinds.
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let templates: Vec<Vec<u8>> = vec![
+        connect_packet("mutant"),
+        vec![0x30, 7, 0, 3, b'a', b'/', b'b', b'h', b'i'],
+        vec![0x82, 6, 0, 1, 0, 1, b'#', 0],
+        vec![0x62, 2, 0, 1],
+        vec![0xc0, 0],
+    ];
+    const MESSAGES: u16 = 300;
+    for round in 0..MESSAGES {
+        // Ten hostile connections per message: CONNECT, then mutated packets.
+        for _ in 0..10 {
+            let Ok(mut hostile) = TcpStream::connect(vm.addr) else { continue };
+            let mut bytes = connect_packet(&format!("mutant-{}", next() % 1000));
+            for _ in 0..4 {
+                let mut packet = templates[usize::try_from(next() % 5).unwrap()].clone();
+                let at = usize::try_from(next()).unwrap() % packet.len();
+                packet[at] ^= u8::try_from(next() & 0xff).unwrap() | 1;
+                packet.truncate(1 + usize::try_from(next()).unwrap() % packet.len());
+                bytes.extend_from_slice(&packet);
+            }
+            let _ = hostile.write_all(&bytes);
+        }
+        // One healthy QoS 1 message.
+        let id = round + 1;
+        let mut packet = vec![0x32, 13, 0, 9];
+        packet.extend_from_slice(b"healthy/x");
+        packet.extend_from_slice(&id.to_be_bytes());
+        publisher.write_all(&packet).unwrap();
+        let (kind, _) = read_packet(&mut publisher);
+        assert_eq!(kind, 0x40, "PUBACK for healthy message {id}");
+    }
+    let mut got = 0;
+    while got < MESSAGES {
+        let (kind, body) = read_packet(&mut sub);
+        assert_eq!(kind & 0xf6, 0x32, "a QoS 1 PUBLISH");
+        sub.write_all(&[0x40, 2, body[11], body[12]]).unwrap();
+        got += 1;
+    }
+    eprintln!("the healthy subscriber got all {got} messages among 3,000 hostile connections");
+}
