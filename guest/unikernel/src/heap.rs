@@ -1,13 +1,159 @@
-//! The guest heap: `linked_list_allocator` over the range boot-info gives.
+//! The guest heap: `dlmalloc` over the range boot-info gives, handed to it
+//! front to back as it asks (so pages are touched, and cost the host, only
+//! once used).
 //!
-//! Owns the global allocator. Must be initialised exactly once, before the
-//! first allocation; an allocation failure ends the VM with a message.
+//! Owns the global allocator and its accounting (bytes in use, for the
+//! broker's memory budget). Must be initialised exactly once, before the
+//! first allocation. Why dlmalloc: its binned free lists keep allocation
+//! time flat however many connections are held; a first-fit list walked
+//! every hole left by thousands of connections on every allocation.
 
-use linked_list_allocator::LockedHeap;
+use core::alloc::{GlobalAlloc, Layout};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use dlmalloc::Dlmalloc;
 use mqvisor_boot_abi::{BootInfo, layout};
 
+/// dlmalloc's own bookkeeping per allocation, for the free-bytes estimate.
+const CHUNK_OVERHEAD: usize = 16;
+
+/// The heap range, handed out front to back.
+struct Region {
+    next: AtomicUsize,
+    end: AtomicUsize,
+}
+
+// SAFETY: `alloc` hands out each byte of [start, end) at most once, never
+// outside the range `init` set (which the VMM reserves for the heap), and
+// reports every region as contiguous with the last, as it is. Nothing is
+// ever given back to it (`free` and `free_part` answer false), so no region
+// is handed out twice.
+unsafe impl dlmalloc::Allocator for Region {
+    fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
+        let start = self.next.load(Ordering::Relaxed);
+        match start.checked_add(size) {
+            Some(end) if start != 0 && end <= self.end.load(Ordering::Relaxed) => {
+                self.next.store(end, Ordering::Relaxed);
+                (start as *mut u8, size, 0)
+            }
+            _ => (core::ptr::null_mut(), 0, 0),
+        }
+    }
+
+    fn remap(&self, _ptr: *mut u8, _oldsize: usize, _newsize: usize, _can_move: bool) -> *mut u8 {
+        core::ptr::null_mut()
+    }
+
+    fn free_part(&self, _ptr: *mut u8, _oldsize: usize, _newsize: usize) -> bool {
+        false
+    }
+
+    fn free(&self, _ptr: *mut u8, _size: usize) -> bool {
+        false
+    }
+
+    fn can_release_part(&self, _flags: u32) -> bool {
+        false
+    }
+
+    fn allocates_zeros(&self) -> bool {
+        // Guest RAM starts zeroed and the range is handed out once.
+        true
+    }
+
+    fn page_size(&self) -> usize {
+        virtio_drivers::PAGE_SIZE
+    }
+}
+
+struct GuestHeap {
+    dlmalloc: UnsafeCell<Dlmalloc<Region>>,
+    /// Set while an allocator call runs: a second one at the same time
+    /// would be a bug (the guest has one thread and no interrupts).
+    busy: AtomicBool,
+    size: AtomicUsize,
+    in_use: AtomicUsize,
+    live: AtomicUsize,
+}
+
+// SAFETY: the guest runs one vCPU with interrupts off and no threads, so
+// allocator calls never overlap; `busy` turns a violation of that (say, an
+// allocation from inside dlmalloc) into an exit instead of corruption.
+unsafe impl Sync for GuestHeap {}
+
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: GuestHeap = GuestHeap {
+    dlmalloc: UnsafeCell::new(Dlmalloc::new_with_allocator(Region {
+        next: AtomicUsize::new(0),
+        end: AtomicUsize::new(0),
+    })),
+    busy: AtomicBool::new(false),
+    size: AtomicUsize::new(0),
+    in_use: AtomicUsize::new(0),
+    live: AtomicUsize::new(0),
+};
+
+impl GuestHeap {
+    /// Runs `f` on the allocator, alone.
+    fn with<R>(&self, f: impl FnOnce(&mut Dlmalloc<Region>) -> R) -> R {
+        if self.busy.swap(true, Ordering::Acquire) {
+            crate::paravirt::exit(crate::EXIT_NO_MEMORY, b"the allocator was entered twice");
+        }
+        // SAFETY: `busy` was false and is now true, so no other reference to
+        // the allocator exists until it is cleared below.
+        let result = f(unsafe { &mut *self.dlmalloc.get() });
+        self.busy.store(false, Ordering::Release);
+        result
+    }
+
+    fn account(&self, ptr: *mut u8, size: usize) {
+        if !ptr.is_null() {
+            self.in_use.fetch_add(size, Ordering::Relaxed);
+            self.live.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn unaccount(&self, size: usize) {
+        self.in_use.fetch_sub(size, Ordering::Relaxed);
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every method forwards to dlmalloc with the caller's layout, which
+// is what dlmalloc's functions require (size and alignment of the original
+// allocation on free and realloc); null is returned on exhaustion.
+unsafe impl GlobalAlloc for GuestHeap {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as documented above.
+        let ptr = self.with(|d| unsafe { d.malloc(layout.size(), layout.align()) });
+        self.account(ptr, layout.size());
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: forwarded as documented above.
+        let ptr = self.with(|d| unsafe { d.calloc(layout.size(), layout.align()) });
+        self.account(ptr, layout.size());
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded as documented above.
+        self.with(|d| unsafe { d.free(ptr, layout.size(), layout.align()) });
+        self.unaccount(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: forwarded as documented above.
+        let new = self.with(|d| unsafe { d.realloc(ptr, layout.size(), layout.align(), new_size) });
+        if !new.is_null() {
+            self.unaccount(layout.size());
+            self.account(new, new_size);
+        }
+        new
+    }
+}
 
 /// Why the heap range from boot-info cannot be used.
 #[derive(Debug)]
@@ -32,15 +178,19 @@ pub fn init(info: &BootInfo) -> Result<usize, HeapError> {
     if start < layout::IMAGE_BASE || end <= start || end > info.ram_size {
         return Err(HeapError::BadRange { start, end });
     }
-    let size = usize::try_from(end - start).map_err(|_| HeapError::BadRange { start, end })?;
-    // SAFETY: the VMM reserves [heap_start, heap_end) for the heap: it lies in
-    // mapped RAM above the loaded image (checked above against RAM and the
-    // image base) and nothing else uses it. `init` is called once, at boot.
-    unsafe { HEAP.lock().init(start as *mut u8, size) };
-    Ok(size)
+    let bad = || HeapError::BadRange { start, end };
+    let (start, end) = (usize::try_from(start).map_err(|_| bad())?, usize::try_from(end).map_err(|_| bad())?);
+    HEAP.with(|d| {
+        let region = d.allocator();
+        region.end.store(end, Ordering::Relaxed);
+        region.next.store(start, Ordering::Relaxed);
+    });
+    HEAP.size.store(end - start, Ordering::Relaxed);
+    Ok(end - start)
 }
 
-/// Bytes currently free in the heap.
+/// Bytes of the heap not in use, allocator overhead counted.
 pub fn free_bytes() -> usize {
-    HEAP.lock().free()
+    let used = HEAP.in_use.load(Ordering::Relaxed) + HEAP.live.load(Ordering::Relaxed) * CHUNK_OVERHEAD;
+    HEAP.size.load(Ordering::Relaxed).saturating_sub(used)
 }

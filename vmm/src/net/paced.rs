@@ -37,11 +37,11 @@ pub async fn read_paced(stream: OwnedReadHalf, chunk: usize, go: Arc<Notify>, mu
             deliver(Read::Failed);
             return;
         }
-        let mut buf = vec![0u8; chunk];
-        let read = match stream.try_read(&mut buf) {
+        // Capacity, not zeroed bytes: the read fills what it needs.
+        let mut buf = Vec::with_capacity(chunk);
+        let read = match stream.try_read_buf(&mut buf) {
             Ok(0) => Read::Eof,
-            Ok(n) => {
-                buf.truncate(n);
+            Ok(_) => {
                 quick_ack(stream.as_ref());
                 Read::Data(buf)
             }

@@ -159,8 +159,9 @@ struct Stream {
     failed: bool,
     /// The guest sent `Close`: FIN follows the last of `out`.
     guest_closed: bool,
-    /// When the guest closed with bytes still in `out`.
-    lingering_since: Option<Instant>,
+    /// The guest closed with bytes still in `out` (the stream is in
+    /// `Proxy::lingering`).
+    lingering: bool,
 }
 
 impl Stream {
@@ -182,9 +183,14 @@ struct Proxy {
     /// Records without bytes waiting for a frame, in order.
     control: VecDeque<(StreamId, Control)>,
     /// The frame for the guest being built, and its length so far.
-    building: Option<(Vec<u8>, usize)>,
+    building: Vec<u8>,
+    /// Bytes of `building` written; 0 when no frame is started.
+    building_len: usize,
     /// Bytes in every stream's `out`.
     out_total: usize,
+    /// Streams the guest closed while their clients still had bytes to
+    /// take, oldest first (so the first is the next to time out).
+    lingering: VecDeque<(Instant, StreamId)>,
     /// Clients accepted before the guest's device was up.
     waiting: VecDeque<TcpStream>,
     device_active: bool,
@@ -216,8 +222,12 @@ impl Proxy {
             streams: HashMap::new(),
             read_queue: VecDeque::new(),
             control: VecDeque::new(),
-            building: None,
+            // One frame's room, allocated once: a frame leaves as a copy of
+            // what was written, so a 4-byte PUBACK costs 4 bytes, not 64 KiB.
+            building: vec![0u8; MAX_FRAME],
+            building_len: 0,
             out_total: 0,
+            lingering: VecDeque::new(),
             waiting: VecDeque::new(),
             device_active: false,
             max_connections: config.max_connections,
@@ -297,7 +307,7 @@ impl Proxy {
             owed: 0,
             failed: false,
             guest_closed: false,
-            lingering_since: None,
+            lingering: false,
         };
         self.streams.insert(id, stream);
         self.control.push_back((id, Control::Open));
@@ -463,8 +473,9 @@ impl Proxy {
                 // Both sides are done and the client has every byte: FIN.
                 let _ = socket2::SockRef::from(&*stream.socket).shutdown(Shutdown::Write);
                 self.forget(id);
-            } else if stream.lingering_since.is_none() {
-                stream.lingering_since = Some(Instant::now());
+            } else if !stream.lingering {
+                stream.lingering = true;
+                self.lingering.push_back((Instant::now(), id));
             }
         }
     }
@@ -575,19 +586,16 @@ impl Proxy {
     /// and retries on a fresh one. False when the link has no room.
     fn with_frame(&mut self, mut write: impl FnMut(&mut FrameWriter<'_>) -> usize) -> bool {
         for _ in 0..2 {
-            if self.building.is_none() {
+            if self.building_len == 0 {
                 if !self.link.has_room_for_guest() {
                     return false;
                 }
-                let mut buf = vec![0u8; MAX_FRAME];
-                let len = FrameWriter::new(&mut buf, GUEST_MAC, HOST_MAC).len();
-                self.building = Some((buf, len));
+                self.building_len = FrameWriter::new(&mut self.building, GUEST_MAC, HOST_MAC).len();
             }
-            let Some((buf, len)) = self.building.as_mut() else { return false };
-            let mut frame = FrameWriter::resume(buf, *len);
+            let mut frame = FrameWriter::resume(&mut self.building, self.building_len);
             let written = write(&mut frame);
-            let (new_len, empty) = (frame.len(), frame.is_empty());
-            *len = new_len;
+            let empty = frame.is_empty();
+            self.building_len = frame.len();
             if written > 0 || empty {
                 return true;
             }
@@ -598,35 +606,30 @@ impl Proxy {
 
     /// Queues the frame being built for the guest, if it has records.
     fn finish_frame(&mut self) {
-        if let Some((mut buf, len)) = self.building.take() {
-            if len > streams::ETHERNET_HEADER_LEN {
-                buf.truncate(len);
-                self.link.to_guest.push_back(buf);
-            } else {
-                self.building = Some((buf, len));
-            }
+        if self.building_len > streams::ETHERNET_HEADER_LEN {
+            self.link.to_guest.push_back(self.building[..self.building_len].to_vec());
+            self.building_len = 0;
         }
     }
 
     fn next_linger_end(&self) -> Option<Instant> {
-        self.streams.values().filter_map(|s| s.lingering_since).min().map(|since| since + CLOSE_LINGER)
+        self.lingering.front().map(|&(since, _)| since + CLOSE_LINGER)
     }
 
     /// Drops clients that did not take the guest's last bytes in time.
     fn end_lingering(&mut self) {
         let now = Instant::now();
-        let late: Vec<StreamId> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.lingering_since.is_some_and(|since| now >= since + CLOSE_LINGER))
-            .map(|(&id, _)| id)
-            .collect();
-        for id in late {
+        while let Some(&(since, id)) = self.lingering.front() {
+            if now < since + CLOSE_LINGER {
+                break;
+            }
+            self.lingering.pop_front();
+            // The stream may have finished meanwhile (then it is gone).
             if let Some(stream) = self.streams.get(&id) {
                 reset(&stream.socket);
+                self.drop_out(id);
+                self.forget(id);
             }
-            self.drop_out(id);
-            self.forget(id);
         }
     }
 
@@ -648,7 +651,7 @@ impl Proxy {
         }
         self.read_queue.clear();
         self.control.clear();
-        self.building = None;
+        self.building_len = 0;
     }
 
     /// The VM is stopping: close every client connection cleanly (FIN).

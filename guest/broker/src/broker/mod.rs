@@ -99,6 +99,11 @@ pub struct Broker {
     next_sys_at: u64,
     /// The runner says memory is low: refuse what would hold more.
     memory_low: bool,
+    /// The earliest deadline as last computed, or `None` once something
+    /// may have made a deadline earlier. Packets that only move deadlines
+    /// later (a client's traffic) leave it: a tick that finds nothing due
+    /// recomputes it. So the hot path never scans every connection.
+    deadline: Option<Option<u64>>,
 }
 
 impl Broker {
@@ -120,6 +125,7 @@ impl Broker {
             started_at: None,
             next_sys_at: 0,
             memory_low: false,
+            deadline: None,
         }
     }
 
@@ -144,6 +150,7 @@ impl Broker {
 
     /// A transport connection was accepted.
     pub fn open(&mut self, conn: ConnId, now: u64) {
+        self.deadline = None;
         self.started_at.get_or_insert(now);
         self.conns.insert(conn, Conn::new(now));
     }
@@ -275,6 +282,7 @@ impl Broker {
 
     /// The transport connection is gone (the peer closed or reset it).
     pub fn closed(&mut self, conn: ConnId, now: u64) {
+        self.deadline = None;
         let Some(c) = self.conns.remove(&conn) else { return };
         self.ready.remove(&conn);
         // A Closing connection has already been detached from its session.
@@ -284,8 +292,21 @@ impl Broker {
         }
     }
 
-    /// When `tick` must next be called, if ever.
-    pub fn next_deadline(&self) -> Option<u64> {
+    /// When `tick` must next be called, if ever (possibly earlier than
+    /// needed: a tick with nothing due is harmless).
+    pub fn next_deadline(&mut self) -> Option<u64> {
+        match self.deadline {
+            Some(deadline) => deadline,
+            None => {
+                let deadline = self.earliest_deadline();
+                self.deadline = Some(deadline);
+                deadline
+            }
+        }
+    }
+
+    /// Every connection's and session's deadline, scanned.
+    fn earliest_deadline(&self) -> Option<u64> {
         let keep_alive = self.conns.values().filter_map(Conn::keep_alive_deadline);
         let connects = self.conns.values().filter_map(|c| c.connect_deadline(self.config.connect_timeout_ms));
         let wills = self.sessions.values().filter_map(|s| s.will_at);
@@ -297,6 +318,7 @@ impl Broker {
     /// Enforces keep-alive and the CONNECT timeout, fires delayed wills, ends
     /// expired sessions and retained messages, publishes `$SYS` statistics.
     pub fn tick(&mut self, now: u64) {
+        self.deadline = None;
         let late: Vec<ConnId> = self
             .conns
             .iter()
@@ -349,6 +371,21 @@ impl Broker {
     }
 
     fn handle(&mut self, conn: ConnId, packet: Packet, now: u64) {
+        let traffic = matches!(
+            packet,
+            Packet::Publish(_)
+                | Packet::Puback(_)
+                | Packet::Pubrec(_)
+                | Packet::Pubrel(_)
+                | Packet::Pubcomp(_)
+                | Packet::Subscribe(_)
+                | Packet::Unsubscribe(_)
+                | Packet::Pingreq
+        );
+        if !traffic {
+            // CONNECT sets a keep-alive, DISCONNECT a will or an expiry.
+            self.deadline = None;
+        }
         let Some(c) = self.conns.get(&conn) else { return };
         let key = match c.phase {
             Phase::Connected(key) => key,
@@ -423,6 +460,7 @@ impl Broker {
     /// Server-side end of a connection: v5 clients get a DISCONNECT with the
     /// reason; the will is published as for a lost connection.
     fn end_connection(&mut self, conn: ConnId, refusal: Refusal, now: u64) {
+        self.deadline = None;
         let Some(c) = self.conns.get(&conn) else { return };
         let connected = match c.phase {
             Phase::Connected(key) => Some(key),
@@ -443,6 +481,7 @@ impl Broker {
 
     /// Ends `conn` once its output is out (once); its input is ignored from now on.
     fn close(&mut self, conn: ConnId) {
+        self.deadline = None;
         if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.phase != Phase::Closing) {
             c.phase = Phase::Closing;
             self.ready.insert(conn);

@@ -107,6 +107,7 @@ impl Broker {
 
     /// Detaches the session from its connection: will, expiry.
     pub(super) fn detach(&mut self, key: SessionKey, conn: ConnId, graceful: bool, now: u64) {
+        self.deadline = None;
         let Some(session) = self.sessions.get_mut(&key) else { return };
         if session.conn != Some(conn) {
             return; // Already taken over by a newer connection.
