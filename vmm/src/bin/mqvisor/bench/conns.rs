@@ -1,8 +1,9 @@
 //! `mqvisor bench conns`: what connections cost, mqvisor beside Mosquitto
 //! on the same machine in the same run.
 //!
-//! Owns four measurements per target: PSS per idle CONNECTed connection
-//! (N held at once), new connections per second (sequential CONNECT,
+//! Owns five measurements per target: PSS per idle CONNECTed connection
+//! (N held at once), QoS 1 messages per second 1->1 beside them, new
+//! connections per second (sequential CONNECT,
 //! CONNACK, DISCONNECT), PSS after that churn against before it, and one
 //! large message's QoS 1 round trip (publish to one's own subscription,
 //! until the PUBACK and the message are back). Targets: Mosquitto, the
@@ -19,12 +20,14 @@ use std::time::Instant;
 use mqvisor_broker::packet::{Packet, Payload, Publish, QoS, Subscribe, SubscriptionOptions};
 use mqvisor_broker::properties::Properties;
 
-use super::mqtt::{Target, connect, encode, io_err, read_packet, start_mosquitto, start_mqvisor};
+use super::mqtt::{Shape, Target, connect, encode, io_err, read_packet, run_shape, start_mosquitto, start_mqvisor};
 
 /// What one target achieved.
 #[derive(Clone, Copy)]
 struct Figures {
     idle_bytes_per_connection: f64,
+    /// QoS 1 messages per second 1->1 while the idle connections are held.
+    busy_beside_idle_per_s: f64,
     connections_per_s: f64,
     churn_pss_change: f64,
     round_trip_s: f64,
@@ -129,6 +132,8 @@ fn measure(target: &Target, idle: usize, churn: usize, large: usize) -> Result<F
         held.push(connect(target.addr, &format!("idle-{i}"))?.1);
     }
     let after = pss_kib(pid)?;
+    let shape = Shape { publishers: 1, subscribers: 1, qos: QoS::AtLeastOnce, messages: 20_000 };
+    let busy_beside_idle_per_s = run_shape(target.addr, shape)?.delivered_per_s;
     drop(held);
     thread::sleep(std::time::Duration::from_millis(500));
     let idle_bytes_per_connection = after.saturating_sub(before) as f64 * 1024.0 / idle.max(1) as f64;
@@ -146,6 +151,7 @@ fn measure(target: &Target, idle: usize, churn: usize, large: usize) -> Result<F
     let round_trip_s = round_trip(target, large)?;
     Ok(Figures {
         idle_bytes_per_connection,
+        busy_beside_idle_per_s,
         connections_per_s,
         churn_pss_change,
         round_trip_s,
@@ -177,8 +183,18 @@ pub fn conns(exe: &Path, idle: usize, churn: usize, large_mib: usize, include_vm
          a {large_mib} MiB QoS 1 round trip; PSS from /proc/PID/smaps_rollup"
     );
     println!(
-        "{:<13} | {:>12} {:>7} | {:>9} {:>7} | {:>10} | {:>9} {:>7} | {:>10}",
-        "target", "idle B/conn", "vs mosq", "conn/s", "vs mosq", "churn PSS", "RTT s", "vs mosq", "PSS after"
+        "{:<13} | {:>12} {:>7} | {:>10} {:>7} | {:>9} {:>7} | {:>10} | {:>9} {:>7} | {:>10}",
+        "target",
+        "idle B/conn",
+        "vs mosq",
+        "QoS1 msg/s",
+        "vs mosq",
+        "conn/s",
+        "vs mosq",
+        "churn PSS",
+        "RTT s",
+        "vs mosq",
+        "PSS after"
     );
     let mut anchor: Option<Figures> = None;
     for target in &targets {
@@ -186,10 +202,12 @@ pub fn conns(exe: &Path, idle: usize, churn: usize, large_mib: usize, include_vm
         let f = measure(target, idle, churn, large)?;
         let a = *anchor.get_or_insert(f);
         println!(
-            "{:<13} | {:>12.0} {:>6.2}x | {:>9.0} {:>6.2}x | {:>+9.1}% | {:>9.3} {:>6.2}x | {:>7} KiB",
+            "{:<13} | {:>12.0} {:>6.2}x | {:>10.0} {:>6.2}x | {:>9.0} {:>6.2}x | {:>+9.1}% | {:>9.3} {:>6.2}x | {:>7} KiB",
             target.name,
             f.idle_bytes_per_connection,
             f.idle_bytes_per_connection / a.idle_bytes_per_connection,
+            f.busy_beside_idle_per_s,
+            f.busy_beside_idle_per_s / a.busy_beside_idle_per_s,
             f.connections_per_s,
             f.connections_per_s / a.connections_per_s,
             f.churn_pss_change * 100.0,
