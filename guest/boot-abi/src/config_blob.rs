@@ -141,6 +141,7 @@ const FIELDS: &[Field] = &[
     number!(16, connect_timeout_ms: u64),
     number!(18, max_retained_messages: usize),
     number!(19, max_retained_bytes: usize),
+    number!(20, max_sessions: usize),
     Field {
         tag: 17,
         get: |c| Some(u64::from(c.allow_anonymous)),

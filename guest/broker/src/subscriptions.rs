@@ -41,7 +41,7 @@ impl Subscription {
 }
 
 /// The key that tells shared subscriptions apart: share name and filter.
-fn share_key(filter: &ParsedFilter) -> Option<String> {
+pub fn share_key(filter: &ParsedFilter) -> Option<String> {
     filter.share_name.map(|name| format!("$share/{name}/{}", filter.filter))
 }
 

@@ -1127,3 +1127,25 @@ fn packets_split_anywhere_or_batched_arrive_the_same() {
         assert_eq!(&got[1].payload[..], &big[..]);
     }
 }
+
+#[test]
+fn new_sessions_are_refused_past_max_sessions_and_when_memory_is_low() {
+    let mut net = Net::with(Config { max_sessions: 2, sys_interval_ms: 0, ..Config::default() });
+    // Two offline persistent sessions fill the table.
+    for (conn, id) in [(1, "a"), (2, "b")] {
+        assert_eq!(connack_code(&net.connect(conn, V3, id, false)), (false, 0));
+        net.send(conn, V3, &Packet::Disconnect { code: 0, properties: Properties::default() });
+        net.transmit();
+    }
+    assert_eq!(connack_code(&net.connect(3, V5, "c", true)), (false, reason::QUOTA_EXCEEDED));
+    assert_eq!(connack_code(&net.connect(4, V3, "d", true)), (false, 3));
+    // Resuming a session is not a new one.
+    assert_eq!(connack_code(&net.connect(5, V3, "a", false)), (true, 0));
+    // Low memory refuses new sessions whatever the table says.
+    let mut net = Net::new();
+    net.broker.set_memory_low(true);
+    assert_eq!(connack_code(&net.connect(1, V5, "x", true)), (false, reason::QUOTA_EXCEEDED));
+    assert_eq!(net.broker.stats().quota_refusals, 1);
+    net.broker.set_memory_low(false);
+    assert_eq!(connack_code(&net.connect(2, V5, "x", true)), (false, 0));
+}

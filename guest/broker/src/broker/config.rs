@@ -30,6 +30,9 @@ pub struct Config {
     /// Incoming QoS 1/2 messages a client may have unacknowledged (v5 Receive Maximum).
     pub receive_maximum: u16,
     pub topic_limits: TopicLimits,
+    /// Sessions kept at most, connected or not; past it a client without a
+    /// session is refused (v5 0x97 Quota exceeded, 3.x "server unavailable").
+    pub max_sessions: usize,
     /// Retained messages kept at most; past it new topics are refused
     /// (v5 0x97 Quota exceeded, 3.x counted drops).
     pub max_retained_messages: usize,
@@ -73,6 +76,7 @@ impl Default for Config {
             max_inflight: 20,
             receive_maximum: 100,
             topic_limits: TopicLimits::default(),
+            max_sessions: 100_000,
             max_retained_messages: 100_000,
             max_retained_bytes: 64 << 20,
             max_subscriptions_per_client: 1000,

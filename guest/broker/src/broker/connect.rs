@@ -34,6 +34,7 @@ impl Broker {
         }
         let admitted = self.admit(&connect).and_then(|keep_alive| {
             let (client_id, assigned) = self.client_id(&connect)?;
+            self.room_for_session(&client_id)?;
             Ok((keep_alive, client_id, assigned))
         });
         let (keep_alive, client_id, assigned) = match admitted {
@@ -59,6 +60,7 @@ impl Broker {
         }
         if let Some(c) = self.conns.get_mut(&conn) {
             c.phase = Phase::Connected(key);
+            self.connected += 1;
             c.keep_alive_ms = u64::from(keep_alive.unwrap_or(connect.keep_alive)) * 1000;
             c.client_max_packet = connect.properties.maximum_packet_size.map_or(usize::MAX, |m| m as usize);
             c.client_receive_max = connect.properties.receive_maximum.unwrap_or(u16::MAX);
@@ -82,8 +84,7 @@ impl Broker {
     /// Checks everything that can refuse a client before it gets a session.
     /// Returns the keep-alive the server imposes, if it overrides the client's.
     fn admit(&self, connect: &Connect) -> Result<Option<u16>, Refused> {
-        let connected = self.conns.values().filter(|c| matches!(c.phase, Phase::Connected(_))).count();
-        if connected >= self.config.max_connections {
+        if self.connected >= self.config.max_connections {
             return Err(refused(reason::SERVER_BUSY, reason::v3::SERVER_UNAVAILABLE));
         }
         let v5 = connect.version == Version::V5;
@@ -131,6 +132,20 @@ impl Broker {
             }
             _ => Ok(None),
         }
+    }
+
+    /// A client without a session gets one only within `max_sessions` and
+    /// while memory is not low; resuming or taking over one always works.
+    fn room_for_session(&mut self, client_id: &str) -> Result<(), Refused> {
+        if self.by_client_id.contains_key(client_id) {
+            return Ok(());
+        }
+        if self.memory_low {
+            self.stats.quota_refusals += 1;
+        } else if self.sessions.len() < self.config.max_sessions {
+            return Ok(());
+        }
+        Err(refused(reason::QUOTA_EXCEEDED, reason::v3::SERVER_UNAVAILABLE))
     }
 
     /// The client identifier, and whether the server assigned it (v5 says so

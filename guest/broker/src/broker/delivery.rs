@@ -126,9 +126,7 @@ impl Broker {
         for (share, mut members) in shared {
             members.sort_by_key(|s| s.session);
             members.dedup_by_key(|s| s.session);
-            let cursor = self.share_cursor.entry(share).or_insert(0);
-            let chosen = &members[*cursor % members.len()];
-            *cursor = cursor.wrapping_add(1);
+            let chosen = &members[self.shares.next(&share, members.len())];
             let entry = targets.entry(chosen.session).or_insert((QoS::AtMostOnce, false, Vec::new()));
             entry.0 = entry.0.max(chosen.options.qos);
             entry.2.extend(chosen.identifier);

@@ -27,6 +27,7 @@ mod output;
 pub mod reason;
 mod retained;
 mod session;
+mod shares;
 mod subscribe;
 mod sys;
 
@@ -45,6 +46,7 @@ use crate::wire::DecodeError;
 use connection::{Conn, Phase};
 use retained::Retained;
 use session::{Awaiting, Session};
+use shares::SharedGroups;
 
 /// A transport connection, numbered by the runner.
 pub type ConnId = u64;
@@ -88,8 +90,7 @@ pub struct Broker {
     by_client_id: BTreeMap<String, SessionKey>,
     index: SubscriptionIndex,
     retained: Retained,
-    /// Round-robin position per shared subscription (its share key).
-    share_cursor: BTreeMap<String, usize>,
+    shares: SharedGroups,
     /// Connections with output or a close for the runner.
     ready: BTreeSet<ConnId>,
     stats: Stats,
@@ -104,6 +105,8 @@ pub struct Broker {
     /// later (a client's traffic) leave it: a tick that finds nothing due
     /// recomputes it. So the hot path never scans every connection.
     deadline: Option<Option<u64>>,
+    /// Connections in the Connected phase (the `max_connections` count).
+    connected: usize,
 }
 
 impl Broker {
@@ -117,7 +120,7 @@ impl Broker {
             by_client_id: BTreeMap::new(),
             index: SubscriptionIndex::default(),
             retained: Retained::default(),
-            share_cursor: BTreeMap::new(),
+            shares: SharedGroups::default(),
             ready: BTreeSet::new(),
             stats: Stats::default(),
             next_session: 1,
@@ -126,6 +129,7 @@ impl Broker {
             next_sys_at: 0,
             memory_low: false,
             deadline: None,
+            connected: 0,
         }
     }
 
@@ -288,6 +292,7 @@ impl Broker {
         // A Closing connection has already been detached from its session.
         if let Phase::Connected(key) = c.phase {
             // Gone without DISCONNECT (a DISCONNECT leaves the phase Closing).
+            self.connected -= 1;
             self.detach(key, conn, false, now);
         }
     }
@@ -483,6 +488,9 @@ impl Broker {
     fn close(&mut self, conn: ConnId) {
         self.deadline = None;
         if let Some(c) = self.conns.get_mut(&conn).filter(|c| c.phase != Phase::Closing) {
+            if matches!(c.phase, Phase::Connected(_)) {
+                self.connected -= 1;
+            }
             c.phase = Phase::Closing;
             self.ready.insert(conn);
         }

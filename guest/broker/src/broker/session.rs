@@ -13,7 +13,7 @@ use alloc::vec::Vec;
 
 use super::{Broker, ConnId};
 use crate::packet::{Payload, Publish, Version, Will};
-use crate::subscriptions::SessionKey;
+use crate::subscriptions::{SessionKey, share_key};
 use crate::topic;
 
 /// What an outgoing QoS 1/2 message waits for.
@@ -151,7 +151,9 @@ impl Broker {
         let Some(session) = self.sessions.remove(&key) else { return };
         for raw in &session.filters {
             if let Ok(parsed) = topic::parse_filter(raw, self.config.topic_limits) {
-                self.index.remove(parsed, key);
+                if let (true, Some(share)) = (self.index.remove(parsed, key), share_key(&parsed)) {
+                    self.shares.left(&share);
+                }
             }
         }
         if self.by_client_id.get(&session.client_id) == Some(&key) {

@@ -11,7 +11,7 @@ use super::{Broker, ConnId, Refusal, reason, refuse};
 use crate::auth::Want;
 use crate::packet::{Packet, Subscribe, Unsubscribe, Version};
 use crate::properties::Properties;
-use crate::subscriptions::{SessionKey, Subscription};
+use crate::subscriptions::{SessionKey, Subscription, share_key};
 use crate::topic;
 
 impl Broker {
@@ -55,7 +55,11 @@ impl Broker {
             let mut granted = *options;
             granted.qos = options.qos.min(self.config.max_qos);
             let subscription = Subscription::new(key, &parsed, granted, identifier);
+            let share = subscription.share_key.clone();
             let existed = self.index.insert(parsed, subscription);
+            if let (false, Some(share)) = (existed, &share) {
+                self.shares.joined(share);
+            }
             session.filters.insert(raw.clone());
             codes.push(granted.qos as u8);
             let wants_retained = match granted.retain_handling {
@@ -88,7 +92,13 @@ impl Broker {
         let mut codes = Vec::with_capacity(u.filters.len());
         for raw in &u.filters {
             let removed = match topic::parse_filter(raw, self.config.topic_limits) {
-                Ok(parsed) => self.index.remove(parsed, key),
+                Ok(parsed) => {
+                    let removed = self.index.remove(parsed, key);
+                    if let (true, Some(share)) = (removed, share_key(&parsed)) {
+                        self.shares.left(&share);
+                    }
+                    removed
+                }
                 Err(_) => false,
             };
             if let Some(session) = self.sessions.get_mut(&key) {

@@ -46,6 +46,11 @@ pub struct BrokerFlags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<u16>,
+    /// Sessions kept at most, connected or offline; past it clients without a
+    /// session are refused [default: 100000]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_sessions: Option<usize>,
     /// Retained messages kept at most; past it new ones are refused [default: 100000]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -187,6 +192,7 @@ impl BrokerFlags {
             max_packet_size: self.max_packet_size.map_or(defaults.max_packet_size, |v| v as usize),
             max_queued_messages: self.max_queued_messages.unwrap_or(defaults.max_queued_messages),
             max_inflight: self.max_inflight.unwrap_or(defaults.max_inflight),
+            max_sessions: self.max_sessions.unwrap_or(defaults.max_sessions),
             max_retained_messages: self.max_retained_messages.unwrap_or(defaults.max_retained_messages),
             max_retained_bytes: self.max_retained_bytes.unwrap_or(defaults.max_retained_bytes),
             max_subscriptions_per_client: self
