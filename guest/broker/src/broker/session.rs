@@ -150,10 +150,10 @@ impl Broker {
     pub(super) fn remove_session(&mut self, key: SessionKey) {
         let Some(session) = self.sessions.remove(&key) else { return };
         for raw in &session.filters {
-            if let Ok(parsed) = topic::parse_filter(raw, self.config.topic_limits) {
-                if let (true, Some(share)) = (self.index.remove(parsed, key), share_key(&parsed)) {
-                    self.shares.left(&share);
-                }
+            if let Ok(parsed) = topic::parse_filter(raw, self.config.topic_limits)
+                && let (true, Some(share)) = (self.index.remove(parsed, key), share_key(&parsed))
+            {
+                self.shares.left(&share);
             }
         }
         if self.by_client_id.get(&session.client_id) == Some(&key) {
