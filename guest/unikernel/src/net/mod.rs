@@ -261,7 +261,7 @@ impl Window {
     }
 
     /// `n` received bytes were consumed; returns the credit to give back
-    /// now. Credit goes back in halves of the window: one record per 32 KiB,
+    /// now. Credit goes back in halves of the window: one record per half window,
     /// and the VMM never waits for bytes already consumed (it stops only
     /// with a whole window outstanding, half of which is then on its way).
     pub fn consumed(&mut self, n: usize) -> Option<u32> {
