@@ -401,3 +401,74 @@ fn mutated_packets_on_many_connections_do_not_disturb_a_healthy_subscriber() {
     }
     eprintln!("the healthy subscriber got all {got} messages among 3,000 hostile connections");
 }
+
+/// Shrinks `stream`'s kernel receive buffer, so that a client that does not
+/// read stops taking bytes almost at once.
+fn small_receive_buffer(stream: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4096;
+    // SAFETY: setsockopt on a socket this process owns, with a pointer to a
+    // live c_int and its size.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+#[test]
+fn subscribers_that_never_read_cannot_stop_the_tenant() {
+    if !kvm_available("subscribers_that_never_read_cannot_stop_the_tenant") {
+        return;
+    }
+    raise_fd_limit();
+    let vm = RunningVm::start(&["--timeout", "120", "--stats"]);
+    let rss_before = vm.rss_kib();
+    // 200 subscribers of slow/# that never read.
+    let mut stuck = Vec::new();
+    for i in 0..200 {
+        let mut s = mqtt_connect(&vm, &format!("stuck-{i}")).unwrap();
+        small_receive_buffer(&s);
+        s.write_all(&[0x82, 11, 0, 1, 0, 6, b's', b'l', b'o', b'w', b'/', b'#', 0]).unwrap();
+        assert_eq!(read_packet(&mut s).0, 0x90);
+        stuck.push(s);
+    }
+    // A healthy subscriber of live/#.
+    let mut healthy = mqtt_connect(&vm, "healthy").unwrap();
+    healthy.write_all(&[0x82, 11, 0, 1, 0, 6, b'l', b'i', b'v', b'e', b'/', b'#', 1]).unwrap();
+    assert_eq!(read_packet(&mut healthy).0, 0x90);
+    // 16 KB messages for the stuck ones until their buffers are full many
+    // times over (QoS 0: the publisher is never held back).
+    let mut publisher = mqtt_connect(&vm, "firehose").unwrap();
+    let mut packet = vec![0x30];
+    remaining_length(2 + 6 + 16_000, &mut packet);
+    packet.extend_from_slice(&[0, 6]);
+    packet.extend_from_slice(b"slow/x");
+    packet.extend_from_slice(&[b'z'; 16_000]);
+    for _ in 0..200 {
+        publisher.write_all(&packet).unwrap();
+    }
+    // The healthy subscriber is still served, message after message.
+    for i in 0..50u16 {
+        let id = i + 1;
+        let mut live = vec![0x32, 10, 0, 6];
+        live.extend_from_slice(b"live/x");
+        live.extend_from_slice(&id.to_be_bytes());
+        publisher.write_all(&live).unwrap();
+        let (kind, body) = read_packet(&mut healthy);
+        assert_eq!(kind & 0xf0, 0x30, "message {id} reached the healthy subscriber");
+        healthy.write_all(&[0x40, 2, body[8], body[9]]).unwrap();
+    }
+    ping(&mut healthy);
+    let grown = vm.rss_kib().saturating_sub(rss_before);
+    eprintln!("the VMM grew by {grown} KiB with 200 subscribers that never read");
+    // Guest RAM (64 MiB) may be touched; the VMM's own buffers stay bounded.
+    assert!(grown < 160 * 1024, "the VMM grew by {grown} KiB");
+    drop(stuck);
+    let (_, stats) = vm.stop();
+    eprintln!("{stats}");
+}

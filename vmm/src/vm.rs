@@ -30,7 +30,7 @@ use crate::devices::virtio::net::{NetDevice, NetMetrics, RingFault};
 use crate::image::{self, ImageError};
 use crate::net::{
     self,
-    proxy::{self, LinkFaults, NetThread, ProxyConfig},
+    proxy::{self, LinkCounters, NetThread, ProxyConfig},
 };
 use crate::vcpu::{self, ExitStats, Outcome, VcpuContext};
 
@@ -219,6 +219,8 @@ pub struct NetCounters {
     /// Frames and records of the guest that broke the stream protocol.
     pub bad_frames: u64,
     pub bad_records: u64,
+    /// Slow clients reset to keep the VMM's buffers within their budget.
+    pub shed_clients: u64,
 }
 
 /// The network half of a VM: the device, its worker thread, and KVM's
@@ -226,7 +228,7 @@ pub struct NetCounters {
 struct Network {
     transport: Arc<Mutex<MmioTransport<NetDevice>>>,
     thread: NetThread,
-    faults: Arc<LinkFaults>,
+    counters: Arc<LinkCounters>,
 }
 
 impl Network {
@@ -253,19 +255,19 @@ impl Network {
             vm.register_ioevent(event, &addr, index).map_err(kvm_err("KVM_IOEVENTFD"))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        let faults = Arc::new(LinkFaults::default());
+        let counters = Arc::new(LinkCounters::default());
         let thread = proxy::spawn(ProxyConfig {
             transport: transport.clone(),
             wake_guest: wake,
             listener,
             max_connections,
-            faults: faults.clone(),
+            counters: counters.clone(),
         })
         .map_err(VmmError::Thread)?;
         eprintln!("mqvisor: tenant VM listening on {bound}");
         let mut bus = MmioBus::default();
         bus.insert(layout::DEVICE_WINDOW, layout::DEVICE_SIZE, transport.clone());
-        Ok((Network { transport, thread, faults }, bus))
+        Ok((Network { transport, thread, counters }, bus))
     }
 
     /// Closes every client connection and returns the device's counters.
@@ -285,8 +287,9 @@ impl Network {
             refused_chains: get(&m.tx_malformed) + get(&m.rx_malformed) + get(&m.rx_too_big),
             ring_faults: get(&m.ring_faults),
             last_ring_fault,
-            bad_frames: self.faults.bad_frames.load(Ordering::Relaxed),
-            bad_records: self.faults.bad_records.load(Ordering::Relaxed),
+            bad_frames: self.counters.bad_frames.load(Ordering::Relaxed),
+            bad_records: self.counters.bad_records.load(Ordering::Relaxed),
+            shed_clients: self.counters.shed_clients.load(Ordering::Relaxed),
         };
         (counters, notifications)
     }

@@ -4,8 +4,7 @@
 //! Owns their bounds. Frames for the guest are never dropped (the link is
 //! lossless; streams have no retransmission): the proxy stops producing
 //! while [`FrameLink::has_room_for_guest`] is false. Frames from the guest
-//! stay in the guest's TX queue while the proxy holds as much guest output
-//! as it may ([`FrameLink::holding_guest_output`]).
+//! are bounded by the device's TX batch per visit.
 
 use std::collections::VecDeque;
 
@@ -22,8 +21,6 @@ pub struct FrameLink {
     pub from_guest: VecDeque<Vec<u8>>,
     /// Frames for the guest, oldest first.
     pub to_guest: VecDeque<Vec<u8>>,
-    /// Set by the proxy while its buffers for clients are full.
-    pub holding_guest_output: bool,
 }
 
 impl FrameLink {
@@ -41,9 +38,5 @@ impl NetBackend for FrameLink {
 
     fn frames_to_guest(&mut self) -> &mut VecDeque<Vec<u8>> {
         &mut self.to_guest
-    }
-
-    fn takes_frames(&self) -> bool {
-        !self.holding_guest_output
     }
 }

@@ -8,16 +8,17 @@
 //!   being built, only within the stream's window and while the link has room
 //!   for frames, so a flooding client is held back by TCP itself;
 //! - guest to client: bytes go straight to the socket; what it does not take
-//!   waits in the stream's buffer (at most one window, freed when written),
-//!   and past [`OUT_BUDGET`] for all streams the guest's frames wait in its
-//!   TX queue.
+//!   waits in the stream's buffer (at most one window, freed when written);
+//!   past [`OUT_BUDGET`] for all streams together, the client furthest behind
+//!   is reset (holding the guest back instead would let a few clients that
+//!   never read stop every other client of the tenant).
 //!
 //! An idle stream costs its socket, a small struct and one parked task.
 //! FIN propagates both ways as `Close` records; a client reset ends the
 //! stream. When the VM stops, every client sees a clean close. This thread
 //! never touches the vCPU; the device handler wakes a parked guest after
 //! giving it frames. Nothing a guest writes is trusted: records are checked,
-//! and what breaks the protocol is counted in [`LinkFaults`].
+//! and what breaks the protocol is counted in [`LinkCounters`].
 
 use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
@@ -58,18 +59,22 @@ pub struct ProxyConfig {
     pub listener: std::net::TcpListener,
     /// Most client connections carried at once; more are reset.
     pub max_connections: usize,
-    /// Where protocol faults of the guest are counted.
-    pub faults: Arc<LinkFaults>,
+    /// Where the link's counters go.
+    pub counters: Arc<LinkCounters>,
 }
 
-/// What the guest did wrong on the link, counted (a hostile or broken guest
-/// costs itself its streams, never the host anything more).
+/// What the link counted: what the guest did wrong (a hostile or broken
+/// guest costs itself its streams, never the host anything more), and the
+/// clients shed to keep the VMM's buffers bounded.
 #[derive(Debug, Default)]
-pub struct LinkFaults {
+pub struct LinkCounters {
     /// Frames that were not stream frames or held a malformed record.
     pub bad_frames: AtomicU64,
     /// Records the guest may not send (`Open`), or `Data` beyond the window.
     pub bad_records: AtomicU64,
+    /// Clients reset because the guest's bytes waiting for slow clients
+    /// passed the VMM's budget.
+    pub shed_clients: AtomicU64,
 }
 
 /// Stops the net thread (closing every client cleanly) and waits for it.
@@ -198,7 +203,7 @@ struct Proxy {
     next_id: StreamId,
     woken_tx: mpsc::UnboundedSender<Woken>,
     woken_rx: mpsc::UnboundedReceiver<Woken>,
-    faults: Arc<LinkFaults>,
+    counters: Arc<LinkCounters>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -234,7 +239,7 @@ impl Proxy {
             next_id: 1,
             woken_tx,
             woken_rx,
-            faults: config.faults,
+            counters: config.counters,
         })
     }
 
@@ -343,7 +348,9 @@ impl Proxy {
             }
             progress |= self.take_guest_frames();
             progress |= self.fill_frames();
-            self.link.holding_guest_output = self.out_total > OUT_BUDGET;
+            while self.out_total > OUT_BUDGET {
+                self.shed_slowest();
+            }
             if !progress {
                 break;
             }
@@ -356,7 +363,7 @@ impl Proxy {
         while let Some(frame) = self.link.from_guest.pop_front() {
             any = true;
             let Ok(records) = streams::records(&frame) else {
-                self.faults.bad_frames.fetch_add(1, Ordering::Relaxed);
+                self.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
             for record in records {
@@ -373,10 +380,10 @@ impl Proxy {
                         }
                     }
                     Ok(Record::Open(_)) => {
-                        self.faults.bad_records.fetch_add(1, Ordering::Relaxed);
+                        self.counters.bad_records.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(_) => {
-                        self.faults.bad_frames.fetch_add(1, Ordering::Relaxed);
+                        self.counters.bad_frames.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
                 }
@@ -389,12 +396,12 @@ impl Proxy {
         // Bytes for a stream that ended here are the guest's to lose.
         let Some(stream) = self.streams.get_mut(&id) else { return };
         if stream.guest_closed {
-            self.faults.bad_records.fetch_add(1, Ordering::Relaxed);
+            self.counters.bad_records.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let allowed = bytes.len().min(stream.guest_window);
         if allowed < bytes.len() {
-            self.faults.bad_records.fetch_add(1, Ordering::Relaxed);
+            self.counters.bad_records.fetch_add(1, Ordering::Relaxed);
         }
         let bytes = &bytes[..allowed];
         stream.guest_window -= allowed;
@@ -412,7 +419,7 @@ impl Proxy {
     fn on_guest_close(&mut self, id: StreamId) {
         let Some(stream) = self.streams.get_mut(&id) else { return };
         if stream.guest_closed {
-            self.faults.bad_records.fetch_add(1, Ordering::Relaxed);
+            self.counters.bad_records.fetch_add(1, Ordering::Relaxed);
             return;
         }
         stream.guest_closed = true;
@@ -569,6 +576,20 @@ impl Proxy {
                 Some(true)
             }
         }
+    }
+
+    /// Resets the client with the most guest bytes waiting for it; the guest
+    /// hears it has gone.
+    fn shed_slowest(&mut self) {
+        let Some((&id, stream)) = self.streams.iter_mut().max_by_key(|(_, s)| s.out.len()) else { return };
+        reset(&stream.socket);
+        if stream.reading != Reading::Done {
+            stream.reading = Reading::Done;
+            self.control.push_back((id, Control::Close));
+        }
+        self.counters.shed_clients.fetch_add(1, Ordering::Relaxed);
+        self.drop_out(id);
+        self.write_out(id);
     }
 
     /// Discards what a failed client will never read.

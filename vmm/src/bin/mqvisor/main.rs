@@ -255,7 +255,7 @@ fn print_stats(report: &RunReport) {
     if let Some(net) = &report.net {
         eprint!(
             ", guest tx {} frames / {} bytes, guest rx {} frames / {} bytes, refused chains {}, ring faults {}, \
-             bad frames {}, bad records {}",
+             bad frames {}, bad records {}, slow clients shed {}",
             net.tx_frames,
             net.tx_bytes,
             net.rx_frames,
@@ -263,7 +263,8 @@ fn print_stats(report: &RunReport) {
             net.refused_chains,
             net.ring_faults,
             net.bad_frames,
-            net.bad_records
+            net.bad_records,
+            net.shed_clients
         );
         if let Some(fault) = &net.last_ring_fault {
             eprint!(" (last: {fault})");

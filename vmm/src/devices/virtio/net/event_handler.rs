@@ -26,12 +26,6 @@ pub trait NetBackend {
     fn frames_from_guest(&mut self) -> &mut VecDeque<Vec<u8>>;
     /// Frames for the guest, oldest first; delivered ones are taken off the front.
     fn frames_to_guest(&mut self) -> &mut VecDeque<Vec<u8>>;
-    /// False while the backend holds as much of the guest's output as it
-    /// may: the guest's frames then wait in its TX queue, which holds the
-    /// guest back.
-    fn takes_frames(&self) -> bool {
-        true
-    }
 }
 
 /// What one visit did.
@@ -92,15 +86,10 @@ impl NetEventHandler {
             return progress;
         }
         let device = transport.device_mut();
-        let tx = if backend.takes_frames() {
-            device.pop_tx_frames(backend.frames_from_guest(), TX_BATCH).and_then(|n| {
-                // Only a look that finds nothing re-arms (true: frames slipped in).
-                if n == 0 { device.enable_notification(TX_QUEUE) } else { Ok(true) }
-            })
-        } else {
-            // The backend visits again once it has room.
-            Ok(false)
-        };
+        let tx = device.pop_tx_frames(backend.frames_from_guest(), TX_BATCH).and_then(|n| {
+            // Only a look that finds nothing re-arms (true: frames slipped in).
+            if n == 0 { device.enable_notification(TX_QUEUE) } else { Ok(true) }
+        });
         let rx = tx.and_then(|tx_moved| {
             let n = if backend.frames_to_guest().is_empty() {
                 0
