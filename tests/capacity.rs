@@ -415,7 +415,7 @@ fn small_receive_buffer(stream: &TcpStream) {
             libc::SOL_SOCKET,
             libc::SO_RCVBUF,
             (&raw const size).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap(),
         );
     }
 }
