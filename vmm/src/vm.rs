@@ -8,6 +8,7 @@
 use std::ffi::CString;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -30,7 +31,7 @@ use crate::devices::virtio::net::{NetDevice, NetMetrics, RingFault};
 use crate::image::{self, ImageError};
 use crate::net::{
     self,
-    proxy::{self, LinkCounters, NetThread, ProxyConfig},
+    proxy::{self, Ingress, LinkCounters, NetThread, ProxyConfig},
 };
 use crate::vcpu::{self, ExitStats, Outcome, VcpuContext};
 
@@ -60,6 +61,9 @@ pub struct VmConfig {
     pub service: Service,
     /// Service configuration for the guest (see `mqvisor_boot_abi::config_blob`).
     pub config_blob: Vec<u8>,
+    /// When set, clients arrive on this socket from `mqvisor serve` instead
+    /// of on the service's listen address (see `net::proxy::Ingress`).
+    pub handoff: Option<UnixDatagram>,
 }
 
 /// What the guest runs, and what the host provides for it.
@@ -238,12 +242,20 @@ impl Network {
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         listen: SocketAddr,
+        handoff: Option<UnixDatagram>,
         max_connections: usize,
         wake: Arc<EventFd>,
     ) -> Result<(Self, MmioBus), VmmError> {
-        let listener =
-            std::net::TcpListener::bind(listen).map_err(|source| VmmError::Listen { addr: listen, source })?;
-        let bound = listener.local_addr().map_err(|source| VmmError::Listen { addr: listen, source })?;
+        let ingress = match handoff {
+            Some(socket) => Ingress::Handoff(socket),
+            None => {
+                let listener =
+                    std::net::TcpListener::bind(listen).map_err(|source| VmmError::Listen { addr: listen, source })?;
+                let bound = listener.local_addr().map_err(|source| VmmError::Listen { addr: listen, source })?;
+                eprintln!("mqvisor: tenant VM listening on {bound}");
+                Ingress::Listen(listener)
+            }
+        };
         let device = NetDevice::new(net::GUEST_MAC, net::MAX_FRAME);
         let transport = MmioTransport::new(device, mem.clone()).map_err(VmmError::Thread)?;
         // Queue notifications go straight to the net thread's eventfds, so
@@ -259,12 +271,11 @@ impl Network {
         let thread = proxy::spawn(ProxyConfig {
             transport: transport.clone(),
             wake_guest: wake,
-            listener,
+            ingress,
             max_connections,
             counters: counters.clone(),
         })
         .map_err(VmmError::Thread)?;
-        eprintln!("mqvisor: tenant VM listening on {bound}");
         let mut bus = MmioBus::default();
         bus.insert(layout::DEVICE_WINDOW, layout::DEVICE_SIZE, transport.clone());
         Ok((Network { transport, thread, counters }, bus))
@@ -342,7 +353,8 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let (network, bus) = match config.service {
         Service::Demo => (None, MmioBus::default()),
         Service::Echo { listen } | Service::Mqtt { listen, .. } => {
-            let (network, bus) = Network::start(&vm, &mem, listen, max_connections, wake.clone())?;
+            let (network, bus) =
+                Network::start(&vm, &mem, listen, config.handoff, max_connections, wake.clone())?;
             info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
             info.net = net::guest_net_config(GUEST_PORT);
             info.devices[0] = DeviceDescriptor {
@@ -427,6 +439,7 @@ mod tests {
             console: Box::new(std::io::sink()),
             service: Service::Demo,
             config_blob,
+            handoff: None,
         }
     }
 

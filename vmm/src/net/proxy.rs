@@ -34,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::link::FrameLink;
 use super::paced::{quick_ack, sleep_or_forever};
@@ -55,13 +56,27 @@ pub struct ProxyConfig {
     pub transport: Arc<Mutex<MmioTransport<NetDevice>>>,
     /// Written after frames are handed to the guest, to end a WAIT.
     pub wake_guest: Arc<EventFd>,
-    /// Bound before boot, so a busy port is reported before anything starts.
-    pub listener: std::net::TcpListener,
+    /// Where clients come from.
+    pub ingress: Ingress,
     /// Most client connections carried at once; more are reset.
     pub max_connections: usize,
     /// Where the link's counters go.
     pub counters: Arc<LinkCounters>,
 }
+
+/// Where a VM's clients come from.
+pub enum Ingress {
+    /// Accepted here. Bound before boot, so a busy port is reported before
+    /// anything starts.
+    Listen(std::net::TcpListener),
+    /// Accepted by `mqvisor serve` and handed over on this socket, each as
+    /// one datagram carrying the client's socket (SCM_RIGHTS) and the bytes
+    /// the daemon already read from it (its CONNECT, possibly rewritten).
+    Handoff(std::os::unix::net::UnixDatagram),
+}
+
+/// Largest datagram of bytes handed over with a client.
+pub const MAX_HANDOFF_BYTES: usize = 256 * 1024;
 
 /// What the link counted: what the guest did wrong (a hostile or broken
 /// guest costs itself its streams, never the host anything more), and the
@@ -108,7 +123,10 @@ impl Drop for NetThread {
 /// Starts the net thread.
 pub fn spawn(config: ProxyConfig) -> std::io::Result<NetThread> {
     let (stop_tx, stop_rx) = oneshot::channel();
-    config.listener.set_nonblocking(true)?;
+    match &config.ingress {
+        Ingress::Listen(listener) => listener.set_nonblocking(true)?,
+        Ingress::Handoff(socket) => socket.set_nonblocking(true)?,
+    }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let handle = std::thread::Builder::new().name("net".into()).spawn(move || {
         runtime.block_on(async move {
@@ -156,6 +174,9 @@ struct Stream {
     window: usize,
     /// Guest bytes the client socket has not taken yet.
     out: Vec<u8>,
+    /// Bytes read from the client before it was handed over: they go to the
+    /// guest before anything read here.
+    first_bytes: Vec<u8>,
     /// Guest bytes the guest may still send (its window, as seen here).
     guest_window: usize,
     /// Bytes written to the client and not yet credited to the guest.
@@ -178,7 +199,8 @@ impl Stream {
 
 struct Proxy {
     device: NetEventHandler,
-    listener: TcpListener,
+    listener: Option<TcpListener>,
+    handoff: Option<AsyncFd<std::os::unix::net::UnixDatagram>>,
     rx_event: AsyncFd<EventFd>,
     tx_event: AsyncFd<EventFd>,
     link: FrameLink,
@@ -197,7 +219,7 @@ struct Proxy {
     /// take, oldest first (so the first is the next to time out).
     lingering: VecDeque<(Instant, StreamId)>,
     /// Clients accepted before the guest's device was up.
-    waiting: VecDeque<TcpStream>,
+    waiting: VecDeque<(TcpStream, Vec<u8>)>,
     device_active: bool,
     max_connections: usize,
     next_id: StreamId,
@@ -218,9 +240,14 @@ impl Proxy {
         let device = NetEventHandler::new(config.transport, config.wake_guest);
         let (rx_event, tx_event) = device.queue_events()?;
         let (woken_tx, woken_rx) = mpsc::unbounded_channel();
+        let (listener, handoff) = match config.ingress {
+            Ingress::Listen(listener) => (Some(TcpListener::from_std(listener)?), None),
+            Ingress::Handoff(socket) => (None, Some(watch_fd(socket)?)),
+        };
         Ok(Proxy {
             device,
-            listener: TcpListener::from_std(config.listener)?,
+            listener,
+            handoff,
             rx_event: watch_fd(rx_event)?,
             tx_event: watch_fd(tx_event)?,
             link: FrameLink::default(),
@@ -249,9 +276,23 @@ impl Proxy {
             let linger = self.next_linger_end().map(|end| end.saturating_duration_since(Instant::now()));
             tokio::select! {
                 _ = &mut stop => break,
-                accepted = self.listener.accept() => {
+                accepted = accept(self.listener.as_ref()) => {
                     if let Ok((socket, _)) = accepted {
-                        self.accept(socket);
+                        self.accept(socket, Vec::new());
+                    }
+                }
+                handed = handed_over(self.handoff.as_ref()) => {
+                    match handed {
+                        Ok(clients) => {
+                            for (socket, first_bytes) in clients {
+                                self.accept(socket, first_bytes);
+                            }
+                        }
+                        Err(e) => {
+                            // No more clients will come this way.
+                            eprintln!("mqvisor: handoff socket: {e}");
+                            self.handoff = None;
+                        }
                     }
                 }
                 Some(woken) = self.woken_rx.recv() => {
@@ -280,7 +321,7 @@ impl Proxy {
         self.close_all();
     }
 
-    fn accept(&mut self, socket: TcpStream) {
+    fn accept(&mut self, socket: TcpStream, first_bytes: Vec<u8>) {
         if self.streams.len() + self.waiting.len() >= self.max_connections {
             // Over the limit: the client sees a reset, nobody else anything.
             reset(&socket);
@@ -288,13 +329,13 @@ impl Proxy {
         }
         let _ = socket.set_nodelay(true);
         if self.device_active {
-            self.open(socket);
+            self.open(socket, first_bytes);
         } else {
-            self.waiting.push_back(socket);
+            self.waiting.push_back((socket, first_bytes));
         }
     }
 
-    fn open(&mut self, socket: TcpStream) {
+    fn open(&mut self, socket: TcpStream, first_bytes: Vec<u8>) {
         let id = self.next_id;
         self.next_id += 1;
         let socket = Arc::new(socket);
@@ -309,6 +350,7 @@ impl Proxy {
             window: WINDOW_BYTES,
             out: Vec::new(),
             guest_window: WINDOW_BYTES,
+            first_bytes,
             owed: 0,
             failed: false,
             guest_closed: false,
@@ -341,8 +383,8 @@ impl Proxy {
             self.device_active = visit.active;
             let mut progress = visit.moved;
             if self.device_active {
-                while let Some(socket) = self.waiting.pop_front() {
-                    self.open(socket);
+                while let Some((socket, first_bytes)) = self.waiting.pop_front() {
+                    self.open(socket, first_bytes);
                     progress = true;
                 }
             }
@@ -533,6 +575,26 @@ impl Proxy {
             stream.reading = Reading::Stalled;
             return Some(false);
         }
+        if !stream.first_bytes.is_empty() {
+            // What the daemon read before the handoff goes first.
+            let take = stream.first_bytes.len().min(stream.window);
+            let bytes = stream.first_bytes[..take].to_vec();
+            let mut sent = 0;
+            if !self.with_frame(|frame| {
+                sent = frame.data(id, &bytes);
+                sent
+            }) {
+                return None;
+            }
+            let stream = self.streams.get_mut(&id)?;
+            stream.first_bytes.drain(..sent);
+            if stream.first_bytes.is_empty() {
+                stream.first_bytes = Vec::new();
+            }
+            stream.window -= sent;
+            self.read_queue.push_back(id);
+            return Some(sent > 0);
+        }
         let socket = stream.socket.clone();
         let window = stream.window;
         let mut outcome = Ok(0);
@@ -693,11 +755,48 @@ fn reset(socket: &TcpStream) {
     let _ = socket2::SockRef::from(socket).set_linger(Some(Duration::ZERO));
 }
 
-/// Registers an owned eventfd with the runtime's reactor.
-fn watch_fd(event: EventFd) -> std::io::Result<AsyncFd<EventFd>> {
-    // SAFETY: `EventFd` owns its descriptor, keeps it open until dropped and
-    // always returns the same one from `as_raw_fd`; the AsyncFd owns it.
-    unsafe { AsyncFd::register(event) }.map_err(std::io::Error::from)
+/// The next client accepted on `listener`; never, without one.
+async fn accept(listener: Option<&TcpListener>) -> std::io::Result<(TcpStream, std::net::SocketAddr)> {
+    match listener {
+        Some(listener) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Every client waiting on the handoff socket, with the bytes read before
+/// the handoff; never, without a socket.
+async fn handed_over(
+    handoff: Option<&AsyncFd<std::os::unix::net::UnixDatagram>>,
+) -> std::io::Result<Vec<(TcpStream, Vec<u8>)>> {
+    let Some(handoff) = handoff else { return std::future::pending().await };
+    let mut guard = handoff.readable().await?;
+    let mut clients = Vec::new();
+    let mut buf = vec![0u8; MAX_HANDOFF_BYTES];
+    loop {
+        let received = guard.try_io(|inner| {
+            inner.get_ref().recv_with_fd(&mut buf).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        });
+        match received {
+            Ok(Ok((len, Some(file)))) => {
+                let socket = std::net::TcpStream::from(std::os::fd::OwnedFd::from(file));
+                socket.set_nonblocking(true)?;
+                clients.push((TcpStream::from_std(socket)?, buf[..len].to_vec()));
+            }
+            // A datagram without a socket is not a client.
+            Ok(Ok((_, None))) => {}
+            Ok(Err(e)) => return Err(e),
+            // Would block: every waiting client is taken.
+            Err(_) => return Ok(clients),
+        }
+    }
+}
+
+/// Registers an eventfd or a unix socket, which the reactor then owns.
+fn watch_fd<T: std::os::fd::AsRawFd>(owner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: the callers pass `EventFd` and `UnixDatagram`, which own their
+    // descriptor, keep it open until dropped and always return the same one
+    // from `as_raw_fd`; the AsyncFd owns the value.
+    unsafe { AsyncFd::register(owner) }.map_err(std::io::Error::from)
 }
 
 /// Waits for the readiness the net loop asks for on one stream and reports

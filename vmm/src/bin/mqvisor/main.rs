@@ -92,6 +92,10 @@ struct RunArgs {
     /// Print VM exit and network counters to stderr when the VM ends
     #[arg(long)]
     stats: bool,
+    /// Take clients from `mqvisor serve` on this inherited unix datagram
+    /// socket instead of listening (internal)
+    #[arg(long, value_name = "FD", hide = true)]
+    handoff_fd: Option<i32>,
     #[command(flatten)]
     broker: BrokerFlags,
 }
@@ -187,7 +191,15 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
+    let handoff = match args.handoff_fd.map(handoff_socket).transpose() {
+        Ok(handoff) => handoff,
+        Err(e) => {
+            eprintln!("mqvisor: --handoff-fd: {e}");
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
     let config = VmConfig {
+        handoff,
         config_blob: if args.service == ServiceKind::Mqtt { settings.config_blob() } else { Vec::new() },
         image,
         memory_mib: args.memory,
@@ -240,6 +252,34 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_TIMED_OUT)
         }
     }
+}
+
+/// The unix datagram socket `mqvisor serve` left open as descriptor `fd`.
+fn handoff_socket(fd: i32) -> Result<std::os::unix::net::UnixDatagram, String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if fd < 3 {
+        return Err(format!("{fd} is a standard stream, not a socket"));
+    }
+    // F_GETFD succeeds only on an open descriptor.
+    // SAFETY: fcntl with F_GETFD reads the flags of any descriptor number.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("descriptor {fd} is not open"));
+    }
+    // SAFETY: `fd` is open (checked above) and was passed to this process for
+    // it to own; nothing else in the process uses it.
+    let socket = std::os::unix::net::UnixDatagram::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // A datagram socket answers SO_TYPE with SOCK_DGRAM; anything else is refused.
+    let mut kind: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt on an open descriptor with a pointer to a live c_int
+    // and its length.
+    let ok = unsafe {
+        libc::getsockopt(socket.as_raw_fd(), libc::SOL_SOCKET, libc::SO_TYPE, (&raw mut kind).cast(), &mut len)
+    };
+    if ok != 0 || kind != libc::SOCK_DGRAM {
+        return Err(format!("descriptor {fd} is not a datagram socket"));
+    }
+    Ok(socket)
 }
 
 fn print_stats(report: &RunReport) {
