@@ -8,8 +8,8 @@
 use std::ffi::CString;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::os::unix::net::UnixDatagram;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -353,8 +353,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let (network, bus) = match config.service {
         Service::Demo => (None, MmioBus::default()),
         Service::Echo { listen } | Service::Mqtt { listen, .. } => {
-            let (network, bus) =
-                Network::start(&vm, &mem, listen, config.handoff, max_connections, wake.clone())?;
+            let (network, bus) = Network::start(&vm, &mem, listen, config.handoff, max_connections, wake.clone())?;
             info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
             info.net = net::guest_net_config(GUEST_PORT);
             info.devices[0] = DeviceDescriptor {

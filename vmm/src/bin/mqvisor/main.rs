@@ -8,6 +8,7 @@ use std::time::Duration;
 
 mod bench;
 mod broker_runner;
+mod serve;
 mod settings;
 
 use clap::{Parser, Subcommand};
@@ -49,9 +50,29 @@ enum Commands {
     /// Run the broker core natively on the host (development, tests and
     /// side-by-side benchmarks; tenants run in VMs with `mqvisor run`).
     Broker(BrokerArgs),
+    /// Serve many tenants, each a VM in its own process booted on its first
+    /// client, behind one port (CONNECT user name TENANT:USER) and optional
+    /// per-tenant ports. Stops every tenant on SIGTERM or Ctrl-C.
+    #[command(after_help = "The configuration file (TOML):\n\n\
+        listen = \"127.0.0.1:1883\"      # the shared port\n\
+        state_dir = \"/var/lib/mqvisor\"  # tenants' files\n\n\
+        [defaults]                      # memory and any broker setting of `mqvisor run`\n\
+        memory = 64\n\n\
+        [tenants.acme]                  # clients connect as acme:USER\n\
+        password_file = \"acme.passwd\"   # optional; without it, anonymous clients are allowed\n\
+        listen = \"127.0.0.1:1884\"       # optional port of its own, no prefix needed\n\n\
+        Exit status: 0 after SIGTERM or Ctrl-C, 125 if the configuration or a listen address is unusable.")]
+    Serve(ServeArgs),
     /// Measure mqvisor itself.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// The daemon's configuration file (see below)
+    #[arg(long, value_name = "PATH")]
+    config: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -317,6 +338,23 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Commands::Run(args) => run(args),
+        Commands::Serve(args) => {
+            tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
+            let exe = match std::env::current_exe() {
+                Ok(exe) => exe,
+                Err(e) => {
+                    eprintln!("mqvisor: cannot find the mqvisor executable: {e}");
+                    return ExitCode::from(EXIT_SETUP_FAILED);
+                }
+            };
+            match serve::serve(&args.config, &exe) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mqvisor: serve: {e}");
+                    ExitCode::from(EXIT_SETUP_FAILED)
+                }
+            }
+        }
         Commands::Broker(args) => {
             let settings = match args.broker.resolve() {
                 Ok(settings) => settings,

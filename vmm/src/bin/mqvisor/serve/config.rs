@@ -1,0 +1,208 @@
+//! The `mqvisor serve` configuration file: the shared listen address, the
+//! state directory, defaults for every tenant, and one table per tenant.
+//!
+//! Owns reading and checking it before anything starts: every tenant's
+//! broker settings are resolved (files read, limits validated) here, so a
+//! bad tenant is an error at start naming the tenant, never a crash loop
+//! later. Never starts anything.
+//!
+//! ```toml
+//! listen = "127.0.0.1:1883"
+//! state_dir = "/var/lib/mqvisor"
+//!
+//! [defaults]
+//! memory = 64
+//! max_connections = 1000
+//!
+//! [tenants.acme]
+//! password_file = "acme.passwd"
+//!
+//! [tenants.globex]
+//! listen = "127.0.0.1:1884"   # also reachable without a prefix here
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::settings::BrokerFlags;
+
+/// Largest configuration file accepted.
+const MAX_FILE: u64 = 1 << 20;
+/// Guest RAM of a tenant unless the file says otherwise, MiB.
+const DEFAULT_MEMORY_MIB: u32 = 64;
+
+/// The daemon's configuration, checked.
+#[derive(Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub tenants: BTreeMap<String, TenantConfig>,
+}
+
+/// One tenant, with the defaults applied.
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub memory_mib: u32,
+    /// A port of its own, where clients need no `TENANT:` prefix.
+    pub listen: Option<SocketAddr>,
+    /// Broker settings, paths absolute, checked.
+    pub broker: BrokerFlags,
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is {size} bytes; at most {MAX_FILE} are accepted")]
+    TooLarge { path: PathBuf, size: u64 },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("tenant name {0:?}: use 1 to 64 of a-z, 0-9, '-' and '_'")]
+    TenantName(String),
+    #[error("tenant {tenant}: {message}")]
+    Tenant { tenant: String, message: String },
+}
+
+/// A tenant's name is part of user names, paths and metric labels.
+pub fn valid_tenant_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+/// The keys a tenant or `[defaults]` table may have besides broker settings.
+struct Extra {
+    memory: Option<u32>,
+    listen: Option<SocketAddr>,
+    broker: BrokerFlags,
+}
+
+fn extra(table: toml::Table, base: &Path, context: &str) -> Result<Extra, String> {
+    let mut table = table;
+    let memory = match table.remove("memory") {
+        None => None,
+        Some(v) => Some(
+            v.as_integer()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{context}: memory must be a positive number of MiB"))?,
+        ),
+    };
+    let listen = match table.remove("listen") {
+        None => None,
+        Some(v) => Some(
+            v.as_str()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| format!("{context}: listen must be an address like \"127.0.0.1:1884\""))?,
+        ),
+    };
+    let mut broker: BrokerFlags =
+        table.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))?;
+    // Absolute: the tenant's process reads them from its own settings file.
+    let absolute = |p: PathBuf| std::path::absolute(base.join(&p)).unwrap_or(p);
+    broker.password_file = broker.password_file.map(absolute);
+    broker.acl_file = broker.acl_file.map(absolute);
+    Ok(Extra { memory, listen, broker })
+}
+
+impl ServeConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<ServeConfig, ServeConfigError> {
+        let read_error = |source| ServeConfigError::Read { path: path.to_path_buf(), source };
+        let size = std::fs::metadata(path).map_err(read_error)?.len();
+        if size > MAX_FILE {
+            return Err(ServeConfigError::TooLarge { path: path.to_path_buf(), size });
+        }
+        let text = std::fs::read_to_string(path).map_err(read_error)?;
+        let syntax = |message: String| ServeConfigError::Syntax { path: path.to_path_buf(), message };
+        let mut root: toml::Table = toml::from_str(&text).map_err(|e| syntax(e.message().to_string()))?;
+        let base = path.parent().unwrap_or(Path::new("")).to_path_buf();
+        let listen = match root.remove("listen") {
+            None => SocketAddr::from(([127, 0, 0, 1], 1883)),
+            Some(v) => {
+                v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| syntax("listen must be an address".into()))?
+            }
+        };
+        let state_dir = match root.remove("state_dir") {
+            None => return Err(syntax("state_dir is required (where tenants' files are kept)".into())),
+            Some(v) => base.join(v.as_str().ok_or_else(|| syntax("state_dir must be a path".into()))?),
+        };
+        let defaults = match root.remove("defaults") {
+            None => Extra { memory: None, listen: None, broker: BrokerFlags::default() },
+            Some(toml::Value::Table(t)) => extra(t, &base, "[defaults]").map_err(syntax)?,
+            Some(_) => return Err(syntax("[defaults] must be a table".into())),
+        };
+        if defaults.listen.is_some() {
+            return Err(syntax("[defaults] cannot set listen: each tenant's own port must differ".into()));
+        }
+        let tables = match root.remove("tenants") {
+            None => toml::Table::new(),
+            Some(toml::Value::Table(t)) => t,
+            Some(_) => return Err(syntax("tenants must be tables, [tenants.NAME]".into())),
+        };
+        if let Some(key) = root.keys().next() {
+            return Err(syntax(format!("unknown key {key:?} (expected listen, state_dir, defaults, tenants)")));
+        }
+        let mut tenants = BTreeMap::new();
+        for (name, value) in tables {
+            if !valid_tenant_name(&name) {
+                return Err(ServeConfigError::TenantName(name));
+            }
+            let tenant_error = |message: String| ServeConfigError::Tenant { tenant: name.clone(), message };
+            let toml::Value::Table(table) = value else {
+                return Err(tenant_error("must be a table".into()));
+            };
+            let own = extra(table, &base, "settings").map_err(tenant_error)?;
+            let broker = own.broker.over(&defaults.broker).map_err(|e| tenant_error(e.to_string()))?;
+            // Checked now: a bad tenant fails the start, naming itself.
+            broker.resolve().map_err(|e| tenant_error(e.to_string()))?;
+            let memory_mib = own.memory.or(defaults.memory).unwrap_or(DEFAULT_MEMORY_MIB);
+            tenants.insert(name, TenantConfig { memory_mib, listen: own.listen, broker });
+        }
+        Ok(ServeConfig { listen, state_dir, tenants })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<ServeConfig, ServeConfigError> {
+        let dir = std::env::temp_dir().join(format!("mqvisor-serve-config-{}-{}", std::process::id(), text.len()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("acme.passwd"), "").unwrap();
+        let path = dir.join("serve.toml");
+        std::fs::write(&path, text).unwrap();
+        ServeConfig::load(&path)
+    }
+
+    #[test]
+    fn defaults_apply_to_every_tenant_and_tenants_override_them() {
+        let c = load(
+            "state_dir = \"state\"\n[defaults]\nmemory = 96\nmax_connections = 50\n\
+             [tenants.acme]\npassword_file = \"acme.passwd\"\nmax_connections = 7\n\
+             [tenants.globex]\nlisten = \"127.0.0.1:1884\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 1883)));
+        let acme = &c.tenants["acme"];
+        assert_eq!((acme.memory_mib, acme.broker.max_connections), (96, Some(7)));
+        assert!(acme.broker.password_file.as_ref().unwrap().is_absolute());
+        let globex = &c.tenants["globex"];
+        assert_eq!(globex.broker.max_connections, Some(50));
+        assert_eq!(globex.listen, Some(SocketAddr::from(([127, 0, 0, 1], 1884))));
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let err = |text: &str| load(text).unwrap_err().to_string();
+        assert!(err("listen = \"x\"\nstate_dir = \"s\"").contains("listen must be an address"));
+        assert!(err("[tenants.a]").contains("state_dir is required"));
+        assert!(err("state_dir = \"s\"\n[tenants.Bad]").contains("tenant name \"Bad\""));
+        assert!(err("state_dir = \"s\"\n[tenants.a]\nmax_conections = 5").contains("tenant a"));
+        assert!(err("state_dir = \"s\"\n[tenants.a]\nmemory = 0").contains("memory must be"));
+        assert!(err("state_dir = \"s\"\n[tenants.a]\npassword_file = \"missing\"").contains("tenant a"));
+        assert!(err("state_dir = \"s\"\nlisen = 1").contains("unknown key \"lisen\""));
+    }
+}

@@ -1,0 +1,171 @@
+//! The shared port's front: reads a client's first packet (with a deadline
+//! and a size bound), picks the tenant from the CONNECT user name
+//! `TENANT:USER` (RabbitMQ's convention for virtual hosts), and rewrites the
+//! CONNECT so the tenant's broker sees `USER` (an empty `USER` is an
+//! anonymous client of that tenant).
+//!
+//! Owns that decision and nothing else: it never boots a VM and never keeps
+//! a byte of the client's traffic beyond what it read to decide.
+
+use std::time::Duration;
+
+use mqvisor_broker::broker::reason;
+use mqvisor_broker::packet::{self, Connack, Connect, Packet, Version};
+use mqvisor_broker::properties::Properties;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// How long a client may take to send its CONNECT.
+pub const FIRST_PACKET_DEADLINE: Duration = Duration::from_secs(10);
+/// Bytes read while waiting for a CONNECT, at most (a CONNECT with a will and
+/// properties fits; the tenant's own limits apply after the handoff).
+pub const MAX_FIRST_BYTES: usize = 64 * 1024;
+
+/// What to do with a client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Route {
+    /// Hand it to `tenant` with `first_bytes`: its CONNECT as the tenant's
+    /// broker must see it, then whatever else it already sent.
+    Tenant { tenant: String, first_bytes: Vec<u8> },
+    /// Answer with `reply` (a refusing CONNACK) and close.
+    Refuse { reply: Vec<u8> },
+    /// Not MQTT, or no CONNECT in time: close without a word.
+    Drop,
+}
+
+fn connack(version: Version, v5_code: u8, v3_code: u8) -> Vec<u8> {
+    let code = if version == Version::V5 { v5_code } else { v3_code };
+    let mut reply = Vec::new();
+    let connack = Connack { session_present: false, code, properties: Properties::default() };
+    packet::encode(&Packet::Connack(connack), version, &mut reply);
+    reply
+}
+
+/// Decides where `bytes` (a client's first bytes, holding one complete
+/// packet at least) go. `tenant` names the tenant of a dedicated port
+/// (no prefix then); on the shared port it is `None` and `known` says which
+/// tenants exist.
+pub fn route(bytes: &[u8], tenant: Option<&str>, known: impl Fn(&str) -> bool) -> Route {
+    let Ok(Some(frame)) = packet::frame(bytes, MAX_FIRST_BYTES) else { return Route::Drop };
+    let Ok(Packet::Connect(connect)) = packet::decode(frame, bytes, Version::V3_1_1) else { return Route::Drop };
+    let rest = &bytes[frame.len..];
+    if let Some(tenant) = tenant {
+        return Route::Tenant { tenant: tenant.to_string(), first_bytes: bytes.to_vec() };
+    }
+    let refuse = || Route::Refuse {
+        reply: connack(connect.version, reason::BAD_USER_NAME_OR_PASSWORD, reason::v3::BAD_USER_NAME_OR_PASSWORD),
+    };
+    let Some((tenant, user)) = connect.username.as_deref().and_then(|u| u.split_once(':')) else { return refuse() };
+    if !known(tenant) {
+        return refuse();
+    }
+    let tenant = tenant.to_string();
+    let user = user.to_string();
+    let version = connect.version;
+    let mut rewritten: Connect = *connect;
+    if user.is_empty() {
+        // Anonymous in the tenant: no user name, and so no password.
+        rewritten.username = None;
+        rewritten.password = None;
+    } else {
+        rewritten.username = Some(user);
+    }
+    let mut first_bytes = Vec::with_capacity(bytes.len());
+    packet::encode(&Packet::Connect(Box::new(rewritten)), version, &mut first_bytes);
+    first_bytes.extend_from_slice(rest);
+    Route::Tenant { tenant, first_bytes }
+}
+
+/// Reads until one whole packet is in, within the deadline and size bound;
+/// returns everything read (`None`: nothing usable came).
+pub async fn read_first_packet(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut buf = Vec::with_capacity(512);
+    let read = async {
+        loop {
+            match packet::frame(&buf, MAX_FIRST_BYTES) {
+                Ok(Some(_)) => return true,
+                Err(_) => return false,
+                Ok(None) => {}
+            }
+            if buf.len() >= MAX_FIRST_BYTES {
+                return false;
+            }
+            let want = packet::announced_len(&buf).unwrap_or(buf.len() + 1).clamp(buf.len() + 1, MAX_FIRST_BYTES);
+            let mut chunk = vec![0u8; want - buf.len()];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    match tokio::time::timeout(FIRST_PACKET_DEADLINE, read).await {
+        Ok(true) => Some(buf),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn connect(version: Version, username: Option<&str>, password: Option<&[u8]>) -> Vec<u8> {
+        let c = Connect {
+            version,
+            clean_start: true,
+            keep_alive: 30,
+            properties: Properties::default(),
+            client_id: "c1".into(),
+            will: None,
+            username: username.map(Into::into),
+            password: password.map(<[u8]>::to_vec),
+        };
+        let mut bytes = Vec::new();
+        packet::encode(&Packet::Connect(Box::new(c)), version, &mut bytes);
+        bytes
+    }
+
+    fn known(t: &str) -> bool {
+        t == "acme"
+    }
+
+    #[test]
+    fn the_prefix_picks_the_tenant_and_is_stripped() {
+        let mut bytes = connect(Version::V5, Some("acme:alice"), Some(b"pw"));
+        bytes.extend_from_slice(&[0xc0, 0]); // a PINGREQ sent right behind
+        let Route::Tenant { tenant, first_bytes } = route(&bytes, None, known) else { panic!("not routed") };
+        assert_eq!(tenant, "acme");
+        let mut expected = connect(Version::V5, Some("alice"), Some(b"pw"));
+        expected.extend_from_slice(&[0xc0, 0]);
+        assert_eq!(first_bytes, expected);
+        // An empty user is an anonymous client of the tenant.
+        let bytes = connect(Version::V3_1_1, Some("acme:"), Some(b"pw"));
+        let Route::Tenant { first_bytes, .. } = route(&bytes, None, known) else { panic!("not routed") };
+        assert_eq!(first_bytes, connect(Version::V3_1_1, None, None));
+    }
+
+    #[test]
+    fn unknown_tenants_and_missing_prefixes_are_refused_in_the_clients_version() {
+        let v3_refusal = vec![0x20, 2, 0, reason::v3::BAD_USER_NAME_OR_PASSWORD];
+        for user in [None, Some("alice"), Some("globex:alice")] {
+            assert_eq!(
+                route(&connect(Version::V3_1_1, user, None), None, known),
+                Route::Refuse { reply: v3_refusal.clone() }
+            );
+        }
+        let Route::Refuse { reply } = route(&connect(Version::V5, Some("nope:x"), None), None, known) else {
+            panic!("not refused")
+        };
+        assert_eq!(reply[3], reason::BAD_USER_NAME_OR_PASSWORD);
+    }
+
+    #[test]
+    fn a_dedicated_port_passes_the_bytes_unchanged_and_garbage_is_dropped() {
+        let bytes = connect(Version::V3_1_1, Some("alice"), None);
+        assert_eq!(
+            route(&bytes, Some("globex"), known),
+            Route::Tenant { tenant: "globex".into(), first_bytes: bytes.clone() }
+        );
+        assert_eq!(route(&[0xc0, 0], None, known), Route::Drop);
+        assert_eq!(route(b"GET / HTTP/1.1\r\n\r\n", None, known), Route::Drop);
+    }
+}

@@ -1,0 +1,252 @@
+//! One tenant's VM process: started on its first client, handed every
+//! client after that, restarted with backoff after a crash. Each tenant is
+//! its own `mqvisor run` process, so a crash (or `kill -9`) stays inside it.
+//!
+//! Owns the process, the handoff socket to it (`mqvisor run --handoff-fd`)
+//! and the tenant's life-cycle state. Never reads a client's bytes: clients
+//! arrive routed, with what the front already read.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::config::TenantConfig;
+
+/// The descriptor number the handoff socket has in the tenant's process.
+const HANDOFF_FD: i32 = 3;
+/// Clients waiting to be handed to one tenant, at most; more are closed.
+const HANDOFF_QUEUE: usize = 4096;
+/// First wait before restarting a crashed tenant; doubles up to the maximum.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A tenant that ran this long before crashing starts its backoff afresh.
+const STABLE_AFTER: Duration = Duration::from_secs(60);
+
+/// Where a tenant is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// No process: never started (boots on its first client).
+    Stopped,
+    /// Its process runs.
+    Running,
+    /// Its process ended unexpectedly; restarts at `restart_at`.
+    Crashed,
+}
+
+/// A tenant's process ended.
+pub struct Exited {
+    pub tenant: String,
+    pub pid: u32,
+    pub status: std::io::Result<std::process::ExitStatus>,
+}
+
+struct Process {
+    pid: u32,
+    started: Instant,
+    /// Clients for the handoff task.
+    clients: mpsc::Sender<(TcpStream, Vec<u8>)>,
+}
+
+/// One tenant.
+pub struct Tenant {
+    pub name: String,
+    config: TenantConfig,
+    settings_file: PathBuf,
+    process: Option<Process>,
+    pub state: State,
+    pub boots: u64,
+    pub crashes: u64,
+    backoff: Duration,
+    pub restart_at: Option<Instant>,
+    /// Clients that arrived while the tenant waits to restart.
+    waiting: Vec<(TcpStream, Vec<u8>)>,
+}
+
+impl Tenant {
+    /// A stopped tenant whose broker settings are written to `state_dir`.
+    pub fn new(name: &str, config: TenantConfig, state_dir: &Path) -> std::io::Result<Tenant> {
+        let dir = state_dir.join("tenants");
+        std::fs::create_dir_all(&dir)?;
+        let settings_file = dir.join(format!("{name}.toml"));
+        let text = toml::to_string(&config.broker).map_err(std::io::Error::other)?;
+        std::fs::write(&settings_file, text)?;
+        Ok(Tenant {
+            name: name.to_string(),
+            config,
+            settings_file,
+            process: None,
+            state: State::Stopped,
+            boots: 0,
+            crashes: 0,
+            backoff: BACKOFF_FIRST,
+            restart_at: None,
+            waiting: Vec::new(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.pid)
+    }
+
+    /// Hands `client` (and the bytes read from it) to this tenant's VM,
+    /// booting it first if it has none.
+    pub fn hand(
+        &mut self,
+        client: TcpStream,
+        first_bytes: Vec<u8>,
+        exe: &Path,
+        exited: &mpsc::UnboundedSender<Exited>,
+    ) {
+        if self.process.is_none() {
+            if self.state == State::Crashed && self.restart_at.is_some_and(|t| Instant::now() < t) {
+                if self.waiting.len() < HANDOFF_QUEUE {
+                    self.waiting.push((client, first_bytes));
+                }
+                return;
+            }
+            if let Err(e) = self.start(exe, exited) {
+                tracing::error!(tenant = %self.name, "cannot start: {e}");
+                return;
+            }
+        }
+        if let Some(process) = &self.process {
+            // A full queue means the tenant cannot keep up: this client is closed.
+            let _ = process.clients.try_send((client, first_bytes));
+        }
+    }
+
+    /// Restarts a crashed tenant whose backoff has passed, and hands it the
+    /// clients that waited.
+    pub fn restart_if_due(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) {
+        if self.state != State::Crashed || self.restart_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        self.restart_at = None;
+        match self.start(exe, exited) {
+            Ok(()) => {
+                tracing::info!(tenant = %self.name, "restarted");
+                for (client, bytes) in std::mem::take(&mut self.waiting) {
+                    self.hand(client, bytes, exe, exited);
+                }
+            }
+            Err(e) => tracing::error!(tenant = %self.name, "cannot restart: {e}"),
+        }
+    }
+
+    fn start(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) -> std::io::Result<()> {
+        let (ours, theirs) = UnixDatagram::pair()?;
+        ours.set_nonblocking(true)?;
+        let their_fd = theirs.as_raw_fd();
+        let mut command = tokio::process::Command::new(exe);
+        command
+            .arg("run")
+            .args(["--handoff-fd", &HANDOFF_FD.to_string()])
+            .args(["--memory", &self.config.memory_mib.to_string()])
+            .arg("--config")
+            .arg(&self.settings_file)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        // SAFETY: between fork and exec this runs only async-signal-safe
+        // calls (dup2, fcntl, prctl) on descriptors of the child itself.
+        unsafe {
+            command.pre_exec(move || {
+                if their_fd == HANDOFF_FD {
+                    // Already in place: only keep it across exec.
+                    if libc::fcntl(HANDOFF_FD, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(their_fd, HANDOFF_FD) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The tenant ends with the daemon, never outlives it.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command.spawn()?;
+        drop(theirs);
+        let pid = child.id().unwrap_or(0);
+        let (clients, queue) = mpsc::channel(HANDOFF_QUEUE);
+        // SAFETY: `UnixDatagram` owns its descriptor, keeps it open until
+        // dropped and always returns the same one; the AsyncFd owns it.
+        let ours =
+            unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE) }.map_err(std::io::Error::from)?;
+        tokio::spawn(hand_over(ours, queue));
+        let (tenant, exited) = (self.name.clone(), exited.clone());
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = exited.send(Exited { tenant, pid, status });
+        });
+        self.process = Some(Process { pid, started: Instant::now(), clients });
+        self.state = State::Running;
+        self.boots += 1;
+        tracing::info!(tenant = %self.name, pid, memory_mib = self.config.memory_mib, "booted");
+        Ok(())
+    }
+
+    /// Its process `pid` ended: a crash unless it was asked to stop.
+    pub fn on_exit(&mut self, pid: u32, status: &std::io::Result<std::process::ExitStatus>) {
+        if self.pid() != Some(pid) {
+            return; // An earlier process of this tenant.
+        }
+        let ran = self.process.take().map_or(Duration::ZERO, |p| p.started.elapsed());
+        self.crashes += 1;
+        if ran >= STABLE_AFTER {
+            self.backoff = BACKOFF_FIRST;
+        }
+        let delay = self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.state = State::Crashed;
+        self.restart_at = Some(Instant::now() + delay);
+        let status = match status {
+            Ok(status) => status.to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(tenant = %self.name, pid, %status, restart_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "crashed");
+    }
+
+    /// Stops the process (SIGTERM: its clients see a clean close).
+    pub fn stop(&mut self) {
+        if let Some(process) = self.process.take()
+            && let Ok(pid) = libc::pid_t::try_from(process.pid)
+        {
+            // SAFETY: kill(2) on our own child with a valid signal.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+            tracing::info!(tenant = %self.name, pid = process.pid, "stopped");
+        }
+        self.state = State::Stopped;
+    }
+}
+
+/// Hands each queued client to the tenant's process: its socket by
+/// SCM_RIGHTS and the bytes already read, as one datagram. Waits while the
+/// process's queue is full; ends when the process is gone.
+async fn hand_over(socket: AsyncFd<UnixDatagram>, mut queue: mpsc::Receiver<(TcpStream, Vec<u8>)>) {
+    while let Some((client, bytes)) = queue.recv().await {
+        loop {
+            let Ok(mut guard) = socket.writable().await else { return };
+            let sent = guard.try_io(|inner| {
+                inner
+                    .get_ref()
+                    .send_with_fd(&bytes[..], client.as_raw_fd())
+                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            });
+            match sent {
+                // The process has its own copy of the socket now.
+                Ok(Ok(_)) => break,
+                Ok(Err(_)) => return,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
