@@ -9,16 +9,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use common::wire::{connect_packet, read_packet, remaining_length};
 use common::{RunningVm, kvm_available};
-
-/// A v3.1.1 CONNECT with a clean session, keep-alive 0 and `client_id`.
-fn connect_packet(client_id: &str) -> Vec<u8> {
-    let id = client_id.as_bytes();
-    let mut packet = vec![0x10, u8::try_from(12 + id.len()).unwrap(), 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 0];
-    packet.extend_from_slice(&u16::try_from(id.len()).unwrap().to_be_bytes());
-    packet.extend_from_slice(id);
-    packet
-}
 
 /// Connects, sends CONNECT and waits for a successful CONNACK.
 fn mqtt_connect(vm: &RunningVm, client_id: &str) -> std::io::Result<TcpStream> {
@@ -168,36 +160,6 @@ fn connection_churn_leaves_no_memory_behind() {
     let after = vm.pss_kib();
     eprintln!("PSS before {before} KiB, after 10,000 more connections {after} KiB");
     assert!(after <= before + before / 10, "PSS grew from {before} KiB to {after} KiB");
-}
-
-/// Reads one MQTT packet: its first byte and its body.
-fn read_packet(stream: &mut TcpStream) -> (u8, Vec<u8>) {
-    let mut first = [0u8; 1];
-    stream.read_exact(&mut first).unwrap();
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte).unwrap();
-        len |= usize::from(byte[0] & 0x7f) << shift;
-        shift += 7;
-        if byte[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).unwrap();
-    (first[0], body)
-}
-
-fn remaining_length(mut len: usize, out: &mut Vec<u8>) {
-    loop {
-        let byte = u8::try_from(len % 128).unwrap();
-        len /= 128;
-        out.push(if len > 0 { byte | 0x80 } else { byte });
-        if len == 0 {
-            break;
-        }
-    }
 }
 
 /// An MQTT 5 client: CONNECT, and a successful CONNACK.

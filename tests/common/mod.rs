@@ -2,6 +2,8 @@
 //! and deciding what to do when this machine has no KVM.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod wire;
+
 use std::path::Path;
 use std::process::{Command, Output};
 

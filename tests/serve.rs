@@ -1,0 +1,223 @@
+//! End-to-end tests of `mqvisor serve`: tenants behind one port, each a VM
+//! in its own process, and what must never cross between them. Real VMs,
+//! real sockets, a real daemon.
+
+mod common;
+
+use std::io::{BufRead, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::wire::{connect_as, publish, read_packet, subscribe, try_read_packet};
+use common::{kvm_available, mqvisor};
+
+/// A running daemon with its log lines.
+struct Daemon {
+    child: Child,
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    /// Writes `tenants` (TOML tables after `[defaults]`) into a fresh
+    /// configuration and starts `mqvisor serve` on a free port.
+    fn start(name: &str, tenants: &str, files: &[(&str, &str)]) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("mqvisor-serve-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (file, text) in files {
+            std::fs::write(dir.join(file), text).unwrap();
+        }
+        let config = dir.join("serve.toml");
+        std::fs::write(
+            &config,
+            format!("listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[defaults]\nmemory = 64\nmax_connections = 100\n{tenants}"),
+        )
+        .unwrap();
+        let mut child = mqvisor()
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning mqvisor serve");
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr: SocketAddr = loop {
+            let line = lines.next().expect("mqvisor serve ended before listening").unwrap();
+            if let Some(addr) = line.strip_prefix("mqvisor: serve listening on ") {
+                break addr.parse().unwrap();
+            }
+        };
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Daemon { child, addr, log, dir }
+    }
+
+    /// Waits for a log line containing every one of `needles`.
+    fn wait_for(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.clone();
+            }
+            assert!(Instant::now() < deadline, "no log line with {needles:?}: {:?}", self.log.lock().unwrap());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid_of(&self, tenant: &str) -> i32 {
+        let line = self.wait_for(&["booted", &format!("tenant={tenant} ")]);
+        let pid = line.split("pid=").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
+        pid.parse().unwrap()
+    }
+
+    fn log_has(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child with a valid signal.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Connects with `username` (and `password`) and returns the CONNACK's
+/// session-present flag and return code, with the stream.
+fn connect(daemon: &Daemon, client_id: &str, username: &str, password: Option<&[u8]>) -> (TcpStream, u8, u8) {
+    let mut stream = TcpStream::connect(daemon.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream.write_all(&connect_as(4, client_id, false, Some(username), password)).unwrap();
+    let (kind, body) = read_packet(&mut stream);
+    assert_eq!(kind, 0x20, "CONNACK");
+    (stream, body[0], body[1])
+}
+
+fn connected(daemon: &Daemon, client_id: &str, username: &str) -> TcpStream {
+    let (stream, _, code) = connect(daemon, client_id, username, None);
+    assert_eq!(code, 0, "{username} was refused");
+    stream
+}
+
+/// Subscribes and returns the first message's payload, if one comes within
+/// `wait` (retained ones come at once).
+fn first_message(stream: &mut TcpStream, filter: &str, wait: Duration) -> Option<Vec<u8>> {
+    stream.write_all(&subscribe(filter, 0, 1)).unwrap();
+    assert_eq!(read_packet(stream).0, 0x90, "SUBACK");
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let got = try_read_packet(stream).ok().map(|(_, body)| {
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        body[2 + topic_len..].to_vec()
+    });
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    got
+}
+
+#[test]
+fn tenants_share_a_port_and_nothing_else() {
+    if !kvm_available("tenants_share_a_port_and_nothing_else") {
+        return;
+    }
+    let daemon = Daemon::start("isolation", "[tenants.alpha]\n[tenants.beta]\n", &[]);
+    // Retained messages stay in their tenant.
+    let mut alice = connected(&daemon, "same-id", "alpha:alice");
+    alice.write_all(&publish("news", b"alpha only", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut alice).0, 0x40, "PUBACK");
+    let mut bob = connected(&daemon, "bob", "beta:bob");
+    assert_eq!(first_message(&mut bob, "news", Duration::from_millis(500)), None, "beta saw alpha's retained message");
+    let mut anon = connected(&daemon, "anon", "alpha:");
+    assert_eq!(first_message(&mut anon, "news", Duration::from_secs(5)).as_deref(), Some(&b"alpha only"[..]));
+    // $SYS counts only a tenant's own clients.
+    let mut sys = connected(&daemon, "sys", "beta:");
+    let clients = first_message(&mut sys, "$SYS/broker/clients/connected", Duration::from_secs(15));
+    let count: u32 = String::from_utf8(clients.expect("beta publishes $SYS")).unwrap().parse().unwrap();
+    // Published when beta had one or two clients; alpha's two never count.
+    assert!((1..=2).contains(&count), "beta's $SYS counts {count} clients");
+    // The same client id in the other tenant takes nothing over.
+    let (_twin, present, code) = connect(&daemon, "same-id", "beta:twin", None);
+    assert_eq!((present, code), (0, 0), "a fresh session in beta");
+    alice.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut alice).0, 0xd0, "alpha's client kept its connection");
+}
+
+#[test]
+fn unknown_tenants_and_missing_prefixes_are_refused_without_booting() {
+    if !kvm_available("unknown_tenants_and_missing_prefixes_are_refused_without_booting") {
+        return;
+    }
+    let daemon = Daemon::start("refusals", "[tenants.alpha]\n", &[]);
+    for user in ["gamma:x", "alice", ":x"] {
+        let (_, _, code) = connect(&daemon, "c", user, None);
+        assert_eq!(code, 4, "{user:?} should get 'bad user name or password'");
+    }
+    // MQTT 5 gets its own reason code.
+    let mut v5 = TcpStream::connect(daemon.addr).unwrap();
+    v5.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    v5.write_all(&connect_as(5, "c5", true, Some("nobody:x"), None)).unwrap();
+    let (kind, body) = read_packet(&mut v5);
+    assert_eq!((kind, body[1]), (0x20, 0x86));
+    // Garbage is dropped without a word.
+    let mut garbage = TcpStream::connect(daemon.addr).unwrap();
+    garbage.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert!(try_read_packet(&mut garbage).is_err(), "garbage got an answer");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(!daemon.log_has("booted"), "a VM was booted for a refused client");
+}
+
+#[test]
+fn a_tenants_password_opens_only_that_tenant() {
+    if !kvm_available("a_tenants_password_opens_only_that_tenant") {
+        return;
+    }
+    // mosquitto_passwd -b: user alice, password "secret" (PBKDF2-SHA512).
+    let alice = "alice:$7$101$I2p5Zn01wKWpDT/6$Xfrt09y66vDIbzjDKZm//zHX5CnCeyUL2m7oLqWo+O7daXQsRMOUzYbQgWIsXftfoU+v2Zqp6y9DOvqO80ferg==\n";
+    let daemon = Daemon::start(
+        "passwords",
+        "[tenants.alpha]\npassword_file = \"alpha.passwd\"\n[tenants.beta]\npassword_file = \"beta.passwd\"\n",
+        &[("alpha.passwd", alice), ("beta.passwd", "")],
+    );
+    let (_, _, code) = connect(&daemon, "a", "alpha:alice", Some(b"secret"));
+    assert_eq!(code, 0, "alpha:alice with the right password was refused");
+    let (_, _, code) = connect(&daemon, "b", "beta:alice", Some(b"secret"));
+    assert_eq!(code, 4, "alpha's credentials opened beta");
+    let (_, _, code) = connect(&daemon, "c", "alpha:alice", Some(b"wrong"));
+    assert_eq!(code, 4);
+}
+
+#[test]
+fn killing_one_tenant_leaves_the_others_serving_and_it_comes_back() {
+    if !kvm_available("killing_one_tenant_leaves_the_others_serving_and_it_comes_back") {
+        return;
+    }
+    let daemon = Daemon::start("crash", "[tenants.alpha]\n[tenants.beta]\n", &[]);
+    let mut victim = connected(&daemon, "v", "alpha:");
+    let mut bystander = connected(&daemon, "b", "beta:");
+    let pid = daemon.pid_of("alpha");
+    // SAFETY: kill(2) with a pid the daemon reported for its own child.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    // The victim's clients see their connection end.
+    assert!(try_read_packet(&mut victim).is_err(), "alpha's client outlived its VM");
+    // Beta never noticed.
+    bystander.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut bystander).0, 0xd0);
+    daemon.wait_for(&["crashed", "tenant=alpha"]);
+    daemon.wait_for(&["restarted", "tenant=alpha"]);
+    // Alpha serves again.
+    let mut again = connected(&daemon, "v2", "alpha:");
+    again.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut again).0, 0xd0);
+}
