@@ -90,6 +90,45 @@ pub struct LinkCounters {
     /// Clients reset because the guest's bytes waiting for slow clients
     /// passed the VMM's budget.
     pub shed_clients: AtomicU64,
+    /// Bytes read from clients and written to them.
+    pub client_bytes_in: AtomicU64,
+    pub client_bytes_out: AtomicU64,
+}
+
+/// How often a VM fed by `mqvisor serve` reports its load back on the
+/// handoff socket.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// What a VM fed by `mqvisor serve` reports on the handoff socket: clients
+/// connected, bytes from and to clients, as three u64 LE.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LoadReport {
+    pub clients: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+impl LoadReport {
+    pub const LEN: usize = 24;
+
+    pub fn to_bytes(self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..8].copy_from_slice(&self.clients.to_le_bytes());
+        out[8..16].copy_from_slice(&self.bytes_in.to_le_bytes());
+        out[16..].copy_from_slice(&self.bytes_out.to_le_bytes());
+        out
+    }
+
+    /// `None` unless `bytes` is exactly one report.
+    pub fn from_bytes(bytes: &[u8]) -> Option<LoadReport> {
+        let bytes: &[u8; Self::LEN] = bytes.try_into().ok()?;
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        Some(LoadReport { clients: word(0), bytes_in: word(8), bytes_out: word(16) })
+    }
 }
 
 /// Stops the net thread (closing every client cleanly) and waits for it.
@@ -271,11 +310,13 @@ impl Proxy {
     }
 
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
+        let mut report = tokio::time::interval(REPORT_EVERY);
         loop {
             self.pump();
             let linger = self.next_linger_end().map(|end| end.saturating_duration_since(Instant::now()));
             tokio::select! {
                 _ = &mut stop => break,
+                _ = report.tick(), if self.handoff.is_some() => self.report_load(),
                 accepted = accept(self.listener.as_ref()) => {
                     if let Ok((socket, _)) = accepted {
                         self.accept(socket, Vec::new());
@@ -498,6 +539,7 @@ impl Proxy {
         }
         stream.out.drain(..written);
         self.out_total -= written;
+        self.counters.client_bytes_out.fetch_add(written as u64, Ordering::Relaxed);
         stream.owed += written;
         if stream.out.is_empty() && stream.out.capacity() > 0 {
             // An idle stream keeps no buffer.
@@ -586,6 +628,7 @@ impl Proxy {
             }) {
                 return None;
             }
+            self.counters.client_bytes_in.fetch_add(sent as u64, Ordering::Relaxed);
             let stream = self.streams.get_mut(&id)?;
             stream.first_bytes.drain(..sent);
             if stream.first_bytes.is_empty() {
@@ -613,6 +656,7 @@ impl Proxy {
         match outcome {
             Ok(n) if n > 0 => {
                 quick_ack(&*stream.socket);
+                self.counters.client_bytes_in.fetch_add(n as u64, Ordering::Relaxed);
                 stream.window -= n;
                 self.read_queue.push_back(id);
                 Some(true)
@@ -638,6 +682,18 @@ impl Proxy {
                 Some(true)
             }
         }
+    }
+
+    /// Tells `mqvisor serve` this VM's load (best effort: a full socket
+    /// skips a report).
+    fn report_load(&self) {
+        let Some(handoff) = &self.handoff else { return };
+        let load = LoadReport {
+            clients: self.streams.len() as u64,
+            bytes_in: self.counters.client_bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.counters.client_bytes_out.load(Ordering::Relaxed),
+        };
+        let _ = handoff.get_ref().send(&load.to_bytes());
     }
 
     /// Resets the client with the most guest bytes waiting for it; the guest

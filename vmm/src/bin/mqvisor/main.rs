@@ -63,9 +63,48 @@ enum Commands {
         listen = \"127.0.0.1:1884\"       # optional port of its own, no prefix needed\n\n\
         Exit status: 0 after SIGTERM or Ctrl-C, 125 if the configuration or a listen address is unusable.")]
     Serve(ServeArgs),
+    /// Look at and change the tenants of a running `mqvisor serve`.
+    Tenant(TenantArgs),
     /// Measure mqvisor itself.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(clap::Args)]
+struct TenantArgs {
+    /// The daemon's control socket (its `control_socket`, by default STATE_DIR/control.sock)
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "MQVISOR_SOCKET",
+        default_value = "/var/lib/mqvisor/control.sock",
+        global = true
+    )]
+    socket: PathBuf,
+    /// Print the daemon's JSON answer instead of a table
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    action: TenantAction,
+}
+
+#[derive(Subcommand)]
+enum TenantAction {
+    /// Every tenant: state, process, connections, memory
+    List,
+    /// One tenant
+    Show { name: String },
+    /// Add a tenant while serving (kept across daemon restarts)
+    Add {
+        name: String,
+        /// TOML file with the tenant's settings, as in a [tenants.NAME] table
+        #[arg(long, value_name = "PATH")]
+        settings: Option<PathBuf>,
+    },
+    /// Remove a tenant: its clients are disconnected and its VM stopped
+    Remove { name: String },
+    /// Restart a tenant's VM now
+    Restart { name: String },
 }
 
 #[derive(clap::Args)]
@@ -275,6 +314,75 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+/// `mqvisor tenant ...`: one request to the daemon's control socket.
+fn tenant_command(args: TenantArgs) -> ExitCode {
+    use hyper::{Method, StatusCode};
+    let (method, path, body) = match &args.action {
+        TenantAction::List => (Method::GET, "/tenants".to_string(), String::new()),
+        TenantAction::Show { name } => (Method::GET, format!("/tenants/{name}"), String::new()),
+        TenantAction::Add { name, settings } => {
+            let body = match settings.as_ref().map(std::fs::read_to_string).transpose() {
+                Ok(body) => body.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("mqvisor: tenant add: cannot read the settings file: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            (Method::PUT, format!("/tenants/{name}"), body)
+        }
+        TenantAction::Remove { name } => (Method::DELETE, format!("/tenants/{name}"), String::new()),
+        TenantAction::Restart { name } => (Method::POST, format!("/tenants/{name}/restart"), String::new()),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (status, text) = match runtime.block_on(serve::control::request(&args.socket, method, &path, body)) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(text);
+        eprintln!("mqvisor: {message}");
+        return ExitCode::FAILURE;
+    }
+    let views: Option<Vec<serve::control::TenantView>> = match &args.action {
+        TenantAction::List => serde_json::from_str(&text).ok(),
+        TenantAction::Show { .. } => serde_json::from_str(&text).ok().map(|t| vec![t]),
+        _ => None,
+    };
+    match views {
+        Some(_) if args.json => print!("{text}"),
+        Some(views) => {
+            println!(
+                "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}",
+                "TENANT", "STATE", "PID", "CONNECTIONS", "MEMORY", "PSS", "BOOTS"
+            );
+            for t in views {
+                let pid = t.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+                let pss = format!("{:.1} MiB", t.pss_bytes as f64 / f64::from(1 << 20));
+                let memory = format!("{} MiB", t.memory_mib);
+                println!(
+                    "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}",
+                    t.name, t.state, pid, t.connections, memory, pss, t.boots
+                );
+            }
+        }
+        None if status == StatusCode::CREATED => println!("added"),
+        None => println!("done"),
+    }
+    ExitCode::SUCCESS
+}
+
 /// The unix datagram socket `mqvisor serve` left open as descriptor `fd`.
 fn handoff_socket(fd: i32) -> Result<std::os::unix::net::UnixDatagram, String> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -338,6 +446,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Commands::Run(args) => run(args),
+        Commands::Tenant(args) => tenant_command(args),
         Commands::Serve(args) => {
             tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
             let exe = match std::env::current_exe() {

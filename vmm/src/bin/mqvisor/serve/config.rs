@@ -37,7 +37,33 @@ const DEFAULT_MEMORY_MIB: u32 = 64;
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
+    /// The control API's unix socket (default `STATE_DIR/control.sock`).
+    pub control_socket: PathBuf,
+    /// Where `/metrics` is served, if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// What tenants added while serving start from.
+    pub defaults: Defaults,
+}
+
+/// The `[defaults]` table.
+#[derive(Debug, Clone)]
+pub struct Defaults {
+    memory_mib: Option<u32>,
+    broker: BrokerFlags,
+}
+
+impl Defaults {
+    /// A tenant from its TOML `table` (paths relative to `base`), over these
+    /// defaults, checked.
+    pub fn tenant(&self, table: toml::Table, base: &Path) -> Result<TenantConfig, String> {
+        let own = extra(table, base, "settings")?;
+        let broker = own.broker.over(&self.broker).map_err(|e| e.to_string())?;
+        // Checked now: a bad tenant fails where it is declared, naming itself.
+        broker.resolve().map_err(|e| e.to_string())?;
+        let memory_mib = own.memory.or(self.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
+        Ok(TenantConfig { memory_mib, listen: own.listen, broker })
+    }
 }
 
 /// One tenant, with the defaults applied.
@@ -128,6 +154,18 @@ impl ServeConfig {
             None => return Err(syntax("state_dir is required (where tenants' files are kept)".into())),
             Some(v) => base.join(v.as_str().ok_or_else(|| syntax("state_dir must be a path".into()))?),
         };
+        let control_socket = match root.remove("control_socket") {
+            None => state_dir.join("control.sock"),
+            Some(v) => base.join(v.as_str().ok_or_else(|| syntax("control_socket must be a path".into()))?),
+        };
+        let metrics_listen = match root.remove("metrics_listen") {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| syntax("metrics_listen must be an address".into()))?,
+            ),
+        };
         let defaults = match root.remove("defaults") {
             None => Extra { memory: None, listen: None, broker: BrokerFlags::default() },
             Some(toml::Value::Table(t)) => extra(t, &base, "[defaults]").map_err(syntax)?,
@@ -136,13 +174,16 @@ impl ServeConfig {
         if defaults.listen.is_some() {
             return Err(syntax("[defaults] cannot set listen: each tenant's own port must differ".into()));
         }
+        let defaults = Defaults { memory_mib: defaults.memory, broker: defaults.broker };
         let tables = match root.remove("tenants") {
             None => toml::Table::new(),
             Some(toml::Value::Table(t)) => t,
             Some(_) => return Err(syntax("tenants must be tables, [tenants.NAME]".into())),
         };
         if let Some(key) = root.keys().next() {
-            return Err(syntax(format!("unknown key {key:?} (expected listen, state_dir, defaults, tenants)")));
+            return Err(syntax(format!(
+                "unknown key {key:?} (expected listen, state_dir, control_socket, metrics_listen, defaults, tenants)"
+            )));
         }
         let mut tenants = BTreeMap::new();
         for (name, value) in tables {
@@ -153,14 +194,10 @@ impl ServeConfig {
             let toml::Value::Table(table) = value else {
                 return Err(tenant_error("must be a table".into()));
             };
-            let own = extra(table, &base, "settings").map_err(tenant_error)?;
-            let broker = own.broker.over(&defaults.broker).map_err(|e| tenant_error(e.to_string()))?;
-            // Checked now: a bad tenant fails the start, naming itself.
-            broker.resolve().map_err(|e| tenant_error(e.to_string()))?;
-            let memory_mib = own.memory.or(defaults.memory).unwrap_or(DEFAULT_MEMORY_MIB);
-            tenants.insert(name, TenantConfig { memory_mib, listen: own.listen, broker });
+            let tenant = defaults.tenant(table, &base).map_err(tenant_error)?;
+            tenants.insert(name, tenant);
         }
-        Ok(ServeConfig { listen, state_dir, tenants })
+        Ok(ServeConfig { listen, state_dir, control_socket, metrics_listen, tenants, defaults })
     }
 }
 

@@ -9,6 +9,7 @@
 //! client's socket itself is handed to the tenant's process.
 
 pub mod config;
+pub mod control;
 pub mod front;
 pub mod tenant;
 
@@ -20,7 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use config::ServeConfig;
+use config::{Defaults, ServeConfig, TenantConfig, valid_tenant_name};
+use control::Command;
 use front::Route;
 use tenant::{Exited, Tenant};
 
@@ -51,14 +53,75 @@ pub fn serve(config_path: &Path, exe: &Path) -> Result<(), ServeError> {
     runtime.block_on(run(config, exe.to_path_buf()))
 }
 
-async fn run(config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
+/// Tenants added or removed while serving, kept in `state_dir` so that a
+/// restarted daemon has the same tenants.
+struct Changes {
+    /// `NAME.toml`: the table of a tenant added while serving.
+    added: PathBuf,
+    /// `NAME`: a marker for a tenant of the file removed while serving.
+    removed: PathBuf,
+}
+
+impl Changes {
+    fn new(state_dir: &Path) -> std::io::Result<Changes> {
+        let changes = Changes { added: state_dir.join("added"), removed: state_dir.join("removed") };
+        std::fs::create_dir_all(&changes.added)?;
+        std::fs::create_dir_all(&changes.removed)?;
+        Ok(changes)
+    }
+
+    /// The file's tenants with the changes made while serving applied.
+    fn apply(&self, tenants: &mut BTreeMap<String, TenantConfig>, defaults: &Defaults) -> Result<(), String> {
+        for entry in std::fs::read_dir(&self.removed).map_err(|e| e.to_string())?.flatten() {
+            tenants.remove(&entry.file_name().to_string_lossy().into_owned());
+        }
+        for entry in std::fs::read_dir(&self.added).map_err(|e| e.to_string())?.flatten() {
+            let path = entry.path();
+            let Some(name) = path.file_stem().map(|n| n.to_string_lossy().into_owned()) else { continue };
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            let tenant = defaults.tenant(table, &self.added).map_err(|e| format!("{}: {e}", path.display()))?;
+            tenants.insert(name, tenant);
+        }
+        Ok(())
+    }
+
+    fn add(&self, name: &str, table: &str) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(self.removed.join(name));
+        std::fs::write(self.added.join(format!("{name}.toml")), table)
+    }
+
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        let _ = std::fs::remove_file(self.added.join(format!("{name}.toml")));
+        std::fs::write(self.removed.join(name), "")
+    }
+}
+
+type Names = std::sync::Arc<std::sync::RwLock<Vec<String>>>;
+
+async fn run(mut config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
     let state_error = |source| ServeError::State { path: config.state_dir.clone(), source };
+    std::fs::create_dir_all(&config.state_dir).map_err(state_error)?;
+    let changes = Changes::new(&config.state_dir).map_err(state_error)?;
+    changes
+        .apply(&mut config.tenants, &config.defaults)
+        .map_err(|e| ServeError::State { path: config.state_dir.clone(), source: std::io::Error::other(e) })?;
     let mut tenants = BTreeMap::new();
     for (name, tenant) in &config.tenants {
         tenants.insert(name.clone(), Tenant::new(name, tenant.clone(), &config.state_dir).map_err(state_error)?);
     }
     let (routed_tx, mut routed) = mpsc::unbounded_channel::<Routed>();
-    let names: std::sync::Arc<Vec<String>> = std::sync::Arc::new(config.tenants.keys().cloned().collect());
+    let names: Names = std::sync::Arc::new(std::sync::RwLock::new(config.tenants.keys().cloned().collect()));
+    let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
+    control::serve_control(config.control_socket.clone(), commands_tx.clone())
+        .await
+        .map_err(|source| ServeError::State { path: config.control_socket.clone(), source })?;
+    tracing::info!(socket = %config.control_socket.display(), "control API");
+    if let Some(addr) = config.metrics_listen {
+        let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr, source })?;
+        tracing::info!(listen = %addr, "metrics");
+        control::serve_metrics(listener, commands_tx.clone());
+    }
     let bind =
         |addr| async move { TcpListener::bind(addr).await.map_err(|source| ServeError::Listen { addr, source }) };
     let shared = bind(config.listen).await?;
@@ -91,6 +154,36 @@ async fn run(config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
                     tenant.on_exit(e.pid, &e.status);
                 }
             }
+            Some(command) = commands.recv() => match command {
+                Command::List(reply) => {
+                    let _ = reply.send(tenants.values().map(Tenant::view).collect());
+                }
+                Command::Add { name, table, reply } => {
+                    let added = add_tenant(&mut tenants, &name, &table, &config, &changes, &names);
+                    let _ = reply.send(added);
+                }
+                Command::Remove { name, reply } => {
+                    let removed = match tenants.remove(&name) {
+                        None => Err(format!("no tenant {name:?}")),
+                        Some(mut tenant) => {
+                            tenant.stop();
+                            if let Ok(mut names) = names.write() {
+                                names.retain(|n| n != &name);
+                            }
+                            tracing::info!(tenant = %name, "removed");
+                            changes.remove(&name).map_err(|e| format!("keeping the removal: {e}"))
+                        }
+                    };
+                    let _ = reply.send(removed);
+                }
+                Command::Restart { name, reply } => {
+                    let restarted = match tenants.get_mut(&name) {
+                        None => Err(format!("no tenant {name:?}")),
+                        Some(tenant) => tenant.restart(&exe, &exited_tx).map_err(|e| e.to_string()),
+                    };
+                    let _ = reply.send(restarted);
+                }
+            },
             () = mqvisor::net::paced::sleep_or_forever(restart_delay) => {
                 for tenant in tenants.values_mut() {
                     tenant.restart_if_due(&exe, &exited_tx);
@@ -98,6 +191,7 @@ async fn run(config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
             }
         }
     }
+    let _ = std::fs::remove_file(&config.control_socket);
     tracing::info!("stopping every tenant");
     for tenant in tenants.values_mut() {
         tenant.stop();
@@ -108,12 +202,42 @@ async fn run(config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
     Ok(())
 }
 
+/// Adds tenant `name` from its TOML `table` while serving, and keeps it.
+fn add_tenant(
+    tenants: &mut BTreeMap<String, Tenant>,
+    name: &str,
+    table: &str,
+    config: &ServeConfig,
+    changes: &Changes,
+    names: &Names,
+) -> Result<(), String> {
+    if !valid_tenant_name(name) {
+        return Err(format!("tenant name {name:?}: use 1 to 64 of a-z, 0-9, '-' and '_'"));
+    }
+    if tenants.contains_key(name) {
+        return Err(format!("tenant {name:?} exists"));
+    }
+    let parsed: toml::Table = toml::from_str(table).map_err(|e| format!("tenant {name}: {}", e.message()))?;
+    let tenant_config = config.defaults.tenant(parsed, &changes.added).map_err(|e| format!("tenant {name}: {e}"))?;
+    if tenant_config.listen.is_some() {
+        return Err(format!("tenant {name}: a port of its own can only be set in the configuration file"));
+    }
+    let tenant = Tenant::new(name, tenant_config, &config.state_dir).map_err(|e| e.to_string())?;
+    changes.add(name, table).map_err(|e| format!("keeping the tenant: {e}"))?;
+    tenants.insert(name.to_string(), tenant);
+    if let Ok(mut names) = names.write() {
+        names.push(name.to_string());
+    }
+    tracing::info!(tenant = %name, "added");
+    Ok(())
+}
+
 /// Accepts clients on one port and routes each from its own task, so a slow
 /// or silent client never holds up another.
 async fn accept_loop(
     listener: TcpListener,
     tenant: Option<String>,
-    names: std::sync::Arc<Vec<String>>,
+    names: Names,
     routed: mpsc::UnboundedSender<Routed>,
 ) {
     loop {
@@ -126,7 +250,8 @@ async fn accept_loop(
         tokio::spawn(async move {
             let _ = client.set_nodelay(true);
             let Some(bytes) = front::read_first_packet(&mut client).await else { return };
-            match front::route(&bytes, tenant.as_deref(), |t| names.iter().any(|n| n == t)) {
+            let known = |t: &str| names.read().is_ok_and(|names| names.iter().any(|n| n == t));
+            match front::route(&bytes, tenant.as_deref(), known) {
                 Route::Tenant { tenant, first_bytes } => {
                     let _ = routed.send(Routed { tenant, client, first_bytes });
                 }

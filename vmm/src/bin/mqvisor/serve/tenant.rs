@@ -10,8 +10,10 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mqvisor::net::proxy::LoadReport;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
@@ -19,6 +21,14 @@ use tokio::sync::mpsc;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::config::TenantConfig;
+use super::control::TenantView;
+
+/// The proportional set size of process `pid`, bytes.
+fn pss_bytes(pid: u32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let kib: u64 = rollup.lines().find_map(|l| l.strip_prefix("Pss:"))?.split_whitespace().next()?.parse().ok()?;
+    Some(kib * 1024)
+}
 
 /// The descriptor number the handoff socket has in the tenant's process.
 const HANDOFF_FD: i32 = 3;
@@ -64,10 +74,13 @@ pub struct Tenant {
     pub state: State,
     pub boots: u64,
     pub crashes: u64,
+    pub restarts: u64,
     backoff: Duration,
     pub restart_at: Option<Instant>,
     /// Clients that arrived while the tenant waits to restart.
     waiting: Vec<(TcpStream, Vec<u8>)>,
+    /// What its process last reported.
+    load: Arc<Mutex<LoadReport>>,
 }
 
 impl Tenant {
@@ -86,14 +99,56 @@ impl Tenant {
             state: State::Stopped,
             boots: 0,
             crashes: 0,
+            restarts: 0,
             backoff: BACKOFF_FIRST,
             restart_at: None,
             waiting: Vec::new(),
+            load: Arc::default(),
         })
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(|p| p.pid)
+    }
+
+    /// What its process last reported (zeros when it has none).
+    fn load(&self) -> LoadReport {
+        match (&self.process, self.load.lock()) {
+            (Some(_), Ok(load)) => *load,
+            _ => LoadReport::default(),
+        }
+    }
+
+    /// How the control plane shows it.
+    pub fn view(&self) -> TenantView {
+        let load = self.load();
+        let state = match self.state {
+            State::Stopped => "stopped",
+            State::Running => "running",
+            State::Crashed => "crashed",
+        };
+        TenantView {
+            name: self.name.clone(),
+            state: state.into(),
+            pid: self.pid(),
+            connections: load.clients,
+            boots: self.boots,
+            crashes: self.crashes,
+            restarts: self.restarts,
+            memory_mib: self.config.memory_mib,
+            bytes_in: load.bytes_in,
+            bytes_out: load.bytes_out,
+            pss_bytes: self.pid().and_then(pss_bytes).unwrap_or(0),
+        }
+    }
+
+    /// Stops its VM and boots a fresh one now.
+    pub fn restart(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) -> std::io::Result<()> {
+        self.stop();
+        self.start(exe, exited)?;
+        self.restarts += 1;
+        tracing::info!(tenant = %self.name, "restarted on request");
+        Ok(())
     }
 
     /// Hands `client` (and the bytes read from it) to this tenant's VM,
@@ -132,6 +187,7 @@ impl Tenant {
         self.restart_at = None;
         match self.start(exe, exited) {
             Ok(()) => {
+                self.restarts += 1;
                 tracing::info!(tenant = %self.name, "restarted");
                 for (client, bytes) in std::mem::take(&mut self.waiting) {
                     self.hand(client, bytes, exe, exited);
@@ -179,9 +235,10 @@ impl Tenant {
         let (clients, queue) = mpsc::channel(HANDOFF_QUEUE);
         // SAFETY: `UnixDatagram` owns its descriptor, keeps it open until
         // dropped and always returns the same one; the AsyncFd owns it.
-        let ours =
-            unsafe { AsyncFd::register_with_interest(ours, Interest::WRITABLE) }.map_err(std::io::Error::from)?;
-        tokio::spawn(hand_over(ours, queue));
+        let ours = unsafe { AsyncFd::register_with_interest(ours, Interest::READABLE | Interest::WRITABLE) }
+            .map_err(std::io::Error::from)?;
+        *self.load.lock().map_err(|_| std::io::Error::other("load lock poisoned"))? = LoadReport::default();
+        tokio::spawn(link(ours, queue, self.load.clone()));
         let (tenant, exited) = (self.name.clone(), exited.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -228,25 +285,56 @@ impl Tenant {
     }
 }
 
-/// Hands each queued client to the tenant's process: its socket by
-/// SCM_RIGHTS and the bytes already read, as one datagram. Waits while the
-/// process's queue is full; ends when the process is gone.
-async fn hand_over(socket: AsyncFd<UnixDatagram>, mut queue: mpsc::Receiver<(TcpStream, Vec<u8>)>) {
-    while let Some((client, bytes)) = queue.recv().await {
-        loop {
-            let Ok(mut guard) = socket.writable().await else { return };
-            let sent = guard.try_io(|inner| {
-                inner
-                    .get_ref()
-                    .send_with_fd(&bytes[..], client.as_raw_fd())
-                    .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
-            });
-            match sent {
-                // The process has its own copy of the socket now.
-                Ok(Ok(_)) => break,
-                Ok(Err(_)) => return,
-                Err(_would_block) => continue,
+/// The link to a tenant's process: hands each queued client over (its
+/// socket by SCM_RIGHTS and the bytes already read, as one datagram; waits
+/// while the process's queue is full) and keeps the load it reports. Ends
+/// when the process is gone.
+async fn link(
+    socket: AsyncFd<UnixDatagram>,
+    mut queue: mpsc::Receiver<(TcpStream, Vec<u8>)>,
+    load: Arc<Mutex<LoadReport>>,
+) {
+    let mut report = [0u8; LoadReport::LEN + 1];
+    loop {
+        tokio::select! {
+            client = queue.recv() => {
+                let Some((client, bytes)) = client else { return };
+                if !send_client(&socket, &client, &bytes).await {
+                    return;
+                }
             }
+            ready = socket.readable() => {
+                let Ok(mut guard) = ready else { return };
+                while let Ok(received) = guard.try_io(|inner| inner.get_ref().recv(&mut report)) {
+                    match received {
+                        Ok(len) => {
+                            if let (Some(now), Ok(mut load)) = (LoadReport::from_bytes(&report[..len]), load.lock()) {
+                                *load = now;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sends one client; false once the process is gone.
+async fn send_client(socket: &AsyncFd<UnixDatagram>, client: &TcpStream, bytes: &[u8]) -> bool {
+    loop {
+        let Ok(mut guard) = socket.writable().await else { return false };
+        let sent = guard.try_io(|inner| {
+            inner
+                .get_ref()
+                .send_with_fd(bytes, client.as_raw_fd())
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        });
+        match sent {
+            // The process has its own copy of the socket now.
+            Ok(Ok(_)) => return true,
+            Ok(Err(_)) => return false,
+            Err(_would_block) => continue,
         }
     }
 }

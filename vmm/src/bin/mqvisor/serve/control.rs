@@ -1,0 +1,273 @@
+//! The daemon's control plane: HTTP/JSON on a unix socket (as Firecracker's
+//! API is), `/metrics` in the Prometheus text format on a TCP address, and
+//! the `mqvisor tenant ...` client of the socket.
+//!
+//! Owns the HTTP surface and its wording. Every request becomes a
+//! [`Command`] for the daemon's loop, which owns the tenants; nothing here
+//! touches a tenant directly.
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /tenants` | JSON array of tenants |
+//! | `GET /tenants/NAME` | one tenant |
+//! | `PUT /tenants/NAME` (body: its TOML table) | add it (kept in `state_dir`) |
+//! | `DELETE /tenants/NAME` | stop and remove it (kept in `state_dir`) |
+//! | `POST /tenants/NAME/restart` | restart its VM |
+
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+/// Largest request body (a tenant's TOML table).
+const MAX_BODY: usize = 64 * 1024;
+
+/// One tenant as the control plane shows it.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct TenantView {
+    pub name: String,
+    /// `stopped`, `running` or `crashed`.
+    pub state: String,
+    pub pid: Option<u32>,
+    pub connections: u64,
+    pub boots: u64,
+    pub crashes: u64,
+    pub restarts: u64,
+    pub memory_mib: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Proportional set size of its process, bytes (0 when stopped).
+    pub pss_bytes: u64,
+}
+
+/// What a request asks of the daemon.
+pub enum Command {
+    List(oneshot::Sender<Vec<TenantView>>),
+    Add { name: String, table: String, reply: oneshot::Sender<Result<(), String>> },
+    Remove { name: String, reply: oneshot::Sender<Result<(), String>> },
+    Restart { name: String, reply: oneshot::Sender<Result<(), String>> },
+}
+
+fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => respond(StatusCode::OK, text + "\n"),
+        Err(e) => respond(StatusCode::INTERNAL_SERVER_ERROR, format!("{{\"error\": \"{e}\"}}\n")),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    respond(status, serde_json::json!({ "error": message }).to_string() + "\n")
+}
+
+async fn ask<T>(
+    commands: &mpsc::UnboundedSender<Command>,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Option<T> {
+    let (reply, answer) = oneshot::channel();
+    commands.send(make(reply)).ok()?;
+    answer.await.ok()
+}
+
+async fn handle(request: Request<Incoming>, commands: mpsc::UnboundedSender<Command>) -> Response<Full<Bytes>> {
+    let path = request.uri().path().trim_end_matches('/').to_string();
+    let parts: Vec<&str> = path.split('/').skip(1).collect();
+    let gone = || error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
+    let done = |result: Option<Result<(), String>>, ok: StatusCode| match result {
+        Some(Ok(())) => respond(ok, String::new()),
+        Some(Err(e)) if e.starts_with("no tenant") => error(StatusCode::NOT_FOUND, &e),
+        Some(Err(e)) => error(StatusCode::BAD_REQUEST, &e),
+        None => gone(),
+    };
+    match (request.method().clone(), parts.as_slice()) {
+        (Method::GET, ["tenants"]) => match ask(&commands, Command::List).await {
+            Some(list) => json(&list),
+            None => gone(),
+        },
+        (Method::GET, ["tenants", name]) => match ask(&commands, Command::List).await {
+            Some(list) => match list.into_iter().find(|t| t.name == *name) {
+                Some(tenant) => json(&tenant),
+                None => error(StatusCode::NOT_FOUND, &format!("no tenant {name:?}")),
+            },
+            None => gone(),
+        },
+        (Method::PUT, ["tenants", name]) => {
+            let name = name.to_string();
+            let body = match Limited::new(request.into_body(), MAX_BODY).collect().await {
+                Ok(body) => body.to_bytes(),
+                Err(_) => return error(StatusCode::PAYLOAD_TOO_LARGE, "the body must be at most 64 KiB"),
+            };
+            let Ok(table) = String::from_utf8(body.to_vec()) else {
+                return error(StatusCode::BAD_REQUEST, "the body must be UTF-8 TOML");
+            };
+            done(ask(&commands, |reply| Command::Add { name, table, reply }).await, StatusCode::CREATED)
+        }
+        (Method::DELETE, ["tenants", name]) => {
+            let name = name.to_string();
+            done(ask(&commands, |reply| Command::Remove { name, reply }).await, StatusCode::NO_CONTENT)
+        }
+        (Method::POST, ["tenants", name, "restart"]) => {
+            let name = name.to_string();
+            done(ask(&commands, |reply| Command::Restart { name, reply }).await, StatusCode::NO_CONTENT)
+        }
+        _ => error(StatusCode::NOT_FOUND, &format!("no such request: {} {path}", request.method())),
+    }
+}
+
+/// Serves the control API on `path` (replacing a stale socket file).
+pub async fn serve_control(path: PathBuf, commands: mpsc::UnboundedSender<Command>) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let commands = commands.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request| {
+                    let commands = commands.clone();
+                    async move { Ok::<_, Infallible>(handle(request, commands).await) }
+                });
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// The Prometheus text for `tenants`, every series labelled `tenant`.
+pub fn metrics_text(tenants: &[TenantView]) -> String {
+    type Labels = Vec<(String, String)>;
+    let mut registry = Registry::with_prefix("mqvisor_tenant");
+    let gauge = |registry: &mut Registry, name: &str, help: &str| {
+        let family = Family::<Labels, Gauge>::default();
+        registry.register(name, help, family.clone());
+        family
+    };
+    let counter = |registry: &mut Registry, name: &str, help: &str| {
+        let family = Family::<Labels, Counter>::default();
+        registry.register(name, help, family.clone());
+        family
+    };
+    let up = gauge(&mut registry, "up", "1 while the tenant's VM runs");
+    let connections = gauge(&mut registry, "connections", "Client connections carried into the VM");
+    let pss = gauge(&mut registry, "pss_bytes", "Proportional set size of the tenant's process");
+    let memory = gauge(&mut registry, "memory_bytes", "Guest RAM the tenant's VM is given");
+    let boots = counter(&mut registry, "boots", "VM boots");
+    let crashes = counter(&mut registry, "crashes", "Unexpected ends of the VM's process");
+    let restarts = counter(&mut registry, "restarts", "Restarts after a crash or on request");
+    let bytes_in = counter(&mut registry, "client_bytes_in", "Bytes read from clients");
+    let bytes_out = counter(&mut registry, "client_bytes_out", "Bytes written to clients");
+    for t in tenants {
+        let labels = vec![("tenant".to_string(), t.name.clone())];
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        up.get_or_create(&labels).set(i64::from(t.state == "running"));
+        connections.get_or_create(&labels).set(as_i64(t.connections));
+        pss.get_or_create(&labels).set(as_i64(t.pss_bytes));
+        memory.get_or_create(&labels).set(as_i64(u64::from(t.memory_mib) << 20));
+        boots.get_or_create(&labels).inc_by(t.boots);
+        crashes.get_or_create(&labels).inc_by(t.crashes);
+        restarts.get_or_create(&labels).inc_by(t.restarts);
+        bytes_in.get_or_create(&labels).inc_by(t.bytes_in);
+        bytes_out.get_or_create(&labels).inc_by(t.bytes_out);
+    }
+    let mut text = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+    text
+}
+
+/// Serves `GET /metrics` on `listener`.
+pub fn serve_metrics(listener: TcpListener, commands: mpsc::UnboundedSender<Command>) {
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let commands = commands.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let commands = commands.clone();
+                    async move {
+                        if request.uri().path() != "/metrics" {
+                            return Ok::<_, Infallible>(error(StatusCode::NOT_FOUND, "only /metrics is here"));
+                        }
+                        Ok(match ask(&commands, Command::List).await {
+                            Some(list) => respond(StatusCode::OK, metrics_text(&list)),
+                            None => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
+                        })
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            });
+        }
+    });
+}
+
+/// `mqvisor tenant ...`: one request to the daemon on `socket`; returns the
+/// status and body, or a one-line error when nothing answers.
+pub async fn request(socket: &Path, method: Method, path: &str, body: String) -> Result<(StatusCode, String), String> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        format!(
+            "no mqvisor serve answers on {} ({e}); is it running, and is --socket its control socket?",
+            socket.display()
+        )
+    })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("talking to {}: {e}", socket.display()))?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "mqvisor")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| format!("talking to {}: {e}", socket.display()))?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_label_every_series_with_its_tenant() {
+        let tenant = TenantView {
+            name: "acme".into(),
+            state: "running".into(),
+            pid: Some(7),
+            connections: 3,
+            boots: 2,
+            crashes: 1,
+            restarts: 1,
+            memory_mib: 64,
+            bytes_in: 10,
+            bytes_out: 20,
+            pss_bytes: 4096,
+        };
+        let text = metrics_text(&[tenant]);
+        assert!(text.contains("mqvisor_tenant_up{tenant=\"acme\"} 1"), "{text}");
+        assert!(text.contains("mqvisor_tenant_connections{tenant=\"acme\"} 3"), "{text}");
+        assert!(text.contains("mqvisor_tenant_crashes_total{tenant=\"acme\"} 1"), "{text}");
+        assert!(text.contains("mqvisor_tenant_client_bytes_out_total{tenant=\"acme\"} 20"), "{text}");
+        let series = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty());
+        assert!(series.clone().count() >= 9);
+        assert!(series.clone().all(|l| l.contains("tenant=\"acme\"")), "{text}");
+    }
+}
