@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 use common::wire::{connect_as, publish, read_packet, subscribe, try_read_packet};
 use common::{kvm_available, mqvisor};
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
 /// A running daemon with its log lines.
 struct Daemon {
     child: Child,
@@ -35,9 +39,19 @@ impl Daemon {
         let config = dir.join("serve.toml");
         std::fs::write(
             &config,
-            format!("listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[defaults]\nmemory = 64\nmax_connections = 100\n{tenants}"),
+            format!(
+                "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
+                 [defaults]\nmemory = 64\nmax_connections = 100\n{tenants}",
+                free_port()
+            ),
         )
         .unwrap();
+        Daemon::spawn(dir)
+    }
+
+    /// Starts `mqvisor serve` on `dir/serve.toml` and waits until it listens.
+    fn spawn(dir: PathBuf) -> Daemon {
+        let config = dir.join("serve.toml");
         let mut child = mqvisor()
             .arg("serve")
             .arg("--config")
@@ -81,16 +95,43 @@ impl Daemon {
         pid.parse().unwrap()
     }
 
+    /// `mqvisor tenant ARGS` against this daemon: exit success and stdout.
+    fn tenant(&self, args: &[&str]) -> (bool, String, String) {
+        let out = mqvisor()
+            .arg("tenant")
+            .args(args)
+            .arg("--socket")
+            .arg(self.dir.join("state/control.sock"))
+            .output()
+            .unwrap();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.success(), text(&out.stdout), text(&out.stderr))
+    }
+
+    /// The tenants as `mqvisor tenant list --json` shows them.
+    fn list(&self) -> Vec<serde_json::Value> {
+        let (ok, json, err) = self.tenant(&["list", "--json"]);
+        assert!(ok, "tenant list failed: {err}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&json).unwrap()
+    }
+
     fn log_has(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
+impl Daemon {
+    /// Stops the daemon (SIGTERM) and waits for it.
+    fn stop(&mut self) {
         // SAFETY: kill(2) on our own child with a valid signal.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -220,4 +261,59 @@ fn killing_one_tenant_leaves_the_others_serving_and_it_comes_back() {
     let mut again = connected(&daemon, "v2", "alpha:");
     again.write_all(&[0xc0, 0]).unwrap();
     assert_eq!(read_packet(&mut again).0, 0xd0);
+}
+
+#[test]
+fn tenants_are_listed_added_removed_and_kept_across_restarts() {
+    if !kvm_available("tenants_are_listed_added_removed_and_kept_across_restarts") {
+        return;
+    }
+    let mut daemon = Daemon::start("control", "[tenants.alpha]\n[tenants.beta]\n", &[]);
+    let list = daemon.list();
+    assert_eq!(list.len(), 2);
+    for t in &list {
+        assert_eq!(t["state"], "stopped", "{t}");
+        assert!(t["pid"].is_null() && t["connections"] == 0, "{t}");
+    }
+    // A client boots alpha; the list shows its process and connection.
+    let mut alice = connected(&daemon, "a", "alpha:alice");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let alpha = loop {
+        let alpha = daemon.list().into_iter().find(|t| t["name"] == "alpha").unwrap();
+        if alpha["connections"] == 1 || Instant::now() > deadline {
+            break alpha;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!((alpha["state"].as_str(), alpha["connections"].as_u64()), (Some("running"), Some(1)), "{alpha}");
+    assert!(alpha["pid"].as_u64().is_some_and(|p| p > 0) && alpha["pss_bytes"].as_u64() > Some(0), "{alpha}");
+    // Metrics name every tenant.
+    let metrics_port = std::fs::read_to_string(daemon.dir.join("serve.toml")).unwrap();
+    let port = metrics_port.split("127.0.0.1:").nth(2).and_then(|r| r.split('"').next()).unwrap().to_string();
+    let mut http = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut page = String::new();
+    std::io::Read::read_to_string(&mut http, &mut page).unwrap();
+    assert!(page.contains("mqvisor_tenant_up{tenant=\"alpha\"} 1"), "{page}");
+    assert!(page.contains("mqvisor_tenant_up{tenant=\"beta\"} 0"), "{page}");
+    // Added while serving: reachable at once.
+    let (ok, _, err) = daemon.tenant(&["add", "gamma"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = daemon.tenant(&["add", "gamma"]);
+    assert!(!ok && err.contains("exists"), "{err}");
+    drop(connected(&daemon, "g", "gamma:"));
+    // Removed while serving: its clients are disconnected, new ones refused.
+    let (ok, _, err) = daemon.tenant(&["remove", "alpha"]);
+    assert!(ok, "{err}");
+    assert!(try_read_packet(&mut alice).is_err(), "alpha's client outlived its removal");
+    assert_eq!(connect(&daemon, "a2", "alpha:alice", None).2, 4);
+    // A restarted daemon has the same tenants.
+    daemon.stop();
+    let names = |list: Vec<serde_json::Value>| {
+        let mut names: Vec<String> = list.iter().map(|t| t["name"].as_str().unwrap().to_string()).collect();
+        names.sort();
+        names
+    };
+    let restarted = Daemon::spawn(daemon.dir.clone());
+    assert_eq!(names(restarted.list()), ["beta", "gamma"]);
 }
