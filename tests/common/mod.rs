@@ -104,12 +104,17 @@ impl RunningVm {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
     }
 
-    /// Proportional set size of the mqvisor process (its share of every page
-    /// it maps, guest memory the guest touched included), in KiB.
-    pub fn pss_kib(&self) -> u64 {
+    /// Memory of the mqvisor process that no other process shares
+    /// (Private_Clean + Private_Dirty), in KiB: unlike PSS it does not move
+    /// when another process maps the same binary, so tests running side by
+    /// side cannot disturb it.
+    pub fn private_kib(&self) -> u64 {
         let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.child.id())).unwrap();
-        let line = rollup.lines().find(|l| l.starts_with("Pss:")).unwrap();
-        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        rollup
+            .lines()
+            .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
+            .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
+            .sum()
     }
 
     /// Resident set of the mqvisor process, in KiB.
