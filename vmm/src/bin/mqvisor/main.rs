@@ -192,6 +192,17 @@ enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         memory: u32,
     },
+    /// A host of tenants behind `mqvisor serve`: PSS per idle tenant, first
+    /// CONNACK for a stopped and a running tenant, and QoS 1 throughput
+    /// through the shared port beside `mqvisor run` and Mosquitto.
+    Serve {
+        /// Tenants, each booted by one client that stays connected
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=5000))]
+        tenants: u32,
+        /// QoS 1 messages in the throughput comparison
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(100..=10_000_000))]
+        messages: u32,
+    },
     /// What connections cost: PSS per idle connection, new connections per
     /// second, PSS after churn, and a large message's QoS 1 round trip, for
     /// Mosquitto, the host-native runner and a tenant VM side by side.
@@ -493,6 +504,9 @@ fn main() -> ExitCode {
                             return Err("--scale must be in (0, 100]".to_string());
                         }
                         bench::mqtt::mqtt(&exe, scale, !no_vm, memory)
+                    }
+                    BenchCommand::Serve { tenants, messages } => {
+                        bench::serve::serve(&exe, tenants as usize, messages as usize)
                     }
                     BenchCommand::Conns { idle, churn, large_mib, no_vm } => {
                         bench::conns::conns(&exe, idle as usize, churn as usize, large_mib as usize, !no_vm)

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod conns;
 pub mod echo;
 pub mod mqtt;
+pub mod serve;
 
 /// The value at `fraction` (0..=1) of sorted `values`, nearest rank.
 pub fn percentile(sorted: &[f64], fraction: f64) -> f64 {

@@ -91,6 +91,15 @@ pub(super) fn encode(p: &Packet) -> Vec<u8> {
 }
 
 pub(super) fn connect(addr: SocketAddr, client_id: &str) -> Result<(TcpStream, BufReader<TcpStream>), String> {
+    connect_as(addr, client_id, None)
+}
+
+/// Connects with a user name (for `mqvisor serve`: `TENANT:USER`).
+pub(super) fn connect_as(
+    addr: SocketAddr,
+    client_id: &str,
+    username: Option<&str>,
+) -> Result<(TcpStream, BufReader<TcpStream>), String> {
     let stream = TcpStream::connect(addr).map_err(io_err)?;
     stream.set_nodelay(true).map_err(io_err)?;
     let c = Connect {
@@ -100,7 +109,7 @@ pub(super) fn connect(addr: SocketAddr, client_id: &str) -> Result<(TcpStream, B
         properties: Properties::default(),
         client_id: client_id.into(),
         will: None,
-        username: None,
+        username: username.map(Into::into),
         password: None,
     };
     let mut w = stream.try_clone().map_err(io_err)?;
@@ -119,6 +128,11 @@ fn ack(id: u16) -> Ack {
 
 /// Runs one shape against `addr`.
 pub fn run_shape(addr: SocketAddr, shape: Shape) -> Result<Figures, String> {
+    run_shape_as(addr, shape, None)
+}
+
+/// Runs one shape against `addr`, every client with `username`.
+pub fn run_shape_as(addr: SocketAddr, shape: Shape, username: Option<&str>) -> Result<Figures, String> {
     let expected = (shape.publishers * shape.messages * shape.subscribers) as u64;
     let received = Arc::new(AtomicU64::new(0));
     // Nanoseconds from `epoch` to the latest delivery.
@@ -128,7 +142,7 @@ pub fn run_shape(addr: SocketAddr, shape: Shape) -> Result<Figures, String> {
     let ready = Arc::new(Barrier::new(shape.subscribers + 1));
     let mut subscribers = Vec::new();
     for i in 0..shape.subscribers {
-        let (mut stream, mut reader) = connect(addr, &format!("bench-sub-{i}"))?;
+        let (mut stream, mut reader) = connect_as(addr, &format!("bench-sub-{i}"), username)?;
         let (received, latencies, ready) = (received.clone(), latencies.clone(), ready.clone());
         let last_delivery = last_delivery.clone();
         subscribers.push(thread::spawn(move || -> Result<(), String> {
@@ -189,7 +203,7 @@ pub fn run_shape(addr: SocketAddr, shape: Shape) -> Result<Figures, String> {
     let started = Instant::now();
     let mut publishers = Vec::new();
     for i in 0..shape.publishers {
-        let (stream, reader) = connect(addr, &format!("bench-pub-{i}"))?;
+        let (stream, reader) = connect_as(addr, &format!("bench-pub-{i}"), username)?;
         publishers.push(thread::spawn(move || publish_all(stream, reader, shape, epoch, i)));
     }
     for p in publishers {
