@@ -104,17 +104,14 @@ impl RunningVm {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
     }
 
-    /// Memory of the mqvisor process that no other process shares
-    /// (Private_Clean + Private_Dirty), in KiB: unlike PSS it does not move
-    /// when another process maps the same binary, so tests running side by
-    /// side cannot disturb it.
-    pub fn private_kib(&self) -> u64 {
+    /// Anonymous memory of the mqvisor process (guest RAM it touched, its
+    /// heap and stacks), in KiB. Unlike PSS or private memory it does not
+    /// move when other processes map the same binary and exit, so tests
+    /// running side by side cannot disturb it.
+    pub fn anonymous_kib(&self) -> u64 {
         let rollup = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", self.child.id())).unwrap();
-        rollup
-            .lines()
-            .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
-            .map(|l| l.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap())
-            .sum()
+        let line = rollup.lines().find(|l| l.starts_with("Anonymous:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
     /// Resident set of the mqvisor process, in KiB.

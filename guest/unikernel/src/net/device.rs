@@ -1,7 +1,8 @@
 //! The guest's network device: whole frames in and out of the
 //! `virtio-drivers` raw net driver.
 //!
-//! Owns the RX buffers posted to the device and the TX buffers in flight.
+//! Owns the RX buffers posted to the device and the TX buffers in flight
+//! (each sized to its frame, freed once the device is done with it).
 //! RX buffers start few and grow in batches when a burst of frames drains
 //! them all: every RX buffer is touched memory the host pays for, and an
 //! idle tenant needs few (8 frames of 64 KiB, not 64).
@@ -37,7 +38,6 @@ struct Inner {
     burst: usize,
     /// TX buffers the device holds, by token, with the length handed over.
     tx_inflight: Vec<Option<(Box<[u8]>, usize)>>,
-    tx_free: Vec<Box<[u8]>>,
     buf_len: usize,
     /// Set when the driver reports an error; the guest then stops serving.
     failed: bool,
@@ -78,7 +78,6 @@ impl Inner {
             if unsafe { self.driver.transmit_complete(token, &buf[..len]) }.is_err() {
                 self.failed = true;
             }
-            self.tx_free.push(buf);
         }
     }
 }
@@ -99,7 +98,6 @@ impl VirtioNet {
             rx_count: 0,
             burst: 0,
             tx_inflight: (0..QUEUE_SIZE).map(|_| None).collect(),
-            tx_free: Vec::new(),
             buf_len,
             failed: false,
         };
@@ -149,26 +147,20 @@ impl VirtioNet {
         result
     }
 
-    /// A buffer to build a frame in, if the TX queue has room. The frame goes
-    /// at `NET_HDR_LEN..`; hand it to [`VirtioNet::transmit`].
-    pub fn tx_buffer(&mut self) -> Option<Box<[u8]>> {
-        let inner = &mut self.inner;
-        inner.reclaim_tx();
-        if !inner.driver.can_send() {
-            return None;
-        }
-        let buf_len = inner.buf_len;
-        Some(inner.tx_free.pop().unwrap_or_else(|| vec![0u8; buf_len].into_boxed_slice()))
+    /// True if the TX queue has room for a frame.
+    pub fn can_transmit(&mut self) -> bool {
+        self.inner.reclaim_tx();
+        self.inner.driver.can_send()
     }
 
-    /// Queues the frame of `frame_len` bytes built in `buf` (from
-    /// [`VirtioNet::tx_buffer`]). The device is told at most once per burst.
+    /// Queues the frame of `frame_len` bytes at `NET_HDR_LEN..` of `buf`
+    /// (after [`VirtioNet::can_transmit`]). The device is told at most once
+    /// per burst.
     pub fn transmit(&mut self, mut buf: Box<[u8]>, frame_len: usize) {
         let inner = &mut self.inner;
         let total = NET_HDR_LEN + frame_len;
         if total > buf.len() || inner.driver.fill_buffer_header(&mut buf[..total]).is_err() {
             inner.failed = true;
-            inner.tx_free.push(buf);
             return;
         }
         // SAFETY: the box goes into `tx_inflight` under the returned token and
@@ -178,10 +170,7 @@ impl VirtioNet {
                 Some(slot) => *slot = Some((buf, total)),
                 None => inner.failed = true,
             },
-            Err(_) => {
-                inner.failed = true;
-                inner.tx_free.push(buf);
-            }
+            Err(_) => inner.failed = true,
         }
     }
 }

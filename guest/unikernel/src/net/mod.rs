@@ -35,8 +35,12 @@ pub struct Link {
     device: VirtioNet,
     guest_mac: [u8; 6],
     host_mac: [u8; 6],
-    /// The frame being built: its TX buffer and the frame bytes written.
-    building: Option<(Box<[u8]>, usize)>,
+    /// The frame being built (one frame's room, allocated once; a frame
+    /// leaves as a copy of what was written, so a small frame holds little
+    /// memory while the device has it).
+    building: Box<[u8]>,
+    /// Bytes of `building` written; 0 when no frame is started.
+    building_len: usize,
     /// Control records that found no room; sent before anything else.
     held: Vec<(StreamId, Control)>,
     /// The TX queue had no room during this pass.
@@ -81,7 +85,8 @@ impl Link {
             device: VirtioNet::new(driver, max_frame),
             guest_mac: net.guest_mac,
             host_mac: net.host_mac,
-            building: None,
+            building: alloc::vec![0u8; max_frame].into_boxed_slice(),
+            building_len: 0,
             held: Vec::new(),
             tx_full: false,
             bad_frames: 0,
@@ -124,38 +129,46 @@ impl Link {
         any
     }
 
-    /// The frame being built, started in a fresh TX buffer if needed; `None`
-    /// when the TX queue is full.
-    fn frame(&mut self) -> Option<FrameWriter<'_>> {
-        if self.building.is_none() {
-            let Some(mut buf) = self.device.tx_buffer() else {
-                self.tx_full = true;
-                return None;
-            };
-            let len = FrameWriter::new(&mut buf[NET_HDR_LEN..], self.host_mac, self.guest_mac).len();
-            self.building = Some((buf, len));
-        }
-        let (buf, len) = self.building.as_mut()?;
-        Some(FrameWriter::resume(&mut buf[NET_HDR_LEN..], *len))
-    }
-
-    /// Writes with `write` into the frame being built; when it writes
-    /// nothing into a frame that has records, sends that frame and tries a
-    /// fresh one. Returns what `write` returned last (0: no room anywhere).
+    /// Writes with `write` into the frame being built (starting one if
+    /// none is); when it writes nothing into a frame that has records, sends
+    /// that frame and tries a fresh one. Returns what `write` returned last
+    /// (0: no room, the TX queue being full).
     fn write(&mut self, mut write: impl FnMut(&mut FrameWriter<'_>) -> usize) -> usize {
         for _ in 0..2 {
-            let Some(mut frame) = self.frame() else { return 0 };
+            let mut frame = if self.building_len == 0 {
+                FrameWriter::new(&mut self.building, self.host_mac, self.guest_mac)
+            } else {
+                FrameWriter::resume(&mut self.building, self.building_len)
+            };
             let written = write(&mut frame);
-            let (len, empty) = (frame.len(), frame.is_empty());
-            if let Some((_, building)) = self.building.as_mut() {
-                *building = len;
-            }
+            let empty = frame.is_empty();
+            self.building_len = frame.len();
             if written > 0 || empty {
                 return written;
             }
-            self.flush();
+            if !self.send_frame() {
+                return 0;
+            }
         }
         0
+    }
+
+    /// Transmits the frame being built, if it has records, in a TX buffer of
+    /// its own size; false when the TX queue is full (the frame stays).
+    fn send_frame(&mut self) -> bool {
+        if self.building_len <= streams::ETHERNET_HEADER_LEN {
+            return true;
+        }
+        if !self.device.can_transmit() {
+            self.tx_full = true;
+            return false;
+        }
+        let len = self.building_len;
+        let mut buf = alloc::vec![0u8; NET_HDR_LEN + len].into_boxed_slice();
+        buf[NET_HDR_LEN..].copy_from_slice(&self.building[..len]);
+        self.device.transmit(buf, len);
+        self.building_len = 0;
+        true
     }
 
     /// Sends up to `bytes.len()` bytes of stream `id`; returns how many were
@@ -202,16 +215,10 @@ impl Link {
         true
     }
 
-    /// Sends the frame being built, if it has records.
+    /// Sends held records and the frame being built.
     pub fn flush(&mut self) {
         self.send_held();
-        if let Some((buf, len)) = self.building.take() {
-            if len > streams::ETHERNET_HEADER_LEN {
-                self.device.transmit(buf, len);
-            } else {
-                self.building = Some((buf, len));
-            }
-        }
+        self.send_frame();
     }
 
     /// Parks until `deadline_us` (guest microseconds) or frames from the VMM,
