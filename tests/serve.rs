@@ -317,3 +317,86 @@ fn tenants_are_listed_added_removed_and_kept_across_restarts() {
     let restarted = Daemon::spawn(daemon.dir.clone());
     assert_eq!(names(restarted.list()), ["beta", "gamma"]);
 }
+
+#[test]
+fn an_idle_tenant_stops_when_asked_and_boots_again_on_its_next_client() {
+    if !kvm_available("an_idle_tenant_stops_when_asked_and_boots_again_on_its_next_client") {
+        return;
+    }
+    let daemon = Daemon::start("idle", "[tenants.sleepy]\nidle_stop_after = 1\n[tenants.awake]\n", &[]);
+    drop(connected(&daemon, "a", "sleepy:"));
+    drop(connected(&daemon, "b", "awake:"));
+    daemon.wait_for(&["idle: stopping", "tenant=sleepy"]);
+    let list = daemon.list();
+    let state = |name: &str| list.iter().find(|t| t["name"] == name).unwrap()["state"].clone();
+    assert_eq!(state("sleepy"), "stopped");
+    assert_eq!(state("awake"), "running", "a tenant without idle_stop_after keeps running");
+    let mut again = connected(&daemon, "c", "sleepy:");
+    again.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut again).0, 0xd0);
+}
+
+#[test]
+fn wills_stay_in_their_tenant_and_a_flood_of_one_tenant_spares_the_other() {
+    if !kvm_available("wills_stay_in_their_tenant_and_a_flood_of_one_tenant_spares_the_other") {
+        return;
+    }
+    let daemon = Daemon::start("wills", "[tenants.alpha]\n[tenants.beta]\n", &[]);
+    // Both tenants watch the same topic name.
+    let mut alpha_watch = connected(&daemon, "aw", "alpha:");
+    alpha_watch.write_all(&subscribe("status/#", 0, 1)).unwrap();
+    assert_eq!(read_packet(&mut alpha_watch).0, 0x90);
+    let mut beta_watch = connected(&daemon, "bw", "beta:");
+    beta_watch.write_all(&subscribe("status/#", 0, 1)).unwrap();
+    assert_eq!(read_packet(&mut beta_watch).0, 0x90);
+    // An alpha client with a will vanishes without DISCONNECT.
+    {
+        let mut dying = TcpStream::connect(daemon.addr).unwrap();
+        let mut connect = connect_as(4, "dying", true, Some("alpha:"), None);
+        // Add a will: flag 0x04, topic status/dying, message "gone".
+        connect[9] |= 0x04;
+        let will = [&[0, 12][..], b"status/dying", &[0, 4], b"gone"].concat();
+        let user_at = connect.len() - 2 - "alpha:".len();
+        connect.splice(user_at..user_at, will);
+        connect[1] = u8::try_from(connect.len() - 2).unwrap();
+        dying.write_all(&connect).unwrap();
+        dying.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        assert_eq!(read_packet(&mut dying), (0x20, vec![0, 0]));
+        // SO_LINGER 0: a reset, not a clean close.
+        let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+        // SAFETY: setsockopt on our own socket with a live linger struct.
+        unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&dying),
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                libc::socklen_t::try_from(std::mem::size_of::<libc::linger>()).unwrap(),
+            );
+        }
+    }
+    let (_, will) = read_packet(&mut alpha_watch);
+    assert!(will.ends_with(b"gone"), "alpha's watcher got the will");
+    beta_watch.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    assert!(try_read_packet(&mut beta_watch).is_err(), "alpha's will reached beta");
+    beta_watch.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // Alpha is flooded; beta keeps its round trips.
+    let addr = daemon.addr;
+    let flood = std::thread::spawn(move || {
+        let mut flooder = TcpStream::connect(addr).unwrap();
+        flooder.write_all(&connect_as(4, "flood", true, Some("alpha:"), None)).unwrap();
+        let payload = vec![b'f'; 8_000];
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(3) {
+            if flooder.write_all(&publish("status/flood", &payload, 0, 0, false)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut beta = connected(&daemon, "bp", "beta:");
+    for i in 0..100u16 {
+        beta.write_all(&publish("status/ok", b"fine", 1, i + 1, false)).unwrap();
+        assert_eq!(read_packet(&mut beta).0, 0x40, "beta's PUBACK {i} during alpha's flood");
+    }
+    flood.join().unwrap();
+}

@@ -16,6 +16,7 @@
 //!
 //! [tenants.acme]
 //! password_file = "acme.passwd"
+//! idle_stop_after = 600         # stop its VM after 10 idle minutes (state is lost)
 //!
 //! [tenants.globex]
 //! listen = "127.0.0.1:1884"   # also reachable without a prefix here
@@ -50,6 +51,7 @@ pub struct ServeConfig {
 #[derive(Debug, Clone)]
 pub struct Defaults {
     memory_mib: Option<u32>,
+    idle_stop_after: Option<std::time::Duration>,
     broker: BrokerFlags,
 }
 
@@ -62,7 +64,8 @@ impl Defaults {
         // Checked now: a bad tenant fails where it is declared, naming itself.
         broker.resolve().map_err(|e| e.to_string())?;
         let memory_mib = own.memory.or(self.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
-        Ok(TenantConfig { memory_mib, listen: own.listen, broker })
+        let idle_stop_after = own.idle_stop_after.or(self.idle_stop_after);
+        Ok(TenantConfig { memory_mib, listen: own.listen, idle_stop_after, broker })
     }
 }
 
@@ -72,6 +75,8 @@ pub struct TenantConfig {
     pub memory_mib: u32,
     /// A port of its own, where clients need no `TENANT:` prefix.
     pub listen: Option<SocketAddr>,
+    /// Stop the VM after this long without clients (its state is lost).
+    pub idle_stop_after: Option<std::time::Duration>,
     /// Broker settings, paths absolute, checked.
     pub broker: BrokerFlags,
 }
@@ -101,6 +106,7 @@ pub fn valid_tenant_name(name: &str) -> bool {
 struct Extra {
     memory: Option<u32>,
     listen: Option<SocketAddr>,
+    idle_stop_after: Option<std::time::Duration>,
     broker: BrokerFlags,
 }
 
@@ -123,13 +129,22 @@ fn extra(table: toml::Table, base: &Path, context: &str) -> Result<Extra, String
                 .ok_or_else(|| format!("{context}: listen must be an address like \"127.0.0.1:1884\""))?,
         ),
     };
+    let idle_stop_after = match table.remove("idle_stop_after") {
+        None => None,
+        Some(v) => Some(std::time::Duration::from_secs(
+            v.as_integer()
+                .and_then(|n| u64::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .ok_or_else(|| format!("{context}: idle_stop_after must be a positive number of seconds"))?,
+        )),
+    };
     let mut broker: BrokerFlags =
         table.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))?;
     // Absolute: the tenant's process reads them from its own settings file.
     let absolute = |p: PathBuf| std::path::absolute(base.join(&p)).unwrap_or(p);
     broker.password_file = broker.password_file.map(absolute);
     broker.acl_file = broker.acl_file.map(absolute);
-    Ok(Extra { memory, listen, broker })
+    Ok(Extra { memory, listen, idle_stop_after, broker })
 }
 
 impl ServeConfig {
@@ -167,14 +182,18 @@ impl ServeConfig {
             ),
         };
         let defaults = match root.remove("defaults") {
-            None => Extra { memory: None, listen: None, broker: BrokerFlags::default() },
+            None => Extra { memory: None, listen: None, idle_stop_after: None, broker: BrokerFlags::default() },
             Some(toml::Value::Table(t)) => extra(t, &base, "[defaults]").map_err(syntax)?,
             Some(_) => return Err(syntax("[defaults] must be a table".into())),
         };
         if defaults.listen.is_some() {
             return Err(syntax("[defaults] cannot set listen: each tenant's own port must differ".into()));
         }
-        let defaults = Defaults { memory_mib: defaults.memory, broker: defaults.broker };
+        let defaults = Defaults {
+            memory_mib: defaults.memory,
+            idle_stop_after: defaults.idle_stop_after,
+            broker: defaults.broker,
+        };
         let tables = match root.remove("tenants") {
             None => toml::Table::new(),
             Some(toml::Value::Table(t)) => t,

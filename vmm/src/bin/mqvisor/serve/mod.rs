@@ -138,12 +138,18 @@ async fn run(mut config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
     let (exited_tx, mut exited) = mpsc::unbounded_channel::<Exited>();
     let mut terminate = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
+    let mut idle_check = tokio::time::interval(Duration::from_secs(1));
     loop {
         let next_restart = tenants.values().filter_map(|t| t.restart_at).min();
         let restart_delay = next_restart.map(|t| t.saturating_duration_since(std::time::Instant::now()));
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            _ = idle_check.tick() => {
+                for tenant in tenants.values_mut() {
+                    tenant.stop_if_idle();
+                }
+            }
             Some(r) = routed.recv() => {
                 if let Some(tenant) = tenants.get_mut(&r.tenant) {
                     tenant.hand(r.client, r.first_bytes, &exe, &exited_tx);

@@ -81,6 +81,8 @@ pub struct Tenant {
     waiting: Vec<(TcpStream, Vec<u8>)>,
     /// What its process last reported.
     load: Arc<Mutex<LoadReport>>,
+    /// Since when its VM has had no clients (for `idle_stop_after`).
+    idle_since: Option<Instant>,
 }
 
 impl Tenant {
@@ -104,6 +106,7 @@ impl Tenant {
             restart_at: None,
             waiting: Vec::new(),
             load: Arc::default(),
+            idle_since: None,
         })
     }
 
@@ -160,6 +163,7 @@ impl Tenant {
         exe: &Path,
         exited: &mpsc::UnboundedSender<Exited>,
     ) {
+        self.idle_since = None;
         if self.process.is_none() {
             if self.state == State::Crashed && self.restart_at.is_some_and(|t| Instant::now() < t) {
                 if self.waiting.len() < HANDOFF_QUEUE {
@@ -270,6 +274,24 @@ impl Tenant {
             Err(e) => e.to_string(),
         };
         tracing::warn!(tenant = %self.name, pid, %status, restart_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "crashed");
+    }
+
+    /// Stops the VM once it has had no clients for its `idle_stop_after`.
+    pub fn stop_if_idle(&mut self) {
+        let Some(after) = self.config.idle_stop_after else { return };
+        if self.process.is_none() {
+            return;
+        }
+        if self.load().clients > 0 {
+            self.idle_since = None;
+            return;
+        }
+        let since = *self.idle_since.get_or_insert_with(Instant::now);
+        if since.elapsed() >= after {
+            tracing::info!(tenant = %self.name, idle_s = after.as_secs(), "idle: stopping (its state is lost)");
+            self.stop();
+            self.idle_since = None;
+        }
     }
 
     /// Stops the process (SIGTERM: its clients see a clean close).
