@@ -40,6 +40,7 @@ const OPEN: u8 = 1;
 const DATA: u8 = 2;
 const CLOSE: u8 = 3;
 const CREDIT: u8 = 4;
+const STATS: u8 = 5;
 
 /// One record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,56 @@ pub enum Record<'a> {
     Close(StreamId),
     /// Host to guest: this many more bytes of the stream left for the client.
     Credit(StreamId, u32),
+    /// Guest to host, now and then: the service's counters ([`ServiceStats`]),
+    /// for the operator's metrics. Stream 0; the length counts the bytes.
+    Stats(&'a [u8]),
+}
+
+/// What the guest's service counted, as it reports it in a `Stats` record.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ServiceStats {
+    /// PUBLISH packets received from clients.
+    pub messages_in: u64,
+    /// PUBLISH packets sent to clients.
+    pub messages_out: u64,
+    /// Not delivered because a queue or a window was full.
+    pub messages_dropped: u64,
+    /// Refused because memory ran low.
+    pub messages_refused: u64,
+}
+
+impl ServiceStats {
+    /// Encoded length: four u64 LE.
+    pub const LEN: usize = 32;
+
+    /// The counters as a `Stats` record carries them.
+    pub fn to_bytes(self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        for (i, v) in
+            [self.messages_in, self.messages_out, self.messages_dropped, self.messages_refused].into_iter().enumerate()
+        {
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// `None` unless `bytes` is exactly one encoding.
+    pub fn from_bytes(bytes: &[u8]) -> Option<ServiceStats> {
+        if bytes.len() != Self::LEN {
+            return None;
+        }
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        Some(ServiceStats {
+            messages_in: word(0),
+            messages_out: word(1),
+            messages_dropped: word(2),
+            messages_refused: word(3),
+        })
+    }
 }
 
 /// Why a frame could not be decoded.
@@ -119,14 +170,14 @@ impl<'a> Iterator for Records<'a> {
             OPEN => Record::Open(id),
             CLOSE => Record::Close(id),
             CREDIT => Record::Credit(id, value),
-            DATA => {
+            DATA | STATS => {
                 let len = value as usize;
                 let Some(bytes) = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len) else {
                     self.at = self.frame.len();
                     return Some(Err(FrameError::Truncated(start)));
                 };
                 self.at += len;
-                Record::Data(id, bytes)
+                if kind == DATA { Record::Data(id, bytes) } else { Record::Stats(bytes) }
             }
             other => {
                 self.at = self.frame.len();
@@ -194,6 +245,15 @@ impl<'a> FrameWriter<'a> {
             Record::Close(id) => self.header(CLOSE, id, 0),
             Record::Credit(id, n) => self.header(CREDIT, id, n),
             Record::Data(id, bytes) => self.data(id, bytes) == bytes.len(),
+            Record::Stats(bytes) => {
+                if self.data_room() < bytes.len() {
+                    return false;
+                }
+                self.header(STATS, 0, len_u32(bytes.len()));
+                self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
+                self.len += bytes.len();
+                true
+            }
         }
     }
 
@@ -255,6 +315,8 @@ mod tests {
         assert_eq!(w.data(7, b"hello"), 5);
         assert!(w.control(Record::Credit(9, 4096)));
         assert!(w.control(Record::Close(u64::MAX)));
+        let stats = ServiceStats { messages_in: 1, messages_out: 2, messages_dropped: 3, messages_refused: 4 };
+        assert!(w.control(Record::Stats(&stats.to_bytes())));
         let len = w.len();
         assert_eq!(
             all(&buf[..len]),
@@ -262,9 +324,12 @@ mod tests {
                 Ok(Record::Open(7)),
                 Ok(Record::Data(7, b"hello")),
                 Ok(Record::Credit(9, 4096)),
-                Ok(Record::Close(u64::MAX))
+                Ok(Record::Close(u64::MAX)),
+                Ok(Record::Stats(&stats.to_bytes()))
             ]
         );
+        assert_eq!(ServiceStats::from_bytes(&stats.to_bytes()), Some(stats));
+        assert_eq!(ServiceStats::from_bytes(&[0; 31]), None);
         assert_eq!(&buf[..6], &[1; 6]);
     }
 

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mqvisor_boot_abi::streams::{self, FrameWriter, Record, StreamId, WINDOW};
+use mqvisor_boot_abi::streams::{self, FrameWriter, Record, ServiceStats, StreamId, WINDOW};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{Interest, Ready};
 use tokio::net::{TcpListener, TcpStream};
@@ -93,6 +93,8 @@ pub struct LinkCounters {
     /// Bytes read from clients and written to them.
     pub client_bytes_in: AtomicU64,
     pub client_bytes_out: AtomicU64,
+    /// The guest service's last report of its counters.
+    pub service: Mutex<ServiceStats>,
 }
 
 /// How often a VM fed by `mqvisor serve` reports its load back on the
@@ -106,28 +108,34 @@ pub struct LoadReport {
     pub clients: u64,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// What the guest's broker last reported counting.
+    pub service: ServiceStats,
 }
 
 impl LoadReport {
-    pub const LEN: usize = 24;
+    pub const LEN: usize = 24 + ServiceStats::LEN;
 
     pub fn to_bytes(self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
         out[..8].copy_from_slice(&self.clients.to_le_bytes());
         out[8..16].copy_from_slice(&self.bytes_in.to_le_bytes());
-        out[16..].copy_from_slice(&self.bytes_out.to_le_bytes());
+        out[16..24].copy_from_slice(&self.bytes_out.to_le_bytes());
+        out[24..].copy_from_slice(&self.service.to_bytes());
         out
     }
 
     /// `None` unless `bytes` is exactly one report.
     pub fn from_bytes(bytes: &[u8]) -> Option<LoadReport> {
-        let bytes: &[u8; Self::LEN] = bytes.try_into().ok()?;
+        if bytes.len() != Self::LEN {
+            return None;
+        }
         let word = |i: usize| {
             let mut w = [0u8; 8];
             w.copy_from_slice(&bytes[i..i + 8]);
             u64::from_le_bytes(w)
         };
-        Some(LoadReport { clients: word(0), bytes_in: word(8), bytes_out: word(16) })
+        let service = ServiceStats::from_bytes(&bytes[24..])?;
+        Some(LoadReport { clients: word(0), bytes_in: word(8), bytes_out: word(16), service })
     }
 }
 
@@ -421,6 +429,11 @@ impl Proxy {
                 // A reset guest has lost its streams: so have their clients.
                 self.reset_all();
             }
+            if visit.active && !self.device_active {
+                // The guest's link is up: tell the daemon at once (it times boots by it).
+                self.device_active = true;
+                self.report_load();
+            }
             self.device_active = visit.active;
             let mut progress = visit.moved;
             if self.device_active {
@@ -462,6 +475,12 @@ impl Proxy {
                             }
                         }
                     }
+                    Ok(Record::Stats(bytes)) => match (ServiceStats::from_bytes(bytes), self.counters.service.lock()) {
+                        (Some(stats), Ok(mut service)) => *service = stats,
+                        _ => {
+                            self.counters.bad_records.fetch_add(1, Ordering::Relaxed);
+                        }
+                    },
                     Ok(Record::Open(_)) => {
                         self.counters.bad_records.fetch_add(1, Ordering::Relaxed);
                     }
@@ -688,10 +707,14 @@ impl Proxy {
     /// skips a report).
     fn report_load(&self) {
         let Some(handoff) = &self.handoff else { return };
+        if !self.device_active {
+            return; // Not up yet: the first report says the guest is.
+        }
         let load = LoadReport {
             clients: self.streams.len() as u64,
             bytes_in: self.counters.client_bytes_in.load(Ordering::Relaxed),
             bytes_out: self.counters.client_bytes_out.load(Ordering::Relaxed),
+            service: self.counters.service.lock().map(|s| *s).unwrap_or_default(),
         };
         let _ = handoff.get_ref().send(&load.to_bytes());
     }

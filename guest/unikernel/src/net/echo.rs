@@ -47,6 +47,8 @@ pub fn run(info: &BootInfo) -> ! {
                     echo.window.credited(n);
                 }
             }
+            // The VMM never sends these.
+            Record::Stats(_) => {}
         });
         let mut done = Vec::new();
         for (&id, echo) in echoes.iter_mut() {

@@ -16,7 +16,7 @@ use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
-use mqvisor_boot_abi::streams::{self, FrameWriter, Record, StreamId};
+use mqvisor_boot_abi::streams::{self, FrameWriter, Record, ServiceStats, StreamId};
 use mqvisor_boot_abi::{BootInfo, NetConfig, device_kind};
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
@@ -178,6 +178,12 @@ impl Link {
             return 0;
         }
         self.write(|frame| frame.data(id, bytes))
+    }
+
+    /// Tells the VMM the service's counters (dropped when there is no room:
+    /// the next report carries them again).
+    pub fn send_stats(&mut self, stats: ServiceStats) {
+        self.write(|frame| usize::from(frame.control(Record::Stats(&stats.to_bytes()))));
     }
 
     /// Tells the VMM the service is done with stream `id` (after its data).

@@ -12,7 +12,7 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::String;
 
-use mqvisor_boot_abi::streams::{Record, StreamId};
+use mqvisor_boot_abi::streams::{Record, ServiceStats, StreamId};
 use mqvisor_boot_abi::{BootInfo, capacity, config_blob};
 use mqvisor_broker::broker::{Broker, Config, Transmit};
 
@@ -36,8 +36,21 @@ pub fn read_config(info: &BootInfo) -> Result<Config, String> {
     config_blob::read(blob).map_err(|e| format!("{e}"))
 }
 
+/// How often the broker's counters go to the VMM (for the operator's metrics).
+const STATS_EVERY_MS: u64 = 1000;
+
 fn now_ms() -> u64 {
     clock::now().as_micros() / 1000
+}
+
+fn service_stats(broker: &Broker) -> ServiceStats {
+    let stats = broker.stats();
+    ServiceStats {
+        messages_in: stats.messages_received,
+        messages_out: stats.messages_sent,
+        messages_dropped: stats.messages_dropped,
+        messages_refused: stats.quota_refusals,
+    }
 }
 
 /// Serves MQTT forever.
@@ -54,8 +67,18 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
     // Streams the broker knows, by id (the broker's connection id is the stream id).
     let mut windows: BTreeMap<StreamId, Window> = BTreeMap::new();
     crate::println!("mqtt: serving MQTT, up to {max_connections} connections");
+    // The counters go to the VMM at most once a second, and only when they
+    // changed: an idle tenant never wakes up for them.
+    let mut reported = ServiceStats::default();
+    let mut next_report = 0;
     loop {
         let now = now_ms();
+        let stats = service_stats(&broker);
+        if stats != reported && now >= next_report {
+            link.send_stats(stats);
+            reported = stats;
+            next_report = now + STATS_EVERY_MS;
+        }
         // Refuse what would hold more before the heap runs out, never after.
         let to_come = max_connections.saturating_sub(windows.len()) as u64;
         let low_water = capacity::mqtt_low_water(max_packet_size, to_come);
@@ -93,6 +116,8 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
                     window.credited(n);
                 }
             }
+            // The VMM never sends these.
+            Record::Stats(_) => {}
         });
         for id in closing {
             link.send_close(id);
@@ -126,7 +151,12 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
         });
         link.flush();
         if !moved {
-            link.idle(broker.next_deadline().map(|ms| ms.saturating_mul(1000)));
+            let report = (service_stats(&broker) != reported).then_some(next_report);
+            let deadline = match (broker.next_deadline(), report) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            link.idle(deadline.map(|ms| ms.saturating_mul(1000)));
         }
     }
 }

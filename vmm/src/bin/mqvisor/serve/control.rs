@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
@@ -46,8 +47,18 @@ pub struct TenantView {
     pub memory_mib: u32,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// PUBLISH packets in from and out to its clients, as its broker counts.
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// Not delivered: a queue or a window was full.
+    pub messages_dropped: u64,
+    /// Refused because its memory ran low.
+    pub messages_refused: u64,
     /// Proportional set size of its process, bytes (0 when stopped).
     pub pss_bytes: u64,
+    /// Seconds from spawning each of its VMs to the guest's link being up.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub boot_seconds: Vec<f64>,
 }
 
 /// What a request asks of the daemon.
@@ -173,6 +184,14 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
     let restarts = counter(&mut registry, "restarts", "Restarts after a crash or on request");
     let bytes_in = counter(&mut registry, "client_bytes_in", "Bytes read from clients");
     let bytes_out = counter(&mut registry, "client_bytes_out", "Bytes written to clients");
+    let messages_in = counter(&mut registry, "messages_in", "PUBLISH packets from clients");
+    let messages_out = counter(&mut registry, "messages_out", "PUBLISH packets to clients");
+    let dropped = counter(&mut registry, "messages_dropped", "Messages not delivered: a queue or window was full");
+    let refused = counter(&mut registry, "messages_refused", "Messages refused: the tenant's memory ran low");
+    let boot = Family::<Labels, Histogram>::new_with_constructor(|| {
+        Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0])
+    });
+    registry.register("boot_seconds", "From spawning the VM to its guest's link being up", boot.clone());
     for t in tenants {
         let labels = vec![("tenant".to_string(), t.name.clone())];
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -185,6 +204,14 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
         restarts.get_or_create(&labels).inc_by(t.restarts);
         bytes_in.get_or_create(&labels).inc_by(t.bytes_in);
         bytes_out.get_or_create(&labels).inc_by(t.bytes_out);
+        messages_in.get_or_create(&labels).inc_by(t.messages_in);
+        messages_out.get_or_create(&labels).inc_by(t.messages_out);
+        dropped.get_or_create(&labels).inc_by(t.messages_dropped);
+        refused.get_or_create(&labels).inc_by(t.messages_refused);
+        let histogram = boot.get_or_create(&labels);
+        for &seconds in &t.boot_seconds {
+            histogram.observe(seconds);
+        }
     }
     let mut text = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
@@ -259,13 +286,20 @@ mod tests {
             memory_mib: 64,
             bytes_in: 10,
             bytes_out: 20,
+            messages_in: 5,
+            messages_out: 6,
+            messages_dropped: 0,
+            messages_refused: 0,
             pss_bytes: 4096,
+            boot_seconds: vec![0.004, 0.012],
         };
         let text = metrics_text(&[tenant]);
         assert!(text.contains("mqvisor_tenant_up{tenant=\"acme\"} 1"), "{text}");
         assert!(text.contains("mqvisor_tenant_connections{tenant=\"acme\"} 3"), "{text}");
         assert!(text.contains("mqvisor_tenant_crashes_total{tenant=\"acme\"} 1"), "{text}");
         assert!(text.contains("mqvisor_tenant_client_bytes_out_total{tenant=\"acme\"} 20"), "{text}");
+        assert!(text.contains("mqvisor_tenant_messages_in_total{tenant=\"acme\"} 5"), "{text}");
+        assert!(text.contains("mqvisor_tenant_boot_seconds_count{tenant=\"acme\"} 2"), "{text}");
         let series = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty());
         assert!(series.clone().count() >= 9);
         assert!(series.clone().all(|l| l.contains("tenant=\"acme\"")), "{text}");

@@ -37,6 +37,8 @@ const HANDOFF_QUEUE: usize = 4096;
 /// First wait before restarting a crashed tenant; doubles up to the maximum.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Boot durations kept per tenant for the metrics.
+const MAX_BOOT_SAMPLES: usize = 10_000;
 /// A tenant that ran this long before crashing starts its backoff afresh.
 const STABLE_AFTER: Duration = Duration::from_secs(60);
 
@@ -81,6 +83,8 @@ pub struct Tenant {
     waiting: Vec<(TcpStream, Vec<u8>)>,
     /// What its process last reported.
     load: Arc<Mutex<LoadReport>>,
+    /// Seconds from spawning each VM to its guest's link being up.
+    boot_seconds: Arc<Mutex<Vec<f64>>>,
     /// Since when its VM has had no clients (for `idle_stop_after`).
     idle_since: Option<Instant>,
 }
@@ -106,6 +110,7 @@ impl Tenant {
             restart_at: None,
             waiting: Vec::new(),
             load: Arc::default(),
+            boot_seconds: Arc::default(),
             idle_since: None,
         })
     }
@@ -141,6 +146,11 @@ impl Tenant {
             memory_mib: self.config.memory_mib,
             bytes_in: load.bytes_in,
             bytes_out: load.bytes_out,
+            messages_in: load.service.messages_in,
+            messages_out: load.service.messages_out,
+            messages_dropped: load.service.messages_dropped,
+            messages_refused: load.service.messages_refused,
+            boot_seconds: self.boot_seconds.lock().map(|b| b.clone()).unwrap_or_default(),
             pss_bytes: self.pid().and_then(pss_bytes).unwrap_or(0),
         }
     }
@@ -242,7 +252,8 @@ impl Tenant {
         let ours = unsafe { AsyncFd::register_with_interest(ours, Interest::READABLE | Interest::WRITABLE) }
             .map_err(std::io::Error::from)?;
         *self.load.lock().map_err(|_| std::io::Error::other("load lock poisoned"))? = LoadReport::default();
-        tokio::spawn(link(ours, queue, self.load.clone()));
+        let booted = (Instant::now(), self.boot_seconds.clone());
+        tokio::spawn(link(ours, queue, self.load.clone(), booted));
         let (tenant, exited) = (self.name.clone(), exited.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -315,8 +326,10 @@ async fn link(
     socket: AsyncFd<UnixDatagram>,
     mut queue: mpsc::Receiver<(TcpStream, Vec<u8>)>,
     load: Arc<Mutex<LoadReport>>,
+    (started, boot_seconds): (Instant, Arc<Mutex<Vec<f64>>>),
 ) {
     let mut report = [0u8; LoadReport::LEN + 1];
+    let mut first = true;
     loop {
         tokio::select! {
             client = queue.recv() => {
@@ -332,6 +345,13 @@ async fn link(
                         Ok(len) => {
                             if let (Some(now), Ok(mut load)) = (LoadReport::from_bytes(&report[..len]), load.lock()) {
                                 *load = now;
+                                if std::mem::take(&mut first)
+                                    && let Ok(mut boots) = boot_seconds.lock()
+                                    && boots.len() < MAX_BOOT_SAMPLES
+                                {
+                                    // The first report comes when the guest's link is up.
+                                    boots.push(started.elapsed().as_secs_f64());
+                                }
                             }
                         }
                         Err(_) => return,
