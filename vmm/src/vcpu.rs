@@ -56,6 +56,9 @@ pub struct VcpuContext {
     pub console: Box<dyn Write + Send>,
     /// Written by devices to end a WAIT early (must be EFD_NONBLOCK).
     pub wake: Arc<EventFd>,
+    /// Every exit, counted as it happens (for live reports; `ExitStats`
+    /// comes only at the end).
+    pub exit_count: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How often the watchdog re-signals a vCPU that has not stopped yet: a signal
@@ -127,6 +130,7 @@ impl VcpuLoop {
 }
 
 fn on_exit(exit: VcpuExit, context: &mut VcpuContext, stats: &mut ExitStats) -> Step {
+    context.exit_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     match &exit {
         VcpuExit::IoIn(..) | VcpuExit::IoOut(..) => stats.port_io += 1,
         VcpuExit::MmioRead(..) | VcpuExit::MmioWrite(..) => stats.mmio += 1,

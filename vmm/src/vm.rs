@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -241,21 +241,11 @@ impl Network {
     fn start(
         vm: &VmFd,
         mem: &GuestMemoryMmap,
-        listen: SocketAddr,
-        handoff: Option<UnixDatagram>,
+        ingress: Ingress,
         max_connections: usize,
         wake: Arc<EventFd>,
+        vm_exits: Arc<AtomicU64>,
     ) -> Result<(Self, MmioBus), VmmError> {
-        let ingress = match handoff {
-            Some(socket) => Ingress::Handoff(socket),
-            None => {
-                let listener =
-                    std::net::TcpListener::bind(listen).map_err(|source| VmmError::Listen { addr: listen, source })?;
-                let bound = listener.local_addr().map_err(|source| VmmError::Listen { addr: listen, source })?;
-                eprintln!("mqvisor: tenant VM listening on {bound}");
-                Ingress::Listen(listener)
-            }
-        };
         let device = NetDevice::new(net::GUEST_MAC, net::MAX_FRAME);
         let transport = MmioTransport::new(device, mem.clone()).map_err(VmmError::Thread)?;
         // Queue notifications go straight to the net thread's eventfds, so
@@ -273,6 +263,7 @@ impl Network {
             wake_guest: wake,
             ingress,
             max_connections,
+            vm_exits,
             counters: counters.clone(),
         })
         .map_err(VmmError::Thread)?;
@@ -350,10 +341,12 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     arch::configure_vcpu(&kvm, &vcpu, &mem, ram_size, loaded.entry)?;
 
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?);
+    let exit_count = Arc::new(AtomicU64::new(0));
     let (network, bus) = match config.service {
         Service::Demo => (None, MmioBus::default()),
         Service::Echo { listen } | Service::Mqtt { listen, .. } => {
-            let (network, bus) = Network::start(&vm, &mem, listen, config.handoff, max_connections, wake.clone())?;
+            let ingress = Ingress::new(listen, config.handoff)?;
+            let (network, bus) = Network::start(&vm, &mem, ingress, max_connections, wake.clone(), exit_count.clone())?;
             info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
             info.net = net::guest_net_config(GUEST_PORT);
             info.devices[0] = DeviceDescriptor {
@@ -372,7 +365,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     info.setup_ns = u64::try_from(created.elapsed().as_nanos()).unwrap_or(u64::MAX);
     mem.write_slice(info.as_bytes(), GuestAddress(layout::BOOT_INFO)).map_err(VmmError::BootInfo)?;
 
-    let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake };
+    let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake, exit_count };
     let (outcome, exits) = vcpu::run(vcpu, context, config.timeout).map_err(VmmError::Thread)?;
     let (net, notifications) = match network.map(Network::stop) {
         Some((counters, notifications)) => (Some(counters), notifications),
@@ -383,6 +376,23 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     drop(vm);
     drop(mem);
     Ok(RunReport { outcome, exits, notifications, net })
+}
+
+impl Ingress {
+    /// Clients from `handoff` when given, else accepted on `listen` (bound
+    /// now, so a busy address is reported before anything starts).
+    fn new(listen: SocketAddr, handoff: Option<UnixDatagram>) -> Result<Ingress, VmmError> {
+        Ok(match handoff {
+            Some(socket) => Ingress::Handoff(socket),
+            None => {
+                let listener =
+                    std::net::TcpListener::bind(listen).map_err(|source| VmmError::Listen { addr: listen, source })?;
+                let bound = listener.local_addr().map_err(|source| VmmError::Listen { addr: listen, source })?;
+                eprintln!("mqvisor: tenant VM listening on {bound}");
+                Ingress::Listen(listener)
+            }
+        })
+    }
 }
 
 /// The most client connections the service may carry in a heap of `heap`

@@ -62,6 +62,8 @@ pub struct ProxyConfig {
     pub max_connections: usize,
     /// Where the link's counters go.
     pub counters: Arc<LinkCounters>,
+    /// The vCPU's exits, counted as they happen (for the load report).
+    pub vm_exits: Arc<AtomicU64>,
 }
 
 /// Where a VM's clients come from.
@@ -110,17 +112,20 @@ pub struct LoadReport {
     pub bytes_out: u64,
     /// What the guest's broker last reported counting.
     pub service: ServiceStats,
+    /// Exits of the vCPU to the VMM so far.
+    pub vm_exits: u64,
 }
 
 impl LoadReport {
-    pub const LEN: usize = 24 + ServiceStats::LEN;
+    pub const LEN: usize = 32 + ServiceStats::LEN;
 
     pub fn to_bytes(self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
         out[..8].copy_from_slice(&self.clients.to_le_bytes());
         out[8..16].copy_from_slice(&self.bytes_in.to_le_bytes());
         out[16..24].copy_from_slice(&self.bytes_out.to_le_bytes());
-        out[24..].copy_from_slice(&self.service.to_bytes());
+        out[24..32].copy_from_slice(&self.vm_exits.to_le_bytes());
+        out[32..].copy_from_slice(&self.service.to_bytes());
         out
     }
 
@@ -134,8 +139,8 @@ impl LoadReport {
             w.copy_from_slice(&bytes[i..i + 8]);
             u64::from_le_bytes(w)
         };
-        let service = ServiceStats::from_bytes(&bytes[24..])?;
-        Some(LoadReport { clients: word(0), bytes_in: word(8), bytes_out: word(16), service })
+        let service = ServiceStats::from_bytes(&bytes[32..])?;
+        Some(LoadReport { clients: word(0), bytes_in: word(8), bytes_out: word(16), vm_exits: word(24), service })
     }
 }
 
@@ -273,6 +278,7 @@ struct Proxy {
     woken_tx: mpsc::UnboundedSender<Woken>,
     woken_rx: mpsc::UnboundedReceiver<Woken>,
     counters: Arc<LinkCounters>,
+    vm_exits: Arc<AtomicU64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -314,6 +320,7 @@ impl Proxy {
             woken_tx,
             woken_rx,
             counters: config.counters,
+            vm_exits: config.vm_exits,
         })
     }
 
@@ -715,6 +722,7 @@ impl Proxy {
             bytes_in: self.counters.client_bytes_in.load(Ordering::Relaxed),
             bytes_out: self.counters.client_bytes_out.load(Ordering::Relaxed),
             service: self.counters.service.lock().map(|s| *s).unwrap_or_default(),
+            vm_exits: self.vm_exits.load(Ordering::Relaxed),
         };
         let _ = handoff.get_ref().send(&load.to_bytes());
     }

@@ -54,6 +54,8 @@ pub struct TenantView {
     pub messages_dropped: u64,
     /// Refused because its memory ran low.
     pub messages_refused: u64,
+    /// Exits of its vCPU to the VMM (each costs ~30 µs on nested KVM).
+    pub vm_exits: u64,
     /// Proportional set size of its process, bytes (0 when stopped).
     pub pss_bytes: u64,
     /// Seconds from spawning each of its VMs to the guest's link being up.
@@ -188,6 +190,7 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
     let messages_out = counter(&mut registry, "messages_out", "PUBLISH packets to clients");
     let dropped = counter(&mut registry, "messages_dropped", "Messages not delivered: a queue or window was full");
     let refused = counter(&mut registry, "messages_refused", "Messages refused: the tenant's memory ran low");
+    let exits = counter(&mut registry, "vm_exits", "Exits of the tenant's vCPU to its VMM");
     let boot = Family::<Labels, Histogram>::new_with_constructor(|| {
         Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0])
     });
@@ -208,6 +211,7 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
         messages_out.get_or_create(&labels).inc_by(t.messages_out);
         dropped.get_or_create(&labels).inc_by(t.messages_dropped);
         refused.get_or_create(&labels).inc_by(t.messages_refused);
+        exits.get_or_create(&labels).inc_by(t.vm_exits);
         let histogram = boot.get_or_create(&labels);
         for &seconds in &t.boot_seconds {
             histogram.observe(seconds);
@@ -290,6 +294,7 @@ mod tests {
             messages_out: 6,
             messages_dropped: 0,
             messages_refused: 0,
+            vm_exits: 9,
             pss_bytes: 4096,
             boot_seconds: vec![0.004, 0.012],
         };

@@ -150,6 +150,7 @@ impl Tenant {
             messages_out: load.service.messages_out,
             messages_dropped: load.service.messages_dropped,
             messages_refused: load.service.messages_refused,
+            vm_exits: load.vm_exits,
             boot_seconds: self.boot_seconds.lock().map(|b| b.clone()).unwrap_or_default(),
             pss_bytes: self.pid().and_then(pss_bytes).unwrap_or(0),
         }
