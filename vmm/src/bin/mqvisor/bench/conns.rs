@@ -21,6 +21,7 @@ use mqvisor_broker::packet::{Packet, Payload, Publish, QoS, Subscribe, Subscript
 use mqvisor_broker::properties::Properties;
 
 use super::mqtt::{Shape, Target, connect, encode, io_err, read_packet, run_shape, start_mosquitto, start_mqvisor};
+use super::raise_fd_limit;
 
 /// What one target achieved.
 #[derive(Clone, Copy)]
@@ -42,19 +43,6 @@ fn pss_kib(pid: u32) -> Result<u64, String> {
         .find_map(|l| l.strip_prefix("Pss:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| format!("no Pss in /proc/{pid}/smaps_rollup"))
-}
-
-/// Lets this process hold as many sockets as its hard limit allows.
-fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a
-    // live rlimit.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-    limit.rlim_cur
 }
 
 /// One client subscribes to its own topic and sends `size` bytes at QoS 1;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use mqvisor_broker::packet::QoS;
 
 use super::mqtt::{Shape, connect_as, io_err, run_shape, run_shape_as, start_mosquitto, start_mqvisor};
-use super::percentile;
+use super::{percentile, raise_fd_limit};
 
 /// A running `mqvisor serve`, stopped when dropped.
 struct Daemon {
@@ -98,16 +98,7 @@ fn connack_ms(addr: SocketAddr, tenant: &str) -> Result<(f64, (TcpStream, BufRea
 
 /// Runs the three measurements and prints them.
 pub fn serve(exe: &Path, tenants: usize, messages: usize) -> Result<(), String> {
-    let fds = {
-        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-        // SAFETY: getrlimit/setrlimit with a valid resource and a live rlimit.
-        unsafe {
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-        limit.rlim_cur
-    };
+    let fds = raise_fd_limit();
     if fds < tenants as u64 * 2 + 64 {
         return Err(format!("{tenants} tenants need about {} file descriptors; the limit is {fds}", tenants * 2 + 64));
     }
