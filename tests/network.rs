@@ -181,3 +181,39 @@ fn a_busy_listen_address_is_a_clear_error() {
     let out = common::run_vm(&["--service", "echo", "--listen", &addr]);
     common::assert_fails_with(&out, 125, &format!("cannot listen on {addr}"));
 }
+
+#[test]
+fn every_vmm_thread_runs_under_its_seccomp_filter() {
+    if !kvm_available("every_vmm_thread_runs_under_its_seccomp_filter") {
+        return;
+    }
+    let vm = RunningVm::start(&["--timeout", "30"]);
+    // Serve one client, so every thread has run its loop.
+    assert_eq!(mqtt_connack(&vm), [0x20, 2, 0, 0]);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", vm.child.id())).unwrap();
+    let mut threads = Vec::new();
+    for task in tasks.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status.lines().find_map(|l| l.strip_prefix(name)).map(|v| v.trim().to_string()).unwrap_or_default()
+        };
+        // KVM's own kernel helper threads carry the process's filter too.
+        threads.push((field("Name:"), field("Seccomp:"), field("NoNewPrivs:")));
+    }
+    for name in ["mqvisor", "vcpu0", "net"] {
+        assert!(threads.iter().any(|(n, _, _)| n == name), "no {name} thread in {threads:?}");
+    }
+    for (name, seccomp, no_new_privs) in &threads {
+        assert_eq!(seccomp, "2", "thread {name} is not filtered: {threads:?}");
+        assert_eq!(no_new_privs, "1", "thread {name} may gain privileges: {threads:?}");
+    }
+}
+
+/// A CONNECT and its CONNACK through the VM.
+fn mqtt_connack(vm: &RunningVm) -> Vec<u8> {
+    let mut stream = connect(vm);
+    stream.write_all(&[0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 0]).unwrap();
+    let mut connack = vec![0u8; 4];
+    stream.read_exact(&mut connack).unwrap();
+    connack
+}

@@ -203,7 +203,7 @@ pub fn install_signal_handlers() -> std::io::Result<()> {
     {
         register_signal_handler(signal, handler).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
     }
-    Ok(())
+    crate::seccomp::install_sigsys_handler()
 }
 
 /// Runs `vcpu` on its own thread until the guest exits, crashes, or
@@ -215,9 +215,16 @@ pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std
     let vcpu_loop = VcpuLoop { vcpu, context, stats: ExitStats::default(), stop: stop.clone() };
     let (done_tx, done_rx) = mpsc::channel();
     let handle = thread::Builder::new().name("vcpu0".into()).spawn(move || {
+        // Filtered before the guest's first instruction.
+        let result = match crate::seccomp::install(crate::seccomp::Thread::Vcpu) {
+            Ok(()) => vcpu_loop.run(started),
+            Err(e) => (Outcome::Crashed { reason: format!("vCPU thread: {e}"), rip: None }, ExitStats::default()),
+        };
         // The receiver lives until this thread is joined below.
-        let _ = done_tx.send(vcpu_loop.run(started));
+        let _ = done_tx.send(result);
     })?;
+    // Every thread now exists: the supervising one is filtered too.
+    crate::seccomp::install(crate::seccomp::Thread::Main).map_err(std::io::Error::other)?;
 
     let deadline = timeout.map(|t| started + t);
     let first = loop {

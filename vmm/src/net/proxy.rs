@@ -181,6 +181,10 @@ pub fn spawn(config: ProxyConfig) -> std::io::Result<NetThread> {
     }
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let handle = std::thread::Builder::new().name("net".into()).spawn(move || {
+        if let Err(e) = crate::seccomp::install(crate::seccomp::Thread::Net) {
+            eprintln!("mqvisor: network disabled: {e}");
+            return;
+        }
         runtime.block_on(async move {
             match Proxy::new(config) {
                 Ok(proxy) => proxy.run(stop_rx).await,
