@@ -217,3 +217,19 @@ fn mqtt_connack(vm: &RunningVm) -> Vec<u8> {
     stream.read_exact(&mut connack).unwrap();
     connack
 }
+
+#[test]
+fn a_denied_system_call_ends_the_vm_with_one_line_and_126() {
+    if !kvm_available("a_denied_system_call_ends_the_vm_with_one_line_and_126") {
+        return;
+    }
+    let out = common::mqvisor()
+        .args(["run", "--listen", "127.0.0.1:0", "--timeout", "30"])
+        .env("MQVISOR_SECCOMP_SELFTEST", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "{stderr}");
+    let line = stderr.lines().find(|l| l.contains("seccomp")).expect("a seccomp line");
+    assert!(line.contains("thread vcpu") && line.contains(&format!("system call {}", libc::SYS_getppid)), "{line}");
+}

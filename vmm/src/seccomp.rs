@@ -165,6 +165,19 @@ pub fn install(thread: Thread) -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// True when the environment asks for the denial path to be shown
+/// (`MQVISOR_SECCOMP_SELFTEST=1`, for the tests): the vCPU thread then
+/// makes a call its filter denies.
+pub fn selftest_requested() -> bool {
+    std::env::var_os("MQVISOR_SECCOMP_SELFTEST").is_some_and(|v| v == "1")
+}
+
+/// Makes a system call no filter allows (getppid).
+pub fn make_a_denied_call() {
+    // SAFETY: getppid has no arguments and no effect; the filter traps it.
+    unsafe { libc::syscall(libc::SYS_getppid) };
+}
+
 /// Makes a denied call end the process with one line naming the thread and
 /// the call. Must run before the first filter is installed.
 pub fn install_sigsys_handler() -> std::io::Result<()> {

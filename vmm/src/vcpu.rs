@@ -216,8 +216,14 @@ pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std
     let (done_tx, done_rx) = mpsc::channel();
     let handle = thread::Builder::new().name("vcpu0".into()).spawn(move || {
         // Filtered before the guest's first instruction.
+        let selftest = crate::seccomp::selftest_requested();
         let result = match crate::seccomp::install(crate::seccomp::Thread::Vcpu) {
-            Ok(()) => vcpu_loop.run(started),
+            Ok(()) => {
+                if selftest {
+                    crate::seccomp::make_a_denied_call();
+                }
+                vcpu_loop.run(started)
+            }
             Err(e) => (Outcome::Crashed { reason: format!("vCPU thread: {e}"), rip: None }, ExitStats::default()),
         };
         // The receiver lives until this thread is joined below.
