@@ -244,7 +244,24 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|_| format!("`{text}` seconds is too long"))
 }
 
+/// Closes every descriptor this process inherited beyond the standard
+/// streams, except `keep`: a VMM holds only what it opened itself.
+fn close_inherited(keep: Option<i32>) {
+    let keep = keep.and_then(|fd| u32::try_from(fd).ok()).filter(|&fd| fd >= 3);
+    let ranges = match keep {
+        // An empty first range (3..=2, when keeping 3) is refused: harmless.
+        Some(fd) => vec![(3, fd - 1), (fd + 1, u32::MAX)],
+        None => vec![(3, u32::MAX)],
+    };
+    for (first, last) in ranges {
+        // SAFETY: close_range(2) only closes descriptors in the range; no
+        // object of this process owns one yet (nothing has been opened).
+        unsafe { libc::syscall(libc::SYS_close_range, first, last, 0u32) };
+    }
+}
+
 fn run(args: RunArgs) -> ExitCode {
+    close_inherited(args.handoff_fd);
     let image = match &args.image {
         None => mqvisor::DEFAULT_IMAGE.to_vec(),
         Some(path) => match std::fs::read(path) {
