@@ -233,3 +233,27 @@ fn a_denied_system_call_ends_the_vm_with_one_line_and_126() {
     let line = stderr.lines().find(|l| l.contains("seccomp")).expect("a seccomp line");
     assert!(line.contains("thread vcpu") && line.contains(&format!("system call {}", libc::SYS_getppid)), "{line}");
 }
+
+#[test]
+fn started_as_root_with_user_the_vmm_keeps_no_privilege() {
+    if !kvm_available("started_as_root_with_user_the_vmm_keeps_no_privilege") {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // An ordinary user cannot drop to another: said clearly.
+        let out = common::run_vm(&["--service", "mqtt", "--listen", "127.0.0.1:0", "--user", "nobody"]);
+        common::assert_fails_with(&out, 125, "--user needs the VMM to start as root");
+        return;
+    }
+    let vm = RunningVm::start(&["--timeout", "30", "--user", "nobody"]);
+    assert_eq!(mqtt_connack(&vm), [0x20, 2, 0, 0], "the VM serves after dropping privileges");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", vm.child.id())).unwrap();
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).unwrap_or("").trim().to_string();
+    assert!(field("Uid:").split_whitespace().all(|u| u == "65534"), "{status}");
+    assert!(field("Gid:").split_whitespace().all(|g| g == "65534"), "{status}");
+    for caps in ["CapPrm:", "CapEff:", "CapBnd:", "CapAmb:", "CapInh:"] {
+        assert_eq!(field(caps).trim_start_matches('0'), "", "{caps} {}", field(caps));
+    }
+    assert_eq!(field("NoNewPrivs:"), "1");
+}

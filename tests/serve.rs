@@ -400,3 +400,26 @@ fn wills_stay_in_their_tenant_and_a_flood_of_one_tenant_spares_the_other() {
     }
     flood.join().unwrap();
 }
+
+#[test]
+fn a_tenant_process_runs_as_its_user() {
+    if !kvm_available("a_tenant_process_runs_as_its_user") {
+        return;
+    }
+    let daemon = Daemon::start("user", "[tenants.alpha]\nuser = \"nobody\"\n", &[]);
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // Not root: the tenant's process refuses to pretend, and says why.
+        let _ = TcpStream::connect(daemon.addr)
+            .and_then(|mut s| s.write_all(&connect_as(4, "c", true, Some("alpha:"), None)));
+        daemon.wait_for(&["--user needs the VMM to start as root"]);
+        return;
+    }
+    let mut client = connected(&daemon, "c", "alpha:");
+    client.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0xd0);
+    let pid = daemon.pid_of("alpha");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
+    assert!(uid.split_whitespace().all(|u| u == "65534"), "tenant runs as {uid}");
+}

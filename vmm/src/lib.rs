@@ -16,6 +16,7 @@ pub mod devices;
 pub mod image;
 pub mod net;
 pub mod paravirt;
+pub mod privileges;
 pub mod seccomp;
 pub mod vcpu;
 pub mod vm;

@@ -33,6 +33,7 @@ use crate::net::{
     self,
     proxy::{self, Ingress, LinkCounters, NetThread, ProxyConfig},
 };
+use crate::privileges;
 use crate::vcpu::{self, ExitStats, Outcome, VcpuContext};
 
 /// Smallest heap an image gets; less memory than image + this is refused.
@@ -64,6 +65,9 @@ pub struct VmConfig {
     /// When set, clients arrive on this socket from `mqvisor serve` instead
     /// of on the service's listen address (see `net::proxy::Ingress`).
     pub handoff: Option<UnixDatagram>,
+    /// When set, become this user once `/dev/kvm` is open and the listener
+    /// bound (see `privileges`).
+    pub run_as: Option<privileges::RunAs>,
 }
 
 /// What the guest runs, and what the host provides for it.
@@ -129,6 +133,8 @@ pub enum VmmError {
     Thread(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Privileges(#[from] privileges::PrivilegeError),
     #[error("the network device has no queue notification eventfd")]
     NoQueueEvent,
 }
@@ -342,10 +348,17 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
 
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?);
     let exit_count = Arc::new(AtomicU64::new(0));
-    let (network, bus) = match config.service {
-        Service::Demo => (None, MmioBus::default()),
-        Service::Echo { listen } | Service::Mqtt { listen, .. } => {
-            let ingress = Ingress::new(listen, config.handoff)?;
+    // What needs privileges is held now: /dev/kvm and the listener.
+    let ingress = match config.service {
+        Service::Demo => None,
+        Service::Echo { listen } | Service::Mqtt { listen, .. } => Some(Ingress::new(listen, config.handoff)?),
+    };
+    if let Some(run_as) = &config.run_as {
+        privileges::drop_to(run_as)?;
+    }
+    let (network, bus) = match (config.service, ingress) {
+        (Service::Demo, _) | (_, None) => (None, MmioBus::default()),
+        (_, Some(ingress)) => {
             let (network, bus) = Network::start(&vm, &mem, ingress, max_connections, wake.clone(), exit_count.clone())?;
             info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
             info.net = net::guest_net_config(GUEST_PORT);
@@ -449,6 +462,7 @@ mod tests {
             service: Service::Demo,
             config_blob,
             handoff: None,
+            run_as: None,
         }
     }
 

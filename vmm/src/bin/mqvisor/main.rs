@@ -152,6 +152,10 @@ struct RunArgs {
     /// Print VM exit and network counters to stderr when the VM ends
     #[arg(long)]
     stats: bool,
+    /// Started as root: become this user (and its group) once /dev/kvm is
+    /// open and the listener bound, with no capabilities left
+    #[arg(long, value_name = "NAME")]
+    user: Option<String>,
     /// Take clients from `mqvisor serve` on this inherited unix datagram
     /// socket instead of listening (internal)
     #[arg(long, value_name = "FD", hide = true)]
@@ -286,7 +290,15 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
+    let run_as = match args.user.as_deref().map(mqvisor::privileges::RunAs::lookup).transpose() {
+        Ok(run_as) => run_as,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
     let config = VmConfig {
+        run_as,
         handoff,
         config_blob: if args.service == ServiceKind::Mqtt { settings.config_blob() } else { Vec::new() },
         image,

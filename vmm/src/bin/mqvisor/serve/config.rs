@@ -52,6 +52,7 @@ pub struct ServeConfig {
 pub struct Defaults {
     memory_mib: Option<u32>,
     idle_stop_after: Option<std::time::Duration>,
+    user: Option<String>,
     broker: BrokerFlags,
 }
 
@@ -65,7 +66,8 @@ impl Defaults {
         broker.resolve().map_err(|e| e.to_string())?;
         let memory_mib = own.memory.or(self.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
         let idle_stop_after = own.idle_stop_after.or(self.idle_stop_after);
-        Ok(TenantConfig { memory_mib, listen: own.listen, idle_stop_after, broker })
+        let user = own.user.or_else(|| self.user.clone());
+        Ok(TenantConfig { memory_mib, listen: own.listen, idle_stop_after, user, broker })
     }
 }
 
@@ -77,6 +79,8 @@ pub struct TenantConfig {
     pub listen: Option<SocketAddr>,
     /// Stop the VM after this long without clients (its state is lost).
     pub idle_stop_after: Option<std::time::Duration>,
+    /// The user its process becomes (the daemon must run as root).
+    pub user: Option<String>,
     /// Broker settings, paths absolute, checked.
     pub broker: BrokerFlags,
 }
@@ -107,6 +111,7 @@ struct Extra {
     memory: Option<u32>,
     listen: Option<SocketAddr>,
     idle_stop_after: Option<std::time::Duration>,
+    user: Option<String>,
     broker: BrokerFlags,
 }
 
@@ -138,13 +143,21 @@ fn extra(table: toml::Table, base: &Path, context: &str) -> Result<Extra, String
                 .ok_or_else(|| format!("{context}: idle_stop_after must be a positive number of seconds"))?,
         )),
     };
+    let user = match table.remove("user") {
+        None => None,
+        Some(v) => {
+            let name = v.as_str().ok_or_else(|| format!("{context}: user must be a user name"))?;
+            mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
+            Some(name.to_string())
+        }
+    };
     let mut broker: BrokerFlags =
         table.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))?;
     // Absolute: the tenant's process reads them from its own settings file.
     let absolute = |p: PathBuf| std::path::absolute(base.join(&p)).unwrap_or(p);
     broker.password_file = broker.password_file.map(absolute);
     broker.acl_file = broker.acl_file.map(absolute);
-    Ok(Extra { memory, listen, idle_stop_after, broker })
+    Ok(Extra { memory, listen, idle_stop_after, user, broker })
 }
 
 impl ServeConfig {
@@ -182,7 +195,9 @@ impl ServeConfig {
             ),
         };
         let defaults = match root.remove("defaults") {
-            None => Extra { memory: None, listen: None, idle_stop_after: None, broker: BrokerFlags::default() },
+            None => {
+                Extra { memory: None, listen: None, idle_stop_after: None, user: None, broker: BrokerFlags::default() }
+            }
             Some(toml::Value::Table(t)) => extra(t, &base, "[defaults]").map_err(syntax)?,
             Some(_) => return Err(syntax("[defaults] must be a table".into())),
         };
@@ -192,6 +207,7 @@ impl ServeConfig {
         let defaults = Defaults {
             memory_mib: defaults.memory,
             idle_stop_after: defaults.idle_stop_after,
+            user: defaults.user,
             broker: defaults.broker,
         };
         let tables = match root.remove("tenants") {

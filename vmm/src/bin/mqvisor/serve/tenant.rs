@@ -223,6 +223,7 @@ impl Tenant {
             .args(["--memory", &self.config.memory_mib.to_string()])
             .arg("--config")
             .arg(&self.settings_file)
+            .args(self.config.user.iter().flat_map(|user| ["--user", user.as_str()]))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
