@@ -406,15 +406,23 @@ fn a_tenant_process_runs_as_its_user() {
     if !kvm_available("a_tenant_process_runs_as_its_user") {
         return;
     }
-    let daemon = Daemon::start("user", "[tenants.alpha]\nuser = \"nobody\"\n", &[]);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        // Not root: the tenant's process refuses to pretend, and says why.
-        let _ = TcpStream::connect(daemon.addr)
-            .and_then(|mut s| s.write_all(&connect_as(4, "c", true, Some("alpha:"), None)));
-        daemon.wait_for(&["--user needs the VMM to start as root"]);
+        // Not root: the daemon refuses the setting at start, naming the tenant.
+        let dir = std::env::temp_dir().join(format!("mqvisor-serve-user-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("serve.toml");
+        std::fs::write(
+            &config,
+            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[tenants.alpha]\nuser = \"nobody\"\n",
+        )
+        .unwrap();
+        let out = mqvisor().arg("serve").arg("--config").arg(&config).output().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        common::assert_fails_with(&out, 125, "tenant alpha: settings: --user needs the VMM to start as root");
         return;
     }
+    let daemon = Daemon::start("user", "[tenants.alpha]\nuser = \"nobody\"\n", &[]);
     let mut client = connected(&daemon, "c", "alpha:");
     client.write_all(&[0xc0, 0]).unwrap();
     assert_eq!(read_packet(&mut client).0, 0xd0);

@@ -31,8 +31,14 @@ pub enum PrivilegeError {
 }
 
 impl RunAs {
-    /// The user `name` from the system's user database.
+    /// The user `name` from the system's user database, when this process
+    /// can become it (it runs as root).
     pub fn lookup(name: &str) -> Result<RunAs, PrivilegeError> {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 {
+            return Err(PrivilegeError::NotRoot(euid));
+        }
         let c_name = CString::new(name).map_err(|_| PrivilegeError::NoSuchUser(name.into()))?;
         // SAFETY: a zeroed passwd is a valid out-parameter; getpwnam_r fills it
         // with pointers into `buf`, which outlives every use of them here.
@@ -109,6 +115,11 @@ mod tests {
 
     #[test]
     fn users_are_looked_up_and_strangers_named() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(matches!(RunAs::lookup("root"), Err(PrivilegeError::NotRoot(_))));
+            return;
+        }
         let root = RunAs::lookup("root").unwrap();
         assert_eq!((root.uid, root.gid), (0, 0));
         let err = RunAs::lookup("no-such-user-here").unwrap_err();
