@@ -114,10 +114,13 @@ pub struct LoadReport {
     pub service: ServiceStats,
     /// Exits of the vCPU to the VMM so far.
     pub vm_exits: u64,
+    /// What the guest did wrong so far: refused descriptor chains, ring
+    /// faults, bad stream frames and records.
+    pub guest_faults: u64,
 }
 
 impl LoadReport {
-    pub const LEN: usize = 32 + ServiceStats::LEN;
+    pub const LEN: usize = 40 + ServiceStats::LEN;
 
     pub fn to_bytes(self) -> [u8; Self::LEN] {
         let mut out = [0u8; Self::LEN];
@@ -125,7 +128,8 @@ impl LoadReport {
         out[8..16].copy_from_slice(&self.bytes_in.to_le_bytes());
         out[16..24].copy_from_slice(&self.bytes_out.to_le_bytes());
         out[24..32].copy_from_slice(&self.vm_exits.to_le_bytes());
-        out[32..].copy_from_slice(&self.service.to_bytes());
+        out[32..40].copy_from_slice(&self.guest_faults.to_le_bytes());
+        out[40..].copy_from_slice(&self.service.to_bytes());
         out
     }
 
@@ -139,8 +143,15 @@ impl LoadReport {
             w.copy_from_slice(&bytes[i..i + 8]);
             u64::from_le_bytes(w)
         };
-        let service = ServiceStats::from_bytes(&bytes[32..])?;
-        Some(LoadReport { clients: word(0), bytes_in: word(8), bytes_out: word(16), vm_exits: word(24), service })
+        let service = ServiceStats::from_bytes(&bytes[40..])?;
+        Some(LoadReport {
+            clients: word(0),
+            bytes_in: word(8),
+            bytes_out: word(16),
+            vm_exits: word(24),
+            guest_faults: word(32),
+            service,
+        })
     }
 }
 
@@ -727,6 +738,9 @@ impl Proxy {
             bytes_out: self.counters.client_bytes_out.load(Ordering::Relaxed),
             service: self.counters.service.lock().map(|s| *s).unwrap_or_default(),
             vm_exits: self.vm_exits.load(Ordering::Relaxed),
+            guest_faults: self.device.driver_faults()
+                + self.counters.bad_frames.load(Ordering::Relaxed)
+                + self.counters.bad_records.load(Ordering::Relaxed),
         };
         let _ = handoff.get_ref().send(&load.to_bytes());
     }

@@ -56,6 +56,9 @@ pub struct TenantView {
     pub messages_refused: u64,
     /// Exits of its vCPU to the VMM (each costs ~30 µs on nested KVM).
     pub vm_exits: u64,
+    /// What its guest did wrong: refused descriptor chains, ring faults,
+    /// bad stream frames and records.
+    pub guest_faults: u64,
     /// Proportional set size of its process, bytes (0 when stopped).
     pub pss_bytes: u64,
     /// Seconds from spawning each of its VMs to the guest's link being up.
@@ -191,6 +194,7 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
     let dropped = counter(&mut registry, "messages_dropped", "Messages not delivered: a queue or window was full");
     let refused = counter(&mut registry, "messages_refused", "Messages refused: the tenant's memory ran low");
     let exits = counter(&mut registry, "vm_exits", "Exits of the tenant's vCPU to its VMM");
+    let faults = counter(&mut registry, "guest_faults", "Protocol violations of the tenant's guest at its VMM");
     let boot = Family::<Labels, Histogram>::new_with_constructor(|| {
         Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0])
     });
@@ -212,6 +216,7 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
         dropped.get_or_create(&labels).inc_by(t.messages_dropped);
         refused.get_or_create(&labels).inc_by(t.messages_refused);
         exits.get_or_create(&labels).inc_by(t.vm_exits);
+        faults.get_or_create(&labels).inc_by(t.guest_faults);
         let histogram = boot.get_or_create(&labels);
         for &seconds in &t.boot_seconds {
             histogram.observe(seconds);
@@ -295,6 +300,7 @@ mod tests {
             messages_dropped: 0,
             messages_refused: 0,
             vm_exits: 9,
+            guest_faults: 0,
             pss_bytes: 4096,
             boot_seconds: vec![0.004, 0.012],
         };

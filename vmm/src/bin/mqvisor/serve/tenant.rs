@@ -151,6 +151,7 @@ impl Tenant {
             messages_dropped: load.service.messages_dropped,
             messages_refused: load.service.messages_refused,
             vm_exits: load.vm_exits,
+            guest_faults: load.guest_faults,
             boot_seconds: self.boot_seconds.lock().map(|b| b.clone()).unwrap_or_default(),
             pss_bytes: self.pid().and_then(pss_bytes).unwrap_or(0),
         }
