@@ -55,12 +55,15 @@ enum Commands {
     /// per-tenant ports. Stops every tenant on SIGTERM or Ctrl-C.
     #[command(after_help = "The configuration file (TOML):\n\n\
         listen = \"127.0.0.1:1883\"      # the shared port\n\
-        state_dir = \"/var/lib/mqvisor\"  # tenants' files\n\n\
+        state_dir = \"/var/lib/mqvisor\"  # tenants' files; control.sock for `mqvisor tenant`\n\
+        metrics_listen = \"127.0.0.1:9183\"  # optional: GET /metrics (Prometheus)\n\n\
         [defaults]                      # memory and any broker setting of `mqvisor run`\n\
         memory = 64\n\n\
         [tenants.acme]                  # clients connect as acme:USER\n\
         password_file = \"acme.passwd\"   # optional; without it, anonymous clients are allowed\n\
-        listen = \"127.0.0.1:1884\"       # optional port of its own, no prefix needed\n\n\
+        listen = \"127.0.0.1:1884\"       # optional port of its own, no prefix needed\n\
+        idle_stop_after = 600           # optional: stop its VM after 10 idle minutes (loses its state)\n\
+        user = \"mqvisor-acme\"           # optional, daemon started as root: its process's user\n\n\
         Exit status: 0 after SIGTERM or Ctrl-C, 125 if the configuration or a listen address is unusable.")]
     Serve(ServeArgs),
     /// Look at and change the tenants of a running `mqvisor serve`.
