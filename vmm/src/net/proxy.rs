@@ -547,11 +547,8 @@ impl Proxy {
             return;
         }
         stream.guest_closed = true;
-        if stream.reading != Reading::Done {
-            // Whatever the client still sends goes nowhere.
-            stream.reading = Reading::Done;
-            self.control.push_back((id, Control::Close));
-        }
+        // Whatever the client still sends goes nowhere.
+        self.stop_reading(id);
         self.write_out(id);
     }
 
@@ -587,11 +584,7 @@ impl Proxy {
             stream.out = Vec::new();
         }
         if failed {
-            if stream.reading != Reading::Done {
-                stream.reading = Reading::Done;
-                self.control.push_back((id, Control::Close));
-            }
-            self.drop_out(id);
+            self.client_failed(id);
         }
         let Some(stream) = self.streams.get_mut(&id) else { return };
         if stream.owed >= WINDOW_BYTES / 2 && !stream.guest_closed {
@@ -709,16 +702,13 @@ impl Proxy {
             }
             Ok(_) => {
                 // EOF: the guest hears the client is done sending.
-                stream.reading = Reading::Done;
-                self.control.push_back((id, Control::Close));
+                self.stop_reading(id);
                 self.write_out(id);
                 Some(true)
             }
             Err(_) => {
                 // A failed socket: the same, and nothing more reaches it.
-                stream.reading = Reading::Done;
-                self.control.push_back((id, Control::Close));
-                self.drop_out(id);
+                self.client_failed(id);
                 self.write_out(id);
                 Some(true)
             }
@@ -748,15 +738,29 @@ impl Proxy {
     /// Resets the client with the most guest bytes waiting for it; the guest
     /// hears it has gone.
     fn shed_slowest(&mut self) {
-        let Some((&id, stream)) = self.streams.iter_mut().max_by_key(|(_, s)| s.out.len()) else { return };
+        let Some((&id, stream)) = self.streams.iter().max_by_key(|(_, s)| s.out.len()) else { return };
         reset(&stream.socket);
-        if stream.reading != Reading::Done {
+        self.counters.shed_clients.fetch_add(1, Ordering::Relaxed);
+        self.client_failed(id);
+        self.write_out(id);
+    }
+
+    /// Nothing more of the client's goes to the guest, which hears `Close`
+    /// (once).
+    fn stop_reading(&mut self, id: StreamId) {
+        if let Some(stream) = self.streams.get_mut(&id)
+            && stream.reading != Reading::Done
+        {
             stream.reading = Reading::Done;
             self.control.push_back((id, Control::Close));
         }
-        self.counters.shed_clients.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The client is gone: the guest hears so, and what the client will
+    /// never read is discarded.
+    fn client_failed(&mut self, id: StreamId) {
+        self.stop_reading(id);
         self.drop_out(id);
-        self.write_out(id);
     }
 
     /// Discards what a failed client will never read.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 mod bench;
 mod broker_runner;
+mod procfs;
 mod serve;
 mod settings;
 

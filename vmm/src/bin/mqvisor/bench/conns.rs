@@ -37,12 +37,7 @@ struct Figures {
 
 /// The proportional set size of `pid`, KiB.
 fn pss_kib(pid: u32) -> Result<u64, String> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).map_err(io_err)?;
-    rollup
-        .lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .ok_or_else(|| format!("no Pss in /proc/{pid}/smaps_rollup"))
+    crate::procfs::pss_kib(pid).ok_or_else(|| format!("no Pss in /proc/{pid}/smaps_rollup"))
 }
 
 /// One client subscribes to its own topic and sends `size` bytes at QoS 1;

@@ -115,42 +115,34 @@ struct Extra {
     broker: BrokerFlags,
 }
 
+/// Removes `key` from `table` and parses it; an unparsable value is an
+/// error saying what `key` must be.
+fn take<T>(
+    table: &mut toml::Table,
+    key: &str,
+    context: &str,
+    must_be: &str,
+    parse: impl FnOnce(&toml::Value) -> Option<T>,
+) -> Result<Option<T>, String> {
+    table.remove(key).map(|v| parse(&v).ok_or_else(|| format!("{context}: {key} must be {must_be}"))).transpose()
+}
+
 fn extra(table: toml::Table, base: &Path, context: &str) -> Result<Extra, String> {
     let mut table = table;
-    let memory = match table.remove("memory") {
-        None => None,
-        Some(v) => Some(
-            v.as_integer()
-                .and_then(|n| u32::try_from(n).ok())
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("{context}: memory must be a positive number of MiB"))?,
-        ),
-    };
-    let listen = match table.remove("listen") {
-        None => None,
-        Some(v) => Some(
-            v.as_str()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| format!("{context}: listen must be an address like \"127.0.0.1:1884\""))?,
-        ),
-    };
-    let idle_stop_after = match table.remove("idle_stop_after") {
-        None => None,
-        Some(v) => Some(std::time::Duration::from_secs(
-            v.as_integer()
-                .and_then(|n| u64::try_from(n).ok())
-                .filter(|&n| n > 0)
-                .ok_or_else(|| format!("{context}: idle_stop_after must be a positive number of seconds"))?,
-        )),
-    };
-    let user = match table.remove("user") {
-        None => None,
-        Some(v) => {
-            let name = v.as_str().ok_or_else(|| format!("{context}: user must be a user name"))?;
-            mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
-            Some(name.to_string())
-        }
-    };
+    let positive = |v: &toml::Value| v.as_integer().filter(|&n| n > 0);
+    let memory = take(&mut table, "memory", context, "a positive number of MiB", |v| {
+        positive(v).and_then(|n| u32::try_from(n).ok())
+    })?;
+    let listen = take(&mut table, "listen", context, "an address like \"127.0.0.1:1884\"", |v| {
+        v.as_str().and_then(|s| s.parse().ok())
+    })?;
+    let idle_stop_after = take(&mut table, "idle_stop_after", context, "a positive number of seconds", |v| {
+        positive(v).and_then(|n| u64::try_from(n).ok()).map(std::time::Duration::from_secs)
+    })?;
+    let user = take(&mut table, "user", context, "a user name", |v| v.as_str().map(str::to_string))?;
+    if let Some(name) = &user {
+        mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
+    }
     let mut broker: BrokerFlags =
         table.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))?;
     // Absolute: the tenant's process reads them from its own settings file.

@@ -23,13 +23,6 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::config::TenantConfig;
 use super::control::TenantView;
 
-/// The proportional set size of process `pid`, bytes.
-fn pss_bytes(pid: u32) -> Option<u64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    let kib: u64 = rollup.lines().find_map(|l| l.strip_prefix("Pss:"))?.split_whitespace().next()?.parse().ok()?;
-    Some(kib * 1024)
-}
-
 /// The descriptor number the handoff socket has in the tenant's process.
 const HANDOFF_FD: i32 = 3;
 /// Clients waiting to be handed to one tenant, at most; more are closed.
@@ -153,7 +146,7 @@ impl Tenant {
             vm_exits: load.vm_exits,
             guest_faults: load.guest_faults,
             boot_seconds: self.boot_seconds.lock().map(|b| b.clone()).unwrap_or_default(),
-            pss_bytes: self.pid().and_then(pss_bytes).unwrap_or(0),
+            pss_bytes: self.pid().and_then(crate::procfs::pss_kib).map_or(0, |kib| kib * 1024),
         }
     }
 
