@@ -226,3 +226,12 @@ fn set_mode(path: &std::path::Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
+
+#[test]
+fn a_handoff_descriptor_that_is_no_datagram_socket_is_refused() {
+    // Not open, and a standard stream.
+    let out = common::run_vm(&["--service", "mqtt", "--handoff-fd", "97"]);
+    common::assert_fails_with(&out, 125, "descriptor 97 is not open");
+    let out = common::run_vm(&["--service", "mqtt", "--handoff-fd", "1"]);
+    common::assert_fails_with(&out, 125, "1 is a standard stream");
+}

@@ -301,6 +301,12 @@ fn tenants_are_listed_added_removed_and_kept_across_restarts() {
     assert!(ok, "{err}");
     let (ok, _, err) = daemon.tenant(&["add", "gamma"]);
     assert!(!ok && err.contains("exists"), "{err}");
+    let (ok, _, err) = daemon.tenant(&["add", "Bad"]);
+    assert!(!ok && err.contains("tenant name \"Bad\""), "{err}");
+    let (ok, _, err) = daemon.tenant(&["remove", "nope"]);
+    assert!(!ok && err.contains("no tenant \"nope\""), "{err}");
+    let (ok, _, err) = daemon.tenant(&["restart", "nope"]);
+    assert!(!ok && err.contains("no tenant \"nope\""), "{err}");
     drop(connected(&daemon, "g", "gamma:"));
     // Removed while serving: its clients are disconnected, new ones refused.
     let (ok, _, err) = daemon.tenant(&["remove", "alpha"]);

@@ -1149,3 +1149,40 @@ fn new_sessions_are_refused_past_max_sessions_and_when_memory_is_low() {
     net.broker.set_memory_low(false);
     assert_eq!(connack_code(&net.connect(2, V5, "x", true)), (false, 0));
 }
+
+#[test]
+fn retained_messages_are_bounded_by_count_and_bytes() {
+    let config = Config { max_retained_messages: 2, max_retained_bytes: 100, sys_interval_ms: 0, ..Config::default() };
+    let mut net = Net::with(config);
+    net.connect(1, V5, "keeper", true);
+    let retained = |topic: &str, payload: &[u8], id: u16| Publish {
+        retain: true,
+        ..publish(topic, payload, QoS::AtLeastOnce, Some(id))
+    };
+    net.publish(1, V5, retained("a", b"1", 1));
+    net.publish(1, V5, retained("b", b"2", 2));
+    // A third topic is over the count: refused, counted.
+    net.publish(1, V5, retained("c", b"3", 3));
+    // Replacing one in place is not a new one.
+    net.publish(1, V5, retained("a", b"11", 4));
+    // Over the bytes: refused, even for a replacement that grows.
+    net.publish(1, V5, retained("b", &[b'x'; 120], 5));
+    // Deleting always works, and makes room.
+    net.publish(1, V5, retained("b", b"", 6));
+    net.publish(1, V5, retained("c", b"3", 7));
+    let codes = puback_codes(&net.recv(1, V5));
+    let no_subscribers = reason::NO_MATCHING_SUBSCRIBERS;
+    assert_eq!(
+        codes,
+        vec![
+            no_subscribers,
+            no_subscribers,
+            reason::QUOTA_EXCEEDED,
+            no_subscribers,
+            reason::QUOTA_EXCEEDED,
+            no_subscribers,
+            no_subscribers
+        ]
+    );
+    assert_eq!(net.broker.stats().quota_refusals, 2);
+}
