@@ -18,6 +18,7 @@ pub mod net;
 pub mod paravirt;
 pub mod privileges;
 pub mod seccomp;
+pub mod state;
 pub mod vcpu;
 pub mod vm;
 

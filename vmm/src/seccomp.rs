@@ -26,6 +26,8 @@ pub enum Thread {
     Vcpu,
     /// The network proxy (tokio, current thread).
     Net,
+    /// The virtio-blk worker: reads, writes and flushes the state file.
+    Block,
 }
 
 /// Why a filter could not be installed.
@@ -71,6 +73,16 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_ppoll,
 ];
 
+/// Calls of the block worker beyond the common ones: file I/O at offsets,
+/// `fdatasync` for FLUSH, and waiting on its eventfds.
+const BLOCK: &[libc::c_long] = &[
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fdatasync,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
 /// Calls of the network proxy's thread beyond the common ones.
 const NET: &[libc::c_long] = &[
     libc::SYS_epoll_wait,
@@ -110,6 +122,11 @@ pub fn program(thread: Thread) -> Result<BpfProgram, SeccompError> {
         Thread::Main => {}
         Thread::Vcpu => {
             rules.insert(libc::SYS_ioctl, vec![ioctl_rule(KVM_RUN)?, ioctl_rule(KVM_GET_REGS)?]);
+        }
+        Thread::Block => {
+            for &call in BLOCK {
+                rules.insert(call, Vec::new());
+            }
         }
         Thread::Net => {
             for &call in NET {
@@ -156,6 +173,7 @@ pub fn install(thread: Thread) -> Result<(), SeccompError> {
             Thread::Main => "main",
             Thread::Vcpu => "vcpu",
             Thread::Net => "net",
+            Thread::Block => "block",
         })
     });
     let allowed = program(thread)?;
@@ -248,7 +266,7 @@ mod tests {
 
     #[test]
     fn every_thread_has_a_filter_and_ioctls_are_narrowed() {
-        for thread in [Thread::Main, Thread::Vcpu, Thread::Net] {
+        for thread in [Thread::Main, Thread::Vcpu, Thread::Net, Thread::Block] {
             let program = program(thread).unwrap();
             assert!(!program.is_empty());
         }

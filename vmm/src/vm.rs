@@ -26,6 +26,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use crate::arch::{self, ArchError};
 use crate::devices::MmioBus;
 use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::block::{BlockDevice, BlockMetrics, BlockThread};
 use crate::devices::virtio::net as net_device;
 use crate::devices::virtio::net::{NetDevice, NetMetrics, RingFault};
 use crate::image::{self, ImageError};
@@ -68,6 +69,18 @@ pub struct VmConfig {
     /// When set, become this user once `/dev/kvm` is open and the listener
     /// bound (see `privileges`).
     pub run_as: Option<privileges::RunAs>,
+    /// The tenant's state file, served to the guest as a virtio-blk disk.
+    pub state: Option<StateDisk>,
+}
+
+/// The tenant's state file and how the guest keeps its log on it.
+pub struct StateDisk {
+    /// Opened for reading and writing; its size is the disk's capacity.
+    pub file: std::fs::File,
+    /// One of `mqvisor_boot_abi::persistence`.
+    pub persistence: u32,
+    /// For batch persistence: the flush interval.
+    pub batch_ms: u32,
 }
 
 /// What the guest runs, and what the host provides for it.
@@ -135,6 +148,8 @@ pub enum VmmError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("{0}")]
     Privileges(#[from] privileges::PrivilegeError),
+    #[error("the state file: {0}")]
+    StateFile(std::io::Error),
     #[error("the network device has no queue notification eventfd")]
     NoQueueEvent,
 }
@@ -213,6 +228,8 @@ pub struct RunReport {
     pub notifications: u64,
     /// Frames and bytes the virtio-net device moved, when there was one.
     pub net: Option<NetCounters>,
+    /// Requests the virtio-blk device served, when there was one.
+    pub disk: Option<DiskCounters>,
 }
 
 /// A snapshot of the network device's counters.
@@ -356,7 +373,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     if let Some(run_as) = &config.run_as {
         privileges::drop_to(run_as)?;
     }
-    let (network, bus) = match (config.service, ingress) {
+    let (network, mut bus) = match (config.service, ingress) {
         (Service::Demo, _) | (_, None) => (None, MmioBus::default()),
         (_, Some(ingress)) => {
             let (network, bus) = Network::start(&vm, &mem, ingress, max_connections, wake.clone(), exit_count.clone())?;
@@ -373,6 +390,19 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
         }
     };
 
+    let disk = match (config.state, network.is_some()) {
+        (Some(state), true) => {
+            let (disk, window) = Disk::start(&vm, &mem, state.file, wake.clone())?;
+            bus.insert(window.base, window.size, disk.transport.clone());
+            info.devices[info.device_count as usize] = window;
+            info.device_count += 1;
+            info.persistence = state.persistence;
+            info.persistence_batch_ms = state.batch_ms;
+            Some(disk)
+        }
+        _ => None,
+    };
+
     info.tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?.into();
     info.entry_tsc = guest_tsc(&vcpu);
     info.setup_ns = u64::try_from(created.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -380,6 +410,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
 
     let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake, exit_count };
     let (outcome, exits) = vcpu::run(vcpu, context, config.timeout).map_err(VmmError::Thread)?;
+    let disk = disk.map(Disk::stop);
     let (net, notifications) = match network.map(Network::stop) {
         Some((counters, notifications)) => (Some(counters), notifications),
         None => (None, 0),
@@ -388,7 +419,66 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     // when the VM fd closes, so the mapping must outlive it.
     drop(vm);
     drop(mem);
-    Ok(RunReport { outcome, exits, notifications, net })
+    Ok(RunReport { outcome, exits, notifications, net, disk })
+}
+
+/// The state half of a VM: the virtio-blk device over the state file and
+/// its worker thread.
+struct Disk {
+    transport: Arc<Mutex<MmioTransport<BlockDevice>>>,
+    thread: BlockThread,
+}
+
+impl Disk {
+    /// Creates the device in the second device page, registers its queue
+    /// notification with KVM and starts its worker.
+    fn start(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        file: std::fs::File,
+        wake: Arc<EventFd>,
+    ) -> Result<(Self, DeviceDescriptor), VmmError> {
+        let base = layout::DEVICE_WINDOW + layout::DEVICE_SIZE;
+        let device = BlockDevice::new(file, "mqvisor-state").map_err(VmmError::StateFile)?;
+        let transport = MmioTransport::new(device, mem.clone()).map_err(VmmError::Thread)?;
+        let event = transport.queue_event(0).ok_or(VmmError::NoQueueEvent)?;
+        let addr = IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY_OFFSET);
+        vm.register_ioevent(event, &addr, 0u32).map_err(kvm_err("KVM_IOEVENTFD"))?;
+        let transport = Arc::new(Mutex::new(transport));
+        let thread = BlockThread::spawn(transport.clone(), wake).map_err(VmmError::Thread)?;
+        let window = DeviceDescriptor { base, size: layout::DEVICE_SIZE, kind: device_kind::VIRTIO_BLK, reserved: 0 };
+        Ok((Disk { transport, thread }, window))
+    }
+
+    fn stop(self) -> DiskCounters {
+        self.thread.stop();
+        let Ok(transport) = self.transport.lock() else { return DiskCounters::default() };
+        let m = transport.device().metrics();
+        let get = BlockMetrics::get;
+        DiskCounters {
+            reads: get(&m.reads),
+            writes: get(&m.writes),
+            flushes: get(&m.flushes),
+            bytes_written: get(&m.bytes_written),
+            refused_requests: get(&m.malformed),
+            io_errors: get(&m.io_errors),
+            ring_faults: get(&m.ring_faults),
+        }
+    }
+}
+
+/// A snapshot of the block device's counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DiskCounters {
+    pub reads: u64,
+    pub writes: u64,
+    pub flushes: u64,
+    pub bytes_written: u64,
+    /// Requests refused for breaking the protocol.
+    pub refused_requests: u64,
+    /// Requests the host file failed.
+    pub io_errors: u64,
+    pub ring_faults: u64,
 }
 
 impl Ingress {

@@ -29,7 +29,7 @@ extern crate alloc;
 /// `BootInfo::magic`: "MQVBOOT1" in little-endian byte order.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MQVBOOT1");
 /// `BootInfo::version`; bumped on any layout change.
-pub const BOOT_INFO_VERSION: u32 = 4;
+pub const BOOT_INFO_VERSION: u32 = 5;
 
 /// Guest-physical memory layout at entry.
 pub mod layout {
@@ -105,10 +105,23 @@ pub mod exit_codes {
     pub const PANIC: u32 = 101;
 }
 
+/// How the broker keeps its state ([`BootInfo::persistence`]).
+pub mod persistence {
+    /// In RAM only: lost when the VM ends.
+    pub const OFF: u32 = 0;
+    /// Every acknowledgement waits until its records are flushed.
+    pub const SYNC: u32 = 1;
+    /// Records are flushed every `persistence_batch_ms`; acknowledgements
+    /// do not wait, so that long a window can be lost.
+    pub const BATCH: u32 = 2;
+}
+
 /// Kinds of device in [`BootInfo::devices`] (virtio device IDs).
 pub mod device_kind {
     /// virtio-net (virtio 1.2, section 5.1).
     pub const VIRTIO_NET: u32 = 1;
+    /// virtio-blk (virtio 1.2, section 5.2): the tenant's state file.
+    pub const VIRTIO_BLK: u32 = 2;
 }
 
 /// Maximum number of devices in [`BootInfo::devices`].
@@ -184,14 +197,15 @@ pub struct BootInfo {
     pub devices: [DeviceDescriptor; MAX_DEVICES],
     /// Number of valid bytes in `cmdline`.
     pub cmdline_len: u32,
-    /// Zero.
-    pub reserved: u32,
+    /// With [`persistence::BATCH`]: flush the state log at least this often.
+    pub persistence_batch_ms: u32,
     /// Guest command line: space-separated UTF-8 words.
     pub cmdline: [u8; CMDLINE_CAPACITY],
     /// One of [`service`].
     pub service: u32,
-    /// Zero.
-    pub reserved2: u32,
+    /// One of [`persistence`]: how the broker keeps its state on the
+    /// virtio-blk device in `devices` (none without one).
+    pub persistence: u32,
     /// The virtual link, when `devices` holds a virtio-net device.
     pub net: NetConfig,
     /// Guest-physical address of the service configuration blob (see
@@ -220,10 +234,10 @@ impl Default for BootInfo {
             entry_tsc: 0,
             devices: [DeviceDescriptor::default(); MAX_DEVICES],
             cmdline_len: 0,
-            reserved: 0,
+            persistence_batch_ms: 0,
             cmdline: [0; CMDLINE_CAPACITY],
             service: service::DEMO,
-            reserved2: 0,
+            persistence: persistence::OFF,
             net: NetConfig::default(),
             config_addr: 0,
             config_len: 0,

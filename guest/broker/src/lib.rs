@@ -23,6 +23,7 @@ pub mod auth;
 pub mod broker;
 pub mod packet;
 pub mod properties;
+pub mod store;
 pub mod subscriptions;
 pub mod topic;
 pub mod wire;

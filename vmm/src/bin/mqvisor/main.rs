@@ -164,8 +164,41 @@ struct RunArgs {
     /// socket instead of listening (internal)
     #[arg(long, value_name = "FD", hide = true)]
     handoff_fd: Option<i32>,
+    /// Keep the broker's state (retained messages, sessions, subscriptions,
+    /// queued messages) in this file, created if missing, and restore it at
+    /// start (see docs/state-format.md)
+    #[arg(long, value_name = "PATH")]
+    state: Option<PathBuf>,
+    /// Size of a new state file in MiB (sparse: blocks are used as the log
+    /// grows; the log and its compacted copy share it)
+    #[arg(long, value_name = "MIB", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(4..=1 << 20))]
+    state_size: u64,
+    /// When acknowledgements wait for the disk: `sync` answers PUBACK,
+    /// PUBREC, SUBACK and a resumed session's CONNACK only once their
+    /// records are flushed (nothing acknowledged is lost); `batch` flushes
+    /// every --persistence-interval and may lose that long a window;
+    /// `off` keeps state in RAM only [default: sync with --state]
+    #[arg(long, value_enum, value_name = "MODE")]
+    persistence: Option<Persistence>,
+    /// Flush interval of `--persistence batch`, in milliseconds
+    #[arg(long, value_name = "MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=60_000))]
+    persistence_interval: u32,
+    /// With --state: start with an empty state when the log is corrupt in
+    /// the middle, instead of refusing to start (the corrupt file is kept
+    /// as PATH.corrupt)
+    #[arg(long, requires = "state")]
+    discard_corrupt_state: bool,
     #[command(flatten)]
     broker: BrokerFlags,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum Persistence {
+    Sync,
+    Batch,
+    Off,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,7 +334,15 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
+    let state = match open_state(&args) {
+        Ok(state) => state,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
     let config = VmConfig {
+        state,
         run_as,
         handoff,
         config_blob: if args.service == ServiceKind::Mqtt { settings.config_blob() } else { Vec::new() },
@@ -356,6 +397,57 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_TIMED_OUT)
         }
     }
+}
+
+/// Opens (or creates, sparse, at `--state-size`) the state file, when
+/// `--state` is given and persistence is not `off`.
+fn open_state(args: &RunArgs) -> Result<Option<vm::StateDisk>, String> {
+    let mode = args.persistence.unwrap_or(if args.state.is_some() { Persistence::Sync } else { Persistence::Off });
+    let path = match (&args.state, mode) {
+        (_, Persistence::Off) => return Ok(None),
+        (None, _) => return Err("--persistence sync or batch needs --state PATH".into()),
+        (Some(path), _) => path,
+    };
+    if args.service != ServiceKind::Mqtt {
+        return Err("--state is only for --service mqtt".into());
+    }
+    if args.discard_corrupt_state {
+        discard_if_corrupt(path)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("cannot open the state file {}: {e}", path.display()))?;
+    let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+    if len == 0 {
+        file.set_len(args.state_size << 20).map_err(|e| format!("cannot size the state file {}: {e}", path.display()))?;
+    } else if len < 4 << 20 {
+        return Err(format!("the state file {} is {len} bytes; a state file is at least 4 MiB", path.display()));
+    }
+    // A file-size limit must fail the write (EFBIG, reported to the guest
+    // as an I/O error), not kill the VMM with SIGXFSZ.
+    // SAFETY: SIG_IGN for SIGXFSZ installs no handler code.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let persistence = match mode {
+        Persistence::Batch => mqvisor_boot_abi::persistence::BATCH,
+        _ => mqvisor_boot_abi::persistence::SYNC,
+    };
+    Ok(Some(vm::StateDisk { file, persistence, batch_ms: args.persistence_interval }))
+}
+
+/// `--discard-corrupt-state`: the guest cannot tell the VMM to start over,
+/// so the VMM checks the log itself and moves a corrupt file aside.
+fn discard_if_corrupt(path: &std::path::Path) -> Result<(), String> {
+    let Ok(file) = std::fs::File::open(path) else { return Ok(()) };
+    if let Err(e) = mqvisor::state::check(&file) {
+        let aside = path.with_extension("corrupt");
+        std::fs::rename(path, &aside).map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
+        eprintln!("mqvisor: the state in {} is corrupt ({e}); kept as {}, starting empty", path.display(), aside.display());
+    }
+    Ok(())
 }
 
 /// `mqvisor tenant ...`: one request to the daemon's control socket.
@@ -482,6 +574,18 @@ fn print_stats(report: &RunReport) {
         if let Some(fault) = &net.last_ring_fault {
             eprint!(" (last: {fault})");
         }
+    }
+    if let Some(disk) = &report.disk {
+        eprint!(
+            ", disk reads {}, writes {} / {} bytes, flushes {}, refused requests {}, I/O errors {}, ring faults {}",
+            disk.reads,
+            disk.writes,
+            disk.bytes_written,
+            disk.flushes,
+            disk.refused_requests,
+            disk.io_errors,
+            disk.ring_faults
+        );
     }
     eprintln!();
 }

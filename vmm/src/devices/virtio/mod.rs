@@ -7,6 +7,7 @@
 //! its buffers are touched.
 
 pub mod mmio;
+pub mod block;
 pub mod net;
 
 use virtio_queue::Queue;

@@ -1,0 +1,340 @@
+//! The virtio-blk device model: one request queue, each request a chain of
+//! a 16-byte header (device-readable), data (readable for writes, writable
+//! for reads) and a status byte (device-writable), as in virtio 1.2 5.2.6.
+//!
+//! Owns the checks and the file I/O they guard: every device-readable
+//! descriptor must come before every device-writable one, the chain must
+//! end (no loop), transfers are whole sectors of at most
+//! [`MAX_TRANSFER`](super::MAX_TRANSFER) inside the file, and FLUSH is
+//! `fdatasync`. A request that breaks a rule gets status IOERR (or, with no
+//! room for a status, a used length of 0) and is counted; an avail ring
+//! that runs past the queue is a [`RingFault`] and the device needs a reset.
+//! It never panics and never touches guest memory outside guest RAM.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::{DEVICE_ID, MAX_TRANSFER, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH};
+use crate::devices::virtio::net::RingFault;
+use crate::devices::virtio::{ActivateError, VIRTIO_F_VERSION_1, VirtioDevice};
+
+/// Request types (5.2.6).
+mod request {
+    pub const IN: u32 = 0;
+    pub const OUT: u32 = 1;
+    pub const FLUSH: u32 = 4;
+    pub const GET_ID: u32 = 8;
+}
+
+/// Status values (5.2.6).
+mod status {
+    pub const OK: u8 = 0;
+    pub const IOERR: u8 = 1;
+    pub const UNSUPP: u8 = 2;
+}
+
+const HEADER_LEN: usize = 16;
+const ID_LEN: usize = 20;
+
+/// What the device did, for `--stats` and the operator's metrics.
+#[derive(Debug, Default)]
+pub struct BlockMetrics {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    /// Requests refused for breaking the protocol (direction, length, range, loops).
+    pub malformed: AtomicU64,
+    /// Requests the host file failed (full disk, file-size limit, I/O error).
+    pub io_errors: AtomicU64,
+    pub ring_faults: AtomicU64,
+}
+
+impl BlockMetrics {
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    fn bump(counter: &AtomicU64, by: u64) {
+        counter.fetch_add(by, Ordering::Relaxed);
+    }
+}
+
+struct Active {
+    queue: Queue,
+    mem: GuestMemoryMmap,
+}
+
+/// A virtio-blk device backed by `file`.
+pub struct BlockDevice {
+    file: File,
+    sectors: u64,
+    id: [u8; ID_LEN],
+    active: Option<Active>,
+    metrics: BlockMetrics,
+    /// One line on the first host I/O error; later ones are counted.
+    io_error_reported: bool,
+}
+
+/// How a request broke the rules.
+#[derive(Debug, PartialEq, Eq)]
+enum Malformed {
+    /// A device-readable descriptor after a device-writable one.
+    Order,
+    Loop,
+    NoStatus,
+    ShortHeader,
+    /// Not whole sectors, too long, or past the end of the file.
+    Range,
+    Memory,
+}
+
+impl BlockDevice {
+    /// A device over `file`, whose size (rounded down to sectors) is the
+    /// disk's capacity.
+    pub fn new(file: File, id: &str) -> std::io::Result<Self> {
+        let sectors = file.metadata()?.len() / SECTOR_SIZE;
+        let mut serial = [0u8; ID_LEN];
+        let take = id.len().min(ID_LEN);
+        serial[..take].copy_from_slice(&id.as_bytes()[..take]);
+        Ok(BlockDevice { file, sectors, id: serial, active: None, metrics: BlockMetrics::default(), io_error_reported: false })
+    }
+
+    pub fn metrics(&self) -> &BlockMetrics {
+        &self.metrics
+    }
+
+    /// Capacity in sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Serves every request the guest has made available; returns how many.
+    pub fn process_queue(&mut self) -> Result<usize, RingFault> {
+        let Some(mut active) = self.active.take() else { return Ok(0) };
+        let result = self.serve(&mut active);
+        self.active = Some(active);
+        if result.is_err() {
+            BlockMetrics::bump(&self.metrics.ring_faults, 1);
+        }
+        result
+    }
+
+    fn serve(&mut self, active: &mut Active) -> Result<usize, RingFault> {
+        let mut served = 0;
+        loop {
+            let chain = match active.queue.iter(&active.mem) {
+                Ok(mut iter) => iter.next(),
+                Err(error) => return Err(RingFault { queue: 0, error }),
+            };
+            let Some(chain) = chain else { return Ok(served) };
+            let head = chain.head_index();
+            let used = self.execute(chain, &active.mem);
+            active.queue.add_used(&active.mem, head, used).map_err(|error| RingFault { queue: 0, error })?;
+            served += 1;
+        }
+    }
+
+    /// Re-arms notifications; true if requests arrived meanwhile.
+    pub fn enable_notification(&mut self) -> Result<bool, RingFault> {
+        let Some(active) = self.active.as_mut() else { return Ok(false) };
+        active.queue.enable_notification(&active.mem).map_err(|error| RingFault { queue: 0, error })
+    }
+
+    /// Runs one request; returns the used length (bytes the device wrote).
+    fn execute(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+        match self.try_execute(&chain, mem) {
+            Ok(used) => used,
+            Err(why) => {
+                BlockMetrics::bump(&self.metrics.malformed, 1);
+                // Tell the driver if there is a status byte to tell it in.
+                if why != Malformed::NoStatus && why != Malformed::Loop && why != Malformed::Order {
+                    return finish(&chain, mem, status::IOERR).unwrap_or(0);
+                }
+                0
+            }
+        }
+    }
+
+    fn try_execute(&mut self, chain: &DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Result<u32, Malformed> {
+        let (readable, writable) = check_chain(chain)?;
+        if writable == 0 {
+            return Err(Malformed::NoStatus);
+        }
+        if readable < HEADER_LEN {
+            return Err(Malformed::ShortHeader);
+        }
+        let mut reader = chain.clone().reader(mem).map_err(|_| Malformed::Memory)?;
+        let mut header = [0u8; HEADER_LEN];
+        reader.read_exact(&mut header).map_err(|_| Malformed::Memory)?;
+        let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes(header[8..16].try_into().unwrap_or([0; 8]));
+        match kind {
+            request::IN => {
+                let len = writable - 1;
+                let offset = self.range(sector, len)?;
+                let mut data = vec![0u8; len];
+                let code = match self.file.read_exact_at(&mut data, offset) {
+                    Ok(()) => {
+                        BlockMetrics::bump(&self.metrics.reads, 1);
+                        BlockMetrics::bump(&self.metrics.bytes_read, len as u64);
+                        status::OK
+                    }
+                    Err(e) => self.io_failed("read", &e),
+                };
+                finish_with(chain, mem, &data, code)
+            }
+            request::OUT => {
+                let len = readable - HEADER_LEN;
+                let offset = self.range(sector, len)?;
+                let mut data = vec![0u8; len];
+                reader.read_exact(&mut data).map_err(|_| Malformed::Memory)?;
+                let code = match self.file.write_all_at(&data, offset) {
+                    Ok(()) => {
+                        BlockMetrics::bump(&self.metrics.writes, 1);
+                        BlockMetrics::bump(&self.metrics.bytes_written, len as u64);
+                        status::OK
+                    }
+                    Err(e) => self.io_failed("write", &e),
+                };
+                finish(chain, mem, code)
+            }
+            request::FLUSH => {
+                let code = match self.file.sync_data() {
+                    Ok(()) => {
+                        BlockMetrics::bump(&self.metrics.flushes, 1);
+                        status::OK
+                    }
+                    Err(e) => self.io_failed("flush", &e),
+                };
+                finish(chain, mem, code)
+            }
+            request::GET_ID if writable > ID_LEN => finish_with(chain, mem, &self.id, status::OK),
+            _ => finish(chain, mem, status::UNSUPP),
+        }
+    }
+
+    /// The file offset of `len` bytes at `sector`, if they are whole
+    /// sectors inside the disk and within the transfer limit.
+    fn range(&self, sector: u64, len: usize) -> Result<u64, Malformed> {
+        if len == 0 || len > MAX_TRANSFER || len as u64 % SECTOR_SIZE != 0 {
+            return Err(Malformed::Range);
+        }
+        let end = sector.checked_add(len as u64 / SECTOR_SIZE).ok_or(Malformed::Range)?;
+        if end > self.sectors {
+            return Err(Malformed::Range);
+        }
+        Ok(sector * SECTOR_SIZE)
+    }
+
+    fn io_failed(&mut self, what: &str, error: &std::io::Error) -> u8 {
+        BlockMetrics::bump(&self.metrics.io_errors, 1);
+        if !self.io_error_reported {
+            self.io_error_reported = true;
+            eprintln!("mqvisor: virtio-blk: {what} of the state file failed: {error}; the guest is told (IOERR)");
+        }
+        status::IOERR
+    }
+}
+
+/// Totals of the device-readable and device-writable parts of a chain,
+/// checking that readable descriptors come first and that the chain ends.
+fn check_chain(chain: &DescriptorChain<&GuestMemoryMmap>) -> Result<(usize, usize), Malformed> {
+    let (mut readable, mut writable) = (0usize, 0usize);
+    let mut still_linked = false;
+    // The iterator stops after `queue size` hops, so a loop ends on a
+    // descriptor that still points onwards.
+    for desc in chain.clone() {
+        let len = desc.len() as usize;
+        if desc.is_write_only() {
+            writable = writable.checked_add(len).ok_or(Malformed::Range)?;
+        } else if writable > 0 {
+            return Err(Malformed::Order);
+        } else {
+            readable = readable.checked_add(len).ok_or(Malformed::Range)?;
+        }
+        if readable > MAX_TRANSFER + HEADER_LEN || writable > MAX_TRANSFER + 1 {
+            return Err(Malformed::Range);
+        }
+        still_linked = desc.has_next();
+    }
+    if still_linked {
+        return Err(Malformed::Loop);
+    }
+    Ok((readable, writable))
+}
+
+/// Writes `data` then the status byte into the chain's writable part;
+/// returns the used length.
+fn finish_with(
+    chain: &DescriptorChain<&GuestMemoryMmap>,
+    mem: &GuestMemoryMmap,
+    data: &[u8],
+    code: u8,
+) -> Result<u32, Malformed> {
+    let mut writer = chain.clone().writer(mem).map_err(|_| Malformed::Memory)?;
+    // The status is the last byte of the writable part (5.2.6).
+    let pad = writer.available_bytes().checked_sub(1).ok_or(Malformed::NoStatus)?;
+    let data = &data[..data.len().min(pad)];
+    writer.write_all(data).map_err(|_| Malformed::Memory)?;
+    let skip = pad - data.len();
+    if skip > 0 {
+        writer.write_all(&vec![0u8; skip]).map_err(|_| Malformed::Memory)?;
+    }
+    writer.write_all(&[code]).map_err(|_| Malformed::Memory)?;
+    u32::try_from(pad + 1).map_err(|_| Malformed::Range)
+}
+
+fn finish(chain: &DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap, code: u8) -> Result<u32, Malformed> {
+    finish_with(chain, mem, &[], code)
+}
+
+impl VirtioDevice for BlockDevice {
+    fn device_type(&self) -> u32 {
+        DEVICE_ID
+    }
+
+    fn offered_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_FLUSH
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        // Config layout (5.2.4): capacity (le64), then fields not offered.
+        let config = self.sectors.to_le_bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|at| config.get(at))
+                .copied()
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, queues: Vec<Queue>, _features: u64, mem: GuestMemoryMmap) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { got, want: 1 });
+        };
+        self.active = Some(Active { queue, mem });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}

@@ -1,0 +1,24 @@
+//! virtio-blk (virtio 1.2, section 5.2) over one host file, in the same shape
+//! as the net device: [`device`] is the device model (request validation and
+//! the file I/O it maps to), [`worker`] the thread that runs it, so host I/O
+//! never happens on the vCPU thread.
+//!
+//! Nothing in this folder trusts the guest: every request is checked for
+//! direction, length and sector range before the file is touched.
+
+pub mod device;
+pub mod worker;
+
+pub use device::{BlockDevice, BlockMetrics};
+pub use worker::BlockThread;
+
+/// virtio device ID of a block device.
+pub const DEVICE_ID: u32 = 2;
+/// Feature bit: the device honours FLUSH (5.2.3).
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+/// Sector size the protocol counts in.
+pub const SECTOR_SIZE: u64 = 512;
+/// Descriptors in the one request queue.
+pub const QUEUE_SIZE: u16 = 128;
+/// Largest transfer one request may ask for; the guest's log writes less.
+pub const MAX_TRANSFER: usize = 4 << 20;

@@ -1,0 +1,110 @@
+//! The block worker thread: sleeps until the guest notifies the request
+//! queue (KVM signals the queue's eventfd directly), serves every request
+//! under the device's lock, re-arms notifications, and wakes a parked guest.
+//!
+//! Owns the thread and its stop signal. The file I/O (including
+//! `fdatasync`, the slow part) happens here, never on the vCPU thread; the
+//! lock it holds meanwhile is one the vCPU takes only for this device's
+//! registers, which a running driver does not touch.
+
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::BlockDevice;
+use crate::devices::virtio::mmio::MmioTransport;
+
+/// A running block worker; dropping it stops the thread.
+pub struct BlockThread {
+    stop: EventFd,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlockThread {
+    /// Starts the worker for `transport`; `wake_guest` ends a guest's WAIT.
+    pub fn spawn(transport: Arc<Mutex<MmioTransport<BlockDevice>>>, wake_guest: Arc<EventFd>) -> std::io::Result<Self> {
+        let notified = {
+            let t = transport.lock().map_err(|_| std::io::Error::other("device lock poisoned"))?;
+            t.queue_event(0).ok_or_else(|| std::io::Error::other("no queue event"))?.try_clone()?
+        };
+        let stop = EventFd::new(EFD_NONBLOCK)?;
+        let stopped = stop.try_clone()?;
+        let handle = std::thread::Builder::new().name("block".into()).spawn(move || {
+            if let Err(e) = crate::seccomp::install(crate::seccomp::Thread::Block) {
+                eprintln!("mqvisor: state disk disabled: {e}");
+                return;
+            }
+            run(&transport, &notified, &stopped, &wake_guest);
+        })?;
+        Ok(BlockThread { stop, handle: Some(handle) })
+    }
+
+    /// Ends the thread once the request it is serving is done.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        let _ = self.stop.write(1);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Drop for BlockThread {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn run(transport: &Mutex<MmioTransport<BlockDevice>>, notified: &EventFd, stop: &EventFd, wake_guest: &EventFd) {
+    let mut fds = [
+        libc::pollfd { fd: notified.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+    ];
+    loop {
+        // SAFETY: `fds` is a live array of two initialised pollfds whose
+        // descriptors outlive this call.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if ready < 0 {
+            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return;
+        }
+        if fds[1].revents != 0 {
+            return;
+        }
+        let count = notified.read().unwrap_or(0);
+        let Ok(mut t) = transport.lock() else { return };
+        t.add_notifications(count);
+        let mut served = 0;
+        loop {
+            let device = t.device_mut();
+            match device.process_queue() {
+                Ok(0) => match device.enable_notification() {
+                    // Requests slipped in while notifications were off.
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(fault) => {
+                        eprintln!("mqvisor: virtio-blk: {fault}; the device needs a reset");
+                        t.set_needs_reset();
+                        break;
+                    }
+                },
+                Ok(n) => served += n,
+                Err(fault) => {
+                    eprintln!("mqvisor: virtio-blk: {fault}; the device needs a reset");
+                    t.set_needs_reset();
+                    break;
+                }
+            }
+        }
+        drop(t);
+        if served > 0 {
+            let _ = wake_guest.write(1);
+        }
+    }
+}
