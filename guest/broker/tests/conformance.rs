@@ -1186,3 +1186,116 @@ fn retained_messages_are_bounded_by_count_and_bytes() {
     );
     assert_eq!(net.broker.stats().quota_refusals, 2);
 }
+
+/// A broker rebuilt from `from`'s journal (every record through its
+/// encoding), as after a restart on the same state.
+fn restarted(from: &mut Net) -> Net {
+    let mut bodies = Vec::new();
+    for record in from.broker.take_journal() {
+        let mut body = Vec::new();
+        record.encode(&mut body);
+        bodies.push(body);
+    }
+    // A compacted log (the live state's snapshot) restores the same state.
+    let mut snapshot = Vec::new();
+    from.broker
+        .snapshot(&mut |record| {
+            let mut body = Vec::new();
+            record.encode(&mut body);
+            snapshot.push(body);
+            Ok::<(), ()>(())
+        })
+        .unwrap();
+    let mut compacted = Net::new();
+    for body in &snapshot {
+        assert!(compacted.broker.restore(body, compacted.now));
+    }
+    compacted.broker.finish_restore(compacted.now);
+    assert_eq!(compacted.broker.durable_counts(), from.broker.durable_counts(), "the snapshot holds it all");
+    let mut net = Net::new();
+    for body in &bodies {
+        assert!(net.broker.restore(body, net.now));
+    }
+    net.broker.finish_restore(net.now);
+    net.broker.enable_journal();
+    net
+}
+
+#[test]
+fn a_journal_restores_sessions_subscriptions_queues_and_retained() {
+    let mut net = Net::new();
+    net.broker.enable_journal();
+    // A durable v3 subscriber with a QoS 1 and a QoS 2 subscription, gone offline.
+    net.connect(2, V3, "sub", false);
+    net.subscribe(2, V3, "q1/#", QoS::AtLeastOnce);
+    net.subscribe(2, V3, "q2", QoS::ExactlyOnce);
+    net.broker.closed(2, net.now);
+    // A clean-session subscriber: nothing of it is kept.
+    net.connect(3, V3, "clean", true);
+    net.subscribe(3, V3, "q1/#", QoS::AtLeastOnce);
+    net.connect(1, V5, "pub", true);
+    for i in 0..5u16 {
+        net.publish(1, V5, publish("q1/a", format!("m{i}").as_bytes(), QoS::AtLeastOnce, Some(10 + i)));
+    }
+    net.publish(1, V5, publish("q2", b"exactly", QoS::ExactlyOnce, Some(20)));
+    let mut retained = publish("r", b"kept", QoS::AtLeastOnce, Some(21));
+    retained.retain = true;
+    net.publish(1, V5, retained);
+    net.recv(1, V5);
+    net.recv(3, V3);
+
+    let mut net = restarted(&mut net);
+    let (present, code) = connack_code(&net.connect(2, V3, "sub", false));
+    assert_eq!((present, code), (true, 0), "the session survives");
+    let got = publishes(&net.recv(2, V3));
+    let payloads: Vec<&[u8]> = got.iter().map(|p| &*p.payload).collect();
+    assert_eq!(payloads, [&b"m0"[..], b"m1", b"m2", b"m3", b"m4", b"exactly"]);
+    assert!(got.iter().all(|p| p.dup), "restored messages may be repeats: DUP");
+    // The subscriptions survive too, and the clean session does not.
+    assert_eq!(connack_code(&net.connect(3, V3, "clean", false)), (false, 0));
+    net.connect(4, V3, "late", true);
+    net.subscribe(4, V3, "r", QoS::AtLeastOnce);
+    let late = publishes(&net.recv(4, V3));
+    assert_eq!(late.len(), 1);
+    assert_eq!(&*late[0].payload, b"kept");
+    net.connect(5, V3, "pub2", true);
+    net.publish(5, V3, publish("q1/b", b"after", QoS::AtLeastOnce, Some(1)));
+    assert_eq!(publishes(&net.recv(2, V3)).len(), 1);
+}
+
+#[test]
+fn acknowledged_messages_stay_delivered_and_qos2_keeps_its_packet_id_across_a_restart() {
+    let mut net = Net::new();
+    net.broker.enable_journal();
+    net.connect(2, V5, "sub", false);
+    // v5: the session must outlive the connection to be kept.
+    net.broker.closed(2, net.now);
+    let mut c = connect(V5, "sub", false);
+    c.properties.session_expiry_interval = Some(600);
+    net.connect_with(2, c);
+    net.subscribe(2, V5, "t", QoS::ExactlyOnce);
+    net.connect(1, V5, "pub", true);
+    for i in 0..3u16 {
+        net.publish(1, V5, publish("t", &[b'a' + i as u8], QoS::ExactlyOnce, Some(1 + i)));
+        // The publisher's PUBREL: its QoS 2 flow is finished.
+        net.send(1, V5, &Packet::Pubrel(ack(1 + i)));
+    }
+    let sent = publishes(&net.recv(2, V5));
+    assert_eq!(sent.len(), 3);
+    // The first is completed, the second released (PUBREC), the third unanswered.
+    let ids: Vec<u16> = sent.iter().map(|p| p.packet_id.unwrap()).collect();
+    net.send(2, V5, &Packet::Pubrec(ack(ids[0])));
+    net.send(2, V5, &Packet::Pubcomp(ack(ids[0])));
+    net.send(2, V5, &Packet::Pubrec(ack(ids[1])));
+    net.recv(2, V5);
+
+    let mut net = restarted(&mut net);
+    let mut c = connect(V5, "sub", false);
+    c.properties.session_expiry_interval = Some(600);
+    assert_eq!(connack_code(&net.connect_with(2, c)), (true, 0));
+    let after = net.recv(2, V5);
+    assert!(after.contains(&Packet::Pubrel(ack(ids[1]))), "PUBREL still owed for the released one: {after:?}");
+    let again = publishes(&after);
+    assert_eq!(again.len(), 1, "only the unanswered message comes again: {after:?}");
+    assert_eq!((again[0].packet_id, again[0].dup, &*again[0].payload), (Some(ids[2]), true, &b"c"[..]));
+}

@@ -58,6 +58,7 @@ impl Broker {
             s.will = connect.will.take();
             s.username = connect.username.clone();
         }
+        self.log_session(key);
         if let Some(c) = self.conns.get_mut(&conn) {
             c.phase = Phase::Connected(key);
             self.connected += 1;

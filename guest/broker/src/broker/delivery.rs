@@ -17,6 +17,7 @@ use super::{Broker, ConnId, Refusal, reason, refuse};
 use crate::auth::Want;
 use crate::packet::{self, Ack, Packet, Publish, QoS, Version};
 use crate::properties::Properties;
+use crate::store::record::Record;
 use crate::subscriptions::{SessionKey, Subscription};
 
 impl Broker {
@@ -53,9 +54,18 @@ impl Broker {
             return Err(refuse(reason::RETAIN_NOT_SUPPORTED, "retain not supported"));
         }
         self.stats.messages_received += 1;
+        // With the state log failing, nothing durable is accepted: v5
+        // clients are refused per message, 3.x clients (whose PUBACK cannot
+        // say no) lose the connection.
+        let undurable = self.store_failed && (p.qos != QoS::AtMostOnce || p.retain);
+        if undurable && !v5 {
+            self.stats.quota_refusals += 1;
+            return Err(refuse(reason::UNSPECIFIED_ERROR, "the state store is failing"));
+        }
         // Clients may not publish into the broker's own namespace.
         let allowed = !p.topic.starts_with("$SYS") && self.conn_allows(conn, Want::Publish, &p.topic);
         let quota = !self.memory_low
+            && !undurable
             && (!p.retain || self.retained.fits(&p, self.config.max_retained_messages, self.config.max_retained_bytes));
         if allowed && !quota {
             self.stats.quota_refusals += 1;
@@ -83,6 +93,10 @@ impl Broker {
                 }
                 let delivered = if allowed && quota {
                     session.incoming_qos2.insert(id);
+                    if session.persisted {
+                        let client_id = session.client_id.clone();
+                        self.log(Record::Incoming { client_id, packet_id: id });
+                    }
                     self.accept_publish(key, p, now)
                 } else {
                     0
@@ -100,6 +114,13 @@ impl Broker {
         let expires_at = p.properties.message_expiry_interval.map(|s| now + u64::from(s) * 1000);
         if p.retain {
             self.retained.set(&p, expires_at);
+            if self.journal.is_some() {
+                self.log(if p.payload.is_empty() {
+                    Record::RetainGone { topic: String::from(&*p.topic) }
+                } else {
+                    Record::Retain { publish: p.clone(), expires_at }
+                });
+            }
         }
         self.route(Some(from), &p, expires_at, now)
     }
@@ -167,7 +188,17 @@ impl Broker {
             self.stats.messages_dropped += 1;
             return;
         }
-        session.queue.push_back(Queued { publish: p, expires_at });
+        let seq = if session.persisted && p.qos != QoS::AtMostOnce {
+            let seq = session.next_seq;
+            session.next_seq += 1;
+            let client_id = session.client_id.clone();
+            self.log(Record::Message { client_id, seq, expires_at, publish: p.clone() });
+            seq
+        } else {
+            0
+        };
+        let Some(session) = self.sessions.get_mut(&key) else { return };
+        session.queue.push_back(Queued { publish: p, expires_at, seq });
         if online {
             self.pump(key, now);
         }
@@ -182,24 +213,32 @@ impl Broker {
         let window = usize::from(self.config.max_inflight.min(c.client_receive_max));
         // Low on memory, a connection gets one encoded message at a time.
         let max_out = if self.memory_low { 1 } else { self.config.max_pending_output };
+        let mut done = Vec::new();
         while c.out.len() < max_out {
             let Some(front) = session.queue.front() else { break };
             if front.publish.qos != QoS::AtMostOnce && session.inflight.len() >= window {
                 break;
             }
-            let Some(Queued { mut publish, expires_at }) = session.queue.pop_front() else { break };
+            // A logged message's packet id follows from its number, so it
+            // is the same after a restart (QoS 2 stays exactly-once); one
+            // whose id is still in flight waits for it.
+            if front.seq > 0 && session.inflight.contains_key(&seq_packet_id(front.seq)) {
+                break;
+            }
+            let Some(Queued { mut publish, expires_at, seq }) = session.queue.pop_front() else { break };
             if let Some(t) = expires_at {
                 if now >= t {
+                    done.push(seq);
                     continue; // Expired while waiting (MQTT 5 3.3.2.3.3).
                 }
                 publish.properties.message_expiry_interval =
                     Some(u32::try_from((t - now).div_ceil(1000)).unwrap_or(u32::MAX));
             }
             if publish.qos != QoS::AtMostOnce {
-                let id = session.next_free_id();
+                let id = if seq > 0 { seq_packet_id(seq) } else { session.next_free_id() };
                 publish.packet_id = Some(id);
                 let state = if publish.qos == QoS::AtLeastOnce { Awaiting::Puback } else { Awaiting::Pubrec };
-                session.inflight.insert(id, Outgoing { publish: publish.clone(), state });
+                session.inflight.insert(id, Outgoing { publish: publish.clone(), state, seq });
             } else {
                 publish.packet_id = None;
             }
@@ -208,6 +247,7 @@ impl Broker {
                 if let Some(id) = publish.packet_id {
                     session.inflight.remove(&id);
                 }
+                done.push(seq);
                 self.stats.messages_dropped += 1;
                 continue;
             }
@@ -215,6 +255,16 @@ impl Broker {
             c.out.push(&Packet::Publish(publish), c.version);
             self.stats.messages_sent += 1;
             self.ready.insert(conn);
+        }
+        self.log_done(key, &done);
+    }
+
+    /// Logs that the messages numbered `seqs` need no delivery any more.
+    fn log_done(&mut self, key: SessionKey, seqs: &[u64]) {
+        let Some(session) = self.sessions.get(&key).filter(|s| s.persisted) else { return };
+        let client_id = session.client_id.clone();
+        for &seq in seqs.iter().filter(|&&seq| seq > 0) {
+            self.log(Record::Done { client_id: client_id.clone(), seq });
         }
     }
 
@@ -245,7 +295,8 @@ impl Broker {
         let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
         // An unknown id is ignored: a late duplicate after a resend.
         if session.inflight.get(&id).is_some_and(|out| out.state == expected) {
-            session.inflight.remove(&id);
+            let seq = session.inflight.remove(&id).map_or(0, |out| out.seq);
+            self.log_done(key, &[seq]);
             self.pump(key, now);
         }
         Ok(())
@@ -255,13 +306,19 @@ impl Broker {
         let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
         let known = match session.inflight.get_mut(&a.packet_id) {
             Some(out) if out.state != Awaiting::Puback => {
+                let seq = out.seq;
                 if a.code >= 0x80 {
                     // The receiver refused the message: the flow ends here.
                     session.inflight.remove(&a.packet_id);
+                    self.log_done(key, &[seq]);
                     self.pump(key, now);
                     return Ok(());
                 }
                 out.state = Awaiting::Pubcomp;
+                if seq > 0 && session.persisted {
+                    let client_id = session.client_id.clone();
+                    self.log(Record::Released { client_id, seq });
+                }
                 true
             }
             _ => false,
@@ -275,11 +332,20 @@ impl Broker {
     pub(super) fn handle_pubrel(&mut self, conn: ConnId, key: SessionKey, a: Ack) -> Result<(), Refusal> {
         let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
         let known = session.incoming_qos2.remove(&a.packet_id);
+        if known && session.persisted {
+            let client_id = session.client_id.clone();
+            self.log(Record::IncomingDone { client_id, packet_id: a.packet_id });
+        }
         let v5 = self.conns.get(&conn).is_some_and(|c| c.version == Version::V5);
         let code = if known || !v5 { 0 } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
         self.send_to(conn, &Packet::Pubcomp(ack(a.packet_id, code)));
         Ok(())
     }
+}
+
+/// The packet id of the logged message numbered `seq` (1..=65535).
+pub(super) fn seq_packet_id(seq: u64) -> u16 {
+    u16::try_from((seq - 1) % 65535).map_or(1, |n| n + 1)
 }
 
 pub(super) fn ack(packet_id: u16, code: u8) -> Ack {

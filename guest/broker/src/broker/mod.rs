@@ -23,6 +23,7 @@ mod config;
 mod connect;
 mod connection;
 mod delivery;
+mod journal;
 mod output;
 pub mod reason;
 mod retained;
@@ -107,6 +108,14 @@ pub struct Broker {
     deadline: Option<Option<u64>>,
     /// Connections in the Connected phase (the `max_connections` count).
     connected: usize,
+    /// Records of durable state changes not yet taken by the runner;
+    /// `None` when nothing is kept (see [`journal`]).
+    journal: Option<Vec<crate::store::record::Record>>,
+    /// Messages read back from the log, by session, until
+    /// [`Broker::finish_restore`] queues them.
+    restoring: BTreeMap<SessionKey, BTreeMap<u64, journal::Restoring>>,
+    /// The runner cannot keep state: refuse what would need it.
+    store_failed: bool,
 }
 
 impl Broker {
@@ -130,6 +139,9 @@ impl Broker {
             memory_low: false,
             deadline: None,
             connected: 0,
+            journal: None,
+            restoring: BTreeMap::new(),
+            store_failed: false,
         }
     }
 

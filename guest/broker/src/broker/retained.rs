@@ -49,7 +49,7 @@ impl Retained {
         }
         if !p.payload.is_empty() {
             self.bytes += size(p);
-            self.by_topic.insert(p.topic.clone(), Queued { publish: p.clone(), expires_at });
+            self.by_topic.insert(p.topic.clone(), Queued { publish: p.clone(), expires_at, seq: 0 });
         }
     }
 

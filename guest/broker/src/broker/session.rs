@@ -12,7 +12,8 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use super::{Broker, ConnId};
-use crate::packet::{Payload, Publish, Version, Will};
+use crate::packet::{Payload, Publish, SubscriptionOptions, Version, Will};
+use crate::store::record::Record;
 use crate::subscriptions::{SessionKey, share_key};
 use crate::topic;
 
@@ -28,6 +29,8 @@ pub(super) enum Awaiting {
 pub(super) struct Outgoing {
     pub(super) publish: Publish,
     pub(super) state: Awaiting,
+    /// Its number in a durable session's log; 0 when not logged.
+    pub(super) seq: u64,
 }
 
 /// A message waiting for delivery, with its absolute expiry time.
@@ -35,7 +38,12 @@ pub(super) struct Outgoing {
 pub(super) struct Queued {
     pub(super) publish: Publish,
     pub(super) expires_at: Option<u64>,
+    /// Its number in a durable session's log; 0 when not logged.
+    pub(super) seq: u64,
 }
+
+/// A subscription as its session keeps it, to log and restore it.
+pub(super) type Held = (SubscriptionOptions, Option<u32>);
 
 #[derive(Debug)]
 pub(super) struct Session {
@@ -48,7 +56,7 @@ pub(super) struct Session {
     pub(super) expiry: u32,
     pub(super) disconnected_at: Option<u64>,
     /// Raw filters (with any `$share/` prefix) this session holds.
-    pub(super) filters: BTreeSet<String>,
+    pub(super) filters: BTreeMap<String, Held>,
     pub(super) next_packet_id: u16,
     pub(super) inflight: BTreeMap<u16, Outgoing>,
     /// QoS 2 packet ids received and not yet released by PUBREL.
@@ -57,6 +65,11 @@ pub(super) struct Session {
     pub(super) will: Option<Will>,
     /// When a delayed will falls due, once the connection is gone.
     pub(super) will_at: Option<u64>,
+    /// Its state is in the log (the broker keeps a journal and the
+    /// session outlives its connection).
+    pub(super) persisted: bool,
+    /// The next log number for a message queued to it.
+    pub(super) next_seq: u64,
 }
 
 impl Session {
@@ -92,13 +105,15 @@ impl Broker {
                 version,
                 expiry: 0,
                 disconnected_at: None,
-                filters: BTreeSet::new(),
+                filters: BTreeMap::new(),
                 next_packet_id: 1,
                 inflight: BTreeMap::new(),
                 incoming_qos2: BTreeSet::new(),
                 queue: VecDeque::new(),
                 will: None,
                 will_at: None,
+                persisted: false,
+                next_seq: 1,
             },
         );
         self.by_client_id.insert(client_id.to_string(), key);
@@ -124,8 +139,12 @@ impl Broker {
         if session.expiry == 0 {
             self.fire_will(key, now);
             self.remove_session(key);
-        } else if delay == 0 {
-            self.fire_will(key, now);
+        } else {
+            if delay == 0 {
+                self.fire_will(key, now);
+            }
+            // Its will and expiry may have changed.
+            self.log_session(key);
         }
     }
 
@@ -149,7 +168,10 @@ impl Broker {
 
     pub(super) fn remove_session(&mut self, key: SessionKey) {
         let Some(session) = self.sessions.remove(&key) else { return };
-        for raw in &session.filters {
+        if session.persisted {
+            self.log(Record::SessionGone { client_id: session.client_id.clone() });
+        }
+        for raw in session.filters.keys() {
             if let Ok(parsed) = topic::parse_filter(raw, self.config.topic_limits)
                 && let (true, Some(share)) = (self.index.remove(parsed, key), share_key(&parsed))
             {
@@ -167,6 +189,7 @@ impl Broker {
             self.sessions.iter().filter(|(_, s)| s.will_at.is_some_and(|t| now >= t)).map(|(&k, _)| k).collect();
         for key in due {
             self.fire_will(key, now);
+            self.log_session(key);
         }
         let expired: Vec<SessionKey> =
             self.sessions.iter().filter(|(_, s)| s.end().is_some_and(|t| now >= t)).map(|(&k, _)| k).collect();

@@ -11,6 +11,7 @@ use super::{Broker, ConnId, Refusal, reason, refuse};
 use crate::auth::Want;
 use crate::packet::{Packet, Subscribe, Unsubscribe, Version};
 use crate::properties::Properties;
+use crate::store::record::Record;
 use crate::subscriptions::{SessionKey, Subscription, share_key};
 use crate::topic;
 
@@ -43,7 +44,7 @@ impl Broker {
                 // MQTT 5 3.8.3-4: no local on a shared subscription is a protocol error.
                 return Err(refuse(reason::PROTOCOL_ERROR, "no local on a shared subscription"));
             }
-            if !session.filters.contains(raw.as_str())
+            if !session.filters.contains_key(raw.as_str())
                 && (session.filters.len() >= self.config.max_subscriptions_per_client || self.memory_low)
             {
                 if self.memory_low {
@@ -60,7 +61,11 @@ impl Broker {
             if let (false, Some(share)) = (existed, &share) {
                 self.shares.joined(share);
             }
-            session.filters.insert(raw.clone());
+            session.filters.insert(raw.clone(), (granted, identifier));
+            if session.persisted {
+                let client_id = session.client_id.clone();
+                self.log(Record::Subscribe { client_id, filter: raw.clone(), options: granted, identifier });
+            }
             codes.push(granted.qos as u8);
             let wants_retained = match granted.retain_handling {
                 0 => true,
@@ -101,8 +106,12 @@ impl Broker {
                 }
                 Err(_) => false,
             };
-            if let Some(session) = self.sessions.get_mut(&key) {
-                session.filters.remove(raw.as_str());
+            if let Some(session) = self.sessions.get_mut(&key)
+                && session.filters.remove(raw.as_str()).is_some()
+                && session.persisted
+            {
+                let client_id = session.client_id.clone();
+                self.log(Record::Unsubscribe { client_id, filter: raw.clone() });
             }
             codes.push(if removed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
         }

@@ -1,0 +1,275 @@
+//! The broker's side of durable state: the records it emits as durable
+//! state changes, rebuilding itself from them at start, and the snapshot
+//! that compaction writes.
+//!
+//! Durable state is the retained store and every session that outlives its
+//! connection (expiry > 0), with its subscriptions, its QoS 1/2 messages
+//! (queued, in flight, released) and its incoming QoS 2 ids. QoS 0
+//! messages, `$SYS`, and sessions that end with their connection are never
+//! logged. Owns no I/O: the runner takes the records
+//! ([`Broker::take_journal`]), commits them, and holds the output produced
+//! meanwhile until they are durable.
+
+use alloc::vec::Vec;
+
+use super::session::{Awaiting, Outgoing, Queued};
+use super::{Broker, delivery::seq_packet_id};
+use crate::packet::{Payload, Publish, QoS};
+use crate::store::record::{Record, SessionRecord};
+use crate::subscriptions::{SessionKey, Subscription, share_key};
+use crate::topic;
+
+/// A message read back from the log, and whether its PUBREC had arrived.
+pub(super) struct Restoring {
+    queued: Queued,
+    released: bool,
+}
+
+impl Broker {
+    /// Starts keeping a journal of durable state changes. Call after
+    /// restoring, so restoring logs nothing.
+    pub fn enable_journal(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// The records since the last call, oldest first.
+    pub fn take_journal(&mut self) -> Vec<Record> {
+        self.journal.as_mut().map(core::mem::take).unwrap_or_default()
+    }
+
+    /// Whether records are waiting for the runner.
+    pub fn journal_pending(&self) -> bool {
+        self.journal.as_ref().is_some_and(|j| !j.is_empty())
+    }
+
+    /// The runner's word on the state log: while it fails, publishes that
+    /// would need it (QoS 1/2 or retained) are refused; reading clients
+    /// are served as before.
+    pub fn set_store_failed(&mut self, failed: bool) {
+        self.store_failed = failed;
+    }
+
+    pub(super) fn log(&mut self, record: Record) {
+        if let Some(journal) = &mut self.journal {
+            journal.push(record);
+        }
+    }
+
+    /// Logs a session's header after a change, when it outlives its
+    /// connection; a session that no longer does is logged as gone. A
+    /// session logged for the first time is logged whole.
+    pub(super) fn log_session(&mut self, key: SessionKey) {
+        if self.journal.is_none() {
+            return;
+        }
+        let Some(session) = self.sessions.get_mut(&key) else { return };
+        match (session.persisted, session.expiry > 0) {
+            (false, false) => {}
+            (true, false) => {
+                session.persisted = false;
+                let client_id = session.client_id.clone();
+                self.log(Record::SessionGone { client_id });
+            }
+            (true, true) => {
+                let record = Record::Session(session_record(session));
+                self.log(record);
+            }
+            (false, true) => {
+                session.persisted = true;
+                // Messages it already holds get numbers from now on.
+                for q in session.queue.iter_mut().filter(|q| q.publish.qos != QoS::AtMostOnce && q.seq == 0) {
+                    q.seq = session.next_seq;
+                    session.next_seq += 1;
+                }
+                let mut records = Vec::new();
+                let _ = self.snapshot_session(key, &mut |r: &Record| {
+                    records.push(r.clone());
+                    Ok::<(), ()>(())
+                });
+                if let Some(journal) = &mut self.journal {
+                    journal.extend(records);
+                }
+            }
+        }
+    }
+
+    /// Every record of the live durable state, for compaction.
+    pub fn snapshot<E>(&self, emit: &mut dyn FnMut(&Record) -> Result<(), E>) -> Result<(), E> {
+        for (_, retained) in self.retained.iter() {
+            emit(&Record::Retain { publish: retained.publish.clone(), expires_at: retained.expires_at })?;
+        }
+        for (&key, session) in &self.sessions {
+            if session.persisted {
+                self.snapshot_session(key, emit)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn snapshot_session<E>(&self, key: SessionKey, emit: &mut dyn FnMut(&Record) -> Result<(), E>) -> Result<(), E> {
+        let Some(session) = self.sessions.get(&key) else { return Ok(()) };
+        let client_id = || session.client_id.clone();
+        emit(&Record::Session(session_record(session)))?;
+        for (filter, &(options, identifier)) in &session.filters {
+            emit(&Record::Subscribe { client_id: client_id(), filter: filter.clone(), options, identifier })?;
+        }
+        for &packet_id in &session.incoming_qos2 {
+            emit(&Record::Incoming { client_id: client_id(), packet_id })?;
+        }
+        let mut inflight: Vec<&Outgoing> = session.inflight.values().filter(|o| o.seq > 0).collect();
+        inflight.sort_by_key(|o| o.seq);
+        for out in inflight {
+            let publish = out.publish.clone();
+            emit(&Record::Message { client_id: client_id(), seq: out.seq, expires_at: None, publish })?;
+            if out.state == Awaiting::Pubcomp {
+                emit(&Record::Released { client_id: client_id(), seq: out.seq })?;
+            }
+        }
+        for q in session.queue.iter().filter(|q| q.seq > 0) {
+            let publish = q.publish.clone();
+            emit(&Record::Message { client_id: client_id(), seq: q.seq, expires_at: q.expires_at, publish })?;
+        }
+        Ok(())
+    }
+
+    /// Applies one record read back from the log; false if it does not
+    /// decode. `now` is the broker's clock at start: restored sessions
+    /// count their expiry, and their wills their delay, from it.
+    pub fn restore(&mut self, body: &[u8], now: u64) -> bool {
+        let Ok(record) = Record::decode(body) else { return false };
+        let key_of = |b: &Broker, client_id: &str| b.by_client_id.get(client_id).copied();
+        match record {
+            Record::Retain { publish, expires_at } => {
+                if expires_at.is_none_or(|t| now < t) {
+                    self.retained.set(&publish, expires_at);
+                }
+            }
+            Record::RetainGone { topic } => {
+                let gone = Publish {
+                    dup: false,
+                    qos: QoS::AtMostOnce,
+                    retain: true,
+                    topic: topic.as_str().into(),
+                    packet_id: None,
+                    properties: Default::default(),
+                    payload: Payload::default(),
+                };
+                self.retained.set(&gone, None);
+            }
+            Record::Session(s) => {
+                let key = key_of(self, &s.client_id).unwrap_or_else(|| self.new_session(&s.client_id, s.version));
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    session.version = s.version;
+                    session.expiry = s.expiry;
+                    session.username = s.username;
+                    session.will = s.will;
+                    session.persisted = true;
+                    session.disconnected_at = Some(now);
+                }
+            }
+            Record::SessionGone { client_id } => {
+                if let Some(key) = key_of(self, &client_id) {
+                    self.restoring.remove(&key);
+                    self.remove_session(key);
+                }
+            }
+            Record::Subscribe { client_id, filter, options, identifier } => {
+                let Some(key) = key_of(self, &client_id) else { return true };
+                let Ok(parsed) = topic::parse_filter(&filter, self.config.topic_limits) else { return true };
+                let subscription = Subscription::new(key, &parsed, options, identifier);
+                let share = subscription.share_key.clone();
+                if let (false, Some(share)) = (self.index.insert(parsed, subscription), &share) {
+                    self.shares.joined(share);
+                }
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    session.filters.insert(filter, (options, identifier));
+                }
+            }
+            Record::Unsubscribe { client_id, filter } => {
+                let Some(key) = key_of(self, &client_id) else { return true };
+                if let Ok(parsed) = topic::parse_filter(&filter, self.config.topic_limits)
+                    && let (true, Some(share)) = (self.index.remove(parsed, key), share_key(&parsed))
+                {
+                    self.shares.left(&share);
+                }
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    session.filters.remove(&filter);
+                }
+            }
+            Record::Message { client_id, seq, expires_at, publish } => {
+                let Some(key) = key_of(self, &client_id) else { return true };
+                if let Some(session) = self.sessions.get_mut(&key) {
+                    session.next_seq = session.next_seq.max(seq + 1);
+                }
+                let queued = Queued { publish, expires_at, seq };
+                self.restoring.entry(key).or_default().insert(seq, Restoring { queued, released: false });
+            }
+            Record::Released { client_id, seq } => {
+                if let Some(m) = key_of(self, &client_id)
+                    .and_then(|key| self.restoring.get_mut(&key))
+                    .and_then(|messages| messages.get_mut(&seq))
+                {
+                    m.released = true;
+                }
+            }
+            Record::Done { client_id, seq } => {
+                if let Some(messages) = key_of(self, &client_id).and_then(|key| self.restoring.get_mut(&key)) {
+                    messages.remove(&seq);
+                }
+            }
+            Record::Incoming { client_id, packet_id } => {
+                if let Some(session) = key_of(self, &client_id).and_then(|key| self.sessions.get_mut(&key)) {
+                    session.incoming_qos2.insert(packet_id);
+                }
+            }
+            Record::IncomingDone { client_id, packet_id } => {
+                if let Some(session) = key_of(self, &client_id).and_then(|key| self.sessions.get_mut(&key)) {
+                    session.incoming_qos2.remove(&packet_id);
+                }
+            }
+        }
+        true
+    }
+
+    /// Ends restoring: queues every message read back, in log order, with
+    /// DUP set (it may have reached its subscriber before the restart);
+    /// those whose PUBREC had arrived wait for PUBCOMP under their packet
+    /// id. Wills of restored sessions fall due after their delay.
+    pub fn finish_restore(&mut self, now: u64) {
+        self.deadline = None;
+        for (key, messages) in core::mem::take(&mut self.restoring) {
+            let Some(session) = self.sessions.get_mut(&key) else { continue };
+            for (seq, Restoring { mut queued, released }) in messages {
+                queued.publish.dup = true;
+                if released {
+                    let id = seq_packet_id(seq);
+                    queued.publish.packet_id = Some(id);
+                    session.inflight.insert(id, Outgoing { publish: queued.publish, state: Awaiting::Pubcomp, seq });
+                } else {
+                    session.queue.push_back(queued);
+                }
+            }
+        }
+        for session in self.sessions.values_mut() {
+            if let Some(will) = &session.will {
+                let delay = will.properties.will_delay_interval.unwrap_or(0);
+                session.will_at = Some(now + u64::from(delay) * 1000);
+            }
+        }
+    }
+
+    /// Durable sessions and retained messages held now (for the runner's log line).
+    pub fn durable_counts(&self) -> (usize, usize) {
+        (self.sessions.values().filter(|s| s.persisted).count(), self.retained.len())
+    }
+}
+
+fn session_record(session: &super::session::Session) -> SessionRecord {
+    SessionRecord {
+        client_id: session.client_id.clone(),
+        version: session.version,
+        expiry: session.expiry,
+        username: session.username.clone(),
+        will: session.will.clone(),
+    }
+}
