@@ -22,6 +22,7 @@ mod heap;
 mod mem;
 mod net;
 mod paravirt;
+mod store;
 
 use alloc::vec::Vec;
 use core::fmt::Write;

@@ -334,7 +334,7 @@ impl<D: Disk> Log<D> {
     /// number starts within one batch's reach after `at`.
     fn later_batch_exists(&mut self, at: u64) -> Result<bool, LogError> {
         let region_end = self.region_start(self.region) + self.region_size;
-        let reach = (at + (BATCH_HEADER + MAX_BATCH) as u64 + SECTOR).min(region_end);
+        let reach = (at + ((BATCH_HEADER + MAX_BATCH) as u64).next_multiple_of(SECTOR) + SECTOR).min(region_end);
         let mut window = vec![0u8; usize::try_from(reach.saturating_sub(at)).unwrap_or(0)];
         if window.is_empty() {
             return Ok(false);
@@ -414,6 +414,11 @@ impl<D: Disk> Log<D> {
     pub fn wants_compaction(&self) -> bool {
         let threshold = COMPACT_FLOOR.max(self.snapshot_bytes.saturating_mul(COMPACT_RATIO));
         self.end >= threshold.min(self.region_size / 2)
+    }
+
+    /// Whether records were pushed and not committed.
+    pub fn has_pending(&self) -> bool {
+        !self.batch.is_empty()
     }
 
     /// Bytes of the active region in use.
@@ -508,11 +513,13 @@ mod tests {
             self.bytes.len() as u64 / SECTOR
         }
         fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
+            assert!(offset % SECTOR == 0 && buf.len() as u64 % SECTOR == 0, "whole sectors only");
             let at = offset as usize;
             buf.copy_from_slice(self.bytes.get(at..at + buf.len()).ok_or(IoError)?);
             Ok(())
         }
         fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), IoError> {
+            assert!(offset % SECTOR == 0 && buf.len() as u64 % SECTOR == 0, "whole sectors only");
             if self.fail_writes {
                 return Err(IoError);
             }

@@ -9,7 +9,7 @@
 
 mod device;
 pub mod echo;
-mod hal;
+pub mod hal;
 pub mod mqtt;
 
 use alloc::boxed::Box;

@@ -18,6 +18,7 @@ use mqvisor_broker::broker::{Broker, Config, Transmit};
 
 use super::{Link, Window};
 use crate::clock;
+use crate::store::Store;
 
 /// The broker configuration the VMM wrote into the configuration blob,
 /// decoded and checked (`mqvisor_boot_abi::config_blob`).
@@ -39,8 +40,11 @@ pub fn read_config(info: &BootInfo) -> Result<Config, String> {
 /// How often the broker's counters go to the VMM (for the operator's metrics).
 const STATS_EVERY_MS: u64 = 1000;
 
-fn now_ms() -> u64 {
-    clock::now().as_micros() / 1000
+/// The broker's clock: Unix time in milliseconds (the VMM's wall clock at
+/// boot plus the TSC since), so times kept in the state log (message
+/// expiry) mean the same after a restart.
+fn now_ms(boot_ms: u64) -> u64 {
+    boot_ms + clock::now().as_micros() / 1000
 }
 
 fn service_stats(broker: &Broker) -> ServiceStats {
@@ -64,6 +68,9 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
     let max_connections = config.max_connections;
     let max_packet_size = config.max_packet_size as u64;
     let mut broker = Broker::new(config);
+    let boot_ms = info.boot_wall_clock_ns / 1_000_000;
+    // Restored before any client is served: none sees a half-restored broker.
+    let mut store = Store::open(info, &mut broker, now_ms(boot_ms));
     // Streams the broker knows, by id (the broker's connection id is the stream id).
     let mut windows: BTreeMap<StreamId, Window> = BTreeMap::new();
     crate::println!("mqtt: serving MQTT, up to {max_connections} connections");
@@ -72,7 +79,7 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
     let mut reported = ServiceStats::default();
     let mut next_report = 0;
     loop {
-        let now = now_ms();
+        let now = now_ms(boot_ms);
         let stats = service_stats(&broker);
         if stats != reported && now >= next_report {
             link.send_stats(stats);
@@ -133,6 +140,12 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
             broker.tick(now);
             moved = true;
         }
+        // With sync persistence, everything the broker will send now (its
+        // acknowledgements above all) waits for its records to be on disk:
+        // one flush for every record since the last (group commit).
+        if let Some(store) = &mut store {
+            moved |= store.commit(&mut broker, now);
+        }
         // What does not fit in a stream's window or the TX queue stays in
         // the core, which offers it again on the next pass.
         moved |= broker.poll_transmit(now, |id, transmit| match transmit {
@@ -152,11 +165,10 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
         link.flush();
         if !moved {
             let report = (service_stats(&broker) != reported).then_some(next_report);
-            let deadline = match (broker.next_deadline(), report) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            link.idle(deadline.map(|ms| ms.saturating_mul(1000)));
+            let commit = store.as_ref().and_then(|s| s.next_deadline(&broker));
+            let deadline = [broker.next_deadline(), report, commit].into_iter().flatten().min();
+            // The link counts in microseconds since boot.
+            link.idle(deadline.map(|ms| ms.saturating_sub(boot_ms).saturating_mul(1000)));
         }
     }
 }
