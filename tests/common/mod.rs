@@ -74,13 +74,19 @@ impl RunningVm {
     }
 
     fn start_command(args: &[&str], marker: &str) -> RunningVm {
-        use std::io::BufRead;
-        let mut child = mqvisor()
+        let child = mqvisor()
             .args(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("spawning mqvisor");
+        RunningVm::from_child(child, marker)
+    }
+
+    /// Takes a spawned `mqvisor` (stderr piped) and waits for `marker`
+    /// followed by the address it listens on.
+    pub fn from_child(mut child: std::process::Child, marker: &str) -> RunningVm {
+        use std::io::BufRead;
         let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let addr = loop {
             let line = stderr.next().expect("mqvisor ended before listening").unwrap();

@@ -75,13 +75,8 @@ const COMMON: &[libc::c_long] = &[
 
 /// Calls of the block worker beyond the common ones: file I/O at offsets,
 /// `fdatasync` for FLUSH, and waiting on its eventfds.
-const BLOCK: &[libc::c_long] = &[
-    libc::SYS_pread64,
-    libc::SYS_pwrite64,
-    libc::SYS_fdatasync,
-    libc::SYS_poll,
-    libc::SYS_ppoll,
-];
+const BLOCK: &[libc::c_long] =
+    &[libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fdatasync, libc::SYS_poll, libc::SYS_ppoll];
 
 /// Calls of the network proxy's thread beyond the common ones.
 const NET: &[libc::c_long] = &[

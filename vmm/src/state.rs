@@ -36,7 +36,7 @@ impl Disk for ReadOnlyFile<'_> {
 /// (all zeros at the start) recovers as fresh.
 pub fn check(file: &File) -> Result<Recovered, LogError> {
     let len = file.metadata().map_err(|_| LogError::Io)?.len();
-    let mut head = [0u8; 2 * SECTOR as usize];
+    let mut head = [0u8; 1024];
     if file.read_exact_at(&mut head, 0).is_ok() && head.iter().all(|&b| b == 0) {
         return Ok(Recovered { fresh: true, ..Recovered::default() });
     }

@@ -25,8 +25,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::arch::{self, ArchError};
 use crate::devices::MmioBus;
-use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::block::{BlockDevice, BlockMetrics, BlockThread};
+use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::net as net_device;
 use crate::devices::virtio::net::{NetDevice, NetMetrics, RingFault};
 use crate::image::{self, ImageError};
@@ -553,6 +553,7 @@ mod tests {
             config_blob,
             handoff: None,
             run_as: None,
+            state: None,
         }
     }
 

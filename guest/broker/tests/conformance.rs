@@ -1276,7 +1276,7 @@ fn acknowledged_messages_stay_delivered_and_qos2_keeps_its_packet_id_across_a_re
     net.subscribe(2, V5, "t", QoS::ExactlyOnce);
     net.connect(1, V5, "pub", true);
     for i in 0..3u16 {
-        net.publish(1, V5, publish("t", &[b'a' + i as u8], QoS::ExactlyOnce, Some(1 + i)));
+        net.publish(1, V5, publish("t", &[b"abc"[usize::from(i)]], QoS::ExactlyOnce, Some(1 + i)));
         // The publisher's PUBREL: its QoS 2 flow is finished.
         net.send(1, V5, &Packet::Pubrel(ack(1 + i)));
     }

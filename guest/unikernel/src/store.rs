@@ -9,6 +9,7 @@
 //! compaction tries to write the whole state afresh.
 
 use alloc::vec::Vec;
+use core::mem::ManuallyDrop;
 use core::ptr::NonNull;
 
 use mqvisor_boot_abi::{BootInfo, device_kind, persistence};
@@ -31,7 +32,10 @@ const RETRY_MS: u64 = 1000;
 /// the driver spins on the used ring while the VMM's block thread works,
 /// which costs no exits.
 struct BlockDisk {
-    driver: VirtIOBlk<GuestHal, MmioTransport<'static>>,
+    /// Never dropped: the driver's drop asks the device to unset its queue
+    /// and spins until it has, which a device without queue reset never
+    /// does. The disk lives as long as the VM.
+    driver: ManuallyDrop<VirtIOBlk<GuestHal, MmioTransport<'static>>>,
     sectors: u64,
 }
 
@@ -86,7 +90,7 @@ fn open_disk(info: &BootInfo) -> Result<Option<BlockDisk>, &'static str> {
         unsafe { MmioTransport::new(header, size) }.map_err(|_| "virtio-blk window is not a virtio-mmio device")?;
     let driver = VirtIOBlk::new(transport).map_err(|_| "virtio-blk device refused initialisation")?;
     let sectors = driver.capacity();
-    Ok(Some(BlockDisk { driver, sectors }))
+    Ok(Some(BlockDisk { driver: ManuallyDrop::new(driver), sectors }))
 }
 
 impl Store {
@@ -144,6 +148,8 @@ impl Store {
     /// `batch` once the interval has passed. Returns true if it wrote.
     pub fn commit(&mut self, broker: &mut Broker, now: u64) -> bool {
         if self.failed {
+            // The retry writes the whole state, so the journal is not kept.
+            drop(broker.take_journal());
             if now >= self.retry_at {
                 self.compact(broker, now);
             }

@@ -29,7 +29,8 @@ use alloc::vec::Vec;
 use core::fmt;
 
 /// Sector size of the device.
-pub const SECTOR: u64 = 512;
+pub const SECTOR: u64 = SECTOR_BYTES as u64;
+const SECTOR_BYTES: usize = 512;
 /// On-disk format version in the superblock.
 pub const FORMAT_VERSION: u32 = 1;
 /// Where the regions start: the superblocks, then room to grow the header.
@@ -95,7 +96,9 @@ impl fmt::Display for LogError {
             LogError::Corrupt { offset, why } => {
                 write!(f, "the state log is corrupt at byte {offset}: {why}, and valid records follow it")
             }
-            LogError::BadRecord { offset } => write!(f, "a record at byte {offset} has a valid checksum but does not decode"),
+            LogError::BadRecord { offset } => {
+                write!(f, "a record at byte {offset} has a valid checksum but does not decode")
+            }
             LogError::Full => write!(f, "the live state does not fit in the state file"),
         }
     }
@@ -113,6 +116,7 @@ pub fn crc32c(bytes: &[u8]) -> u32 {
         let mut table = [0u32; 256];
         let mut i = 0;
         while i < 256 {
+            #[allow(clippy::cast_possible_truncation)] // i < 256
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
@@ -149,8 +153,8 @@ struct Superblock {
 }
 
 impl Superblock {
-    fn encode(&self) -> [u8; SECTOR as usize] {
-        let mut s = [0u8; SECTOR as usize];
+    fn encode(&self) -> [u8; SECTOR_BYTES] {
+        let mut s = [0u8; SECTOR_BYTES];
         s[..8].copy_from_slice(SUPER_MAGIC);
         s[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         s[12..16].copy_from_slice(&self.generation.to_le_bytes());
@@ -236,7 +240,7 @@ impl<D: Disk> Log<D> {
             return Err(LogError::TooSmall(sectors));
         }
         let region_size = ((sectors * SECTOR - DATA_START) / 2) / SECTOR * SECTOR;
-        let mut head = vec![0u8; 2 * SECTOR as usize];
+        let mut head = vec![0u8; 2 * SECTOR_BYTES];
         disk.read(0, &mut head)?;
         let slots = [Superblock::decode(&head[..512])?, Superblock::decode(&head[512..])?];
         let current = slots.iter().flatten().max_by_key(|s| s.generation).copied();
@@ -272,7 +276,7 @@ impl<D: Disk> Log<D> {
     fn replay(&mut self, apply: &mut impl FnMut(&[u8]) -> bool) -> Result<Recovered, LogError> {
         let start = self.region_start(self.region);
         let mut found = Recovered::default();
-        let mut header = [0u8; SECTOR as usize];
+        let mut header = [0u8; SECTOR_BYTES];
         let mut payload = Vec::new();
         loop {
             let at = start + self.end;
@@ -287,10 +291,10 @@ impl<D: Disk> Log<D> {
                         if self.end + padded > self.region_size {
                             Some("a batch runs past its region")
                         } else {
-                            payload.resize(padded as usize, 0);
-                            payload[..SECTOR as usize].copy_from_slice(&header);
+                            payload.resize(usize::try_from(padded).map_err(|_| LogError::Full)?, 0);
+                            payload[..SECTOR_BYTES].copy_from_slice(&header);
                             if padded > SECTOR {
-                                self.disk.read(at + SECTOR, &mut payload[SECTOR as usize..])?;
+                                self.disk.read(at + SECTOR, &mut payload[SECTOR_BYTES..])?;
                             }
                             match check_records(&payload[BATCH_HEADER..BATCH_HEADER + len], count) {
                                 Ok(()) => {
@@ -340,13 +344,15 @@ impl<D: Disk> Log<D> {
             return Ok(false);
         }
         self.disk.read(at, &mut window)?;
-        Ok(window.chunks_exact(SECTOR as usize).skip(1).any(|sector| {
-            read_batch_header(sector, self.generation).is_some_and(|(seq, _, _)| seq > self.next_seq)
-        }))
+        Ok(window
+            .chunks_exact(SECTOR_BYTES)
+            .skip(1)
+            .any(|sector| read_batch_header(sector, self.generation).is_some_and(|(seq, _, _)| seq > self.next_seq)))
     }
 
     fn write_superblock(&mut self) -> Result<(), LogError> {
-        let block = Superblock { generation: self.generation, region: self.region, snapshot_bytes: self.snapshot_bytes };
+        let block =
+            Superblock { generation: self.generation, region: self.region, snapshot_bytes: self.snapshot_bytes };
         let slot = u64::from(self.generation % 2) * SECTOR;
         self.disk.write(slot, &block.encode())?;
         self.disk.flush()?;
@@ -384,7 +390,7 @@ impl<D: Disk> Log<D> {
         if self.end + padded > self.region_size {
             return Err(LogError::Full);
         }
-        self.batch.resize(padded as usize, 0);
+        self.batch.resize(usize::try_from(padded).map_err(|_| LogError::Full)?, 0);
         let at = self.region_start(self.region) + self.end;
         let result = self.disk.write(at, &self.batch);
         self.batch.clear();
@@ -433,7 +439,10 @@ impl<D: Disk> Log<D> {
     /// Replaces the log with a snapshot: `snapshot` pushes every live
     /// record through the closure it is given. Until the new superblock is
     /// durable, the old generation stays the one recovery reads.
-    pub fn compact(&mut self, snapshot: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<(), LogError>) -> Result<(), LogError>) -> Result<(), LogError> {
+    pub fn compact(
+        &mut self,
+        snapshot: impl FnOnce(&mut dyn FnMut(&[u8]) -> Result<(), LogError>) -> Result<(), LogError>,
+    ) -> Result<(), LogError> {
         self.discard_pending();
         let (old_generation, old_region, old_end, old_seq) = (self.generation, self.region, self.end, self.next_seq);
         self.generation = self.generation.wrapping_add(1);
@@ -459,10 +468,7 @@ impl<D: Disk> Log<D> {
 }
 
 /// Walks the records of a batch payload: `(offset in payload, body)`.
-fn for_each_record(
-    payload: &[u8],
-    mut f: impl FnMut(usize, &[u8]) -> Result<(), LogError>,
-) -> Result<(), LogError> {
+fn for_each_record(payload: &[u8], mut f: impl FnMut(usize, &[u8]) -> Result<(), LogError>) -> Result<(), LogError> {
     let mut at = 0;
     while at < payload.len() {
         let len = le32(payload, at) as usize;
@@ -492,6 +498,7 @@ fn check_records(payload: &[u8], count: u32) -> Result<(), &'static str> {
 }
 
 #[cfg(test)]
+#[allow(clippy::cast_possible_truncation)] // test disks are small
 mod tests {
     use super::*;
     use alloc::vec::Vec;
@@ -513,13 +520,13 @@ mod tests {
             self.bytes.len() as u64 / SECTOR
         }
         fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-            assert!(offset % SECTOR == 0 && buf.len() as u64 % SECTOR == 0, "whole sectors only");
+            assert!(offset.is_multiple_of(SECTOR) && (buf.len() as u64).is_multiple_of(SECTOR), "whole sectors only");
             let at = offset as usize;
             buf.copy_from_slice(self.bytes.get(at..at + buf.len()).ok_or(IoError)?);
             Ok(())
         }
         fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), IoError> {
-            assert!(offset % SECTOR == 0 && buf.len() as u64 % SECTOR == 0, "whole sectors only");
+            assert!(offset.is_multiple_of(SECTOR) && (buf.len() as u64).is_multiple_of(SECTOR), "whole sectors only");
             if self.fail_writes {
                 return Err(IoError);
             }
@@ -572,7 +579,7 @@ mod tests {
         let mut at = DATA_START as usize;
         for _ in 0..n {
             let len = le32(&disk.bytes, at + 16) as usize;
-            at += (BATCH_HEADER + len).next_multiple_of(SECTOR as usize);
+            at += (BATCH_HEADER + len).next_multiple_of(SECTOR_BYTES);
         }
         at
     }

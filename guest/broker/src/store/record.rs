@@ -44,24 +44,56 @@ pub struct SessionRecord {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     /// A retained message set for its topic; `expires_at` in broker time (ms).
-    Retain { publish: Publish, expires_at: Option<u64> },
-    RetainGone { topic: String },
+    Retain {
+        publish: Publish,
+        expires_at: Option<u64>,
+    },
+    RetainGone {
+        topic: String,
+    },
     /// A durable session created or changed.
     Session(SessionRecord),
     /// A session ended: everything under its client id is gone.
-    SessionGone { client_id: String },
-    Subscribe { client_id: String, filter: String, options: SubscriptionOptions, identifier: Option<u32> },
-    Unsubscribe { client_id: String, filter: String },
+    SessionGone {
+        client_id: String,
+    },
+    Subscribe {
+        client_id: String,
+        filter: String,
+        options: SubscriptionOptions,
+        identifier: Option<u32>,
+    },
+    Unsubscribe {
+        client_id: String,
+        filter: String,
+    },
     /// A QoS 1/2 message queued for a durable session, numbered `seq`.
-    Message { client_id: String, seq: u64, expires_at: Option<u64>, publish: Publish },
+    Message {
+        client_id: String,
+        seq: u64,
+        expires_at: Option<u64>,
+        publish: Publish,
+    },
     /// The subscriber answered PUBREC: PUBREL is owed, not the message.
-    Released { client_id: String, seq: u64 },
+    Released {
+        client_id: String,
+        seq: u64,
+    },
     /// The message is delivered (or dropped): forget it.
-    Done { client_id: String, seq: u64 },
+    Done {
+        client_id: String,
+        seq: u64,
+    },
     /// An incoming QoS 2 message was accepted under `packet_id`.
-    Incoming { client_id: String, packet_id: u16 },
+    Incoming {
+        client_id: String,
+        packet_id: u16,
+    },
     /// Its PUBREL arrived: the id is free again.
-    IncomingDone { client_id: String, packet_id: u16 },
+    IncomingDone {
+        client_id: String,
+        packet_id: u16,
+    },
 }
 
 fn put_u64(out: &mut Vec<u8>, v: u64) {
@@ -88,7 +120,11 @@ fn get_packet(r: &mut Reader, server_side: bool) -> Result<Packet, DecodeError> 
     if frame.len != bytes.len() {
         return Err(DecodeError::Malformed("record packet length"));
     }
-    if server_side { packet::decode_from_server(frame, bytes, Version::V5) } else { packet::decode(frame, bytes, Version::V5) }
+    if server_side {
+        packet::decode_from_server(frame, bytes, Version::V5)
+    } else {
+        packet::decode(frame, bytes, Version::V5)
+    }
 }
 
 /// Messages are stored with packet id 1 when they have one: the real id
@@ -187,8 +223,10 @@ impl Record {
             Record::Subscribe { client_id, filter, options, identifier } => {
                 out.put_u8(kind::SUBSCRIBE);
                 out.put_str(client_id);
-                let properties =
-                    Properties { subscription_identifiers: identifier.iter().copied().collect(), ..Properties::default() };
+                let properties = Properties {
+                    subscription_identifiers: identifier.iter().copied().collect(),
+                    ..Properties::default()
+                };
                 let s = Subscribe { packet_id: 1, properties, filters: alloc::vec![(filter.clone(), *options)] };
                 put_packet(out, &Packet::Subscribe(s));
             }

@@ -423,7 +423,8 @@ fn open_state(args: &RunArgs) -> Result<Option<vm::StateDisk>, String> {
         .map_err(|e| format!("cannot open the state file {}: {e}", path.display()))?;
     let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
     if len == 0 {
-        file.set_len(args.state_size << 20).map_err(|e| format!("cannot size the state file {}: {e}", path.display()))?;
+        file.set_len(args.state_size << 20)
+            .map_err(|e| format!("cannot size the state file {}: {e}", path.display()))?;
     } else if len < 4 << 20 {
         return Err(format!("the state file {} is {len} bytes; a state file is at least 4 MiB", path.display()));
     }
@@ -445,7 +446,11 @@ fn discard_if_corrupt(path: &std::path::Path) -> Result<(), String> {
     if let Err(e) = mqvisor::state::check(&file) {
         let aside = path.with_extension("corrupt");
         std::fs::rename(path, &aside).map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
-        eprintln!("mqvisor: the state in {} is corrupt ({e}); kept as {}, starting empty", path.display(), aside.display());
+        eprintln!(
+            "mqvisor: the state in {} is corrupt ({e}); kept as {}, starting empty",
+            path.display(),
+            aside.display()
+        );
     }
     Ok(())
 }

@@ -6,8 +6,8 @@
 //! memory before activation and every descriptor chain is validated before
 //! its buffers are touched.
 
-pub mod mmio;
 pub mod block;
+pub mod mmio;
 pub mod net;
 
 use virtio_queue::Queue;

@@ -103,7 +103,14 @@ impl BlockDevice {
         let mut serial = [0u8; ID_LEN];
         let take = id.len().min(ID_LEN);
         serial[..take].copy_from_slice(&id.as_bytes()[..take]);
-        Ok(BlockDevice { file, sectors, id: serial, active: None, metrics: BlockMetrics::default(), io_error_reported: false })
+        Ok(BlockDevice {
+            file,
+            sectors,
+            id: serial,
+            active: None,
+            metrics: BlockMetrics::default(),
+            io_error_reported: false,
+        })
     }
 
     pub fn metrics(&self) -> &BlockMetrics {
@@ -166,7 +173,11 @@ impl BlockDevice {
         }
     }
 
-    fn try_execute(&mut self, chain: &DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> Result<u32, Malformed> {
+    fn try_execute(
+        &mut self,
+        chain: &DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> Result<u32, Malformed> {
         let (readable, writable) = check_chain(chain)?;
         if writable == 0 {
             return Err(Malformed::NoStatus);
@@ -227,7 +238,7 @@ impl BlockDevice {
     /// The file offset of `len` bytes at `sector`, if they are whole
     /// sectors inside the disk and within the transfer limit.
     fn range(&self, sector: u64, len: usize) -> Result<u64, Malformed> {
-        if len == 0 || len > MAX_TRANSFER || len as u64 % SECTOR_SIZE != 0 {
+        if len == 0 || len > MAX_TRANSFER || !(len as u64).is_multiple_of(SECTOR_SIZE) {
             return Err(Malformed::Range);
         }
         let end = sector.checked_add(len as u64 / SECTOR_SIZE).ok_or(Malformed::Range)?;

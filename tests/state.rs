@@ -1,0 +1,402 @@
+//! Durable tenant state (`mqvisor run --state`): `kill -9` of the VMM under
+//! QoS 1 and QoS 2 load loses nothing it acknowledged and duplicates no
+//! QoS 2 message; a torn last batch is dropped, damage in the middle stops
+//! the start with its offset; a full disk refuses publishes cleanly; and
+//! compaction keeps the file bounded. Real VMs, raw MQTT clients.
+
+mod common;
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::wire::{self, read_packet, try_read_packet};
+use common::{RunningVm, kvm_available};
+
+fn state_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("mqvisor-state-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("tenant.state")
+}
+
+fn start(state: &Path, extra: &[&str]) -> RunningVm {
+    let mut args = vec!["--state", state.to_str().unwrap(), "--stats", "--max-queued-messages", "100000"];
+    args.extend_from_slice(extra);
+    RunningVm::start(&args)
+}
+
+fn connect(addr: SocketAddr, level: u8, client_id: &str, clean: bool) -> (TcpStream, bool) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    s.write_all(&wire::connect_as(level, client_id, clean, None, None)).unwrap();
+    let (header, body) = read_packet(&mut s);
+    assert_eq!(header, 0x20, "CONNACK expected");
+    assert_eq!(body[1], 0, "connection accepted");
+    (s, body[0] & 1 == 1)
+}
+
+fn ack(kind: u8, id: u16) -> [u8; 4] {
+    let [hi, lo] = id.to_be_bytes();
+    [kind, 2, hi, lo]
+}
+
+fn packet_id(body: &[u8]) -> u16 {
+    u16::from_be_bytes([body[0], body[1]])
+}
+
+/// A durable subscriber that keeps its QoS 2 receiver state across its own
+/// reconnects, as a client with a persistent session does: a message is
+/// delivered on its first PUBLISH, and a DUP under an id still held is not
+/// delivered again.
+#[derive(Default)]
+struct Subscriber {
+    id: String,
+    held: HashSet<u16>,
+    delivered: Vec<String>,
+}
+
+impl Subscriber {
+    /// One session: connect (not clean), subscribe on the first one, then
+    /// receive and acknowledge until `quiet` passes without a packet, the
+    /// connection ends, or `stop` is set. Returns whether the session was present.
+    fn session(&mut self, addr: SocketAddr, qos: u8, first: bool, quiet: Duration, stop: &AtomicBool) -> bool {
+        let (mut s, present) = connect(addr, 4, &self.id, false);
+        if first {
+            s.write_all(&wire::subscribe("load/#", qos, 1)).unwrap();
+            assert_eq!(read_packet(&mut s).0, 0x90);
+        }
+        s.set_read_timeout(Some(quiet)).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((header, body)) = try_read_packet(&mut s) else { break };
+            match header >> 4 {
+                3 => {
+                    let topic_len = usize::from(packet_id(&body));
+                    let id = packet_id(&body[2 + topic_len..]);
+                    let payload = String::from_utf8(body[4 + topic_len..].to_vec()).unwrap();
+                    match (header >> 1) & 3 {
+                        1 => {
+                            self.delivered.push(payload);
+                            let _ = s.write_all(&ack(0x40, id));
+                        }
+                        2 => {
+                            if self.held.insert(id) {
+                                self.delivered.push(payload);
+                            }
+                            let _ = s.write_all(&ack(0x50, id));
+                        }
+                        q => panic!("QoS {q} delivery on a QoS {qos} subscription"),
+                    }
+                }
+                6 => {
+                    let id = packet_id(&body);
+                    self.held.remove(&id);
+                    let _ = s.write_all(&ack(0x70, id));
+                }
+                _ => {}
+            }
+        }
+        present
+    }
+}
+
+/// Publishes `load/P` messages "P:i" at `qos`, one at a time, until the
+/// connection fails or `count` are acknowledged (PUBACK; for QoS 2 the
+/// PUBREC, when the broker owns the message). Returns the acknowledged ones.
+fn publisher(addr: SocketAddr, n: usize, qos: u8, count: usize, acked_total: &AtomicUsize) -> Vec<String> {
+    let (mut s, _) = connect(addr, 4, &format!("pub{n}"), true);
+    let mut acked = Vec::new();
+    for i in 0..count {
+        let id = u16::try_from(i % 65_000 + 1).unwrap();
+        let payload = format!("{n}:{i}");
+        if s.write_all(&wire::publish(&format!("load/{n}"), payload.as_bytes(), qos, id, false)).is_err() {
+            break;
+        }
+        let Ok((header, body)) = try_read_packet(&mut s) else { break };
+        assert_eq!((header >> 4, packet_id(&body)), (if qos == 1 { 4 } else { 5 }, id));
+        acked.push(payload);
+        acked_total.fetch_add(1, Ordering::Relaxed);
+        if qos == 2 {
+            if s.write_all(&ack(0x62, id)).is_err() {
+                break;
+            }
+            let Ok((header, _)) = try_read_packet(&mut s) else { break };
+            assert_eq!(header >> 4, 7, "PUBCOMP");
+        }
+    }
+    acked
+}
+
+fn kill_under_load(qos: u8) {
+    let name = format!("kill_9_under_qos{qos}_load");
+    if !kvm_available(&name) {
+        return;
+    }
+    let state = state_path(&name);
+    let mut vm = start(&state, &[]);
+    let never = AtomicBool::new(false);
+    // One subscriber offline for the whole load, one online through it.
+    let mut offline = Subscriber { id: "offline".into(), ..Subscriber::default() };
+    offline.session(vm.addr, qos, true, Duration::from_millis(50), &never);
+    let online_stop = Arc::new(AtomicBool::new(false));
+    let addr = vm.addr;
+    let stop = online_stop.clone();
+    let online = thread::spawn(move || {
+        let mut s = Subscriber { id: "online".into(), ..Subscriber::default() };
+        s.session(addr, qos, true, Duration::from_secs(30), &stop);
+        s
+    });
+    thread::sleep(Duration::from_millis(200));
+
+    let acked_total = Arc::new(AtomicUsize::new(0));
+    let publishers: Vec<_> = (0..4)
+        .map(|n| {
+            let total = acked_total.clone();
+            thread::spawn(move || publisher(addr, n, qos, 1_000_000, &total))
+        })
+        .collect();
+    // Kill mid-stream, once a good number of messages are acknowledged.
+    let began = Instant::now();
+    while acked_total.load(Ordering::Relaxed) < 1500 && began.elapsed() < Duration::from_secs(60) {
+        thread::sleep(Duration::from_millis(5));
+    }
+    vm.child.kill().unwrap();
+    vm.child.wait().unwrap();
+    let acked: Vec<String> = publishers.into_iter().flat_map(|p| p.join().unwrap()).collect();
+    let mut online = online.join().unwrap();
+    assert!(acked.len() >= 1500, "the load ran: {} acknowledged", acked.len());
+
+    let vm = start(&state, &[]);
+    let quiet = Duration::from_millis(1500);
+    assert!(online.session(vm.addr, qos, false, quiet, &never), "the online subscriber's session is restored");
+    assert!(offline.session(vm.addr, qos, false, quiet, &never), "the offline subscriber's session is restored");
+    for s in [&online, &offline] {
+        let got: BTreeSet<&String> = s.delivered.iter().collect();
+        let lost: Vec<&String> = acked.iter().filter(|m| !got.contains(m)).collect();
+        assert!(
+            lost.is_empty(),
+            "{}: {} of {} acknowledged messages lost, e.g. {:?}",
+            s.id,
+            lost.len(),
+            acked.len(),
+            &lost[..lost.len().min(5)]
+        );
+        if qos == 2 {
+            assert_eq!(got.len(), s.delivered.len(), "{}: a QoS 2 message was delivered twice", s.id);
+        }
+    }
+    eprintln!(
+        "qos {qos}: {} acknowledged before kill -9; delivered online {} (before and after), offline {}",
+        acked.len(),
+        online.delivered.len(),
+        offline.delivered.len()
+    );
+    let (_, stderr) = vm.stop();
+    assert!(stderr.contains("flushes"), "{stderr}");
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}
+
+#[test]
+fn kill_9_under_qos1_load_loses_no_acknowledged_message() {
+    kill_under_load(1);
+}
+
+#[test]
+fn kill_9_under_qos2_load_loses_none_and_duplicates_none() {
+    kill_under_load(2);
+}
+
+/// Byte offsets of the batches in the active region of a state file that
+/// never compacted (region 0), read from their headers.
+fn batch_offsets(state: &Path) -> Vec<usize> {
+    use mqvisor_broker::store::log::{DATA_START, SECTOR};
+    let bytes = std::fs::read(state).unwrap();
+    let mut at = usize::try_from(DATA_START).unwrap();
+    let mut offsets = Vec::new();
+    while bytes[at..at + 4] == 0x4d51_5642u32.to_le_bytes() {
+        offsets.push(at);
+        let len = u32::from_le_bytes(bytes[at + 16..at + 20].try_into().unwrap()) as usize;
+        at += (32 + len).next_multiple_of(usize::try_from(SECTOR).unwrap());
+    }
+    offsets
+}
+
+fn flip_byte(state: &Path, at: usize) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(state).unwrap();
+    let mut byte = [0u8];
+    file.read_exact_at(&mut byte, at as u64).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x5a], at as u64).unwrap();
+}
+
+/// Retained messages on `r/#` as a fresh subscriber sees them.
+fn retained(addr: SocketAddr) -> BTreeSet<String> {
+    let (mut s, _) = connect(addr, 4, "reader", true);
+    s.write_all(&wire::subscribe("r/#", 0, 1)).unwrap();
+    assert_eq!(read_packet(&mut s).0, 0x90);
+    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut seen = BTreeSet::new();
+    while let Ok((_, body)) = try_read_packet(&mut s) {
+        let topic_len = usize::from(packet_id(&body));
+        seen.insert(String::from_utf8(body[2..2 + topic_len].to_vec()).unwrap());
+    }
+    seen
+}
+
+fn publish_retained(addr: SocketAddr, topics: impl Iterator<Item = String>, payload: &[u8]) {
+    let (mut s, _) = connect(addr, 4, "writer", true);
+    for (i, topic) in topics.enumerate() {
+        let id = u16::try_from(i % 60_000 + 1).unwrap();
+        s.write_all(&wire::publish(&topic, payload, 1, id, true)).unwrap();
+        assert_eq!(read_packet(&mut s).0, 0x40, "PUBACK");
+    }
+}
+
+#[test]
+fn a_torn_last_batch_is_dropped_and_damage_in_the_middle_stops_the_start() {
+    if !kvm_available("torn_tail_and_corruption") {
+        return;
+    }
+    let state = state_path("torn");
+    let vm = start(&state, &[]);
+    // One acknowledged publish, one group commit, one batch each.
+    publish_retained(vm.addr, (1..=5).map(|i| format!("r/{i}")), b"v");
+    vm.stop();
+    let batches = batch_offsets(&state);
+    assert_eq!(batches.len(), 5, "one batch per acknowledged publish");
+
+    // A torn last write: its records fail their checksum, and nothing follows.
+    flip_byte(&state, batches[4] + 40);
+    let vm = start(&state, &[]);
+    let want: BTreeSet<String> = (1..=4).map(|i| format!("r/{i}")).collect();
+    assert_eq!(retained(vm.addr), want, "everything before the torn batch is back");
+    vm.stop();
+
+    // Damage in the middle: the start is refused with the offset, the file untouched.
+    flip_byte(&state, batches[1] + 40);
+    let out = common::mqvisor()
+        .args(["run", "--listen", "127.0.0.1:0", "--timeout", "60", "--state", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = common::stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains(&format!("corrupt at byte {}", batches[1])), "{stderr}");
+
+    // The operator may choose to start empty; the damaged file is kept.
+    let vm = start(&state, &["--discard-corrupt-state"]);
+    assert!(retained(vm.addr).is_empty());
+    vm.stop();
+    assert!(state.with_extension("corrupt").exists(), "the damaged state is kept aside");
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}
+
+#[test]
+fn compaction_keeps_the_state_file_bounded_under_retained_updates() {
+    if !kvm_available("compaction") {
+        return;
+    }
+    let state = state_path("compaction");
+    let vm = start(&state, &[]);
+    // 6,000 updates of 2 KB over 20 topics: 12 MB written, 40 KB live.
+    let payload = vec![b'x'; 2000];
+    publish_retained(vm.addr, (0..6000).map(|i| format!("r/{}", i % 20)), &payload);
+    let (_, stderr) = vm.stop();
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&state).unwrap()) * 512;
+    eprintln!("state file: {} KiB allocated after 12 MB of updates; {stderr}", allocated >> 10);
+    assert!(allocated < 10 << 20, "compaction bounds the file: {allocated} bytes allocated");
+    let vm = start(&state, &[]);
+    let want: BTreeSet<String> = (0..20).map(|i| format!("r/{i}")).collect();
+    assert_eq!(retained(vm.addr), want, "the compacted state holds every topic");
+    vm.stop();
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}
+
+/// A v5 PUBLISH (no properties).
+fn publish_v5(topic: &str, payload: &[u8], qos: u8, packet_id: u16, retain: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&u16::try_from(topic.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&packet_id.to_be_bytes());
+    }
+    body.push(0);
+    body.extend_from_slice(payload);
+    let mut packet = vec![0x30 | qos << 1 | u8::from(retain)];
+    wire::remaining_length(body.len(), &mut packet);
+    packet.extend_from_slice(&body);
+    packet
+}
+
+#[test]
+fn a_full_disk_refuses_durable_publishes_and_keeps_serving_readers() {
+    use std::os::unix::process::CommandExt;
+    if !kvm_available("full_disk") {
+        return;
+    }
+    let state = state_path("full");
+    // Create the (sparse) state file first, then run under a 2 MiB
+    // file-size limit: the log's first MiB fits, the rest fails (EFBIG).
+    start(&state, &[]).stop();
+    let mut command = common::mqvisor();
+    command.args(["run", "--listen", "127.0.0.1:0", "--stats", "--state", state.to_str().unwrap()]);
+    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe and touches only the child.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit { rlim_cur: 2 << 20, rlim_max: 2 << 20 };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let vm = RunningVm::from_child(command.spawn().unwrap(), "mqvisor: tenant VM listening on ");
+
+    // A reader subscribed before the disk fills keeps getting live traffic.
+    let (mut reader, _) = connect(vm.addr, 5, "reader", true);
+    // v5 SUBSCRIBE: packet id, no properties, the filter, QoS 0.
+    reader.write_all(&[0x82, 10, 0, 1, 0, 0, 4, b'l', b'i', b'v', b'e', 0]).unwrap();
+    assert_eq!(read_packet(&mut reader).0, 0x90);
+
+    let (mut writer, _) = connect(vm.addr, 5, "writer", true);
+    let payload = vec![b'x'; 10_000];
+    let mut accepted = 0;
+    let refused = loop {
+        let id = u16::try_from(accepted % 60_000 + 1).unwrap();
+        writer.write_all(&publish_v5(&format!("r/{accepted}"), &payload, 1, id, true)).unwrap();
+        let (header, body) = read_packet(&mut writer);
+        assert_eq!(header >> 4, 4, "PUBACK");
+        // Below 0x80 is success (0x10: no matching subscribers).
+        let code = body.get(2).copied().unwrap_or(0);
+        if code >= 0x80 {
+            break code;
+        }
+        accepted += 1;
+        assert!(accepted < 1000, "the 2 MiB limit never refused a publish");
+    };
+    assert_eq!(refused, 0x97, "v5 refusal: quota exceeded");
+    assert!(accepted > 10, "the disk took messages before it filled: {accepted}");
+
+    // Readers are still served, with QoS 0 traffic that needs no disk.
+    writer.write_all(&publish_v5("live", b"still here", 0, 0, false)).unwrap();
+    reader.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let (header, body) = read_packet(&mut reader);
+    assert_eq!(header >> 4, 3);
+    assert!(body.ends_with(b"still here"));
+    // A 3.1.1 client cannot be told no in a PUBACK: its connection ends.
+    let (mut old, _) = connect(vm.addr, 4, "old", true);
+    old.write_all(&wire::publish("r/old", b"x", 1, 1, false)).unwrap();
+    old.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(try_read_packet(&mut old).is_err(), "the 3.1.1 publisher is disconnected");
+
+    let (status, stderr) = vm.stop();
+    assert!(status.code().is_some(), "the VM ended by itself, not by a crash: {status:?}");
+    assert!(stderr.contains("write of the state file failed"), "{stderr}");
+    assert!(!stderr.contains("I/O errors 0"), "{stderr}");
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}
