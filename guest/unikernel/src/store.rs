@@ -25,6 +25,8 @@ use crate::{clock, paravirt};
 pub const EXIT_BAD_STATE: u32 = 5;
 /// Largest request handed to the device (its limit is 4 MiB).
 const MAX_REQUEST: usize = 1 << 20;
+/// Sectors in one such request.
+const REQUEST_SECTORS: usize = MAX_REQUEST / 512;
 /// How often a failed store tries to recover by compacting.
 const RETRY_MS: u64 = 1000;
 
@@ -46,7 +48,7 @@ impl Disk for BlockDisk {
 
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
         for (i, chunk) in buf.chunks_mut(MAX_REQUEST).enumerate() {
-            let block = usize::try_from(offset / SECTOR).map_err(|_| IoError)? + i * (MAX_REQUEST / SECTOR as usize);
+            let block = usize::try_from(offset / SECTOR).map_err(|_| IoError)? + i * REQUEST_SECTORS;
             self.driver.read_blocks(block, chunk).map_err(|_| IoError)?;
         }
         Ok(())
@@ -54,7 +56,7 @@ impl Disk for BlockDisk {
 
     fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), IoError> {
         for (i, chunk) in buf.chunks(MAX_REQUEST).enumerate() {
-            let block = usize::try_from(offset / SECTOR).map_err(|_| IoError)? + i * (MAX_REQUEST / SECTOR as usize);
+            let block = usize::try_from(offset / SECTOR).map_err(|_| IoError)? + i * REQUEST_SECTORS;
             self.driver.write_blocks(block, chunk).map_err(|_| IoError)?;
         }
         Ok(())
