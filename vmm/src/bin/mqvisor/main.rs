@@ -244,6 +244,21 @@ enum BenchCommand {
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(100..=10_000_000))]
         messages: u32,
     },
+    /// What durable state costs: QoS 1 1->1 and 10->1 to durable subscribers
+    /// with --persistence sync, batch and off beside Mosquitto with and
+    /// without persistence, flushes per message, then the restart time and
+    /// state file size with N retained messages beside Mosquitto's.
+    State {
+        /// Multiplies the message counts (1.0: 20k QoS 1 messages per topology)
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Retained messages for the recovery measurement (0: skip it)
+        #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u32).range(0..=5_000_000))]
+        retained: u32,
+        /// Guest RAM in MiB for the recovery measurement
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+    },
     /// What connections cost: PSS per idle connection, new connections per
     /// second, PSS after churn, and a large message's QoS 1 round trip, for
     /// Mosquitto, the host-native runner and a tenant VM side by side.
@@ -649,6 +664,12 @@ fn main() -> ExitCode {
                     }
                     BenchCommand::Serve { tenants, messages } => {
                         bench::serve::serve(&exe, tenants as usize, messages as usize)
+                    }
+                    BenchCommand::State { scale, retained, memory } => {
+                        if !(scale > 0.0 && scale <= 100.0) {
+                            return Err("--scale must be in (0, 100]".to_string());
+                        }
+                        bench::state::state(&exe, scale, retained as usize, memory)
                     }
                     BenchCommand::Conns { idle, churn, large_mib, no_vm } => {
                         bench::conns::conns(&exe, idle as usize, churn as usize, large_mib as usize, !no_vm)

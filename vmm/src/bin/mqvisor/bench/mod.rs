@@ -6,6 +6,7 @@ pub mod conns;
 pub mod echo;
 pub mod mqtt;
 pub mod serve;
+pub mod state;
 
 /// Lets this process hold as many sockets as its hard limit allows; returns
 /// the limit now in force.

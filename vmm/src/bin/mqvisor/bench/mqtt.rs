@@ -43,6 +43,9 @@ pub struct Shape {
     pub qos: QoS,
     /// Messages per publisher.
     pub messages: usize,
+    /// Subscribers keep their session (clean session 0, a fresh client id
+    /// per run), so a broker that persists has something to persist.
+    pub durable: bool,
 }
 
 /// What one shape achieved against one target.
@@ -100,11 +103,20 @@ pub(super) fn connect_as(
     client_id: &str,
     username: Option<&str>,
 ) -> Result<(TcpStream, BufReader<TcpStream>), String> {
+    connect_with(addr, client_id, username, true)
+}
+
+fn connect_with(
+    addr: SocketAddr,
+    client_id: &str,
+    username: Option<&str>,
+    clean: bool,
+) -> Result<(TcpStream, BufReader<TcpStream>), String> {
     let stream = TcpStream::connect(addr).map_err(io_err)?;
     stream.set_nodelay(true).map_err(io_err)?;
     let c = Connect {
         version: Version::V3_1_1,
-        clean_start: true,
+        clean_start: clean,
         keep_alive: 60,
         properties: Properties::default(),
         client_id: client_id.into(),
@@ -141,8 +153,12 @@ pub fn run_shape_as(addr: SocketAddr, shape: Shape, username: Option<&str>) -> R
     let epoch = Instant::now();
     let ready = Arc::new(Barrier::new(shape.subscribers + 1));
     let mut subscribers = Vec::new();
+    // Durable sessions outlive the run: each run has its own client ids.
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let run = RUN.fetch_add(1, Ordering::Relaxed);
     for i in 0..shape.subscribers {
-        let (mut stream, mut reader) = connect_as(addr, &format!("bench-sub-{i}"), username)?;
+        let id = format!("bench-sub-{}-{run}-{i}", std::process::id());
+        let (mut stream, mut reader) = connect_with(addr, &id, username, !shape.durable)?;
         let (received, latencies, ready) = (received.clone(), latencies.clone(), ready.clone());
         let last_delivery = last_delivery.clone();
         subscribers.push(thread::spawn(move || -> Result<(), String> {
@@ -305,7 +321,7 @@ pub(super) struct Target {
     pub(super) name: &'static str,
     pub(super) addr: SocketAddr,
     pub(super) child: Child,
-    _config_dir: Option<std::path::PathBuf>,
+    pub(super) _config_dir: Option<std::path::PathBuf>,
 }
 
 impl Drop for Target {
@@ -394,9 +410,9 @@ pub fn shapes(scale: f64) -> Vec<Shape> {
             QoS::AtLeastOnce => 20_000,
             QoS::ExactlyOnce => 10_000,
         };
-        out.push(Shape { publishers: 1, subscribers: 1, qos, messages: n(per) });
-        out.push(Shape { publishers: 10, subscribers: 1, qos, messages: n(per / 10) });
-        out.push(Shape { publishers: 1, subscribers: 100, qos, messages: n(per / 100) });
+        out.push(Shape { publishers: 1, subscribers: 1, qos, messages: n(per), durable: false });
+        out.push(Shape { publishers: 10, subscribers: 1, qos, messages: n(per / 10), durable: false });
+        out.push(Shape { publishers: 1, subscribers: 100, qos, messages: n(per / 100), durable: false });
     }
     out
 }
