@@ -95,7 +95,8 @@ impl Broker {
 
     /// Every record of the live durable state, for compaction.
     pub fn snapshot<E>(&self, emit: &mut dyn FnMut(&Record) -> Result<(), E>) -> Result<(), E> {
-        for (_, retained) in self.retained.iter() {
+        // `$SYS` is the broker's own, published afresh: never kept.
+        for (_, retained) in self.retained.iter().filter(|(topic, _)| !topic.starts_with("$SYS")) {
             emit(&Record::Retain { publish: retained.publish.clone(), expires_at: retained.expires_at })?;
         }
         for (&key, session) in &self.sessions {
@@ -141,7 +142,7 @@ impl Broker {
         match record {
             Record::Retain { publish, expires_at } => {
                 if expires_at.is_none_or(|t| now < t) {
-                    self.retained.set(&publish, expires_at);
+                    self.retained.set_owned(publish, expires_at);
                 }
             }
             Record::RetainGone { topic } => {

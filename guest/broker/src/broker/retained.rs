@@ -4,6 +4,7 @@
 //! Owns the store and its totals. Never decides what to refuse: the
 //! delivery path asks [`Retained::fits`] and answers the client.
 
+use alloc::boxed::Box;
 use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 
@@ -12,7 +13,9 @@ use crate::packet::Publish;
 
 #[derive(Default)]
 pub(super) struct Retained {
-    by_topic: BTreeMap<Arc<str>, Queued>,
+    /// Boxed: a message with its properties is a few hundred bytes, which
+    /// tree nodes would otherwise shift on every insertion.
+    by_topic: BTreeMap<Arc<str>, Box<Queued>>,
     /// Topic and payload bytes of every stored message.
     bytes: usize,
 }
@@ -27,7 +30,7 @@ impl Retained {
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Queued)> {
-        self.by_topic.iter()
+        self.by_topic.iter().map(|(topic, message)| (topic, &**message))
     }
 
     /// Whether storing `p` keeps the store within `max_count` messages and
@@ -44,12 +47,22 @@ impl Retained {
     /// Stores `p` for its topic, or deletes the topic's message when the
     /// payload is empty (MQTT 3.3.1.3).
     pub(super) fn set(&mut self, p: &Publish, expires_at: Option<u64>) {
-        if let Some(old) = self.by_topic.remove(&p.topic) {
-            self.bytes -= size(&old.publish);
+        self.set_owned(p.clone(), expires_at);
+    }
+
+    /// [`Retained::set`] for a message the caller gives away (a restart
+    /// sets a million of these: one walk of the tree each, no copy).
+    pub(super) fn set_owned(&mut self, p: Publish, expires_at: Option<u64>) {
+        if p.payload.is_empty() {
+            if let Some(old) = self.by_topic.remove(&p.topic) {
+                self.bytes -= size(&old.publish);
+            }
+            return;
         }
-        if !p.payload.is_empty() {
-            self.bytes += size(p);
-            self.by_topic.insert(p.topic.clone(), Queued { publish: p.clone(), expires_at, seq: 0 });
+        self.bytes += size(&p);
+        let topic = p.topic.clone();
+        if let Some(old) = self.by_topic.insert(topic, Box::new(Queued { publish: p, expires_at, seq: 0 })) {
+            self.bytes -= size(&old.publish);
         }
     }
 
