@@ -50,6 +50,8 @@ const RECORD_HEADER: usize = 8;
 /// [`COMPACT_RATIO`] times the last snapshot.
 const COMPACT_FLOOR: u64 = 4 << 20;
 const COMPACT_RATIO: u64 = 4;
+/// Bytes read at a time when looking past a bad batch.
+const SCAN_CHUNK: usize = 64 << 10;
 
 /// A block device, in bytes at sector-aligned offsets.
 pub trait Disk {
@@ -339,15 +341,21 @@ impl<D: Disk> Log<D> {
     fn later_batch_exists(&mut self, at: u64) -> Result<bool, LogError> {
         let region_end = self.region_start(self.region) + self.region_size;
         let reach = (at + ((BATCH_HEADER + MAX_BATCH) as u64).next_multiple_of(SECTOR) + SECTOR).min(region_end);
-        let mut window = vec![0u8; usize::try_from(reach.saturating_sub(at)).unwrap_or(0)];
-        if window.is_empty() {
-            return Ok(false);
+        // Read in small pieces: a VM's memory, once touched, stays touched.
+        let mut window = vec![0u8; SCAN_CHUNK];
+        let mut from = at + SECTOR;
+        while from < reach {
+            let len = usize::try_from(reach - from).map_or(SCAN_CHUNK, |left| left.min(SCAN_CHUNK));
+            self.disk.read(from, &mut window[..len])?;
+            let later = window[..len].chunks_exact(SECTOR_BYTES).any(|sector| {
+                read_batch_header(sector, self.generation).is_some_and(|(seq, _, _)| seq > self.next_seq)
+            });
+            if later {
+                return Ok(true);
+            }
+            from += len as u64;
         }
-        self.disk.read(at, &mut window)?;
-        Ok(window
-            .chunks_exact(SECTOR_BYTES)
-            .skip(1)
-            .any(|sector| read_batch_header(sector, self.generation).is_some_and(|(seq, _, _)| seq > self.next_seq)))
+        Ok(false)
     }
 
     fn write_superblock(&mut self) -> Result<(), LogError> {

@@ -106,10 +106,9 @@ fn throughput(exe: &Path, scale: f64) -> Result<(), String> {
             let dir = scratch("throughput")?;
             let state = dir.join("tenant.state");
             let target = match vm_args {
-                None if name.contains("true") => start_mosquitto(&format!(
-                    "persistence true\npersistence_location {}/\n",
-                    dir.display()
-                ))?,
+                None if name.contains("true") => {
+                    start_mosquitto(&format!("persistence true\npersistence_location {}/\n", dir.display()))?
+                }
                 None => start_mosquitto("")?,
                 Some([]) => start_vm(exe, name, &dir, &[])?,
                 Some(args) => {
@@ -183,8 +182,14 @@ fn mib(bytes: u64) -> f64 {
 /// Restart with `count` retained messages: the VM against Mosquitto.
 fn recovery(exe: &Path, count: usize, memory_mib: u32) -> Result<(), String> {
     let live = live_bytes(count);
-    println!("\nRecovery of {count} retained messages ({RETAINED_PAYLOAD}-byte payloads, {:.1} MiB of topics and payloads)", mib(live));
-    println!("{:<28} {:>14} {:>18} {:>16} {:>12}", "target", "load (s)", "restart->CONNACK", "state on disk", "disk/live");
+    println!(
+        "\nRecovery of {count} retained messages ({RETAINED_PAYLOAD}-byte payloads, {:.1} MiB of topics and payloads)",
+        mib(live)
+    );
+    println!(
+        "{:<28} {:>14} {:>18} {:>16} {:>12}",
+        "target", "load (s)", "restart->CONNACK", "state on disk", "disk/live"
+    );
 
     let dir = scratch("recovery-mosquitto")?;
     let conf = format!("persistence true\npersistence_location {}/\n", dir.display());

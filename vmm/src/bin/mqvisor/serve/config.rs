@@ -16,7 +16,8 @@
 //!
 //! [tenants.acme]
 //! password_file = "acme.passwd"
-//! idle_stop_after = 600         # stop its VM after 10 idle minutes (state is lost)
+//! idle_stop_after = 600         # stop its VM after 10 idle minutes
+//! persistence = "sync"          # or "batch", or "off" (state in RAM only)
 //!
 //! [tenants.globex]
 //! listen = "127.0.0.1:1884"   # also reachable without a prefix here
@@ -53,6 +54,7 @@ pub struct Defaults {
     memory_mib: Option<u32>,
     idle_stop_after: Option<std::time::Duration>,
     user: Option<String>,
+    persistence: Option<&'static str>,
     broker: BrokerFlags,
 }
 
@@ -67,7 +69,8 @@ impl Defaults {
         let memory_mib = own.memory.or(self.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
         let idle_stop_after = own.idle_stop_after.or(self.idle_stop_after);
         let user = own.user.or_else(|| self.user.clone());
-        Ok(TenantConfig { memory_mib, listen: own.listen, idle_stop_after, user, broker })
+        let persistence = own.persistence.or(self.persistence).unwrap_or("sync");
+        Ok(TenantConfig { memory_mib, listen: own.listen, idle_stop_after, user, persistence, broker })
     }
 }
 
@@ -81,6 +84,9 @@ pub struct TenantConfig {
     pub idle_stop_after: Option<std::time::Duration>,
     /// The user its process becomes (the daemon must run as root).
     pub user: Option<String>,
+    /// `mqvisor run --persistence` for its state file in `state_dir`:
+    /// `sync` (the default), `batch` or `off`.
+    pub persistence: &'static str,
     /// Broker settings, paths absolute, checked.
     pub broker: BrokerFlags,
 }
@@ -112,6 +118,7 @@ struct Extra {
     listen: Option<SocketAddr>,
     idle_stop_after: Option<std::time::Duration>,
     user: Option<String>,
+    persistence: Option<&'static str>,
     broker: BrokerFlags,
 }
 
@@ -140,6 +147,9 @@ fn extra(table: toml::Table, base: &Path, context: &str) -> Result<Extra, String
         positive(v).and_then(|n| u64::try_from(n).ok()).map(std::time::Duration::from_secs)
     })?;
     let user = take(&mut table, "user", context, "a user name", |v| v.as_str().map(str::to_string))?;
+    let persistence = take(&mut table, "persistence", context, "\"sync\", \"batch\" or \"off\"", |v| {
+        ["sync", "batch", "off"].into_iter().find(|mode| v.as_str() == Some(mode))
+    })?;
     if let Some(name) = &user {
         mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
     }
@@ -149,7 +159,7 @@ fn extra(table: toml::Table, base: &Path, context: &str) -> Result<Extra, String
     let absolute = |p: PathBuf| std::path::absolute(base.join(&p)).unwrap_or(p);
     broker.password_file = broker.password_file.map(absolute);
     broker.acl_file = broker.acl_file.map(absolute);
-    Ok(Extra { memory, listen, idle_stop_after, user, broker })
+    Ok(Extra { memory, listen, idle_stop_after, user, persistence, broker })
 }
 
 impl ServeConfig {
@@ -187,9 +197,14 @@ impl ServeConfig {
             ),
         };
         let defaults = match root.remove("defaults") {
-            None => {
-                Extra { memory: None, listen: None, idle_stop_after: None, user: None, broker: BrokerFlags::default() }
-            }
+            None => Extra {
+                memory: None,
+                listen: None,
+                idle_stop_after: None,
+                user: None,
+                persistence: None,
+                broker: BrokerFlags::default(),
+            },
             Some(toml::Value::Table(t)) => extra(t, &base, "[defaults]").map_err(syntax)?,
             Some(_) => return Err(syntax("[defaults] must be a table".into())),
         };
@@ -200,6 +215,7 @@ impl ServeConfig {
             memory_mib: defaults.memory,
             idle_stop_after: defaults.idle_stop_after,
             user: defaults.user,
+            persistence: defaults.persistence,
             broker: defaults.broker,
         };
         let tables = match root.remove("tenants") {

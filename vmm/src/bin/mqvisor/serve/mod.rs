@@ -171,8 +171,8 @@ async fn run(mut config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
                 Command::Remove { name, reply } => {
                     let removed = match tenants.remove(&name) {
                         None => Err(format!("no tenant {name:?}")),
-                        Some(mut tenant) => {
-                            tenant.stop();
+                        Some(tenant) => {
+                            tenant.remove();
                             if let Ok(mut names) = names.write() {
                                 names.retain(|n| n != &name);
                             }

@@ -65,6 +65,8 @@ pub struct Tenant {
     pub name: String,
     config: TenantConfig,
     settings_file: PathBuf,
+    /// Its durable state (`mqvisor run --state`), unless persistence is off.
+    state_file: PathBuf,
     process: Option<Process>,
     pub state: State,
     pub boots: u64,
@@ -88,12 +90,14 @@ impl Tenant {
         let dir = state_dir.join("tenants");
         std::fs::create_dir_all(&dir)?;
         let settings_file = dir.join(format!("{name}.toml"));
+        let state_file = dir.join(format!("{name}.state"));
         let text = toml::to_string(&config.broker).map_err(std::io::Error::other)?;
         std::fs::write(&settings_file, text)?;
         Ok(Tenant {
             name: name.to_string(),
             config,
             settings_file,
+            state_file,
             process: None,
             state: State::Stopped,
             boots: 0,
@@ -218,10 +222,11 @@ impl Tenant {
             .arg("--config")
             .arg(&self.settings_file)
             .args(self.config.user.iter().flat_map(|user| ["--user", user.as_str()]))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+            .args(["--persistence", self.config.persistence]);
+        if self.config.persistence != "off" {
+            command.arg("--state").arg(&self.state_file);
+        }
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
         // SAFETY: between fork and exec this runs only async-signal-safe
         // calls (dup2, fcntl, prctl) on descriptors of the child itself.
         unsafe {
@@ -295,13 +300,24 @@ impl Tenant {
         }
         let since = *self.idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= after {
-            tracing::info!(tenant = %self.name, idle_s = after.as_secs(), "idle: stopping (its state is lost)");
+            if self.config.persistence == "off" {
+                tracing::info!(tenant = %self.name, idle_s = after.as_secs(), "idle: stopping (its state is lost)");
+            } else {
+                tracing::info!(tenant = %self.name, idle_s = after.as_secs(), "idle: stopping (its state is kept)");
+            }
             self.stop();
             self.idle_since = None;
         }
     }
 
     /// Stops the process (SIGTERM: its clients see a clean close).
+    /// Stops the tenant for good: its state file goes too, so a tenant
+    /// added later under the same name starts empty.
+    pub fn remove(mut self) {
+        self.stop();
+        let _ = std::fs::remove_file(&self.state_file);
+    }
+
     pub fn stop(&mut self) {
         if let Some(process) = self.process.take()
             && let Ok(pid) = libc::pid_t::try_from(process.pid)
