@@ -246,6 +246,9 @@ fn killing_one_tenant_leaves_the_others_serving_and_it_comes_back() {
     }
     let daemon = Daemon::start("crash", "[tenants.alpha]\n[tenants.beta]\n", &[]);
     let mut victim = connected(&daemon, "v", "alpha:");
+    // A retained message, acknowledged (so on disk) before the kill.
+    victim.write_all(&publish("kept", b"before the crash", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut victim).0, 0x40, "PUBACK");
     let mut bystander = connected(&daemon, "b", "beta:");
     let pid = daemon.pid_of("alpha");
     // SAFETY: kill(2) with a pid the daemon reported for its own child.
@@ -257,10 +260,10 @@ fn killing_one_tenant_leaves_the_others_serving_and_it_comes_back() {
     assert_eq!(read_packet(&mut bystander).0, 0xd0);
     daemon.wait_for(&["crashed", "tenant=alpha"]);
     daemon.wait_for(&["restarted", "tenant=alpha"]);
-    // Alpha serves again.
+    // Alpha serves again, with its state from its file in state_dir.
     let mut again = connected(&daemon, "v2", "alpha:");
-    again.write_all(&[0xc0, 0]).unwrap();
-    assert_eq!(read_packet(&mut again).0, 0xd0);
+    let kept = first_message(&mut again, "kept", Duration::from_secs(5));
+    assert_eq!(kept.as_deref(), Some(&b"before the crash"[..]), "alpha's state survived kill -9");
 }
 
 #[test]
@@ -329,17 +332,25 @@ fn an_idle_tenant_stops_when_asked_and_boots_again_on_its_next_client() {
     if !kvm_available("an_idle_tenant_stops_when_asked_and_boots_again_on_its_next_client") {
         return;
     }
-    let daemon = Daemon::start("idle", "[tenants.sleepy]\nidle_stop_after = 1\n[tenants.awake]\n", &[]);
-    drop(connected(&daemon, "a", "sleepy:"));
+    let config = "[tenants.sleepy]\nidle_stop_after = 1\n[tenants.awake]\n[tenants.forgetful]\nidle_stop_after = 1\npersistence = \"off\"\n";
+    let daemon = Daemon::start("idle", config, &[]);
+    for tenant in ["sleepy", "forgetful"] {
+        let mut client = connected(&daemon, "a", &format!("{tenant}:"));
+        client.write_all(&publish("kept", tenant.as_bytes(), 1, 1, true)).unwrap();
+        assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK");
+    }
     drop(connected(&daemon, "b", "awake:"));
     daemon.wait_for(&["idle: stopping", "tenant=sleepy"]);
     let list = daemon.list();
     let state = |name: &str| list.iter().find(|t| t["name"] == name).unwrap()["state"].clone();
     assert_eq!(state("sleepy"), "stopped");
     assert_eq!(state("awake"), "running", "a tenant without idle_stop_after keeps running");
+    daemon.wait_for(&["idle: stopping", "tenant=forgetful"]);
+    // Its state is kept across the stop, unless persistence is off.
     let mut again = connected(&daemon, "c", "sleepy:");
-    again.write_all(&[0xc0, 0]).unwrap();
-    assert_eq!(read_packet(&mut again).0, 0xd0);
+    assert_eq!(first_message(&mut again, "kept", Duration::from_secs(5)).as_deref(), Some(&b"sleepy"[..]));
+    let mut again = connected(&daemon, "c", "forgetful:");
+    assert_eq!(first_message(&mut again, "kept", Duration::from_millis(500)), None);
 }
 
 #[test]
