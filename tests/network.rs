@@ -187,8 +187,11 @@ fn every_vmm_thread_runs_under_its_seccomp_filter() {
     if !kvm_available("every_vmm_thread_runs_under_its_seccomp_filter") {
         return;
     }
-    let vm = RunningVm::start(&["--timeout", "30"]);
-    // Serve one client, so every thread has run its loop.
+    let state = std::env::temp_dir().join(format!("mqvisor-seccomp-{}.state", std::process::id()));
+    let _ = std::fs::remove_file(&state);
+    let vm = RunningVm::start(&["--timeout", "30", "--state", state.to_str().unwrap()]);
+    // Serve one client, so every thread has run its loop (the block thread
+    // has recovered the state and written its superblock).
     assert_eq!(mqtt_connack(&vm), [0x20, 2, 0, 0]);
     let tasks = std::fs::read_dir(format!("/proc/{}/task", vm.child.id())).unwrap();
     let mut threads = Vec::new();
@@ -200,7 +203,8 @@ fn every_vmm_thread_runs_under_its_seccomp_filter() {
         // KVM's own kernel helper threads carry the process's filter too.
         threads.push((field("Name:"), field("Seccomp:"), field("NoNewPrivs:")));
     }
-    for name in ["mqvisor", "vcpu0", "net"] {
+    let _ = std::fs::remove_file(&state);
+    for name in ["mqvisor", "vcpu0", "net", "block"] {
         assert!(threads.iter().any(|(n, _, _)| n == name), "no {name} thread in {threads:?}");
     }
     for (name, seccomp, no_new_privs) in &threads {
