@@ -349,3 +349,153 @@ impl VirtioDevice for BlockDevice {
         self.active = None;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Hand-built requests, from a driver that may be lying.
+
+    use super::*;
+    use std::os::fd::FromRawFd;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const RAM: usize = 1 << 20;
+    const HEADER: u64 = 0x8_0000;
+    const DATA: u64 = 0x9_0000;
+    const STATUS: u64 = 0xA_0000;
+    /// The disk: 16 sectors.
+    const DISK: u64 = 16 * SECTOR_SIZE;
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    fn file() -> File {
+        // SAFETY: memfd_create with a NUL-terminated name; the descriptor is
+        // owned by the File from here on.
+        let fd = unsafe { libc::memfd_create(c"block-test".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh descriptor nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(DISK).unwrap();
+        file
+    }
+
+    /// Serves `chains` (each a list of descriptors) on a fresh device;
+    /// returns the device, the used lengths and the status bytes.
+    fn serve(mem: &GuestMemoryMmap, file: &File, chains: &[RawDescriptor]) -> (BlockDevice, Vec<u32>, u8) {
+        let queue = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        queue.add_desc_chains(chains, 0).unwrap();
+        let mut device = BlockDevice::new(file.try_clone().unwrap(), "test-disk").unwrap();
+        device.activate(vec![queue.create_queue::<Queue>().unwrap()], VIRTIO_F_VERSION_1, mem.clone()).unwrap();
+        let served = device.process_queue().unwrap();
+        let used = (0..served).map(|i| queue.used().ring().ref_at(i).unwrap().load().len()).collect();
+        let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
+        (device, used, status)
+    }
+
+    fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[..4].copy_from_slice(&kind.to_le_bytes());
+        h[8..].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(HEADER)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap()
+    }
+
+    #[test]
+    fn a_write_then_a_read_then_a_flush_and_the_id() {
+        let mem = memory();
+        let file = file();
+        let data: Vec<u8> = (0..1024).map(|i| u8::try_from(i % 251).unwrap()).collect();
+        mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        header(&mem, request::OUT, 3);
+        let write = [desc(HEADER, 16, NEXT, 1), desc(DATA, 1024, NEXT, 2), desc(STATUS, 1, WRITE, 0)];
+        let (device, used, status) = serve(&mem, &file, &write);
+        assert_eq!((used, status), (vec![1], status::OK));
+        assert_eq!(BlockMetrics::get(&device.metrics().bytes_written), 1024);
+        let mut on_disk = vec![0u8; 1024];
+        file.read_exact_at(&mut on_disk, 3 * SECTOR_SIZE).unwrap();
+        assert_eq!(on_disk, data);
+
+        mem.write_slice(&[0u8; 1024], GuestAddress(DATA)).unwrap();
+        header(&mem, request::IN, 3);
+        let read = [desc(HEADER, 16, NEXT, 1), desc(DATA, 1024, NEXT | WRITE, 2), desc(STATUS, 1, WRITE, 0)];
+        let (_, used, status) = serve(&mem, &file, &read);
+        assert_eq!((used, status), (vec![1025], status::OK));
+        let mut back = vec![0u8; 1024];
+        mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+        assert_eq!(back, data);
+
+        header(&mem, request::FLUSH, 0);
+        let (device, _, status) = serve(&mem, &file, &[desc(HEADER, 16, NEXT, 1), desc(STATUS, 1, WRITE, 0)]);
+        assert_eq!((status, BlockMetrics::get(&device.metrics().flushes)), (status::OK, 1));
+
+        header(&mem, request::GET_ID, 0);
+        let id = [desc(HEADER, 16, NEXT, 1), desc(DATA, 20, NEXT | WRITE, 2), desc(STATUS, 1, WRITE, 0)];
+        let (_, _, status) = serve(&mem, &file, &id);
+        let mut serial = [0u8; 9];
+        mem.read_slice(&mut serial, GuestAddress(DATA)).unwrap();
+        assert_eq!((status, &serial), (status::OK, b"test-disk"));
+    }
+
+    #[test]
+    fn requests_outside_the_disk_or_not_in_sectors_are_refused_with_ioerr() {
+        let mem = memory();
+        let file = file();
+        for (sector, len) in [(15, 1024), (16, 512), (u64::MAX, 512), (0, 100), (0, 0)] {
+            header(&mem, request::OUT, sector);
+            let chain = [desc(HEADER, 16, NEXT, 1), desc(DATA, len, NEXT, 2), desc(STATUS, 1, WRITE, 0)];
+            let chain = if len == 0 { &[chain[0], desc(STATUS, 1, WRITE, 0)][..] } else { &chain[..] };
+            let (device, _, status) = serve(&mem, &file, chain);
+            assert_eq!(status, status::IOERR, "sector {sector}, {len} bytes");
+            assert_eq!(BlockMetrics::get(&device.metrics().malformed), 1);
+            assert_eq!(BlockMetrics::get(&device.metrics().writes), 0);
+        }
+        assert_eq!(file.metadata().unwrap().len(), DISK, "the file never grows");
+    }
+
+    #[test]
+    fn misordered_looping_or_statusless_chains_get_no_status_and_are_counted() {
+        let mem = memory();
+        let file = file();
+        header(&mem, request::OUT, 0);
+        let chains: [&[RawDescriptor]; 3] = [
+            // A readable descriptor after a writable one.
+            &[desc(HEADER, 16, NEXT, 1), desc(STATUS, 1, NEXT | WRITE, 2), desc(DATA, 512, 0, 0)],
+            // Two descriptors pointing at each other.
+            &[desc(HEADER, 16, NEXT, 1), desc(DATA, 512, NEXT, 0)],
+            // Nothing the device may write.
+            &[desc(HEADER, 16, NEXT, 1), desc(DATA, 512, 0, 0)],
+        ];
+        for chain in chains {
+            let (device, used, status) = serve(&mem, &file, chain);
+            assert_eq!(used.first(), Some(&0), "{chain:?}");
+            assert_eq!(status, 0xff, "no status written: {chain:?}");
+            assert_eq!(BlockMetrics::get(&device.metrics().malformed), 1);
+        }
+    }
+
+    #[test]
+    fn unknown_request_types_are_unsupported_and_an_avail_index_past_the_ring_faults() {
+        let mem = memory();
+        let file = file();
+        header(&mem, 77, 0);
+        let (_, _, status) = serve(&mem, &file, &[desc(HEADER, 16, NEXT, 1), desc(STATUS, 1, WRITE, 0)]);
+        assert_eq!(status, status::UNSUPP);
+
+        let queue = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+        let mut device = BlockDevice::new(file.try_clone().unwrap(), "x").unwrap();
+        device.activate(vec![queue.create_queue::<Queue>().unwrap()], VIRTIO_F_VERSION_1, mem.clone()).unwrap();
+        queue.avail().idx().store(100);
+        assert!(device.process_queue().is_err());
+        assert_eq!(BlockMetrics::get(&device.metrics().ring_faults), 1);
+    }
+}
