@@ -178,6 +178,18 @@ fn version_byte(v: Version) -> u8 {
 }
 
 impl Record {
+    /// Whether output that follows this change must wait until it is on
+    /// disk. Only a delivery's end need not: if it is lost, a QoS 1 message
+    /// comes again (allowed), and a QoS 2 one was already released, so
+    /// PUBREL comes again, not the message. Everything else guards an
+    /// acknowledgement: PUBACK/PUBREC of a message, SUBACK, a resumed
+    /// session's CONNACK, PUBREL after PUBREC (or the subscriber would get
+    /// the message twice), PUBCOMP after PUBREL (or a reused id would be
+    /// taken for a duplicate and its message lost).
+    pub fn gates_output(&self) -> bool {
+        !matches!(self, Record::Done { .. })
+    }
+
     /// Appends the record's body to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
