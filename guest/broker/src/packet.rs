@@ -12,7 +12,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use crate::properties::{Context, Properties};
+use crate::properties::{Context, MessageProperties, Properties};
 use crate::wire::{DecodeError, MAX_REMAINING_LENGTH, Reader, Writer, var_int_len};
 
 /// Protocol levels (CONNECT byte 7).
@@ -51,7 +51,7 @@ pub struct Publish {
     pub topic: Arc<str>,
     /// Present iff `qos > 0`.
     pub packet_id: Option<u16>,
-    pub properties: Properties,
+    pub properties: MessageProperties,
     pub payload: Payload,
 }
 
@@ -369,6 +369,7 @@ fn decode_publish_head(header: u8, r: &mut Reader, version: Version) -> Result<P
     let topic: Arc<str> = Arc::from(r.string()?);
     let packet_id = if qos == QoS::AtMostOnce { None } else { Some(packet_id(r)?) };
     let properties = read_properties(r, version, Context::Publish)?;
+    let properties = properties.into();
     Ok(Publish { dup, qos, retain: header & 0x01 != 0, topic, packet_id, properties, payload: Payload::default() })
 }
 
@@ -769,7 +770,7 @@ mod tests {
                 retain: true,
                 topic: Arc::from("a/b"),
                 packet_id: Some(7),
-                properties,
+                properties: properties.into(),
                 payload: Payload::from(&b"hello"[..]),
             };
             let mut out = Vec::new();

@@ -5,6 +5,7 @@
 //! is unknown, not allowed in the packet, or repeated when it may not be is a
 //! malformed or protocol error, never silently dropped.
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -112,6 +113,85 @@ pub struct Properties {
     pub wildcard_subscription_available: Option<u8>,
     pub subscription_identifier_available: Option<u8>,
     pub shared_subscription_available: Option<u8>,
+}
+
+impl Properties {
+    /// No property at all (what [`Properties::default`] gives), as a constant.
+    pub const NONE: Properties = Properties {
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        subscription_identifiers: Vec::new(),
+        session_expiry_interval: None,
+        assigned_client_identifier: None,
+        server_keep_alive: None,
+        authentication_method: None,
+        authentication_data: None,
+        request_problem_information: None,
+        will_delay_interval: None,
+        request_response_information: None,
+        response_information: None,
+        server_reference: None,
+        reason_string: None,
+        receive_maximum: None,
+        topic_alias_maximum: None,
+        topic_alias: None,
+        maximum_qos: None,
+        retain_available: None,
+        user_properties: Vec::new(),
+        maximum_packet_size: None,
+        wildcard_subscription_available: None,
+        subscription_identifier_available: None,
+        shared_subscription_available: None,
+    };
+}
+
+/// An application message's properties. Most messages have none, and then
+/// this is one null pointer instead of a struct of some 300 bytes that
+/// every queue entry, retained message and move would carry. Reads go
+/// through `Deref`; a write asks for [`MessageProperties::make_mut`], so
+/// clearing a field that is already empty allocates nothing.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct MessageProperties(Option<Box<Properties>>);
+
+/// What an empty [`MessageProperties`] reads as.
+static NO_PROPERTIES: Properties = Properties::NONE;
+
+impl MessageProperties {
+    /// The properties, to change them (allocated on first use).
+    pub fn make_mut(&mut self) -> &mut Properties {
+        self.0.get_or_insert_with(Box::default)
+    }
+
+    pub fn into_inner(self) -> Properties {
+        self.0.map(|p| *p).unwrap_or_default()
+    }
+}
+
+impl core::ops::Deref for MessageProperties {
+    type Target = Properties;
+
+    fn deref(&self) -> &Properties {
+        self.0.as_deref().unwrap_or(&NO_PROPERTIES)
+    }
+}
+
+impl From<Properties> for MessageProperties {
+    fn from(properties: Properties) -> Self {
+        if properties == Properties::NONE {
+            MessageProperties(None)
+        } else {
+            MessageProperties(Some(Box::new(properties)))
+        }
+    }
+}
+
+impl core::fmt::Debug for MessageProperties {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        (**self).fmt(f)
+    }
 }
 
 fn once<T>(slot: &mut Option<T>, value: T) -> Result<(), DecodeError> {

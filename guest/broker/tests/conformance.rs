@@ -152,7 +152,7 @@ fn publish(topic: &str, payload: &[u8], qos: QoS, packet_id: Option<u16>) -> Pub
         retain: false,
         topic: Arc::from(topic),
         packet_id,
-        properties: Properties::default(),
+        properties: Default::default(),
         payload: Payload::from(payload),
     }
 }
@@ -363,11 +363,11 @@ fn message_properties_pass_through() {
     net.connect(2, V5, "sub", true);
     net.subscribe(2, V5, "req", QoS::AtMostOnce);
     let mut p = publish("req", b"{}", QoS::AtMostOnce, None);
-    p.properties.payload_format_indicator = Some(1);
-    p.properties.content_type = Some("application/json".into());
-    p.properties.response_topic = Some("resp/1".into());
-    p.properties.correlation_data = Some(vec![9, 9]);
-    p.properties.user_properties = vec![("k".into(), "v".into())];
+    p.properties.make_mut().payload_format_indicator = Some(1);
+    p.properties.make_mut().content_type = Some("application/json".into());
+    p.properties.make_mut().response_topic = Some("resp/1".into());
+    p.properties.make_mut().correlation_data = Some(vec![9, 9]);
+    p.properties.make_mut().user_properties = vec![("k".into(), "v".into())];
     net.publish(1, V5, p.clone());
     let got = publishes(&net.recv(2, V5));
     let q = &got[0].properties;
@@ -620,10 +620,10 @@ fn inbound_topic_aliases() {
     net.connect(2, V5, "sub", true);
     net.subscribe(2, V5, "long/topic/name", QoS::AtMostOnce);
     let mut first = publish("long/topic/name", b"1", QoS::AtMostOnce, None);
-    first.properties.topic_alias = Some(3);
+    first.properties.make_mut().topic_alias = Some(3);
     net.publish(1, V5, first);
     let mut second = publish("", b"2", QoS::AtMostOnce, None);
-    second.properties.topic_alias = Some(3);
+    second.properties.make_mut().topic_alias = Some(3);
     net.publish(1, V5, second);
     let got = publishes(&net.recv(2, V5));
     assert_eq!(
@@ -632,7 +632,7 @@ fn inbound_topic_aliases() {
     );
     // An alias never set is a protocol error.
     let mut unknown = publish("", b"3", QoS::AtMostOnce, None);
-    unknown.properties.topic_alias = Some(9);
+    unknown.properties.make_mut().topic_alias = Some(9);
     net.publish(1, V5, unknown);
     assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::PROTOCOL_ERROR));
 }
@@ -865,9 +865,9 @@ fn expired_messages_are_not_delivered_and_the_rest_count_down() {
     net.broker.closed(1, net.now);
     net.connect(2, V5, "pub", true);
     let mut short = publish("t", b"short", QoS::AtLeastOnce, Some(1));
-    short.properties.message_expiry_interval = Some(5);
+    short.properties.make_mut().message_expiry_interval = Some(5);
     let mut long = publish("t", b"long", QoS::AtLeastOnce, Some(2));
-    long.properties.message_expiry_interval = Some(60);
+    long.properties.make_mut().message_expiry_interval = Some(60);
     net.publish(2, V5, short);
     net.publish(2, V5, long);
     net.advance(10_000);
@@ -961,7 +961,7 @@ fn topic_aliases_outside_the_announced_range_are_refused() {
         let mut net = Net::new(); // announces topic_alias_maximum 16
         net.connect(1, V5, "a", true);
         let mut p = publish("t", b"x", QoS::AtMostOnce, None);
-        p.properties.topic_alias = Some(alias);
+        p.properties.make_mut().topic_alias = Some(alias);
         net.publish(1, V5, p);
         assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::TOPIC_ALIAS_INVALID), "alias {alias}");
     }

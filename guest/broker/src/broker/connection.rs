@@ -88,13 +88,13 @@ impl Conn {
             return;
         }
         if let Some(&alias) = self.outbound_aliases.get(&publish.topic) {
-            publish.properties.topic_alias = Some(alias);
+            publish.properties.make_mut().topic_alias = Some(alias);
             publish.topic = Arc::from("");
         } else if let Some(next) =
             u16::try_from(self.outbound_aliases.len() + 1).ok().filter(|&n| n <= self.client_alias_max)
         {
             self.outbound_aliases.insert(publish.topic.clone(), next);
-            publish.properties.topic_alias = Some(next);
+            publish.properties.make_mut().topic_alias = Some(next);
         }
     }
 }

@@ -30,7 +30,8 @@ impl Broker {
     ) -> Result<(), Refusal> {
         let c = self.conns.get_mut(&conn).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no connection"))?;
         let v5 = c.version == Version::V5;
-        if let Some(alias) = p.properties.topic_alias.take() {
+        if let Some(alias) = p.properties.topic_alias {
+            p.properties.make_mut().topic_alias = None;
             if alias == 0 || alias > self.config.topic_alias_maximum {
                 return Err(refuse(reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
             }
@@ -167,8 +168,11 @@ impl Broker {
             out.qos = p.qos.min(sub_qos);
             out.retain = retain_as_published && p.retain;
             out.dup = false;
-            out.properties.topic_alias = None;
-            out.properties.subscription_identifiers = ids;
+            if out.properties.topic_alias.is_some() || out.properties.subscription_identifiers != ids {
+                let properties = out.properties.make_mut();
+                properties.topic_alias = None;
+                properties.subscription_identifiers = ids;
+            }
             self.deliver(session, out, expires_at, now);
         }
         count
@@ -231,7 +235,7 @@ impl Broker {
                     done.push(seq);
                     continue; // Expired while waiting (MQTT 5 3.3.2.3.3).
                 }
-                publish.properties.message_expiry_interval =
+                publish.properties.make_mut().message_expiry_interval =
                     Some(u32::try_from((t - now).div_ceil(1000)).unwrap_or(u32::MAX));
             }
             if publish.qos != QoS::AtMostOnce {
@@ -279,7 +283,9 @@ impl Broker {
                 Awaiting::Puback | Awaiting::Pubrec => {
                     let mut p = out.publish.clone();
                     p.dup = true;
-                    p.properties.topic_alias = None;
+                    if p.properties.topic_alias.is_some() {
+                        p.properties.make_mut().topic_alias = None;
+                    }
                     Packet::Publish(p)
                 }
                 Awaiting::Pubcomp => Packet::Pubrel(ack(id, 0)),

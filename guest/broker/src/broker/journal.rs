@@ -10,11 +10,12 @@
 //! ([`Broker::take_journal`]), commits them, and holds the output produced
 //! meanwhile until they are durable.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use super::session::{Awaiting, Outgoing, Queued};
 use super::{Broker, delivery::seq_packet_id};
-use crate::packet::{Payload, Publish, QoS};
+use crate::packet::QoS;
 use crate::store::record::{Record, SessionRecord};
 use crate::subscriptions::{SessionKey, Subscription, share_key};
 use crate::topic;
@@ -71,7 +72,7 @@ impl Broker {
                 self.log(Record::SessionGone { client_id });
             }
             (true, true) => {
-                let record = Record::Session(session_record(session));
+                let record = Record::Session(Box::new(session_record(session)));
                 self.log(record);
             }
             (false, true) => {
@@ -110,7 +111,7 @@ impl Broker {
     fn snapshot_session<E>(&self, key: SessionKey, emit: &mut dyn FnMut(&Record) -> Result<(), E>) -> Result<(), E> {
         let Some(session) = self.sessions.get(&key) else { return Ok(()) };
         let client_id = || session.client_id.clone();
-        emit(&Record::Session(session_record(session)))?;
+        emit(&Record::Session(Box::new(session_record(session))))?;
         for (filter, &(options, identifier)) in &session.filters {
             emit(&Record::Subscribe { client_id: client_id(), filter: filter.clone(), options, identifier })?;
         }
@@ -141,23 +142,14 @@ impl Broker {
         let key_of = |b: &Broker, client_id: &str| b.by_client_id.get(client_id).copied();
         match record {
             Record::Retain { publish, expires_at } => {
-                if expires_at.is_none_or(|t| now < t) {
-                    self.retained.set_owned(publish, expires_at);
-                }
+                let live = expires_at.is_none_or(|t| now < t) && !publish.payload.is_empty();
+                let topic = publish.topic.clone();
+                let message = live.then_some(Queued { publish, expires_at, seq: 0 });
+                self.restoring_retained.push((topic, message));
             }
-            Record::RetainGone { topic } => {
-                let gone = Publish {
-                    dup: false,
-                    qos: QoS::AtMostOnce,
-                    retain: true,
-                    topic: topic.as_str().into(),
-                    packet_id: None,
-                    properties: Default::default(),
-                    payload: Payload::default(),
-                };
-                self.retained.set(&gone, None);
-            }
+            Record::RetainGone { topic } => self.restoring_retained.push((topic.as_str().into(), None)),
             Record::Session(s) => {
+                let s = *s;
                 let key = key_of(self, &s.client_id).unwrap_or_else(|| self.new_session(&s.client_id, s.version));
                 if let Some(session) = self.sessions.get_mut(&key) {
                     session.version = s.version;
@@ -238,6 +230,10 @@ impl Broker {
     /// id. Wills of restored sessions fall due after their delay.
     pub fn finish_restore(&mut self, now: u64) {
         self.deadline = None;
+        let retained = core::mem::take(&mut self.restoring_retained);
+        if !retained.is_empty() {
+            self.retained.rebuild(retained);
+        }
         for (key, messages) in core::mem::take(&mut self.restoring) {
             let Some(session) = self.sessions.get_mut(&key) else { continue };
             for (seq, Restoring { mut queued, released }) in messages {

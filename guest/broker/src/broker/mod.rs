@@ -114,6 +114,9 @@ pub struct Broker {
     /// Messages read back from the log, by session, until
     /// [`Broker::finish_restore`] queues them.
     restoring: BTreeMap<SessionKey, BTreeMap<u64, journal::Restoring>>,
+    /// Retained-message changes read back from the log, in order, until
+    /// [`Broker::finish_restore`] builds the store from them at once.
+    restoring_retained: Vec<(alloc::sync::Arc<str>, Option<session::Queued>)>,
     /// The runner cannot keep state: refuse what would need it.
     store_failed: bool,
 }
@@ -141,6 +144,7 @@ impl Broker {
             connected: 0,
             journal: None,
             restoring: BTreeMap::new(),
+            restoring_retained: Vec::new(),
             store_failed: false,
         }
     }

@@ -99,7 +99,6 @@ impl Output {
 mod tests {
     use super::*;
     use crate::packet::{Publish, QoS};
-    use crate::properties::Properties;
     use alloc::sync::Arc;
     use alloc::vec;
 
@@ -110,7 +109,7 @@ mod tests {
             retain: false,
             topic: Arc::from("t"),
             packet_id: None,
-            properties: Properties::default(),
+            properties: Default::default(),
             payload: Payload::from(payload),
         })
     }

@@ -160,7 +160,7 @@ impl Broker {
             retain: will.retain,
             topic: Arc::from(will.topic.as_str()),
             packet_id: None,
-            properties,
+            properties: properties.into(),
             payload: Payload::from(will.payload.as_slice()),
         };
         self.accept_publish(key, p, now);

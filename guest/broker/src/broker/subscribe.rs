@@ -80,7 +80,10 @@ impl Broker {
                         // Retained messages keep retain = 1 on subscribe (3.3.1.3).
                         p.retain = true;
                         p.dup = false;
-                        p.properties.subscription_identifiers = identifier.into_iter().collect();
+                        let ids: Vec<u32> = identifier.into_iter().collect();
+                        if p.properties.subscription_identifiers != ids {
+                            p.properties.make_mut().subscription_identifiers = ids;
+                        }
                         retained_to_send.push((p, message.expires_at));
                     }
                 }

@@ -9,7 +9,6 @@ use alloc::sync::Arc;
 
 use super::Broker;
 use crate::packet::{Payload, Publish, QoS};
-use crate::properties::Properties;
 
 /// Counters, published under `$SYS/broker/`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +52,7 @@ impl Broker {
                 retain: true,
                 topic: Arc::from(name),
                 packet_id: None,
-                properties: Properties::default(),
+                properties: Default::default(),
                 payload: Payload::from(value.as_bytes()),
             };
             self.retained.set(&p, None);

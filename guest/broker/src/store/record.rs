@@ -7,6 +7,7 @@
 //! network and the disk. Decoding treats the bytes as untrusted: a record
 //! that does not parse is an error, never a panic.
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -51,8 +52,9 @@ pub enum Record {
     RetainGone {
         topic: String,
     },
-    /// A durable session created or changed.
-    Session(SessionRecord),
+    /// A durable session created or changed (boxed: its will makes it the
+    /// largest record by far).
+    Session(Box<SessionRecord>),
     /// A session ended: everything under its client id is gone.
     SessionGone {
         client_id: String,
@@ -132,7 +134,9 @@ fn get_packet(r: &mut Reader, server_side: bool) -> Result<Packet, DecodeError> 
 fn put_publish(out: &mut Vec<u8>, p: &Publish) {
     let mut p = p.clone();
     p.packet_id = (p.qos != QoS::AtMostOnce).then_some(1);
-    p.properties.topic_alias = None;
+    if p.properties.topic_alias.is_some() {
+        p.properties.make_mut().topic_alias = None;
+    }
     put_packet(out, &Packet::Publish(p));
 }
 
@@ -220,7 +224,7 @@ impl Record {
                             retain: w.retain,
                             topic: w.topic.as_str().into(),
                             packet_id: None,
-                            properties,
+                            properties: properties.into(),
                             payload: w.payload.as_slice().into(),
                         };
                         put_publish(out, &publish);
@@ -291,7 +295,7 @@ impl Record {
                     1 => {
                         let delay = r.u32()?;
                         let p = get_publish(&mut r)?;
-                        let mut properties = p.properties;
+                        let mut properties = p.properties.into_inner();
                         properties.will_delay_interval = (delay > 0).then_some(delay);
                         Some(Will {
                             topic: String::from(&*p.topic),
@@ -303,7 +307,7 @@ impl Record {
                     }
                     _ => return Err(DecodeError::Malformed("record: bad will tag")),
                 };
-                Record::Session(SessionRecord { client_id, version, expiry, username, will })
+                Record::Session(Box::new(SessionRecord { client_id, version, expiry, username, will }))
             }
             kind::SESSION_GONE => Record::SessionGone { client_id: r.owned_string()? },
             kind::SUBSCRIBE => {
@@ -347,7 +351,7 @@ mod tests {
             retain: true,
             topic: "a/b".into(),
             packet_id: (qos != QoS::AtMostOnce).then_some(1),
-            properties: Properties { message_expiry_interval: Some(60), ..Properties::default() },
+            properties: Properties { message_expiry_interval: Some(60), ..Properties::default() }.into(),
             payload: Payload::from(&b"hello"[..]),
         }
     }
@@ -372,20 +376,20 @@ mod tests {
             Record::Retain { publish: publish(QoS::AtLeastOnce), expires_at: Some(123) },
             Record::Retain { publish: publish(QoS::AtMostOnce), expires_at: None },
             Record::RetainGone { topic: "a/b".into() },
-            Record::Session(SessionRecord {
+            Record::Session(Box::new(SessionRecord {
                 client_id: c(),
                 version: Version::V5,
                 expiry: u32::MAX,
                 username: Some("u".into()),
                 will: Some(will),
-            }),
-            Record::Session(SessionRecord {
+            })),
+            Record::Session(Box::new(SessionRecord {
                 client_id: c(),
                 version: Version::V3_1_1,
                 expiry: 7,
                 username: None,
                 will: None,
-            }),
+            })),
             Record::SessionGone { client_id: c() },
             Record::Subscribe { client_id: c(), filter: "$share/g/x/#".into(), options, identifier: Some(9) },
             Record::Unsubscribe { client_id: c(), filter: "x/#".into() },

@@ -67,7 +67,7 @@ fn round_trip(target: &Target, size: usize) -> Result<f64, String> {
         retain: false,
         topic: Arc::from("bench/large"),
         packet_id: Some(2),
-        properties: Properties::default(),
+        properties: Default::default(),
         payload: Payload::from(vec![0x5a; size]),
     };
     let bytes = encode(&Packet::Publish(publish));

@@ -262,7 +262,7 @@ fn publish_all(
             retain: false,
             topic: Arc::from(TOPIC),
             packet_id: id,
-            properties: Properties::default(),
+            properties: Default::default(),
             payload: Payload::from(payload),
         })
     };

@@ -17,7 +17,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use mqvisor_broker::packet::{Packet, Payload, Publish, QoS};
-use mqvisor_broker::properties::Properties;
 
 use super::mqtt::{self, Shape, Target, encode, io_err, read_packet, start_mosquitto};
 
@@ -159,7 +158,7 @@ fn publish_retained(addr: SocketAddr, count: usize) -> Result<(), String> {
             retain: true,
             topic: format!("ret/{i}").into(),
             packet_id: None,
-            properties: Properties::default(),
+            properties: Default::default(),
             payload: payload.clone(),
         };
         w.write_all(&encode(&Packet::Publish(p))).map_err(io_err)?;
