@@ -1299,3 +1299,35 @@ fn acknowledged_messages_stay_delivered_and_qos2_keeps_its_packet_id_across_a_re
     assert_eq!(again.len(), 1, "only the unanswered message comes again: {after:?}");
     assert_eq!((again[0].packet_id, again[0].dup, &*again[0].payload), (Some(ids[2]), true, &b"c"[..]));
 }
+
+#[test]
+fn a_durable_sessions_will_fires_after_a_restart_and_a_clean_disconnect_forgets_it() {
+    let mut net = Net::new();
+    net.broker.enable_journal();
+    let will = |topic: &str| Will {
+        topic: topic.into(),
+        payload: b"gone".to_vec(),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties: Properties { will_delay_interval: Some(5), ..Properties::default() },
+    };
+    // Two durable sessions with wills: one connection is still up when the
+    // broker stops (its will must fire after the restart), the other ends
+    // with a clean DISCONNECT (its will is gone).
+    for (conn, id) in [(1, "crashed"), (2, "polite")] {
+        let mut c = connect(V5, id, true);
+        c.properties.session_expiry_interval = Some(600);
+        c.will = Some(will(&format!("will/{id}")));
+        net.connect_with(conn, c);
+    }
+    net.send(2, V5, &Packet::Disconnect { code: 0, properties: Properties::default() });
+    net.recv(2, V5);
+
+    let mut net = restarted(&mut net);
+    net.connect(3, V5, "watcher", true);
+    net.subscribe(3, V5, "will/#", QoS::AtLeastOnce);
+    assert!(publishes(&net.recv(3, V5)).is_empty(), "no will before its delay");
+    net.advance(6_000);
+    let fired = publishes(&net.recv(3, V5));
+    assert_eq!(fired.iter().map(|p| &*p.topic).collect::<Vec<_>>(), ["will/crashed"]);
+}

@@ -96,6 +96,10 @@ fn open_disk(info: &BootInfo) -> Result<Option<BlockDisk>, &'static str> {
 }
 
 impl Store {
+    /// Heap the store may need at once: a batch being built (at most 1 MiB,
+    /// `log::MAX_BATCH`), the record being encoded, and slack.
+    pub const HEAP_RESERVE: u64 = 2 << 20;
+
     /// Reads the state back into `broker` and starts its journal; `None`
     /// when the VM has no state disk. A state that cannot be read ends the
     /// VM with one line naming what and where.

@@ -88,7 +88,10 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
         }
         // Refuse what would hold more before the heap runs out, never after.
         let to_come = max_connections.saturating_sub(windows.len()) as u64;
-        let low_water = capacity::mqtt_low_water(max_packet_size, to_come);
+        // The state log's buffers (a batch, a recovery read) come from the
+        // same heap: with a store, the broker refuses that much sooner.
+        let store_reserve = if store.is_some() { Store::HEAP_RESERVE } else { 0 };
+        let low_water = capacity::mqtt_low_water(max_packet_size, to_come) + store_reserve;
         broker.set_memory_low((crate::heap::free_bytes() as u64) < low_water);
         // Streams to close: refused, or closed by the client.
         let mut closing = alloc::vec::Vec::new();
