@@ -37,6 +37,29 @@ pub enum ActivateError {
     BadQueue(usize),
 }
 
+/// The driver broke the virtqueue protocol (for example an avail index that
+/// runs past the ring); the device must be reset.
+#[derive(Debug, thiserror::Error)]
+#[error("virtqueue {queue} is broken: {error}")]
+pub struct RingFault {
+    pub queue: usize,
+    #[source]
+    pub error: virtio_queue::Error,
+}
+
+/// Answers a read of a device's config space (`config`) at `offset`;
+/// bytes past its end read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        *byte = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// A device behind the MMIO transport.
 pub trait VirtioDevice: Send {
     /// The virtio device ID (spec 5).
@@ -51,4 +74,20 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, queues: Vec<Queue>, features: u64, mem: GuestMemoryMmap) -> Result<(), ActivateError>;
     /// Drops the queues: the driver reset the device.
     fn reset(&mut self);
+}
+
+/// Descriptors for the device models' unit tests.
+#[cfg(test)]
+pub(crate) mod test_descriptors {
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+
+    /// Flag: the chain goes on at `next`.
+    pub const NEXT: u16 = 1;
+    /// Flag: the device writes this buffer.
+    pub const WRITE: u16 = 2;
+
+    pub fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
 }

@@ -20,8 +20,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::{DEVICE_ID, MAX_TRANSFER, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH};
-use crate::devices::virtio::net::RingFault;
-use crate::devices::virtio::{ActivateError, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::virtio::{ActivateError, RingFault, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes};
 
 /// Request types (5.2.6).
 mod request {
@@ -325,15 +324,7 @@ impl VirtioDevice for BlockDevice {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Config layout (5.2.4): capacity (le64), then fields not offered.
-        let config = self.sectors.to_le_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.sectors.to_le_bytes(), offset, data);
     }
 
     fn activate(&mut self, queues: Vec<Queue>, _features: u64, mem: GuestMemoryMmap) -> Result<(), ActivateError> {
@@ -355,24 +346,18 @@ mod tests {
     //! Hand-built requests, from a driver that may be lying.
 
     use super::*;
+    use crate::devices::virtio::test_descriptors::{NEXT, WRITE, desc};
     use std::os::fd::FromRawFd;
     use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
     const RAM: usize = 1 << 20;
     const HEADER: u64 = 0x8_0000;
     const DATA: u64 = 0x9_0000;
     const STATUS: u64 = 0xA_0000;
     /// The disk: 16 sectors.
     const DISK: u64 = 16 * SECTOR_SIZE;
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-    }
 
     fn file() -> File {
         // SAFETY: memfd_create with a NUL-terminated name; the descriptor is

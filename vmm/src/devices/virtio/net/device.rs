@@ -19,7 +19,9 @@ use vm_memory::GuestMemoryMmap;
 
 use super::metrics::NetMetrics;
 use super::{DEVICE_ID, ETH_HDR_LEN, NET_HDR_LEN, QUEUE_SIZE, RX_QUEUE, RingFault, TX_QUEUE, VIRTIO_NET_F_MAC};
-use crate::devices::virtio::{ActivateError, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice};
+use crate::devices::virtio::{
+    ActivateError, VIRTIO_F_RING_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes,
+};
 
 struct Active {
     rx: Queue,
@@ -233,16 +235,7 @@ impl VirtioDevice for NetDevice {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         // Config layout (5.1.4): mac[6], then fields we do not offer.
-        let mut config = [0u8; 8];
-        config[..6].copy_from_slice(&self.mac);
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| config.get(at))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.mac, offset, data);
     }
 
     fn activate(&mut self, queues: Vec<Queue>, features: u64, mem: GuestMemoryMmap) -> Result<(), ActivateError> {
@@ -267,21 +260,14 @@ mod tests {
     //! Hand-built queues, from a driver that may be lying.
 
     use super::*;
+    use crate::devices::virtio::test_descriptors::{NEXT, WRITE, desc};
     use std::sync::atomic::Ordering;
-    use virtio_queue::desc::RawDescriptor;
-    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
     use virtio_queue::mock::MockSplitQueue;
     use vm_memory::{Bytes, GuestAddress};
 
-    const NEXT: u16 = 1;
-    const WRITE: u16 = 2;
     const RAM: usize = 1 << 20;
     const MAX_FRAME: usize = 2048;
     const BUFS: u64 = 0x8_0000;
-
-    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
-        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-    }
 
     fn memory() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM)]).unwrap()

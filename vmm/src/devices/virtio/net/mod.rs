@@ -3,8 +3,8 @@
 //! space), [`metrics`] its counters, [`event_handler`] the worker side that
 //! moves frames between the device and a [`NetBackend`] under one lock.
 //!
-//! Here live what the parts share: the spec's constants and the ring-fault
-//! error. Nothing in this folder trusts the guest.
+//! Here live what the parts share: the spec's constants. Nothing in this
+//! folder trusts the guest.
 
 pub mod device;
 pub mod event_handler;
@@ -28,12 +28,4 @@ pub const QUEUE_SIZE: u16 = 256;
 /// Ethernet header length.
 const ETH_HDR_LEN: usize = 14;
 
-/// The driver broke the virtqueue protocol (for example an avail index that
-/// runs past the ring); the device must be reset.
-#[derive(Debug, thiserror::Error)]
-#[error("virtqueue {queue} is broken: {error}")]
-pub struct RingFault {
-    pub queue: usize,
-    #[source]
-    pub error: virtio_queue::Error,
-}
+pub use crate::devices::virtio::RingFault;
