@@ -13,9 +13,13 @@
 //! outside its size.
 #![no_main]
 
+#[path = "input.rs"]
+mod input;
+
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use input::Input;
 use libfuzzer_sys::fuzz_target;
 use mqvisor::devices::virtio::block::BlockDevice;
 use mqvisor::devices::virtio::mmio::MmioTransport;
@@ -27,24 +31,6 @@ const RAM: usize = 256 * 1024;
 const DISK: u64 = 64 * 1024;
 const MAX_OPS: usize = 512;
 
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        let (head, rest) = self.0.split_at_checked(n)?;
-        self.0 = rest;
-        Some(head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-}
 
 /// An in-memory file (FLUSH on it costs nothing).
 fn disk() -> File {

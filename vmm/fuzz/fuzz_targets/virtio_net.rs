@@ -14,8 +14,12 @@
 //! Must never panic, hang or touch memory outside the guest's.
 #![no_main]
 
+#[path = "input.rs"]
+mod input;
+
 use std::sync::{Arc, Mutex};
 
+use input::Input;
 use libfuzzer_sys::fuzz_target;
 use mqvisor::devices::virtio::mmio::MmioTransport;
 use mqvisor::devices::virtio::net::{NetDevice, NetEventHandler};
@@ -29,24 +33,6 @@ const RAM: usize = 256 * 1024;
 /// Operations per input, at most (so one input cannot run for long).
 const MAX_OPS: usize = 512;
 
-struct Input<'a>(&'a [u8]);
-
-impl Input<'_> {
-    fn take(&mut self, n: usize) -> Option<&[u8]> {
-        let (head, rest) = self.0.split_at_checked(n)?;
-        self.0 = rest;
-        Some(head)
-    }
-    fn u8(&mut self) -> Option<u8> {
-        self.take(1).map(|b| b[0])
-    }
-    fn u16(&mut self) -> Option<u16> {
-        self.take(2).map(|b| u16::from_le_bytes([b[0], b[1]]))
-    }
-    fn u32(&mut self) -> Option<u32> {
-        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM)]).unwrap();
