@@ -1331,3 +1331,21 @@ fn a_durable_sessions_will_fires_after_a_restart_and_a_clean_disconnect_forgets_
     let fired = publishes(&net.recv(3, V5));
     assert_eq!(fired.iter().map(|p| &*p.topic).collect::<Vec<_>>(), ["will/crashed"]);
 }
+
+#[test]
+fn acknowledgements_the_log_could_not_keep_are_withdrawn_with_their_connection() {
+    let mut net = Net::new();
+    net.broker.enable_journal();
+    net.connect(1, V3, "pub", true);
+    net.connect(2, V3, "reader", true);
+    net.subscribe(2, V3, "t", QoS::AtMostOnce);
+    let mut retained = publish("t", b"m", QoS::AtLeastOnce, Some(7));
+    retained.retain = true;
+    net.publish(1, V3, retained);
+    // The runner's commit of that Retain record failed: no PUBACK may leave.
+    assert_eq!(net.broker.withdraw_output(net.now), 2, "the publisher and the reader had output waiting");
+    assert!(net.recv(1, V3).is_empty(), "no acknowledgement of what is not on disk");
+    let mut closed = net.closes();
+    closed.sort();
+    assert_eq!(closed, [1, 2]);
+}

@@ -207,10 +207,16 @@ impl Store {
 
     /// A failed push or commit: the records pushed since the last commit
     /// may not be on disk. A compaction writes the whole state instead;
-    /// if that fails too, the broker refuses what needs the disk.
+    /// if that fails too, the broker refuses what needs the disk, and with
+    /// `sync` the acknowledgements waiting for those records are withdrawn.
     fn recover(&mut self, broker: &mut Broker, now: u64, error: &LogError) -> bool {
         crate::println!("state: writing the log failed ({error}); compacting to recover");
-        self.compact(broker, now)
+        let recovered = self.compact(broker, now);
+        if !recovered && self.sync {
+            let ended = broker.withdraw_output(now);
+            crate::println!("state: {ended} clients with acknowledgements not on disk were disconnected");
+        }
+        recovered
     }
 
     fn compact(&mut self, broker: &mut Broker, now: u64) -> bool {

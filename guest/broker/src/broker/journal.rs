@@ -13,8 +13,9 @@
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
+use super::connection::Phase;
 use super::session::{Awaiting, Outgoing, Queued};
-use super::{Broker, delivery::seq_packet_id};
+use super::{Broker, ConnId, delivery::seq_packet_id};
 use crate::packet::QoS;
 use crate::store::record::{Record, SessionRecord};
 use crate::subscriptions::{SessionKey, Subscription, share_key};
@@ -48,6 +49,29 @@ impl Broker {
     /// are served as before.
     pub fn set_store_failed(&mut self, failed: bool) {
         self.store_failed = failed;
+    }
+
+    /// The runner could not make the latest records durable, so the
+    /// acknowledgements that wait for them must never go out: every
+    /// connection with output not yet taken is ended without it (as a lost
+    /// connection; its client sends again what it saw no acknowledgement
+    /// for). Returns how many were ended.
+    pub fn withdraw_output(&mut self, now: u64) -> usize {
+        let pending: Vec<ConnId> =
+            self.ready.iter().copied().filter(|id| self.conns.get(id).is_some_and(|c| !c.out.is_empty())).collect();
+        for &conn in &pending {
+            let Some(c) = self.conns.get_mut(&conn) else { continue };
+            c.out = Default::default();
+            let session = match c.phase {
+                Phase::Connected(key) => Some(key),
+                _ => None,
+            };
+            self.close(conn);
+            if let Some(key) = session {
+                self.detach(key, conn, false, now);
+            }
+        }
+        pending.len()
     }
 
     pub(super) fn log(&mut self, record: Record) {
