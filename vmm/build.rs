@@ -48,6 +48,10 @@ fn main() {
     let image = guest_target.join("release").join(GUEST_PACKAGE);
     assert!(image.is_file(), "guest image missing at {}", image.display());
     println!("cargo:rustc-env=MQVISOR_DEFAULT_IMAGE={}", image.display());
+    // The same build makes the tests' hostile guest (never embedded).
+    let hostile = guest_target.join("release").join("mqvisor-hostile");
+    assert!(hostile.is_file(), "hostile test image missing at {}", hostile.display());
+    println!("cargo:rustc-env=MQVISOR_HOSTILE_IMAGE={}", hostile.display());
     // Only the guest's sources, manifests and lock files: a folder would be
     // scanned whole, build output and fuzz corpora included.
     for crate_dir in GUEST_CRATES {

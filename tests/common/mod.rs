@@ -105,6 +105,14 @@ impl RunningVm {
         (status, rest.join("\n"))
     }
 
+    /// Waits for the VM to end by itself (its `--timeout`, a crash) and
+    /// returns the exit status and the rest of stderr.
+    pub fn wait_end(mut self) -> (std::process::ExitStatus, String) {
+        let status = self.child.wait().unwrap();
+        let rest: Vec<String> = self.stderr.by_ref().map_while(Result::ok).collect();
+        (status, rest.join("\n"))
+    }
+
     fn terminate(&mut self) {
         // SAFETY: kill(2) with our own child's pid and a valid signal.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
