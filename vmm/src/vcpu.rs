@@ -59,7 +59,17 @@ pub struct VcpuContext {
     /// Every exit, counted as it happens (for live reports; `ExitStats`
     /// comes only at the end).
     pub exit_count: Arc<std::sync::atomic::AtomicU64>,
+    /// Set by a device thread that gave up on the guest: the VM is
+    /// stopped with this reason.
+    pub stop_reason: Arc<std::sync::Mutex<Option<String>>>,
 }
+
+/// Device register accesses (MMIO exits to this process) a guest may make
+/// in a second. A driver makes a few dozen while it sets a device up and then
+/// notifies through ioeventfds, which never come here; a guest touching
+/// registers in a loop costs the host an exit each, which its neighbours
+/// feel, and is stopped.
+const MAX_MMIO_PER_SECOND: u64 = 20_000;
 
 /// How often the watchdog re-signals a vCPU that has not stopped yet: a signal
 /// that lands just before KVM_RUN is entered is otherwise lost.
@@ -110,7 +120,18 @@ impl VcpuLoop {
     }
 
     fn run_until_end(&mut self, started: Instant) -> Outcome {
+        // When the last MAX_MMIO_PER_SECOND register accesses began.
+        let mut mmio_mark = (Instant::now(), 0u64);
         loop {
+            if self.stats.mmio - mmio_mark.1 >= MAX_MMIO_PER_SECOND {
+                if mmio_mark.0.elapsed() < Duration::from_secs(1) {
+                    let reason = format!(
+                        "the guest accessed device registers {MAX_MMIO_PER_SECOND} times in under a second; stopping it"
+                    );
+                    return Outcome::Crashed { reason, rip: self.rip() };
+                }
+                mmio_mark = (Instant::now(), self.stats.mmio);
+            }
             if self.stop.load(Ordering::Acquire) {
                 return Outcome::TimedOut { after: started.elapsed(), rip: self.rip() };
             }
@@ -156,13 +177,10 @@ fn on_exit(exit: VcpuExit, context: &mut VcpuContext, stats: &mut ExitStats) -> 
                 Step::Crash(format!("guest read unmapped guest-physical address {addr:#x}"))
             }
         }
-        VcpuExit::MmioWrite(addr, data) => {
-            if context.bus.write(addr, data) {
-                Step::Continue
-            } else {
-                Step::Crash(format!("guest wrote unmapped guest-physical address {addr:#x}"))
-            }
-        }
+        VcpuExit::MmioWrite(addr, data) => match context.bus.write(addr, data) {
+            Ok(()) => Step::Continue,
+            Err(reason) => Step::Crash(reason),
+        },
         VcpuExit::Shutdown => {
             Step::Crash("guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception it could not handle".into())
         }
@@ -210,6 +228,8 @@ pub fn install_signal_handlers() -> std::io::Result<()> {
 /// `timeout` passes. [`install_signal_handlers`] must have run.
 pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std::io::Result<(Outcome, ExitStats)> {
     let wake = context.wake.clone();
+    let stop_reason = context.stop_reason.clone();
+    let given_up = move || stop_reason.lock().ok().and_then(|reason| reason.clone());
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let vcpu_loop = VcpuLoop { vcpu, context, stats: ExitStats::default(), stop: stop.clone() };
@@ -240,7 +260,10 @@ pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std
             Ok(result) => break Some(result),
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                if STOP_SIGNAL.load(Ordering::Acquire) != 0 || deadline.is_some_and(|d| Instant::now() >= d) {
+                if STOP_SIGNAL.load(Ordering::Acquire) != 0
+                    || deadline.is_some_and(|d| Instant::now() >= d)
+                    || given_up().is_some()
+                {
                     break None;
                 }
             }
@@ -266,9 +289,10 @@ pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std
         }
     };
     let signal = STOP_SIGNAL.load(Ordering::Acquire);
-    let result = match result {
-        (Outcome::TimedOut { .. }, stats) if signal != 0 => (Outcome::Stopped { signal }, stats),
-        other => other,
+    let result = match (result, given_up()) {
+        ((Outcome::TimedOut { rip, .. }, stats), Some(reason)) => (Outcome::Crashed { reason, rip }, stats),
+        ((Outcome::TimedOut { .. }, stats), None) if signal != 0 => (Outcome::Stopped { signal }, stats),
+        (other, _) => other,
     };
     if handle.join().is_err() {
         return Ok((Outcome::Crashed { reason: "vCPU thread panicked".into(), rip: None }, ExitStats::default()));

@@ -268,6 +268,7 @@ impl Network {
         max_connections: usize,
         wake: Arc<EventFd>,
         vm_exits: Arc<AtomicU64>,
+        stop_reason: Arc<Mutex<Option<String>>>,
     ) -> Result<(Self, MmioBus), VmmError> {
         let device = NetDevice::new(net::GUEST_MAC, net::MAX_FRAME);
         let transport = MmioTransport::new(device, mem.clone()).map_err(VmmError::Thread)?;
@@ -287,6 +288,7 @@ impl Network {
             ingress,
             max_connections,
             vm_exits,
+            stop_reason,
             counters: counters.clone(),
         })
         .map_err(VmmError::Thread)?;
@@ -365,6 +367,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
 
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?);
     let exit_count = Arc::new(AtomicU64::new(0));
+    let stop_reason = Arc::new(Mutex::new(None));
     // What needs privileges is held now: /dev/kvm and the listener.
     let ingress = match config.service {
         Service::Demo => None,
@@ -376,7 +379,15 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let (network, mut bus) = match (config.service, ingress) {
         (Service::Demo, _) | (_, None) => (None, MmioBus::default()),
         (_, Some(ingress)) => {
-            let (network, bus) = Network::start(&vm, &mem, ingress, max_connections, wake.clone(), exit_count.clone())?;
+            let (network, bus) = Network::start(
+                &vm,
+                &mem,
+                ingress,
+                max_connections,
+                wake.clone(),
+                exit_count.clone(),
+                stop_reason.clone(),
+            )?;
             info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
             info.net = net::guest_net_config(GUEST_PORT);
             info.devices[0] = DeviceDescriptor {
@@ -408,7 +419,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     info.setup_ns = u64::try_from(created.elapsed().as_nanos()).unwrap_or(u64::MAX);
     mem.write_slice(info.as_bytes(), GuestAddress(layout::BOOT_INFO)).map_err(VmmError::BootInfo)?;
 
-    let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake, exit_count };
+    let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake, exit_count, stop_reason };
     let (outcome, exits) = vcpu::run(vcpu, context, config.timeout).map_err(VmmError::Thread)?;
     let disk = disk.map(Disk::stop);
     let (net, notifications) = match network.map(Network::stop) {

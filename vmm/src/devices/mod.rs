@@ -14,6 +14,10 @@ pub trait MmioDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// A write of `data` at `offset` in the window.
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// Why the VM must stop, once the device has given up on its guest.
+    fn broken(&self) -> Option<String> {
+        None
+    }
 }
 
 impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
@@ -23,6 +27,10 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         MmioTransport::write(self, offset, data);
+    }
+
+    fn broken(&self) -> Option<String> {
+        MmioTransport::broken(self)
     }
 }
 
@@ -54,9 +62,14 @@ impl MmioBus {
         device.lock().map(|mut d| d.read(offset, data)).is_ok()
     }
 
-    /// Routes a write; false if no device covers the whole access.
-    pub fn write(&self, addr: u64, data: &[u8]) -> bool {
-        let Some((offset, device)) = self.find(addr, data.len()) else { return false };
-        device.lock().map(|mut d| d.write(offset, data)).is_ok()
+    /// Routes a write; `Err` with the reason the VM must stop when no
+    /// device covers the whole access, or when its device gave up on the
+    /// guest (see `MmioTransport::broken`).
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), String> {
+        let unmapped = || format!("guest wrote unmapped guest-physical address {addr:#x}");
+        let Some((offset, device)) = self.find(addr, data.len()) else { return Err(unmapped()) };
+        let mut device = device.lock().map_err(|_| unmapped())?;
+        device.write(offset, data);
+        device.broken().map_or(Ok(()), Err)
     }
 }

@@ -48,6 +48,12 @@ const OUT_BUDGET: usize = 32 << 20;
 /// How long a stream the guest closed may wait for its client to take the
 /// last bytes before the client is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
+/// A guest that notifies its network device more than this many times in a
+/// second, and a hundred times more often than frames move, is in a loop
+/// that costs the host an exit per notification: the VM is stopped. A
+/// driver notifies once per burst at most (and not at all while the device
+/// is busy), far below either bound.
+const NOTIFY_STORM: u64 = 50_000;
 /// A stream's window in bytes.
 const WINDOW_BYTES: usize = WINDOW as usize;
 
@@ -64,6 +70,8 @@ pub struct ProxyConfig {
     pub counters: Arc<LinkCounters>,
     /// The vCPU's exits, counted as they happen (for the load report).
     pub vm_exits: Arc<AtomicU64>,
+    /// Where the proxy says why the VM must stop (see `vcpu::VcpuContext`).
+    pub stop_reason: Arc<Mutex<Option<String>>>,
 }
 
 /// Where a VM's clients come from.
@@ -294,6 +302,10 @@ struct Proxy {
     woken_rx: mpsc::UnboundedReceiver<Woken>,
     counters: Arc<LinkCounters>,
     vm_exits: Arc<AtomicU64>,
+    stop_reason: Arc<Mutex<Option<String>>>,
+    /// The current second of notifications: its start, notifications so
+    /// far, and frames moved before it.
+    notify_window: (Instant, u64, u64),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -336,7 +348,31 @@ impl Proxy {
             woken_rx,
             counters: config.counters,
             vm_exits: config.vm_exits,
+            stop_reason: config.stop_reason,
+            notify_window: (Instant::now(), 0, 0),
         })
+    }
+
+    /// Counts `count` queue notifications and stops the VM in a storm (see
+    /// [`NOTIFY_STORM`]).
+    fn notified(&mut self, count: u64) {
+        self.device.add_notifications(count);
+        let frames = self.device.frames_moved();
+        let (start, notifications, frames_before) = &mut self.notify_window;
+        if start.elapsed() >= Duration::from_secs(1) {
+            (*start, *notifications, *frames_before) = (Instant::now(), 0, frames);
+        }
+        *notifications += count;
+        let moved = frames.saturating_sub(*frames_before);
+        if *notifications > NOTIFY_STORM && *notifications > moved.saturating_add(1).saturating_mul(100) {
+            let reason = format!(
+                "the guest notified its network device {notifications} times in under a second with {moved} frames \
+                 to move; stopping it"
+            );
+            if let Ok(mut slot) = self.stop_reason.lock() {
+                slot.get_or_insert(reason);
+            }
+        }
     }
 
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {
@@ -376,14 +412,14 @@ impl Proxy {
                     if let Ok(mut guard) = ready {
                         let count = guard.get_inner().read().unwrap_or(0);
                         guard.clear_ready();
-                        self.device.add_notifications(count);
+                        self.notified(count);
                     }
                 }
                 ready = self.rx_event.readable() => {
                     if let Ok(mut guard) = ready {
                         let count = guard.get_inner().read().unwrap_or(0);
                         guard.clear_ready();
-                        self.device.add_notifications(count);
+                        self.notified(count);
                     }
                 }
                 () = sleep_or_forever(linger) => self.end_lingering(),

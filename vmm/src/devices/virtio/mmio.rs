@@ -63,7 +63,12 @@ pub struct MmioTransport<D: VirtioDevice> {
     queue_sel: u32,
     activated: bool,
     notifications: u64,
+    /// Times the device refused the driver (NEEDS_RESET).
+    refusals: u32,
 }
+
+/// How many times a driver may break its device before the VM is stopped.
+pub const MAX_REFUSALS: u32 = 16;
 
 impl<D: VirtioDevice> MmioTransport<D> {
     /// A transport in reset state for `device`.
@@ -87,6 +92,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             queue_sel: 0,
             activated: false,
             notifications: 0,
+            refusals: 0,
         })
     }
 
@@ -122,11 +128,31 @@ impl<D: VirtioDevice> MmioTransport<D> {
 
     /// The device found the driver misbehaving: stop and ask for a reset.
     pub fn set_needs_reset(&mut self) {
-        self.status |= status::DEVICE_NEEDS_RESET;
+        self.refuse();
         if self.activated {
             self.activated = false;
             self.device.reset();
         }
+    }
+
+    /// Puts the device in NEEDS_RESET and counts it.
+    fn refuse(&mut self) {
+        self.status |= status::DEVICE_NEEDS_RESET;
+        self.refusals = self.refusals.saturating_add(1);
+    }
+
+    /// Why the VM should be stopped, once its driver has broken the device
+    /// [`MAX_REFUSALS`] times: a real driver never does it once, and one that
+    /// sets the device up and breaks it in a loop costs the host an exit
+    /// for every register it writes, which its neighbours feel.
+    pub fn broken(&self) -> Option<String> {
+        (self.refusals >= MAX_REFUSALS).then(|| {
+            format!(
+                "the guest broke its virtio device (type {}) {} times; stopping it",
+                self.device.device_type(),
+                self.refusals
+            )
+        })
     }
 
     /// Current device status register.
@@ -283,11 +309,11 @@ impl<D: VirtioDevice> MmioTransport<D> {
     fn activate(&mut self, value: u32) {
         let ready = self.queues.iter().all(|q| q.ready() && q.is_valid(&self.mem));
         if !ready {
-            self.status |= status::DEVICE_NEEDS_RESET;
+            self.refuse();
             return;
         }
         let Some(queues) = self.queues.iter().map(clone_queue).collect::<Option<Vec<_>>>() else {
-            self.status |= status::DEVICE_NEEDS_RESET;
+            self.refuse();
             return;
         };
         match self.device.activate(queues, self.driver_features, self.mem.clone()) {
@@ -299,7 +325,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                     let _ = event.write(1);
                 }
             }
-            Err(_) => self.status |= status::DEVICE_NEEDS_RESET,
+            Err(_) => self.refuse(),
         }
     }
 }
@@ -408,5 +434,20 @@ mod tests {
         assert!(!t.is_activated());
         assert_eq!(t.status() & status::DEVICE_NEEDS_RESET, status::DEVICE_NEEDS_RESET);
         assert_eq!(t.status() & status::DRIVER_OK, 0);
+    }
+
+    #[test]
+    fn a_driver_that_breaks_the_device_again_and_again_is_given_up_on() {
+        let mut t = transport();
+        for attempt in 1..=MAX_REFUSALS {
+            assert!(t.broken().is_none(), "given up after {} refusals", attempt - 1);
+            write(&mut t, reg::STATUS, 0);
+            write(&mut t, reg::STATUS, AD);
+            driver_features(&mut t, VIRTIO_F_VERSION_1);
+            write(&mut t, reg::STATUS, AD | status::FEATURES_OK);
+            write(&mut t, reg::STATUS, AD | status::FEATURES_OK | status::DRIVER_OK);
+        }
+        let reason = t.broken().expect("given up");
+        assert!(reason.contains("broke its virtio device (type 1) 16 times"), "{reason}");
     }
 }

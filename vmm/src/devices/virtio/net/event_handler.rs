@@ -73,6 +73,13 @@ impl NetEventHandler {
             .sum()
     }
 
+    /// Frames moved either way so far.
+    pub fn frames_moved(&self) -> u64 {
+        let Ok(transport) = self.transport.lock() else { return 0 };
+        let m = transport.device().metrics();
+        [&m.tx_frames, &m.rx_frames].iter().map(|c| c.load(std::sync::atomic::Ordering::Relaxed)).sum()
+    }
+
     /// Counts queue notifications the worker drained from the eventfds.
     pub fn add_notifications(&self, count: u64) {
         if let Ok(mut transport) = self.transport.lock() {
