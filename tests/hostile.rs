@@ -20,12 +20,13 @@ use common::{RunningVm, kvm_available};
 const HOSTILE: &str = env!("MQVISOR_HOSTILE_IMAGE");
 const SAMPLES: usize = 1000;
 
-const ATTACKS: [&str; 8] = [
+const ATTACKS: [&str; 9] = [
     "rings-outside-ram",
     "descriptor-loop",
     "huge-lengths",
     "avail-overrun",
     "notify-storm",
+    "disk-notify-storm",
     "unmapped-mmio",
     "busy-loop",
     "garbage-config",
@@ -80,7 +81,22 @@ fn every_attack_of_a_hostile_guest_leaves_the_vmm_and_its_neighbour_standing() {
     for attack in ATTACKS {
         let before = prober.percentiles_us();
         let cmdline = format!("attack={attack}");
-        let hostile = RunningVm::start(&["--image", HOSTILE, "--cmdline", &cmdline, "--timeout", "3", "--stats"]);
+        // Every hostile VM has a state disk too, so the block device is attacked as well.
+        let state = std::env::temp_dir().join(format!("mqvisor-hostile-{}-{attack}.state", std::process::id()));
+        let state_arg = state.to_str().unwrap().to_string();
+        let hostile = RunningVm::start(&[
+            "--image",
+            HOSTILE,
+            "--cmdline",
+            &cmdline,
+            "--timeout",
+            "3",
+            "--stats",
+            "--state",
+            &state_arg,
+            "--state-size",
+            "4",
+        ]);
         std::thread::sleep(Duration::from_millis(200));
         let during = prober.percentiles_us();
         let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", hostile.child.id()))
@@ -88,6 +104,7 @@ fn every_attack_of_a_hostile_guest_leaves_the_vmm_and_its_neighbour_standing() {
             .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).map(str::to_string))
             .and_then(|l| l.split_whitespace().nth(1).and_then(|n| n.parse::<u64>().ok()));
         let (status, stderr) = hostile.wait_end();
+        let _ = std::fs::remove_file(&state);
         let code = status.code();
         assert!(
             code == Some(124) || code == Some(126),

@@ -403,7 +403,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
 
     let disk = match (config.state, network.is_some()) {
         (Some(state), true) => {
-            let (disk, window) = Disk::start(&vm, &mem, state.file, wake.clone())?;
+            let (disk, window) = Disk::start(&vm, &mem, state.file, wake.clone(), stop_reason.clone())?;
             bus.insert(window.base, window.size, disk.transport.clone());
             info.devices[info.device_count as usize] = window;
             info.device_count += 1;
@@ -448,6 +448,7 @@ impl Disk {
         mem: &GuestMemoryMmap,
         file: std::fs::File,
         wake: Arc<EventFd>,
+        stop_reason: Arc<Mutex<Option<String>>>,
     ) -> Result<(Self, DeviceDescriptor), VmmError> {
         let base = layout::DEVICE_WINDOW + layout::DEVICE_SIZE;
         let device = BlockDevice::new(file, "mqvisor-state").map_err(VmmError::StateFile)?;
@@ -456,7 +457,7 @@ impl Disk {
         let addr = IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY_OFFSET);
         vm.register_ioevent(event, &addr, 0u32).map_err(kvm_err("KVM_IOEVENTFD"))?;
         let transport = Arc::new(Mutex::new(transport));
-        let thread = BlockThread::spawn(transport.clone(), wake).map_err(VmmError::Thread)?;
+        let thread = BlockThread::spawn(transport.clone(), wake, stop_reason).map_err(VmmError::Thread)?;
         let window = DeviceDescriptor { base, size: layout::DEVICE_SIZE, kind: device_kind::VIRTIO_BLK, reserved: 0 };
         Ok((Disk { transport, thread }, window))
     }

@@ -9,6 +9,7 @@
 //! - `huge-lengths`: descriptors of nearly 4 GiB;
 //! - `avail-overrun`: an avail index far past the ring (a broken ring);
 //! - `notify-storm`: queue notifications in a loop, never parking;
+//! - `disk-notify-storm`: the same at the virtio-blk device (with `--state`);
 //! - `unmapped-mmio`: a write where no device is;
 //! - `busy-loop`: spinning forever without WAIT;
 //! - `garbage-config`: config-space reads at every offset and width.
@@ -135,7 +136,7 @@ fn park_ms(ms: u64) {
     paravirt::wait_ns(ms * 1_000_000);
 }
 
-fn attack(name: &str, base: u64, heap: u64, ram: u64) -> ! {
+fn attack(name: &str, base: u64, disk: Option<u64>, heap: u64, ram: u64) -> ! {
     let tx_desc = rings_in(heap)(TX).0;
     let buffer = heap + 0x8000;
     match name {
@@ -177,6 +178,14 @@ fn attack(name: &str, base: u64, heap: u64, ram: u64) -> ! {
                 mmio_write(base, reg::QUEUE_NOTIFY, TX);
             }
         }
+        "disk-notify-storm" => {
+            let Some(disk) = disk else { paravirt::exit(2, b"no virtio-blk device (run with --state)") };
+            // Its one queue is set up; the second set_up writes go nowhere.
+            set_up(disk, rings_in(heap + 0x10_0000));
+            loop {
+                mmio_write(disk, reg::QUEUE_NOTIFY, 0);
+            }
+        }
         "unmapped-mmio" => loop {
             // Inside the device hole, past every device's page.
             mmio_write(layout::DEVICE_WINDOW + 0x10_0000, 0, 0xdead_beef);
@@ -211,8 +220,9 @@ extern "C" fn _start(boot_info: *const BootInfo) -> ! {
     let Some(net) = info.devices().iter().find(|d| d.kind == device_kind::VIRTIO_NET) else {
         paravirt::exit(2, b"no virtio-net device (run with --service mqtt or echo)")
     };
+    let disk = info.devices().iter().find(|d| d.kind == device_kind::VIRTIO_BLK).map(|d| d.base);
     paravirt::console_write(b"hostile guest: attacking\n");
-    attack(name, net.base, info.heap_start.next_multiple_of(layout::PAGE_SIZE), info.ram_size)
+    attack(name, net.base, disk, info.heap_start.next_multiple_of(layout::PAGE_SIZE), info.ram_size)
 }
 
 #[panic_handler]

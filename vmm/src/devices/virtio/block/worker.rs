@@ -9,6 +9,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -22,8 +23,13 @@ pub struct BlockThread {
 }
 
 impl BlockThread {
-    /// Starts the worker for `transport`; `wake_guest` ends a guest's WAIT.
-    pub fn spawn(transport: Arc<Mutex<MmioTransport<BlockDevice>>>, wake_guest: Arc<EventFd>) -> std::io::Result<Self> {
+    /// Starts the worker for `transport`; `wake_guest` ends a guest's WAIT;
+    /// `stop_reason` is where it says why the VM must stop.
+    pub fn spawn(
+        transport: Arc<Mutex<MmioTransport<BlockDevice>>>,
+        wake_guest: Arc<EventFd>,
+        stop_reason: Arc<Mutex<Option<String>>>,
+    ) -> std::io::Result<Self> {
         let notified = {
             let t = transport.lock().map_err(|_| std::io::Error::other("device lock poisoned"))?;
             t.queue_event(0).ok_or_else(|| std::io::Error::other("no queue event"))?.try_clone()?
@@ -35,7 +41,7 @@ impl BlockThread {
                 eprintln!("mqvisor: state disk disabled: {e}");
                 return;
             }
-            run(&transport, &notified, &stopped, &wake_guest);
+            run(&transport, &notified, &stopped, &wake_guest, &stop_reason);
         })?;
         Ok(BlockThread { stop, handle: Some(handle) })
     }
@@ -59,7 +65,20 @@ impl Drop for BlockThread {
     }
 }
 
-fn run(transport: &Mutex<MmioTransport<BlockDevice>>, notified: &EventFd, stop: &EventFd, wake_guest: &EventFd) {
+/// Notifications in a second, a hundred times more than requests served,
+/// that stop the VM: a driver notifies once per batch of requests; a guest
+/// notifying in a loop costs the host an exit and a wake-up each.
+const NOTIFY_STORM: u64 = 50_000;
+
+fn run(
+    transport: &Mutex<MmioTransport<BlockDevice>>,
+    notified: &EventFd,
+    stop: &EventFd,
+    wake_guest: &EventFd,
+    stop_reason: &Mutex<Option<String>>,
+) {
+    // The current second: its start, notifications, requests served.
+    let mut window = (Instant::now(), 0u64, 0u64);
     let mut fds = [
         libc::pollfd { fd: notified.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -78,6 +97,10 @@ fn run(transport: &Mutex<MmioTransport<BlockDevice>>, notified: &EventFd, stop: 
             return;
         }
         let count = notified.read().unwrap_or(0);
+        if window.0.elapsed() >= Duration::from_secs(1) {
+            window = (Instant::now(), 0, 0);
+        }
+        window.1 += count;
         let Ok(mut t) = transport.lock() else { return };
         t.add_notifications(count);
         let mut served = 0;
@@ -103,6 +126,18 @@ fn run(transport: &Mutex<MmioTransport<BlockDevice>>, notified: &EventFd, stop: 
             }
         }
         drop(t);
+        window.2 += served as u64;
+        if window.1 > NOTIFY_STORM && window.1 > window.2.saturating_add(1).saturating_mul(100) {
+            if let Ok(mut reason) = stop_reason.lock() {
+                reason.get_or_insert_with(|| {
+                    format!(
+                        "the guest notified its block device {} times in under a second with {} requests; stopping it",
+                        window.1, window.2
+                    )
+                });
+            }
+            return;
+        }
         if served > 0 {
             let _ = wake_guest.write(1);
         }
