@@ -441,3 +441,82 @@ fn subscribers_that_never_read_cannot_stop_the_tenant() {
     let (_, stats) = vm.stop();
     eprintln!("{stats}");
 }
+
+#[test]
+fn past_the_vmms_budget_for_slow_clients_the_slowest_is_shed() {
+    if !kvm_available("past_the_vmms_budget_for_slow_clients_the_slowest_is_shed") {
+        return;
+    }
+    // A 256 KiB budget instead of 32 MiB, so that a few slow clients pass it.
+    let child = common::mqvisor()
+        .args(["run", "--listen", "127.0.0.1:0", "--timeout", "120", "--stats"])
+        .env("MQVISOR_OUT_BUDGET_KIB", "256")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let vm = RunningVm::from_child(child, "mqvisor: tenant VM listening on ");
+    let mut stuck = Vec::new();
+    for i in 0..8 {
+        let mut s = mqtt_connect(&vm, &format!("stuck-{i}")).unwrap();
+        small_receive_buffer(&s);
+        s.write_all(&[0x82, 11, 0, 1, 0, 6, b's', b'l', b'o', b'w', b'/', b'#', 0]).unwrap();
+        assert_eq!(read_packet(&mut s).0, 0x90);
+        stuck.push(s);
+    }
+    let mut healthy = mqtt_connect(&vm, "healthy").unwrap();
+    healthy.write_all(&[0x82, 11, 0, 1, 0, 6, b'l', b'i', b'v', b'e', b'/', b'#', 1]).unwrap();
+    assert_eq!(read_packet(&mut healthy).0, 0x90);
+    let mut publisher = mqtt_connect(&vm, "firehose").unwrap();
+    let mut packet = vec![0x30];
+    remaining_length(2 + 6 + 16_000, &mut packet);
+    packet.extend_from_slice(&[0, 6]);
+    packet.extend_from_slice(b"slow/x");
+    packet.extend_from_slice(&[b'z'; 16_000]);
+    for _ in 0..400 {
+        publisher.write_all(&packet).unwrap();
+    }
+    for i in 0..50u16 {
+        let id = i + 1;
+        let mut live = vec![0x32, 10, 0, 6];
+        live.extend_from_slice(b"live/x");
+        live.extend_from_slice(&id.to_be_bytes());
+        publisher.write_all(&live).unwrap();
+        let (kind, body) = read_packet(&mut healthy);
+        assert_eq!(kind & 0xf0, 0x30, "message {id} reached the healthy subscriber");
+        healthy.write_all(&[0x40, 2, body[8], body[9]]).unwrap();
+    }
+    // A shed client's connection was reset: once it has read the little
+    // its small buffer held, the next read says so; a live one keeps
+    // getting bytes (up to a cap, to keep this short).
+    let mut reset = 0;
+    for s in &mut stuck {
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 4096];
+        let mut taken = 0;
+        while taken < 64 * 1024 {
+            match std::io::Read::read(s, &mut buf) {
+                Ok(0) => {
+                    reset += 1;
+                    break;
+                }
+                Ok(n) => taken += n,
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    reset += 1;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
+    let (_, stats) = vm.stop();
+    let shed: u64 = stats
+        .split("slow clients shed ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    eprintln!("{shed} slow clients shed under a 256 KiB budget, {reset} of 8 saw their connection end");
+    assert!(shed >= 1, "no slow client was shed: {stats}");
+    assert!(reset >= 1, "no slow client saw its connection end");
+}

@@ -45,6 +45,16 @@ use crate::devices::virtio::net::{NetDevice, NetEventHandler};
 /// Guest bytes waiting for slow clients, all streams together, before the
 /// guest's frames are left in its TX queue.
 const OUT_BUDGET: usize = 32 << 20;
+
+/// [`OUT_BUDGET`], unless `MQVISOR_OUT_BUDGET_KIB` says otherwise: the
+/// tests shed slow clients under a small budget, which 32 MiB of them
+/// would take too long to fill.
+fn out_budget() -> usize {
+    std::env::var("MQVISOR_OUT_BUDGET_KIB")
+        .ok()
+        .and_then(|kib| kib.parse::<usize>().ok())
+        .map_or(OUT_BUDGET, |kib| kib.saturating_mul(1024))
+}
 /// How long a stream the guest closed may wait for its client to take the
 /// last bytes before the client is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
@@ -303,6 +313,8 @@ struct Proxy {
     counters: Arc<LinkCounters>,
     vm_exits: Arc<AtomicU64>,
     stop_reason: Arc<Mutex<Option<String>>>,
+    /// Bytes for slow clients held at most (see [`OUT_BUDGET`]).
+    out_budget: usize,
     /// The current second of notifications: its start, notifications so
     /// far, and frames moved before it.
     notify_window: (Instant, u64, u64),
@@ -349,6 +361,7 @@ impl Proxy {
             counters: config.counters,
             vm_exits: config.vm_exits,
             stop_reason: config.stop_reason,
+            out_budget: out_budget(),
             notify_window: (Instant::now(), 0, 0),
         })
     }
@@ -502,7 +515,7 @@ impl Proxy {
             }
             progress |= self.take_guest_frames();
             progress |= self.fill_frames();
-            while self.out_total > OUT_BUDGET {
+            while self.out_total > self.out_budget {
                 self.shed_slowest();
             }
             if !progress {
