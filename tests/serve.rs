@@ -299,6 +299,12 @@ fn tenants_are_listed_added_removed_and_kept_across_restarts() {
     std::io::Read::read_to_string(&mut http, &mut page).unwrap();
     assert!(page.contains("mqvisor_tenant_up{tenant=\"alpha\"} 1"), "{page}");
     assert!(page.contains("mqvisor_tenant_up{tenant=\"beta\"} 0"), "{page}");
+    // Alpha's state file is on disk (its superblock at least).
+    let state_bytes = page
+        .lines()
+        .find_map(|l| l.strip_prefix("mqvisor_tenant_state_bytes{tenant=\"alpha\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    assert!(state_bytes.is_some_and(|b| b > 0), "{page}");
     // Added while serving: reachable at once.
     let (ok, _, err) = daemon.tenant(&["add", "gamma"]);
     assert!(ok, "{err}");

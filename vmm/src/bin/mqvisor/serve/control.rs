@@ -52,7 +52,7 @@ pub struct TenantView {
     pub messages_out: u64,
     /// Not delivered: a queue or a window was full.
     pub messages_dropped: u64,
-    /// Refused because its memory ran low.
+    /// Refused because its memory ran low or its state disk failed.
     pub messages_refused: u64,
     /// Exits of its vCPU to the VMM (each costs ~30 µs on nested KVM).
     pub vm_exits: u64,
@@ -61,6 +61,9 @@ pub struct TenantView {
     pub guest_faults: u64,
     /// Proportional set size of its process, bytes (0 when stopped).
     pub pss_bytes: u64,
+    /// Disk blocks its state file uses, bytes (0 without persistence).
+    #[serde(default)]
+    pub state_bytes: u64,
     /// Seconds from spawning each of its VMs to the guest's link being up.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub boot_seconds: Vec<f64>,
@@ -184,6 +187,7 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
     let connections = gauge(&mut registry, "connections", "Client connections carried into the VM");
     let pss = gauge(&mut registry, "pss_bytes", "Proportional set size of the tenant's process");
     let memory = gauge(&mut registry, "memory_bytes", "Guest RAM the tenant's VM is given");
+    let state = gauge(&mut registry, "state_bytes", "Disk blocks the tenant's state file uses");
     let boots = counter(&mut registry, "boots", "VM boots");
     let crashes = counter(&mut registry, "crashes", "Unexpected ends of the VM's process");
     let restarts = counter(&mut registry, "restarts", "Restarts after a crash or on request");
@@ -192,7 +196,11 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
     let messages_in = counter(&mut registry, "messages_in", "PUBLISH packets from clients");
     let messages_out = counter(&mut registry, "messages_out", "PUBLISH packets to clients");
     let dropped = counter(&mut registry, "messages_dropped", "Messages not delivered: a queue or window was full");
-    let refused = counter(&mut registry, "messages_refused", "Messages refused: the tenant's memory ran low");
+    let refused = counter(
+        &mut registry,
+        "messages_refused",
+        "Messages refused: the tenant's memory ran low or its state disk failed",
+    );
     let exits = counter(&mut registry, "vm_exits", "Exits of the tenant's vCPU to its VMM");
     let faults = counter(&mut registry, "guest_faults", "Protocol violations of the tenant's guest at its VMM");
     let boot = Family::<Labels, Histogram>::new_with_constructor(|| {
@@ -206,6 +214,7 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
         connections.get_or_create(&labels).set(as_i64(t.connections));
         pss.get_or_create(&labels).set(as_i64(t.pss_bytes));
         memory.get_or_create(&labels).set(as_i64(u64::from(t.memory_mib) << 20));
+        state.get_or_create(&labels).set(as_i64(t.state_bytes));
         boots.get_or_create(&labels).inc_by(t.boots);
         crashes.get_or_create(&labels).inc_by(t.crashes);
         restarts.get_or_create(&labels).inc_by(t.restarts);
@@ -302,6 +311,7 @@ mod tests {
             vm_exits: 9,
             guest_faults: 0,
             pss_bytes: 4096,
+            state_bytes: 8192,
             boot_seconds: vec![0.004, 0.012],
         };
         let text = metrics_text(&[tenant]);
@@ -311,6 +321,7 @@ mod tests {
         assert!(text.contains("mqvisor_tenant_client_bytes_out_total{tenant=\"acme\"} 20"), "{text}");
         assert!(text.contains("mqvisor_tenant_messages_in_total{tenant=\"acme\"} 5"), "{text}");
         assert!(text.contains("mqvisor_tenant_boot_seconds_count{tenant=\"acme\"} 2"), "{text}");
+        assert!(text.contains("mqvisor_tenant_state_bytes{tenant=\"acme\"} 8192"), "{text}");
         let series = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty());
         assert!(series.clone().count() >= 9);
         assert!(series.clone().all(|l| l.contains("tenant=\"acme\"")), "{text}");

@@ -151,6 +151,8 @@ impl Tenant {
             guest_faults: load.guest_faults,
             boot_seconds: self.boot_seconds.lock().map(|b| b.clone()).unwrap_or_default(),
             pss_bytes: self.pid().and_then(crate::procfs::pss_kib).map_or(0, |kib| kib * 1024),
+            state_bytes: std::fs::metadata(&self.state_file)
+                .map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512),
         }
     }
 
