@@ -272,6 +272,9 @@ fn a_torn_last_batch_is_dropped_and_damage_in_the_middle_stops_the_start() {
 
     // A torn last write: its records fail their checksum, and nothing follows.
     flip_byte(&state, batches[4] + 40);
+    let checked = common::mqvisor().arg("state-check").arg(&state).output().unwrap();
+    assert!(checked.status.success(), "{}", common::stderr(&checked));
+    assert!(common::stdout(&checked).contains("a torn last batch"), "{}", common::stdout(&checked));
     let vm = start(&state, &[]);
     let want: BTreeSet<String> = (1..=4).map(|i| format!("r/{i}")).collect();
     assert_eq!(retained(vm.addr), want, "everything before the torn batch is back");
@@ -279,6 +282,13 @@ fn a_torn_last_batch_is_dropped_and_damage_in_the_middle_stops_the_start() {
 
     // Damage in the middle: the start is refused with the offset, the file untouched.
     flip_byte(&state, batches[1] + 40);
+    let checked = common::mqvisor().arg("state-check").arg(&state).output().unwrap();
+    assert_eq!(checked.status.code(), Some(1));
+    assert!(
+        common::stderr(&checked).contains(&format!("corrupt at byte {}", batches[1])),
+        "{}",
+        common::stderr(&checked)
+    );
     let out = common::mqvisor()
         .args(["run", "--listen", "127.0.0.1:0", "--timeout", "60", "--state", state.to_str().unwrap()])
         .output()
