@@ -80,7 +80,8 @@ pub struct TenantConfig {
     pub memory_mib: u32,
     /// A port of its own, where clients need no `TENANT:` prefix.
     pub listen: Option<SocketAddr>,
-    /// Stop the VM after this long without clients (its state is lost).
+    /// Stop the VM after this long without clients (its state is kept
+    /// unless persistence is off).
     pub idle_stop_after: Option<std::time::Duration>,
     /// The user its process becomes (the daemon must run as root).
     pub user: Option<String>,
