@@ -234,6 +234,16 @@ fn read_batch_header(h: &[u8], generation: u32) -> Option<(u64, usize, u32)> {
     (len <= MAX_BATCH).then(|| (le64(h, 8), len, le32(h, 20)))
 }
 
+/// What recovery found where it expected the next batch.
+enum Batch {
+    /// Whole and checked: its records are `payload[records]`.
+    Valid { records: core::ops::Range<usize>, count: u32, padded: u64 },
+    /// Its header is ours but the batch is damaged (or torn).
+    Bad(&'static str),
+    /// No batch of this generation and sequence number.
+    Missing,
+}
+
 /// The log on a disk: appends group commits, compacts, recovers.
 pub struct Log<D: Disk> {
     disk: D,
@@ -307,55 +317,63 @@ impl<D: Disk> Log<D> {
         let mut found = Recovered::default();
         let mut header = [0u8; SECTOR_BYTES];
         let mut payload = Vec::new();
-        loop {
+        while self.end + SECTOR <= self.region_size {
             let at = start + self.end;
-            let bad = if self.end + SECTOR > self.region_size {
-                break;
-            } else {
-                self.disk.read(at, &mut header)?;
-                match read_batch_header(&header, self.generation) {
-                    Some((seq, len, count)) if seq == self.next_seq => {
-                        let total = (BATCH_HEADER + len) as u64;
-                        let padded = total.next_multiple_of(SECTOR);
-                        if self.end + padded > self.region_size {
-                            Some("a batch runs past its region")
+            let bad = match self.read_batch(at, &mut header, &mut payload)? {
+                Batch::Valid { records, count, padded } => {
+                    for_each_record(&payload[records], |offset, body| {
+                        if apply(body) {
+                            Ok(())
                         } else {
-                            payload.resize(usize::try_from(padded).map_err(|_| LogError::Full)?, 0);
-                            payload[..SECTOR_BYTES].copy_from_slice(&header);
-                            if padded > SECTOR {
-                                self.disk.read(at + SECTOR, &mut payload[SECTOR_BYTES..])?;
-                            }
-                            match check_records(&payload[BATCH_HEADER..BATCH_HEADER + len], count) {
-                                Ok(()) => {
-                                    for_each_record(&payload[BATCH_HEADER..BATCH_HEADER + len], |offset, body| {
-                                        if apply(body) {
-                                            Ok(())
-                                        } else {
-                                            Err(LogError::BadRecord { offset: at + (BATCH_HEADER + offset) as u64 })
-                                        }
-                                    })?;
-                                    found.records += u64::from(count);
-                                    found.bytes += padded;
-                                    self.end += padded;
-                                    self.next_seq += 1;
-                                    continue;
-                                }
-                                Err(why) => Some(why),
-                            }
+                            Err(LogError::BadRecord { offset: at + (BATCH_HEADER + offset) as u64 })
                         }
-                    }
-                    // Zeros, an older generation's batch, or a torn header.
-                    _ => None,
+                    })?;
+                    found.records += u64::from(count);
+                    found.bytes += padded;
+                    self.end += padded;
+                    self.next_seq += 1;
+                    continue;
                 }
+                Batch::Bad(why) => Some(why),
+                Batch::Missing => None,
             };
             // The log ends here, unless a later batch shows this was the middle.
             if self.later_batch_exists(at)? {
                 return Err(LogError::Corrupt { offset: at, why: bad.unwrap_or("a batch header is damaged") });
             }
-            found.torn_tail = bad.is_some() || header.iter().any(|&b| b != 0) && self.header_is_ours(&header);
+            found.torn_tail = bad.is_some() || self.header_is_ours(&header);
             break;
         }
         Ok(found)
+    }
+
+    /// Reads the batch at `at` (its first sector into `header`, all of it
+    /// into `payload`) and checks it.
+    fn read_batch(
+        &mut self,
+        at: u64,
+        header: &mut [u8; SECTOR_BYTES],
+        payload: &mut Vec<u8>,
+    ) -> Result<Batch, LogError> {
+        self.disk.read(at, header)?;
+        // Zeros, an older generation's batch, or a torn header.
+        let Some((_, len, count)) = read_batch_header(header, self.generation).filter(|h| h.0 == self.next_seq) else {
+            return Ok(Batch::Missing);
+        };
+        let padded = ((BATCH_HEADER + len) as u64).next_multiple_of(SECTOR);
+        if self.end + padded > self.region_size {
+            return Ok(Batch::Bad("a batch runs past its region"));
+        }
+        payload.resize(usize::try_from(padded).map_err(|_| LogError::Full)?, 0);
+        payload[..SECTOR_BYTES].copy_from_slice(header);
+        if padded > SECTOR {
+            self.disk.read(at + SECTOR, &mut payload[SECTOR_BYTES..])?;
+        }
+        let records = BATCH_HEADER..BATCH_HEADER + len;
+        Ok(match check_records(&payload[records.clone()], count) {
+            Ok(()) => Batch::Valid { records, count, padded },
+            Err(why) => Batch::Bad(why),
+        })
     }
 
     /// Whether `header` looks like a batch of this generation (a torn one).
