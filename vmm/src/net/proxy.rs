@@ -41,6 +41,7 @@ use super::paced::{quick_ack, sleep_or_forever};
 use super::{GUEST_MAC, HOST_MAC, MAX_FRAME};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{NetDevice, NetEventHandler};
+use crate::devices::virtio::storm::NotifyStorm;
 
 /// Guest bytes waiting for slow clients, all streams together, before the
 /// guest's frames are left in its TX queue.
@@ -58,12 +59,6 @@ fn out_budget() -> usize {
 /// How long a stream the guest closed may wait for its client to take the
 /// last bytes before the client is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
-/// A guest that notifies its network device more than this many times in a
-/// second, and a hundred times more often than frames move, is in a loop
-/// that costs the host an exit per notification: the VM is stopped. A
-/// driver notifies once per burst at most (and not at all while the device
-/// is busy), far below either bound.
-const NOTIFY_STORM: u64 = 50_000;
 /// A stream's window in bytes.
 const WINDOW_BYTES: usize = WINDOW as usize;
 
@@ -315,9 +310,8 @@ struct Proxy {
     stop_reason: Arc<Mutex<Option<String>>>,
     /// Bytes for slow clients held at most (see [`OUT_BUDGET`]).
     out_budget: usize,
-    /// The current second of notifications: its start, notifications so
-    /// far, and frames moved before it.
-    notify_window: (Instant, u64, u64),
+    /// Notifications against frames moved (a guest in a loop is stopped).
+    storm: NotifyStorm,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -362,30 +356,14 @@ impl Proxy {
             vm_exits: config.vm_exits,
             stop_reason: config.stop_reason,
             out_budget: out_budget(),
-            notify_window: (Instant::now(), 0, 0),
+            storm: NotifyStorm::new("network", "frames"),
         })
     }
 
-    /// Counts `count` queue notifications and stops the VM in a storm (see
-    /// [`NOTIFY_STORM`]).
+    /// Counts `count` queue notifications; a storm stops the VM.
     fn notified(&mut self, count: u64) {
         self.device.add_notifications(count);
-        let frames = self.device.frames_moved();
-        let (start, notifications, frames_before) = &mut self.notify_window;
-        if start.elapsed() >= Duration::from_secs(1) {
-            (*start, *notifications, *frames_before) = (Instant::now(), 0, frames);
-        }
-        *notifications += count;
-        let moved = frames.saturating_sub(*frames_before);
-        if *notifications > NOTIFY_STORM && *notifications > moved.saturating_add(1).saturating_mul(100) {
-            let reason = format!(
-                "the guest notified its network device {notifications} times in under a second with {moved} frames \
-                 to move; stopping it"
-            );
-            if let Ok(mut slot) = self.stop_reason.lock() {
-                slot.get_or_insert(reason);
-            }
-        }
+        self.storm.notified(count, self.device.frames_moved(), &self.stop_reason);
     }
 
     async fn run(mut self, mut stop: oneshot::Receiver<()>) {

@@ -9,6 +9,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod storm;
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;

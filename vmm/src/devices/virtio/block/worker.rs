@@ -9,12 +9,12 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::BlockDevice;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::storm::NotifyStorm;
 
 /// A running block worker; dropping it stops the thread.
 pub struct BlockThread {
@@ -65,11 +65,6 @@ impl Drop for BlockThread {
     }
 }
 
-/// Notifications in a second, a hundred times more than requests served,
-/// that stop the VM: a driver notifies once per batch of requests; a guest
-/// notifying in a loop costs the host an exit and a wake-up each.
-const NOTIFY_STORM: u64 = 50_000;
-
 fn run(
     transport: &Mutex<MmioTransport<BlockDevice>>,
     notified: &EventFd,
@@ -77,8 +72,8 @@ fn run(
     wake_guest: &EventFd,
     stop_reason: &Mutex<Option<String>>,
 ) {
-    // The current second: its start, notifications, requests served.
-    let mut window = (Instant::now(), 0u64, 0u64);
+    let mut storm = NotifyStorm::new("block", "requests");
+    let mut served_total = 0u64;
     let mut fds = [
         libc::pollfd { fd: notified.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: stop.as_raw_fd(), events: libc::POLLIN, revents: 0 },
@@ -97,49 +92,39 @@ fn run(
             return;
         }
         let count = notified.read().unwrap_or(0);
-        if window.0.elapsed() >= Duration::from_secs(1) {
-            window = (Instant::now(), 0, 0);
-        }
-        window.1 += count;
         let Ok(mut t) = transport.lock() else { return };
         t.add_notifications(count);
-        let mut served = 0;
-        loop {
-            let device = t.device_mut();
-            match device.process_queue() {
-                Ok(0) => match device.enable_notification() {
-                    // Requests slipped in while notifications were off.
-                    Ok(true) => continue,
-                    Ok(false) => break,
-                    Err(fault) => {
-                        eprintln!("mqvisor: virtio-blk: {fault}; the device needs a reset");
-                        t.set_needs_reset();
-                        break;
-                    }
-                },
-                Ok(n) => served += n,
-                Err(fault) => {
-                    eprintln!("mqvisor: virtio-blk: {fault}; the device needs a reset");
-                    t.set_needs_reset();
-                    break;
-                }
-            }
-        }
+        let served = serve_all(&mut t);
         drop(t);
-        window.2 += served as u64;
-        if window.1 > NOTIFY_STORM && window.1 > window.2.saturating_add(1).saturating_mul(100) {
-            if let Ok(mut reason) = stop_reason.lock() {
-                reason.get_or_insert_with(|| {
-                    format!(
-                        "the guest notified its block device {} times in under a second with {} requests; stopping it",
-                        window.1, window.2
-                    )
-                });
-            }
+        served_total += served as u64;
+        if storm.notified(count, served_total, stop_reason) {
             return;
         }
         if served > 0 {
             let _ = wake_guest.write(1);
         }
     }
+}
+
+/// Serves every request available, re-arming notifications until none
+/// slipped in; a broken ring puts the device in NEEDS_RESET. Returns how
+/// many were served.
+fn serve_all(t: &mut MmioTransport<BlockDevice>) -> usize {
+    let mut served = 0;
+    let device = t.device_mut();
+    let fault = loop {
+        match device.process_queue() {
+            // Requests may slip in while notifications were off.
+            Ok(0) => match device.enable_notification() {
+                Ok(true) => {}
+                Ok(false) => return served,
+                Err(fault) => break fault,
+            },
+            Ok(n) => served += n,
+            Err(fault) => break fault,
+        }
+    };
+    eprintln!("mqvisor: virtio-blk: {fault}; the device needs a reset");
+    t.set_needs_reset();
+    served
 }
