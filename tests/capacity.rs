@@ -389,6 +389,59 @@ fn small_receive_buffer(stream: &TcpStream) {
     }
 }
 
+/// Subscribers of slow/# that never read (with small receive buffers), a
+/// healthy subscriber of live/#, and a publisher for both.
+struct SlowFanout {
+    stuck: Vec<TcpStream>,
+    healthy: TcpStream,
+    publisher: TcpStream,
+}
+
+impl SlowFanout {
+    fn new(vm: &RunningVm, stuck: usize) -> SlowFanout {
+        let stuck = (0..stuck)
+            .map(|i| {
+                let mut s = mqtt_connect(vm, &format!("stuck-{i}")).unwrap();
+                small_receive_buffer(&s);
+                s.write_all(&[0x82, 11, 0, 1, 0, 6, b's', b'l', b'o', b'w', b'/', b'#', 0]).unwrap();
+                assert_eq!(read_packet(&mut s).0, 0x90);
+                s
+            })
+            .collect();
+        let mut healthy = mqtt_connect(vm, "healthy").unwrap();
+        healthy.write_all(&[0x82, 11, 0, 1, 0, 6, b'l', b'i', b'v', b'e', b'/', b'#', 1]).unwrap();
+        assert_eq!(read_packet(&mut healthy).0, 0x90);
+        let publisher = mqtt_connect(vm, "firehose").unwrap();
+        SlowFanout { stuck, healthy, publisher }
+    }
+
+    /// `count` QoS 0 messages of 16 KB on slow/x.
+    fn flood(&mut self, count: usize) {
+        let mut packet = vec![0x30];
+        remaining_length(2 + 6 + 16_000, &mut packet);
+        packet.extend_from_slice(&[0, 6]);
+        packet.extend_from_slice(b"slow/x");
+        packet.extend_from_slice(&[b'z'; 16_000]);
+        for _ in 0..count {
+            self.publisher.write_all(&packet).unwrap();
+        }
+    }
+
+    /// 50 QoS 1 messages on live/x, each of which the healthy subscriber
+    /// must get before the next is sent.
+    fn healthy_is_served(&mut self) {
+        for id in 1..=50u16 {
+            let mut live = vec![0x32, 10, 0, 6];
+            live.extend_from_slice(b"live/x");
+            live.extend_from_slice(&id.to_be_bytes());
+            self.publisher.write_all(&live).unwrap();
+            let (kind, body) = read_packet(&mut self.healthy);
+            assert_eq!(kind & 0xf0, 0x30, "message {id} reached the healthy subscriber");
+            self.healthy.write_all(&[0x40, 2, body[8], body[9]]).unwrap();
+        }
+    }
+}
+
 #[test]
 fn subscribers_that_never_read_cannot_stop_the_tenant() {
     if !kvm_available("subscribers_that_never_read_cannot_stop_the_tenant") {
@@ -397,47 +450,18 @@ fn subscribers_that_never_read_cannot_stop_the_tenant() {
     raise_fd_limit();
     let vm = RunningVm::start(&["--timeout", "120", "--stats"]);
     let rss_before = vm.rss_kib();
-    // 200 subscribers of slow/# that never read.
-    let mut stuck = Vec::new();
-    for i in 0..200 {
-        let mut s = mqtt_connect(&vm, &format!("stuck-{i}")).unwrap();
-        small_receive_buffer(&s);
-        s.write_all(&[0x82, 11, 0, 1, 0, 6, b's', b'l', b'o', b'w', b'/', b'#', 0]).unwrap();
-        assert_eq!(read_packet(&mut s).0, 0x90);
-        stuck.push(s);
-    }
-    // A healthy subscriber of live/#.
-    let mut healthy = mqtt_connect(&vm, "healthy").unwrap();
-    healthy.write_all(&[0x82, 11, 0, 1, 0, 6, b'l', b'i', b'v', b'e', b'/', b'#', 1]).unwrap();
-    assert_eq!(read_packet(&mut healthy).0, 0x90);
-    // 16 KB messages for the stuck ones until their buffers are full many
-    // times over (QoS 0: the publisher is never held back).
-    let mut publisher = mqtt_connect(&vm, "firehose").unwrap();
-    let mut packet = vec![0x30];
-    remaining_length(2 + 6 + 16_000, &mut packet);
-    packet.extend_from_slice(&[0, 6]);
-    packet.extend_from_slice(b"slow/x");
-    packet.extend_from_slice(&[b'z'; 16_000]);
-    for _ in 0..200 {
-        publisher.write_all(&packet).unwrap();
-    }
-    // The healthy subscriber is still served, message after message.
-    for i in 0..50u16 {
-        let id = i + 1;
-        let mut live = vec![0x32, 10, 0, 6];
-        live.extend_from_slice(b"live/x");
-        live.extend_from_slice(&id.to_be_bytes());
-        publisher.write_all(&live).unwrap();
-        let (kind, body) = read_packet(&mut healthy);
-        assert_eq!(kind & 0xf0, 0x30, "message {id} reached the healthy subscriber");
-        healthy.write_all(&[0x40, 2, body[8], body[9]]).unwrap();
-    }
-    ping(&mut healthy);
+    // 200 subscribers of slow/# that never read; 16 KB messages for them
+    // until their buffers are full many times over (QoS 0: the publisher is
+    // never held back); the healthy subscriber is still served.
+    let mut fanout = SlowFanout::new(&vm, 200);
+    fanout.flood(200);
+    fanout.healthy_is_served();
+    ping(&mut fanout.healthy);
     let grown = vm.rss_kib().saturating_sub(rss_before);
     eprintln!("the VMM grew by {grown} KiB with 200 subscribers that never read");
     // Guest RAM (64 MiB) may be touched; the VMM's own buffers stay bounded.
     assert!(grown < 160 * 1024, "the VMM grew by {grown} KiB");
-    drop(stuck);
+    drop(fanout);
     let (_, stats) = vm.stop();
     eprintln!("{stats}");
 }
@@ -456,41 +480,14 @@ fn past_the_vmms_budget_for_slow_clients_the_slowest_is_shed() {
         .spawn()
         .unwrap();
     let vm = RunningVm::from_child(child, "mqvisor: tenant VM listening on ");
-    let mut stuck = Vec::new();
-    for i in 0..8 {
-        let mut s = mqtt_connect(&vm, &format!("stuck-{i}")).unwrap();
-        small_receive_buffer(&s);
-        s.write_all(&[0x82, 11, 0, 1, 0, 6, b's', b'l', b'o', b'w', b'/', b'#', 0]).unwrap();
-        assert_eq!(read_packet(&mut s).0, 0x90);
-        stuck.push(s);
-    }
-    let mut healthy = mqtt_connect(&vm, "healthy").unwrap();
-    healthy.write_all(&[0x82, 11, 0, 1, 0, 6, b'l', b'i', b'v', b'e', b'/', b'#', 1]).unwrap();
-    assert_eq!(read_packet(&mut healthy).0, 0x90);
-    let mut publisher = mqtt_connect(&vm, "firehose").unwrap();
-    let mut packet = vec![0x30];
-    remaining_length(2 + 6 + 16_000, &mut packet);
-    packet.extend_from_slice(&[0, 6]);
-    packet.extend_from_slice(b"slow/x");
-    packet.extend_from_slice(&[b'z'; 16_000]);
-    for _ in 0..400 {
-        publisher.write_all(&packet).unwrap();
-    }
-    for i in 0..50u16 {
-        let id = i + 1;
-        let mut live = vec![0x32, 10, 0, 6];
-        live.extend_from_slice(b"live/x");
-        live.extend_from_slice(&id.to_be_bytes());
-        publisher.write_all(&live).unwrap();
-        let (kind, body) = read_packet(&mut healthy);
-        assert_eq!(kind & 0xf0, 0x30, "message {id} reached the healthy subscriber");
-        healthy.write_all(&[0x40, 2, body[8], body[9]]).unwrap();
-    }
+    let mut fanout = SlowFanout::new(&vm, 8);
+    fanout.flood(400);
+    fanout.healthy_is_served();
     // A shed client's connection was reset: once it has read the little
     // its small buffer held, the next read says so; a live one keeps
     // getting bytes (up to a cap, to keep this short).
     let mut reset = 0;
-    for s in &mut stuck {
+    for s in &mut fanout.stuck {
         s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut buf = [0u8; 4096];
         let mut taken = 0;
