@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::wire::{connect_packet, read_packet, remaining_length};
+use common::wire::{self, connect_packet, puback_code, read_packet, remaining_length};
 use common::{RunningVm, kvm_available};
 
 /// Connects, sends CONNECT and waits for a successful CONNACK.
@@ -183,23 +183,6 @@ fn mqtt5_connect(vm: &RunningVm, client_id: &str) -> TcpStream {
     stream
 }
 
-/// An MQTT 5 PUBLISH at QoS 1, retained when asked.
-fn publish5(topic: &str, payload: &[u8], packet_id: u16, retain: bool) -> Vec<u8> {
-    let mut packet = vec![0x32 | u8::from(retain)];
-    remaining_length(2 + topic.len() + 2 + 1 + payload.len(), &mut packet);
-    packet.extend_from_slice(&u16::try_from(topic.len()).unwrap().to_be_bytes());
-    packet.extend_from_slice(topic.as_bytes());
-    packet.extend_from_slice(&packet_id.to_be_bytes());
-    packet.push(0); // no properties
-    packet.extend_from_slice(payload);
-    packet
-}
-
-/// The reason code of a v5 PUBACK body (absent: success).
-fn puback_code(body: &[u8]) -> u8 {
-    body.get(2).copied().unwrap_or(0)
-}
-
 #[test]
 fn a_retained_flood_meets_quota_refusals_not_a_crash() {
     if !kvm_available("a_retained_flood_meets_quota_refusals_not_a_crash") {
@@ -217,7 +200,7 @@ fn a_retained_flood_meets_quota_refusals_not_a_crash() {
     let (mut accepted, mut refused) = (0u32, 0u32);
     for i in 0..20_000u32 {
         let id = u16::try_from(i % 60_000 + 1).unwrap();
-        flooder.write_all(&publish5(&format!("flood/{i}"), &payload, id, true)).unwrap();
+        flooder.write_all(&wire::publish_v5(&format!("flood/{i}"), &payload, 1, id, true)).unwrap();
         let (kind, body) = read_packet(&mut flooder);
         assert_eq!(kind, 0x40, "PUBACK");
         match puback_code(&body) {
@@ -234,7 +217,7 @@ fn a_retained_flood_meets_quota_refusals_not_a_crash() {
     assert!(refused >= 100, "no quota refusal after {accepted} retained messages");
     // The VM is alive and everyone connected is served: retained messages
     // have their own bound, so live traffic still flows.
-    bystander.write_all(&publish5("news", b"still here", 1, false)).unwrap();
+    bystander.write_all(&wire::publish_v5("news", b"still here", 1, 1, false)).unwrap();
     let mut got_message = false;
     for _ in 0..2 {
         let (kind, body) = read_packet(&mut bystander);
@@ -276,7 +259,7 @@ fn an_offline_session_flood_is_bounded_and_what_was_kept_is_delivered() {
     let (mut accepted, mut refused) = (0u32, 0u32);
     for i in 0..1500u32 {
         let id = u16::try_from(i + 1).unwrap();
-        publisher.write_all(&publish5(&format!("off/{i}"), &payload, id, false)).unwrap();
+        publisher.write_all(&wire::publish_v5(&format!("off/{i}"), &payload, 1, id, false)).unwrap();
         let (kind, body) = read_packet(&mut publisher);
         assert_eq!(kind, 0x40, "PUBACK");
         match puback_code(&body) {
@@ -306,7 +289,7 @@ fn an_offline_session_flood_is_bounded_and_what_was_kept_is_delivered() {
     }
     // The broker is still serving: memory came back once the queue drained.
     ping(&mut publisher);
-    publisher.write_all(&publish5("off/after", b"small", 9999, false)).unwrap();
+    publisher.write_all(&wire::publish_v5("off/after", b"small", 1, 9999, false)).unwrap();
     let (kind, body) = read_packet(&mut publisher);
     assert_eq!((kind, puback_code(&body)), (0x40, 0), "a publish after the drain is accepted");
 }

@@ -326,22 +326,6 @@ fn compaction_keeps_the_state_file_bounded_under_retained_updates() {
     let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }
 
-/// A v5 PUBLISH (no properties).
-fn publish_v5(topic: &str, payload: &[u8], qos: u8, packet_id: u16, retain: bool) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&u16::try_from(topic.len()).unwrap().to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
-    if qos > 0 {
-        body.extend_from_slice(&packet_id.to_be_bytes());
-    }
-    body.push(0);
-    body.extend_from_slice(payload);
-    let mut packet = vec![0x30 | qos << 1 | u8::from(retain)];
-    wire::remaining_length(body.len(), &mut packet);
-    packet.extend_from_slice(&body);
-    packet
-}
-
 #[test]
 fn a_full_disk_refuses_durable_publishes_and_keeps_serving_readers() {
     use std::os::unix::process::CommandExt;
@@ -379,7 +363,7 @@ fn a_full_disk_refuses_durable_publishes_and_keeps_serving_readers() {
     let mut withdrawn = 0;
     let refused = loop {
         let id = u16::try_from(accepted % 60_000 + 1).unwrap();
-        writer.write_all(&publish_v5(&format!("r/{accepted}"), &payload, 1, id, true)).unwrap();
+        writer.write_all(&wire::publish_v5(&format!("r/{accepted}"), &payload, 1, id, true)).unwrap();
         // The publish whose commit failed is never acknowledged: its
         // connection ends instead, and the client comes back.
         let Ok((header, body)) = try_read_packet(&mut writer) else {
@@ -390,7 +374,7 @@ fn a_full_disk_refuses_durable_publishes_and_keeps_serving_readers() {
         };
         assert_eq!(header >> 4, 4, "PUBACK");
         // Below 0x80 is success (0x10: no matching subscribers).
-        let code = body.get(2).copied().unwrap_or(0);
+        let code = wire::puback_code(&body);
         if code >= 0x80 {
             break code;
         }
@@ -402,7 +386,7 @@ fn a_full_disk_refuses_durable_publishes_and_keeps_serving_readers() {
     assert!(accepted > 10, "the disk took messages before it filled: {accepted}");
 
     // Readers are still served, with QoS 0 traffic that needs no disk.
-    writer.write_all(&publish_v5("live", b"still here", 0, 0, false)).unwrap();
+    writer.write_all(&wire::publish_v5("live", b"still here", 0, 0, false)).unwrap();
     reader.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let (header, body) = read_packet(&mut reader);
     assert_eq!(header >> 4, 3);

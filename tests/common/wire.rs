@@ -63,6 +63,26 @@ pub fn publish(topic: &str, payload: &[u8], qos: u8, packet_id: u16, retain: boo
     packet
 }
 
+/// A v5 PUBLISH without properties; `packet_id` is required above QoS 0.
+pub fn publish_v5(topic: &str, payload: &[u8], qos: u8, packet_id: u16, retain: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_str(&mut body, topic.as_bytes());
+    if qos > 0 {
+        body.extend_from_slice(&packet_id.to_be_bytes());
+    }
+    body.push(0); // no properties
+    body.extend_from_slice(payload);
+    let mut packet = vec![0x30 | qos << 1 | u8::from(retain)];
+    remaining_length(body.len(), &mut packet);
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// The reason code of a v5 PUBACK body (absent: success).
+pub fn puback_code(body: &[u8]) -> u8 {
+    body.get(2).copied().unwrap_or(0)
+}
+
 /// A v3.1.1 SUBSCRIBE to one filter.
 pub fn subscribe(filter: &str, qos: u8, packet_id: u16) -> Vec<u8> {
     let mut body = packet_id.to_be_bytes().to_vec();
