@@ -45,21 +45,16 @@ impl Retained {
     /// Stores `p` for its topic, or deletes the topic's message when the
     /// payload is empty (MQTT 3.3.1.3).
     pub(super) fn set(&mut self, p: &Publish, expires_at: Option<u64>) {
-        self.set_owned(p.clone(), expires_at);
-    }
-
-    /// [`Retained::set`] for a message the caller gives away (a restart
-    /// sets a million of these: one walk of the tree each, no copy).
-    pub(super) fn set_owned(&mut self, p: Publish, expires_at: Option<u64>) {
         if p.payload.is_empty() {
             if let Some(old) = self.by_topic.remove(&p.topic) {
                 self.bytes -= size(&old.publish);
             }
             return;
         }
-        self.bytes += size(&p);
-        let topic = p.topic.clone();
-        if let Some(old) = self.by_topic.insert(topic, Queued { publish: p, expires_at, seq: 0 }) {
+        self.bytes += size(p);
+        // One walk of the tree, not a removal and an insertion.
+        let message = Queued { publish: p.clone(), expires_at, seq: 0 };
+        if let Some(old) = self.by_topic.insert(p.topic.clone(), message) {
             self.bytes -= size(&old.publish);
         }
     }
