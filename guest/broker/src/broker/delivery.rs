@@ -265,6 +265,10 @@ impl Broker {
 
     /// Logs that the messages numbered `seqs` need no delivery any more.
     fn log_done(&mut self, key: SessionKey, seqs: &[u64]) {
+        // Called on every pump and acknowledgement: nothing logged, no lookup.
+        if seqs.iter().all(|&seq| seq == 0) {
+            return;
+        }
         let Some(session) = self.sessions.get(&key).filter(|s| s.persisted) else { return };
         let client_id = session.client_id.clone();
         for &seq in seqs.iter().filter(|&&seq| seq > 0) {
