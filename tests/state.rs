@@ -403,3 +403,48 @@ fn a_full_disk_refuses_durable_publishes_and_keeps_serving_readers() {
     assert!(!stderr.contains("I/O errors 0"), "{stderr}");
     let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }
+
+#[test]
+fn state_settings_that_cannot_work_are_refused_before_the_vm_starts() {
+    let dir = state_path("settings");
+    let small = dir.with_file_name("small.state");
+    std::fs::write(&small, vec![0u8; 1 << 20]).unwrap();
+    let run = |args: &[&str]| {
+        let mut all = vec!["--service", "mqtt", "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        common::run_vm(&all)
+    };
+    common::assert_fails_with(&run(&["--persistence", "sync"]), 125, "--persistence sync or batch needs --state PATH");
+    let missing_dir = dir.with_file_name("no/such/dir/x.state");
+    common::assert_fails_with(&run(&["--state", missing_dir.to_str().unwrap()]), 125, "cannot open the state file");
+    common::assert_fails_with(&run(&["--state", small.to_str().unwrap()]), 125, "a state file is at least 4 MiB");
+    let echo = common::run_vm(&["--service", "echo", "--listen", "127.0.0.1:0", "--state", dir.to_str().unwrap()]);
+    common::assert_fails_with(&echo, 125, "--state is only for --service mqtt");
+    let _ = std::fs::remove_dir_all(dir.parent().unwrap());
+}
+
+#[test]
+fn a_file_that_is_not_a_state_file_is_refused_and_left_alone() {
+    if !kvm_available("a_file_that_is_not_a_state_file_is_refused_and_left_alone") {
+        return;
+    }
+    let state = state_path("foreign");
+    let foreign: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(&state, &foreign).unwrap();
+    let checked = common::mqvisor().arg("state-check").arg(&state).output().unwrap();
+    assert_eq!(checked.status.code(), Some(1));
+    assert!(
+        common::stderr(&checked).contains("does not start with a state superblock"),
+        "{}",
+        common::stderr(&checked)
+    );
+    let out = common::mqvisor()
+        .args(["run", "--listen", "127.0.0.1:0", "--timeout", "60", "--state", state.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = common::stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(stderr.contains("does not start with a state superblock"), "{stderr}");
+    assert_eq!(std::fs::read(&state).unwrap(), foreign, "the file is not touched");
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}

@@ -285,6 +285,10 @@ mod tests {
         assert!(err("state_dir = \"s\"\n[tenants.a]\nmemory = 0").contains("memory must be"));
         assert!(err("state_dir = \"s\"\n[tenants.a]\nidle_stop_after = -1").contains("idle_stop_after must be"));
         assert!(
+            err("state_dir = \"s\"\n[tenants.a]\npersistence = \"always\"")
+                .contains("persistence must be \"sync\", \"batch\" or \"off\"")
+        );
+        assert!(
             err("state_dir = \"s\"\n[defaults]\nlisten = \"127.0.0.1:1\"").contains("[defaults] cannot set listen")
         );
         assert!(err("state_dir = \"s\"\n[tenants.a]\npassword_file = \"missing\"").contains("tenant a"));
