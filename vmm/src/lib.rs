@@ -8,10 +8,12 @@
 //! [`devices`] emulates the virtio-mmio transport and the virtio-net device;
 //! [`net`] is the host end of the virtual link (host TCP/IP and the proxy
 //! that carries client connections into the guest); [`vcpu`] runs the vCPU
-//! and turns every exit into an outcome; [`vm`] puts a VM together. The boot
+//! and turns every exit into an outcome; [`vm`] puts a VM together; [`cgroup`]
+//! holds a VMM process to its resource limits. The boot
 //! ABI shared with the guest is the `mqvisor-boot-abi` crate.
 
 pub mod arch;
+pub mod cgroup;
 pub mod devices;
 pub mod image;
 pub mod net;

@@ -12,7 +12,8 @@
 //! - `disk-notify-storm`: the same at the virtio-blk device (with `--state`);
 //! - `unmapped-mmio`: a write where no device is;
 //! - `busy-loop`: spinning forever without WAIT;
-//! - `garbage-config`: config-space reads at every offset and width.
+//! - `garbage-config`: config-space reads at every offset and width;
+//! - `fill-memory`: touching every page of guest RAM, then parking.
 //!
 //! Must stay small and obvious: it is test equipment, not product.
 #![no_std]
@@ -136,7 +137,7 @@ fn park_ms(ms: u64) {
     paravirt::wait_ns(ms * 1_000_000);
 }
 
-fn attack(name: &str, base: u64, disk: Option<u64>, heap: u64, ram: u64) -> ! {
+fn attack(name: &str, base: u64, disk: Option<u64>, heap: u64, heap_end: u64, ram: u64) -> ! {
     let tx_desc = rings_in(heap)(TX).0;
     let buffer = heap + 0x8000;
     match name {
@@ -202,6 +203,17 @@ fn attack(name: &str, base: u64, disk: Option<u64>, heap: u64, ram: u64) -> ! {
             }
             park_ms(1);
         },
+        "fill-memory" => {
+            // Every page becomes host memory of the VMM; only a memory limit
+            // (or --memory) bounds it.
+            for page in (heap..heap_end).step_by(layout::PAGE_SIZE as usize) {
+                poke(page, 0xa5u8);
+            }
+            paravirt::console_write(b"hostile guest: every page touched\n");
+            loop {
+                park_ms(1000);
+            }
+        }
         _ => paravirt::exit(2, b"unknown attack"),
     }
 }
@@ -222,7 +234,8 @@ extern "C" fn _start(boot_info: *const BootInfo) -> ! {
     };
     let disk = info.devices().iter().find(|d| d.kind == device_kind::VIRTIO_BLK).map(|d| d.base);
     paravirt::console_write(b"hostile guest: attacking\n");
-    attack(name, net.base, disk, info.heap_start.next_multiple_of(layout::PAGE_SIZE), info.ram_size)
+    let heap = info.heap_start.next_multiple_of(layout::PAGE_SIZE);
+    attack(name, net.base, disk, heap, info.heap_end, info.ram_size)
 }
 
 #[panic_handler]

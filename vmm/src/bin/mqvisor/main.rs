@@ -201,6 +201,21 @@ struct RunArgs {
     /// as PATH.corrupt)
     #[arg(long, requires = "state")]
     discard_corrupt_state: bool,
+    /// Hold the VM to this many CPUs' time (0.5: half of one CPU), through a
+    /// control group; a guest that spins is throttled, not stopped [default: no limit]
+    #[arg(long, value_name = "N", help_heading = "Resource limits (root, or a delegated cgroup)")]
+    cpus: Option<f64>,
+    /// Hold the whole VMM process, guest RAM as the guest touches it
+    /// included, to this many MiB; past it the kernel kills the VMM [default: no limit]
+    #[arg(long, value_name = "MIB", help_heading = "Resource limits (root, or a delegated cgroup)")]
+    memory_limit: Option<u64>,
+    /// Hold the VMM to this many tasks (it runs 4 threads) [default: no limit]
+    #[arg(long, value_name = "N", help_heading = "Resource limits (root, or a delegated cgroup)")]
+    pids_limit: Option<u32>,
+    /// Join this control group directory, made by `mqvisor serve` with the
+    /// tenant's limits (internal)
+    #[arg(long, value_name = "DIR", hide = true, conflicts_with_all = ["cpus", "memory_limit", "pids_limit"])]
+    cgroup: Vec<PathBuf>,
     #[command(flatten)]
     broker: BrokerFlags,
 }
@@ -360,6 +375,10 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
+    if let Err(e) = enter_cgroup(&args) {
+        eprintln!("mqvisor: {e}");
+        return ExitCode::from(EXIT_SETUP_FAILED);
+    }
     let state = match open_state(&args) {
         Ok(state) => state,
         Err(e) => {
@@ -423,6 +442,30 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(EXIT_TIMED_OUT)
         }
     }
+}
+
+/// Moves this process into its control group, made here from the limit
+/// flags or by `mqvisor serve` (`--cgroup`), before any guest memory is
+/// touched or thread started: both are charged where they begin.
+fn enter_cgroup(args: &RunArgs) -> Result<(), String> {
+    use mqvisor::cgroup::{Group, Limits};
+    let limits = Limits { cpus: args.cpus, memory_mib: args.memory_limit, pids: args.pids_limit };
+    let group = if !args.cgroup.is_empty() {
+        Group { dirs: args.cgroup.clone() }
+    } else if limits.is_empty() {
+        return Ok(());
+    } else {
+        let group = Group::create(&format!("run-{}", std::process::id()), &limits).map_err(|e| e.to_string())?;
+        if let Some(limit) = args.memory_limit.filter(|&limit| limit <= u64::from(args.memory)) {
+            eprintln!(
+                "mqvisor: note: --memory-limit {limit} MiB is not above guest RAM ({} MiB): the kernel kills \
+                 the VMM if the guest touches that much",
+                args.memory
+            );
+        }
+        group
+    };
+    group.join().map_err(|e| e.to_string())
 }
 
 /// Opens (or creates, sparse, at `--state-size`) the state file, when

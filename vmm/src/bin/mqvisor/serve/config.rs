@@ -18,6 +18,9 @@
 //! password_file = "acme.passwd"
 //! idle_stop_after = 600         # stop its VM after 10 idle minutes
 //! persistence = "sync"          # or "batch", or "off" (state in RAM only)
+//! cpus = 0.5                    # limits of its VMM process (cgroups)
+//! memory_limit = 128            # MiB, guest RAM included
+//! pids_limit = 16
 //!
 //! [tenants.globex]
 //! listen = "127.0.0.1:1884"   # also reachable without a prefix here
@@ -26,6 +29,8 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+use mqvisor::cgroup::Limits;
 
 use crate::settings::BrokerFlags;
 
@@ -55,6 +60,7 @@ pub struct Defaults {
     idle_stop_after: Option<std::time::Duration>,
     user: Option<String>,
     persistence: Option<&'static str>,
+    limits: Limits,
     broker: BrokerFlags,
 }
 
@@ -70,7 +76,12 @@ impl Defaults {
         let idle_stop_after = own.idle_stop_after.or(self.idle_stop_after);
         let user = own.user.or_else(|| self.user.clone());
         let persistence = own.persistence.or(self.persistence).unwrap_or("sync");
-        Ok(TenantConfig { memory_mib, listen: own.listen, idle_stop_after, user, persistence, broker })
+        let limits = Limits {
+            cpus: own.limits.cpus.or(self.limits.cpus),
+            memory_mib: own.limits.memory_mib.or(self.limits.memory_mib),
+            pids: own.limits.pids.or(self.limits.pids),
+        };
+        Ok(TenantConfig { memory_mib, listen: own.listen, idle_stop_after, user, persistence, limits, broker })
     }
 }
 
@@ -88,6 +99,8 @@ pub struct TenantConfig {
     /// `mqvisor run --persistence` for its state file in `state_dir`:
     /// `sync` (the default), `batch` or `off`.
     pub persistence: &'static str,
+    /// Its VMM process's CPU, memory and task limits (a cgroup each).
+    pub limits: Limits,
     /// Broker settings, paths absolute, checked.
     pub broker: BrokerFlags,
 }
@@ -120,6 +133,7 @@ struct Extra {
     idle_stop_after: Option<std::time::Duration>,
     user: Option<String>,
     persistence: Option<&'static str>,
+    limits: Limits,
     broker: BrokerFlags,
 }
 
@@ -151,6 +165,18 @@ fn extra(table: toml::Table, base: &Path, context: &str) -> Result<Extra, String
     let persistence = take(&mut table, "persistence", context, "\"sync\", \"batch\" or \"off\"", |v| {
         ["sync", "batch", "off"].into_iter().find(|mode| v.as_str() == Some(mode))
     })?;
+    let limits = Limits {
+        cpus: take(&mut table, "cpus", context, "a number of CPUs like 0.5", |v| {
+            v.as_float().or_else(|| v.as_integer().map(|n| n as f64))
+        })?,
+        memory_mib: take(&mut table, "memory_limit", context, "a positive number of MiB", |v| {
+            positive(v).and_then(|n| u64::try_from(n).ok())
+        })?,
+        pids: take(&mut table, "pids_limit", context, "a positive number of tasks", |v| {
+            positive(v).and_then(|n| u32::try_from(n).ok())
+        })?,
+    };
+    limits.validate().map_err(|e| format!("{context}: {e}"))?;
     if let Some(name) = &user {
         mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
     }
@@ -160,7 +186,7 @@ fn extra(table: toml::Table, base: &Path, context: &str) -> Result<Extra, String
     let absolute = |p: PathBuf| std::path::absolute(base.join(&p)).unwrap_or(p);
     broker.password_file = broker.password_file.map(absolute);
     broker.acl_file = broker.acl_file.map(absolute);
-    Ok(Extra { memory, listen, idle_stop_after, user, persistence, broker })
+    Ok(Extra { memory, listen, idle_stop_after, user, persistence, limits, broker })
 }
 
 impl ServeConfig {
@@ -204,6 +230,7 @@ impl ServeConfig {
                 idle_stop_after: None,
                 user: None,
                 persistence: None,
+                limits: Limits::default(),
                 broker: BrokerFlags::default(),
             },
             Some(toml::Value::Table(t)) => extra(t, &base, "[defaults]").map_err(syntax)?,
@@ -217,6 +244,7 @@ impl ServeConfig {
             idle_stop_after: defaults.idle_stop_after,
             user: defaults.user,
             persistence: defaults.persistence,
+            limits: defaults.limits,
             broker: defaults.broker,
         };
         let tables = match root.remove("tenants") {
@@ -262,7 +290,8 @@ mod tests {
     fn defaults_apply_to_every_tenant_and_tenants_override_them() {
         let c = load(
             "state_dir = \"state\"\n[defaults]\nmemory = 96\nmax_connections = 50\n\
-             [tenants.acme]\npassword_file = \"acme.passwd\"\nmax_connections = 7\n\
+             cpus = 1\nmemory_limit = 128\npids_limit = 16\n\
+             [tenants.acme]\npassword_file = \"acme.passwd\"\nmax_connections = 7\ncpus = 0.5\n\
              [tenants.globex]\nlisten = \"127.0.0.1:1884\"\n",
         )
         .unwrap();
@@ -270,9 +299,11 @@ mod tests {
         let acme = &c.tenants["acme"];
         assert_eq!((acme.memory_mib, acme.broker.max_connections), (96, Some(7)));
         assert!(acme.broker.password_file.as_ref().unwrap().is_absolute());
+        assert_eq!(acme.limits, Limits { cpus: Some(0.5), memory_mib: Some(128), pids: Some(16) });
         let globex = &c.tenants["globex"];
         assert_eq!(globex.broker.max_connections, Some(50));
         assert_eq!(globex.listen, Some(SocketAddr::from(([127, 0, 0, 1], 1884))));
+        assert_eq!(globex.limits, Limits { cpus: Some(1.0), memory_mib: Some(128), pids: Some(16) });
     }
 
     #[test]
@@ -293,5 +324,9 @@ mod tests {
         );
         assert!(err("state_dir = \"s\"\n[tenants.a]\npassword_file = \"missing\"").contains("tenant a"));
         assert!(err("state_dir = \"s\"\nlisen = 1").contains("unknown key \"lisen\""));
+        assert!(err("state_dir = \"s\"\n[tenants.a]\ncpus = 0").contains("cpus must be at least"));
+        assert!(err("state_dir = \"s\"\n[tenants.a]\ncpus = \"half\"").contains("cpus must be a number"));
+        assert!(err("state_dir = \"s\"\n[tenants.a]\nmemory_limit = 8").contains("at least 16 MiB"));
+        assert!(err("state_dir = \"s\"\n[defaults]\npids_limit = 2").contains("[defaults]: the task limit"));
     }
 }

@@ -43,6 +43,8 @@ pub enum ServeError {
     #[error("state directory {path}: {source}")]
     State { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
+    Tenant(String),
+    #[error("{0}")]
     Runtime(std::io::Error),
 }
 
@@ -108,7 +110,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
         .map_err(|e| ServeError::State { path: config.state_dir.clone(), source: std::io::Error::other(e) })?;
     let mut tenants = BTreeMap::new();
     for (name, tenant) in &config.tenants {
-        tenants.insert(name.clone(), Tenant::new(name, tenant.clone(), &config.state_dir).map_err(state_error)?);
+        tenants.insert(name.clone(), Tenant::new(name, tenant.clone(), &config.state_dir).map_err(ServeError::Tenant)?);
     }
     let (routed_tx, mut routed) = mpsc::unbounded_channel::<Routed>();
     let names: Names = std::sync::Arc::new(std::sync::RwLock::new(config.tenants.keys().cloned().collect()));
@@ -205,6 +207,10 @@ async fn run(mut config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
     // Let the tenants close their clients cleanly before the daemon goes
     // (their processes die with it otherwise).
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let releases: Vec<_> = tenants.into_values().map(|t| tokio::spawn(t.release_group())).collect();
+    for release in releases {
+        let _ = release.await;
+    }
     Ok(())
 }
 
@@ -228,7 +234,7 @@ fn add_tenant(
     if tenant_config.listen.is_some() {
         return Err(format!("tenant {name}: a port of its own can only be set in the configuration file"));
     }
-    let tenant = Tenant::new(name, tenant_config, &config.state_dir).map_err(|e| e.to_string())?;
+    let tenant = Tenant::new(name, tenant_config, &config.state_dir)?;
     changes.add(name, table).map_err(|e| format!("keeping the tenant: {e}"))?;
     tenants.insert(name.to_string(), tenant);
     if let Ok(mut names) = names.write() {

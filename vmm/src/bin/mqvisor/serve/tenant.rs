@@ -13,6 +13,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use mqvisor::cgroup::Group;
 use mqvisor::net::proxy::LoadReport;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -67,6 +68,10 @@ pub struct Tenant {
     settings_file: PathBuf,
     /// Its durable state (`mqvisor run --state`), unless persistence is off.
     state_file: PathBuf,
+    /// The control group its processes run in, with its limits (if it has any).
+    group: Option<Group>,
+    /// Processes of it the kernel killed at its memory limit, counted so far.
+    oom_kills: u64,
     process: Option<Process>,
     pub state: State,
     pub boots: u64,
@@ -85,19 +90,27 @@ pub struct Tenant {
 }
 
 impl Tenant {
-    /// A stopped tenant whose broker settings are written to `state_dir`.
-    pub fn new(name: &str, config: TenantConfig, state_dir: &Path) -> std::io::Result<Tenant> {
+    /// A stopped tenant whose broker settings are written to `state_dir`,
+    /// with its control group made when it has limits.
+    pub fn new(name: &str, config: TenantConfig, state_dir: &Path) -> Result<Tenant, String> {
         let dir = state_dir.join("tenants");
-        std::fs::create_dir_all(&dir)?;
         let settings_file = dir.join(format!("{name}.toml"));
         let state_file = dir.join(format!("{name}.state"));
-        let text = toml::to_string(&config.broker).map_err(std::io::Error::other)?;
-        std::fs::write(&settings_file, text)?;
+        let text = toml::to_string(&config.broker).map_err(|e| format!("tenant {name}: {e}"))?;
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::write(&settings_file, text))
+            .map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
+        let group = (!config.limits.is_empty())
+            .then(|| Group::create(&format!("serve-{}-{name}", std::process::id()), &config.limits))
+            .transpose()
+            .map_err(|e| format!("tenant {name}: resource limits: {e}"))?;
         Ok(Tenant {
             name: name.to_string(),
             config,
             settings_file,
             state_file,
+            group,
+            oom_kills: 0,
             process: None,
             state: State::Stopped,
             boots: 0,
@@ -225,6 +238,9 @@ impl Tenant {
             .arg(&self.settings_file)
             .args(self.config.user.iter().flat_map(|user| ["--user", user.as_str()]))
             .args(["--persistence", self.config.persistence]);
+        for dir in self.group.iter().flat_map(|group| &group.dirs) {
+            command.arg("--cgroup").arg(dir);
+        }
         if self.config.persistence != "off" {
             command.arg("--state").arg(&self.state_file);
         }
@@ -283,10 +299,16 @@ impl Tenant {
         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         self.state = State::Crashed;
         self.restart_at = Some(Instant::now() + delay);
-        let status = match status {
+        let mut status = match status {
             Ok(status) => status.to_string(),
             Err(e) => e.to_string(),
         };
+        let oom_kills = self.group.as_ref().map_or(0, |group| group.usage().oom_kills);
+        if oom_kills > self.oom_kills {
+            self.oom_kills = oom_kills;
+            let limit = self.config.limits.memory_mib.unwrap_or(0);
+            status = format!("{status}: killed by the kernel at its memory limit ({limit} MiB)");
+        }
         tracing::warn!(tenant = %self.name, pid, %status, restart_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "crashed");
     }
 
@@ -318,6 +340,23 @@ impl Tenant {
     pub fn remove(mut self) {
         self.stop();
         let _ = std::fs::remove_file(&self.state_file);
+        tokio::spawn(self.release_group());
+    }
+
+    /// Removes its control group once its last process has gone (a stopped
+    /// process takes a moment to exit); one left behind is swept when the
+    /// next group is made.
+    pub fn release_group(mut self) -> impl std::future::Future<Output = ()> {
+        let group = self.group.take();
+        async move {
+            let Some(group) = group else { return };
+            for _ in 0..40 {
+                if group.remove() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
     }
 
     pub fn stop(&mut self) {

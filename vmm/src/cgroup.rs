@@ -1,0 +1,407 @@
+//! Per-VM resource limits through the kernel's control groups: CPU time (a
+//! CFS quota), memory (guest RAM as the guest touches it, plus the VMM's
+//! own) and tasks.
+//!
+//! Owns finding where groups can be made (cgroup v2 when it has the
+//! controllers a limit needs, else the v1 hierarchies of `cpu`, `memory` and
+//! `pids`), making one group per VM under `mqvisor/` below the caller's own
+//! group (so limits set above still apply), writing its limits, moving a
+//! process in, reading what the kernel counted, and removing groups whose
+//! VMM is gone. Must be joined before the VMM maps guest memory or starts a
+//! thread: memory is charged to the group it is touched in, and a thread
+//! starts in its creator's group. Never kills anything itself: the kernel
+//! enforces the limits.
+//!
+//! A handful of files are written, so this is done by hand rather than
+//! through a general cgroup crate.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+
+/// The CFS period a CPU quota is expressed in, microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+/// Smallest CPU share accepted: the kernel's smallest quota is 1 ms.
+pub const MIN_CPUS: f64 = 0.01;
+/// Smallest memory limit accepted, MiB: below it the VMM cannot start.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// Smallest task limit accepted: the VMM's own threads (main, vCPU, net,
+/// block) must fit.
+pub const MIN_PIDS: u32 = 4;
+/// The directory, below the caller's group, that holds the VMs' groups.
+const BASE: &str = "mqvisor";
+
+/// What one VM may use; `None` is no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Limits {
+    /// CPU time as a number of CPUs (0.5: half of one CPU's time).
+    pub cpus: Option<f64>,
+    /// Memory of the whole VMM process, MiB.
+    pub memory_mib: Option<u64>,
+    /// Tasks (processes and threads).
+    pub pids: Option<u32>,
+}
+
+/// Why a group could not be made or joined.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cpus must be at least {MIN_CPUS} (got {0})")]
+    Cpus(f64),
+    #[error("the memory limit must be at least {MIN_MEMORY_MIB} MiB (got {0})")]
+    Memory(u64),
+    #[error("the task limit must be at least {MIN_PIDS}, the VMM's own threads (got {0})")]
+    Pids(u32),
+    #[error(
+        "this host has no cgroup controller `{0}`: cgroup v2 does not offer it and no v1 hierarchy mounts it \
+         (see docs/security.md, \"Resource limits\")"
+    )]
+    NoController(&'static str),
+    #[error(
+        "cgroup v2: {0} holds other processes, so it cannot share `{1}` out to groups below it; start mqvisor \
+         as the only process of a delegated group (systemd: Delegate=yes)"
+    )]
+    Busy(PathBuf, &'static str),
+    #[error("{}: {source} (limits need root, or a group delegated to this user)", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io { path: path.to_path_buf(), source }
+}
+
+impl Limits {
+    pub fn is_empty(&self) -> bool {
+        self.cpus.is_none() && self.memory_mib.is_none() && self.pids.is_none()
+    }
+
+    /// Refuses limits the kernel would refuse or the VMM cannot live within.
+    pub fn validate(&self) -> Result<(), CgroupError> {
+        match *self {
+            Limits { cpus: Some(c), .. } if !(c >= MIN_CPUS && c <= 4096.0) => Err(CgroupError::Cpus(c)),
+            Limits { memory_mib: Some(m), .. } if m < MIN_MEMORY_MIB => Err(CgroupError::Memory(m)),
+            Limits { pids: Some(p), .. } if p < MIN_PIDS => Err(CgroupError::Pids(p)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The controllers these limits need, by name.
+    fn controllers(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.cpus.is_some() {
+            names.push("cpu");
+        }
+        if self.memory_mib.is_some() {
+            names.push("memory");
+        }
+        if self.pids.is_some() {
+            names.push("pids");
+        }
+        names
+    }
+}
+
+/// One VM's group: a directory in the unified hierarchy, or one in each v1
+/// hierarchy a limit needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub dirs: Vec<PathBuf>,
+}
+
+/// What the kernel counted for a group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Periods in which the CPU quota ran out.
+    pub throttled_periods: u64,
+    /// Times the kernel's OOM killer acted in the group (its memory limit).
+    pub oom_kills: u64,
+}
+
+/// A mounted cgroup hierarchy and this process's group in it.
+struct Hierarchy {
+    /// The directory of this process's own group.
+    own: PathBuf,
+    unified: bool,
+    /// Controllers it offers (v1: those it mounts; v2: those the own group can share out).
+    controllers: Vec<String>,
+}
+
+/// Reads the cgroup hierarchies from `/proc/self/mountinfo` and `/proc/self/cgroup`.
+fn hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
+    let mountinfo = Path::new("/proc/self/mountinfo");
+    let mounts = std::fs::read_to_string(mountinfo).map_err(io(mountinfo))?;
+    let membership = Path::new("/proc/self/cgroup");
+    let groups = std::fs::read_to_string(membership).map_err(io(membership))?;
+    let mut found = Vec::new();
+    for line in mounts.lines() {
+        // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS"
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let left: Vec<&str> = left.split(' ').collect();
+        let right: Vec<&str> = right.split(' ').collect();
+        let (Some(&root), Some(&mount_point), Some(&fstype)) = (left.get(3), left.get(4), right.first()) else {
+            continue;
+        };
+        let unified = match fstype {
+            "cgroup2" => true,
+            "cgroup" => false,
+            _ => continue,
+        };
+        let mounted: Vec<String> = if unified {
+            Vec::new()
+        } else {
+            right.get(2).map_or_else(Vec::new, |o| o.split(',').map(str::to_string).collect())
+        };
+        // "ID:CONTROLLERS:PATH": v2 is ID 0 with no controllers; v1 lists the mounted ones.
+        let own_path = groups.lines().find_map(|g| {
+            let mut parts = g.splitn(3, ':');
+            let (_, listed, path) = (parts.next()?, parts.next()?, parts.next()?);
+            let matches = if unified {
+                listed.is_empty()
+            } else {
+                !listed.is_empty() && listed.split(',').all(|c| mounted.iter().any(|m| m == c))
+            };
+            matches.then(|| path.to_string())
+        });
+        let Some(own_path) = own_path else { continue };
+        // A mount may show a subtree (ROOT); the group's path is below it.
+        let relative = own_path.strip_prefix(root).unwrap_or(&own_path).trim_start_matches('/');
+        let own = Path::new(&unescape(mount_point)).join(relative);
+        let controllers = if unified {
+            std::fs::read_to_string(own.join("cgroup.controllers"))
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        } else {
+            mounted
+        };
+        found.push(Hierarchy { own, unified, controllers });
+    }
+    Ok(found)
+}
+
+/// Mount points in mountinfo escape spaces and the like as `\NNN` (octal).
+fn unescape(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn write(path: &Path, text: &str) -> Result<(), CgroupError> {
+    std::fs::write(path, text).map_err(io(path))
+}
+
+fn mkdir(path: &Path) -> Result<(), CgroupError> {
+    match std::fs::create_dir(path) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => Err(io(path)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// Lets the groups below `dir` use `controllers` (cgroup v2 only).
+fn share_out(dir: &Path, controllers: &[&'static str]) -> Result<(), CgroupError> {
+    let file = dir.join("cgroup.subtree_control");
+    for name in controllers {
+        match std::fs::write(&file, format!("+{name}")) {
+            // EBUSY: a non-root group with processes cannot share out.
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(CgroupError::Busy(dir.to_path_buf(), name));
+            }
+            other => other.map_err(io(&file))?,
+        }
+    }
+    Ok(())
+}
+
+/// The directories groups are made in, one per hierarchy used, ready for
+/// `controllers`. `leaf` names the group this process moves into when its
+/// own v2 group must be emptied first.
+fn bases(controllers: &[&'static str], leaf: &str) -> Result<Vec<PathBuf>, CgroupError> {
+    let found = hierarchies()?;
+    let offers = |h: &Hierarchy, name: &str| h.controllers.iter().any(|c| c == name);
+    if let Some(v2) = found.iter().find(|h| h.unified && controllers.iter().all(|c| offers(h, c))) {
+        let base = v2.own.join(BASE);
+        mkdir(&base)?;
+        if let Err(CgroupError::Busy(..)) = share_out(&v2.own, controllers) {
+            // Alone in a delegated group: step into a leaf below, then share out.
+            let procs = std::fs::read_to_string(v2.own.join("cgroup.procs")).unwrap_or_default();
+            if procs.split_whitespace().ne([std::process::id().to_string().as_str()]) {
+                return Err(CgroupError::Busy(v2.own.clone(), controllers[0]));
+            }
+            let own_leaf = base.join(leaf);
+            mkdir(&own_leaf)?;
+            write(&own_leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+            share_out(&v2.own, controllers)?;
+        }
+        share_out(&base, controllers)?;
+        return Ok(vec![base]);
+    }
+    let mut bases: Vec<PathBuf> = Vec::new();
+    for name in controllers {
+        let v1 = found.iter().find(|h| !h.unified && offers(h, name)).ok_or(CgroupError::NoController(name))?;
+        let base = v1.own.join(BASE);
+        if !bases.contains(&base) {
+            mkdir(&base)?;
+            bases.push(base);
+        }
+    }
+    Ok(bases)
+}
+
+/// Removes the groups of VMMs that are gone (`run-PID`, `serve-PID-...`):
+/// a VMM cannot remove its own group once it has given up root. Only empty
+/// groups can be removed, so a live one is never touched.
+fn sweep(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.split('-').nth(1)).and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        if unsafe { libc::kill(pid, 0) } != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            let _ = std::fs::remove_dir(entry.path());
+        }
+    }
+}
+
+impl Group {
+    /// Makes (or reuses) the group `name` with `limits` written. `name`
+    /// starts `run-PID` or `serve-PID`, the process that owns it, so groups
+    /// left by a killed process are removed by the next one.
+    pub fn create(name: &str, limits: &Limits) -> Result<Group, CgroupError> {
+        limits.validate()?;
+        let controllers = limits.controllers();
+        let mut dirs = Vec::new();
+        for base in bases(&controllers, name)? {
+            sweep(&base);
+            let dir = base.join(name);
+            mkdir(&dir)?;
+            dirs.push(dir);
+        }
+        let group = Group { dirs };
+        group.write_limits(limits)?;
+        Ok(group)
+    }
+
+    fn write_limits(&self, limits: &Limits) -> Result<(), CgroupError> {
+        for dir in &self.dirs {
+            let has = |file: &str| dir.join(file).exists();
+            if let Some(cpus) = limits.cpus {
+                // Rounded to whole microseconds; at least the kernel's 1 ms.
+                let quota = ((cpus * CPU_PERIOD_US as f64) as u64).max(1000);
+                if has("cpu.max") {
+                    write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+                } else if has("cpu.cfs_quota_us") {
+                    write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
+                }
+            }
+            if let Some(mib) = limits.memory_mib {
+                let bytes = (mib << 20).to_string();
+                if has("memory.max") {
+                    write(&dir.join("memory.max"), &bytes)?;
+                    // Guest RAM must not be pushed out to swap instead of the limit holding.
+                    if has("memory.swap.max") {
+                        write(&dir.join("memory.swap.max"), "0")?;
+                    }
+                } else if has("memory.limit_in_bytes") {
+                    // With swap accounting, memory+swap is held to the same
+                    // figure; it may never be below the memory limit, so it
+                    // is written on both sides of it (raising or lowering).
+                    let memsw = dir.join("memory.memsw.limit_in_bytes");
+                    let swap_too = memsw.exists();
+                    if swap_too {
+                        let _ = std::fs::write(&memsw, &bytes);
+                    }
+                    write(&dir.join("memory.limit_in_bytes"), &bytes)?;
+                    if swap_too {
+                        write(&memsw, &bytes)?;
+                    }
+                }
+            }
+            if let Some(pids) = limits.pids
+                && has("pids.max")
+            {
+                write(&dir.join("pids.max"), &pids.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves the calling process (all its threads) into the group.
+    pub fn join(&self) -> Result<(), CgroupError> {
+        for dir in &self.dirs {
+            write(&dir.join("cgroup.procs"), &std::process::id().to_string())?;
+        }
+        Ok(())
+    }
+
+    /// What the kernel counted so far (zeros for what it does not count).
+    pub fn usage(&self) -> Usage {
+        let mut usage = Usage::default();
+        let field = |text: &str, key: &str| {
+            text.lines().find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok()).unwrap_or(0)
+        };
+        for dir in &self.dirs {
+            if let Ok(text) = std::fs::read_to_string(dir.join("cpu.stat")) {
+                usage.throttled_periods += field(&text, "nr_throttled ");
+            }
+            // v2 counts in memory.events, v1 (4.13 and later) in memory.oom_control.
+            for file in ["memory.events", "memory.oom_control"] {
+                if let Ok(text) = std::fs::read_to_string(dir.join(file)) {
+                    usage.oom_kills += field(&text, "oom_kill ");
+                }
+            }
+        }
+        usage
+    }
+
+    /// Removes the group; false while a process is still in it.
+    pub fn remove(&self) -> bool {
+        self.dirs.iter().all(|dir| match std::fs::remove_dir(dir) {
+            Err(e) => e.kind() == ErrorKind::NotFound,
+            Ok(()) => true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_below_what_the_vmm_needs_are_refused() {
+        let bad = [
+            Limits { cpus: Some(0.0), ..Limits::default() },
+            Limits { cpus: Some(f64::NAN), ..Limits::default() },
+            Limits { memory_mib: Some(1), ..Limits::default() },
+            Limits { pids: Some(2), ..Limits::default() },
+        ];
+        for limits in bad {
+            assert!(limits.validate().is_err(), "{limits:?}");
+        }
+        let good = Limits { cpus: Some(0.25), memory_mib: Some(96), pids: Some(8) };
+        good.validate().unwrap();
+        assert_eq!(good.controllers(), ["cpu", "memory", "pids"]);
+        assert!(Limits::default().is_empty());
+    }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(unescape(r"/sys/fs/cgroup/a\040b"), "/sys/fs/cgroup/a b");
+        assert_eq!(unescape(r"/plain\"), r"/plain\");
+    }
+}
