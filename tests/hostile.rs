@@ -2,9 +2,12 @@
 //! default image) attacks its VMM while a healthy tenant VM serves next to
 //! it: rings outside RAM, descriptor loops, lengths near 4 GiB, a broken
 //! avail ring, a notification storm, a write where no device is, a busy
-//! loop that never parks, garbage config reads. For each, the hostile VMM
-//! must stay up (until its `--timeout`) or stop that VM with one line,
-//! never panic, log a bounded number of lines and stay within its memory.
+//! loop that never parks, garbage config reads, all of RAM touched; as
+//! root, the busy loop again under `--cpus` and the RAM filler under
+//! `--memory-limit`. For each, the hostile VMM must stay up (until its
+//! `--timeout`) or stop that VM with one line (or, past its memory limit,
+//! be killed by the kernel), never panic, log a bounded number of lines and
+//! stay within its memory.
 //! The neighbour's QoS 1 round-trip p99 before and during the attack is
 //! printed (`--nocapture`), not asserted: timing belongs to measurements.
 
@@ -12,6 +15,7 @@ mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::wire::{self, read_packet};
@@ -20,16 +24,20 @@ use common::{RunningVm, kvm_available};
 const HOSTILE: &str = env!("MQVISOR_HOSTILE_IMAGE");
 const SAMPLES: usize = 1000;
 
-const ATTACKS: [&str; 9] = [
-    "rings-outside-ram",
-    "descriptor-loop",
-    "huge-lengths",
-    "avail-overrun",
-    "notify-storm",
-    "disk-notify-storm",
-    "unmapped-mmio",
-    "busy-loop",
-    "garbage-config",
+/// Each attack, with the limits its VMM runs under.
+const ATTACKS: [(&str, &[&str]); 12] = [
+    ("rings-outside-ram", &[]),
+    ("descriptor-loop", &[]),
+    ("huge-lengths", &[]),
+    ("avail-overrun", &[]),
+    ("notify-storm", &[]),
+    ("disk-notify-storm", &[]),
+    ("unmapped-mmio", &[]),
+    ("busy-loop", &[]),
+    ("garbage-config", &[]),
+    ("fill-memory", &[]),
+    ("busy-loop", &["--cpus", "0.25"]),
+    ("fill-memory", &["--memory-limit", "32"]),
 ];
 
 /// A client publishing QoS 1 to its own subscription, one message at a time.
@@ -78,13 +86,20 @@ fn every_attack_of_a_hostile_guest_leaves_the_vmm_and_its_neighbour_standing() {
     let neighbour = RunningVm::start(&[]);
     let mut prober = Prober::connect(&neighbour);
     let mut table = Vec::new();
-    for attack in ATTACKS {
+    // SAFETY: geteuid has no preconditions.
+    let can_limit = unsafe { libc::geteuid() } == 0;
+    for (attack, limits) in ATTACKS {
+        if !limits.is_empty() && !can_limit {
+            eprintln!("*** {attack} {limits:?}: not run: resource limits need root ***");
+            continue;
+        }
+        let memory_limited = limits.first() == Some(&"--memory-limit");
         let before = prober.percentiles_us();
         let cmdline = format!("attack={attack}");
         // Every hostile VM has a state disk too, so the block device is attacked as well.
         let state = std::env::temp_dir().join(format!("mqvisor-hostile-{}-{attack}.state", std::process::id()));
         let state_arg = state.to_str().unwrap().to_string();
-        let hostile = RunningVm::start(&[
+        let mut args = vec![
             "--image",
             HOSTILE,
             "--cmdline",
@@ -96,7 +111,9 @@ fn every_attack_of_a_hostile_guest_leaves_the_vmm_and_its_neighbour_standing() {
             &state_arg,
             "--state-size",
             "4",
-        ]);
+        ];
+        args.extend_from_slice(limits);
+        let hostile = RunningVm::start(&args);
         std::thread::sleep(Duration::from_millis(200));
         let during = prober.percentiles_us();
         let rss_kib = std::fs::read_to_string(format!("/proc/{}/status", hostile.child.id()))
@@ -106,16 +123,20 @@ fn every_attack_of_a_hostile_guest_leaves_the_vmm_and_its_neighbour_standing() {
         let (status, stderr) = hostile.wait_end();
         let _ = std::fs::remove_file(&state);
         let code = status.code();
+        let killed_at_limit = memory_limited && status.signal() == Some(libc::SIGKILL);
         assert!(
-            code == Some(124) || code == Some(126),
-            "{attack}: the VMM must stay up until --timeout (124) or stop the VM with one line (126), got {status:?}: {stderr}"
+            code == Some(124) || code == Some(126) || killed_at_limit,
+            "{attack} {limits:?}: the VMM must stay up until --timeout (124), stop the VM with one line (126) or, \
+             past its memory limit, be killed by the kernel; got {status:?}: {stderr}"
         );
+        assert!(!memory_limited || killed_at_limit, "{attack}: the VMM outlived its memory limit: {status:?}");
         assert!(!stderr.contains("panicked"), "{attack}: {stderr}");
         assert!(stderr.lines().count() <= 4, "{attack}: the VMM must not flood its log: {stderr}");
         if let Some(rss) = rss_kib {
             assert!(rss < 128 << 10, "{attack}: the VMM grew to {rss} KiB");
         }
         let outcome = match code {
+            _ if killed_at_limit => "killed at its memory limit".to_string(),
             Some(124) => "stayed up (--timeout)".to_string(),
             _ => {
                 let line = stderr.lines().find(|l| l.contains("crashed")).unwrap_or("stopped");
@@ -134,8 +155,9 @@ fn every_attack_of_a_hostile_guest_leaves_the_vmm_and_its_neighbour_standing() {
                 .to_string()
         };
         table.push(format!(
-            "{attack:<18} | {outcome:<26} | refused chains {:>5}, ring faults {:>5}, notifications {:>7} | peak RSS {:>6} KiB | \
+            "{:<30} | {outcome:<26} | refused chains {:>5}, ring faults {:>5}, notifications {:>7} | peak RSS {:>6} KiB | \
              neighbour p50 {:>5.0} -> {:>5.0} us ({:.2}x), p99 {:>5.0} -> {:>5.0} us ({:.2}x)",
+            format!("{attack} {}", limits.join(" ")),
             counted("refused chains "),
             counted("ring faults "),
             counted("queue notifications "),

@@ -17,9 +17,10 @@
 
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-/// The CFS period a CPU quota is expressed in, microseconds.
-const CPU_PERIOD_US: u64 = 100_000;
+/// The CFS period a CPU quota is expressed in.
+const CPU_PERIOD: Duration = Duration::from_millis(100);
 /// Smallest CPU share accepted: the kernel's smallest quota is 1 ms.
 pub const MIN_CPUS: f64 = 0.01;
 /// Smallest memory limit accepted, MiB: below it the VMM cannot start.
@@ -76,7 +77,7 @@ impl Limits {
     /// Refuses limits the kernel would refuse or the VMM cannot live within.
     pub fn validate(&self) -> Result<(), CgroupError> {
         match *self {
-            Limits { cpus: Some(c), .. } if !(c >= MIN_CPUS && c <= 4096.0) => Err(CgroupError::Cpus(c)),
+            Limits { cpus: Some(c), .. } if !(MIN_CPUS..=4096.0).contains(&c) => Err(CgroupError::Cpus(c)),
             Limits { memory_mib: Some(m), .. } if m < MIN_MEMORY_MIB => Err(CgroupError::Memory(m)),
             Limits { pids: Some(p), .. } if p < MIN_PIDS => Err(CgroupError::Pids(p)),
             _ => Ok(()),
@@ -301,11 +302,12 @@ impl Group {
             let has = |file: &str| dir.join(file).exists();
             if let Some(cpus) = limits.cpus {
                 // Rounded to whole microseconds; at least the kernel's 1 ms.
-                let quota = ((cpus * CPU_PERIOD_US as f64) as u64).max(1000);
+                let quota = CPU_PERIOD.mul_f64(cpus).as_micros().max(1000);
+                let period = CPU_PERIOD.as_micros();
                 if has("cpu.max") {
-                    write(&dir.join("cpu.max"), &format!("{quota} {CPU_PERIOD_US}"))?;
+                    write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
                 } else if has("cpu.cfs_quota_us") {
-                    write(&dir.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
+                    write(&dir.join("cpu.cfs_period_us"), &period.to_string())?;
                     write(&dir.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 }
             }

@@ -206,8 +206,10 @@ fn attack(name: &str, base: u64, disk: Option<u64>, heap: u64, heap_end: u64, ra
         "fill-memory" => {
             // Every page becomes host memory of the VMM; only a memory limit
             // (or --memory) bounds it.
-            for page in (heap..heap_end).step_by(layout::PAGE_SIZE as usize) {
+            let mut page = heap;
+            while page < heap_end {
                 poke(page, 0xa5u8);
+                page += layout::PAGE_SIZE;
             }
             paravirt::console_write(b"hostile guest: every page touched\n");
             loop {

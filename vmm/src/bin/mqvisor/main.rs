@@ -47,7 +47,7 @@ enum Commands {
     #[command(after_help = "Exit status: the guest's exit code (0-255; larger codes become 255), \
                             124 if --timeout passed, 125 if the VM could not be started, \
                             126 if the guest crashed, 128+N when stopped by signal N (Ctrl-C: 130).")]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the broker core natively on the host (development, tests and
     /// side-by-side benchmarks; tenants run in VMs with `mqvisor run`).
     Broker(BrokerArgs),
@@ -698,7 +698,7 @@ fn print_stats(report: &RunReport) {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Commands::Run(args) => run(args),
+        Commands::Run(args) => run(*args),
         Commands::Tenant(args) => tenant_command(args),
         Commands::StateCheck { path } => state_check(&path),
         Commands::Serve(args) => {

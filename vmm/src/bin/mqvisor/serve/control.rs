@@ -59,6 +59,12 @@ pub struct TenantView {
     /// What its guest did wrong: refused descriptor chains, ring faults,
     /// bad stream frames and records.
     pub guest_faults: u64,
+    /// CFS periods in which its CPU limit ran out (0 without one).
+    #[serde(default)]
+    pub cpu_throttled_periods: u64,
+    /// Its processes the kernel killed at its memory limit.
+    #[serde(default)]
+    pub memory_limit_kills: u64,
     /// Proportional set size of its process, bytes (0 when stopped).
     pub pss_bytes: u64,
     /// Disk blocks its state file uses, bytes (0 without persistence).
@@ -203,6 +209,10 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
     );
     let exits = counter(&mut registry, "vm_exits", "Exits of the tenant's vCPU to its VMM");
     let faults = counter(&mut registry, "guest_faults", "Protocol violations of the tenant's guest at its VMM");
+    let throttled =
+        counter(&mut registry, "cpu_throttled_periods", "CFS periods in which the tenant's CPU limit ran out");
+    let oom_kills =
+        counter(&mut registry, "memory_limit_kills", "The tenant's VMM processes killed at its memory limit");
     let boot = Family::<Labels, Histogram>::new_with_constructor(|| {
         Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0])
     });
@@ -226,6 +236,8 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
         refused.get_or_create(&labels).inc_by(t.messages_refused);
         exits.get_or_create(&labels).inc_by(t.vm_exits);
         faults.get_or_create(&labels).inc_by(t.guest_faults);
+        throttled.get_or_create(&labels).inc_by(t.cpu_throttled_periods);
+        oom_kills.get_or_create(&labels).inc_by(t.memory_limit_kills);
         let histogram = boot.get_or_create(&labels);
         for &seconds in &t.boot_seconds {
             histogram.observe(seconds);
@@ -310,6 +322,8 @@ mod tests {
             messages_refused: 0,
             vm_exits: 9,
             guest_faults: 0,
+            cpu_throttled_periods: 0,
+            memory_limit_kills: 0,
             pss_bytes: 4096,
             state_bytes: 8192,
             boot_seconds: vec![0.004, 0.012],

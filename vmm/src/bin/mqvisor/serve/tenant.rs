@@ -140,6 +140,7 @@ impl Tenant {
     /// How the control plane shows it.
     pub fn view(&self) -> TenantView {
         let load = self.load();
+        let usage = self.group.as_ref().map(Group::usage).unwrap_or_default();
         let state = match self.state {
             State::Stopped => "stopped",
             State::Running => "running",
@@ -164,6 +165,8 @@ impl Tenant {
             guest_faults: load.guest_faults,
             boot_seconds: self.boot_seconds.lock().map(|b| b.clone()).unwrap_or_default(),
             pss_bytes: self.pid().and_then(crate::procfs::pss_kib).map_or(0, |kib| kib * 1024),
+            cpu_throttled_periods: usage.throttled_periods,
+            memory_limit_kills: usage.oom_kills,
             state_bytes: std::fs::metadata(&self.state_file)
                 .map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512),
         }

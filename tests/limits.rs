@@ -1,0 +1,220 @@
+//! Resource limits of `mqvisor run` (`--cpus`, `--memory-limit`,
+//! `--pids-limit`) on real VMs: a guest spinning without exits is held to
+//! its CPU share, a guest touching all its RAM has its VMM killed by the
+//! kernel at the memory limit, a healthy tenant serves within its limits,
+//! and limits that cannot be applied are refused with one line. Limits need
+//! root (or a delegated cgroup); as another user only the refusals run.
+
+mod common;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::wire::{self, read_packet};
+use common::{RunningVm, assert_fails_with, kvm_available, mqvisor, run_vm};
+
+const HOSTILE: &str = env!("MQVISOR_HOSTILE_IMAGE");
+
+/// One limited VM at a time: a VMM starting removes the groups of VMMs that
+/// are gone, which would race a test reading a killed VMM's group.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// True when this process may make control groups (it is root). Without,
+/// the limit tests say so loudly and fail under `CI=true`, which runs as root.
+fn limits_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(!ci, "{test}: resource limits need root and CI=true");
+    eprintln!("\n*** {test}: SKIPPED: resource limits need root ***\n");
+    false
+}
+
+/// The directory of `mqvisor run`'s group `run-PID` for `controller`: below
+/// this test's own group (the VMM starts in it), in the v1 hierarchy that
+/// mounts the controller or else in cgroup v2.
+fn group_dir(pid: u32, controller: &str) -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own_path = |listed: &dyn Fn(&str) -> bool| {
+        own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+            listed(names).then(|| path.trim_start_matches('/').to_string())
+        })
+    };
+    let mut v2 = None;
+    for line in mounts.lines() {
+        let (left, right) = line.split_once(" - ").unwrap();
+        let mount_point = left.split(' ').nth(4).unwrap();
+        let mut right = right.split(' ');
+        match (right.next(), right.nth(1)) {
+            (Some("cgroup"), Some(options)) if options.split(',').any(|o| o == controller) => {
+                let path = own_path(&|names| names.split(',').any(|n| n == controller)).unwrap();
+                return PathBuf::from(mount_point).join(path).join(format!("mqvisor/run-{pid}"));
+            }
+            (Some("cgroup2"), _) => v2 = Some(mount_point.to_string()),
+            _ => {}
+        }
+    }
+    let path = own_path(&|names| names.is_empty()).unwrap();
+    PathBuf::from(v2.expect("no cgroup hierarchy")).join(path).join(format!("mqvisor/run-{pid}"))
+}
+
+/// The number after `key` in `dir/file` (a `key value` line), if any.
+fn counter(dir: &std::path::Path, file: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(dir.join(file)).ok()?;
+    text.lines().find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+}
+
+/// CPU time (user and system) of process `pid`, seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at "state".
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    ticks as f64 / hz as f64
+}
+
+#[test]
+fn a_guest_spinning_without_exits_is_held_to_its_cpu_limit() {
+    let test = "a_guest_spinning_without_exits_is_held_to_its_cpu_limit";
+    if !kvm_available(test) || !limits_available(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let spinner =
+        RunningVm::start(&["--image", HOSTILE, "--cmdline", "attack=busy-loop", "--timeout", "5", "--cpus", "0.2"]);
+    let pid = spinner.child.id();
+    let dir = group_dir(pid, "cpu");
+    std::thread::sleep(Duration::from_millis(500));
+    let (cpu_before, wall) = (cpu_seconds(pid), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = (cpu_seconds(pid) - cpu_before) / wall.elapsed().as_secs_f64();
+    eprintln!("a guest spinning under --cpus 0.2 used {used:.3} CPUs");
+    // A quota is a ceiling: a busy machine can only lower the figure. The
+    // slack covers the sampling (10 ms ticks) and one period's overrun.
+    assert!(used <= 0.3, "the spinning guest used {used:.3} CPUs under --cpus 0.2");
+    let quota = std::fs::read_to_string(dir.join("cpu.max"))
+        .or_else(|_| std::fs::read_to_string(dir.join("cpu.cfs_quota_us")))
+        .unwrap();
+    assert_eq!(quota.split_whitespace().next(), Some("20000"), "{}", dir.display());
+    let throttled = counter(&dir, "cpu.stat", "nr_throttled ").unwrap();
+    assert!(throttled > 0, "the kernel never throttled the spinning guest");
+    let (status, _) = spinner.wait_end();
+    assert_eq!(status.code(), Some(124), "the VM runs on, slowed, until its --timeout");
+}
+
+#[test]
+fn a_guest_touching_more_than_the_memory_limit_has_its_vmm_killed_by_the_kernel() {
+    let test = "a_guest_touching_more_than_the_memory_limit_has_its_vmm_killed_by_the_kernel";
+    if !kvm_available(test) || !limits_available(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let filler = RunningVm::start(&[
+        "--image",
+        HOSTILE,
+        "--cmdline",
+        "attack=fill-memory",
+        "--memory",
+        "256",
+        "--memory-limit",
+        "64",
+        "--timeout",
+        "30",
+    ]);
+    let dir = group_dir(filler.child.id(), "memory");
+    let (status, stderr) = filler.wait_end();
+    assert_eq!(status.signal(), Some(libc::SIGKILL), "the VMM outlived its memory limit: {status:?} {stderr}");
+    assert!(!stderr.contains("every page touched"), "the guest touched 256 MiB under a 64 MiB limit");
+    let kills =
+        counter(&dir, "memory.events", "oom_kill ").or_else(|| counter(&dir, "memory.oom_control", "oom_kill "));
+    assert_eq!(kills, Some(1), "the group's OOM kills ({})", dir.display());
+    let _ = std::fs::remove_dir(&dir);
+}
+
+#[test]
+fn a_tenant_serves_within_its_limits() {
+    let test = "a_tenant_serves_within_its_limits";
+    if !kvm_available(test) || !limits_available(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let vm = RunningVm::start(&["--memory-limit", "96", "--pids-limit", "8", "--cpus", "1", "--timeout", "30"]);
+    let mut client = TcpStream::connect(vm.addr).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    client.write_all(&wire::connect_packet("limited")).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0x20);
+    client.write_all(&wire::subscribe("t", 1, 1)).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0x90);
+    client.write_all(&wire::publish("t", &[7; 4096], 1, 1, false)).unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.push(read_packet(&mut client).0 >> 4);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, [3, 4], "PUBLISH back and PUBACK");
+    let pid = vm.child.id();
+    let pids = group_dir(pid, "pids");
+    assert_eq!(std::fs::read_to_string(pids.join("pids.max")).unwrap().trim(), "8");
+    let tasks: u32 = std::fs::read_to_string(pids.join("pids.current")).unwrap().trim().parse().unwrap();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
+    assert_eq!(usize::try_from(tasks).unwrap(), threads, "every thread of the VMM is in its group");
+    let memory = group_dir(pid, "memory");
+    let limit = std::fs::read_to_string(memory.join("memory.max"))
+        .or_else(|_| std::fs::read_to_string(memory.join("memory.limit_in_bytes")))
+        .unwrap();
+    assert_eq!(limit.trim(), (96u64 << 20).to_string());
+    let (status, _) = vm.stop();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+}
+
+#[test]
+fn limits_that_cannot_hold_are_refused_with_one_line() {
+    for (flag, value, message) in [
+        ("--cpus", "0", "cpus must be at least 0.01"),
+        ("--memory-limit", "8", "the memory limit must be at least 16 MiB"),
+        ("--pids-limit", "2", "the task limit must be at least 4"),
+    ] {
+        let out = run_vm(&[flag, value]);
+        assert_fails_with(&out, 125, message);
+    }
+    let out = run_vm(&["--cpus", "half"]);
+    assert_eq!(out.status.code(), Some(2), "clap refuses a value that is not a number");
+}
+
+#[test]
+fn limits_without_the_right_to_make_groups_are_refused_with_one_line() {
+    // SAFETY: geteuid has no preconditions.
+    let is_root = unsafe { libc::geteuid() } == 0;
+    let out = if is_root {
+        // As `nobody`, with the binary copied where it can execute it.
+        let dir = std::env::temp_dir().join(format!("mqvisor-limits-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("mqvisor");
+        std::fs::copy(env!("CARGO_BIN_EXE_mqvisor"), &exe).unwrap();
+        for path in [&dir, &exe] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .args(["run", "--service", "demo", "--cpus", "0.5"])
+            .output()
+            .expect("setpriv (util-linux) is needed to test limits as another user");
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    } else {
+        mqvisor().args(["run", "--service", "demo", "--cpus", "0.5"]).output().unwrap()
+    };
+    assert_fails_with(&out, 125, "limits need root, or a group delegated to this user");
+}
