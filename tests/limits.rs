@@ -10,61 +10,16 @@ mod common;
 use std::io::Write;
 use std::net::TcpStream;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::wire::{self, read_packet};
-use common::{RunningVm, assert_fails_with, kvm_available, mqvisor, run_vm};
+use common::{RunningVm, assert_fails_with, group_dir, kvm_available, limits_available, mqvisor, run_vm};
 
 const HOSTILE: &str = env!("MQVISOR_HOSTILE_IMAGE");
 
 /// One limited VM at a time: a VMM starting removes the groups of VMMs that
 /// are gone, which would race a test reading a killed VMM's group.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// True when this process may make control groups (it is root). Without,
-/// the limit tests say so loudly and fail under `CI=true`, which runs as root.
-fn limits_available(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-    assert!(!ci, "{test}: resource limits need root and CI=true");
-    eprintln!("\n*** {test}: SKIPPED: resource limits need root ***\n");
-    false
-}
-
-/// The directory of `mqvisor run`'s group `run-PID` for `controller`: below
-/// this test's own group (the VMM starts in it), in the v1 hierarchy that
-/// mounts the controller or else in cgroup v2.
-fn group_dir(pid: u32, controller: &str) -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    let own_path = |listed: &dyn Fn(&str) -> bool| {
-        own.lines().find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
-            listed(names).then(|| path.trim_start_matches('/').to_string())
-        })
-    };
-    let mut v2 = None;
-    for line in mounts.lines() {
-        let (left, right) = line.split_once(" - ").unwrap();
-        let mount_point = left.split(' ').nth(4).unwrap();
-        let mut right = right.split(' ');
-        match (right.next(), right.nth(1)) {
-            (Some("cgroup"), Some(options)) if options.split(',').any(|o| o == controller) => {
-                let path = own_path(&|names| names.split(',').any(|n| n == controller)).unwrap();
-                return PathBuf::from(mount_point).join(path).join(format!("mqvisor/run-{pid}"));
-            }
-            (Some("cgroup2"), _) => v2 = Some(mount_point.to_string()),
-            _ => {}
-        }
-    }
-    let path = own_path(&|names| names.is_empty()).unwrap();
-    PathBuf::from(v2.expect("no cgroup hierarchy")).join(path).join(format!("mqvisor/run-{pid}"))
-}
 
 /// The number after `key` in `dir/file` (a `key value` line), if any.
 fn counter(dir: &std::path::Path, file: &str, key: &str) -> Option<u64> {
@@ -93,7 +48,7 @@ fn a_guest_spinning_without_exits_is_held_to_its_cpu_limit() {
     let spinner =
         RunningVm::start(&["--image", HOSTILE, "--cmdline", "attack=busy-loop", "--timeout", "5", "--cpus", "0.2"]);
     let pid = spinner.child.id();
-    let dir = group_dir(pid, "cpu");
+    let dir = group_dir(&format!("run-{pid}"), "cpu");
     std::thread::sleep(Duration::from_millis(500));
     let (cpu_before, wall) = (cpu_seconds(pid), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
@@ -131,7 +86,7 @@ fn a_guest_touching_more_than_the_memory_limit_has_its_vmm_killed_by_the_kernel(
         "--timeout",
         "30",
     ]);
-    let dir = group_dir(filler.child.id(), "memory");
+    let dir = group_dir(&format!("run-{}", filler.child.id()), "memory");
     let (status, stderr) = filler.wait_end();
     assert_eq!(status.signal(), Some(libc::SIGKILL), "the VMM outlived its memory limit: {status:?} {stderr}");
     assert!(!stderr.contains("every page touched"), "the guest touched 256 MiB under a 64 MiB limit");
@@ -163,12 +118,12 @@ fn a_tenant_serves_within_its_limits() {
     seen.sort_unstable();
     assert_eq!(seen, [3, 4], "PUBLISH back and PUBACK");
     let pid = vm.child.id();
-    let pids = group_dir(pid, "pids");
+    let pids = group_dir(&format!("run-{pid}"), "pids");
     assert_eq!(std::fs::read_to_string(pids.join("pids.max")).unwrap().trim(), "8");
     let tasks: u32 = std::fs::read_to_string(pids.join("pids.current")).unwrap().trim().parse().unwrap();
     let threads = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
     assert_eq!(usize::try_from(tasks).unwrap(), threads, "every thread of the VMM is in its group");
-    let memory = group_dir(pid, "memory");
+    let memory = group_dir(&format!("run-{pid}"), "memory");
     let limit = std::fs::read_to_string(memory.join("memory.max"))
         .or_else(|_| std::fs::read_to_string(memory.join("memory.limit_in_bytes")))
         .unwrap();

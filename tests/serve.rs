@@ -454,3 +454,88 @@ fn a_tenant_process_runs_as_its_user() {
     let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
     assert!(uid.split_whitespace().all(|u| u == "65534"), "tenant runs as {uid}");
 }
+
+#[test]
+fn a_tenant_is_held_to_its_limits_and_a_kill_at_its_memory_limit_is_named() {
+    let test = "a_tenant_is_held_to_its_limits_and_a_kill_at_its_memory_limit_is_named";
+    if !kvm_available(test) || !common::limits_available(test) {
+        return;
+    }
+    let daemon = Daemon::start(
+        "limits",
+        "[tenants.alpha]\nmemory = 128\nmemory_limit = 32\ncpus = 0.5\npids_limit = 16\npersistence = \"off\"\n\
+         [tenants.beta]\n",
+        &[],
+    );
+    let mut flooder = connected(&daemon, "f", "alpha:");
+    let mut bystander = connected(&daemon, "b", "beta:");
+    let alpha = format!("serve-{}-alpha", daemon.child.id());
+    let read = |controller: &str, file: &str| {
+        std::fs::read_to_string(common::group_dir(&alpha, controller).join(file)).map(|t| t.trim().to_string())
+    };
+    let quota = read("cpu", "cpu.max").or_else(|_| read("cpu", "cpu.cfs_quota_us")).unwrap();
+    assert_eq!(quota.split_whitespace().next(), Some("50000"));
+    assert_eq!(read("pids", "pids.max").unwrap(), "16");
+    let memory = read("memory", "memory.max").or_else(|_| read("memory", "memory.limit_in_bytes")).unwrap();
+    assert_eq!(memory, (32u64 << 20).to_string());
+    let tasks = read("pids", "cgroup.procs").unwrap();
+    assert_eq!(tasks, daemon.pid_of("alpha").to_string(), "alpha's VMM, alone, is in its group");
+    let beta = common::group_dir(&format!("serve-{}-beta", daemon.child.id()), "pids");
+    assert!(!beta.exists(), "a tenant without limits has no group");
+    // Retained messages fill alpha's guest RAM (128 MiB) past its limit of 32.
+    let payload = vec![0x5a; 60_000];
+    for i in 0..2_000 {
+        if flooder.write_all(&publish(&format!("fill/{i}"), &payload, 0, 0, true)).is_err() {
+            break;
+        }
+    }
+    daemon.wait_for(&["crashed", "tenant=alpha", "killed by the kernel at its memory limit (32 MiB)"]);
+    let listed = daemon.list();
+    let view = listed.iter().find(|t| t["name"] == "alpha").unwrap();
+    assert_eq!(view["memory_limit_kills"], 1, "{view}");
+    // Beta never noticed.
+    bystander.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut bystander).0, 0xd0);
+    // Alpha comes back, and removing it removes its group.
+    daemon.wait_for(&["restarted", "tenant=alpha"]);
+    let (ok, _, err) = daemon.tenant(&["remove", "alpha"]);
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while common::group_dir(&alpha, "pids").exists() {
+        assert!(Instant::now() < deadline, "alpha's group outlived the tenant");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn limits_serve_cannot_apply_are_refused_at_start_naming_the_tenant() {
+    let dir = std::env::temp_dir().join(format!("mqvisor-serve-nolimits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("serve.toml"),
+        "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[tenants.alpha]\ncpus = 0.5\n",
+    )
+    .unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let out = if unsafe { libc::geteuid() } == 0 {
+        // As `nobody`, with the binary and the directory where it can use them.
+        let exe = dir.join("mqvisor");
+        std::fs::copy(env!("CARGO_BIN_EXE_mqvisor"), &exe).unwrap();
+        for (path, mode) in [(&dir, 0o777), (&exe, 0o755)] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.join("serve.toml"))
+            .output()
+            .expect("setpriv (util-linux) is needed to test limits as another user")
+    } else {
+        mqvisor().arg("serve").arg("--config").arg(dir.join("serve.toml")).output().unwrap()
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    common::assert_fails_with(&out, 125, "tenant alpha: resource limits: ");
+}

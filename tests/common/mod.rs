@@ -4,7 +4,7 @@
 
 pub mod wire;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The `mqvisor` binary cargo built for these tests.
@@ -157,4 +157,48 @@ pub fn tool_available(test: &str, what: &str, probe: &str) -> bool {
     assert!(!ci, "{test}: {what} is not installed and CI=true (.ci/run installs it)");
     eprintln!("\n*** {test}: SKIPPED: {what} is not installed ***\n");
     false
+}
+
+/// True when this process may make control groups (it is root). Without,
+/// the limit tests say so loudly and fail under `CI=true`, which runs as root.
+pub fn limits_available(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    assert!(!ci, "{test}: resource limits need root and CI=true");
+    eprintln!("\n*** {test}: SKIPPED: resource limits need root ***\n");
+    false
+}
+
+/// The directory of the VM group `name` (`run-PID`, `serve-PID-TENANT`) for
+/// `controller`: below this test's own group (mqvisor starts in it), in the
+/// v1 hierarchy that mounts the controller or else in cgroup v2.
+pub fn group_dir(name: &str, controller: &str) -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own_path = |listed: &dyn Fn(&str) -> bool| {
+        own.lines().find_map(|l| {
+            let mut parts = l.splitn(3, ':');
+            let (_, names, path) = (parts.next()?, parts.next()?, parts.next()?);
+            listed(names).then(|| path.trim_start_matches('/').to_string())
+        })
+    };
+    let mut v2 = None;
+    for line in mounts.lines() {
+        let (left, right) = line.split_once(" - ").unwrap();
+        let mount_point = left.split(' ').nth(4).unwrap();
+        let mut right = right.split(' ');
+        match (right.next(), right.nth(1)) {
+            (Some("cgroup"), Some(options)) if options.split(',').any(|o| o == controller) => {
+                let path = own_path(&|names| names.split(',').any(|n| n == controller)).unwrap();
+                return PathBuf::from(mount_point).join(path).join("mqvisor").join(name);
+            }
+            (Some("cgroup2"), _) => v2 = Some(mount_point.to_string()),
+            _ => {}
+        }
+    }
+    let path = own_path(&|names| names.is_empty()).unwrap();
+    PathBuf::from(v2.expect("no cgroup hierarchy")).join(path).join("mqvisor").join(name)
 }
