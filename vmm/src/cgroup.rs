@@ -2,9 +2,8 @@
 //! CFS quota), memory (guest RAM as the guest touches it, plus the VMM's
 //! own) and tasks.
 //!
-//! Owns finding where groups can be made (cgroup v2 when it has the
-//! controllers a limit needs, else the v1 hierarchies of `cpu`, `memory` and
-//! `pids`), making one group per VM under `mqvisor/` below the caller's own
+//! Owns finding where groups can be made (each controller a limit needs
+//! from cgroup v2 when it offers it, else from its v1 hierarchy), making one group per VM under `mqvisor/` below the caller's own
 //! group (so limits set above still apply), writing its limits, moving a
 //! process in, reading what the kernel counted, and removing groups whose
 //! VMM is gone. Must be joined before the VMM maps guest memory or starts a
@@ -227,30 +226,37 @@ fn share_out(dir: &Path, controllers: &[&'static str]) -> Result<(), CgroupError
 }
 
 /// The directories groups are made in, one per hierarchy used, ready for
-/// `controllers`. `leaf` names the group this process moves into when its
-/// own v2 group must be emptied first.
+/// `controllers`: each controller from cgroup v2 when it offers it, else
+/// from its v1 hierarchy (hybrid hosts have both). `leaf` names the group
+/// this process moves into when its own v2 group must be emptied first.
 fn bases(controllers: &[&'static str], leaf: &str) -> Result<Vec<PathBuf>, CgroupError> {
     let found = hierarchies()?;
     let offers = |h: &Hierarchy, name: &str| h.controllers.iter().any(|c| c == name);
-    if let Some(v2) = found.iter().find(|h| h.unified && controllers.iter().all(|c| offers(h, c))) {
+    let v2 = found.iter().find(|h| h.unified);
+    let (unified, legacy): (Vec<&'static str>, Vec<&'static str>) =
+        controllers.iter().partition(|name| v2.is_some_and(|h| offers(h, name)));
+    let mut bases: Vec<PathBuf> = Vec::new();
+    if let (Some(v2), false) = (v2, unified.is_empty()) {
         let base = v2.own.join(BASE);
         mkdir(&base)?;
-        if let Err(CgroupError::Busy(..)) = share_out(&v2.own, controllers) {
-            // Alone in a delegated group: step into a leaf below, then share out.
-            let procs = std::fs::read_to_string(v2.own.join("cgroup.procs")).unwrap_or_default();
-            if procs.split_whitespace().ne([std::process::id().to_string().as_str()]) {
-                return Err(CgroupError::Busy(v2.own.clone(), controllers[0]));
+        match share_out(&v2.own, &unified) {
+            Err(CgroupError::Busy(..)) => {
+                // Alone in a delegated group: step into a leaf below, then share out.
+                let procs = std::fs::read_to_string(v2.own.join("cgroup.procs")).unwrap_or_default();
+                if procs.split_whitespace().ne([std::process::id().to_string().as_str()]) {
+                    return Err(CgroupError::Busy(v2.own.clone(), unified[0]));
+                }
+                let own_leaf = base.join(leaf);
+                mkdir(&own_leaf)?;
+                write(&own_leaf.join("cgroup.procs"), &std::process::id().to_string())?;
+                share_out(&v2.own, &unified)?;
             }
-            let own_leaf = base.join(leaf);
-            mkdir(&own_leaf)?;
-            write(&own_leaf.join("cgroup.procs"), &std::process::id().to_string())?;
-            share_out(&v2.own, controllers)?;
+            other => other?,
         }
-        share_out(&base, controllers)?;
-        return Ok(vec![base]);
+        share_out(&base, &unified)?;
+        bases.push(base);
     }
-    let mut bases: Vec<PathBuf> = Vec::new();
-    for name in controllers {
+    for name in legacy {
         let v1 = found.iter().find(|h| !h.unified && offers(h, name)).ok_or(CgroupError::NoController(name))?;
         let base = v1.own.join(BASE);
         if !bases.contains(&base) {
