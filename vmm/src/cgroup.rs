@@ -124,12 +124,18 @@ struct Hierarchy {
     controllers: Vec<String>,
 }
 
-/// Reads the cgroup hierarchies from `/proc/self/mountinfo` and `/proc/self/cgroup`.
+/// This process's cgroup hierarchies, from `/proc/self/mountinfo` and `/proc/self/cgroup`.
 fn hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
     let mountinfo = Path::new("/proc/self/mountinfo");
     let mounts = std::fs::read_to_string(mountinfo).map_err(io(mountinfo))?;
     let membership = Path::new("/proc/self/cgroup");
     let groups = std::fs::read_to_string(membership).map_err(io(membership))?;
+    Ok(parse_hierarchies(&mounts, &groups))
+}
+
+/// The cgroup hierarchies `mounts` (mountinfo) shows, each with the group
+/// `groups` (a `/proc/PID/cgroup`) puts the process in.
+fn parse_hierarchies(mounts: &str, groups: &str) -> Vec<Hierarchy> {
     let mut found = Vec::new();
     for line in mounts.lines() {
         // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS"
@@ -175,7 +181,7 @@ fn hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
         };
         found.push(Hierarchy { own, unified, controllers });
     }
-    Ok(found)
+    found
 }
 
 /// Mount points in mountinfo escape spaces and the like as `\NNN` (octal).
@@ -229,8 +235,7 @@ fn share_out(dir: &Path, controllers: &[&'static str]) -> Result<(), CgroupError
 /// `controllers`: each controller from cgroup v2 when it offers it, else
 /// from its v1 hierarchy (hybrid hosts have both). `leaf` names the group
 /// this process moves into when its own v2 group must be emptied first.
-fn bases(controllers: &[&'static str], leaf: &str) -> Result<Vec<PathBuf>, CgroupError> {
-    let found = hierarchies()?;
+fn bases(found: &[Hierarchy], controllers: &[&'static str], leaf: &str) -> Result<Vec<PathBuf>, CgroupError> {
     let offers = |h: &Hierarchy, name: &str| h.controllers.iter().any(|c| c == name);
     let v2 = found.iter().find(|h| h.unified);
     let (unified, legacy): (Vec<&'static str>, Vec<&'static str>) =
@@ -290,9 +295,12 @@ impl Group {
     /// left by a killed process are removed by the next one.
     pub fn create(name: &str, limits: &Limits) -> Result<Group, CgroupError> {
         limits.validate()?;
-        let controllers = limits.controllers();
+        Group::create_in(&hierarchies()?, name, limits)
+    }
+
+    fn create_in(found: &[Hierarchy], name: &str, limits: &Limits) -> Result<Group, CgroupError> {
         let mut dirs = Vec::new();
-        for base in bases(&controllers, name)? {
+        for base in bases(found, &limits.controllers(), name)? {
             sweep(&base);
             let dir = base.join(name);
             mkdir(&dir)?;
@@ -405,6 +413,53 @@ mod tests {
         good.validate().unwrap();
         assert_eq!(good.controllers(), ["cpu", "memory", "pids"]);
         assert!(Limits::default().is_empty());
+    }
+
+    /// A made-up host: cgroup hierarchies mounted (as plain directories)
+    /// under a temporary directory, as `mountinfo` lines.
+    fn host(name: &str, v2_offers: &str, v1: &[&str]) -> (PathBuf, String, String) {
+        let root = std::env::temp_dir().join(format!("mqvisor-cgroup-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("unified/app")).unwrap();
+        std::fs::write(root.join("unified/app/cgroup.controllers"), v2_offers).unwrap();
+        let mut mounts = format!("41 31 0:38 / {}/unified rw,relatime - cgroup2 cgroup2 rw\n", root.display());
+        let mut groups = String::from("0::/app\n");
+        for (i, controllers) in v1.iter().enumerate() {
+            std::fs::create_dir_all(root.join(controllers).join("app")).unwrap();
+            mounts.push_str(&format!(
+                "{} 31 0:{} / {}/{controllers} rw,relatime shared:9 - cgroup cgroup rw,{controllers}\n",
+                50 + i,
+                50 + i,
+                root.display()
+            ));
+            groups.push_str(&format!("{}:{controllers}:/app\n", i + 1));
+        }
+        (root, mounts, groups)
+    }
+
+    #[test]
+    fn each_controller_comes_from_v2_when_it_offers_it_else_from_v1() {
+        let limits = Limits { cpus: Some(0.5), memory_mib: Some(64), pids: Some(8) };
+        // Hybrid: v2 offers cpu and pids; memory is a v1 hierarchy.
+        let (root, mounts, groups) = host("hybrid", "cpu pids", &["memory", "cpu,cpuacct"]);
+        let group = Group::create_in(&parse_hierarchies(&mounts, &groups), "run-1", &limits).unwrap();
+        assert_eq!(group.dirs, [root.join("unified/app/mqvisor/run-1"), root.join("memory/app/mqvisor/run-1")]);
+        let shared = std::fs::read_to_string(root.join("unified/app/mqvisor/cgroup.subtree_control")).unwrap();
+        assert_eq!(shared, "+pids", "the last controller written to a (here plain) subtree_control file");
+        // v1 only, with cpu mounted together with cpuacct.
+        let (root, mounts, groups) = host("v1", "", &["cpu,cpuacct", "memory", "pids"]);
+        let group = Group::create_in(&parse_hierarchies(&mounts, &groups), "run-2", &limits).unwrap();
+        let names = ["cpu,cpuacct", "memory", "pids"];
+        assert_eq!(group.dirs, names.map(|n| root.join(n).join("app/mqvisor/run-2")));
+        // A controller no hierarchy has.
+        let (_, mounts, groups) = host("none", "memory", &[]);
+        let err = Group::create_in(&parse_hierarchies(&mounts, &groups), "run-3", &limits).unwrap_err();
+        assert!(matches!(err, CgroupError::NoController("cpu")), "{err}");
+        for name in ["hybrid", "v1", "none"] {
+            let _ = std::fs::remove_dir_all(
+                std::env::temp_dir().join(format!("mqvisor-cgroup-{}-{name}", std::process::id())),
+            );
+        }
     }
 
     #[test]
