@@ -65,7 +65,10 @@ enum Commands {
         listen = \"127.0.0.1:1884\"       # optional port of its own, no prefix needed\n\
         idle_stop_after = 600           # optional: stop its VM after 10 idle minutes\n\
         persistence = \"sync\"            # the default: state in STATE_DIR/tenants/acme.state (\"batch\", \"off\")\n\
-        user = \"mqvisor-acme\"           # optional, daemon started as root: its process's user\n\n\
+        user = \"mqvisor-acme\"           # optional, daemon started as root: its process's user\n\
+        cpus = 0.5                      # optional limits of its process (cgroups): CPUs,\n\
+        memory_limit = 128              #   MiB with guest RAM,\n\
+        pids_limit = 16                 #   tasks (as `mqvisor run --cpus ...`)\n\n\
         Exit status: 0 after SIGTERM or Ctrl-C, 125 if the configuration or a listen address is unusable.")]
     Serve(ServeArgs),
     /// Look at and change the tenants of a running `mqvisor serve`.
