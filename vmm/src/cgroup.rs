@@ -300,7 +300,10 @@ impl Group {
 
     fn create_in(found: &[Hierarchy], name: &str, limits: &Limits) -> Result<Group, CgroupError> {
         let mut dirs = Vec::new();
-        for base in bases(found, &limits.controllers(), name)? {
+        // The owner's own group (`run-PID`, `serve-PID`), should it have to
+        // leave its v2 group: a daemon never sits in a tenant's group.
+        let owner = name.splitn(3, '-').take(2).collect::<Vec<_>>().join("-");
+        for base in bases(found, &limits.controllers(), &owner)? {
             sweep(&base);
             let dir = base.join(name);
             mkdir(&dir)?;
