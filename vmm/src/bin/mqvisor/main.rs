@@ -305,6 +305,21 @@ enum BenchCommand {
         #[arg(long)]
         no_vm: bool,
     },
+    /// What a hostile tenant costs its neighbour: a healthy tenant VM's QoS 1
+    /// round trips just before and during each attack of the hostile test
+    /// image (and under --cpus / --memory-limit), beside a healthy second VM
+    /// as the control, over several rounds.
+    Hostile {
+        /// The hostile image [default: the one built beside this binary]
+        #[arg(long, value_name = "PATH")]
+        image: Option<PathBuf>,
+        /// Rounds per attack (each: before, then during)
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        rounds: u32,
+        /// Round trips per phase
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(100..=1_000_000))]
+        samples: u32,
+    },
     /// MQTT throughput and p50/p99 latency for QoS 0/1/2 in 1->1, 10->1 and
     /// 1->100 topologies with 100-byte payloads: Mosquitto (the anchor), the
     /// host-native runner and a tenant VM, side by side in one run.
@@ -750,6 +765,10 @@ fn main() -> ExitCode {
                             return Err("--scale must be in (0, 100]".to_string());
                         }
                         bench::mqtt::mqtt(&exe, scale, !no_vm, memory)
+                    }
+                    BenchCommand::Hostile { image, rounds, samples } => {
+                        let image = image.unwrap_or_else(|| PathBuf::from(env!("MQVISOR_HOSTILE_IMAGE")));
+                        bench::hostile::hostile(&exe, &image, rounds as usize, samples as usize)
                     }
                     BenchCommand::Serve { tenants, messages } => {
                         bench::serve::serve(&exe, tenants as usize, messages as usize)

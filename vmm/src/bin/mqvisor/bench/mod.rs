@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod conns;
 pub mod echo;
+pub mod hostile;
 pub mod mqtt;
 pub mod serve;
 pub mod state;
