@@ -114,9 +114,14 @@ pub fn hostile(exe: &Path, image: &Path, rounds: usize, samples: usize) -> Resul
         "A hostile VM beside a neighbour tenant VM: the neighbour's QoS 1 round trips ({samples} per phase) \
          just before and during each attack, {rounds} rounds; median ratio during/before (smallest..largest)."
     );
-    println!("{:<32} {:>24} {:>24}", "second VM", "neighbour p50", "neighbour p99");
+    println!(
+        "The control row is the cost of a second VM as such (on nested KVM, a healthy idle one too); \
+         the last column is each attack's p99 ratio over the control's."
+    );
+    println!("{:<32} {:>24} {:>24} {:>14}", "second VM", "neighbour p50", "neighbour p99", "p99 / control");
     let state = std::env::temp_dir().join(format!("mqvisor-bench-hostile-{}.state", std::process::id()));
     let state = state.to_str().ok_or("the temporary directory's path is not UTF-8")?.to_string();
+    let mut control_p99 = None;
     for (attack, limits) in ROWS {
         let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
@@ -144,7 +149,15 @@ pub fn hostile(exe: &Path, image: &Path, rounds: usize, samples: usize) -> Resul
         }
         let name = format!("{} {}", attack.unwrap_or("control: a healthy VM"), limits.join(" "));
         let show = |(median, low, high): (f64, f64, f64)| format!("{median:.2}x ({low:.2}..{high:.2})");
-        println!("{:<32} {:>24} {:>24}", name.trim_end(), show(spread(&mut p50s)), show(spread(&mut p99s)));
+        let p99 = spread(&mut p99s);
+        let control = *control_p99.get_or_insert(p99.0);
+        println!(
+            "{:<32} {:>24} {:>24} {:>13.2}x",
+            name.trim_end(),
+            show(spread(&mut p50s)),
+            show(p99),
+            p99.0 / control
+        );
     }
     Ok(())
 }
