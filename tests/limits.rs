@@ -13,7 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::time::{Duration, Instant};
 
 use common::wire::{self, read_packet};
-use common::{RunningVm, assert_fails_with, group_dir, kvm_available, limits_available, mqvisor, run_vm};
+use common::{RunningVm, assert_fails_with, group_dir, kvm_available, limits_available, run_vm};
 
 const HOSTILE: &str = env!("MQVISOR_HOSTILE_IMAGE");
 
@@ -148,28 +148,7 @@ fn limits_that_cannot_hold_are_refused_with_one_line() {
 
 #[test]
 fn limits_without_the_right_to_make_groups_are_refused_with_one_line() {
-    // SAFETY: geteuid has no preconditions.
-    let is_root = unsafe { libc::geteuid() } == 0;
-    let out = if is_root {
-        // As `nobody`, with the binary copied where it can execute it.
-        let dir = std::env::temp_dir().join(format!("mqvisor-limits-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let exe = dir.join("mqvisor");
-        std::fs::copy(env!("CARGO_BIN_EXE_mqvisor"), &exe).unwrap();
-        for path in [&dir, &exe] {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let out = std::process::Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&exe)
-            .args(["run", "--service", "demo", "--cpus", "0.5"])
-            .output()
-            .expect("setpriv (util-linux) is needed to test limits as another user");
-        let _ = std::fs::remove_dir_all(&dir);
-        out
-    } else {
-        mqvisor().args(["run", "--service", "demo", "--cpus", "0.5"]).output().unwrap()
-    };
+    let args = ["run", "--service", "demo", "--cpus", "0.5"].map(std::ffi::OsStr::new);
+    let out = common::mqvisor_unprivileged(&args);
     assert_fails_with(&out, 125, "limits need root, or a group delegated to this user");
 }

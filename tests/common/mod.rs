@@ -202,3 +202,29 @@ pub fn group_dir(name: &str, controller: &str) -> PathBuf {
     let path = own_path(&|names| names.is_empty()).unwrap();
     PathBuf::from(v2.expect("no cgroup hierarchy")).join(path).join("mqvisor").join(name)
 }
+
+/// `mqvisor ARGS` as an ordinary user: as is when this process is not
+/// root, else as `nobody` (setpriv, util-linux), the binary copied where
+/// `nobody` can execute it.
+pub fn mqvisor_unprivileged(args: &[&std::ffi::OsStr]) -> Output {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return mqvisor().args(args).output().unwrap();
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("mqvisor-unprivileged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join(format!("mqvisor-{:?}", std::thread::current().id()).replace(['(', ')'], ""));
+    std::fs::copy(env!("CARGO_BIN_EXE_mqvisor"), &exe).unwrap();
+    for path in [&dir, &exe] {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&exe)
+        .args(args)
+        .output()
+        .expect("setpriv (util-linux) is needed to run mqvisor as another user");
+    let _ = std::fs::remove_file(&exe);
+    out
+}
