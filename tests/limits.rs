@@ -135,7 +135,8 @@ fn a_tenant_serves_within_its_limits() {
 #[test]
 fn limits_that_cannot_hold_are_refused_with_one_line() {
     for (flag, value, message) in [
-        ("--cpus", "0", "cpus must be at least 0.01"),
+        ("--cpus", "0", "cpus must be between 0.01 and 4096"),
+        ("--cpus", "5000", "cpus must be between 0.01 and 4096"),
         ("--memory-limit", "8", "the memory limit must be at least 16 MiB"),
         ("--pids-limit", "2", "the task limit must be at least 4"),
     ] {

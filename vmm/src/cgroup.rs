@@ -3,8 +3,9 @@
 //! own) and tasks.
 //!
 //! Owns finding where groups can be made (each controller a limit needs
-//! from cgroup v2 when it offers it, else from its v1 hierarchy), making one group per VM under `mqvisor/` below the caller's own
-//! group (so limits set above still apply), writing its limits, moving a
+//! from cgroup v2 when it offers it, else from its v1 hierarchy), making
+//! one group per VM under `mqvisor/` below the caller's own group (so
+//! limits set above still apply), writing its limits, moving a
 //! process in, reading what the kernel counted, and removing groups whose
 //! VMM is gone. Must be joined before the VMM maps guest memory or starts a
 //! thread: memory is charged to the group it is touched in, and a thread
@@ -22,6 +23,8 @@ use std::time::Duration;
 const CPU_PERIOD: Duration = Duration::from_millis(100);
 /// Smallest CPU share accepted: the kernel's smallest quota is 1 ms.
 pub const MIN_CPUS: f64 = 0.01;
+/// Largest CPU share accepted (keeps the quota's arithmetic exact).
+pub const MAX_CPUS: f64 = 4096.0;
 /// Smallest memory limit accepted, MiB: below it the VMM cannot start.
 pub const MIN_MEMORY_MIB: u64 = 16;
 /// Smallest task limit accepted: the VMM's own threads (main, vCPU, net,
@@ -44,7 +47,7 @@ pub struct Limits {
 /// Why a group could not be made or joined.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
-    #[error("cpus must be at least {MIN_CPUS} (got {0})")]
+    #[error("cpus must be between {MIN_CPUS} and {MAX_CPUS} (got {0})")]
     Cpus(f64),
     #[error("the memory limit must be at least {MIN_MEMORY_MIB} MiB (got {0})")]
     Memory(u64),
@@ -60,7 +63,11 @@ pub enum CgroupError {
          as the only process of a delegated group (systemd: Delegate=yes)"
     )]
     Busy(PathBuf, &'static str),
-    #[error("{}: {source} (limits need root, or a group delegated to this user)", path.display())]
+    #[error("{}: {source}{}", path.display(), if source.kind() == ErrorKind::PermissionDenied {
+        " (limits need root, or a group delegated to this user)"
+    } else {
+        ""
+    })]
     Io { path: PathBuf, source: std::io::Error },
 }
 
@@ -76,7 +83,7 @@ impl Limits {
     /// Refuses limits the kernel would refuse or the VMM cannot live within.
     pub fn validate(&self) -> Result<(), CgroupError> {
         match *self {
-            Limits { cpus: Some(c), .. } if !(MIN_CPUS..=4096.0).contains(&c) => Err(CgroupError::Cpus(c)),
+            Limits { cpus: Some(c), .. } if !(MIN_CPUS..=MAX_CPUS).contains(&c) => Err(CgroupError::Cpus(c)),
             Limits { memory_mib: Some(m), .. } if m < MIN_MEMORY_MIB => Err(CgroupError::Memory(m)),
             Limits { pids: Some(p), .. } if p < MIN_PIDS => Err(CgroupError::Pids(p)),
             _ => Ok(()),
@@ -99,8 +106,7 @@ impl Limits {
     }
 }
 
-/// One VM's group: a directory in the unified hierarchy, or one in each v1
-/// hierarchy a limit needs.
+/// One VM's group: a directory in each hierarchy its limits use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
     pub dirs: Vec<PathBuf>,

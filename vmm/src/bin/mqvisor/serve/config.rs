@@ -324,7 +324,7 @@ mod tests {
         );
         assert!(err("state_dir = \"s\"\n[tenants.a]\npassword_file = \"missing\"").contains("tenant a"));
         assert!(err("state_dir = \"s\"\nlisen = 1").contains("unknown key \"lisen\""));
-        assert!(err("state_dir = \"s\"\n[tenants.a]\ncpus = 0").contains("cpus must be at least"));
+        assert!(err("state_dir = \"s\"\n[tenants.a]\ncpus = 0").contains("cpus must be between"));
         assert!(err("state_dir = \"s\"\n[tenants.a]\ncpus = \"half\"").contains("cpus must be a number"));
         assert!(err("state_dir = \"s\"\n[tenants.a]\nmemory_limit = 8").contains("at least 16 MiB"));
         assert!(err("state_dir = \"s\"\n[defaults]\npids_limit = 2").contains("[defaults]: the task limit"));
