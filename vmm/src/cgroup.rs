@@ -309,8 +309,14 @@ impl Group {
         // The owner's own group (`run-PID`, `serve-PID`), should it have to
         // leave its v2 group: a daemon never sits in a tenant's group.
         let owner = name.splitn(3, '-').take(2).collect::<Vec<_>>().join("-");
+        // Swept once per process: a daemon making thousands of groups would
+        // otherwise read each directory thousands of times.
+        static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        let first = !SWEPT.swap(true, std::sync::atomic::Ordering::Relaxed);
         for base in bases(found, &limits.controllers(), &owner)? {
-            sweep(&base);
+            if first {
+                sweep(&base);
+            }
             let dir = base.join(name);
             mkdir(&dir)?;
             dirs.push(dir);
