@@ -298,7 +298,8 @@ fn sweep(base: &Path) {
 impl Group {
     /// Makes (or reuses) the group `name` with `limits` written. `name`
     /// starts `run-PID` or `serve-PID`, the process that owns it, so groups
-    /// left by a killed process are removed by the next one.
+    /// left by a process that is gone are removed by the next one to make
+    /// groups.
     pub fn create(name: &str, limits: &Limits) -> Result<Group, CgroupError> {
         limits.validate()?;
         Group::create_in(&hierarchies()?, name, limits)

@@ -337,7 +337,6 @@ impl Tenant {
         }
     }
 
-    /// Stops the process (SIGTERM: its clients see a clean close).
     /// Stops the tenant for good: its state file goes too, so a tenant
     /// added later under the same name starts empty.
     pub fn remove(mut self) {
@@ -347,8 +346,8 @@ impl Tenant {
     }
 
     /// Removes its control group once its last process has gone (a stopped
-    /// process takes a moment to exit); one left behind is swept when the
-    /// next group is made.
+    /// process takes a moment to exit); one left behind is swept by the
+    /// next mqvisor process that makes groups.
     pub fn release_group(mut self) -> impl std::future::Future<Output = ()> {
         let group = self.group.take();
         async move {
@@ -362,6 +361,7 @@ impl Tenant {
         }
     }
 
+    /// Stops the process (SIGTERM: its clients see a clean close).
     pub fn stop(&mut self) {
         if let Some(process) = self.process.take()
             && let Ok(pid) = libc::pid_t::try_from(process.pid)
