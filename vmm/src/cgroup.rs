@@ -250,20 +250,22 @@ fn bases(found: &[Hierarchy], controllers: &[&'static str], leaf: &str) -> Resul
     if let (Some(v2), false) = (v2, unified.is_empty()) {
         let base = v2.own.join(BASE);
         mkdir(&base)?;
-        match share_out(&v2.own, &unified) {
-            Err(CgroupError::Busy(..)) => {
-                // Alone in a delegated group: step into a leaf below, then share out.
-                let procs = std::fs::read_to_string(v2.own.join("cgroup.procs")).unwrap_or_default();
-                if procs.split_whitespace().ne([std::process::id().to_string().as_str()]) {
-                    return Err(CgroupError::Busy(v2.own.clone(), unified[0]));
-                }
-                let own_leaf = base.join(leaf);
-                mkdir(&own_leaf)?;
-                write(&own_leaf.join("cgroup.procs"), &std::process::id().to_string())?;
-                share_out(&v2.own, &unified)?;
+        // A group other than the root that holds processes cannot share
+        // controllers out (the kernel refuses domain controllers with
+        // EBUSY, and makes the children of one that shares threaded
+        // controllers invalid): alone in a delegated group, this process
+        // steps into a leaf below first; with company, it cannot.
+        let is_root = !v2.own.join("cgroup.type").exists();
+        let procs = std::fs::read_to_string(v2.own.join("cgroup.procs")).unwrap_or_default();
+        if !is_root && !procs.trim().is_empty() {
+            if procs.split_whitespace().ne([std::process::id().to_string().as_str()]) {
+                return Err(CgroupError::Busy(v2.own.clone(), unified[0]));
             }
-            other => other?,
+            let own_leaf = base.join(leaf);
+            mkdir(&own_leaf)?;
+            write(&own_leaf.join("cgroup.procs"), &std::process::id().to_string())?;
         }
+        share_out(&v2.own, &unified)?;
         share_out(&base, &unified)?;
         bases.push(base);
     }
