@@ -153,3 +153,27 @@ fn limits_without_the_right_to_make_groups_are_refused_with_one_line() {
     let out = common::mqvisor_unprivileged(&args);
     assert_fails_with(&out, 125, "limits need root, or a group delegated to this user");
 }
+
+/// The same code on a pure cgroup v2 hierarchy, which these machines do not
+/// have: `scripts/cgroup-v2-vm.sh` boots a Debian kernel under QEMU (no KVM
+/// needed) with this binary in its initramfs and reports each scenario.
+#[test]
+fn groups_are_made_on_a_pure_cgroup_v2_host_too() {
+    let test = "groups_are_made_on_a_pure_cgroup_v2_host_too";
+    let probe = "command -v qemu-system-x86_64 && command -v cpio && ! ldd \"$(command -v busybox)\"";
+    if !common::tool_available(test, "qemu-system-x86, busybox-static and cpio", probe) {
+        return;
+    }
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/cgroup-v2-vm.sh");
+    let out = std::process::Command::new(script).arg(env!("CARGO_BIN_EXE_mqvisor")).output().unwrap();
+    let text = common::stdout(&out);
+    assert!(out.status.success() && text.contains("== end"), "{text}{}", common::stderr(&out));
+    // Started in the root group: its group holds every limit.
+    assert!(text.contains("cpu.max=50000 100000 memory.max=67108864 memory.swap.max=0 pids.max=8"), "{text}");
+    assert!(text.contains("groups: 1"), "the second start removes the first's empty group: {text}");
+    // Alone in a delegated group: it moved into a leaf, and its group below got the quota.
+    assert!(text.contains("svc/mqvisor/run-") && text.contains("cpu.max=25000 100000"), "{text}");
+    assert!(text.contains("svc: processes 0, shares cpu"), "{text}");
+    // With another process in its group: one line, exit 125.
+    assert!(text.contains("/sys/fs/cgroup/busy holds other processes") && text.contains("exit 125"), "{text}");
+}
