@@ -523,3 +523,20 @@ fn limits_serve_cannot_apply_are_refused_at_start_naming_the_tenant() {
     let _ = std::fs::remove_dir_all(&dir);
     common::assert_fails_with(&out, 125, "tenant alpha: resource limits: ");
 }
+
+#[test]
+fn the_control_socket_answers_the_daemons_user_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let daemon = Daemon::start("control-owner", "[tenants.alpha]\n", &[]);
+    let socket = daemon.dir.join("state/control.sock");
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "whoever can add a tenant chooses its files and its user");
+    let (ok, _, err) = daemon.tenant(&["list"]);
+    assert!(ok, "{err}");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let args = ["tenant".as_ref(), "list".as_ref(), "--socket".as_ref(), socket.as_os_str()];
+        let out = common::mqvisor_unprivileged(&args);
+        common::assert_fails_with(&out, 1, "Permission denied");
+    }
+}

@@ -154,13 +154,24 @@ async fn handle(request: Request<Incoming>, commands: mpsc::UnboundedSender<Comm
     }
 }
 
-/// Serves the control API on `path` (replacing a stale socket file).
+/// Serves the control API on `path` (replacing a stale socket file), to
+/// the daemon's own user and root only: whoever may add a tenant chooses the
+/// files it reads and the user it runs as.
 pub async fn serve_control(path: PathBuf, commands: mpsc::UnboundedSender<Command>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)?;
+    // Connecting needs write permission on the socket, whatever the umask was.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    // SAFETY: geteuid has no preconditions.
+    let owner = unsafe { libc::geteuid() };
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else { continue };
+            // A second check, should the socket's mode be changed under it.
+            if !stream.peer_cred().is_ok_and(|peer| peer.uid() == owner || peer.uid() == 0) {
+                continue;
+            }
             let commands = commands.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |request| {
