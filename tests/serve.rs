@@ -525,12 +525,14 @@ fn limits_serve_cannot_apply_are_refused_at_start_naming_the_tenant() {
 }
 
 #[test]
-fn the_control_socket_answers_the_daemons_user_alone() {
+fn the_control_socket_and_the_tenants_files_are_the_daemons_users_alone() {
     use std::os::unix::fs::PermissionsExt;
     let daemon = Daemon::start("control-owner", "[tenants.alpha]\n", &[]);
     let socket = daemon.dir.join("state/control.sock");
     let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "whoever can add a tenant chooses its files and its user");
+    let tenants = std::fs::metadata(daemon.dir.join("state/tenants")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(tenants, 0o700, "tenants' settings and state files are the daemon's alone");
     let (ok, _, err) = daemon.tenant(&["list"]);
     assert!(ok, "{err}");
     // SAFETY: geteuid has no preconditions.

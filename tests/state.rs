@@ -269,6 +269,8 @@ fn a_torn_last_batch_is_dropped_and_damage_in_the_middle_stops_the_start() {
     vm.stop();
     let batches = batch_offsets(&state);
     assert_eq!(batches.len(), 5, "one batch per acknowledged publish");
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&state).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "a tenant's messages are readable by its VMM's user only");
 
     // A torn last write: its records fail their checksum, and nothing follows.
     flip_byte(&state, batches[4] + 40);

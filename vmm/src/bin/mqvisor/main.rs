@@ -489,6 +489,7 @@ fn enter_cgroup(args: &RunArgs) -> Result<(), String> {
 /// Opens (or creates, sparse, at `--state-size`) the state file, when
 /// `--state` is given and persistence is not `off`.
 fn open_state(args: &RunArgs) -> Result<Option<vm::StateDisk>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mode = args.persistence.unwrap_or(if args.state.is_some() { Persistence::Sync } else { Persistence::Off });
     let path = match (&args.state, mode) {
         (_, Persistence::Off) => return Ok(None),
@@ -501,11 +502,13 @@ fn open_state(args: &RunArgs) -> Result<Option<vm::StateDisk>, String> {
     if args.discard_corrupt_state {
         discard_if_corrupt(path)?;
     }
+    // The tenant's messages and sessions: readable by the VMM's user only.
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
+        .mode(0o600)
         .open(path)
         .map_err(|e| format!("cannot open the state file {}: {e}", path.display()))?;
     let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();

@@ -97,7 +97,9 @@ impl Tenant {
         let settings_file = dir.join(format!("{name}.toml"));
         let state_file = dir.join(format!("{name}.state"));
         let text = toml::to_string(&config.broker).map_err(|e| format!("tenant {name}: {e}"))?;
+        // Tenants' settings and state (their messages) are the daemon's alone.
         std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
             .and_then(|()| std::fs::write(&settings_file, text))
             .map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
         let group = (!config.limits.is_empty())
