@@ -29,20 +29,24 @@ fn field(offset: usize) -> GuestAddress {
     GuestAddress(layout::PARAVIRT + offset as u64)
 }
 
-/// Reads the message the guest left in the shared page, escaped for display.
-fn read_message(mem: &GuestMemoryMmap) -> Result<String, GuestMemoryError> {
+/// Reads the message the guest left in the shared page, escaped for
+/// display; `lines` keeps its newlines (console output), else it stays on
+/// one line (an exit message, which ends up in the VMM's log).
+fn read_message(mem: &GuestMemoryMmap, lines: bool) -> Result<String, GuestMemoryError> {
     let len: u32 = mem.read_obj(field(offset_of!(ParavirtPage, len)))?;
     let len = usize::try_from(len).unwrap_or(usize::MAX).min(PARAVIRT_DATA_CAPACITY);
     let mut bytes = vec![0u8; len];
     mem.read_slice(&mut bytes, field(offset_of!(ParavirtPage, data)))?;
-    Ok(escape_for_terminal(&String::from_utf8_lossy(&bytes)))
+    Ok(escape_for_terminal(&String::from_utf8_lossy(&bytes), lines))
 }
 
-/// Replaces control characters other than newline and tab with escapes.
-pub fn escape_for_terminal(text: &str) -> String {
+/// Replaces control characters with escapes, but for tabs and, with
+/// `lines`, newlines: a guest must not write terminal controls, nor (in a
+/// log line) a line that looks like the VMM's or another tenant's.
+pub fn escape_for_terminal(text: &str, lines: bool) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
-        if c.is_control() && c != '\n' && c != '\t' {
+        if c.is_control() && !(c == '\n' && lines) && c != '\t' {
             out.extend(c.escape_default());
         } else {
             out.push(c);
@@ -54,8 +58,8 @@ pub fn escape_for_terminal(text: &str) -> String {
 /// Decodes an `out` of `value` to `port`.
 pub fn decode_out(port: u16, value: u32, mem: &GuestMemoryMmap) -> Result<PortRequest, GuestMemoryError> {
     Ok(match port {
-        ports::CONSOLE => PortRequest::Console(read_message(mem)?),
-        ports::EXIT => PortRequest::Exit { code: value, message: read_message(mem)? },
+        ports::CONSOLE => PortRequest::Console(read_message(mem, true)?),
+        ports::EXIT => PortRequest::Exit { code: value, message: read_message(mem, false)? },
         ports::WAIT => {
             let ns: u64 = mem.read_obj(field(offset_of!(ParavirtPage, wait_ns)))?;
             PortRequest::Wait((ns != u64::MAX).then(|| Duration::from_nanos(ns)))
@@ -104,7 +108,8 @@ mod tests {
 
     #[test]
     fn terminal_escapes_are_neutralised() {
-        assert_eq!(escape_for_terminal("a\x1b[2Jb\n\tc\u{7}"), "a\\u{1b}[2Jb\n\tc\\u{7}");
+        assert_eq!(escape_for_terminal("a\x1b[2Jb\n\tc\u{7}", true), "a\\u{1b}[2Jb\n\tc\\u{7}");
+        assert_eq!(escape_for_terminal("ok\nINFO booted tenant=x", false), "ok\\nINFO booted tenant=x");
         let mem = memory();
         put_message(&mem, 3, b"\xff\x1bz");
         assert_eq!(decode_out(ports::CONSOLE, 0, &mem).unwrap(), PortRequest::Console("\u{fffd}\\u{1b}z".into()));
@@ -117,6 +122,12 @@ mod tests {
         assert_eq!(
             decode_out(ports::EXIT, 101, &mem).unwrap(),
             PortRequest::Exit { code: 101, message: "boom".into() }
+        );
+        // An exit message stays on its line of the log.
+        put_message(&mem, 8, b"a\nforged");
+        assert_eq!(
+            decode_out(ports::EXIT, 1, &mem).unwrap(),
+            PortRequest::Exit { code: 1, message: "a\\nforged".into() }
         );
     }
 
