@@ -542,3 +542,46 @@ fn the_control_socket_and_the_tenants_files_are_the_daemons_users_alone() {
         common::assert_fails_with(&out, 1, "Permission denied");
     }
 }
+
+#[test]
+fn half_sent_connects_on_the_shared_port_cost_the_daemon_a_bounded_amount() {
+    if !kvm_available("half_sent_connects_on_the_shared_port_cost_the_daemon_a_bounded_amount") {
+        return;
+    }
+    let daemon = Daemon::start("half-sent", "[tenants.alpha]\n", &[]);
+    let hwm_kib = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap().to_string();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap()
+    };
+    let before = hwm_kib();
+    // 1,200 clients each announce a 65,000-byte CONNECT and send 60,000
+    // bytes of it: 72 MB, twice the daemon's budget for first packets.
+    let mut half_sent = Vec::new();
+    let body = vec![0x5a; 60_000];
+    let mut refused = 0;
+    for _ in 0..1_200 {
+        let mut s = TcpStream::connect(daemon.addr).unwrap();
+        // CONNECT, remaining length 65,000 (a varint: 0xe8 0xfb 0x03).
+        let sent = s.write_all(&[0x10, 0xe8, 0xfb, 0x03]).and_then(|()| s.write_all(&body));
+        refused += usize::from(sent.is_err());
+        half_sent.push(s);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    // The daemon dropped the clients past its budget.
+    for s in &mut half_sent {
+        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+        let mut byte = [0u8; 1];
+        if matches!(std::io::Read::read(s, &mut byte), Ok(0) | Err(_)) && s.write_all(&[0]).is_err() {
+            refused += 1;
+        }
+    }
+    let grown_mib = hwm_kib().saturating_sub(before) / 1024;
+    eprintln!("1,200 half-sent 60 KB CONNECTs: the daemon grew {grown_mib} MiB, {refused} clients were dropped");
+    assert!(grown_mib < 48, "the daemon grew {grown_mib} MiB for half-sent CONNECTs (budget 32 MiB)");
+    assert!(refused > 0, "no client was dropped past the budget");
+    // A polite client still gets its tenant.
+    let mut client = connected(&daemon, "polite", "alpha:");
+    client.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0xd0);
+}

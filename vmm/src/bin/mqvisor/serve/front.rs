@@ -4,9 +4,12 @@
 //! CONNECT so the tenant's broker sees `USER` (an empty `USER` is an
 //! anonymous client of that tenant).
 //!
-//! Owns that decision and nothing else: it never boots a VM and never keeps
-//! a byte of the client's traffic beyond what it read to decide.
+//! Owns that decision and the bytes it read to make it ([`FirstBytes`],
+//! charged to one budget for the whole host until the tenant's process has
+//! them): it never boots a VM and never keeps a byte of the client's
+//! traffic beyond those.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mqvisor_broker::broker::reason;
@@ -20,6 +23,55 @@ pub const FIRST_PACKET_DEADLINE: Duration = Duration::from_secs(10);
 /// Bytes read while waiting for a CONNECT, at most (a CONNECT with a will and
 /// properties fits; the tenant's own limits apply after the handoff).
 pub const MAX_FIRST_BYTES: usize = 64 * 1024;
+
+/// Bytes of first packets held at once, host-wide: read by the front or
+/// waiting in the tenants' handoff queues. A CONNECT is rarely over 1 KiB,
+/// so this holds 500 of the largest at once, or tens of thousands of usual
+/// ones; past it the client whose bytes do not fit is dropped, so a flood of
+/// large half-sent CONNECTs costs the daemon this much at most.
+pub const MAX_PENDING_BYTES: usize = 32 << 20;
+/// What a read asks for at a time: memory follows what clients send, not
+/// the length they announce.
+const READ_CHUNK: usize = 4096;
+
+static PENDING_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// A client's first bytes, charged to [`MAX_PENDING_BYTES`] until dropped.
+#[derive(Debug, Default)]
+pub struct FirstBytes(Vec<u8>);
+
+impl FirstBytes {
+    /// Appends `more` if the host-wide budget has room for it.
+    fn extend(&mut self, more: &[u8]) -> bool {
+        let before = PENDING_BYTES.fetch_add(more.len(), Ordering::Relaxed);
+        if before + more.len() > MAX_PENDING_BYTES {
+            PENDING_BYTES.fetch_sub(more.len(), Ordering::Relaxed);
+            return false;
+        }
+        self.0.extend_from_slice(more);
+        true
+    }
+
+    /// Takes `bytes` (the CONNECT rewritten, about as long) in place of these.
+    pub fn replace(&mut self, bytes: Vec<u8>) {
+        PENDING_BYTES.fetch_add(bytes.len(), Ordering::Relaxed);
+        PENDING_BYTES.fetch_sub(self.0.len(), Ordering::Relaxed);
+        self.0 = bytes;
+    }
+}
+
+impl std::ops::Deref for FirstBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for FirstBytes {
+    fn drop(&mut self) {
+        PENDING_BYTES.fetch_sub(self.0.len(), Ordering::Relaxed);
+    }
+}
 
 /// What to do with a client.
 #[derive(Debug, PartialEq, Eq)]
@@ -76,11 +128,13 @@ pub fn route(bytes: &[u8], tenant: Option<&str>, known: impl Fn(&str) -> bool) -
     Route::Tenant { tenant, first_bytes }
 }
 
-/// Reads until one whole packet is in, within the deadline and size bound;
-/// returns everything read (`None`: nothing usable came).
-pub async fn read_first_packet(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::with_capacity(512);
+/// Reads until one whole packet is in, within the deadline, the size bound
+/// and the host-wide budget; returns everything read (`None`: nothing
+/// usable came, or it did not fit).
+pub async fn read_first_packet(stream: &mut TcpStream) -> Option<FirstBytes> {
+    let mut buf = FirstBytes::default();
     let read = async {
+        let mut chunk = [0u8; READ_CHUNK];
         loop {
             match packet::frame(&buf, MAX_FIRST_BYTES) {
                 Ok(Some(_)) => return true,
@@ -90,11 +144,16 @@ pub async fn read_first_packet(stream: &mut TcpStream) -> Option<Vec<u8>> {
             if buf.len() >= MAX_FIRST_BYTES {
                 return false;
             }
+            // No further than the packet's end: what follows is the tenant's.
             let want = packet::announced_len(&buf).unwrap_or(buf.len() + 1).clamp(buf.len() + 1, MAX_FIRST_BYTES);
-            let mut chunk = vec![0u8; want - buf.len()];
-            match stream.read(&mut chunk).await {
+            let room = (want - buf.len()).min(READ_CHUNK);
+            match stream.read(&mut chunk[..room]).await {
                 Ok(0) | Err(_) => return false,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    if !buf.extend(&chunk[..n]) {
+                        return false;
+                    }
+                }
             }
         }
     };
@@ -156,6 +215,20 @@ mod tests {
             panic!("not refused")
         };
         assert_eq!(reply[3], reason::BAD_USER_NAME_OR_PASSWORD);
+    }
+
+    #[test]
+    fn first_bytes_are_charged_until_dropped_and_refused_past_the_budget() {
+        let pending = || PENDING_BYTES.load(Ordering::Relaxed);
+        let before = pending();
+        let mut bytes = FirstBytes::default();
+        assert!(bytes.extend(&[1; 100]));
+        assert!(pending() >= before + 100);
+        bytes.replace(vec![2; 40]);
+        assert!(!bytes.extend(&vec![0; MAX_PENDING_BYTES]), "past the budget");
+        assert_eq!(&bytes[..], &[2; 40][..], "a refused extension changes nothing");
+        drop(bytes);
+        assert_eq!(pending(), before);
     }
 
     #[test]

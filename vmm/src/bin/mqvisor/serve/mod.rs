@@ -23,14 +23,14 @@ use tokio::sync::mpsc;
 
 use config::{Defaults, ServeConfig, TenantConfig, valid_tenant_name};
 use control::Command;
-use front::Route;
+use front::{FirstBytes, Route};
 use tenant::{Exited, Tenant};
 
 /// A client the front has routed.
 struct Routed {
     tenant: String,
     client: TcpStream,
-    first_bytes: Vec<u8>,
+    first_bytes: FirstBytes,
 }
 
 /// Why the daemon could not start.
@@ -261,11 +261,12 @@ async fn accept_loop(
         let (tenant, names, routed) = (tenant.clone(), names.clone(), routed.clone());
         tokio::spawn(async move {
             let _ = client.set_nodelay(true);
-            let Some(bytes) = front::read_first_packet(&mut client).await else { return };
+            let Some(mut bytes) = front::read_first_packet(&mut client).await else { return };
             let known = |t: &str| names.read().is_ok_and(|names| names.iter().any(|n| n == t));
             match front::route(&bytes, tenant.as_deref(), known) {
                 Route::Tenant { tenant, first_bytes } => {
-                    let _ = routed.send(Routed { tenant, client, first_bytes });
+                    bytes.replace(first_bytes);
+                    let _ = routed.send(Routed { tenant, client, first_bytes: bytes });
                 }
                 Route::Refuse { reply } => {
                     use tokio::io::AsyncWriteExt;

@@ -23,6 +23,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::config::TenantConfig;
 use super::control::TenantView;
+use super::front::FirstBytes;
 
 /// The descriptor number the handoff socket has in the tenant's process.
 const HANDOFF_FD: i32 = 3;
@@ -58,7 +59,7 @@ struct Process {
     pid: u32,
     started: Instant,
     /// Clients for the handoff task.
-    clients: mpsc::Sender<(TcpStream, Vec<u8>)>,
+    clients: mpsc::Sender<(TcpStream, FirstBytes)>,
 }
 
 /// One tenant.
@@ -80,7 +81,7 @@ pub struct Tenant {
     backoff: Duration,
     pub restart_at: Option<Instant>,
     /// Clients that arrived while the tenant waits to restart.
-    waiting: Vec<(TcpStream, Vec<u8>)>,
+    waiting: Vec<(TcpStream, FirstBytes)>,
     /// What its process last reported.
     load: Arc<Mutex<LoadReport>>,
     /// Seconds from spawning each VM to its guest's link being up.
@@ -188,7 +189,7 @@ impl Tenant {
     pub fn hand(
         &mut self,
         client: TcpStream,
-        first_bytes: Vec<u8>,
+        first_bytes: FirstBytes,
         exe: &Path,
         exited: &mpsc::UnboundedSender<Exited>,
     ) {
@@ -382,7 +383,7 @@ impl Tenant {
 /// when the process is gone.
 async fn link(
     socket: AsyncFd<UnixDatagram>,
-    mut queue: mpsc::Receiver<(TcpStream, Vec<u8>)>,
+    mut queue: mpsc::Receiver<(TcpStream, FirstBytes)>,
     load: Arc<Mutex<LoadReport>>,
     (started, boot_seconds): (Instant, Arc<Mutex<Vec<f64>>>),
 ) {
