@@ -500,3 +500,33 @@ fn past_the_vmms_budget_for_slow_clients_the_slowest_is_shed() {
     assert!(shed >= 1, "no slow client was shed: {stats}");
     assert!(reset >= 1, "no slow client saw its connection end");
 }
+
+#[test]
+fn a_shells_usual_descriptor_limit_does_not_cap_the_clients() {
+    if !kvm_available("a_shells_usual_descriptor_limit_does_not_cap_the_clients") {
+        return;
+    }
+    raise_fd_limit();
+    let mut command = common::mqvisor();
+    command
+        .args(["run", "--listen", "127.0.0.1:0", "--timeout", "120"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec this only calls setrlimit, which is
+    // async-signal-safe, on the child itself.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+            // The soft limit a login shell usually has; the hard one stays.
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = 1024;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+    let vm = RunningVm::from_child(command.spawn().unwrap(), "mqvisor: tenant VM listening on ");
+    let clients: Vec<TcpStream> = (0..1_500)
+        .map(|i| mqtt_connect(&vm, &format!("c{i}")).unwrap_or_else(|e| panic!("client {i} was not served: {e}")))
+        .collect();
+    assert_eq!(clients.len(), 1_500);
+}

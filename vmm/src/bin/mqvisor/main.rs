@@ -8,6 +8,7 @@ use std::time::Duration;
 
 mod bench;
 mod broker_runner;
+mod fd_limit;
 mod procfs;
 mod serve;
 mod settings;
@@ -404,6 +405,9 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
+    if let ServiceKind::Mqtt | ServiceKind::Echo = args.service {
+        fd_limit::raise_for(settings.config.max_connections);
+    }
     let config = VmConfig {
         state,
         run_as,
@@ -731,6 +735,8 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_SETUP_FAILED);
                 }
             };
+            // Clients wait here for their CONNECT, before their tenant takes them.
+            fd_limit::raise();
             match serve::serve(&args.config, &exe) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -747,6 +753,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_SETUP_FAILED);
                 }
             };
+            fd_limit::raise_for(settings.config.max_connections);
             match broker_runner::run(args.listen, settings.config) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -9,19 +9,7 @@ pub mod mqtt;
 pub mod serve;
 pub mod state;
 
-/// Lets this process hold as many sockets as its hard limit allows; returns
-/// the limit now in force.
-pub fn raise_fd_limit() -> u64 {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: getrlimit/setrlimit with a valid resource and a pointer to a
-    // live rlimit.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-        limit.rlim_cur = limit.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-    }
-    limit.rlim_cur
-}
+pub use crate::fd_limit::raise as raise_fd_limit;
 
 /// The value at `fraction` (0..=1) of sorted `values`, nearest rank.
 pub fn percentile(sorted: &[f64], fraction: f64) -> f64 {
