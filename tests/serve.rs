@@ -30,6 +30,11 @@ impl Daemon {
     /// Writes `tenants` (TOML tables after `[defaults]`) into a fresh
     /// configuration and starts `mqvisor serve` on a free port.
     fn start(name: &str, tenants: &str, files: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn(Daemon::configure(name, tenants, files))
+    }
+
+    /// The directory of a fresh configuration with `tenants` and `files`.
+    fn configure(name: &str, tenants: &str, files: &[(&str, &str)]) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("mqvisor-serve-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -46,20 +51,31 @@ impl Daemon {
             ),
         )
         .unwrap();
-        Daemon::spawn(dir)
+        dir
     }
 
     /// Starts `mqvisor serve` on `dir/serve.toml` and waits until it listens.
     fn spawn(dir: PathBuf) -> Daemon {
+        Daemon::spawn_with_descriptors(dir, None)
+    }
+
+    /// As `spawn`, with the daemon's descriptor limit (soft and hard) set.
+    fn spawn_with_descriptors(dir: PathBuf, descriptors: Option<u64>) -> Daemon {
         let config = dir.join("serve.toml");
-        let mut child = mqvisor()
-            .arg("serve")
-            .arg("--config")
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning mqvisor serve");
+        let mut command = mqvisor();
+        command.arg("serve").arg("--config").arg(&config).stdout(Stdio::null()).stderr(Stdio::piped());
+        if let Some(n) = descriptors {
+            // SAFETY: between fork and exec this only calls setrlimit, which
+            // is async-signal-safe, on the child itself.
+            unsafe {
+                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+                    let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("spawning mqvisor serve");
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let addr: SocketAddr = loop {
             let line = lines.next().expect("mqvisor serve ended before listening").unwrap();
@@ -584,4 +600,29 @@ fn half_sent_connects_on_the_shared_port_cost_the_daemon_a_bounded_amount() {
     let mut client = connected(&daemon, "polite", "alpha:");
     client.write_all(&[0xc0, 0]).unwrap();
     assert_eq!(read_packet(&mut client).0, 0xd0);
+}
+
+#[test]
+fn sockets_that_never_speak_cannot_lock_the_shared_port() {
+    if !kvm_available("sockets_that_never_speak_cannot_lock_the_shared_port") {
+        return;
+    }
+    // 1,024 descriptors: the daemon holds at most 512 silent clients.
+    let dir = Daemon::configure("silent", "[tenants.alpha]\n", &[]);
+    let daemon = Daemon::spawn_with_descriptors(dir, Some(1024));
+    // 1,500 connections that never send a byte: more than the daemon has
+    // descriptors for (the rest wait in the kernel's accept queue), made
+    // well within its 10 s wait for a CONNECT.
+    let started = Instant::now();
+    let silent: Vec<TcpStream> = (0..1_500).map(|_| TcpStream::connect(daemon.addr).unwrap()).collect();
+    let mut client = connected(&daemon, "polite", "alpha:");
+    client.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0xd0);
+    let waited = started.elapsed();
+    eprintln!("1,500 silent sockets opened and a polite client served in {waited:?}");
+    // Locked out, the silent sockets would have waited in the kernel's queue
+    // (and the polite one behind them) until the front's 10 s deadline
+    // closed the first ones.
+    assert!(waited < Duration::from_secs(8), "the port was locked until the front's deadline ({waited:?})");
+    drop(silent);
 }

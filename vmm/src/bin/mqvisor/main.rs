@@ -735,8 +735,6 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_SETUP_FAILED);
                 }
             };
-            // Clients wait here for their CONNECT, before their tenant takes them.
-            fd_limit::raise();
             match serve::serve(&args.config, &exe) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -51,8 +51,56 @@ pub enum ServeError {
 /// Runs the daemon until SIGTERM or SIGINT.
 pub fn serve(config_path: &Path, exe: &Path) -> Result<(), ServeError> {
     let config = ServeConfig::load(config_path)?;
+    // Clients wait here for their CONNECT before their tenant takes them:
+    // as many as half the descriptors, and no more than MAX_PENDING_CLIENTS.
+    let descriptors = usize::try_from(crate::fd_limit::raise()).unwrap_or(usize::MAX);
+    let pending = Pending::new((descriptors / 2).clamp(16, MAX_PENDING_CLIENTS));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServeError::Runtime)?;
-    runtime.block_on(run(config, exe.to_path_buf()))
+    runtime.block_on(run(config, exe.to_path_buf(), pending))
+}
+
+/// Clients still sending their first packet, at most, host-wide.
+const MAX_PENDING_CLIENTS: usize = 16_384;
+
+/// The clients still sending their first packet, oldest first. At the cap a
+/// new client drops the oldest one: sockets that never speak cannot lock the
+/// ports, since a real client's CONNECT comes within milliseconds.
+#[derive(Clone)]
+struct Pending(std::sync::Arc<std::sync::Mutex<PendingClients>>);
+
+struct PendingClients {
+    cap: usize,
+    next: u64,
+    tasks: BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
+impl Pending {
+    fn new(cap: usize) -> Pending {
+        Pending(std::sync::Arc::new(std::sync::Mutex::new(PendingClients { cap, next: 0, tasks: BTreeMap::new() })))
+    }
+
+    /// Makes room for one more (dropping the oldest at the cap); returns its number.
+    fn admit(&self) -> u64 {
+        let Ok(mut p) = self.0.lock() else { return 0 };
+        while p.tasks.len() >= p.cap {
+            let Some((_, oldest)) = p.tasks.pop_first() else { break };
+            oldest.abort();
+        }
+        p.next += 1;
+        p.next
+    }
+
+    fn started(&self, id: u64, task: tokio::task::AbortHandle) {
+        if let Ok(mut p) = self.0.lock() {
+            p.tasks.insert(id, task);
+        }
+    }
+
+    fn done(&self, id: u64) {
+        if let Ok(mut p) = self.0.lock() {
+            p.tasks.remove(&id);
+        }
+    }
 }
 
 /// Tenants added or removed while serving, kept in `state_dir` so that a
@@ -101,7 +149,7 @@ impl Changes {
 
 type Names = std::sync::Arc<std::sync::RwLock<Vec<String>>>;
 
-async fn run(mut config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
+async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<(), ServeError> {
     let state_error = |source| ServeError::State { path: config.state_dir.clone(), source };
     std::fs::create_dir_all(&config.state_dir).map_err(state_error)?;
     let changes = Changes::new(&config.state_dir).map_err(state_error)?;
@@ -129,12 +177,12 @@ async fn run(mut config: ServeConfig, exe: PathBuf) -> Result<(), ServeError> {
     let shared = bind(config.listen).await?;
     tracing::info!(listen = %shared.local_addr().map_err(ServeError::Runtime)?, tenants = tenants.len(), "serving");
     eprintln!("mqvisor: serve listening on {}", shared.local_addr().map_err(ServeError::Runtime)?);
-    tokio::spawn(accept_loop(shared, None, names.clone(), routed_tx.clone()));
+    tokio::spawn(accept_loop(shared, None, names.clone(), routed_tx.clone(), pending.clone()));
     for (name, tenant) in &config.tenants {
         if let Some(addr) = tenant.listen {
             let own = bind(addr).await?;
             tracing::info!(tenant = %name, listen = %addr, "tenant port");
-            tokio::spawn(accept_loop(own, Some(name.clone()), names.clone(), routed_tx.clone()));
+            tokio::spawn(accept_loop(own, Some(name.clone()), names.clone(), routed_tx.clone(), pending.clone()));
         }
     }
     let (exited_tx, mut exited) = mpsc::unbounded_channel::<Exited>();
@@ -251,6 +299,7 @@ async fn accept_loop(
     tenant: Option<String>,
     names: Names,
     routed: mpsc::UnboundedSender<Routed>,
+    pending: Pending,
 ) {
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
@@ -258,10 +307,14 @@ async fn accept_loop(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let (tenant, names, routed) = (tenant.clone(), names.clone(), routed.clone());
-        tokio::spawn(async move {
+        let (tenant, names, routed, waiting) = (tenant.clone(), names.clone(), routed.clone(), pending.clone());
+        let id = pending.admit();
+        // Runs only once this loop awaits again (one thread), after `started`.
+        let task = tokio::spawn(async move {
             let _ = client.set_nodelay(true);
-            let Some(mut bytes) = front::read_first_packet(&mut client).await else { return };
+            let first = front::read_first_packet(&mut client).await;
+            waiting.done(id);
+            let Some(mut bytes) = first else { return };
             let known = |t: &str| names.read().is_ok_and(|names| names.iter().any(|n| n == t));
             match front::route(&bytes, tenant.as_deref(), known) {
                 Route::Tenant { tenant, first_bytes } => {
@@ -276,5 +329,6 @@ async fn accept_loop(
                 Route::Drop => {}
             }
         });
+        pending.started(id, task.abort_handle());
     }
 }
