@@ -530,3 +530,36 @@ fn a_shells_usual_descriptor_limit_does_not_cap_the_clients() {
         .collect();
     assert_eq!(clients.len(), 1_500);
 }
+
+#[test]
+fn at_the_connection_limit_a_new_client_displaces_one_that_never_spoke() {
+    if !kvm_available("at_the_connection_limit_a_new_client_displaces_one_that_never_spoke") {
+        return;
+    }
+    let vm = RunningVm::start(&["--max-connections", "100", "--connect-timeout-ms", "60000", "--stats"]);
+    // Ten clients that completed their CONNECT, then 90 that never speak:
+    // the limit is reached, and the CONNECT timeout is a minute away.
+    let mut answered: Vec<TcpStream> =
+        (0..10).map(|i| mqtt_connect(&vm, &format!("early-{i}")).expect("served below the limit")).collect();
+    let silent: Vec<TcpStream> = (0..90).map(|_| TcpStream::connect(vm.addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // Twenty more polite clients: each takes the place of the oldest silent one.
+    let mut late: Vec<TcpStream> = (0..20)
+        .map(|i| mqtt_connect(&vm, &format!("late-{i}")).expect("a polite client is served at the limit"))
+        .collect();
+    for client in answered.iter_mut().chain(late.iter_mut()) {
+        ping(client);
+    }
+    // The twenty oldest silent sockets were reset; the answered clients never.
+    let mut dropped = 0;
+    for mut stream in silent {
+        stream.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        let mut byte = [0u8; 1];
+        if matches!(stream.read(&mut byte), Ok(0) | Err(_)) && stream.write_all(&[0]).is_err() {
+            dropped += 1;
+        }
+    }
+    assert!(dropped >= 20, "only {dropped} silent clients made room");
+    let (_, stderr) = vm.stop();
+    assert!(stderr.contains("silent clients dropped 20"), "{stderr}");
+}

@@ -248,6 +248,9 @@ pub struct NetCounters {
     pub bad_records: u64,
     /// Slow clients reset to keep the VMM's buffers within their budget.
     pub shed_clients: u64,
+    /// Clients not yet answered (no CONNACK), reset at the connection limit
+    /// to make room for a new one.
+    pub silent_clients_dropped: u64,
 }
 
 /// The network half of a VM: the device, its worker thread, and KVM's
@@ -317,6 +320,7 @@ impl Network {
             bad_frames: self.counters.bad_frames.load(Ordering::Relaxed),
             bad_records: self.counters.bad_records.load(Ordering::Relaxed),
             shed_clients: self.counters.shed_clients.load(Ordering::Relaxed),
+            silent_clients_dropped: self.counters.silent_clients_dropped.load(Ordering::Relaxed),
         };
         (counters, notifications)
     }

@@ -105,6 +105,9 @@ pub struct LinkCounters {
     /// Clients reset because the guest's bytes waiting for slow clients
     /// passed the VMM's budget.
     pub shed_clients: AtomicU64,
+    /// Clients the guest had not answered yet (no CONNACK), reset at the
+    /// connection limit to make room for a new one.
+    pub silent_clients_dropped: AtomicU64,
     /// Bytes read from clients and written to them.
     pub client_bytes_in: AtomicU64,
     pub client_bytes_out: AtomicU64,
@@ -265,6 +268,9 @@ struct Stream {
     failed: bool,
     /// The guest sent `Close`: FIN follows the last of `out`.
     guest_closed: bool,
+    /// Reset at the connection limit, and still counted in `Proxy::dropping`
+    /// until the guest has closed it too.
+    dropped: bool,
     /// The guest closed with bytes still in `out` (the stream is in
     /// `Proxy::lingering`).
     lingering: bool,
@@ -300,6 +306,14 @@ struct Proxy {
     lingering: VecDeque<(Instant, StreamId)>,
     /// Clients accepted before the guest's device was up.
     waiting: VecDeque<(TcpStream, Vec<u8>)>,
+    /// Streams the guest has sent nothing on yet (clients before their
+    /// CONNACK), oldest first: at the connection limit the oldest of them
+    /// makes room for a new client, so sockets that never speak cannot
+    /// lock the port until the CONNECT timeout closes them.
+    unanswered: std::collections::BTreeSet<StreamId>,
+    /// Streams dropped for a new client that the guest has not closed yet:
+    /// they no longer count against the connection limit.
+    dropping: usize,
     device_active: bool,
     max_connections: usize,
     next_id: StreamId,
@@ -347,6 +361,8 @@ impl Proxy {
             out_total: 0,
             lingering: VecDeque::new(),
             waiting: VecDeque::new(),
+            unanswered: std::collections::BTreeSet::new(),
+            dropping: 0,
             device_active: false,
             max_connections: config.max_connections,
             next_id: 1,
@@ -420,8 +436,11 @@ impl Proxy {
     }
 
     fn accept(&mut self, socket: TcpStream, first_bytes: Vec<u8>) {
-        if self.streams.len() + self.waiting.len() >= self.max_connections {
-            // Over the limit: the client sees a reset, nobody else anything.
+        if self.streams.len() - self.dropping + self.waiting.len() >= self.max_connections
+            && !self.drop_oldest_unanswered()
+        {
+            // Over the limit, every client answered: the new client sees a
+            // reset, nobody else anything.
             reset(&socket);
             return;
         }
@@ -452,9 +471,11 @@ impl Proxy {
             owed: 0,
             failed: false,
             guest_closed: false,
+            dropped: false,
             lingering: false,
         };
         self.streams.insert(id, stream);
+        self.unanswered.insert(id);
         self.control.push_back((id, Control::Open));
         self.read_queue.push_back(id);
     }
@@ -544,6 +565,7 @@ impl Proxy {
     }
 
     fn on_guest_data(&mut self, id: StreamId, bytes: &[u8]) {
+        self.unanswered.remove(&id);
         // Bytes for a stream that ended here are the guest's to lose.
         let Some(stream) = self.streams.get_mut(&id) else { return };
         if stream.guest_closed {
@@ -762,6 +784,21 @@ impl Proxy {
         let _ = handoff.get_ref().send(&load.to_bytes());
     }
 
+    /// Resets the oldest client the guest has not answered (one that has
+    /// not completed its CONNECT); the guest hears it has gone. False when
+    /// every client has been answered.
+    fn drop_oldest_unanswered(&mut self) -> bool {
+        let Some(id) = self.unanswered.pop_first() else { return false };
+        let Some(stream) = self.streams.get_mut(&id) else { return false };
+        reset(&stream.socket);
+        stream.dropped = true;
+        self.dropping += 1;
+        self.counters.silent_clients_dropped.fetch_add(1, Ordering::Relaxed);
+        self.client_failed(id);
+        self.write_out(id);
+        true
+    }
+
     /// Resets the client with the most guest bytes waiting for it; the guest
     /// hears it has gone.
     fn shed_slowest(&mut self) {
@@ -853,9 +890,11 @@ impl Proxy {
     }
 
     fn forget(&mut self, id: StreamId) {
+        self.unanswered.remove(&id);
         if let Some(stream) = self.streams.remove(&id) {
             stream.watcher.abort();
             self.out_total -= stream.out.len();
+            self.dropping -= usize::from(stream.dropped);
         }
     }
 

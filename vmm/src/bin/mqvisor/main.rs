@@ -690,7 +690,7 @@ fn print_stats(report: &RunReport) {
     if let Some(net) = &report.net {
         eprint!(
             ", guest tx {} frames / {} bytes, guest rx {} frames / {} bytes, refused chains {}, ring faults {}, \
-             bad frames {}, bad records {}, slow clients shed {}",
+             bad frames {}, bad records {}, slow clients shed {}, silent clients dropped {}",
             net.tx_frames,
             net.tx_bytes,
             net.rx_frames,
@@ -699,7 +699,8 @@ fn print_stats(report: &RunReport) {
             net.ring_faults,
             net.bad_frames,
             net.bad_records,
-            net.shed_clients
+            net.shed_clients,
+            net.silent_clients_dropped
         );
         if let Some(fault) = &net.last_ring_fault {
             eprint!(" (last: {fault})");
