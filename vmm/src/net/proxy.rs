@@ -786,8 +786,13 @@ impl Proxy {
 
     /// Resets the oldest client the guest has not answered (one that has
     /// not completed its CONNECT); the guest hears it has gone. False when
-    /// every client has been answered.
+    /// every client has been answered, or too many dropped are still open.
     fn drop_oldest_unanswered(&mut self) -> bool {
+        // A guest that never closes what it is told has gone must not let
+        // the streams held here grow without end.
+        if self.dropping >= self.max_connections {
+            return false;
+        }
         let Some(id) = self.unanswered.pop_first() else { return false };
         let Some(stream) = self.streams.get_mut(&id) else { return false };
         reset(&stream.socket);
