@@ -512,18 +512,8 @@ fn a_shells_usual_descriptor_limit_does_not_cap_the_clients() {
         .args(["run", "--listen", "127.0.0.1:0", "--timeout", "120"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
-    // SAFETY: between fork and exec this only calls setrlimit, which is
-    // async-signal-safe, on the child itself.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut command, || {
-            // The soft limit a login shell usually has; the hard one stays.
-            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
-            limit.rlim_cur = 1024;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            Ok(())
-        });
-    }
+    // The soft limit a login shell usually has; the hard one stays.
+    common::limit_descriptors(&mut command, 1024, None);
     let vm = RunningVm::from_child(command.spawn().unwrap(), "mqvisor: tenant VM listening on ");
     let clients: Vec<TcpStream> = (0..1_500)
         .map(|i| mqtt_connect(&vm, &format!("c{i}")).unwrap_or_else(|e| panic!("client {i} was not served: {e}")))

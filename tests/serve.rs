@@ -65,15 +65,7 @@ impl Daemon {
         let mut command = mqvisor();
         command.arg("serve").arg("--config").arg(&config).stdout(Stdio::null()).stderr(Stdio::piped());
         if let Some(n) = descriptors {
-            // SAFETY: between fork and exec this only calls setrlimit, which
-            // is async-signal-safe, on the child itself.
-            unsafe {
-                std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
-                    let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
-                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-                    Ok(())
-                });
-            }
+            common::limit_descriptors(&mut command, n, Some(n));
         }
         let mut child = command.spawn().expect("spawning mqvisor serve");
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
@@ -614,7 +606,13 @@ fn sockets_that_never_speak_cannot_lock_the_shared_port() {
     // descriptors for (the rest wait in the kernel's accept queue), made
     // well within its 10 s wait for a CONNECT.
     let started = Instant::now();
-    let silent: Vec<TcpStream> = (0..1_500).map(|_| TcpStream::connect(daemon.addr).unwrap()).collect();
+    let mut silent = Vec::new();
+    for _ in 0..15 {
+        silent.extend((0..100).map(|_| TcpStream::connect(daemon.addr).unwrap()));
+        // In batches, so the kernel's accept queue never overflows (a dropped
+        // SYN costs a second or more) while the daemon keeps up.
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut client = connected(&daemon, "polite", "alpha:");
     client.write_all(&[0xc0, 0]).unwrap();
     assert_eq!(read_packet(&mut client).0, 0xd0);

@@ -228,3 +228,20 @@ pub fn mqvisor_unprivileged(args: &[&std::ffi::OsStr]) -> Output {
     let _ = std::fs::remove_file(&exe);
     out
 }
+
+/// Starts `command` with its descriptor limit at `soft`, and at `hard` too
+/// when given (else the hard limit stays as it is).
+pub fn limit_descriptors(command: &mut Command, soft: u64, hard: Option<u64>) {
+    // SAFETY: between fork and exec this only calls getrlimit and
+    // setrlimit, which are async-signal-safe, on the child itself.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(command, move || {
+            let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = soft;
+            limit.rlim_max = hard.unwrap_or(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+}
