@@ -9,7 +9,10 @@
 #   1. started in the root group: its group and limits;
 #   2. a second start removes the first's empty group;
 #   3. alone in a delegated group: it steps into a leaf, then shares out;
-#   4. in a group with another process: refused with one line.
+#   4. in a group with another process: refused with one line;
+#   5. `mqvisor serve` alone in a delegated group, with two limited tenants:
+#      it steps into its own leaf once, makes both groups beside it, and
+#      removes them at exit.
 #
 # Usage: scripts/cgroup-v2-vm.sh MQVISOR [KERNEL]
 #        scripts/cgroup-v2-vm.sh --fetch       (only fetch the kernel)
@@ -80,6 +83,19 @@ echo "svc: processes $(wc -l < $cg/svc/cgroup.procs), shares $(cat $cg/svc/cgrou
 echo "== 4 busy"
 mkdir $cg/busy
 sh -c "echo \$\$ > $cg/busy/cgroup.procs; sleep 30 & /mqvisor run --service demo --cpus 0.25 --kvm-device /nonexistent 2>&1; echo exit \$?; kill \$!"
+echo "== 5 serve"
+ip link set lo up
+mkdir $cg/svc2 /tmp/serve
+printf 'listen = "127.0.0.1:0"\nstate_dir = "/tmp/serve/state"\n[defaults]\ncpus = 0.5\n[tenants.a]\n[tenants.b]\npids_limit = 8\n' >/tmp/serve/serve.toml
+sh -c "echo \$\$ > $cg/svc2/cgroup.procs; exec /mqvisor serve --config /tmp/serve/serve.toml" >/tmp/serve/log 2>&1 &
+daemon=$!
+for _ in $(seq 50); do grep -q "serve listening" /tmp/serve/log && break; sleep 0.1; done
+grep "serve:" /tmp/serve/log
+for g in $cg/svc2/mqvisor/serve-*-*; do echo "group ${g#$cg/}: cpu.max=$(cat $g/cpu.max) pids.max=$(cat $g/pids.max)"; done
+echo "daemon in $(cut -d: -f3 /proc/$daemon/cgroup)"
+kill $daemon
+wait $daemon
+echo "tenant groups after exit: $(ls -d $cg/svc2/mqvisor/serve-*-* 2>/dev/null | wc -l)"
 echo "== end"
 poweroff -f
 EOF

@@ -176,4 +176,10 @@ fn groups_are_made_on_a_pure_cgroup_v2_host_too() {
     assert!(text.contains("svc: processes 0, shares cpu"), "{text}");
     // With another process in its group: one line, exit 125.
     assert!(text.contains("/sys/fs/cgroup/busy holds other processes") && text.contains("exit 125"), "{text}");
+    // `serve` alone in a delegated group with two limited tenants: one leaf
+    // for the daemon, both groups beside it, both gone at exit.
+    assert!(text.contains("-a: cpu.max=50000 100000 pids.max=max"), "{text}");
+    assert!(text.contains("-b: cpu.max=50000 100000 pids.max=8"), "{text}");
+    assert!(text.contains("daemon in /svc2/mqvisor/serve-"), "{text}");
+    assert!(text.contains("tenant groups after exit: 0"), "{text}");
 }

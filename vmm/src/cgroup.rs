@@ -130,13 +130,19 @@ struct Hierarchy {
     controllers: Vec<String>,
 }
 
-/// This process's cgroup hierarchies, from `/proc/self/mountinfo` and `/proc/self/cgroup`.
-fn hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
+/// This process's cgroup hierarchies, from `/proc/self/mountinfo` and
+/// `/proc/self/cgroup`, as they were the first time: a daemon that stepped
+/// into a leaf (see [`bases`]) keeps making its groups where the first went.
+fn hierarchies() -> Result<&'static [Hierarchy], CgroupError> {
+    static FOUND: std::sync::OnceLock<Vec<Hierarchy>> = std::sync::OnceLock::new();
+    if let Some(found) = FOUND.get() {
+        return Ok(found);
+    }
     let mountinfo = Path::new("/proc/self/mountinfo");
     let mounts = std::fs::read_to_string(mountinfo).map_err(io(mountinfo))?;
     let membership = Path::new("/proc/self/cgroup");
     let groups = std::fs::read_to_string(membership).map_err(io(membership))?;
-    Ok(parse_hierarchies(&mounts, &groups))
+    Ok(FOUND.get_or_init(|| parse_hierarchies(&mounts, &groups)))
 }
 
 /// The cgroup hierarchies `mounts` (mountinfo) shows, each with the group
@@ -304,7 +310,7 @@ impl Group {
     /// groups.
     pub fn create(name: &str, limits: &Limits) -> Result<Group, CgroupError> {
         limits.validate()?;
-        Group::create_in(&hierarchies()?, name, limits)
+        Group::create_in(hierarchies()?, name, limits)
     }
 
     fn create_in(found: &[Hierarchy], name: &str, limits: &Limits) -> Result<Group, CgroupError> {
