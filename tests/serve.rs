@@ -123,6 +123,25 @@ impl Daemon {
         serde_json::from_str::<Vec<serde_json::Value>>(&json).unwrap()
     }
 
+    /// The daemon's `GET /metrics` page.
+    fn metrics(&self) -> String {
+        let config = std::fs::read_to_string(self.dir.join("serve.toml")).unwrap();
+        let port = config.split("127.0.0.1:").nth(2).and_then(|r| r.split('"').next()).unwrap().to_string();
+        let mut http = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
+        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut page = String::new();
+        std::io::Read::read_to_string(&mut http, &mut page).unwrap();
+        page
+    }
+
+    /// The value of the series `name` on the metrics page.
+    fn metric(&self, name: &str) -> u64 {
+        let page = self.metrics();
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {page}"))
+    }
+
     fn log_has(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
@@ -299,12 +318,7 @@ fn tenants_are_listed_added_removed_and_kept_across_restarts() {
     assert_eq!((alpha["state"].as_str(), alpha["connections"].as_u64()), (Some("running"), Some(1)), "{alpha}");
     assert!(alpha["pid"].as_u64().is_some_and(|p| p > 0) && alpha["pss_bytes"].as_u64() > Some(0), "{alpha}");
     // Metrics name every tenant.
-    let metrics_port = std::fs::read_to_string(daemon.dir.join("serve.toml")).unwrap();
-    let port = metrics_port.split("127.0.0.1:").nth(2).and_then(|r| r.split('"').next()).unwrap().to_string();
-    let mut http = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
-    http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut page = String::new();
-    std::io::Read::read_to_string(&mut http, &mut page).unwrap();
+    let page = daemon.metrics();
     assert!(page.contains("mqvisor_tenant_up{tenant=\"alpha\"} 1"), "{page}");
     assert!(page.contains("mqvisor_tenant_up{tenant=\"beta\"} 0"), "{page}");
     // Alpha's state file is on disk (its superblock at least).
@@ -588,6 +602,8 @@ fn half_sent_connects_on_the_shared_port_cost_the_daemon_a_bounded_amount() {
     eprintln!("1,200 half-sent 60 KB CONNECTs: the daemon grew {grown_mib} MiB, {refused} clients were dropped");
     assert!(grown_mib < 48, "the daemon grew {grown_mib} MiB for half-sent CONNECTs (budget 32 MiB)");
     assert!(refused > 0, "no client was dropped past the budget");
+    let counted = daemon.metric("mqvisor_front_clients_dropped_total{reason=\"byte_budget\"}");
+    assert!(counted > 0, "/metrics counts the clients dropped past the budget");
     // A polite client still gets its tenant.
     let mut client = connected(&daemon, "polite", "alpha:");
     client.write_all(&[0xc0, 0]).unwrap();
@@ -622,5 +638,7 @@ fn sockets_that_never_speak_cannot_lock_the_shared_port() {
     // (and the polite one behind them) until the front's 10 s deadline
     // closed the first ones.
     assert!(waited < Duration::from_secs(8), "the port was locked until the front's deadline ({waited:?})");
+    let counted = daemon.metric("mqvisor_front_clients_dropped_total{reason=\"oldest_silent\"}");
+    assert!(counted >= 1_500 - 1_024 / 2, "/metrics counts the silent clients dropped: {counted}");
     drop(silent);
 }

@@ -30,6 +30,8 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use super::front::FrontStats;
+
 /// Largest request body (a tenant's TOML table).
 const MAX_BODY: usize = 64 * 1024;
 
@@ -186,10 +188,12 @@ pub async fn serve_control(path: PathBuf, commands: mpsc::UnboundedSender<Comman
     Ok(())
 }
 
-/// The Prometheus text for `tenants`, every series labelled `tenant`.
-pub fn metrics_text(tenants: &[TenantView]) -> String {
+/// The Prometheus text for `tenants`, every series labelled `tenant`, and
+/// for the shared front (`mqvisor_front_*`), which belongs to no tenant.
+pub fn metrics_text(tenants: &[TenantView], front: FrontStats) -> String {
     type Labels = Vec<(String, String)>;
-    let mut registry = Registry::with_prefix("mqvisor_tenant");
+    let mut root = Registry::with_prefix("mqvisor");
+    let registry = root.sub_registry_with_prefix("tenant");
     let gauge = |registry: &mut Registry, name: &str, help: &str| {
         let family = Family::<Labels, Gauge>::default();
         registry.register(name, help, family.clone());
@@ -200,30 +204,25 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
         registry.register(name, help, family.clone());
         family
     };
-    let up = gauge(&mut registry, "up", "1 while the tenant's VM runs");
-    let connections = gauge(&mut registry, "connections", "Client connections carried into the VM");
-    let pss = gauge(&mut registry, "pss_bytes", "Proportional set size of the tenant's process");
-    let memory = gauge(&mut registry, "memory_bytes", "Guest RAM the tenant's VM is given");
-    let state = gauge(&mut registry, "state_bytes", "Disk blocks the tenant's state file uses");
-    let boots = counter(&mut registry, "boots", "VM boots");
-    let crashes = counter(&mut registry, "crashes", "Unexpected ends of the VM's process");
-    let restarts = counter(&mut registry, "restarts", "Restarts after a crash or on request");
-    let bytes_in = counter(&mut registry, "client_bytes_in", "Bytes read from clients");
-    let bytes_out = counter(&mut registry, "client_bytes_out", "Bytes written to clients");
-    let messages_in = counter(&mut registry, "messages_in", "PUBLISH packets from clients");
-    let messages_out = counter(&mut registry, "messages_out", "PUBLISH packets to clients");
-    let dropped = counter(&mut registry, "messages_dropped", "Messages not delivered: a queue or window was full");
-    let refused = counter(
-        &mut registry,
-        "messages_refused",
-        "Messages refused: the tenant's memory ran low or its state disk failed",
-    );
-    let exits = counter(&mut registry, "vm_exits", "Exits of the tenant's vCPU to its VMM");
-    let faults = counter(&mut registry, "guest_faults", "Protocol violations of the tenant's guest at its VMM");
-    let throttled =
-        counter(&mut registry, "cpu_throttled_periods", "CFS periods in which the tenant's CPU limit ran out");
-    let oom_kills =
-        counter(&mut registry, "memory_limit_kills", "The tenant's VMM processes killed at its memory limit");
+    let up = gauge(registry, "up", "1 while the tenant's VM runs");
+    let connections = gauge(registry, "connections", "Client connections carried into the VM");
+    let pss = gauge(registry, "pss_bytes", "Proportional set size of the tenant's process");
+    let memory = gauge(registry, "memory_bytes", "Guest RAM the tenant's VM is given");
+    let state = gauge(registry, "state_bytes", "Disk blocks the tenant's state file uses");
+    let boots = counter(registry, "boots", "VM boots");
+    let crashes = counter(registry, "crashes", "Unexpected ends of the VM's process");
+    let restarts = counter(registry, "restarts", "Restarts after a crash or on request");
+    let bytes_in = counter(registry, "client_bytes_in", "Bytes read from clients");
+    let bytes_out = counter(registry, "client_bytes_out", "Bytes written to clients");
+    let messages_in = counter(registry, "messages_in", "PUBLISH packets from clients");
+    let messages_out = counter(registry, "messages_out", "PUBLISH packets to clients");
+    let dropped = counter(registry, "messages_dropped", "Messages not delivered: a queue or window was full");
+    let refused =
+        counter(registry, "messages_refused", "Messages refused: the tenant's memory ran low or its state disk failed");
+    let exits = counter(registry, "vm_exits", "Exits of the tenant's vCPU to its VMM");
+    let faults = counter(registry, "guest_faults", "Protocol violations of the tenant's guest at its VMM");
+    let throttled = counter(registry, "cpu_throttled_periods", "CFS periods in which the tenant's CPU limit ran out");
+    let oom_kills = counter(registry, "memory_limit_kills", "The tenant's VMM processes killed at its memory limit");
     let boot = Family::<Labels, Histogram>::new_with_constructor(|| {
         Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0])
     });
@@ -254,8 +253,25 @@ pub fn metrics_text(tenants: &[TenantView]) -> String {
             histogram.observe(seconds);
         }
     }
+    let front_registry = root.sub_registry_with_prefix("front");
+    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let pending_clients = Gauge::<i64>::default();
+    pending_clients.set(as_i64(front.pending_clients));
+    front_registry.register("pending_clients", "Clients still sending their first packet", pending_clients);
+    let pending_bytes = Gauge::<i64>::default();
+    pending_bytes.set(as_i64(front.pending_bytes));
+    front_registry.register("pending_bytes", "Bytes of first packets held for clients and tenants", pending_bytes);
+    let dropped = Family::<Vec<(String, String)>, Counter>::default();
+    front_registry.register(
+        "clients_dropped",
+        "Clients dropped before their CONNECT reached a tenant",
+        dropped.clone(),
+    );
+    let reason = |r: &str| vec![("reason".to_string(), r.to_string())];
+    dropped.get_or_create(&reason("byte_budget")).inc_by(front.dropped_over_budget);
+    dropped.get_or_create(&reason("oldest_silent")).inc_by(front.dropped_oldest);
     let mut text = String::new();
-    let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+    let _ = prometheus_client::encoding::text::encode(&mut text, &root);
     text
 }
 
@@ -273,7 +289,7 @@ pub fn serve_metrics(listener: TcpListener, commands: mpsc::UnboundedSender<Comm
                             return Ok::<_, Infallible>(error(StatusCode::NOT_FOUND, "only /metrics is here"));
                         }
                         Ok(match ask(&commands, Command::List).await {
-                            Some(list) => respond(StatusCode::OK, metrics_text(&list)),
+                            Some(list) => respond(StatusCode::OK, metrics_text(&list, super::front::stats())),
                             None => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
                         })
                     }
@@ -339,7 +355,8 @@ mod tests {
             state_bytes: 8192,
             boot_seconds: vec![0.004, 0.012],
         };
-        let text = metrics_text(&[tenant]);
+        let front = FrontStats { pending_clients: 2, pending_bytes: 40, dropped_over_budget: 3, dropped_oldest: 4 };
+        let text = metrics_text(&[tenant], front);
         assert!(text.contains("mqvisor_tenant_up{tenant=\"acme\"} 1"), "{text}");
         assert!(text.contains("mqvisor_tenant_connections{tenant=\"acme\"} 3"), "{text}");
         assert!(text.contains("mqvisor_tenant_crashes_total{tenant=\"acme\"} 1"), "{text}");
@@ -347,8 +364,14 @@ mod tests {
         assert!(text.contains("mqvisor_tenant_messages_in_total{tenant=\"acme\"} 5"), "{text}");
         assert!(text.contains("mqvisor_tenant_boot_seconds_count{tenant=\"acme\"} 2"), "{text}");
         assert!(text.contains("mqvisor_tenant_state_bytes{tenant=\"acme\"} 8192"), "{text}");
-        let series = text.lines().filter(|l| !l.starts_with('#') && !l.is_empty());
+        let series = text.lines().filter(|l| l.starts_with("mqvisor_tenant"));
         assert!(series.clone().count() >= 9);
         assert!(series.clone().all(|l| l.contains("tenant=\"acme\"")), "{text}");
+        // The front belongs to no tenant.
+        assert!(text.contains("mqvisor_front_pending_clients 2"), "{text}");
+        assert!(text.contains("mqvisor_front_pending_bytes 40"), "{text}");
+        assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"byte_budget\"} 3"), "{text}");
+        assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"oldest_silent\"} 4"), "{text}");
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     }
 }

@@ -4,12 +4,12 @@
 //! CONNECT so the tenant's broker sees `USER` (an empty `USER` is an
 //! anonymous client of that tenant).
 //!
-//! Owns that decision and the bytes it read to make it ([`FirstBytes`],
+//! Owns that decision, the bytes it read to make it ([`FirstBytes`],
 //! charged to one budget for the whole host until the tenant's process has
-//! them): it never boots a VM and never keeps a byte of the client's
-//! traffic beyond those.
+//! them) and the clients still sending them ([`Pending`]): it never boots a
+//! VM and never keeps a byte of the client's traffic beyond those.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use mqvisor_broker::broker::reason;
@@ -35,6 +35,84 @@ pub const MAX_PENDING_BYTES: usize = 32 << 20;
 const READ_CHUNK: usize = 4096;
 
 static PENDING_BYTES: AtomicUsize = AtomicUsize::new(0);
+static PENDING_CLIENTS: AtomicUsize = AtomicUsize::new(0);
+static DROPPED_OVER_BUDGET: AtomicU64 = AtomicU64::new(0);
+static DROPPED_OLDEST: AtomicU64 = AtomicU64::new(0);
+
+/// What the front holds and what it dropped, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrontStats {
+    /// Clients still sending their first packet.
+    pub pending_clients: u64,
+    /// Bytes of first packets held (see [`MAX_PENDING_BYTES`]).
+    pub pending_bytes: u64,
+    /// Clients dropped because their first bytes did not fit the budget.
+    pub dropped_over_budget: u64,
+    /// Clients dropped, the oldest still silent, to make room for a new one.
+    pub dropped_oldest: u64,
+}
+
+/// The front's figures now.
+pub fn stats() -> FrontStats {
+    let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+    FrontStats {
+        pending_clients: as_u64(PENDING_CLIENTS.load(Ordering::Relaxed)),
+        pending_bytes: as_u64(PENDING_BYTES.load(Ordering::Relaxed)),
+        dropped_over_budget: DROPPED_OVER_BUDGET.load(Ordering::Relaxed),
+        dropped_oldest: DROPPED_OLDEST.load(Ordering::Relaxed),
+    }
+}
+
+/// Clients still sending their first packet, at most, host-wide.
+pub const MAX_PENDING_CLIENTS: usize = 16_384;
+
+/// The clients still sending their first packet, oldest first. At the cap a
+/// new client drops the oldest one: sockets that never speak cannot lock the
+/// ports, since a real client's CONNECT comes within milliseconds.
+#[derive(Clone)]
+pub struct Pending(std::sync::Arc<std::sync::Mutex<PendingClients>>);
+
+struct PendingClients {
+    cap: usize,
+    next: u64,
+    tasks: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
+impl Pending {
+    pub fn new(cap: usize) -> Pending {
+        Pending(std::sync::Arc::new(std::sync::Mutex::new(PendingClients {
+            cap,
+            next: 0,
+            tasks: std::collections::BTreeMap::new(),
+        })))
+    }
+
+    /// Makes room for one more (dropping the oldest at the cap); returns its number.
+    pub fn admit(&self) -> u64 {
+        let Ok(mut p) = self.0.lock() else { return 0 };
+        while p.tasks.len() >= p.cap {
+            let Some((_, oldest)) = p.tasks.pop_first() else { break };
+            oldest.abort();
+            DROPPED_OLDEST.fetch_add(1, Ordering::Relaxed);
+        }
+        p.next += 1;
+        PENDING_CLIENTS.store(p.tasks.len() + 1, Ordering::Relaxed);
+        p.next
+    }
+
+    pub fn started(&self, id: u64, task: tokio::task::AbortHandle) {
+        if let Ok(mut p) = self.0.lock() {
+            p.tasks.insert(id, task);
+        }
+    }
+
+    pub fn done(&self, id: u64) {
+        if let Ok(mut p) = self.0.lock() {
+            p.tasks.remove(&id);
+            PENDING_CLIENTS.store(p.tasks.len(), Ordering::Relaxed);
+        }
+    }
+}
 
 /// A client's first bytes, charged to [`MAX_PENDING_BYTES`] until dropped.
 #[derive(Debug, Default)]
@@ -151,6 +229,7 @@ pub async fn read_first_packet(stream: &mut TcpStream) -> Option<FirstBytes> {
                 Ok(0) | Err(_) => return false,
                 Ok(n) => {
                     if !buf.extend(&chunk[..n]) {
+                        DROPPED_OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
                         return false;
                     }
                 }

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use config::{Defaults, ServeConfig, TenantConfig, valid_tenant_name};
 use control::Command;
-use front::{FirstBytes, Route};
+use front::{FirstBytes, Pending, Route};
 use tenant::{Exited, Tenant};
 
 /// A client the front has routed.
@@ -54,53 +54,9 @@ pub fn serve(config_path: &Path, exe: &Path) -> Result<(), ServeError> {
     // Clients wait here for their CONNECT before their tenant takes them:
     // as many as half the descriptors, and no more than MAX_PENDING_CLIENTS.
     let descriptors = usize::try_from(crate::fd_limit::raise()).unwrap_or(usize::MAX);
-    let pending = Pending::new((descriptors / 2).clamp(16, MAX_PENDING_CLIENTS));
+    let pending = Pending::new((descriptors / 2).clamp(16, front::MAX_PENDING_CLIENTS));
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(ServeError::Runtime)?;
     runtime.block_on(run(config, exe.to_path_buf(), pending))
-}
-
-/// Clients still sending their first packet, at most, host-wide.
-const MAX_PENDING_CLIENTS: usize = 16_384;
-
-/// The clients still sending their first packet, oldest first. At the cap a
-/// new client drops the oldest one: sockets that never speak cannot lock the
-/// ports, since a real client's CONNECT comes within milliseconds.
-#[derive(Clone)]
-struct Pending(std::sync::Arc<std::sync::Mutex<PendingClients>>);
-
-struct PendingClients {
-    cap: usize,
-    next: u64,
-    tasks: BTreeMap<u64, tokio::task::AbortHandle>,
-}
-
-impl Pending {
-    fn new(cap: usize) -> Pending {
-        Pending(std::sync::Arc::new(std::sync::Mutex::new(PendingClients { cap, next: 0, tasks: BTreeMap::new() })))
-    }
-
-    /// Makes room for one more (dropping the oldest at the cap); returns its number.
-    fn admit(&self) -> u64 {
-        let Ok(mut p) = self.0.lock() else { return 0 };
-        while p.tasks.len() >= p.cap {
-            let Some((_, oldest)) = p.tasks.pop_first() else { break };
-            oldest.abort();
-        }
-        p.next += 1;
-        p.next
-    }
-
-    fn started(&self, id: u64, task: tokio::task::AbortHandle) {
-        if let Ok(mut p) = self.0.lock() {
-            p.tasks.insert(id, task);
-        }
-    }
-
-    fn done(&self, id: u64) {
-        if let Ok(mut p) = self.0.lock() {
-            p.tasks.remove(&id);
-        }
-    }
 }
 
 /// Tenants added or removed while serving, kept in `state_dir` so that a
