@@ -513,7 +513,7 @@ fn a_shells_usual_descriptor_limit_does_not_cap_the_clients() {
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped());
     // The soft limit a login shell usually has; the hard one stays.
-    common::limit_descriptors(&mut command, 1024, None);
+    common::limit_child(&mut command, libc::RLIMIT_NOFILE, 1024, None);
     let vm = RunningVm::from_child(command.spawn().unwrap(), "mqvisor: tenant VM listening on ");
     let clients: Vec<TcpStream> = (0..1_500)
         .map(|i| mqtt_connect(&vm, &format!("c{i}")).unwrap_or_else(|e| panic!("client {i} was not served: {e}")))

@@ -65,7 +65,7 @@ impl Daemon {
         let mut command = mqvisor();
         command.arg("serve").arg("--config").arg(&config).stdout(Stdio::null()).stderr(Stdio::piped());
         if let Some(n) = descriptors {
-            common::limit_descriptors(&mut command, n, Some(n));
+            common::limit_child(&mut command, libc::RLIMIT_NOFILE, n, Some(n));
         }
         let mut child = command.spawn().expect("spawning mqvisor serve");
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();

@@ -330,7 +330,6 @@ fn compaction_keeps_the_state_file_bounded_under_retained_updates() {
 
 #[test]
 fn a_full_disk_refuses_durable_publishes_and_keeps_serving_readers() {
-    use std::os::unix::process::CommandExt;
     if !kvm_available("full_disk") {
         return;
     }
@@ -341,16 +340,7 @@ fn a_full_disk_refuses_durable_publishes_and_keeps_serving_readers() {
     let mut command = common::mqvisor();
     command.args(["run", "--listen", "127.0.0.1:0", "--stats", "--state", state.to_str().unwrap()]);
     command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
-    // SAFETY: setrlimit is async-signal-safe and touches only the child.
-    unsafe {
-        command.pre_exec(|| {
-            let limit = libc::rlimit { rlim_cur: 2 << 20, rlim_max: 2 << 20 };
-            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    common::limit_child(&mut command, libc::RLIMIT_FSIZE, 2 << 20, Some(2 << 20));
     let vm = RunningVm::from_child(command.spawn().unwrap(), "mqvisor: tenant VM listening on ");
 
     // A reader subscribed before the disk fills keeps getting live traffic.

@@ -229,18 +229,22 @@ pub fn mqvisor_unprivileged(args: &[&std::ffi::OsStr]) -> Output {
     out
 }
 
-/// Starts `command` with its descriptor limit at `soft`, and at `hard` too
-/// when given (else the hard limit stays as it is).
-pub fn limit_descriptors(command: &mut Command, soft: u64, hard: Option<u64>) {
+/// Starts `command` with its `resource` limit (`libc::RLIMIT_*`) at
+/// `soft`, and at `hard` too when given (else the hard limit stays).
+pub fn limit_child(command: &mut Command, resource: libc::__rlimit_resource_t, soft: u64, hard: Option<u64>) {
     // SAFETY: between fork and exec this only calls getrlimit and
     // setrlimit, which are async-signal-safe, on the child itself.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(command, move || {
             let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            if libc::getrlimit(resource, &mut limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             limit.rlim_cur = soft;
             limit.rlim_max = hard.unwrap_or(limit.rlim_max);
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            if libc::setrlimit(resource, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
