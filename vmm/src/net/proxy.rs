@@ -268,6 +268,8 @@ struct Stream {
     failed: bool,
     /// The guest sent `Close`: FIN follows the last of `out`.
     guest_closed: bool,
+    /// The guest has sent bytes on it (it is no longer in `Proxy::unanswered`).
+    answered: bool,
     /// Reset at the connection limit, and still counted in `Proxy::dropping`
     /// until the guest has closed it too.
     dropped: bool,
@@ -471,6 +473,7 @@ impl Proxy {
             owed: 0,
             failed: false,
             guest_closed: false,
+            answered: false,
             dropped: false,
             lingering: false,
         };
@@ -565,9 +568,13 @@ impl Proxy {
     }
 
     fn on_guest_data(&mut self, id: StreamId, bytes: &[u8]) {
-        self.unanswered.remove(&id);
         // Bytes for a stream that ended here are the guest's to lose.
         let Some(stream) = self.streams.get_mut(&id) else { return };
+        if !stream.answered {
+            // Once per stream, not on every record of the hot path.
+            stream.answered = true;
+            self.unanswered.remove(&id);
+        }
         if stream.guest_closed {
             self.counters.bad_records.fetch_add(1, Ordering::Relaxed);
             return;
@@ -895,8 +902,10 @@ impl Proxy {
     }
 
     fn forget(&mut self, id: StreamId) {
-        self.unanswered.remove(&id);
         if let Some(stream) = self.streams.remove(&id) {
+            if !stream.answered {
+                self.unanswered.remove(&id);
+            }
             stream.watcher.abort();
             self.out_total -= stream.out.len();
             self.dropping -= usize::from(stream.dropped);
