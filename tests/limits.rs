@@ -145,6 +145,10 @@ fn limits_that_cannot_hold_are_refused_with_one_line() {
     }
     let out = run_vm(&["--cpus", "half"]);
     assert_eq!(out.status.code(), Some(2), "clap refuses a value that is not a number");
+    // serve's group (internal) and limits of one's own do not mix.
+    let out = run_vm(&["--cgroup", "/sys/fs/cgroup/x", "--cpus", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", common::stderr(&out));
+    assert!(common::stderr(&out).contains("cannot be used with"), "{}", common::stderr(&out));
 }
 
 #[test]
