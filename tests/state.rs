@@ -220,8 +220,8 @@ fn batch_offsets(state: &Path) -> Vec<usize> {
     let mut offsets = Vec::new();
     while bytes[at..at + 4] == 0x4d51_5642u32.to_le_bytes() {
         offsets.push(at);
-        let len = u32::from_le_bytes(bytes[at + 16..at + 20].try_into().unwrap()) as usize;
-        at += (32 + len).next_multiple_of(usize::try_from(SECTOR).unwrap());
+        let len = u32::from_le_bytes(bytes[at + 32..at + 36].try_into().unwrap()) as usize;
+        at += (64 + len).next_multiple_of(usize::try_from(SECTOR).unwrap());
     }
     offsets
 }
@@ -272,8 +272,8 @@ fn a_torn_last_batch_is_dropped_and_damage_in_the_middle_stops_the_start() {
     let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&state).unwrap().permissions());
     assert_eq!(mode & 0o777, 0o600, "a tenant's messages are readable by its VMM's user only");
 
-    // A torn last write: its records fail their checksum, and nothing follows.
-    flip_byte(&state, batches[4] + 40);
+    // A torn last write: its records fail their tag, and nothing follows.
+    flip_byte(&state, batches[4] + 70);
     let checked = common::mqvisor().arg("state-check").arg(&state).output().unwrap();
     assert!(checked.status.success(), "{}", common::stderr(&checked));
     assert!(common::stdout(&checked).contains("a torn last batch"), "{}", common::stdout(&checked));

@@ -142,6 +142,8 @@ pub enum VmmError {
     Arch(#[from] ArchError),
     #[error("writing boot-info: {0}")]
     BootInfo(vm_memory::GuestMemoryError),
+    #[error("reading random bytes for the guest (getrandom): {0}")]
+    Entropy(std::io::Error),
     #[error("starting a VMM thread: {0}")]
     Thread(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
@@ -419,6 +421,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     };
 
     info.tsc_khz = vcpu.get_tsc_khz().map_err(kvm_err("KVM_GET_TSC_KHZ"))?.into();
+    fill_random(&mut info.entropy).map_err(VmmError::Entropy)?;
     info.entry_tsc = guest_tsc(&vcpu);
     info.setup_ns = u64::try_from(created.elapsed().as_nanos()).unwrap_or(u64::MAX);
     mem.write_slice(info.as_bytes(), GuestAddress(layout::BOOT_INFO)).map_err(VmmError::BootInfo)?;
@@ -535,6 +538,23 @@ fn connection_limit(service: Service, heap: u64, memory_mib: u32) -> Result<usiz
             Ok(max_connections)
         }
     }
+}
+
+/// Fills `buf` from the kernel's random number generator.
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`,
+        // which is valid, writable memory of that length.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(std::io::Error::last_os_error()),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

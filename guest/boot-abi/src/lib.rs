@@ -29,7 +29,7 @@ extern crate alloc;
 /// `BootInfo::magic`: "MQVBOOT1" in little-endian byte order.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MQVBOOT1");
 /// `BootInfo::version`; bumped on any layout change.
-pub const BOOT_INFO_VERSION: u32 = 5;
+pub const BOOT_INFO_VERSION: u32 = 6;
 
 /// Guest-physical memory layout at entry.
 pub mod layout {
@@ -213,7 +213,13 @@ pub struct BootInfo {
     pub config_addr: u64,
     /// Its length in bytes (at most [`config_blob::MAX_LEN`]).
     pub config_len: u64,
+    /// Fresh random bytes from the host's kernel: the guest has no source of
+    /// its own (the state log's file key and log ids come from them).
+    pub entropy: [u8; ENTROPY_LEN],
 }
+
+/// Size of [`BootInfo::entropy`].
+pub const ENTROPY_LEN: usize = 32;
 
 pub mod capacity;
 pub mod config_blob;
@@ -241,6 +247,7 @@ impl Default for BootInfo {
             net: NetConfig::default(),
             config_addr: 0,
             config_len: 0,
+            entropy: [0; ENTROPY_LEN],
         }
     }
 }
@@ -296,7 +303,9 @@ pub struct ParavirtPage {
 // part of the ABI: a field added without updating the layout fails here.
 const _: () = assert!(core::mem::size_of::<DeviceDescriptor>() == 24);
 const _: () = assert!(core::mem::size_of::<NetConfig>() == 32);
-const _: () = assert!(core::mem::size_of::<BootInfo>() == 72 + 24 * MAX_DEVICES + 8 + CMDLINE_CAPACITY + 8 + 32 + 16);
+const _: () = assert!(
+    core::mem::size_of::<BootInfo>() == 72 + 24 * MAX_DEVICES + 8 + CMDLINE_CAPACITY + 8 + 32 + 16 + ENTROPY_LEN
+);
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= layout::PARAVIRT - layout::BOOT_INFO);
 const _: () = assert!(core::mem::size_of::<ParavirtPage>() as u64 == layout::PAGE_SIZE);
 

@@ -112,7 +112,7 @@ impl Store {
             Err(why) => paravirt::exit(EXIT_BAD_STATE, why.as_bytes()),
         };
         let started = clock::now();
-        let opened = Log::open(disk, |body| broker.restore(body, now));
+        let opened = Log::open(disk, &info.entropy, |body| broker.restore(body, now));
         let (mut log, found) = match opened {
             Ok(opened) => opened,
             Err(e) => {

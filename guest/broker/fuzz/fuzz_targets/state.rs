@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
         rest = tail;
     }
     {
-        let Ok((mut log, _)) = Log::open(&mut disk, |_| true) else { return };
+        let Ok((mut log, _)) = Log::open(&mut disk, &[7; 32], |_| true) else { return };
         while let Some((&flags, tail)) = rest.split_first() {
             let Some((len, tail)) = tail.split_at_checked(2) else { break };
             let len = usize::from(u16::from_le_bytes([len[0], len[1]]));
@@ -76,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
         disk.0[at] ^= xor;
     }
     let mut broker = Broker::new(Config::default());
-    if Log::open(&mut disk, |body| broker.restore(body, 1_000)).is_ok() {
+    if Log::open(&mut disk, &[7; 32], |body| broker.restore(body, 1_000)).is_ok() {
         broker.finish_restore(1_000);
         let _ = broker.snapshot(&mut |record: &Record| {
             let mut body = Vec::new();
