@@ -7,7 +7,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
-use mqvisor_broker::store::log::{Disk, IoError, Log, LogError, Recovered, SECTOR};
+use mqvisor_broker::store::log::{Disk, ENTROPY_BYTES, IoError, Log, LogError, Recovered, SECTOR};
 use mqvisor_broker::store::record::Record;
 
 /// A state file opened for reading only.
@@ -40,6 +40,8 @@ pub fn check(file: &File) -> Result<Recovered, LogError> {
     if file.read_exact_at(&mut head, 0).is_ok() && head.iter().all(|&b| b == 0) {
         return Ok(Recovered { fresh: true, ..Recovered::default() });
     }
-    let (_, recovered) = Log::open(ReadOnlyFile(file, len), |body| Record::decode(body).is_ok())?;
+    // Read-only: no key or log id is ever made, so no randomness is needed.
+    let no_entropy = [0; ENTROPY_BYTES];
+    let (_, recovered) = Log::open(ReadOnlyFile(file, len), &no_entropy, |body| Record::decode(body).is_ok())?;
     Ok(recovered)
 }
