@@ -1,9 +1,11 @@
 //! Resource limits of `mqvisor run` (`--cpus`, `--memory-limit`,
 //! `--pids-limit`) on real VMs: a guest spinning without exits is held to
 //! its CPU share, a guest touching all its RAM has its VMM killed by the
-//! kernel at the memory limit, a healthy tenant serves within its limits,
-//! and limits that cannot be applied are refused with one line. Limits need
-//! root (or a delegated cgroup); as another user only the refusals run.
+//! kernel at the memory limit, a healthy tenant serves within its limits
+//! (KVM's worker thread counted in its tasks), a KVM_RUN that keeps failing
+//! ends the VM, and limits that cannot be applied are refused with one
+//! line. Limits need root (or a delegated cgroup); as another user only the
+//! refusals run.
 
 mod common;
 
@@ -132,13 +134,85 @@ fn a_tenant_serves_within_its_limits() {
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
 }
 
+/// A directory for this test's state files.
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mqvisor-limits-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Connects, and publishes one QoS 1 retained message (a record on the
+/// state disk) to its PUBACK.
+fn serves(addr: std::net::SocketAddr) {
+    let mut client = TcpStream::connect(addr).unwrap();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    client.write_all(&wire::connect_packet("tasks")).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0x20, "CONNACK");
+    client.write_all(&wire::publish("t", b"kept", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK");
+}
+
+#[test]
+fn the_task_limit_counts_kvms_worker_thread() {
+    let test = "the_task_limit_counts_kvms_worker_thread";
+    if !kvm_available(test) || !limits_available(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let state = scratch("tasks").join("tenant.state");
+    let state = state.to_str().unwrap();
+    // The old minimum with a state disk: main, vcpu0, net and block fit, KVM's
+    // worker did not, and the VM spun at a whole CPU without serving. Now
+    // refused before anything starts.
+    let out = common::mqvisor()
+        .args(["run", "--listen", "127.0.0.1:0", "--timeout", "10", "--pids-limit", "4", "--state", state])
+        .output()
+        .unwrap();
+    assert_fails_with(&out, 125, "the task limit must be at least 5");
+    // The new minimum serves, with every task of the VMM in its group.
+    let vm = RunningVm::start(&["--pids-limit", "5", "--state", state, "--timeout", "30"]);
+    serves(vm.addr);
+    let pid = vm.child.id();
+    let pids = group_dir(&format!("run-{pid}"), "pids");
+    let tasks: usize = std::fs::read_to_string(pids.join("pids.current")).unwrap().trim().parse().unwrap();
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().count();
+    assert_eq!((tasks, threads), (5, 5), "main, vcpu0, net, block and KVM's worker");
+    let (status, _) = vm.stop();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    let _ = std::fs::remove_dir_all(std::path::Path::new(state).parent().unwrap());
+}
+
+#[test]
+fn a_kvm_run_that_keeps_failing_ends_the_vm_with_one_line() {
+    let test = "a_kvm_run_that_keeps_failing_ends_the_vm_with_one_line";
+    if !kvm_available(test) || !limits_available(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // A group with room for the boot demo's two threads but not for KVM's
+    // worker (as `mqvisor serve` would hand one over): every KVM_RUN fails
+    // with EAGAIN. It was retried without end, at a whole CPU.
+    let group = group_dir(&format!("run-{}-eagain", std::process::id()), "pids");
+    std::fs::create_dir_all(&group).unwrap();
+    std::fs::write(group.join("pids.max"), "2").unwrap();
+    let started = Instant::now();
+    let out = run_vm(&["--cgroup", group.to_str().unwrap(), "--timeout", "20"]);
+    let took = started.elapsed();
+    let _ = std::fs::remove_dir(&group);
+    assert_fails_with(&out, 125, "KVM_RUN failed with EAGAIN for 1 s on end");
+    assert!(took < Duration::from_secs(10), "it took {took:?} to give up");
+}
+
 #[test]
 fn limits_that_cannot_hold_are_refused_with_one_line() {
     for (flag, value, message) in [
         ("--cpus", "0", "cpus must be between 0.01 and 4096"),
         ("--cpus", "5000", "cpus must be between 0.01 and 4096"),
         ("--memory-limit", "8", "the memory limit must be at least 16 MiB"),
-        ("--pids-limit", "2", "the task limit must be at least 4"),
+        ("--pids-limit", "2", "the task limit must be at least 5"),
+        // The VMM's 4 threads fit, KVM's worker thread would not.
+        ("--pids-limit", "4", "the task limit must be at least 5: the VMM's 4 threads and KVM's worker thread"),
     ] {
         let out = run_vm(&[flag, value]);
         assert_fails_with(&out, 125, message);

@@ -28,8 +28,10 @@ pub const MAX_CPUS: f64 = 4096.0;
 /// Smallest memory limit accepted, MiB: below it the VMM cannot start.
 pub const MIN_MEMORY_MIB: u64 = 16;
 /// Smallest task limit accepted: the VMM's own threads (main, vCPU, net,
-/// block) must fit.
-pub const MIN_PIDS: u32 = 4;
+/// block) and the worker KVM starts in the VMM's group at the first
+/// KVM_RUN (`kvm-nx-lpage-recovery`, a thread of the process) must fit.
+/// With one task fewer, KVM_RUN fails with EAGAIN for good.
+pub const MIN_PIDS: u32 = 5;
 /// The directory, below the caller's group, that holds the VMs' groups.
 const BASE: &str = "mqvisor";
 
@@ -51,7 +53,7 @@ pub enum CgroupError {
     Cpus(f64),
     #[error("the memory limit must be at least {MIN_MEMORY_MIB} MiB (got {0})")]
     Memory(u64),
-    #[error("the task limit must be at least {MIN_PIDS}, the VMM's own threads (got {0})")]
+    #[error("the task limit must be at least {MIN_PIDS}: the VMM's 4 threads and KVM's worker thread (got {0})")]
     Pids(u32),
     #[error(
         "this host has no cgroup controller `{0}`: cgroup v2 does not offer it and no v1 hierarchy mounts it \
@@ -429,6 +431,8 @@ mod tests {
             Limits { cpus: Some(f64::NAN), ..Limits::default() },
             Limits { memory_mib: Some(1), ..Limits::default() },
             Limits { pids: Some(2), ..Limits::default() },
+            // The VMM's 4 threads and KVM's worker.
+            Limits { pids: Some(4), ..Limits::default() },
         ];
         for limits in bad {
             assert!(limits.validate().is_err(), "{limits:?}");

@@ -33,6 +33,9 @@ pub enum Outcome {
     TimedOut { after: Duration, rip: Option<u64> },
     /// The operator asked mqvisor to stop (SIGINT or SIGTERM).
     Stopped { signal: i32 },
+    /// The host could not go on running the guest: a KVM call kept failing
+    /// for a reason of the host's, not the guest's (see [`EAGAIN_FOR`]).
+    HostFailed { reason: String },
 }
 
 /// Exits the vCPU made to this process (each costs ~30 µs on nested KVM).
@@ -71,6 +74,15 @@ pub struct VcpuContext {
 /// feel, and is stopped.
 const MAX_MMIO_PER_SECOND: u64 = 20_000;
 
+/// How long KVM_RUN may keep failing with EAGAIN before the VM is given up.
+/// EAGAIN is the kernel's "try again", but one cause never passes: KVM
+/// cannot start its worker thread (`kvm-nx-lpage-recovery`) in a group at
+/// its task limit, and every KVM_RUN then fails at once, so retrying
+/// without end spins a CPU and serves nothing.
+pub const EAGAIN_FOR: Duration = Duration::from_secs(1);
+/// The pause between two KVM_RUNs that failed with EAGAIN.
+const EAGAIN_PAUSE: Duration = Duration::from_millis(1);
+
 /// How often the watchdog re-signals a vCPU that has not stopped yet: a signal
 /// that lands just before KVM_RUN is entered is otherwise lost.
 const KICK_INTERVAL: Duration = Duration::from_millis(10);
@@ -107,6 +119,8 @@ enum Step {
     Wait(Option<Duration>),
     End(Outcome),
     Crash(String),
+    /// KVM_RUN failed with EAGAIN: try again, for a while.
+    Again,
 }
 
 impl VcpuLoop {
@@ -122,6 +136,8 @@ impl VcpuLoop {
     fn run_until_end(&mut self, started: Instant) -> Outcome {
         // When the last MAX_MMIO_PER_SECOND register accesses began.
         let mut mmio_mark = (Instant::now(), 0u64);
+        // Since when KVM_RUN has failed with EAGAIN and nothing else.
+        let mut failing_since: Option<Instant> = None;
         loop {
             if self.stats.mmio - mmio_mark.1 >= MAX_MMIO_PER_SECOND {
                 if mmio_mark.0.elapsed() < Duration::from_secs(1) {
@@ -136,11 +152,27 @@ impl VcpuLoop {
                 return Outcome::TimedOut { after: started.elapsed(), rip: self.rip() };
             }
             let step = match self.vcpu.run() {
-                Ok(exit) => on_exit(exit, &mut self.context, &mut self.stats),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+                Ok(exit) => {
+                    failing_since = None;
+                    on_exit(exit, &mut self.context, &mut self.stats)
+                }
+                Err(e) if e.errno() == libc::EINTR => Step::Continue,
+                Err(e) if e.errno() == libc::EAGAIN => Step::Again,
                 Err(e) => Step::Crash(format!("KVM_RUN failed: {e}")),
             };
             match step {
+                Step::Again => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= EAGAIN_FOR {
+                        let reason = format!(
+                            "KVM_RUN failed with EAGAIN for {} s on end (the usual cause: a task limit too low \
+                             for KVM's worker thread)",
+                            EAGAIN_FOR.as_secs()
+                        );
+                        return Outcome::HostFailed { reason };
+                    }
+                    thread::sleep(EAGAIN_PAUSE);
+                }
                 Step::Continue => {}
                 Step::Wait(timeout) => park(&self.context.wake, timeout),
                 Step::End(outcome) => return outcome,

@@ -213,7 +213,8 @@ struct RunArgs {
     /// included, to this many MiB; past it the kernel kills the VMM [default: no limit]
     #[arg(long, value_name = "MIB", help_heading = "Resource limits (root, or a delegated cgroup)")]
     memory_limit: Option<u64>,
-    /// Hold the VMM to this many tasks (it runs 4 threads) [default: no limit]
+    /// Hold the VMM to this many tasks, at least 5 (its 4 threads and KVM's
+    /// worker thread) [default: no limit]
     #[arg(long, value_name = "N", help_heading = "Resource limits (root, or a delegated cgroup)")]
     pids_limit: Option<u32>,
     /// Join this control group directory, made by `mqvisor serve` with the
@@ -450,6 +451,10 @@ fn run(args: RunArgs) -> ExitCode {
         Outcome::Crashed { reason, rip: at } => {
             eprintln!("mqvisor: guest crashed: {reason} at RIP {}", rip(at));
             ExitCode::from(EXIT_GUEST_CRASHED)
+        }
+        Outcome::HostFailed { reason } => {
+            eprintln!("mqvisor: {reason}");
+            ExitCode::from(EXIT_SETUP_FAILED)
         }
         Outcome::Stopped { signal } => {
             eprintln!("mqvisor: stopped by signal {signal}; clients were disconnected cleanly");
