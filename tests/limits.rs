@@ -3,9 +3,9 @@
 //! its CPU share, a guest touching all its RAM has its VMM killed by the
 //! kernel at the memory limit, a healthy tenant serves within its limits
 //! (KVM's worker thread counted in its tasks), a KVM_RUN that keeps failing
-//! ends the VM, and limits that cannot be applied are refused with one
-//! line. Limits need root (or a delegated cgroup); as another user only the
-//! refusals run.
+//! ends the VM, a clean stop leaves no group behind, and limits that cannot
+//! be applied are refused with one line. Limits need root (or a delegated
+//! cgroup); as another user only the refusals run.
 
 mod common;
 
@@ -202,6 +202,55 @@ fn a_kvm_run_that_keeps_failing_ends_the_vm_with_one_line() {
     let _ = std::fs::remove_dir(&group);
     assert_fails_with(&out, 125, "KVM_RUN failed with EAGAIN for 1 s on end");
     assert!(took < Duration::from_secs(10), "it took {took:?} to give up");
+}
+
+/// The groups of `run-PID` in each hierarchy a VM may use.
+fn groups_of(name: &str) -> Vec<std::path::PathBuf> {
+    ["cpu", "memory", "pids"].map(|controller| group_dir(name, controller)).to_vec()
+}
+
+#[test]
+fn a_clean_stop_leaves_no_group_behind() {
+    let test = "a_clean_stop_leaves_no_group_behind";
+    if !kvm_available(test) || !limits_available(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let state = scratch("clean-stop").join("tenant.state");
+    let limits = ["--cpus", "1", "--memory-limit", "96", "--pids-limit", "8"];
+    let mut args = vec!["--state", state.to_str().unwrap(), "--timeout", "30"];
+    args.extend_from_slice(&limits);
+    let vm = RunningVm::start(&args);
+    serves(vm.addr);
+    let groups = groups_of(&format!("run-{}", vm.child.id()));
+    assert!(groups.iter().all(|g| g.exists()), "{groups:?}");
+    let (status, _) = vm.stop();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    let left: Vec<_> = groups.iter().filter(|g| g.exists()).collect();
+    assert!(left.is_empty(), "left behind after SIGTERM: {left:?}");
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}
+
+#[test]
+fn groups_of_gone_vmms_are_swept_from_every_hierarchy() {
+    let test = "groups_of_gone_vmms_are_swept_from_every_hierarchy";
+    if !kvm_available(test) || !limits_available(test) {
+        return;
+    }
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    // Left by a VMM that is gone (no process has this id) in all three
+    // hierarchies; the next VMM limits tasks only.
+    let gone = groups_of(&format!("run-{}", i32::MAX));
+    for group in &gone {
+        std::fs::create_dir_all(group).unwrap();
+    }
+    let out = run_vm(&["--pids-limit", "8"]);
+    assert!(out.status.success(), "{}", common::stderr(&out));
+    let left: Vec<_> = gone.iter().filter(|g| g.exists()).collect();
+    for group in &left {
+        let _ = std::fs::remove_dir(group);
+    }
+    assert!(left.is_empty(), "not swept: {left:?}");
 }
 
 #[test]

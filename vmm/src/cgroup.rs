@@ -32,6 +32,12 @@ pub const MIN_MEMORY_MIB: u64 = 16;
 /// KVM_RUN (`kvm-nx-lpage-recovery`, a thread of the process) must fit.
 /// With one task fewer, KVM_RUN fails with EAGAIN for good.
 pub const MIN_PIDS: u32 = 5;
+/// Controllers a VM's group may use: every hierarchy that mounts one of
+/// them may hold groups of earlier VMMs.
+const CONTROLLERS: [&str; 3] = ["cpu", "memory", "pids"];
+/// How long a VMM leaving its group waits for the kernel to let go of it
+/// (KVM's worker thread ends as the VM's descriptor closes).
+const REMOVE_FOR: Duration = Duration::from_secs(1);
 /// The directory, below the caller's group, that holds the VMs' groups.
 const BASE: &str = "mqvisor";
 
@@ -288,9 +294,22 @@ fn bases(found: &[Hierarchy], controllers: &[&'static str], leaf: &str) -> Resul
     Ok(bases)
 }
 
+/// Sweeps `mqvisor/` in every hierarchy a VMM may have made groups in,
+/// not only in those the caller's limits use: a VMM held in CPU alone
+/// leaves its group in the `cpu` hierarchy, and the next may limit tasks
+/// only.
+fn sweep_all(found: &[Hierarchy]) {
+    for hierarchy in found {
+        if hierarchy.unified || hierarchy.controllers.iter().any(|c| CONTROLLERS.contains(&c.as_str())) {
+            sweep(&hierarchy.own.join(BASE));
+        }
+    }
+}
+
 /// Removes the groups of VMMs that are gone (`run-PID`, `serve-PID-...`):
-/// a VMM cannot remove its own group once it has given up root. Only empty
-/// groups can be removed, so a live one is never touched.
+/// a VMM cannot remove its own group once it has given up root, nor one
+/// killed by the kernel. Only empty groups can be removed, so a live one
+/// is never touched.
 fn sweep(base: &Path) {
     let Ok(entries) = std::fs::read_dir(base) else { return };
     for entry in entries.flatten() {
@@ -323,11 +342,10 @@ impl Group {
         // Swept once per process: a daemon making thousands of groups would
         // otherwise read each directory thousands of times.
         static SWEPT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        let first = !SWEPT.swap(true, std::sync::atomic::Ordering::Relaxed);
+        if !SWEPT.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            sweep_all(found);
+        }
         for base in bases(found, &limits.controllers(), &owner)? {
-            if first {
-                sweep(&base);
-            }
             let dir = base.join(name);
             mkdir(&dir)?;
             dirs.push(dir);
@@ -418,6 +436,70 @@ impl Group {
             Ok(()) => true,
         })
     }
+
+    /// Prepares the calling process's way out of the group at its end
+    /// ([`Departure::leave`]): opens, for each of the group's directories,
+    /// `cgroup.procs` of the group the process started in (the one
+    /// `mqvisor/` sits in). Call while files may still be opened, before the
+    /// VMM's threads are filtered.
+    pub fn departure(&self) -> Departure {
+        let procs = self
+            .dirs
+            .iter()
+            .filter_map(|dir| {
+                let started_in = dir.parent()?.parent()?;
+                std::fs::OpenOptions::new().write(true).open(started_in.join("cgroup.procs")).ok()
+            })
+            .collect();
+        Departure { procs, dirs: self.dirs.clone() }
+    }
+}
+
+/// What a VMM needs to remove its own group once its VM is gone: the
+/// group's directories, and the group it started in, opened beforehand.
+#[derive(Debug)]
+pub struct Departure {
+    procs: Vec<std::fs::File>,
+    dirs: Vec<PathBuf>,
+}
+
+impl Departure {
+    /// Moves the calling process back into the group it started in and
+    /// removes its own group, retrying for up to [`REMOVE_FOR`] while the
+    /// kernel still counts a task there (KVM's worker thread ends as the
+    /// VM's descriptor closes). Call once the VM is gone. True when the
+    /// group is gone; false when it stays for the next VMM's sweep: a VMM
+    /// that gave up root may not remove it, and a delegated cgroup v2 group
+    /// that shares controllers out cannot take the process back.
+    pub fn leave(self) -> bool {
+        let pid = std::process::id().to_string();
+        let mut moved = self.procs.len() == self.dirs.len();
+        for mut procs in &self.procs {
+            moved &= std::io::Write::write_all(&mut procs, pid.as_bytes()).is_ok();
+        }
+        // Still in the group: one try, no wait.
+        let deadline = std::time::Instant::now() + if moved { REMOVE_FOR } else { Duration::ZERO };
+        let mut left = self.dirs;
+        loop {
+            let mut refused = false;
+            left.retain(|dir| match std::fs::remove_dir(dir) {
+                Ok(()) => false,
+                Err(e) if e.kind() == ErrorKind::NotFound => false,
+                Err(e) => {
+                    // EBUSY: a task is still in it; anything else will not pass.
+                    refused |= e.raw_os_error() != Some(libc::EBUSY);
+                    true
+                }
+            });
+            if left.is_empty() {
+                return true;
+            }
+            if refused || std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -488,6 +570,36 @@ mod tests {
                 std::env::temp_dir().join(format!("mqvisor-cgroup-{}-{name}", std::process::id())),
             );
         }
+    }
+
+    #[test]
+    fn every_hierarchy_is_swept_and_a_departing_vmm_removes_its_group() {
+        let (root, mounts, groups) = host("sweep", "", &["cpu,cpuacct", "memory", "pids"]);
+        let found = parse_hierarchies(&mounts, &groups);
+        // A process id above the kernel's largest is never alive.
+        let gone = root.join("cpu,cpuacct/app/mqvisor/run-2147483647");
+        let alive = root.join("memory/app/mqvisor").join(format!("run-{}", std::process::id()));
+        for dir in [&gone, &alive] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        sweep_all(&found);
+        assert!(!gone.exists(), "a gone VMM's group in a hierarchy this one does not use");
+        assert!(alive.exists(), "a live VMM's group is never touched");
+
+        let started_in = ["memory", "pids"].map(|c| root.join(c).join("app"));
+        let dirs = started_in.clone().map(|dir| dir.join("mqvisor/run-1"));
+        for (dir, own) in dirs.iter().zip(&started_in) {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(own.join("cgroup.procs"), "").unwrap();
+        }
+        let departure = Group { dirs: dirs.to_vec() }.departure();
+        assert!(departure.leave());
+        for (dir, own) in dirs.iter().zip(&started_in) {
+            assert!(!dir.exists());
+            let procs = std::fs::read_to_string(own.join("cgroup.procs")).unwrap();
+            assert_eq!(procs, std::process::id().to_string(), "the process went back where it started");
+        }
+        let _ = std::fs::remove_dir_all(root);
     }
 
     #[test]

@@ -114,7 +114,10 @@ pub fn program(thread: Thread) -> Result<BpfProgram, SeccompError> {
         rules.insert(call, Vec::new());
     }
     match thread {
-        Thread::Main => {}
+        // Removing its own control group once the VM is gone (`cgroup::Departure`).
+        Thread::Main => {
+            rules.insert(libc::SYS_rmdir, Vec::new());
+        }
         Thread::Vcpu => {
             rules.insert(libc::SYS_ioctl, vec![ioctl_rule(KVM_RUN)?, ioctl_rule(KVM_GET_REGS)?]);
         }

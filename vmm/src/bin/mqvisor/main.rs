@@ -395,10 +395,13 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    if let Err(e) = enter_cgroup(&args) {
-        eprintln!("mqvisor: {e}");
-        return ExitCode::from(EXIT_SETUP_FAILED);
-    }
+    let departure = match enter_cgroup(&args) {
+        Ok(departure) => departure,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return ExitCode::from(EXIT_SETUP_FAILED);
+        }
+    };
     let state = match open_state(&args) {
         Ok(state) => state,
         Err(e) => {
@@ -438,6 +441,11 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
+    // The VM and its descriptors are gone, and KVM's worker thread with
+    // them: the group can go too (else the next VMM's sweep removes it).
+    if let Some(departure) = departure {
+        departure.leave();
+    }
     if args.stats {
         print_stats(&report);
     }
@@ -473,14 +481,18 @@ fn run(args: RunArgs) -> ExitCode {
 
 /// Moves this process into its control group, made here from the limit
 /// flags or by `mqvisor serve` (`--cgroup`), before any guest memory is
-/// touched or thread started: both are charged where they begin.
-fn enter_cgroup(args: &RunArgs) -> Result<(), String> {
+/// touched or thread started: both are charged where they begin. Returns
+/// the way out of a group made here, for the end of the run (serve's
+/// groups outlive the process: serve removes them).
+fn enter_cgroup(args: &RunArgs) -> Result<Option<mqvisor::cgroup::Departure>, String> {
     use mqvisor::cgroup::{Group, Limits};
     let limits = Limits { cpus: args.cpus, memory_mib: args.memory_limit, pids: args.pids_limit };
-    let group = if !args.cgroup.is_empty() {
-        Group { dirs: args.cgroup.clone() }
-    } else if limits.is_empty() {
-        return Ok(());
+    if !args.cgroup.is_empty() {
+        Group { dirs: args.cgroup.clone() }.join().map_err(|e| e.to_string())?;
+        return Ok(None);
+    }
+    let group = if limits.is_empty() {
+        return Ok(None);
     } else {
         let group = Group::create(&format!("run-{}", std::process::id()), &limits).map_err(|e| e.to_string())?;
         if let Some(limit) = args.memory_limit.filter(|&limit| limit <= u64::from(args.memory)) {
@@ -492,7 +504,8 @@ fn enter_cgroup(args: &RunArgs) -> Result<(), String> {
         }
         group
     };
-    group.join().map_err(|e| e.to_string())
+    group.join().map_err(|e| e.to_string())?;
+    Ok(Some(group.departure()))
 }
 
 /// Opens (or creates, sparse, at `--state-size`) the state file, when
