@@ -303,7 +303,7 @@ fn a_torn_last_batch_is_dropped_and_damage_in_the_middle_stops_the_start() {
     let vm = start(&state, &["--discard-corrupt-state"]);
     assert!(retained(vm.addr).is_empty());
     vm.stop();
-    assert!(state.with_extension("corrupt").exists(), "the damaged state is kept aside");
+    assert!(state.with_file_name("tenant.state.corrupt").exists(), "the damaged state is kept aside as PATH.corrupt");
     let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }
 

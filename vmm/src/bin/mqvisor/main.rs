@@ -78,7 +78,8 @@ enum Commands {
     /// recover from it, or where it is damaged.
     #[command(after_help = "Exit status: 0 when the state can be recovered (a torn last batch, which was never \
                             acknowledged, is dropped as at boot), 1 when it is damaged in the middle, not a \
-                            state file or unreadable.")]
+                            state file (or not a regular file: symbolic links are not followed) or \
+                            unreadable.")]
     StateCheck {
         /// The state file
         #[arg(value_name = "PATH")]
@@ -202,7 +203,7 @@ struct RunArgs {
     persistence_interval: u32,
     /// With --state: start with an empty state when the log is corrupt in
     /// the middle, instead of refusing to start (the corrupt file is kept
-    /// as PATH.corrupt)
+    /// as PATH.corrupt, or PATH.corrupt.N when that is taken)
     #[arg(long, requires = "state")]
     discard_corrupt_state: bool,
     /// Hold the VM to this many CPUs' time (0.5: half of one CPU), through a
@@ -511,7 +512,6 @@ fn enter_cgroup(args: &RunArgs) -> Result<Option<mqvisor::cgroup::Departure>, St
 /// Opens (or creates, sparse, at `--state-size`) the state file, when
 /// `--state` is given and persistence is not `off`.
 fn open_state(args: &RunArgs) -> Result<Option<vm::StateDisk>, String> {
-    use std::os::unix::fs::OpenOptionsExt;
     let mode = args.persistence.unwrap_or(if args.state.is_some() { Persistence::Sync } else { Persistence::Off });
     let path = match (&args.state, mode) {
         (_, Persistence::Off) => return Ok(None),
@@ -524,15 +524,7 @@ fn open_state(args: &RunArgs) -> Result<Option<vm::StateDisk>, String> {
     if args.discard_corrupt_state {
         discard_if_corrupt(path)?;
     }
-    // The tenant's messages and sessions: readable by the VMM's user only.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| format!("cannot open the state file {}: {e}", path.display()))?;
+    let file = mqvisor::state::open(path, mqvisor::state::Access::ReadWriteCreate).map_err(|e| e.to_string())?;
     let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
     if len == 0 {
         file.set_len(args.state_size << 20)
@@ -554,10 +546,14 @@ fn open_state(args: &RunArgs) -> Result<Option<vm::StateDisk>, String> {
 /// `--discard-corrupt-state`: the guest cannot tell the VMM to start over,
 /// so the VMM checks the log itself and moves a corrupt file aside.
 fn discard_if_corrupt(path: &std::path::Path) -> Result<(), String> {
-    let Ok(file) = std::fs::File::open(path) else { return Ok(()) };
+    let file = match mqvisor::state::open(path, mqvisor::state::Access::Read) {
+        Ok(file) => file,
+        Err(e) if e.is_missing() => return Ok(()),
+        Err(e) => return Err(e.to_string()),
+    };
     if let Err(e) = mqvisor::state::check(&file) {
-        let aside = path.with_extension("corrupt");
-        std::fs::rename(path, &aside).map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
+        let aside =
+            mqvisor::state::move_aside(path).map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
         eprintln!(
             "mqvisor: the state in {} is corrupt ({e}); kept as {}, starting empty",
             path.display(),
@@ -569,10 +565,10 @@ fn discard_if_corrupt(path: &std::path::Path) -> Result<(), String> {
 
 /// `mqvisor state-check PATH`: the host's reading of a state file.
 fn state_check(path: &std::path::Path) -> ExitCode {
-    let file = match std::fs::File::open(path) {
+    let file = match mqvisor::state::open(path, mqvisor::state::Access::Read) {
         Ok(file) => file,
         Err(e) => {
-            eprintln!("mqvisor: cannot open {}: {e}", path.display());
+            eprintln!("mqvisor: {e}");
             return ExitCode::FAILURE;
         }
     };
