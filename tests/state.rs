@@ -1,8 +1,9 @@
 //! Durable tenant state (`mqvisor run --state`): `kill -9` of the VMM under
 //! QoS 1 and QoS 2 load loses nothing it acknowledged and duplicates no
 //! QoS 2 message; a torn last batch is dropped, damage in the middle stops
-//! the start with its offset; a full disk refuses publishes cleanly; and
-//! compaction keeps the file bounded. Real VMs, raw MQTT clients.
+//! the start with its offset; a full disk refuses publishes cleanly;
+//! compaction keeps the file bounded; session expiry counts across
+//! restarts. Real VMs, raw MQTT clients.
 
 mod common;
 
@@ -438,5 +439,64 @@ fn a_file_that_is_not_a_state_file_is_refused_and_left_alone() {
     assert_eq!(out.status.code(), Some(5), "{stderr}");
     assert!(stderr.contains("does not start with a state superblock"), "{stderr}");
     assert_eq!(std::fs::read(&state).unwrap(), foreign, "the file is not touched");
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
+}
+
+/// A v5 CONNECT with a session expiry interval, keep-alive 0.
+fn connect_v5(client_id: &str, clean: bool, expiry: u32) -> Vec<u8> {
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, u8::from(clean) << 1, 0, 0, 5, 0x11];
+    body.extend_from_slice(&expiry.to_be_bytes());
+    body.extend_from_slice(&u16::try_from(client_id.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10];
+    wire::remaining_length(body.len(), &mut packet);
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Connects with `connect` and returns the CONNACK's session-present flag
+/// and code, and the stream.
+fn connack(addr: SocketAddr, connect: &[u8]) -> (bool, u8, TcpStream) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(connect).unwrap();
+    let (header, body) = read_packet(&mut s);
+    assert_eq!(header, 0x20, "CONNACK expected");
+    (body[0] & 1 == 1, body[1], s)
+}
+
+#[test]
+fn session_expiry_counts_from_the_lost_connection_across_restarts() {
+    if !kvm_available("session_expiry_counts_from_the_lost_connection_across_restarts") {
+        return;
+    }
+    let state = state_path("expiry");
+    let mut vm = start(&state, &[]);
+    // "gone" (expiry 2 s) disconnects; "crashed" (3 s) is still connected
+    // when the VMM is killed.
+    let (_, code, gone) = connack(vm.addr, &connect_v5("gone", true, 2));
+    assert_eq!(code, 0);
+    drop(gone);
+    let (_, code, _crashed) = connack(vm.addr, &connect_v5("crashed", true, 3));
+    assert_eq!(code, 0);
+    thread::sleep(Duration::from_millis(200));
+    vm.child.kill().unwrap();
+    vm.child.wait().unwrap();
+
+    thread::sleep(Duration::from_millis(2500));
+    // 2.5 s after "gone" lost its connection, though the broker was down:
+    // expired. "crashed" lost its connection at this start.
+    let mut vm = start(&state, &[]);
+    let (gone_present, _, _) = connack(vm.addr, &connect_v5("gone", false, 0));
+    thread::sleep(Duration::from_millis(300));
+    vm.child.kill().unwrap();
+    vm.child.wait().unwrap();
+    thread::sleep(Duration::from_millis(3300));
+    // 3.3 s after that start: expired too, though the broker restarted.
+    let vm = start(&state, &[]);
+    let (crashed_present, _, _) = connack(vm.addr, &connect_v5("crashed", false, 0));
+    assert!(!gone_present, "a session expires across a restart, from when it lost its connection");
+    assert!(!crashed_present, "a session connected at a crash expires from the restart, across more restarts");
+    vm.stop();
     let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }

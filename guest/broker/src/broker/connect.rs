@@ -166,14 +166,16 @@ impl Broker {
 
     /// Ends the connection that holds `client_id`'s session (MQTT 5 3.1.4-3),
     /// then resumes that session or starts a new one. Returns the session and
-    /// whether it was resumed.
+    /// whether it was resumed. A session past its expiry is not resumed,
+    /// even if no tick has ended it yet (after a restart, say).
     fn take_session(&mut self, connect: &Connect, client_id: &str, now: u64) -> (SessionKey, bool) {
         let existing = self.by_client_id.get(client_id).copied();
         if let Some(old) = existing.and_then(|k| self.sessions.get(&k)).and_then(|s| s.conn) {
             self.end_connection(old, super::refuse(reason::SESSION_TAKEN_OVER, "session taken over"), now);
         }
+        let live = |key| self.sessions.get(&key).is_some_and(|s| s.end().is_none_or(|t| now < t));
         match existing {
-            Some(key) if !connect.clean_start && self.sessions.contains_key(&key) => (key, true),
+            Some(key) if !connect.clean_start && live(key) => (key, true),
             Some(key) => {
                 self.fire_will(key, now);
                 self.remove_session(key);

@@ -8,7 +8,8 @@
 //! messages, `$SYS`, and sessions that end with their connection are never
 //! logged. Owns no I/O: the runner takes the records
 //! ([`Broker::take_journal`]), commits them, and holds the output produced
-//! meanwhile until they are durable.
+//! meanwhile until they are durable. Times in records are Unix
+//! milliseconds.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -29,9 +30,14 @@ pub(super) struct Restoring {
 
 impl Broker {
     /// Starts keeping a journal of durable state changes. Call after
-    /// restoring, so restoring logs nothing.
+    /// restoring, so restoring logs nothing but what the restart itself
+    /// changed: sessions that were connected when the broker stopped lost
+    /// their connection then, which their next records say.
     pub fn enable_journal(&mut self) {
         self.journal.get_or_insert_with(Vec::new);
+        for key in core::mem::take(&mut self.lost_at_restart) {
+            self.log_session(key);
+        }
     }
 
     /// The records since the last call, oldest first.
@@ -159,8 +165,7 @@ impl Broker {
     }
 
     /// Applies one record read back from the log; false if it does not
-    /// decode. `now` is the broker's clock at start: restored sessions
-    /// count their expiry, and their wills their delay, from it.
+    /// decode. `now` is the broker's clock at start (Unix ms).
     pub fn restore(&mut self, body: &[u8], now: u64) -> bool {
         let Ok(record) = Record::decode(body) else { return false };
         let key_of = |b: &Broker, client_id: &str| b.by_client_id.get(client_id).copied();
@@ -181,7 +186,8 @@ impl Broker {
                     session.username = s.username;
                     session.will = s.will;
                     session.persisted = true;
-                    session.disconnected_at = Some(now);
+                    // `None`: connected when the broker stopped (see finish_restore).
+                    session.disconnected_at = s.disconnected_at;
                 }
             }
             Record::SessionGone { client_id } => {
@@ -251,7 +257,10 @@ impl Broker {
     /// Ends restoring: queues every message read back, in log order, with
     /// DUP set (it may have reached its subscriber before the restart);
     /// those whose PUBREC had arrived wait for PUBCOMP under their packet
-    /// id. Wills of restored sessions fall due after their delay.
+    /// id. A restored session's expiry, and its will's delay, count from
+    /// when it lost its connection (a time in the log, kept across any
+    /// number of restarts), or from `now` if it was connected when the
+    /// broker stopped; a session past its expiry ends at the next tick.
     pub fn finish_restore(&mut self, now: u64) {
         self.deadline = None;
         let retained = core::mem::take(&mut self.restoring_retained);
@@ -271,10 +280,14 @@ impl Broker {
                 }
             }
         }
-        for session in self.sessions.values_mut() {
+        for (&key, session) in &mut self.sessions {
+            let lost = *session.disconnected_at.get_or_insert_with(|| {
+                self.lost_at_restart.push(key);
+                now
+            });
             if let Some(will) = &session.will {
                 let delay = will.properties.will_delay_interval.unwrap_or(0);
-                session.will_at = Some(now + u64::from(delay) * 1000);
+                session.will_at = Some(lost + u64::from(delay) * 1000);
             }
         }
     }
@@ -290,6 +303,7 @@ fn session_record(session: &super::session::Session) -> SessionRecord {
         client_id: session.client_id.clone(),
         version: session.version,
         expiry: session.expiry,
+        disconnected_at: session.disconnected_at,
         username: session.username.clone(),
         will: session.will.clone(),
     }

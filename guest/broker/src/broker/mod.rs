@@ -10,9 +10,10 @@
 //!
 //! and after any of them [`Broker::poll_transmit`], the one output call: it
 //! offers each connection's pending bytes, and asks for a close once a
-//! connection the broker ended has sent everything. Time is milliseconds
-//! from any origin, passed in. Nothing here blocks, reads a clock, or grows
-//! without a configured bound.
+//! connection the broker ended has sent everything. Time is milliseconds,
+//! passed in: from any origin without durable state, Unix time with it
+//! (times in the log are compared after a restart). Nothing here blocks,
+//! reads a clock, or grows without a configured bound.
 //!
 //! The parts: [`config`] (settings and their check), [`connection`]
 //! (per-connection state), [`connect`] (admission and CONNACK), [`session`]
@@ -119,6 +120,9 @@ pub struct Broker {
     restoring_retained: Vec<(alloc::sync::Arc<str>, Option<session::Queued>)>,
     /// The runner cannot keep state: refuse what would need it.
     store_failed: bool,
+    /// Restored sessions that were connected when the broker stopped: they
+    /// lost their connection at the restart, logged once the journal starts.
+    lost_at_restart: Vec<SessionKey>,
 }
 
 impl Broker {
@@ -146,6 +150,7 @@ impl Broker {
             restoring: BTreeMap::new(),
             restoring_retained: Vec::new(),
             store_failed: false,
+            lost_at_restart: Vec::new(),
         }
     }
 

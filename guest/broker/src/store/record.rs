@@ -37,6 +37,9 @@ pub struct SessionRecord {
     pub version: Version,
     /// Seconds the session outlives its connection; u32::MAX: forever.
     pub expiry: u32,
+    /// When it lost its connection (Unix ms), so its expiry and its will's
+    /// delay count from then across restarts; `None` while connected.
+    pub disconnected_at: Option<u64>,
     pub username: Option<String>,
     pub will: Option<Will>,
 }
@@ -147,11 +150,12 @@ fn get_publish(r: &mut Reader) -> Result<Publish, DecodeError> {
     }
 }
 
-fn put_expiry(out: &mut Vec<u8>, at: Option<u64>) {
+/// A time (Unix ms), or none: `u64::MAX`.
+fn put_time(out: &mut Vec<u8>, at: Option<u64>) {
     put_u64(out, at.unwrap_or(u64::MAX));
 }
 
-fn get_expiry(r: &mut Reader) -> Result<Option<u64>, DecodeError> {
+fn get_time(r: &mut Reader) -> Result<Option<u64>, DecodeError> {
     get_u64(r).map(|t| (t != u64::MAX).then_some(t))
 }
 
@@ -199,7 +203,7 @@ impl Record {
         match self {
             Record::Retain { publish, expires_at } => {
                 out.put_u8(kind::RETAIN);
-                put_expiry(out, *expires_at);
+                put_time(out, *expires_at);
                 put_publish(out, publish);
             }
             Record::RetainGone { topic } => {
@@ -211,6 +215,7 @@ impl Record {
                 out.put_str(&s.client_id);
                 out.put_u8(version_byte(s.version));
                 out.put_u32(s.expiry);
+                put_time(out, s.disconnected_at);
                 put_option_str(out, s.username.as_deref());
                 match &s.will {
                     Some(w) => {
@@ -255,7 +260,7 @@ impl Record {
                 out.put_u8(kind::MESSAGE);
                 out.put_str(client_id);
                 put_u64(out, *seq);
-                put_expiry(out, *expires_at);
+                put_time(out, *expires_at);
                 put_publish(out, publish);
             }
             Record::Released { client_id, seq } | Record::Done { client_id, seq } => {
@@ -276,7 +281,7 @@ impl Record {
         let mut r = Reader::new(body);
         let record = match r.u8()? {
             kind::RETAIN => {
-                let expires_at = get_expiry(&mut r)?;
+                let expires_at = get_time(&mut r)?;
                 Record::Retain { expires_at, publish: get_publish(&mut r)? }
             }
             kind::RETAIN_GONE => Record::RetainGone { topic: r.owned_string()? },
@@ -289,6 +294,7 @@ impl Record {
                     _ => return Err(DecodeError::Malformed("record: protocol version")),
                 };
                 let expiry = r.u32()?;
+                let disconnected_at = get_time(&mut r)?;
                 let username = get_option_string(&mut r)?;
                 let will = match r.u8()? {
                     0 => None,
@@ -307,7 +313,7 @@ impl Record {
                     }
                     _ => return Err(DecodeError::Malformed("record: bad will tag")),
                 };
-                Record::Session(Box::new(SessionRecord { client_id, version, expiry, username, will }))
+                Record::Session(Box::new(SessionRecord { client_id, version, expiry, disconnected_at, username, will }))
             }
             kind::SESSION_GONE => Record::SessionGone { client_id: r.owned_string()? },
             kind::SUBSCRIBE => {
@@ -323,7 +329,7 @@ impl Record {
             kind::MESSAGE => {
                 let client_id = r.owned_string()?;
                 let seq = get_u64(&mut r)?;
-                let expires_at = get_expiry(&mut r)?;
+                let expires_at = get_time(&mut r)?;
                 Record::Message { client_id, seq, expires_at, publish: get_publish(&mut r)? }
             }
             kind::RELEASED => Record::Released { client_id: r.owned_string()?, seq: get_u64(&mut r)? },
@@ -380,6 +386,7 @@ mod tests {
                 client_id: c(),
                 version: Version::V5,
                 expiry: u32::MAX,
+                disconnected_at: None,
                 username: Some("u".into()),
                 will: Some(will),
             })),
@@ -387,6 +394,7 @@ mod tests {
                 client_id: c(),
                 version: Version::V3_1_1,
                 expiry: 7,
+                disconnected_at: Some(1_700_000_000_000),
                 username: None,
                 will: None,
             })),
@@ -408,6 +416,30 @@ mod tests {
                 assert!(Record::decode(&body[..cut]).is_err(), "{record:?} cut at {cut}");
             }
         }
+    }
+
+    #[test]
+    fn a_session_record_keeps_when_its_connection_was_lost() {
+        let record = |disconnected_at| {
+            Record::Session(Box::new(SessionRecord {
+                client_id: "c".into(),
+                version: Version::V5,
+                expiry: 60,
+                disconnected_at,
+                username: None,
+                will: None,
+            }))
+        };
+        let mut body = Vec::new();
+        record(Some(0x0102_0304_0506_0708)).encode(&mut body);
+        // Kind, client id, level, expiry, lost connection at (Unix ms), no
+        // user name, no will.
+        let expected = [3, 0, 1, b'c', 5, 0, 0, 0, 60, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0];
+        assert_eq!(body, expected);
+        body.clear();
+        record(None).encode(&mut body);
+        assert_eq!(body[9..17], [0xff; 8], "still connected: none");
+        assert_eq!(Record::decode(&body), Ok(record(None)));
     }
 
     #[test]
