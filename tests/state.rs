@@ -1,9 +1,9 @@
 //! Durable tenant state (`mqvisor run --state`): `kill -9` of the VMM under
 //! QoS 1 and QoS 2 load loses nothing it acknowledged and duplicates no
 //! QoS 2 message; a torn last batch is dropped, damage in the middle stops
-//! the start with its offset; a full disk refuses publishes cleanly;
-//! compaction keeps the file bounded; session expiry counts across
-//! restarts. Real VMs, raw MQTT clients.
+//! the start with its offset; a full disk refuses publishes cleanly and
+//! acknowledges nothing it cannot keep; compaction keeps the file bounded;
+//! session expiry counts across restarts. Real VMs, raw MQTT clients.
 
 mod common;
 
@@ -463,6 +463,105 @@ fn connack(addr: SocketAddr, connect: &[u8]) -> (bool, u8, TcpStream) {
     let (header, body) = read_packet(&mut s);
     assert_eq!(header, 0x20, "CONNACK expected");
     (body[0] & 1 == 1, body[1], s)
+}
+
+/// Runs the VM on `state` under a 2 MiB file-size limit: the log's first
+/// MiB fits, the rest fails (EFBIG).
+fn start_on_a_small_disk(state: &Path) -> RunningVm {
+    let mut command = common::mqvisor();
+    command.args(["run", "--listen", "127.0.0.1:0", "--stats", "--state", state.to_str().unwrap()]);
+    command.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+    common::limit_child(&mut command, libc::RLIMIT_FSIZE, 2 << 20, Some(2 << 20));
+    RunningVm::from_child(command.spawn().unwrap(), "mqvisor: tenant VM listening on ")
+}
+
+/// Fills the disk with retained QoS 1 publishes until one is refused.
+/// Returns the topic of the publish whose commit failed: its PUBACK was
+/// withdrawn with its connection, and sent again, it was refused (0x97).
+fn fill_the_disk(vm: &RunningVm) -> String {
+    let (mut writer, _) = connect(vm.addr, 5, "writer", true);
+    let payload = vec![b'x'; 10_000];
+    let (mut accepted, mut withdrawn) = (0, None);
+    loop {
+        let id = u16::try_from(accepted % 60_000 + 1).unwrap();
+        let topic = format!("r/{accepted}");
+        writer.write_all(&wire::publish_v5(&topic, &payload, 1, id, true)).unwrap();
+        let Ok((header, body)) = try_read_packet(&mut writer) else {
+            assert_eq!(withdrawn.replace(topic), None, "only the publish in the failed commit is withdrawn");
+            writer = connect(vm.addr, 5, "writer", true).0;
+            continue;
+        };
+        assert_eq!(header >> 4, 4, "PUBACK");
+        if wire::puback_code(&body) >= 0x80 {
+            assert_eq!(wire::puback_code(&body), 0x97);
+            let withdrawn = withdrawn.expect("the failed commit's acknowledgement was withdrawn");
+            assert_eq!(withdrawn, topic, "the client sent the withdrawn publish again");
+            return withdrawn;
+        }
+        accepted += 1;
+        assert!(accepted < 1000, "the 2 MiB limit never refused a publish");
+    }
+}
+
+#[test]
+fn a_failing_disk_acknowledges_nothing_it_cannot_keep() {
+    if !kvm_available("a_failing_disk_acknowledges_nothing_it_cannot_keep") {
+        return;
+    }
+    let state = state_path("acks");
+    // A durable QoS 2 publisher's message, id 9, is taken (PUBREC) while
+    // the disk works.
+    let vm = start(&state, &[]);
+    let (mut p2, _) = connect(vm.addr, 4, "p2", false);
+    p2.write_all(&wire::publish("q2", b"first", 2, 9, false)).unwrap();
+    assert_eq!(read_packet(&mut p2), (0x50, vec![0, 9]));
+    drop(p2);
+    vm.stop();
+
+    let mut vm = start_on_a_small_disk(&state);
+    let (mut p2, present) = connect(vm.addr, 4, "p2", false);
+    assert!(present);
+    fill_the_disk(&vm);
+    // The release cannot be written: no PUBCOMP, and the connection ends.
+    p2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    p2.write_all(&ack(0x62, 9)).unwrap();
+    let answer = try_read_packet(&mut p2);
+    let completed = matches!(answer, Ok((0x70, _)));
+    let ended = answer.is_err();
+    // New durable sessions are refused, "server unavailable".
+    let (_, v5_code, _) = connack(vm.addr, &connect_v5("new5", true, 600));
+    let (_, v3_code, _) = connack(vm.addr, &wire::connect_as(4, "new3", false, None, None));
+    vm.child.kill().unwrap();
+    vm.child.wait().unwrap();
+
+    // After kill -9 the publisher goes on as MQTT says (a PUBREL it saw no
+    // PUBCOMP for is sent again) and reuses id 9 for a new message.
+    let vm = start(&state, &[]);
+    let (mut sub, _) = connect(vm.addr, 4, "sub", true);
+    sub.write_all(&wire::subscribe("q2", 0, 1)).unwrap();
+    assert_eq!(read_packet(&mut sub).0, 0x90);
+    let (mut p2, present) = connect(vm.addr, 4, "p2", false);
+    assert!(present);
+    if !completed {
+        p2.write_all(&ack(0x62, 9)).unwrap();
+        assert_eq!(read_packet(&mut p2), (0x70, vec![0, 9]));
+    }
+    p2.write_all(&wire::publish("q2", b"second", 2, 9, false)).unwrap();
+    assert_eq!(read_packet(&mut p2), (0x50, vec![0, 9]));
+    p2.write_all(&ack(0x62, 9)).unwrap();
+    assert_eq!(read_packet(&mut p2), (0x70, vec![0, 9]));
+    sub.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let delivered = try_read_packet(&mut sub).ok();
+    assert!(
+        delivered.as_ref().is_some_and(|(header, body)| header >> 4 == 3 && body.ends_with(b"second")),
+        "a new message under a reused packet id is delivered, not taken for the old one: {delivered:?}"
+    );
+
+    assert!(!completed, "no PUBCOMP for a release that is not on disk");
+    assert!(ended, "the publisher's connection ends, so it sends PUBREL again when it is back");
+    assert_eq!((v5_code, v3_code), (0x88, 3), "new durable sessions are refused while the disk fails");
+    vm.stop();
+    let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }
 
 #[test]

@@ -1,14 +1,19 @@
-//! Durable state across restarts, with a simulated runner and disk (with
-//! `sync` persistence every acknowledgement waits for its records, and only
-//! the disk survives `kill -9`): session expiry counts across restarts from
-//! when the session lost its connection.
+//! Acknowledgements and durable state, with a simulated runner and disk:
+//! with `sync` persistence every acknowledgement waits for its records, so
+//! what a client was told survives `kill -9`; while the disk fails the
+//! broker refuses what it cannot keep; and session expiry counts across
+//! restarts from when the session lost its connection.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
-use mqvisor_broker::broker::{Broker, Config, ConnId, Transmit};
-use mqvisor_broker::packet::{self, Connect, Packet, QoS, Subscribe, SubscriptionOptions, Version, Will};
+use mqvisor_broker::broker::{Broker, Config, ConnId, Transmit, reason};
+use mqvisor_broker::packet::{
+    self, Ack, Connect, Packet, Payload, Publish, QoS, Subscribe, SubscriptionOptions, Unsubscribe, Version, Will,
+};
 use mqvisor_broker::properties::Properties;
 
+const V3: Version = Version::V3_1_1;
 const V5: Version = Version::V5;
 /// A wall-clock time (Unix ms), as the guest's broker runs on.
 const T0: u64 = 1_700_000_000_000;
@@ -90,6 +95,13 @@ impl Tenant {
         }
     }
 
+    /// The disk has been failing for a while: the broker knows.
+    fn disk_fails(&mut self) {
+        self.failing = true;
+        self.store_failed = true;
+        self.broker.set_store_failed(true);
+    }
+
     fn send(&mut self, conn: ConnId, packet: &Packet) {
         let version = self.versions[&conn];
         let mut bytes = Vec::new();
@@ -124,6 +136,12 @@ impl Tenant {
             at += frame.len;
         }
         packets
+    }
+
+    /// Whether the broker closed `conn` (since it was opened).
+    fn was_closed(&mut self, conn: ConnId) -> bool {
+        self.transmit();
+        self.closed.contains(&conn)
     }
 
     fn connect(&mut self, conn: ConnId, connect: Connect) -> (bool, u8) {
@@ -182,6 +200,22 @@ fn clean(version: Version, client_id: &str) -> Connect {
     }
 }
 
+fn publish(topic: &str, payload: &[u8], qos: QoS, packet_id: u16, retain: bool) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: Arc::from(topic),
+        packet_id: (qos != QoS::AtMostOnce).then_some(packet_id),
+        properties: Default::default(),
+        payload: Payload::from(payload),
+    })
+}
+
+fn ack(packet_id: u16) -> Ack {
+    Ack { packet_id, code: 0, properties: Properties::default() }
+}
+
 fn payloads(packets: &[Packet]) -> Vec<Vec<u8>> {
     packets.iter().filter_map(|p| if let Packet::Publish(p) = p { Some(p.payload.to_vec()) } else { None }).collect()
 }
@@ -194,6 +228,197 @@ fn retained(t: &mut Tenant, conn: ConnId, topic: &str) -> Option<Vec<u8>> {
     t.close(conn);
     assert!(got.len() <= 1, "one retained message per topic: {got:?}");
     got.into_iter().next()
+}
+
+// ----- 4: while the disk fails, nothing is acknowledged that is not on disk --
+
+#[test]
+fn while_the_disk_fails_sessions_that_would_need_it_are_refused_at_connect() {
+    let mut t = Tenant::new();
+    t.connect(1, durable(V5, "old", 600));
+    t.subscribe(1, "old/#", QoS::AtLeastOnce);
+    t.close(1);
+    t.disk_fails();
+    // A new durable session (v5 expiry > 0, 3.x clean session 0) would be
+    // lost with a kill -9; resuming or discarding one that is on disk
+    // changes its will and expiry, or ends it: neither can be kept.
+    let new5 = t.connect(2, durable(V5, "new5", 600));
+    if new5.1 == reason::SUCCESS {
+        t.subscribe(2, "new/#", QoS::AtLeastOnce);
+    }
+    let new3 = t.connect(3, durable(V3, "new3", 0));
+    let resumed = t.connect(4, durable(V5, "old", 600));
+    let discarded = t.connect(5, clean(V5, "old"));
+    let closed = (2..=5).all(|conn| t.was_closed(conn));
+    // Sessions that end with their connection need no disk: served.
+    assert_eq!(t.connect(6, clean(V5, "reader5")), (false, reason::SUCCESS));
+    assert_eq!(t.connect(7, clean(V3, "reader3")), (false, reason::v3::ACCEPTED));
+
+    // After a kill -9 every session a CONNACK accepted is there.
+    let mut t = t.restart(1_000);
+    let present = |t: &mut Tenant, conn, connect| t.connect(conn, connect).0;
+    assert_eq!(present(&mut t, 2, durable(V5, "new5", 600)), new5.1 == 0, "CONNACK {new5:?}");
+    assert_eq!(present(&mut t, 3, durable(V3, "new3", 0)), new3.1 == 0, "CONNACK {new3:?}");
+    assert_eq!(present(&mut t, 1, durable(V5, "old", 600)), discarded.1 != 0, "CONNACK {discarded:?}");
+
+    // They were refused, "server unavailable".
+    assert_eq!(new5, (false, reason::SERVER_UNAVAILABLE));
+    assert_eq!(new3, (false, reason::v3::SERVER_UNAVAILABLE));
+    assert_eq!(resumed, (false, reason::SERVER_UNAVAILABLE));
+    assert_eq!(discarded, (false, reason::SERVER_UNAVAILABLE));
+    assert!(closed);
+}
+
+#[test]
+fn while_the_disk_fails_a_durable_session_cannot_change_its_subscriptions() {
+    let mut t = Tenant::new();
+    t.connect(1, durable(V5, "d5", 600));
+    assert_eq!(t.subscribe(1, "kept", QoS::AtLeastOnce), [1]);
+    t.connect(2, durable(V3, "d3", 0));
+    assert_eq!(t.subscribe(2, "kept", QoS::AtLeastOnce), [1]);
+    t.disk_fails();
+
+    let suback5 = t.subscribe(1, "new", QoS::AtLeastOnce);
+    let suback3 = t.subscribe(2, "new", QoS::AtLeastOnce);
+    let unsubscribe = |filters: &[&str]| {
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 2,
+            properties: Properties::default(),
+            filters: filters.iter().map(|f| String::from(*f)).collect(),
+        })
+    };
+    let unsuback = |packets: Vec<Packet>| {
+        packets.into_iter().find_map(|p| match p {
+            Packet::Unsuback { codes, .. } => Some(codes),
+            _ => None,
+        })
+    };
+    t.send(1, &unsubscribe(&["kept", "never"]));
+    let unsuback5 = unsuback(t.recv(1));
+    t.send(2, &unsubscribe(&["kept"]));
+    let unsuback3 = unsuback(t.recv(2));
+    let closed3 = t.was_closed(2);
+    // A session that ends with its connection subscribes as ever.
+    t.connect(3, clean(V5, "reader"));
+    assert_eq!(t.subscribe(3, "new", QoS::AtLeastOnce), [1]);
+    t.close(1);
+
+    // After a kill -9 both sessions hold what they were told they hold.
+    let mut t = t.restart(1_000);
+    assert_eq!(t.connect(1, durable(V5, "d5", 600)), (true, reason::SUCCESS));
+    assert_eq!(t.connect(2, durable(V3, "d3", 0)), (true, reason::v3::ACCEPTED));
+    t.connect(9, clean(V5, "pub"));
+    t.send(9, &publish("kept", b"k", QoS::AtLeastOnce, 1, false));
+    t.send(9, &publish("new", b"n", QoS::AtLeastOnce, 2, false));
+    let got5 = payloads(&t.recv(1));
+    let got3 = payloads(&t.recv(2));
+    let subscribed = |got: &[Vec<u8>], payload: &[u8]| got.iter().any(|p| p == payload);
+    assert_eq!(subscribed(&got5, b"n"), suback5[0] < 0x80, "SUBACK {suback5:?}, then {got5:?}");
+    assert_eq!(subscribed(&got3, b"n"), suback3[0] < 0x80, "SUBACK {suback3:?}, then {got3:?}");
+    assert_eq!(subscribed(&got5, b"k"), unsuback5.as_ref().is_none_or(|c| c[0] >= 0x80), "{unsuback5:?}, {got5:?}");
+    assert_eq!(subscribed(&got3, b"k"), unsuback3.is_none(), "UNSUBACK {unsuback3:?}, then {got3:?}");
+
+    // What they were told: v5 0x97 and 0x80 per filter, 3.x 0x80 in
+    // SUBACK; a 3.x UNSUBACK cannot say no, so the connection ends.
+    assert_eq!(suback5, [reason::QUOTA_EXCEEDED]);
+    assert_eq!(suback3, [0x80]);
+    assert_eq!(unsuback5, Some(vec![reason::UNSPECIFIED_ERROR, reason::NO_SUBSCRIPTION_EXISTED]));
+    assert_eq!((unsuback3, closed3), (None, true));
+}
+
+/// A QoS 2 publisher that keeps its session: PUBLISH, PUBREL; the disk
+/// fails before the PUBREL; after a kill -9 it goes on as MQTT says
+/// (a PUBREL it saw no PUBCOMP for is sent again) and publishes again
+/// under the same packet id, which must be a new message.
+fn qos2_publisher_across_a_failing_disk(version: Version) {
+    let mut t = Tenant::new();
+    t.connect(1, durable(version, "pub", 600));
+    t.send(1, &publish("t", b"first", QoS::ExactlyOnce, 7, false));
+    assert!(t.recv(1).iter().any(|p| matches!(p, Packet::Pubrec(a) if a.packet_id == 7 && a.code < 0x80)));
+    t.disk_fails();
+    t.send(1, &Packet::Pubrel(ack(7)));
+    let packets = t.recv(1);
+    let completed = packets.iter().any(|p| matches!(p, Packet::Pubcomp(_)));
+    let closed = t.was_closed(1);
+
+    let mut t = t.restart(1_000);
+    t.connect(2, clean(V5, "sub"));
+    t.subscribe(2, "t", QoS::AtMostOnce);
+    assert_eq!(t.connect(1, durable(version, "pub", 600)), (true, 0));
+    if !completed {
+        t.send(1, &Packet::Pubrel(ack(7)));
+        assert!(t.recv(1).contains(&Packet::Pubcomp(ack(7))));
+    }
+    t.send(1, &publish("t", b"second", QoS::ExactlyOnce, 7, false));
+    t.send(1, &Packet::Pubrel(ack(7)));
+    assert_eq!(payloads(&t.recv(2)), [b"second"], "a new message under a reused id is delivered");
+
+    assert!(!completed, "no PUBCOMP while its record cannot be written: {packets:?}");
+    assert!(closed, "the connection ends, so the client sends the PUBREL again when it comes back");
+    if version == V5 {
+        assert!(packets.contains(&Packet::Disconnect { code: reason::QUOTA_EXCEEDED, properties: reason_string() }));
+    }
+}
+
+fn reason_string() -> Properties {
+    Properties { reason_string: Some("the state store is failing".into()), ..Properties::default() }
+}
+
+#[test]
+fn while_the_disk_fails_a_pubrel_is_not_completed_and_its_id_is_kept_v5() {
+    qos2_publisher_across_a_failing_disk(V5);
+}
+
+#[test]
+fn while_the_disk_fails_a_pubrel_is_not_completed_and_its_id_is_kept_v3() {
+    qos2_publisher_across_a_failing_disk(V3);
+}
+
+#[test]
+fn while_the_disk_fails_a_durable_subscriber_gets_no_pubrel_it_could_not_keep() {
+    // A QoS 2 subscriber with a persistent session, keeping its receiver
+    // state (ids PUBRECed and not yet released) as MQTT asks.
+    let mut t = Tenant::new();
+    t.connect(1, durable(V3, "sub", 0));
+    t.subscribe(1, "t", QoS::ExactlyOnce);
+    t.connect(2, clean(V5, "pub"));
+    t.send(2, &publish("t", b"once", QoS::ExactlyOnce, 1, false));
+    let mut held = HashSet::new();
+    let mut delivered = Vec::new();
+    let mut receive = |t: &mut Tenant, packets: Vec<Packet>| {
+        for p in packets {
+            match p {
+                Packet::Publish(p) => {
+                    let id = p.packet_id.unwrap();
+                    if held.insert(id) {
+                        delivered.push(p.payload.to_vec());
+                    }
+                    t.send(1, &Packet::Pubrec(ack(id)));
+                }
+                Packet::Pubrel(a) => {
+                    held.remove(&a.packet_id);
+                    t.send(1, &Packet::Pubcomp(ack(a.packet_id)));
+                }
+                _ => {}
+            }
+        }
+    };
+    t.disk_fails();
+    let packets = t.recv(1);
+    receive(&mut t, packets);
+    let packets = t.recv(1);
+    let released = packets.iter().any(|p| matches!(p, Packet::Pubrel(_)));
+    receive(&mut t, packets);
+
+    let mut t = t.restart(1_000);
+    assert_eq!(t.connect(1, durable(V3, "sub", 0)), (true, 0));
+    for _ in 0..3 {
+        let packets = t.recv(1);
+        receive(&mut t, packets);
+    }
+    assert_eq!(delivered, [b"once"], "exactly once");
+    assert!(held.is_empty(), "the flow completed");
+    assert!(!released, "no PUBREL while its record cannot be written");
 }
 
 // ----- 7: session expiry across restarts --------------------------------------

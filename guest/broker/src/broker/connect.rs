@@ -35,6 +35,7 @@ impl Broker {
         let admitted = self.admit(&connect).and_then(|keep_alive| {
             let (client_id, assigned) = self.client_id(&connect)?;
             self.room_for_session(&client_id)?;
+            self.store_allows(&connect, &client_id)?;
             Ok((keep_alive, client_id, assigned))
         });
         let (keep_alive, client_id, assigned) = match admitted {
@@ -147,6 +148,23 @@ impl Broker {
             return Ok(());
         }
         Err(refused(reason::QUOTA_EXCEEDED, reason::v3::SERVER_UNAVAILABLE))
+    }
+
+    /// While the state store fails, a session that would need it is
+    /// refused: one that outlives its connection, or one that resumes or
+    /// discards a session on disk (its new will and expiry, or its end,
+    /// could not be kept).
+    fn store_allows(&mut self, connect: &Connect, client_id: &str) -> Result<(), Refused> {
+        if !self.store_failed {
+            return Ok(());
+        }
+        let on_disk =
+            self.by_client_id.get(client_id).and_then(|key| self.sessions.get(key)).is_some_and(|s| s.persisted);
+        if self.session_expiry(connect) > 0 || on_disk {
+            self.stats.quota_refusals += 1;
+            return Err(refused(reason::SERVER_UNAVAILABLE, reason::v3::SERVER_UNAVAILABLE));
+        }
+        Ok(())
     }
 
     /// The client identifier, and whether the server assigned it (v5 says so

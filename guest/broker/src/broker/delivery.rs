@@ -12,6 +12,7 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use super::journal::STORE_FAILING;
 use super::session::{Awaiting, Outgoing, Queued};
 use super::{Broker, ConnId, Refusal, reason, refuse};
 use crate::auth::Want;
@@ -61,7 +62,7 @@ impl Broker {
         let undurable = self.store_failed && (p.qos != QoS::AtMostOnce || p.retain);
         if undurable && !v5 {
             self.stats.quota_refusals += 1;
-            return Err(refuse(reason::UNSPECIFIED_ERROR, "the state store is failing"));
+            return Err(refuse(reason::UNSPECIFIED_ERROR, STORE_FAILING));
         }
         // Clients may not publish into the broker's own namespace.
         let allowed = !p.topic.starts_with("$SYS") && self.conn_allows(conn, Want::Publish, &p.topic);
@@ -324,6 +325,13 @@ impl Broker {
                     self.pump(key, now);
                     return Ok(());
                 }
+                if seq > 0 && session.persisted && self.store_failed {
+                    // Its release cannot be written: no PUBREL. The
+                    // message comes again (DUP) when the subscriber is
+                    // back, and is released then.
+                    self.refuse_for_store(conn, now);
+                    return Ok(());
+                }
                 out.state = Awaiting::Pubcomp;
                 if seq > 0 && session.persisted {
                     let client_id = session.client_id.clone();
@@ -339,8 +347,15 @@ impl Broker {
         Ok(())
     }
 
-    pub(super) fn handle_pubrel(&mut self, conn: ConnId, key: SessionKey, a: Ack) -> Result<(), Refusal> {
+    pub(super) fn handle_pubrel(&mut self, conn: ConnId, key: SessionKey, a: Ack, now: u64) -> Result<(), Refusal> {
         let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
+        if self.store_failed && session.persisted && session.incoming_qos2.contains(&a.packet_id) {
+            // Its release cannot be written: no PUBCOMP, and the id stays
+            // (after a restart a new message under it would be taken for
+            // this one). The client sends PUBREL again when it is back.
+            self.refuse_for_store(conn, now);
+            return Ok(());
+        }
         let known = session.incoming_qos2.remove(&a.packet_id);
         if known && session.persisted {
             let client_id = session.client_id.clone();

@@ -28,6 +28,9 @@ pub(super) struct Restoring {
     released: bool,
 }
 
+/// Why a request that needs the failing state store is refused.
+pub(super) const STORE_FAILING: &str = "the state store is failing";
+
 impl Broker {
     /// Starts keeping a journal of durable state changes. Call after
     /// restoring, so restoring logs nothing but what the restart itself
@@ -50,9 +53,13 @@ impl Broker {
         self.journal.as_ref().is_some_and(|j| !j.is_empty())
     }
 
-    /// The runner's word on the state log: while it fails, publishes that
-    /// would need it (QoS 1/2 or retained) are refused; reading clients
-    /// are served as before.
+    /// The runner's word on the state log: while it fails, nothing is
+    /// acknowledged that would need it. Publishes that would (QoS 1/2 or
+    /// retained) are refused, and so are sessions that outlive their
+    /// connection (at CONNECT), their subscription changes, and their QoS 2
+    /// releases (the connection ends, without PUBCOMP or PUBREL, and the
+    /// flow resumes when the client comes back). Clients whose sessions end
+    /// with their connection are served as before.
     pub fn set_store_failed(&mut self, failed: bool) {
         self.store_failed = failed;
     }
@@ -84,6 +91,13 @@ impl Broker {
         if let Some(journal) = &mut self.journal {
             journal.push(record);
         }
+    }
+
+    /// Ends `conn` because what it asked for needs the failing state store
+    /// (v5: DISCONNECT 0x97).
+    pub(super) fn refuse_for_store(&mut self, conn: ConnId, now: u64) {
+        self.stats.quota_refusals += 1;
+        self.end_connection(conn, super::refuse(super::reason::QUOTA_EXCEEDED, STORE_FAILING), now);
     }
 
     /// Logs a session's header after a change, when it outlives its

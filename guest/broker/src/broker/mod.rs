@@ -431,9 +431,9 @@ impl Broker {
             Packet::Puback(a) => self.handle_ack(key, a.packet_id, Awaiting::Puback, now),
             Packet::Pubrec(a) => self.handle_pubrec(conn, key, a, now),
             Packet::Pubcomp(a) => self.handle_ack(key, a.packet_id, Awaiting::Pubcomp, now),
-            Packet::Pubrel(a) => self.handle_pubrel(conn, key, a),
+            Packet::Pubrel(a) => self.handle_pubrel(conn, key, a, now),
             Packet::Subscribe(s) => self.handle_subscribe(conn, key, s, now),
-            Packet::Unsubscribe(u) => self.handle_unsubscribe(conn, key, u),
+            Packet::Unsubscribe(u) => self.handle_unsubscribe(conn, key, u, now),
             Packet::Pingreq => {
                 self.send_to(conn, &Packet::Pingresp);
                 Ok(())

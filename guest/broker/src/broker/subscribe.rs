@@ -44,6 +44,12 @@ impl Broker {
                 // MQTT 5 3.8.3-4: no local on a shared subscription is a protocol error.
                 return Err(refuse(reason::PROTOCOL_ERROR, "no local on a shared subscription"));
             }
+            if self.store_failed && session.persisted {
+                // A durable session's subscriptions are on disk, which fails.
+                self.stats.quota_refusals += 1;
+                codes.push(if v5 { reason::QUOTA_EXCEEDED } else { reason::UNSPECIFIED_ERROR });
+                continue;
+            }
             if !session.filters.contains_key(raw.as_str())
                 && (session.filters.len() >= self.config.max_subscriptions_per_client || self.memory_low)
             {
@@ -96,9 +102,31 @@ impl Broker {
         Ok(())
     }
 
-    pub(super) fn handle_unsubscribe(&mut self, conn: ConnId, key: SessionKey, u: Unsubscribe) -> Result<(), Refusal> {
+    pub(super) fn handle_unsubscribe(
+        &mut self,
+        conn: ConnId,
+        key: SessionKey,
+        u: Unsubscribe,
+        now: u64,
+    ) -> Result<(), Refusal> {
+        // A durable session's subscriptions are on disk: while it fails,
+        // they stay (v5: 0x80 per filter; a 3.x UNSUBACK cannot say no, so
+        // the connection ends without one).
+        let on_disk = |b: &Broker, raw: &str| {
+            b.store_failed && b.sessions.get(&key).is_some_and(|s| s.persisted && s.filters.contains_key(raw))
+        };
+        let v5 = self.conns.get(&conn).is_some_and(|c| c.version == Version::V5);
+        if !v5 && u.filters.iter().any(|raw| on_disk(self, raw)) {
+            self.refuse_for_store(conn, now);
+            return Ok(());
+        }
         let mut codes = Vec::with_capacity(u.filters.len());
         for raw in &u.filters {
+            if on_disk(self, raw) {
+                self.stats.quota_refusals += 1;
+                codes.push(reason::UNSPECIFIED_ERROR);
+                continue;
+            }
             let removed = match topic::parse_filter(raw, self.config.topic_limits) {
                 Ok(parsed) => {
                     let removed = self.index.remove(parsed, key);
