@@ -521,7 +521,7 @@ fn a_failing_disk_acknowledges_nothing_it_cannot_keep() {
     let mut vm = start_on_a_small_disk(&state);
     let (mut p2, present) = connect(vm.addr, 4, "p2", false);
     assert!(present);
-    fill_the_disk(&vm);
+    let withdrawn = fill_the_disk(&vm);
     // The release cannot be written: no PUBCOMP, and the connection ends.
     p2.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     p2.write_all(&ack(0x62, 9)).unwrap();
@@ -531,6 +531,12 @@ fn a_failing_disk_acknowledges_nothing_it_cannot_keep() {
     // New durable sessions are refused, "server unavailable".
     let (_, v5_code, _) = connack(vm.addr, &connect_v5("new5", true, 600));
     let (_, v3_code, _) = connack(vm.addr, &wire::connect_as(4, "new3", false, None, None));
+    // The publish the client saw refused is not retained.
+    let (mut reader, _) = connect(vm.addr, 4, "reader", true);
+    reader.write_all(&wire::subscribe(&withdrawn, 1, 1)).unwrap();
+    assert_eq!(read_packet(&mut reader).0, 0x90);
+    reader.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let retained_refused = try_read_packet(&mut reader).is_ok();
     vm.child.kill().unwrap();
     vm.child.wait().unwrap();
 
@@ -560,6 +566,7 @@ fn a_failing_disk_acknowledges_nothing_it_cannot_keep() {
     assert!(!completed, "no PUBCOMP for a release that is not on disk");
     assert!(ended, "the publisher's connection ends, so it sends PUBREL again when it is back");
     assert_eq!((v5_code, v3_code), (0x88, 3), "new durable sessions are refused while the disk fails");
+    assert!(!retained_refused, "a publish refused (0x97) is not retained");
     vm.stop();
     let _ = std::fs::remove_dir_all(state.parent().unwrap());
 }

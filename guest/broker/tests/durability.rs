@@ -1,7 +1,8 @@
 //! Acknowledgements and durable state, with a simulated runner and disk:
 //! with `sync` persistence every acknowledgement waits for its records, so
 //! what a client was told survives `kill -9`; while the disk fails the
-//! broker refuses what it cannot keep; and session expiry counts across
+//! broker refuses what it cannot keep; a publish whose acknowledgement was
+//! withdrawn leaves nothing behind; and session expiry counts across
 //! restarts from when the session lost its connection.
 
 use std::collections::{HashMap, HashSet};
@@ -100,6 +101,26 @@ impl Tenant {
         self.failing = true;
         self.store_failed = true;
         self.broker.set_store_failed(true);
+    }
+
+    /// The disk works again: the runner's retry compacts the live state.
+    fn disk_returns(&mut self) {
+        self.failing = false;
+        if self.store_failed {
+            drop(self.broker.take_journal());
+            let mut disk = Vec::new();
+            self.broker
+                .snapshot(&mut |record| {
+                    let mut body = Vec::new();
+                    record.encode(&mut body);
+                    disk.push(body);
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+            self.disk = disk;
+            self.store_failed = false;
+            self.broker.set_store_failed(false);
+        }
     }
 
     fn send(&mut self, conn: ConnId, packet: &Packet) {
@@ -419,6 +440,85 @@ fn while_the_disk_fails_a_durable_subscriber_gets_no_pubrel_it_could_not_keep() 
     assert_eq!(delivered, [b"once"], "exactly once");
     assert!(held.is_empty(), "the flow completed");
     assert!(!released, "no PUBREL while its record cannot be written");
+}
+
+// ----- 8: refused means not stored --------------------------------------------
+
+#[test]
+fn a_publish_whose_acknowledgement_was_withdrawn_leaves_nothing_behind() {
+    let mut t = Tenant::new();
+    // A durable subscriber, offline; a retained message.
+    t.connect(1, durable(V5, "sub", 600));
+    t.subscribe(1, "r/#", QoS::AtLeastOnce);
+    t.close(1);
+    t.connect(2, clean(V5, "pub"));
+    t.send(2, &publish("r/a", b"old", QoS::AtLeastOnce, 1, true));
+    assert!(t.recv(2).contains(&Packet::Puback(ack(1))));
+    // A second subscriber is online, its window full (receive maximum 1):
+    // the retained message waits for its PUBACK.
+    let mut c = clean(V5, "online");
+    c.properties.receive_maximum = Some(1);
+    t.connect(3, c);
+    t.subscribe(3, "r/#", QoS::AtLeastOnce);
+    assert_eq!(payloads(&t.recv(3)), [b"old"]);
+
+    // The disk fills: the commit of the next publish fails, its PUBACK is
+    // withdrawn with the connection; the client comes back and sends it
+    // again, and is refused.
+    t.failing = true;
+    t.send(2, &publish("r/a", b"new", QoS::AtLeastOnce, 3, true));
+    assert!(t.recv(2).is_empty(), "no acknowledgement of what is not on disk");
+    assert!(t.was_closed(2));
+    t.connect(2, clean(V5, "pub"));
+    let mut again = publish("r/a", b"new", QoS::AtLeastOnce, 3, true);
+    if let Packet::Publish(p) = &mut again {
+        p.dup = true;
+    }
+    t.send(2, &again);
+    let code = t.recv(2).iter().find_map(|p| if let Packet::Puback(a) = p { Some(a.code) } else { None });
+    assert_eq!(code, Some(reason::QUOTA_EXCEEDED));
+
+    // Refused means not stored: not retained, not queued, now or later.
+    assert_eq!(retained(&mut t, 10, "r/a"), Some(b"old".to_vec()));
+    let id = 1; // the first message to "online"
+    t.send(3, &Packet::Puback(ack(id)));
+    assert!(payloads(&t.recv(3)).is_empty(), "nothing refused reaches the online subscriber");
+    t.disk_returns();
+    assert_eq!(retained(&mut t, 11, "r/a"), Some(b"old".to_vec()));
+    let mut t = t.restart(1_000);
+    assert_eq!(retained(&mut t, 12, "r/a"), Some(b"old".to_vec()));
+    assert_eq!(t.connect(1, durable(V5, "sub", 600)), (true, 0));
+    assert_eq!(payloads(&t.recv(1)), [b"old"], "only the message that was acknowledged");
+}
+
+#[test]
+fn a_qos2_publish_whose_acknowledgement_was_withdrawn_is_taken_anew_when_sent_again() {
+    let mut t = Tenant::new();
+    t.connect(1, durable(V5, "sub", 600));
+    t.subscribe(1, "t", QoS::ExactlyOnce);
+    t.close(1);
+    t.connect(2, durable(V5, "pub", 600));
+    t.failing = true;
+    let mut message = publish("t", b"m", QoS::ExactlyOnce, 5, false);
+    t.send(2, &message);
+    assert!(t.recv(2).is_empty(), "no PUBREC for what is not on disk");
+    assert!(t.was_closed(2));
+    // The publisher's session is on disk: it comes back once the disk
+    // does, and sends the message again, as MQTT asks.
+    assert_eq!(t.connect(2, durable(V5, "pub", 600)), (false, reason::SERVER_UNAVAILABLE));
+    t.disk_returns();
+    assert_eq!(t.connect(2, durable(V5, "pub", 600)), (true, 0));
+    if let Packet::Publish(p) = &mut message {
+        p.dup = true;
+    }
+    t.send(2, &message);
+    t.send(2, &Packet::Pubrel(ack(5)));
+    let acks = t.recv(2);
+    assert!(acks.contains(&Packet::Pubrec(ack(5))) && acks.contains(&Packet::Pubcomp(ack(5))), "{acks:?}");
+
+    let mut t = t.restart(1_000);
+    assert_eq!(t.connect(1, durable(V5, "sub", 600)), (true, 0));
+    assert_eq!(payloads(&t.recv(1)), [b"m"], "acknowledged, so delivered, once");
 }
 
 // ----- 7: session expiry across restarts --------------------------------------

@@ -12,7 +12,7 @@ use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use super::journal::STORE_FAILING;
+use super::journal::{STORE_FAILING, Unsettled};
 use super::session::{Awaiting, Outgoing, Queued};
 use super::{Broker, ConnId, Refusal, reason, refuse};
 use crate::auth::Want;
@@ -80,7 +80,7 @@ impl Broker {
                 }
             }
             (QoS::AtLeastOnce, Some(id)) => {
-                let delivered = if allowed && quota { self.accept_publish(key, p, now) } else { 0 };
+                let delivered = if allowed && quota { self.tracked(|b| b.accept_publish(key, p, now)) } else { 0 };
                 let code = ack_code(allowed, quota, delivered);
                 self.send_to(conn, &Packet::Puback(ack(id, if v5 { code } else { 0 })));
             }
@@ -95,11 +95,14 @@ impl Broker {
                 }
                 let delivered = if allowed && quota {
                     session.incoming_qos2.insert(id);
-                    if session.persisted {
-                        let client_id = session.client_id.clone();
-                        self.log(Record::Incoming { client_id, packet_id: id });
-                    }
-                    self.accept_publish(key, p, now)
+                    let logged = session.persisted.then(|| session.client_id.clone());
+                    self.tracked(|b| {
+                        b.track(|| Unsettled::Incoming { session: key, packet_id: id });
+                        if let Some(client_id) = logged {
+                            b.log(Record::Incoming { client_id, packet_id: id });
+                        }
+                        b.accept_publish(key, p, now)
+                    })
                 } else {
                     0
                 };
@@ -115,6 +118,10 @@ impl Broker {
     pub(super) fn accept_publish(&mut self, from: SessionKey, p: Publish, now: u64) -> usize {
         let expires_at = p.properties.message_expiry_interval.map(|s| now + u64::from(s) * 1000);
         if p.retain {
+            if self.tracking.is_some() {
+                let before = self.retained.get(&p.topic).cloned();
+                self.track(|| Unsettled::Retained { topic: p.topic.clone(), before });
+            }
             self.retained.set(&p, expires_at);
             if self.journal.is_some() {
                 self.log(if p.payload.is_empty() {
@@ -202,6 +209,7 @@ impl Broker {
         } else {
             0
         };
+        self.track(|| Unsettled::Delivered { session: key, seq, publish: p.clone() });
         let Some(session) = self.sessions.get_mut(&key) else { return };
         session.queue.push_back(Queued { publish: p, expires_at, seq });
         if online {

@@ -8,16 +8,19 @@
 //! messages, `$SYS`, and sessions that end with their connection are never
 //! logged. Owns no I/O: the runner takes the records
 //! ([`Broker::take_journal`]), commits them, and holds the output produced
-//! meanwhile until they are durable. Times in records are Unix
-//! milliseconds.
+//! meanwhile until they are durable. When it cannot, the broker undoes what
+//! the lost records carried of clients' publishes
+//! ([`Broker::withdraw_output`]), so a publish that was never acknowledged
+//! leaves nothing behind. Times in records are Unix milliseconds.
 
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use super::connection::Phase;
 use super::session::{Awaiting, Outgoing, Queued};
 use super::{Broker, ConnId, delivery::seq_packet_id};
-use crate::packet::QoS;
+use crate::packet::{Publish, QoS};
 use crate::store::record::{Record, SessionRecord};
 use crate::subscriptions::{SessionKey, Subscription, share_key};
 use crate::topic;
@@ -26,6 +29,18 @@ use crate::topic;
 pub(super) struct Restoring {
     queued: Queued,
     released: bool,
+}
+
+/// A change a client's publish made whose records are not yet durable: how
+/// to undo it if they never are.
+pub(super) enum Unsettled {
+    /// A retained message was set or cleared; the topic held `before`.
+    Retained { topic: Arc<str>, before: Option<Queued> },
+    /// A message was queued for a session: under `seq` when logged, else
+    /// found by its content.
+    Delivered { session: SessionKey, seq: u64, publish: Publish },
+    /// An incoming QoS 2 id was taken.
+    Incoming { session: SessionKey, packet_id: u16 },
 }
 
 /// Why a request that needs the failing state store is refused.
@@ -43,9 +58,15 @@ impl Broker {
         }
     }
 
-    /// The records since the last call, oldest first.
+    /// The records since the last call, oldest first. What clients'
+    /// publishes changed with them can be undone until the next records
+    /// are taken ([`Broker::withdraw_output`]).
     pub fn take_journal(&mut self) -> Vec<Record> {
-        self.journal.as_mut().map(core::mem::take).unwrap_or_default()
+        let records = self.journal.as_mut().map(core::mem::take).unwrap_or_default();
+        if !records.is_empty() {
+            self.withdrawable = core::mem::take(&mut self.unsettled);
+        }
+        records
     }
 
     /// Whether records are waiting for the runner.
@@ -64,12 +85,18 @@ impl Broker {
         self.store_failed = failed;
     }
 
-    /// The runner could not make the latest records durable, so the
-    /// acknowledgements that wait for them must never go out: every
-    /// connection with output not yet taken is ended without it (as a lost
-    /// connection; its client sends again what it saw no acknowledgement
-    /// for). Returns how many were ended.
+    /// The runner could not make the latest records durable (the last
+    /// records it took, and any since), so the acknowledgements that wait
+    /// for them must never go out: what clients' publishes changed with
+    /// those records is undone (retained messages, messages queued for
+    /// sessions, incoming QoS 2 ids), and every connection with output not
+    /// yet taken is ended without it (as a lost connection; its client
+    /// sends again what it saw no acknowledgement for). Nothing a client
+    /// was not told about is undone (subscriptions, sessions: the client
+    /// asks again, and they are idempotent). The runner's next write must
+    /// be the whole state (a compaction). Returns how many were ended.
     pub fn withdraw_output(&mut self, now: u64) -> usize {
+        self.undo_unsettled();
         let pending: Vec<ConnId> =
             self.ready.iter().copied().filter(|id| self.conns.get(id).is_some_and(|c| !c.out.is_empty())).collect();
         for &conn in &pending {
@@ -98,6 +125,61 @@ impl Broker {
     pub(super) fn refuse_for_store(&mut self, conn: ConnId, now: u64) {
         self.stats.quota_refusals += 1;
         self.end_connection(conn, super::refuse(super::reason::QUOTA_EXCEEDED, STORE_FAILING), now);
+    }
+
+    /// Runs `change`, a client's publish being accepted, keeping how to
+    /// undo what it changes if it logs a record that output waits for.
+    pub(super) fn tracked<R>(&mut self, change: impl FnOnce(&mut Broker) -> R) -> R {
+        let Some(mark) = self.journal.as_ref().map(Vec::len) else { return change(self) };
+        self.tracking = Some(Vec::new());
+        let result = change(self);
+        let changes = self.tracking.take().unwrap_or_default();
+        if self.journal.as_ref().is_some_and(|j| j.get(mark..).unwrap_or_default().iter().any(Record::gates_output)) {
+            self.unsettled.extend(changes);
+        }
+        result
+    }
+
+    /// Notes a change of the publish being tracked, if one is.
+    pub(super) fn track(&mut self, change: impl FnOnce() -> Unsettled) {
+        if let Some(tracking) = &mut self.tracking {
+            tracking.push(change());
+        }
+    }
+
+    /// Undoes the tracked changes whose records were lost, newest first.
+    fn undo_unsettled(&mut self) {
+        let mut changes = core::mem::take(&mut self.withdrawable);
+        changes.append(&mut self.unsettled);
+        for change in changes.into_iter().rev() {
+            match change {
+                Unsettled::Retained { topic, before } => self.retained.restore(topic, before),
+                Unsettled::Delivered { session, seq, publish } => {
+                    let Some(s) = self.sessions.get_mut(&session) else { continue };
+                    let queued = if seq > 0 {
+                        s.queue.iter().rposition(|q| q.seq == seq)
+                    } else {
+                        s.queue.iter().rposition(|q| {
+                            q.seq == 0
+                                && q.publish.qos == publish.qos
+                                && q.publish.topic == publish.topic
+                                && *q.publish.payload == *publish.payload
+                        })
+                    };
+                    if let Some(at) = queued {
+                        s.queue.remove(at);
+                    } else if seq > 0 {
+                        // Sent: its connection's output is withdrawn below.
+                        s.inflight.retain(|_, out| out.seq != seq);
+                    }
+                }
+                Unsettled::Incoming { session, packet_id } => {
+                    if let Some(s) = self.sessions.get_mut(&session) {
+                        s.incoming_qos2.remove(&packet_id);
+                    }
+                }
+            }
+        }
     }
 
     /// Logs a session's header after a change, when it outlives its

@@ -120,6 +120,12 @@ pub struct Broker {
     restoring_retained: Vec<(alloc::sync::Arc<str>, Option<session::Queued>)>,
     /// The runner cannot keep state: refuse what would need it.
     store_failed: bool,
+    /// How to undo what clients' publishes changed with records not yet
+    /// taken by the runner, and with those it took last (see [`journal`]).
+    unsettled: Vec<journal::Unsettled>,
+    withdrawable: Vec<journal::Unsettled>,
+    /// The changes of the client publish being accepted, while one is.
+    tracking: Option<Vec<journal::Unsettled>>,
     /// Restored sessions that were connected when the broker stopped: they
     /// lost their connection at the restart, logged once the journal starts.
     lost_at_restart: Vec<SessionKey>,
@@ -150,6 +156,9 @@ impl Broker {
             restoring: BTreeMap::new(),
             restoring_retained: Vec::new(),
             store_failed: false,
+            unsettled: Vec::new(),
+            withdrawable: Vec::new(),
+            tracking: None,
             lost_at_restart: Vec::new(),
         }
     }

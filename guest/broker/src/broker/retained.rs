@@ -59,6 +59,25 @@ impl Retained {
         }
     }
 
+    /// The message held for `topic`.
+    pub(super) fn get(&self, topic: &str) -> Option<&Queued> {
+        self.by_topic.get(topic)
+    }
+
+    /// Puts back what `topic` held (`None`: nothing), undoing a change.
+    pub(super) fn restore(&mut self, topic: Arc<str>, message: Option<Queued>) {
+        let old = match message {
+            Some(message) => {
+                self.bytes += size(&message.publish);
+                self.by_topic.insert(topic, message)
+            }
+            None => self.by_topic.remove(&topic),
+        };
+        if let Some(old) = old {
+            self.bytes -= size(&old.publish);
+        }
+    }
+
     /// Replaces the store with the last word on each topic in `changes`
     /// (in log order; `None` deletes): one sort and one bulk build instead
     /// of a tree walk per change, which is most of a restart's time with a
