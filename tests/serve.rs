@@ -565,6 +565,47 @@ fn the_control_socket_and_the_tenants_files_are_the_daemons_users_alone() {
     }
 }
 
+/// mosquitto_passwd -b: user alice, password "secret" (PBKDF2-SHA512).
+const ALICE_SECRET: &str = "alice:$7$101$I2p5Zn01wKWpDT/6$Xfrt09y66vDIbzjDKZm//zHX5CnCeyUL2m7oLqWo+O7daXQsRMOUzYbQgWIsXftfoU+v2Zqp6y9DOvqO80ferg==\n";
+
+/// A v3.1.1 CONNECT to `addr`, retried while the port is not bound yet:
+/// the CONNACK's return code.
+fn connect_code(addr: SocketAddr, username: &str, password: Option<&[u8]>) -> u8 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match TcpStream::connect(addr) {
+            Ok(stream) => break stream,
+            Err(e) => assert!(Instant::now() < deadline, "{addr}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream.write_all(&connect_as(4, "c", true, Some(username), password)).unwrap();
+    let (kind, body) = read_packet(&mut stream);
+    assert_eq!(kind, 0x20, "CONNACK");
+    body[1]
+}
+
+#[test]
+fn a_dedicated_port_takes_its_own_tenants_prefix_too() {
+    if !kvm_available("a_dedicated_port_takes_its_own_tenants_prefix_too") {
+        return;
+    }
+    let port = free_port();
+    let daemon = Daemon::start(
+        "own-port",
+        &format!("[tenants.globex]\nlisten = \"127.0.0.1:{port}\"\npassword_file = \"globex.passwd\"\n[tenants.acme]\n"),
+        &[("globex.passwd", ALICE_SECRET)],
+    );
+    let own = SocketAddr::from(([127, 0, 0, 1], port));
+    assert_eq!(connect_code(own, "alice", Some(b"secret")), 0);
+    assert_eq!(connect_code(own, "globex:alice", Some(b"secret")), 0, "its own prefix is refused");
+    assert_eq!(connect_code(daemon.addr, "globex:alice", Some(b"secret")), 0);
+    // Another tenant's prefix leads nowhere else: globex's broker knows no such user.
+    assert_eq!(connect_code(own, "acme:alice", Some(b"secret")), 4);
+    assert!(!daemon.log_has("tenant=acme pid"), "acme was booted from globex's port");
+}
+
 #[test]
 fn half_sent_connects_on_the_shared_port_cost_the_daemon_a_bounded_amount() {
     if !kvm_available("half_sent_connects_on_the_shared_port_cost_the_daemon_a_bounded_amount") {

@@ -179,13 +179,17 @@ pub fn route(bytes: &[u8], tenant: Option<&str>, known: impl Fn(&str) -> bool) -
     let Ok(Some(frame)) = packet::frame(bytes, MAX_FIRST_BYTES) else { return Route::Drop };
     let Ok(Packet::Connect(connect)) = packet::decode(frame, bytes, Version::V3_1_1) else { return Route::Drop };
     let rest = &bytes[frame.len..];
-    if let Some(tenant) = tenant {
-        return Route::Tenant { tenant: tenant.to_string(), first_bytes: bytes.to_vec() };
+    let prefixed = connect.username.as_deref().and_then(|u| u.split_once(':'));
+    if let Some(own) = tenant {
+        // Its own prefix is taken (and stripped) here too.
+        if !prefixed.is_some_and(|(t, _)| t == own) {
+            return Route::Tenant { tenant: own.to_string(), first_bytes: bytes.to_vec() };
+        }
     }
     let refuse = || Route::Refuse {
         reply: connack(connect.version, reason::BAD_USER_NAME_OR_PASSWORD, reason::v3::BAD_USER_NAME_OR_PASSWORD),
     };
-    let Some((tenant, user)) = connect.username.as_deref().and_then(|u| u.split_once(':')) else { return refuse() };
+    let Some((tenant, user)) = prefixed else { return refuse() };
     if !known(tenant) {
         return refuse();
     }
