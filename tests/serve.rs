@@ -607,6 +607,23 @@ fn a_dedicated_port_takes_its_own_tenants_prefix_too() {
 }
 
 #[test]
+fn a_removed_tenant_leaves_no_file_behind() {
+    let daemon = Daemon::start("remove-files", "[tenants.alpha]\n", &[]);
+    let (ok, _, err) = daemon.tenant(&["add", "beta"]);
+    assert!(ok, "{err}");
+    let tenants = daemon.dir.join("state/tenants");
+    assert!(tenants.join("alpha.toml").exists() && tenants.join("beta.toml").exists());
+    for tenant in ["alpha", "beta"] {
+        let (ok, _, err) = daemon.tenant(&["remove", tenant]);
+        assert!(ok, "{err}");
+        for file in ["toml", "state"] {
+            let path = tenants.join(format!("{tenant}.{file}"));
+            assert!(!path.exists(), "{} outlived its tenant", path.display());
+        }
+    }
+}
+
+#[test]
 fn half_sent_connects_on_the_shared_port_cost_the_daemon_a_bounded_amount() {
     if !kvm_available("half_sent_connects_on_the_shared_port_cost_the_daemon_a_bounded_amount") {
         return;

@@ -95,8 +95,7 @@ impl Tenant {
     /// with its control group made when it has limits.
     pub fn new(name: &str, config: TenantConfig, state_dir: &Path) -> Result<Tenant, String> {
         let dir = state_dir.join("tenants");
-        let settings_file = dir.join(format!("{name}.toml"));
-        let state_file = dir.join(format!("{name}.state"));
+        let [settings_file, state_file] = files(state_dir, name);
         let text = toml::to_string(&config.broker).map_err(|e| format!("tenant {name}: {e}"))?;
         // Tenants' settings and state (their messages) are the daemon's alone.
         std::fs::create_dir_all(&dir)
@@ -340,11 +339,12 @@ impl Tenant {
         }
     }
 
-    /// Stops the tenant for good: its state file goes too, so a tenant
-    /// added later under the same name starts empty.
+    /// Stops the tenant for good: its files go too, so a tenant added
+    /// later under the same name starts empty.
     pub fn remove(mut self) {
         self.stop();
         let _ = std::fs::remove_file(&self.state_file);
+        let _ = std::fs::remove_file(&self.settings_file);
         tokio::spawn(self.release_group());
     }
 
@@ -375,6 +375,13 @@ impl Tenant {
         }
         self.state = State::Stopped;
     }
+}
+
+/// Tenant `name`'s files in `state_dir`: its broker settings, as its
+/// process reads them, and its durable state.
+pub fn files(state_dir: &Path, name: &str) -> [PathBuf; 2] {
+    let dir = state_dir.join("tenants");
+    [dir.join(format!("{name}.toml")), dir.join(format!("{name}.state"))]
 }
 
 /// The link to a tenant's process: hands each queued client over (its
