@@ -568,6 +568,15 @@ fn the_control_socket_and_the_tenants_files_are_the_daemons_users_alone() {
 /// mosquitto_passwd -b: user alice, password "secret" (PBKDF2-SHA512).
 const ALICE_SECRET: &str = "alice:$7$101$I2p5Zn01wKWpDT/6$Xfrt09y66vDIbzjDKZm//zHX5CnCeyUL2m7oLqWo+O7daXQsRMOUzYbQgWIsXftfoU+v2Zqp6y9DOvqO80ferg==\n";
 
+impl Daemon {
+    /// The `GET /metrics` response's header and body.
+    fn metrics_response(&self) -> (String, String) {
+        let page = self.metrics();
+        let (head, body) = page.split_once("\r\n\r\n").expect("an HTTP response");
+        (head.to_string(), body.to_string())
+    }
+}
+
 /// A v3.1.1 CONNECT to `addr`, retried while the port is not bound yet:
 /// the CONNACK's return code.
 fn connect_code(addr: SocketAddr, username: &str, password: Option<&[u8]>) -> u8 {
@@ -587,6 +596,57 @@ fn connect_code(addr: SocketAddr, username: &str, password: Option<&[u8]>) -> u8
 }
 
 #[test]
+fn metrics_say_their_format_and_a_prometheus_parser_reads_them() {
+    let test = "metrics_say_their_format_and_a_prometheus_parser_reads_them";
+    let parser = "python3 -c 'import prometheus_client.openmetrics.parser'";
+    if !kvm_available(test)
+        || !common::tool_available(test, "prometheus_client (pip install prometheus_client)", parser)
+    {
+        return;
+    }
+    let daemon = Daemon::start("openmetrics", "[tenants.alpha]\n[tenants.beta]\n", &[]);
+    drop(connected(&daemon, "a", "alpha:"));
+    let (head, body) = daemon.metrics_response();
+    let content_type = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-type").then(|| value.trim().to_string())
+    });
+    assert_eq!(
+        content_type.as_deref(),
+        Some("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "Prometheus 3 refuses a scrape without a Content-Type: {head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    // The OpenMetrics parser of the Prometheus Python client reads it all.
+    let script = "import sys\n\
+        from prometheus_client.openmetrics.parser import text_string_to_metric_families\n\
+        for f in text_string_to_metric_families(sys.stdin.read()):\n\
+        \x20   for s in f.samples:\n\
+        \x20       labels = ','.join(k + '=' + v for k, v in sorted(s.labels.items()))\n\
+        \x20       print(f.type, s.name, labels, '%g' % s.value)\n";
+    let mut python = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    python.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = python.wait_with_output().unwrap();
+    let samples = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "the parser refused the page: {}\n{body}", String::from_utf8_lossy(&out.stderr));
+    for sample in [
+        "gauge mqvisor_tenant_up tenant=alpha 1",
+        "gauge mqvisor_tenant_up tenant=beta 0",
+        "counter mqvisor_tenant_boots_total tenant=alpha 1",
+        "histogram mqvisor_tenant_boot_seconds_count tenant=alpha 1",
+        "counter mqvisor_front_clients_dropped_total reason=byte_budget 0",
+    ] {
+        assert!(samples.lines().any(|l| l == sample), "no {sample:?} in:\n{samples}");
+    }
+}
+
+#[test]
 fn a_dedicated_port_takes_its_own_tenants_prefix_too() {
     if !kvm_available("a_dedicated_port_takes_its_own_tenants_prefix_too") {
         return;
@@ -594,7 +654,9 @@ fn a_dedicated_port_takes_its_own_tenants_prefix_too() {
     let port = free_port();
     let daemon = Daemon::start(
         "own-port",
-        &format!("[tenants.globex]\nlisten = \"127.0.0.1:{port}\"\npassword_file = \"globex.passwd\"\n[tenants.acme]\n"),
+        &format!(
+            "[tenants.globex]\nlisten = \"127.0.0.1:{port}\"\npassword_file = \"globex.passwd\"\n[tenants.acme]\n"
+        ),
         &[("globex.passwd", ALICE_SECRET)],
     );
     let own = SocketAddr::from(([127, 0, 0, 1], port));

@@ -34,6 +34,11 @@ use super::front::FrontStats;
 
 /// Largest request body (a tenant's TOML table).
 const MAX_BODY: usize = 64 * 1024;
+/// What `/metrics` is: OpenMetrics text, which ends in `# EOF` (Prometheus 3
+/// refuses a scrape whose format is not named).
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text format, which has no `# EOF`.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// One tenant as the control plane shows it.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -289,7 +294,16 @@ pub fn serve_metrics(listener: TcpListener, commands: mpsc::UnboundedSender<Comm
                             return Ok::<_, Infallible>(error(StatusCode::NOT_FOUND, "only /metrics is here"));
                         }
                         Ok(match ask(&commands, Command::List).await {
-                            Some(list) => respond(StatusCode::OK, metrics_text(&list, super::front::stats())),
+                            Some(list) => {
+                                let text = metrics_text(&list, super::front::stats());
+                                let format = if text.ends_with("# EOF\n") { OPENMETRICS } else { PROMETHEUS_TEXT };
+                                let mut response = respond(StatusCode::OK, text);
+                                response.headers_mut().insert(
+                                    hyper::header::CONTENT_TYPE,
+                                    hyper::header::HeaderValue::from_static(format),
+                                );
+                                response
+                            }
                             None => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
                         })
                     }
