@@ -569,6 +569,34 @@ fn the_control_socket_and_the_tenants_files_are_the_daemons_users_alone() {
 const ALICE_SECRET: &str = "alice:$7$101$I2p5Zn01wKWpDT/6$Xfrt09y66vDIbzjDKZm//zHX5CnCeyUL2m7oLqWo+O7daXQsRMOUzYbQgWIsXftfoU+v2Zqp6y9DOvqO80ferg==\n";
 
 impl Daemon {
+    /// One request to the control socket, as curl would send it: the status
+    /// and the body.
+    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let mut socket = std::os::unix::net::UnixStream::connect(self.dir.join("state/control.sock")).unwrap();
+        let length = body.len();
+        write!(socket, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n")
+            .unwrap();
+        socket.write_all(body.as_bytes()).unwrap();
+        let mut answer = String::new();
+        std::io::Read::read_to_string(&mut socket, &mut answer).unwrap();
+        let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, answer.split_once("\r\n\r\n").map_or(String::new(), |(_, body)| body.to_string()))
+    }
+
+    /// The tenant `name` as `mqvisor tenant show NAME --json` shows it.
+    fn show(&self, name: &str) -> serde_json::Value {
+        let (ok, json, err) = self.tenant(&["show", name, "--json"]);
+        assert!(ok, "tenant show {name} failed: {err}");
+        serde_json::from_str(&json).unwrap()
+    }
+
+    /// The tenants' names, sorted.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.list().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect();
+        names.sort();
+        names
+    }
+
     /// The `GET /metrics` response's header and body.
     fn metrics_response(&self) -> (String, String) {
         let page = self.metrics();
@@ -644,6 +672,52 @@ fn metrics_say_their_format_and_a_prometheus_parser_reads_them() {
     ] {
         assert!(samples.lines().any(|l| l == sample), "no {sample:?} in:\n{samples}");
     }
+}
+
+#[test]
+fn a_tenant_name_is_never_read_as_another_tenants() {
+    if !kvm_available("a_tenant_name_is_never_read_as_another_tenants") {
+        return;
+    }
+    let daemon = Daemon::start("names", "[tenants.victim]\n[tenants.anon]\n", &[]);
+    let mut victim = connected(&daemon, "v", "victim:");
+    victim.write_all(&publish("kept", b"mine", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut victim).0, 0x40, "PUBACK");
+    for args in [
+        ["remove", "victim?keep"],
+        ["remove", "victim/"],
+        ["show", "anon#x"],
+        ["show", "anon/"],
+        ["restart", "victim/.."],
+        ["add", "new?x"],
+    ] {
+        let (ok, out, err) = daemon.tenant(&args);
+        assert!(!ok && err.contains("tenant name"), "{args:?}: {out}{err}");
+    }
+    // Whatever sends the request, the server takes no path it would
+    // otherwise have read as another one.
+    for (method, path) in [
+        ("DELETE", "/tenants/victim?keep"),
+        ("DELETE", "/tenants/victim/"),
+        ("DELETE", "/tenants//victim"),
+        ("DELETE", "/tenants/vic%74im"),
+        ("GET", "/tenants/anon/"),
+        ("GET", "/tenants?x"),
+        ("POST", "/tenants/victim/restart/"),
+        ("POST", "/tenants/victim/restart?now"),
+        ("PUT", "/tenants/victim2/"),
+    ] {
+        let (status, body) = daemon.http(method, path, "");
+        assert!(status == 400 || status == 404, "{method} {path}: {status} {body}");
+    }
+    // Nothing happened to victim: its client, its state, its VM.
+    victim.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut victim).0, 0xd0, "victim's client lost its connection");
+    assert_eq!(daemon.names(), ["anon", "victim"]);
+    assert!(daemon.dir.join("state/tenants/victim.state").exists());
+    assert_eq!(daemon.show("victim")["restarts"], 0);
+    let mut again = connected(&daemon, "v2", "victim:");
+    assert_eq!(first_message(&mut again, "kept", Duration::from_secs(5)).as_deref(), Some(&b"mine"[..]));
 }
 
 #[test]

@@ -597,6 +597,17 @@ fn state_check(path: &std::path::Path) -> ExitCode {
 /// `mqvisor tenant ...`: one request to the daemon's control socket.
 fn tenant_command(args: TenantArgs) -> ExitCode {
     use hyper::{Method, StatusCode};
+    // The server's rule: any other name would be read as a path of its own
+    // (`victim?keep` as `victim`, `anon/` as `anon`).
+    if let TenantAction::Show { name }
+    | TenantAction::Add { name, .. }
+    | TenantAction::Remove { name }
+    | TenantAction::Restart { name } = &args.action
+        && !serve::config::valid_tenant_name(name)
+    {
+        eprintln!("mqvisor: {}", serve::config::ServeConfigError::TenantName(name.clone()));
+        return ExitCode::FAILURE;
+    }
     let (method, path, body) = match &args.action {
         TenantAction::List => (Method::GET, "/tenants".to_string(), String::new()),
         TenantAction::Show { name } => (Method::GET, format!("/tenants/{name}"), String::new()),

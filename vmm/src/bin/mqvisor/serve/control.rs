@@ -30,6 +30,7 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use super::config::{ServeConfigError, valid_tenant_name};
 use super::front::FrontStats;
 
 /// Largest request body (a tenant's TOML table).
@@ -117,8 +118,19 @@ async fn ask<T>(
 }
 
 async fn handle(request: Request<Incoming>, commands: mpsc::UnboundedSender<Command>) -> Response<Full<Bytes>> {
-    let path = request.uri().path().trim_end_matches('/').to_string();
+    // Taken as sent: a query, a trailing or doubled '/' or an escaped
+    // character would make another tenant's name out of it (`victim?keep`
+    // is not `victim`).
+    let path = request.uri().path().to_string();
+    if request.uri().query().is_some() {
+        return error(StatusCode::BAD_REQUEST, &format!("no request here takes a query: {}", request.uri()));
+    }
     let parts: Vec<&str> = path.split('/').skip(1).collect();
+    if let ["tenants", name, ..] = parts.as_slice()
+        && !valid_tenant_name(name)
+    {
+        return error(StatusCode::BAD_REQUEST, &ServeConfigError::TenantName((*name).to_string()).to_string());
+    }
     let gone = || error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping");
     let done = |result: Option<Result<(), String>>, ok: StatusCode| match result {
         Some(Ok(())) => respond(ok, String::new()),
