@@ -743,6 +743,41 @@ fn a_dedicated_port_takes_its_own_tenants_prefix_too() {
 }
 
 #[test]
+fn tenant_add_reads_relative_paths_from_the_settings_files_folder() {
+    if !kvm_available("tenant_add_reads_relative_paths_from_the_settings_files_folder") {
+        return;
+    }
+    let mut daemon = Daemon::start("relative", "", &[]);
+    let conf = daemon.dir.join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(conf.join("gamma.passwd"), ALICE_SECRET).unwrap();
+    std::fs::write(conf.join("gamma.toml"), "password_file = \"gamma.passwd\"\n").unwrap();
+    let (ok, _, err) = daemon.tenant(&["add", "gamma", "--settings", conf.join("gamma.toml").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    // A relative FILE too, from another working directory.
+    let out = mqvisor()
+        .current_dir(&daemon.dir)
+        .args(["tenant", "add", "delta", "--settings", "conf/gamma.toml", "--socket"])
+        .arg(daemon.dir.join("state/control.sock"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for tenant in ["gamma", "delta"] {
+        let (_, _, code) = connect(&daemon, "c", &format!("{tenant}:alice"), Some(b"secret"));
+        assert_eq!(code, 0, "{tenant}");
+    }
+    // The daemon cannot know what a relative path in a bare request is relative to.
+    let (status, body) = daemon.http("PUT", "/tenants/omega", "password_file = \"gamma.passwd\"\n");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("absolute"), "{body}");
+    // A restarted daemon reads the same files.
+    daemon.stop();
+    let restarted = Daemon::spawn(daemon.dir.clone());
+    let (_, _, code) = connect(&restarted, "c", "gamma:alice", Some(b"secret"));
+    assert_eq!(code, 0);
+}
+
+#[test]
 fn a_removed_tenant_leaves_no_file_behind() {
     let daemon = Daemon::start("remove-files", "[tenants.alpha]\n", &[]);
     let (ok, _, err) = daemon.tenant(&["add", "beta"]);

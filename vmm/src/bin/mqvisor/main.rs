@@ -612,10 +612,10 @@ fn tenant_command(args: TenantArgs) -> ExitCode {
         TenantAction::List => (Method::GET, "/tenants".to_string(), String::new()),
         TenantAction::Show { name } => (Method::GET, format!("/tenants/{name}"), String::new()),
         TenantAction::Add { name, settings } => {
-            let body = match settings.as_ref().map(std::fs::read_to_string).transpose() {
+            let body = match settings.as_deref().map(serve::config::settings_file_body).transpose() {
                 Ok(body) => body.unwrap_or_default(),
                 Err(e) => {
-                    eprintln!("mqvisor: tenant add: cannot read the settings file: {e}");
+                    eprintln!("mqvisor: tenant add: the settings file {e}");
                     return ExitCode::FAILURE;
                 }
             };

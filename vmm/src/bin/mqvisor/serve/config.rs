@@ -83,6 +83,42 @@ impl Defaults {
         };
         Ok(TenantConfig { memory_mib, listen: own.listen, idle_stop_after, user, persistence, limits, broker })
     }
+
+    /// A tenant added while serving, from the TOML `table` of a request,
+    /// as [`Defaults::tenant`]; its paths must be absolute, since nothing
+    /// says which folder a relative one is relative to (`mqvisor tenant add
+    /// --settings FILE` makes them so, relative to FILE).
+    pub fn added(&self, table: toml::Table, base: &Path) -> Result<TenantConfig, String> {
+        for key in PATH_KEYS {
+            if let Some(path) = table.get(key).and_then(toml::Value::as_str)
+                && Path::new(path).is_relative()
+            {
+                return Err(format!(
+                    "{key} {path:?} must be an absolute path (`mqvisor tenant add --settings FILE` reads it \
+                     relative to FILE's folder)"
+                ));
+            }
+        }
+        self.tenant(table, base)
+    }
+}
+
+/// The keys of a tenant's table that name files.
+const PATH_KEYS: [&str; 2] = ["password_file", "acl_file"];
+
+/// The tenant settings file `path` (a `[tenants.NAME]` table) as a request
+/// body: its file paths made absolute, relative to its folder.
+pub fn settings_file_body(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    let base = path.parent().unwrap_or(Path::new(""));
+    for key in PATH_KEYS {
+        if let Some(toml::Value::String(file)) = table.get_mut(key) {
+            let absolute = std::path::absolute(base.join(&*file)).map_err(|e| format!("{}: {e}", path.display()))?;
+            *file = absolute.to_str().ok_or_else(|| format!("{}: {key} is not UTF-8", path.display()))?.to_string();
+        }
+    }
+    toml::to_string(&table).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// One tenant, with the defaults applied.

@@ -234,7 +234,7 @@ fn add_tenant(
         return Err(format!("tenant {name:?} exists"));
     }
     let parsed: toml::Table = toml::from_str(table).map_err(|e| format!("tenant {name}: {}", e.message()))?;
-    let tenant_config = config.defaults.tenant(parsed, &changes.added).map_err(|e| format!("tenant {name}: {e}"))?;
+    let tenant_config = config.defaults.added(parsed, &changes.added).map_err(|e| format!("tenant {name}: {e}"))?;
     if tenant_config.listen.is_some() {
         return Err(format!("tenant {name}: a port of its own can only be set in the configuration file"));
     }
