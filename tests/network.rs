@@ -261,3 +261,50 @@ fn started_as_root_with_user_the_vmm_keeps_no_privilege() {
     }
     assert_eq!(field("NoNewPrivs:"), "1");
 }
+
+/// Sends `packets` and shuts the write side (FIN), then reads to the end:
+/// what came back before the close.
+fn send_then_half_close(addr: std::net::SocketAddr, packets: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(packets).unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    got
+}
+
+/// A client that sends CONNECT (and a QoS 1 PUBLISH) and then shuts its
+/// write side down gets its CONNACK (and PUBACK) before the close, as from
+/// Mosquitto, `tries` times in a row.
+fn half_closed_clients_get_their_answers(addr: std::net::SocketAddr, tries: usize) {
+    use common::wire::{connect_as, publish};
+    for i in 0..tries {
+        // Clean session: the CONNACK needs nothing written.
+        let got = send_then_half_close(addr, &connect_as(4, &format!("half-{i}"), true, None, None));
+        assert_eq!(got, [0x20, 2, 0, 0], "try {i}: CONNECT then FIN");
+        // A durable session and a retained QoS 1 message: with --state,
+        // both answers wait for their records to be on disk.
+        let mut packets = connect_as(4, &format!("half-durable-{i}"), false, None, None);
+        packets.extend_from_slice(&publish(&format!("half/{i}"), b"kept", 1, 7, true));
+        let got = send_then_half_close(addr, &packets);
+        assert_eq!(got, [0x20, 2, 0, 0, 0x40, 2, 0, 7], "try {i}: CONNECT, PUBLISH (QoS 1) then FIN");
+    }
+}
+
+#[test]
+fn a_half_closed_client_gets_its_connack_and_puback() {
+    if !kvm_available("a_half_closed_client_gets_its_connack_and_puback") {
+        return;
+    }
+    let vm = RunningVm::start(&["--timeout", "60"]);
+    half_closed_clients_get_their_answers(vm.addr, 20);
+    let state = std::env::temp_dir().join(format!("mqvisor-half-close-{}.state", std::process::id()));
+    let _ = std::fs::remove_file(&state);
+    let durable = RunningVm::start(&["--timeout", "60", "--state", state.to_str().unwrap()]);
+    half_closed_clients_get_their_answers(durable.addr, 20);
+    drop(durable);
+    let _ = std::fs::remove_file(&state);
+    let host = RunningVm::start_host_broker();
+    half_closed_clients_get_their_answers(host.addr, 20);
+}

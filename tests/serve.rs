@@ -871,3 +871,38 @@ fn sockets_that_never_speak_cannot_lock_the_shared_port() {
     assert!(counted >= 1_500 - 1_024 / 2, "/metrics counts the silent clients dropped: {counted}");
     drop(silent);
 }
+
+/// Sends `packets` to `addr` and shuts the write side down (FIN), then
+/// reads to the end: what came back before the close.
+fn send_then_half_close(addr: SocketAddr, packets: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream.write_all(packets).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut got);
+    got
+}
+
+#[test]
+fn a_half_closed_client_gets_its_connack_and_puback_through_serve() {
+    if !kvm_available("a_half_closed_client_gets_its_connack_and_puback_through_serve") {
+        return;
+    }
+    let port = free_port();
+    let daemon =
+        Daemon::start("half-close", &format!("[tenants.alpha]\n[tenants.beta]\nlisten = \"127.0.0.1:{port}\"\n"), &[]);
+    let own = SocketAddr::from(([127, 0, 0, 1], port));
+    for (addr, user) in [(daemon.addr, Some("alpha:")), (own, None)] {
+        for i in 0..20 {
+            let connect = connect_as(4, &format!("half-{i}"), true, user, None);
+            assert_eq!(send_then_half_close(addr, &connect), [0x20, 2, 0, 0], "{addr} try {i}: CONNECT then FIN");
+            // A durable session and a retained QoS 1 message: both answers
+            // wait for the tenant's state file.
+            let mut packets = connect_as(4, &format!("half-durable-{i}"), false, user, None);
+            packets.extend_from_slice(&publish(&format!("half/{i}"), b"kept", 1, 7, true));
+            let got = send_then_half_close(addr, &packets);
+            assert_eq!(got, [0x20, 2, 0, 0, 0x40, 2, 0, 7], "{addr} try {i}: CONNECT, PUBLISH (QoS 1) then FIN");
+        }
+    }
+}

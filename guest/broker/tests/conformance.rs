@@ -456,6 +456,53 @@ fn will_on_abrupt_close_but_not_after_disconnect() {
 }
 
 #[test]
+fn a_client_that_ends_its_input_is_answered_then_closed_and_its_will_fires() {
+    let mut net = Net::new();
+    net.connect(1, V3, "watcher", true);
+    net.subscribe(1, V3, "wills/#", QoS::AtMostOnce);
+    // CONNECT with a will and a QoS 1 PUBLISH arrive together, then FIN,
+    // before the runner has taken any output.
+    let mut c = connect(V3, "half", true);
+    c.will = Some(Will {
+        topic: "wills/half".into(),
+        payload: b"gone".to_vec(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    net.broker.open(2, net.now);
+    net.send(2, V3, &Packet::Connect(Box::new(c)));
+    net.publish(2, V3, publish("t", b"m", QoS::AtLeastOnce, Some(7)));
+    net.raw(2, &[0x30, 9, 0]); // the start of a packet the FIN cuts short
+    assert!(net.broker.input_ended(2, net.now));
+    let answers = net.recv(2, V3);
+    assert!(matches!(answers.first(), Some(Packet::Connack(_))), "{answers:?}");
+    assert!(matches!(answers.get(1), Some(Packet::Puback(Ack { packet_id: 7, .. }))), "{answers:?}");
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert_eq!(net.closes(), [2], "closed once its answers are out");
+    let got = publishes(&net.recv(1, V3));
+    assert_eq!(got.iter().map(|p| &*p.payload).collect::<Vec<_>>(), [&b"gone"[..]], "its will fired");
+    // Bytes after the end, and a second end, change nothing.
+    net.raw(2, &[0xc0, 0]);
+    assert!(!net.broker.input_ended(2, net.now));
+    assert!(net.recv(2, V3).is_empty() && net.closes().is_empty());
+    // After DISCONNECT the end is no loss: no will.
+    let mut c = connect(V3, "polite", true);
+    c.will = Some(Will {
+        topic: "wills/polite".into(),
+        payload: b"never".to_vec(),
+        qos: QoS::AtMostOnce,
+        retain: false,
+        properties: Properties::default(),
+    });
+    net.connect_with(3, c);
+    net.send(3, V3, &Packet::Disconnect { code: 0, properties: Properties::default() });
+    assert!(net.broker.input_ended(3, net.now));
+    assert_eq!(net.closes(), [3]);
+    assert!(publishes(&net.recv(1, V3)).is_empty(), "a will after DISCONNECT");
+}
+
+#[test]
 fn v5_will_delay_and_cancel_by_reconnect() {
     let mut net = Net::new();
     net.connect(1, V5, "watcher", true);

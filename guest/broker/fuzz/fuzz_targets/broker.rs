@@ -3,7 +3,8 @@
 //! within the configured bounds.
 //!
 //! Input format, repeated: one control byte (connection index in the low
-//! 2 bits; bits 2-3: 0 = bytes follow, 1 = close, 2 = advance time,
+//! 2 bits; bits 2-3: 0 = bytes follow, 1 = close (with bit 4 set: the
+//! client's input ends, FIN, and its output still goes), 2 = advance time,
 //! 3 = take that connection's output; the others have no room), one length byte, then that many bytes.
 #![no_main]
 
@@ -38,6 +39,10 @@ fuzz_target!(|data: &[u8]| {
                     open[conn as usize] = true;
                 }
                 broker.receive(conn, bytes, now);
+            }
+            1 if control & 0x10 != 0 => {
+                // Open until the broker asks for the close.
+                open[conn as usize] &= broker.input_ended(conn, now);
             }
             1 => {
                 broker.closed(conn, now);

@@ -5,6 +5,7 @@
 //! Sans-I/O, in the quinn-proto style. The runner calls, in any order:
 //! - [`Broker::open`] when a transport connection is accepted,
 //! - [`Broker::receive`] with bytes from it,
+//! - [`Broker::input_ended`] when the peer has finished sending (FIN),
 //! - [`Broker::closed`] when the peer has gone,
 //! - [`Broker::tick`] when [`Broker::next_deadline`] has passed;
 //!
@@ -314,7 +315,31 @@ impl Broker {
         moved
     }
 
-    /// The transport connection is gone (the peer closed or reset it).
+    /// The peer will send nothing more (it shut its side down: FIN), but
+    /// may still read. What it sent is answered: its output (a CONNACK, the
+    /// PUBACK of its last PUBLISH) goes out, then
+    /// [`Broker::poll_transmit`] asks for the close. Its session is detached
+    /// at once, as for a lost connection (no DISCONNECT: its will fires).
+    /// Returns false when the broker does not know `conn` (the runner then
+    /// closes it itself).
+    pub fn input_ended(&mut self, conn: ConnId, now: u64) -> bool {
+        let Some(c) = self.conns.get_mut(&conn) else { return false };
+        // A packet cut short by the FIN is never completed.
+        c.inbuf = Vec::new();
+        let session = match c.phase {
+            Phase::Connected(key) => Some(key),
+            _ => None,
+        };
+        self.close(conn);
+        if let Some(key) = session {
+            self.detach(key, conn, false, now);
+        }
+        true
+    }
+
+    /// The transport connection is gone (the peer reset it, or the runner
+    /// can neither read from it nor write to it): what it had not taken is
+    /// dropped.
     pub fn closed(&mut self, conn: ConnId, now: u64) {
         self.deadline = None;
         let Some(c) = self.conns.remove(&conn) else { return };

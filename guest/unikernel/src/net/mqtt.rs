@@ -93,7 +93,7 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
         let store_reserve = if store.is_some() { Store::HEAP_RESERVE } else { 0 };
         let low_water = capacity::mqtt_low_water(max_packet_size, to_come) + store_reserve;
         broker.set_memory_low((crate::heap::free_bytes() as u64) < low_water);
-        // Streams to close: refused, or closed by the client.
+        // Streams to close: refused, or unknown to the broker.
         let mut closing = alloc::vec::Vec::new();
         let mut credits = alloc::vec::Vec::new();
         let mut moved = link.receive(|record| match record {
@@ -115,9 +115,11 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
                 }
             }
             Record::Close(id) => {
-                // The client has gone: the stream ends both ways.
-                if windows.remove(&id).is_some() {
-                    broker.closed(id, now);
+                // The client sends nothing more (FIN, or it has gone): what
+                // it sent is answered, and the broker asks for the close
+                // once its output is out (`Transmit::Close` below).
+                if windows.contains_key(&id) && !broker.input_ended(id, now) {
+                    windows.remove(&id);
                     closing.push(id);
                 }
             }

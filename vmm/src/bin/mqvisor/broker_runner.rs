@@ -26,7 +26,9 @@ const READ_CHUNK: usize = 64 * 1024;
 enum ClientEvent {
     Accepted(TcpStream),
     Data(ConnId, Vec<u8>),
-    /// The client's side is gone (EOF or error).
+    /// The client sends nothing more (EOF): it is answered, then closed.
+    Ended(ConnId),
+    /// The client's socket failed: nothing more reaches it.
     Gone(ConnId),
     /// A full socket has room again.
     Writable(ConnId),
@@ -79,7 +81,8 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
                     let reader = tokio::spawn(read_paced(read_half, READ_CHUNK, reader_go.clone(), move |read| {
                         let event = match read {
                             Read::Data(data) => ClientEvent::Data(id, data),
-                            Read::Eof | Read::Failed => ClientEvent::Gone(id),
+                            Read::Eof => ClientEvent::Ended(id),
+                            Read::Failed => ClientEvent::Gone(id),
                         };
                         events.send(event).is_ok()
                     }));
@@ -91,6 +94,13 @@ pub async fn serve(listener: TcpListener, config: Config) -> std::io::Result<()>
                     broker.receive(id, &bytes, now());
                     if let Some(client) = clients.get(&id) {
                         client.reader_go.notify_one();
+                    }
+                }
+                ClientEvent::Ended(id) => {
+                    // Its reader has ended; the client stays until the
+                    // core asks for the close (its answers go out first).
+                    if !broker.input_ended(id, now()) {
+                        clients.remove(&id);
                     }
                 }
                 ClientEvent::Gone(id) => {
