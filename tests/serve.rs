@@ -906,3 +906,27 @@ fn a_half_closed_client_gets_its_connack_and_puback_through_serve() {
         }
     }
 }
+
+#[test]
+fn unsupported_protocol_levels_get_return_code_1_through_serve() {
+    if !kvm_available("unsupported_protocol_levels_get_return_code_1_through_serve") {
+        return;
+    }
+    let port = free_port();
+    let daemon =
+        Daemon::start("levels", &format!("[tenants.alpha]\n[tenants.beta]\nlisten = \"127.0.0.1:{port}\"\n"), &[]);
+    let own = SocketAddr::from(([127, 0, 0, 1], port));
+    for (addr, user) in [(daemon.addr, Some("alpha:")), (own, None)] {
+        for level in [3, 6] {
+            // "MQTT" at level 3 (3.1 is "MQIsdp"), and a level after 5.
+            let mut client = TcpStream::connect(addr).unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            client.write_all(&connect_as(level, "c", true, user, None)).unwrap();
+            let mut got = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut client, &mut got);
+            assert_eq!(got, [0x20, 2, 0, 1], "{addr}, level {level}: return code 1, then the close");
+        }
+    }
+    // As `mqvisor run` answers: MQTT-3.1.2-2. No VM was booted for them.
+    assert!(!daemon.log_has("booted"), "a VM was booted for a protocol level nobody speaks");
+}

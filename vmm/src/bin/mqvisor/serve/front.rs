@@ -15,6 +15,7 @@ use std::time::Duration;
 use mqvisor_broker::broker::reason;
 use mqvisor_broker::packet::{self, Connack, Connect, Packet, Version};
 use mqvisor_broker::properties::Properties;
+use mqvisor_broker::wire::DecodeError;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
@@ -177,7 +178,17 @@ fn connack(version: Version, v5_code: u8, v3_code: u8) -> Vec<u8> {
 /// tenants exist.
 pub fn route(bytes: &[u8], tenant: Option<&str>, known: impl Fn(&str) -> bool) -> Route {
     let Ok(Some(frame)) = packet::frame(bytes, MAX_FIRST_BYTES) else { return Route::Drop };
-    let Ok(Packet::Connect(connect)) = packet::decode(frame, bytes, Version::V3_1_1) else { return Route::Drop };
+    let connect = match packet::decode(frame, bytes, Version::V3_1_1) {
+        Ok(Packet::Connect(connect)) => connect,
+        // A CONNECT at a protocol level no tenant speaks (3 named "MQTT",
+        // 6, ...): refused as a tenant's broker would (MQTT-3.1.2-2), in
+        // 3.1.1 form, which every client version reads; no VM is booted.
+        Err(DecodeError::UnsupportedProtocol) => {
+            let code = reason::v3::UNACCEPTABLE_PROTOCOL_VERSION;
+            return Route::Refuse { reply: connack(Version::V3_1_1, code, code) };
+        }
+        _ => return Route::Drop,
+    };
     let rest = &bytes[frame.len..];
     let prefixed = connect.username.as_deref().and_then(|u| u.split_once(':'));
     if let Some(own) = tenant {
@@ -312,6 +323,24 @@ mod tests {
         assert_eq!(&bytes[..], &[2; 40][..], "a refused extension changes nothing");
         drop(bytes);
         assert_eq!(pending(), before);
+    }
+
+    #[test]
+    fn unsupported_protocol_levels_get_return_code_1_on_every_port() {
+        for (name, level) in [(&b"MQTT"[..], 3u8), (b"MQTT", 6), (b"MQIsdp", 4), (b"MQTT", 0x84)] {
+            let mut connect = connect(Version::V3_1_1, Some("acme:alice"), None);
+            // Name and level follow the fixed header (two bytes here).
+            connect.splice(4..9, name.iter().copied().chain([level]));
+            connect[3] = u8::try_from(name.len()).unwrap();
+            connect[1] = u8::try_from(connect.len() - 2).unwrap();
+            for port in [None, Some("acme")] {
+                assert_eq!(
+                    route(&connect, port, known),
+                    Route::Refuse { reply: vec![0x20, 2, 0, reason::v3::UNACCEPTABLE_PROTOCOL_VERSION] },
+                    "{name:?} level {level} on {port:?}"
+                );
+            }
+        }
     }
 
     #[test]
