@@ -328,16 +328,34 @@ impl Network {
     }
 }
 
-/// Boots the VM described by `config` and runs it to the end.
-pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
-    if config.memory_mib == 0 || config.memory_mib > MAX_MEMORY_MIB {
-        return Err(VmmError::MemoryOutOfRange(config.memory_mib));
+/// Where a VM's parts go in its guest memory, and how many clients its
+/// service may carry: what [`run`] works out before it opens KVM.
+pub struct Plan {
+    info: BootInfo,
+    blob_at: u64,
+    max_connections: usize,
+}
+
+/// Checks that `image` with `config_blob` and `service` fits in
+/// `memory_mib` of guest RAM (the memory formula of
+/// `mqvisor_boot_abi::capacity`), without opening KVM: the checks
+/// [`run`] makes at start, for those (`mqvisor serve`) that must know
+/// before they start a VM that it can boot.
+pub fn plan(
+    image: &[u8],
+    memory_mib: u32,
+    config_blob: &[u8],
+    cmdline: &str,
+    service: Service,
+) -> Result<Plan, VmmError> {
+    if memory_mib == 0 || memory_mib > MAX_MEMORY_MIB {
+        return Err(VmmError::MemoryOutOfRange(memory_mib));
     }
-    let ram_size = u64::from(config.memory_mib) << 20;
+    let ram_size = u64::from(memory_mib) << 20;
     // Check the image on its own first, so a good image in too little memory
     // is reported as "too little memory", not as a bad image.
-    let image_layout = image::check(&config.image, layout::RAM_LIMIT)?;
-    let blob_len = config.config_blob.len() as u64;
+    let image_layout = image::check(image, layout::RAM_LIMIT)?;
+    let blob_len = config_blob.len() as u64;
     if blob_len > config_blob::MAX_LEN {
         return Err(VmmError::ConfigTooLarge(blob_len));
     }
@@ -346,13 +364,22 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let needed = (blob_at + blob_len).next_multiple_of(layout::PAGE_SIZE) + MIN_HEAP_BYTES;
     if needed > ram_size {
         return Err(VmmError::MemoryTooSmall {
-            given_mib: config.memory_mib,
+            given_mib: memory_mib,
             needed_mib: needed.div_ceil(1 << 20),
             image_end: image_layout.end,
         });
     }
-    let mut info = boot_info(ram_size, blob_at + blob_len, &config.cmdline)?;
-    let max_connections = connection_limit(config.service, info.heap_end - info.heap_start, config.memory_mib)?;
+    let info = boot_info(ram_size, blob_at + blob_len, cmdline)?;
+    let max_connections = connection_limit(service, info.heap_end - info.heap_start, memory_mib)?;
+    Ok(Plan { info, blob_at, max_connections })
+}
+
+/// Boots the VM described by `config` and runs it to the end.
+pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
+    let Plan { mut info, blob_at, max_connections } =
+        plan(&config.image, config.memory_mib, &config.config_blob, &config.cmdline, config.service)?;
+    let ram_size = u64::from(config.memory_mib) << 20;
+    let blob_len = config.config_blob.len() as u64;
     if blob_len > 0 {
         info.config_addr = blob_at;
         info.config_len = blob_len;
