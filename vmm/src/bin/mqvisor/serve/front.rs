@@ -193,7 +193,7 @@ pub fn route(bytes: &[u8], tenant: Option<&str>, known: impl Fn(&str) -> bool) -
     let prefixed = connect.username.as_deref().and_then(|u| u.split_once(':'));
     if let Some(own) = tenant {
         // Its own prefix is taken (and stripped) here too.
-        if !prefixed.is_some_and(|(t, _)| t == own) {
+        if prefixed.is_none_or(|(t, _)| t != own) {
             return Route::Tenant { tenant: own.to_string(), first_bytes: bytes.to_vec() };
         }
     }
