@@ -469,6 +469,9 @@ impl<D: Disk> Log<D> {
             }
             log.key.copy_from_slice(&entropy[..16]);
             log.log_id = log.new_log_id();
+            // Both slots, so that from now on a slot that is not a valid
+            // superblock is damage (a zeroed sector included), never "unused".
+            log.write_superblock_to(1)?;
             log.write_superblock()?;
             return Ok((log, Recovered { fresh: true, ..Recovered::default() }));
         };
@@ -484,13 +487,12 @@ impl<D: Disk> Log<D> {
         log.region = current.region;
         log.log_id = current.log_id;
         log.snapshot_bytes = current.snapshot_bytes;
-        // The other slot held the next generation's superblock if it is
-        // damaged and the other region starts with that generation's log:
-        // going back to this one would silently undo what came after.
+        // The other slot held the next generation's superblock if it is not
+        // a valid one (damaged, or zeroed: both slots are written when the
+        // file is made) and the other region starts with that generation's
+        // log: going back to this one would silently undo what came after.
         let other_slot = (current.generation + 1) % 2;
-        if let Slot::Damaged = slots[usize::from(other_slot == 1)]
-            && log.newer_log_in(current.region ^ 1)?
-        {
+        if !matches!(slots[usize::from(other_slot == 1)], Slot::Valid(_)) && log.newer_log_in(current.region ^ 1)? {
             let why = "the newest superblock is damaged (a newer generation's log follows it)";
             return Err(LogError::Corrupt { offset: other_slot * SECTOR, why });
         }
@@ -580,6 +582,12 @@ impl<D: Disk> Log<D> {
             found.torn_tail = bad.is_some();
             break;
         }
+        // The snapshot was flushed before the superblock naming it was
+        // written: if the log stops inside it, that is damage, not a tail.
+        if self.end < self.snapshot_bytes {
+            let at = start + self.end;
+            return Err(LogError::Corrupt { offset: at, why: "the snapshot the superblock names is damaged" });
+        }
         // The rest of a record never reached the disk: nothing waited on it.
         found.torn_tail |= !spanning.is_empty();
         Ok(found)
@@ -625,11 +633,14 @@ impl<D: Disk> Log<D> {
     }
 
     /// Whether a genuine batch of this log with a later sequence number
-    /// starts within one batch's reach after `at`. Batches are flushed one
-    /// by one, so one exists only if the batch at `at` was once whole.
+    /// starts after `at`, up to where the log can have grown: the point at
+    /// which the store compacts, plus one batch (and at least one batch
+    /// past `at`). Batches are flushed one by one, so one exists only if the
+    /// batch at `at` was once whole.
     fn later_batch_exists(&mut self, at: u64) -> Result<bool, LogError> {
-        let region_end = self.region_start(self.region) + self.region_size;
-        let reach = (at + ((BATCH_HEADER + MAX_BATCH) as u64).next_multiple_of(SECTOR) + SECTOR).min(region_end);
+        let start = self.region_start(self.region);
+        let batch = ((BATCH_HEADER + MAX_BATCH) as u64).next_multiple_of(SECTOR) + SECTOR;
+        let reach = (at + batch).max(start + self.compaction_threshold() + batch).min(start + self.region_size);
         // Read in small pieces: a VM's memory, once touched, stays touched.
         let mut window = vec![0u8; SCAN_CHUNK];
         let mut from = at + SECTOR;
@@ -649,6 +660,10 @@ impl<D: Disk> Log<D> {
     }
 
     fn write_superblock(&mut self) -> Result<(), LogError> {
+        self.write_superblock_to(self.generation % 2)
+    }
+
+    fn write_superblock_to(&mut self, slot: u64) -> Result<(), LogError> {
         let block = Superblock {
             region: self.region,
             generation: self.generation,
@@ -657,8 +672,7 @@ impl<D: Disk> Log<D> {
             sectors: self.sectors,
             key: self.key,
         };
-        let slot = (self.generation % 2) * SECTOR;
-        self.disk.write(slot, &block.encode())?;
+        self.disk.write(slot * SECTOR, &block.encode())?;
         self.disk.flush()?;
         Ok(())
     }
@@ -772,8 +786,12 @@ impl<D: Disk> Log<D> {
     /// Whether the log has grown enough past the last snapshot, or close
     /// enough to its region's end, that the next commit should compact.
     pub fn wants_compaction(&self) -> bool {
-        let threshold = COMPACT_FLOOR.max(self.snapshot_bytes.saturating_mul(COMPACT_RATIO));
-        self.end >= threshold.min(self.region_size / 2)
+        self.end >= self.compaction_threshold()
+    }
+
+    /// The log's length at which the next commit compacts it.
+    fn compaction_threshold(&self) -> u64 {
+        COMPACT_FLOOR.max(self.snapshot_bytes.saturating_mul(COMPACT_RATIO)).min(self.region_size / 2)
     }
 
     /// Whether records were pushed and not committed.
@@ -1178,10 +1196,69 @@ mod tests {
         let mut disk = compacted_disk();
         disk.bytes[512 + 20] ^= 0x10;
         assert!(matches!(records(&mut disk), Err(LogError::Corrupt { offset: 512, .. })));
+        // Zeroed is damaged too: both slots are written when the file is made.
+        let mut disk = compacted_disk();
+        disk.bytes[512..1024].fill(0);
+        assert!(matches!(records(&mut disk), Err(LogError::Corrupt { offset: 512, .. })));
         // Damage to the older slot costs nothing.
         let mut disk = compacted_disk();
         disk.bytes[20] ^= 0x10;
         assert_eq!(records(&mut disk).unwrap().0, [b"snap".to_vec(), b"new".to_vec()]);
+        let mut disk = compacted_disk();
+        disk.bytes[..512].fill(0);
+        assert_eq!(records(&mut disk).unwrap().0, [b"snap".to_vec(), b"new".to_vec()]);
+    }
+
+    #[test]
+    fn a_crash_in_the_first_compaction_is_not_taken_for_damage() {
+        // The snapshot of generation 1 is on disk, its superblock is not.
+        let mut disk = MemDisk::new(8);
+        {
+            let mut log = open(&mut disk);
+            log.push(b"kept").unwrap();
+            log.commit().unwrap();
+            log.generation += 1;
+            log.region ^= 1;
+            log.log_id = log.new_log_id();
+            log.end = 0;
+            log.next_seq = 0;
+            log.prev_tag = 0;
+            log.push(b"snapshot never named").unwrap();
+            log.commit().unwrap();
+        }
+        assert_eq!(records(&mut disk).unwrap().0, [b"kept".to_vec()]);
+    }
+
+    #[test]
+    fn a_damaged_snapshot_is_an_error_even_with_nothing_after_it() {
+        let mut disk = MemDisk::new(8);
+        {
+            let mut log = open(&mut disk);
+            log.compact(|push| push(b"one").and_then(|()| push(b"two"))).unwrap();
+        }
+        let first = batch_offsets(&mut disk)[0];
+        disk.bytes[first + 70] ^= 1;
+        assert!(matches!(records(&mut disk), Err(LogError::Corrupt { offset, .. }) if offset == first as u64));
+        disk.bytes[first + 70] ^= 1;
+        disk.bytes[first..first + 512].fill(0);
+        assert!(matches!(records(&mut disk), Err(LogError::Corrupt { offset, .. }) if offset == first as u64));
+    }
+
+    #[test]
+    fn damage_longer_than_a_batch_in_the_middle_is_an_error() {
+        let mut disk = MemDisk::new(16);
+        // About 3.5 MiB of small batches: below the point of compaction.
+        write_batches(&mut disk, 1200, 10);
+        let batches = batch_offsets(&mut disk);
+        let from = batches[300];
+        disk.bytes[from..from + (1 << 20) + 100 * 1024].fill(0);
+        assert!(matches!(records(&mut disk), Err(LogError::Corrupt { offset, .. }) if offset == from as u64));
+        // And two damaged headers in a row.
+        let mut disk = MemDisk::new(16);
+        write_batches(&mut disk, 1200, 10);
+        disk.bytes[batches[500] + 30] ^= 1;
+        disk.bytes[batches[501] + 30] ^= 1;
+        assert!(matches!(records(&mut disk), Err(LogError::Corrupt { offset, .. }) if offset == batches[500] as u64));
     }
 
     // --- Client bytes never become log structure ---
