@@ -930,3 +930,111 @@ fn unsupported_protocol_levels_get_return_code_1_through_serve() {
     // As `mqvisor run` answers: MQTT-3.1.2-2. No VM was booted for them.
     assert!(!daemon.log_has("booted"), "a VM was booted for a protocol level nobody speaks");
 }
+
+/// Times the process `pid` has gone to sleep and been woken, all its
+/// threads together (voluntary context switches, /proc/PID/task/*/status).
+fn wake_ups(pid: u32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let switches = status.lines().find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"));
+        total += switches.and_then(|n| n.trim().parse::<u64>().ok()).unwrap_or(0);
+    }
+    total
+}
+
+/// Asserts the daemon is idle: fewer than 100 wake-ups in 2 s (its
+/// timers and the tenants' load reports, once a second each, wake it a few
+/// times; a loop on a stale timer wakes it about 900 times a second).
+fn assert_idle(daemon: &Daemon, after: &str) {
+    let pid = daemon.child.id();
+    let before = wake_ups(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let woken = wake_ups(pid) - before;
+    eprintln!("{after}: the daemon woke {woken} times in 2 s");
+    assert!(woken < 100, "{after}: the daemon woke {woken} times in 2 s with nothing to do");
+}
+
+/// The pid of the `n`th process booted for `tenant` (from 1), once booted.
+fn nth_pid(daemon: &Daemon, tenant: &str, n: usize) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let booted: Vec<String> = daemon
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("booted") && l.contains(&format!("tenant={tenant} ")))
+            .cloned()
+            .collect();
+        if let Some(line) = booted.get(n - 1) {
+            return line.split("pid=").nth(1).and_then(|r| r.split_whitespace().next()).unwrap().parse().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no process {n} of {tenant}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Opens a client every `every` for `during`, each sending a v3.1.1
+/// CONNECT as `username`: the streams, in order.
+fn connect_burst(addr: SocketAddr, username: &str, every: Duration, during: Duration) -> Vec<TcpStream> {
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    while started.elapsed() < during {
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.write_all(&connect_as(4, &format!("burst-{}", clients.len()), true, Some(username), None)).unwrap();
+        clients.push(client);
+        let next = every * u32::try_from(clients.len()).unwrap();
+        if let Some(wait) = next.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    clients
+}
+
+/// How many of `clients` got no CONNACK (return code 0) by `deadline`.
+fn without_connack(clients: &mut [TcpStream], deadline: Instant) -> usize {
+    let mut missing = 0;
+    for client in clients {
+        let wait = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+        client.set_read_timeout(Some(wait)).unwrap();
+        missing += usize::from(try_read_packet(client).ok() != Some((0x20, vec![0, 0])));
+    }
+    missing
+}
+
+#[test]
+fn clients_arriving_while_a_crashed_tenant_restarts_are_all_served_and_the_daemon_goes_idle() {
+    if !kvm_available("clients_arriving_while_a_crashed_tenant_restarts_are_all_served_and_the_daemon_goes_idle") {
+        return;
+    }
+    let daemon = Daemon::start("crash-burst", "[tenants.alpha]\nmax_connections = 1000\n", &[]);
+    drop(connected(&daemon, "boot", "alpha:"));
+    // SAFETY: kill(2) with a pid the daemon reported for its own child.
+    unsafe { libc::kill(daemon.pid_of("alpha"), libc::SIGKILL) };
+    daemon.wait_for(&["crashed", "tenant=alpha"]);
+    // A client every 0.5 ms for 250 ms: the first ones wait out the
+    // restart's backoff (100 ms), the later ones come after it.
+    let mut clients = connect_burst(daemon.addr, "alpha:", Duration::from_micros(500), Duration::from_millis(250));
+    let missing = without_connack(&mut clients, Instant::now() + Duration::from_secs(10));
+    assert_eq!(missing, 0, "{missing} of {} clients got no CONNACK within 10 s of the crash", clients.len());
+    assert_idle(&daemon, "after the restart");
+    drop(clients);
+    // A restart asked for during a backoff hands over the clients waiting
+    // for it too.
+    // SAFETY: as above.
+    unsafe { libc::kill(nth_pid(&daemon, "alpha", 2), libc::SIGKILL) };
+    let crashed = |n: usize| daemon.log.lock().unwrap().iter().filter(|l| l.contains("crashed")).count() >= n;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !crashed(2) {
+        assert!(Instant::now() < deadline, "no second crash");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The second crash waits 200 ms before its restart.
+    let mut waiting = connect_burst(daemon.addr, "alpha:", Duration::from_millis(2), Duration::from_millis(40));
+    let (ok, _, err) = daemon.tenant(&["restart", "alpha"]);
+    assert!(ok, "{err}");
+    let missing = without_connack(&mut waiting, Instant::now() + Duration::from_secs(10));
+    assert_eq!(missing, 0, "{missing} of {} clients waiting during a backoff got no CONNACK", waiting.len());
+    assert_idle(&daemon, "after a restart during a backoff");
+}

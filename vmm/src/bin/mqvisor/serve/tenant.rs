@@ -82,6 +82,9 @@ pub struct Tenant {
     pub restart_at: Option<Instant>,
     /// Clients that arrived while the tenant waits to restart.
     waiting: Vec<(TcpStream, FirstBytes)>,
+    /// Clients a process's link could not hand over because the process
+    /// had gone: the next process gets them.
+    returned: Returned,
     /// What its process last reported.
     load: Arc<Mutex<LoadReport>>,
     /// Seconds from spawning each VM to its guest's link being up.
@@ -121,6 +124,7 @@ impl Tenant {
             backoff: BACKOFF_FIRST,
             restart_at: None,
             waiting: Vec::new(),
+            returned: Returned::default(),
             load: Arc::default(),
             boot_seconds: Arc::default(),
             idle_since: None,
@@ -174,10 +178,14 @@ impl Tenant {
         }
     }
 
-    /// Stops its VM and boots a fresh one now.
+    /// Stops its VM and boots a fresh one now (during a crash's backoff
+    /// too: the clients waiting for it are handed to the new one).
     pub fn restart(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) -> std::io::Result<()> {
         self.stop();
-        self.start(exe, exited)?;
+        if let Err(e) = self.start(exe, exited) {
+            self.retry_later();
+            return Err(e);
+        }
         self.restarts += 1;
         tracing::info!(tenant = %self.name, "restarted on request");
         Ok(())
@@ -193,41 +201,68 @@ impl Tenant {
         exited: &mpsc::UnboundedSender<Exited>,
     ) {
         self.idle_since = None;
-        if self.process.is_none() {
-            if self.state == State::Crashed && self.restart_at.is_some_and(|t| Instant::now() < t) {
-                if self.waiting.len() < HANDOFF_QUEUE {
-                    self.waiting.push((client, first_bytes));
-                }
-                return;
-            }
-            if let Err(e) = self.start(exe, exited) {
-                tracing::error!(tenant = %self.name, "cannot start: {e}");
-                return;
-            }
+        if self.process.is_none() && !self.restart_at.is_some_and(|t| Instant::now() < t) {
+            // No process and no backoff to wait out: boot one now (which
+            // hands it the clients that waited, before this one).
+            self.boot(exe, exited);
         }
-        if let Some(process) = &self.process {
-            // A full queue means the tenant cannot keep up: this client is closed.
-            let _ = process.clients.try_send((client, first_bytes));
+        let client = match &self.process {
+            Some(process) => match process.clients.try_send((client, first_bytes)) {
+                Ok(()) => return,
+                // A full queue means the tenant cannot keep up: this client is closed.
+                Err(mpsc::error::TrySendError::Full(_)) => return,
+                // Its link has ended: the process has gone, and the client
+                // waits for the next one.
+                Err(mpsc::error::TrySendError::Closed(client)) => client,
+            },
+            None => (client, first_bytes),
+        };
+        self.wait(client);
+    }
+
+    /// Keeps `client` for the next process (closed past [`HANDOFF_QUEUE`]).
+    fn wait(&mut self, client: (TcpStream, FirstBytes)) {
+        if self.waiting.len() < HANDOFF_QUEUE {
+            self.waiting.push(client);
         }
     }
 
-    /// Restarts a crashed tenant whose backoff has passed, and hands it the
-    /// clients that waited.
+    /// Boots the tenant once its restart is due (after a crash's backoff,
+    /// or a failed start), and hands it the clients that waited. Every call
+    /// clears a due `restart_at`: the daemon's loop sleeps until the next
+    /// one, so one left behind would wake it at once, for ever.
     pub fn restart_if_due(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) {
-        if self.state != State::Crashed || self.restart_at.is_some_and(|t| Instant::now() < t) {
+        if self.restart_at.is_none_or(|t| Instant::now() < t) {
             return;
         }
         self.restart_at = None;
+        if self.process.is_none() {
+            self.boot(exe, exited);
+        }
+    }
+
+    /// Starts a process for the tenant, which has none: a restart after a
+    /// crash, or its first boot. One that cannot start is tried again
+    /// after a backoff, its clients waiting meanwhile.
+    fn boot(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) {
+        let crashed = self.state == State::Crashed;
         match self.start(exe, exited) {
-            Ok(()) => {
+            Ok(()) if crashed => {
                 self.restarts += 1;
                 tracing::info!(tenant = %self.name, "restarted");
-                for (client, bytes) in std::mem::take(&mut self.waiting) {
-                    self.hand(client, bytes, exe, exited);
-                }
             }
-            Err(e) => tracing::error!(tenant = %self.name, "cannot restart: {e}"),
+            Ok(()) => {}
+            Err(e) => {
+                tracing::error!(tenant = %self.name, "cannot start: {e}");
+                self.retry_later();
+            }
         }
+    }
+
+    /// Schedules the next try to boot after the backoff (doubled each time).
+    fn retry_later(&mut self) {
+        self.restart_at = Some(Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
     }
 
     fn start(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) -> std::io::Result<()> {
@@ -277,14 +312,23 @@ impl Tenant {
             .map_err(std::io::Error::from)?;
         *self.load.lock().map_err(|_| std::io::Error::other("load lock poisoned"))? = LoadReport::default();
         let booted = (Instant::now(), self.boot_seconds.clone());
-        tokio::spawn(link(ours, queue, self.load.clone(), booted));
+        tokio::spawn(link(ours, queue, self.load.clone(), booted, self.returned.clone()));
         let (tenant, exited) = (self.name.clone(), exited.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
             let _ = exited.send(Exited { tenant, pid, status });
         });
+        // The clients that waited for a process, in the order they came
+        // (those an earlier process's link gave back first), go first.
+        let mut earlier = self.returned.take();
+        earlier.append(&mut self.waiting);
+        for client in earlier {
+            // As many as the queue holds: more could not have waited.
+            let _ = clients.try_send(client);
+        }
         self.process = Some(Process { pid, started: Instant::now(), clients });
         self.state = State::Running;
+        self.restart_at = None;
         self.boots += 1;
         tracing::info!(tenant = %self.name, pid, memory_mib = self.config.memory_mib, "booted");
         Ok(())
@@ -293,7 +337,13 @@ impl Tenant {
     /// Its process `pid` ended: a crash unless it was asked to stop.
     pub fn on_exit(&mut self, pid: u32, status: &std::io::Result<std::process::ExitStatus>) {
         if self.pid() != Some(pid) {
-            return; // An earlier process of this tenant.
+            // An earlier process of this tenant. Clients its link gave back
+            // go to the current one, or wait for the next.
+            let returned = self.returned.take();
+            if !returned.is_empty() {
+                self.give_back(returned);
+            }
+            return;
         }
         let ran = self.process.take().map_or(Duration::ZERO, |p| p.started.elapsed());
         self.crashes += 1;
@@ -301,9 +351,8 @@ impl Tenant {
             self.backoff = BACKOFF_FIRST;
         }
         let delay = self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
         self.state = State::Crashed;
-        self.restart_at = Some(Instant::now() + delay);
+        self.retry_later();
         let mut status = match status {
             Ok(status) => status.to_string(),
             Err(e) => e.to_string(),
@@ -315,6 +364,20 @@ impl Tenant {
             status = format!("{status}: killed by the kernel at its memory limit ({limit} MiB)");
         }
         tracing::warn!(tenant = %self.name, pid, %status, restart_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX), "crashed");
+    }
+
+    /// Hands clients an earlier process's link gave back to the process, or
+    /// keeps them for the next one (booted after a backoff, if none is due).
+    fn give_back(&mut self, clients: Vec<(TcpStream, FirstBytes)>) {
+        for client in clients {
+            match &self.process {
+                Some(process) => drop(process.clients.try_send(client)),
+                None => self.wait(client),
+            }
+        }
+        if self.process.is_none() && !self.waiting.is_empty() && self.restart_at.is_none() {
+            self.retry_later();
+        }
     }
 
     /// Stops the VM once it has had no clients for its `idle_stop_after`.
@@ -384,15 +447,35 @@ pub fn files(state_dir: &Path, name: &str) -> [PathBuf; 2] {
     [dir.join(format!("{name}.toml")), dir.join(format!("{name}.state"))]
 }
 
+/// Clients a link gave back, shared with its tenant.
+#[derive(Clone, Default)]
+struct Returned(Arc<Mutex<Vec<(TcpStream, FirstBytes)>>>);
+
+impl Returned {
+    fn take(&self) -> Vec<(TcpStream, FirstBytes)> {
+        self.0.lock().map(|mut clients| std::mem::take(&mut *clients)).unwrap_or_default()
+    }
+
+    fn give(&self, client: (TcpStream, FirstBytes)) {
+        if let Ok(mut clients) = self.0.lock()
+            && clients.len() < HANDOFF_QUEUE
+        {
+            clients.push(client);
+        }
+    }
+}
+
 /// The link to a tenant's process: hands each queued client over (its
 /// socket by SCM_RIGHTS and the bytes already read, as one datagram; waits
 /// while the process's queue is full) and keeps the load it reports. Ends
-/// when the process is gone.
+/// when the process is gone, giving back the clients it could not hand
+/// over (the one it was sending and the rest of its queue).
 async fn link(
     socket: AsyncFd<UnixDatagram>,
     mut queue: mpsc::Receiver<(TcpStream, FirstBytes)>,
     load: Arc<Mutex<LoadReport>>,
     (started, boot_seconds): (Instant, Arc<Mutex<Vec<f64>>>),
+    returned: Returned,
 ) {
     let mut report = [0u8; LoadReport::LEN + 1];
     let mut first = true;
@@ -401,6 +484,13 @@ async fn link(
             client = queue.recv() => {
                 let Some((client, bytes)) = client else { return };
                 if !send_client(&socket, &client, &bytes).await {
+                    // The process has gone: no client more is taken here
+                    // (the tenant keeps new ones for the next process).
+                    queue.close();
+                    returned.give((client, bytes));
+                    while let Ok(client) = queue.try_recv() {
+                        returned.give(client);
+                    }
                     return;
                 }
             }
