@@ -44,7 +44,11 @@ impl Tenant {
 
     /// Starts on `disk` at `now`, as the guest does at boot.
     fn boot(disk: Vec<Vec<u8>>, now: u64) -> Tenant {
-        let config = Config { sys_interval_ms: 0, ..Config::default() };
+        Tenant::boot_with(Config { sys_interval_ms: 0, ..Config::default() }, disk, now)
+    }
+
+    /// Starts on `disk` at `now` with `config`.
+    fn boot_with(config: Config, disk: Vec<Vec<u8>>, now: u64) -> Tenant {
         config.validate().expect("a valid test configuration");
         let mut broker = Broker::new(config);
         for body in &disk {
@@ -566,4 +570,40 @@ fn a_will_delay_counts_from_the_lost_connection_across_a_restart() {
     t.broker.tick(t.now);
     t.commit();
     assert_eq!(retained(&mut t, 2, "will"), Some(b"gone".to_vec()));
+}
+
+/// A will is a publish like any other when it fires: a will kept across a
+/// restart is held to the ACL in force then (Mosquitto checks it at send
+/// time too), not to the one its CONNECT was checked against.
+#[test]
+fn a_will_kept_across_a_restart_is_held_to_the_acl_in_force_when_it_fires() {
+    let acl = |rules: &str| Config {
+        sys_interval_ms: 0,
+        acl: Some(
+            mqvisor_broker::auth::Acl::parse(&format!("topic read #\nuser eve\ntopic readwrite {rules}\n")).unwrap(),
+        ),
+        ..Config::default()
+    };
+    let mut t = Tenant::boot_with(acl("eve/#"), Vec::new(), T0);
+    let mut c = durable(V5, "eve-device", 600);
+    c.username = Some("eve".into());
+    c.will = Some(Will {
+        topic: "eve/will".into(),
+        payload: b"gone".to_vec(),
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        properties: Properties { will_delay_interval: Some(30), ..Properties::default() },
+    });
+    t.connect(1, c);
+    t.close(1);
+    // Restarted with eve's rights narrowed: the overdue will may not publish.
+    let mut narrowed = Tenant::boot_with(acl("eve2/#"), t.disk.clone(), t.now + 40_000);
+    narrowed.broker.tick(narrowed.now);
+    narrowed.commit();
+    assert_eq!(retained(&mut narrowed, 2, "eve/will"), None);
+    // With the rights unchanged it fires.
+    let mut same = Tenant::boot_with(acl("eve/#"), t.disk.clone(), t.now + 40_000);
+    same.broker.tick(same.now);
+    same.commit();
+    assert_eq!(retained(&mut same, 2, "eve/will"), Some(b"gone".to_vec()));
 }

@@ -12,6 +12,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use super::{Broker, ConnId};
+use crate::auth::Want;
 use crate::packet::{Payload, Publish, SubscriptionOptions, Version, Will};
 use crate::store::record::Record;
 use crate::subscriptions::{SessionKey, share_key};
@@ -152,6 +153,12 @@ impl Broker {
         let Some(session) = self.sessions.get_mut(&key) else { return };
         session.will_at = None;
         let Some(will) = session.will.take() else { return };
+        // Checked again now: the ACL may have changed since its CONNECT
+        // (a will kept across a restart under a narrower ACL).
+        let Some(session) = self.sessions.get(&key) else { return };
+        if !self.acl_allows(session.username.as_deref(), &session.client_id, Want::Publish, &will.topic) {
+            return;
+        }
         let mut properties = will.properties;
         properties.will_delay_interval = None;
         let p = Publish {
