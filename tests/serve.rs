@@ -61,12 +61,17 @@ impl Daemon {
 
     /// As `spawn`, with the daemon's descriptor limit (soft and hard) set.
     fn spawn_with_descriptors(dir: PathBuf, descriptors: Option<u64>) -> Daemon {
-        let config = dir.join("serve.toml");
         let mut command = mqvisor();
-        command.arg("serve").arg("--config").arg(&config).stdout(Stdio::null()).stderr(Stdio::piped());
         if let Some(n) = descriptors {
             common::limit_child(&mut command, libc::RLIMIT_NOFILE, n, Some(n));
         }
+        Daemon::spawn_command(dir, command)
+    }
+
+    /// As `spawn`, the daemon being `command` (`mqvisor`, as some user).
+    fn spawn_command(dir: PathBuf, mut command: std::process::Command) -> Daemon {
+        let config = dir.join("serve.toml");
+        command.arg("serve").arg("--config").arg(&config).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = command.spawn().expect("spawning mqvisor serve");
         let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
         let addr: SocketAddr = loop {
@@ -451,23 +456,16 @@ fn a_tenant_process_runs_as_its_user() {
     if !kvm_available("a_tenant_process_runs_as_its_user") {
         return;
     }
+    let daemon = Daemon::start("user", "[tenants.alpha]\nuser = \"nobody\"\n", &[]);
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        // Not root: the daemon refuses the setting at start, naming the tenant.
-        let dir = std::env::temp_dir().join(format!("mqvisor-serve-user-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("serve.toml");
-        std::fs::write(
-            &config,
-            "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[tenants.alpha]\nuser = \"nobody\"\n",
-        )
-        .unwrap();
-        let out = mqvisor().arg("serve").arg("--config").arg(&config).output().unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        common::assert_fails_with(&out, 125, "tenant alpha: settings: --user needs the VMM to start as root");
+        // Not root: the tenant fails at start, saying why.
+        let alpha = daemon.show("alpha");
+        assert_eq!(alpha["state"], "failed", "{alpha}");
+        let error = alpha["error"].as_str().unwrap_or_default();
+        assert!(error.contains("settings: --user needs the VMM to start as root"), "{alpha}");
         return;
     }
-    let daemon = Daemon::start("user", "[tenants.alpha]\nuser = \"nobody\"\n", &[]);
     let mut client = connected(&daemon, "c", "alpha:");
     client.write_all(&[0xc0, 0]).unwrap();
     assert_eq!(read_packet(&mut client).0, 0xd0);
@@ -530,20 +528,20 @@ fn a_tenant_is_held_to_its_limits_and_a_kill_at_its_memory_limit_is_named() {
 }
 
 #[test]
-fn limits_serve_cannot_apply_are_refused_at_start_naming_the_tenant() {
-    let dir = std::env::temp_dir().join(format!("mqvisor-serve-nolimits-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("serve.toml"),
-        "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\n[tenants.alpha]\ncpus = 0.5\n",
-    )
-    .unwrap();
+fn a_tenant_whose_limits_serve_cannot_apply_fails_saying_why_and_the_others_are_kept() {
+    let dir = Daemon::configure("nolimits", "[tenants.alpha]\ncpus = 0.5\n[tenants.beta]\n", &[]);
     // Its state directory must be writable by the user it runs as.
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    let config = dir.join("serve.toml");
-    let out = common::mqvisor_unprivileged(&["serve".as_ref(), "--config".as_ref(), config.as_os_str()]);
-    let _ = std::fs::remove_dir_all(&dir);
-    common::assert_fails_with(&out, 125, "tenant alpha: resource limits: ");
+    let (command, exe) = common::mqvisor_unprivileged_command();
+    let daemon = Daemon::spawn_command(dir, command);
+    let alpha = daemon.show("alpha");
+    assert_eq!(alpha["state"], "failed", "{alpha}");
+    assert!(alpha["error"].as_str().is_some_and(|e| e.contains("tenant alpha: resource limits: ")), "{alpha}");
+    daemon.wait_for(&["failed", "tenant=alpha ", "resource limits"]);
+    assert_eq!(daemon.show("beta")["state"], "stopped");
+    if let Some(exe) = exe {
+        let _ = std::fs::remove_file(exe);
+    }
 }
 
 #[test]
@@ -621,6 +619,125 @@ fn connect_code(addr: SocketAddr, username: &str, password: Option<&[u8]>) -> u8
     let (kind, body) = read_packet(&mut stream);
     assert_eq!(kind, 0x20, "CONNACK");
     body[1]
+}
+
+#[test]
+fn a_tenant_whose_settings_fail_at_start_is_marked_failed_and_the_others_are_served() {
+    if !kvm_available("a_tenant_whose_settings_fail_at_start_is_marked_failed_and_the_others_are_served") {
+        return;
+    }
+    let mut first = Daemon::start(
+        "failed",
+        "[tenants.alpha]\n[tenants.beta]\npassword_file = \"beta.passwd\"\n",
+        &[("beta.passwd", ALICE_SECRET), ("gamma.passwd", ALICE_SECRET)],
+    );
+    // gamma is added while serving, its password file named by full path.
+    let gamma_passwd = first.dir.join("gamma.passwd");
+    let settings = first.dir.join("gamma.toml");
+    std::fs::write(&settings, format!("password_file = {:?}\n", gamma_passwd.to_str().unwrap())).unwrap();
+    let (ok, _, err) = first.tenant(&["add", "gamma", "--settings", settings.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    for tenant in ["beta", "gamma"] {
+        let (mut client, _, code) = connect(&first, "c", &format!("{tenant}:alice"), Some(b"secret"));
+        assert_eq!(code, 0, "{tenant}");
+        client.write_all(&publish("kept", tenant.as_bytes(), 1, 1, true)).unwrap();
+        assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK");
+    }
+    first.stop();
+    // Both password files go, and delta's port is taken; the daemon is
+    // started again (as systemd would).
+    std::fs::remove_file(first.dir.join("beta.passwd")).unwrap();
+    std::fs::remove_file(&gamma_passwd).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let delta_port = taken.local_addr().unwrap();
+    let config = first.dir.join("serve.toml");
+    let text = std::fs::read_to_string(&config).unwrap() + &format!("[tenants.delta]\nlisten = \"{delta_port}\"\n");
+    std::fs::write(&config, text).unwrap();
+    let mut second = Daemon::spawn(first.dir.clone());
+    second.wait_for(&["failed", "tenant=delta ", "cannot listen on"]);
+    assert_eq!(second.show("delta")["state"], "failed");
+    for tenant in ["beta", "gamma"] {
+        let view = second.show(tenant);
+        assert_eq!(view["state"], "failed", "{view}");
+        let error = view["error"].as_str().unwrap_or_default();
+        assert!(error.contains(&format!("{tenant}.passwd")), "{view}");
+        let line = second.wait_for(&["failed", &format!("tenant={tenant} ")]);
+        assert!(line.contains(&format!("{tenant}.passwd")), "{line}");
+        let (_, _, code) = connect(&second, "c", &format!("{tenant}:alice"), Some(b"secret"));
+        assert_eq!(code, 3, "a failed tenant's client gets 'server unavailable'");
+        assert_eq!(second.metric(&format!("mqvisor_tenant_failed{{tenant=\"{tenant}\"}}")), 1);
+    }
+    assert_eq!(second.metric("mqvisor_tenant_failed{tenant=\"alpha\"}"), 0);
+    let (ok, table, err) = second.tenant(&["list"]);
+    assert!(ok && table.lines().any(|l| l.starts_with("gamma") && l.contains("failed")), "{table}{err}");
+    assert!(table.contains("gamma.passwd"), "the table says why: {table}");
+    // The others are served.
+    let mut alpha = connected(&second, "a", "alpha:");
+    alpha.write_all(&[0xc0, 0]).unwrap();
+    assert_eq!(read_packet(&mut alpha).0, 0xd0);
+    assert!(!second.log_has("tenant=beta pid") && !second.log_has("tenant=gamma pid"), "a failed tenant booted");
+    // Its port free again, a restart serves it there.
+    drop(taken);
+    let (ok, _, err) = second.tenant(&["restart", "delta"]);
+    assert!(ok, "{err}");
+    assert_eq!(connect_code(delta_port, "delta:", None), 0);
+    // Its file put back, a restart serves it again, with its state.
+    std::fs::write(&gamma_passwd, ALICE_SECRET).unwrap();
+    let (ok, _, err) = second.tenant(&["restart", "gamma"]);
+    assert!(ok, "{err}");
+    let (mut client, _, code) = connect(&second, "c2", "gamma:alice", Some(b"secret"));
+    assert_eq!(code, 0, "gamma serves again");
+    assert_eq!(first_message(&mut client, "kept", Duration::from_secs(5)).as_deref(), Some(&b"gamma"[..]));
+    // A failed tenant can be removed, with its files.
+    let (ok, _, err) = second.tenant(&["remove", "beta"]);
+    assert!(ok, "{err}");
+    for file in ["beta.toml", "beta.state"] {
+        assert!(!second.dir.join("state/tenants").join(file).exists(), "{file} outlived beta");
+    }
+    assert_eq!(second.names(), ["alpha", "delta", "gamma"]);
+    second.stop();
+    let third = Daemon::spawn(first.dir.clone());
+    assert_eq!(third.names(), ["alpha", "delta", "gamma"]);
+    assert!(third.list().iter().all(|t| t["state"] == "stopped"), "{:?}", third.list());
+}
+
+#[test]
+fn settings_that_can_never_boot_are_refused_when_added_and_failed_when_loaded() {
+    if !kvm_available("settings_that_can_never_boot_are_refused_when_added_and_failed_when_loaded") {
+        return;
+    }
+    let mut daemon = Daemon::start("never-boot", "[tenants.alpha]\n", &[]);
+    for (settings, reason) in [
+        ("memory = 1\n", "--memory 1 MiB is too small"),
+        ("memory = 8\n", "--max-packet-size 1048576 does not fit in --memory 8 MiB"),
+        ("memory = 16\nmax_connections = 100000\n", "--max-connections 100000 does not fit in --memory 16 MiB"),
+        ("memory = 100000\n", "--memory 100000 MiB is out of range"),
+    ] {
+        let (status, body) = daemon.http("PUT", "/tenants/tiny", settings);
+        assert_eq!(status, 400, "{settings}: {body}");
+        assert!(body.contains(reason), "{settings}: {body}");
+    }
+    // Through the command, likewise.
+    std::fs::write(daemon.dir.join("tiny.toml"), "memory = 8\n").unwrap();
+    let settings = daemon.dir.join("tiny.toml");
+    let (ok, _, err) = daemon.tenant(&["add", "tiny", "--settings", settings.to_str().unwrap()]);
+    assert!(!ok && err.contains("does not fit in --memory 8 MiB"), "{err}");
+    assert_eq!(daemon.names(), ["alpha"]);
+    // What fits is accepted, and boots.
+    let (status, body) = daemon.http("PUT", "/tenants/tiny", "memory = 16\nmax_packet_size = 65536\n");
+    assert_eq!(status, 201, "{body}");
+    drop(connected(&daemon, "t", "tiny:"));
+    // In the configuration file it fails at load; the rest is served.
+    daemon.stop();
+    let config = daemon.dir.join("serve.toml");
+    let text = std::fs::read_to_string(&config).unwrap() + "[tenants.small]\nmemory = 8\n";
+    std::fs::write(&config, text).unwrap();
+    let restarted = Daemon::spawn(daemon.dir.clone());
+    let small = restarted.show("small");
+    assert_eq!(small["state"], "failed", "{small}");
+    assert!(small["error"].as_str().is_some_and(|e| e.contains("--memory 8 MiB")), "{small}");
+    drop(connected(&restarted, "a", "alpha:"));
+    drop(connected(&restarted, "t", "tiny:"));
 }
 
 #[test]

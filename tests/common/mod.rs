@@ -207,9 +207,21 @@ pub fn group_dir(name: &str, controller: &str) -> PathBuf {
 /// root, else as `nobody` (setpriv, util-linux), the binary copied where
 /// `nobody` can execute it.
 pub fn mqvisor_unprivileged(args: &[&std::ffi::OsStr]) -> Output {
+    let (mut command, exe) = mqvisor_unprivileged_command();
+    let out = command.args(args).output().expect("setpriv (util-linux) is needed to run mqvisor as another user");
+    if let Some(exe) = exe {
+        let _ = std::fs::remove_file(exe);
+    }
+    out
+}
+
+/// `mqvisor` as an ordinary user, as [`mqvisor_unprivileged`] runs it, to
+/// add arguments to; with the copy of the binary it runs, if it made one
+/// (the caller removes it when done).
+pub fn mqvisor_unprivileged_command() -> (Command, Option<PathBuf>) {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return mqvisor().args(args).output().unwrap();
+        return (mqvisor(), None);
     }
     use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("mqvisor-unprivileged-{}", std::process::id()));
@@ -219,14 +231,9 @@ pub fn mqvisor_unprivileged(args: &[&std::ffi::OsStr]) -> Output {
     for path in [&dir, &exe] {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let out = Command::new("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&exe)
-        .args(args)
-        .output()
-        .expect("setpriv (util-linux) is needed to run mqvisor as another user");
-    let _ = std::fs::remove_file(&exe);
-    out
+    let mut command = Command::new("setpriv");
+    command.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(&exe);
+    (command, Some(exe))
 }
 
 /// Starts `command` with its `resource` limit (`libc::RLIMIT_*`) at

@@ -70,7 +70,10 @@ enum Commands {
         cpus = 0.5                      # optional limits of its process (cgroups): CPUs,\n\
         memory_limit = 128              #   MiB with guest RAM,\n\
         pids_limit = 16                 #   tasks (as `mqvisor run --cpus ...`)\n\n\
-        Exit status: 0 after SIGTERM or Ctrl-C, 125 if the configuration or a listen address is unusable.")]
+        A tenant whose settings cannot be used is listed as failed, with the reason, and not served; the \
+        others are.\n\n\
+        Exit status: 0 after SIGTERM or Ctrl-C, 125 if the daemon's own settings (the file, listen, \
+        state_dir, control_socket, metrics_listen, [defaults]) are unusable.")]
     Serve(ServeArgs),
     /// Look at and change the tenants of a running `mqvisor serve`.
     Tenant(TenantArgs),
@@ -658,14 +661,20 @@ fn tenant_command(args: TenantArgs) -> ExitCode {
                 "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}",
                 "TENANT", "STATE", "PID", "CONNECTIONS", "MEMORY", "PSS", "BOOTS"
             );
-            for t in views {
+            for t in &views {
                 let pid = t.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
                 let pss = format!("{:.1} MiB", t.pss_bytes as f64 / f64::from(1 << 20));
-                let memory = format!("{} MiB", t.memory_mib);
+                let memory = if t.memory_mib > 0 { format!("{} MiB", t.memory_mib) } else { "-".into() };
                 println!(
                     "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}",
                     t.name, t.state, pid, t.connections, memory, pss, t.boots
                 );
+            }
+            // Why a failed tenant is not served.
+            for t in &views {
+                if let Some(error) = &t.error {
+                    println!("{}: {error}", t.name);
+                }
             }
         }
         None if status == StatusCode::CREATED => println!("added"),

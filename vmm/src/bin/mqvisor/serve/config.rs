@@ -2,9 +2,11 @@
 //! state directory, defaults for every tenant, and one table per tenant.
 //!
 //! Owns reading and checking it before anything starts: every tenant's
-//! broker settings are resolved (files read, limits validated) here, so a
-//! bad tenant is an error at start naming the tenant, never a crash loop
-//! later. Never starts anything.
+//! broker settings are resolved (files read, limits validated, the memory
+//! they need checked) here, so a bad tenant is found at start, naming
+//! itself, never by a crash loop later. Only the daemon's own settings are
+//! errors; a tenant whose settings fail is a [`FailedTenant`], and the
+//! others are served. Never starts anything.
 //!
 //! ```toml
 //! listen = "127.0.0.1:1883"
@@ -31,6 +33,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use mqvisor::cgroup::Limits;
+use mqvisor::vm::Service;
 
 use crate::settings::BrokerFlags;
 
@@ -49,8 +52,45 @@ pub struct ServeConfig {
     /// Where `/metrics` is served, if anywhere.
     pub metrics_listen: Option<SocketAddr>,
     pub tenants: BTreeMap<String, TenantConfig>,
+    /// Tenants of the file whose settings cannot be used.
+    pub failed: BTreeMap<String, FailedTenant>,
     /// What tenants added while serving start from.
     pub defaults: Defaults,
+}
+
+/// A tenant whose settings could not be used at start: listed, refused to
+/// its clients and removable, but not served until they can be (`mqvisor
+/// tenant restart NAME` tries them again).
+#[derive(Debug, Clone)]
+pub struct FailedTenant {
+    /// Why, naming the file or setting at fault.
+    pub reason: String,
+    /// What trying again starts from.
+    pub again: Again,
+}
+
+/// What a failed tenant's next try starts from.
+#[derive(Debug, Clone)]
+pub enum Again {
+    /// Its table, read again (a missing file may be back): paths relative
+    /// to the folder given.
+    Read(toml::Table, PathBuf),
+    /// Its settings, good, which could not be put in place (its control
+    /// group, its port).
+    Start(Box<TenantConfig>),
+    /// Nothing: its table itself is unusable.
+    Never,
+}
+
+impl FailedTenant {
+    /// Its settings over `defaults`, if they can be used now.
+    pub fn config(&self, defaults: &Defaults) -> Result<TenantConfig, String> {
+        match &self.again {
+            Again::Read(table, base) => defaults.tenant(table.clone(), base),
+            Again::Start(config) => Ok((**config).clone()),
+            Again::Never => Err(format!("{} (correct it and restart the daemon, or remove the tenant)", self.reason)),
+        }
+    }
 }
 
 /// The `[defaults]` table.
@@ -71,8 +111,17 @@ impl Defaults {
         let own = extra(table, base, "settings")?;
         let broker = own.broker.over(&self.broker).map_err(|e| e.to_string())?;
         // Checked now: a bad tenant fails where it is declared, naming itself.
-        broker.resolve().map_err(|e| e.to_string())?;
+        let settings = broker.resolve().map_err(|e| e.to_string())?;
         let memory_mib = own.memory.or(self.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
+        // What its `mqvisor run` checks at start: settings that can never
+        // boot are refused here, not found out by a crash loop.
+        let service = Service::Mqtt {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_connections: settings.config.max_connections,
+            max_packet_size: settings.config.max_packet_size,
+        };
+        mqvisor::vm::plan(mqvisor::DEFAULT_IMAGE, memory_mib, &settings.config_blob(), "", service)
+            .map_err(|e| e.to_string())?;
         let idle_stop_after = own.idle_stop_after.or(self.idle_stop_after);
         let user = own.user.or_else(|| self.user.clone());
         let persistence = own.persistence.or(self.persistence).unwrap_or("sync");
@@ -152,8 +201,6 @@ pub enum ServeConfigError {
     Syntax { path: PathBuf, message: String },
     #[error("tenant name {0:?}: use 1 to 64 of a-z, 0-9, '-' and '_'")]
     TenantName(String),
-    #[error("tenant {tenant}: {message}")]
-    Tenant { tenant: String, message: String },
 }
 
 /// A tenant's name is part of user names, paths and metric labels.
@@ -294,18 +341,26 @@ impl ServeConfig {
             )));
         }
         let mut tenants = BTreeMap::new();
+        let mut failed = BTreeMap::new();
         for (name, value) in tables {
             if !valid_tenant_name(&name) {
                 return Err(ServeConfigError::TenantName(name));
             }
-            let tenant_error = |message: String| ServeConfigError::Tenant { tenant: name.clone(), message };
             let toml::Value::Table(table) = value else {
-                return Err(tenant_error("must be a table".into()));
+                let reason = format!("[tenants.{name}] must be a table");
+                failed.insert(name, FailedTenant { reason, again: Again::Never });
+                continue;
             };
-            let tenant = defaults.tenant(table, &base).map_err(tenant_error)?;
-            tenants.insert(name, tenant);
+            match defaults.tenant(table.clone(), &base) {
+                Ok(tenant) => {
+                    tenants.insert(name, tenant);
+                }
+                Err(reason) => {
+                    failed.insert(name, FailedTenant { reason, again: Again::Read(table, base.clone()) });
+                }
+            }
         }
-        Ok(ServeConfig { listen, state_dir, control_socket, metrics_listen, tenants, defaults })
+        Ok(ServeConfig { listen, state_dir, control_socket, metrics_listen, tenants, failed, defaults })
     }
 }
 
@@ -348,21 +403,50 @@ mod tests {
         assert!(err("listen = \"x\"\nstate_dir = \"s\"").contains("listen must be an address"));
         assert!(err("[tenants.a]").contains("state_dir is required"));
         assert!(err("state_dir = \"s\"\n[tenants.Bad]").contains("tenant name \"Bad\""));
-        assert!(err("state_dir = \"s\"\n[tenants.a]\nmax_conections = 5").contains("tenant a"));
-        assert!(err("state_dir = \"s\"\n[tenants.a]\nmemory = 0").contains("memory must be"));
-        assert!(err("state_dir = \"s\"\n[tenants.a]\nidle_stop_after = -1").contains("idle_stop_after must be"));
-        assert!(
-            err("state_dir = \"s\"\n[tenants.a]\npersistence = \"always\"")
-                .contains("persistence must be \"sync\", \"batch\" or \"off\"")
-        );
         assert!(
             err("state_dir = \"s\"\n[defaults]\nlisten = \"127.0.0.1:1\"").contains("[defaults] cannot set listen")
         );
-        assert!(err("state_dir = \"s\"\n[tenants.a]\npassword_file = \"missing\"").contains("tenant a"));
         assert!(err("state_dir = \"s\"\nlisen = 1").contains("unknown key \"lisen\""));
-        assert!(err("state_dir = \"s\"\n[tenants.a]\ncpus = 0").contains("cpus must be between"));
-        assert!(err("state_dir = \"s\"\n[tenants.a]\ncpus = \"half\"").contains("cpus must be a number"));
-        assert!(err("state_dir = \"s\"\n[tenants.a]\nmemory_limit = 8").contains("at least 16 MiB"));
         assert!(err("state_dir = \"s\"\n[defaults]\npids_limit = 2").contains("[defaults]: the task limit"));
+    }
+
+    #[test]
+    fn a_tenant_whose_settings_fail_is_failed_and_the_others_kept() {
+        let failed = |tenant: &str| {
+            let config = load(&format!("state_dir = \"s\"\n[tenants.ok]\n[tenants.a]\n{tenant}")).unwrap();
+            assert!(config.tenants.contains_key("ok") && !config.tenants.contains_key("a"), "{tenant}");
+            config.failed["a"].reason.clone()
+        };
+        assert!(failed("max_conections = 5").contains("max_conections"));
+        assert!(failed("memory = 0").contains("memory must be"));
+        assert!(failed("idle_stop_after = -1").contains("idle_stop_after must be"));
+        assert!(failed("persistence = \"always\"").contains("persistence must be \"sync\", \"batch\" or \"off\""));
+        assert!(failed("password_file = \"missing\"").contains("missing"));
+        assert!(failed("cpus = 0").contains("cpus must be between"));
+        assert!(failed("cpus = \"half\"").contains("cpus must be a number"));
+        assert!(failed("memory_limit = 8").contains("at least 16 MiB"));
+        // Settings no VM can boot with, as `mqvisor run` finds at start.
+        assert!(failed("memory = 1").contains("--memory 1 MiB is too small"));
+        assert!(failed("memory = 8").contains("--max-packet-size 1048576 does not fit in --memory 8 MiB"));
+        assert!(failed("memory = 16\nmax_connections = 100000").contains("--max-connections 100000 does not fit"));
+        let config = load("state_dir = \"s\"\n[tenants]\na = 5\n").unwrap();
+        assert!(config.failed["a"].reason.contains("must be a table"));
+    }
+
+    #[test]
+    fn added_tenants_name_their_files_absolute() {
+        let config = load("state_dir = \"s\"\n").unwrap();
+        let table = |text: &str| toml::from_str::<toml::Table>(text).unwrap();
+        let err = config.defaults.added(table("acl_file = \"acl\""), Path::new("/")).unwrap_err();
+        assert!(err.contains("acl_file \"acl\" must be an absolute path"), "{err}");
+        let dir = std::env::temp_dir().join(format!("mqvisor-serve-added-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("conf")).unwrap();
+        std::fs::write(dir.join("conf/acl"), "topic read x\n").unwrap();
+        std::fs::write(dir.join("conf/t.toml"), "acl_file = \"acl\"\nmax_connections = 5\n").unwrap();
+        let body = settings_file_body(&dir.join("conf/t.toml")).unwrap();
+        let tenant = config.defaults.added(table(&body), Path::new("/")).unwrap();
+        assert_eq!(tenant.broker.acl_file, Some(dir.join("conf/acl")));
+        assert_eq!(tenant.broker.max_connections, Some(5));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -45,8 +45,12 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct TenantView {
     pub name: String,
-    /// `stopped`, `running` or `crashed`.
+    /// `stopped`, `running`, `crashed`, or `failed`: its settings could not
+    /// be used at start (see `error`), so it is not served.
     pub state: String,
+    /// Why a failed tenant failed.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
     pub pid: Option<u32>,
     pub connections: u64,
     pub boots: u64,
@@ -81,6 +85,37 @@ pub struct TenantView {
     /// Seconds from spawning each of its VMs to the guest's link being up.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub boot_seconds: Vec<f64>,
+}
+
+impl TenantView {
+    /// A tenant whose settings failed for `reason`: nothing runs, so every
+    /// figure is zero.
+    pub fn failed(name: &str, reason: &str) -> TenantView {
+        TenantView {
+            name: name.to_string(),
+            state: "failed".into(),
+            error: Some(reason.to_string()),
+            pid: None,
+            connections: 0,
+            boots: 0,
+            crashes: 0,
+            restarts: 0,
+            memory_mib: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            messages_in: 0,
+            messages_out: 0,
+            messages_dropped: 0,
+            messages_refused: 0,
+            vm_exits: 0,
+            guest_faults: 0,
+            cpu_throttled_periods: 0,
+            memory_limit_kills: 0,
+            pss_bytes: 0,
+            state_bytes: 0,
+            boot_seconds: Vec::new(),
+        }
+    }
 }
 
 /// What a request asks of the daemon.
@@ -222,6 +257,7 @@ pub fn metrics_text(tenants: &[TenantView], front: FrontStats) -> String {
         family
     };
     let up = gauge(registry, "up", "1 while the tenant's VM runs");
+    let failed = gauge(registry, "failed", "1 while the tenant's settings cannot be used: it is not served");
     let connections = gauge(registry, "connections", "Client connections carried into the VM");
     let pss = gauge(registry, "pss_bytes", "Proportional set size of the tenant's process");
     let memory = gauge(registry, "memory_bytes", "Guest RAM the tenant's VM is given");
@@ -248,6 +284,7 @@ pub fn metrics_text(tenants: &[TenantView], front: FrontStats) -> String {
         let labels = vec![("tenant".to_string(), t.name.clone())];
         let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         up.get_or_create(&labels).set(i64::from(t.state == "running"));
+        failed.get_or_create(&labels).set(i64::from(t.state == "failed"));
         connections.get_or_create(&labels).set(as_i64(t.connections));
         pss.get_or_create(&labels).set(as_i64(t.pss_bytes));
         memory.get_or_create(&labels).set(as_i64(u64::from(t.memory_mib) << 20));
@@ -361,6 +398,7 @@ mod tests {
         let tenant = TenantView {
             name: "acme".into(),
             state: "running".into(),
+            error: None,
             pid: Some(7),
             connections: 3,
             boots: 2,
@@ -384,6 +422,7 @@ mod tests {
         let front = FrontStats { pending_clients: 2, pending_bytes: 40, dropped_over_budget: 3, dropped_oldest: 4 };
         let text = metrics_text(&[tenant], front);
         assert!(text.contains("mqvisor_tenant_up{tenant=\"acme\"} 1"), "{text}");
+        assert!(text.contains("mqvisor_tenant_failed{tenant=\"acme\"} 0"), "{text}");
         assert!(text.contains("mqvisor_tenant_connections{tenant=\"acme\"} 3"), "{text}");
         assert!(text.contains("mqvisor_tenant_crashes_total{tenant=\"acme\"} 1"), "{text}");
         assert!(text.contains("mqvisor_tenant_client_bytes_out_total{tenant=\"acme\"} 20"), "{text}");

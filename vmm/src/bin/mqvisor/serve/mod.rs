@@ -10,6 +10,7 @@
 
 pub mod config;
 pub mod control;
+pub mod failed;
 pub mod front;
 pub mod tenant;
 
@@ -21,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use config::{Defaults, ServeConfig, TenantConfig, valid_tenant_name};
+use config::{Again, Defaults, FailedTenant, ServeConfig, TenantConfig, valid_tenant_name};
 use control::Command;
 use front::{FirstBytes, Pending, Route};
 use tenant::{Exited, Tenant};
@@ -42,8 +43,6 @@ pub enum ServeError {
     Listen { addr: std::net::SocketAddr, source: std::io::Error },
     #[error("state directory {path}: {source}")]
     State { path: PathBuf, source: std::io::Error },
-    #[error("{0}")]
-    Tenant(String),
     #[error("{0}")]
     Runtime(std::io::Error),
 }
@@ -76,18 +75,43 @@ impl Changes {
         Ok(changes)
     }
 
-    /// The file's tenants with the changes made while serving applied.
-    fn apply(&self, tenants: &mut BTreeMap<String, TenantConfig>, defaults: &Defaults) -> Result<(), String> {
+    /// The file's tenants with the changes made while serving applied; an
+    /// added tenant whose settings fail is failed, as one of the file.
+    fn apply(
+        &self,
+        tenants: &mut BTreeMap<String, TenantConfig>,
+        failed: &mut BTreeMap<String, FailedTenant>,
+        defaults: &Defaults,
+    ) -> Result<(), String> {
         for entry in std::fs::read_dir(&self.removed).map_err(|e| e.to_string())?.flatten() {
-            tenants.remove(&entry.file_name().to_string_lossy().into_owned());
+            let name = entry.file_name().to_string_lossy().into_owned();
+            tenants.remove(&name);
+            failed.remove(&name);
         }
         for entry in std::fs::read_dir(&self.added).map_err(|e| e.to_string())?.flatten() {
             let path = entry.path();
             let Some(name) = path.file_stem().map(|n| n.to_string_lossy().into_owned()) else { continue };
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let table: toml::Table = toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-            let tenant = defaults.tenant(table, &self.added).map_err(|e| format!("{}: {e}", path.display()))?;
-            tenants.insert(name, tenant);
+            if !valid_tenant_name(&name) {
+                tracing::warn!(file = %path.display(), "not a tenant's name: ignored");
+                continue;
+            }
+            let in_file = |e: String| format!("{}: {e}", path.display());
+            let table = std::fs::read_to_string(&path)
+                .map_err(|e| in_file(e.to_string()))
+                .and_then(|text| toml::from_str::<toml::Table>(&text).map_err(|e| in_file(e.message().to_string())));
+            tenants.remove(&name);
+            failed.remove(&name);
+            let (reason, again) = match table {
+                Err(reason) => (reason, Again::Never),
+                Ok(table) => match defaults.tenant(table.clone(), &self.added) {
+                    Ok(tenant) => {
+                        tenants.insert(name, tenant);
+                        continue;
+                    }
+                    Err(e) => (in_file(e), Again::Read(table, self.added.clone())),
+                },
+            };
+            failed.insert(name, FailedTenant { reason, again });
         }
         Ok(())
     }
@@ -109,15 +133,25 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let state_error = |source| ServeError::State { path: config.state_dir.clone(), source };
     std::fs::create_dir_all(&config.state_dir).map_err(state_error)?;
     let changes = Changes::new(&config.state_dir).map_err(state_error)?;
+    // Tenants whose settings fail are not served; the others are.
+    let mut failed = std::mem::take(&mut config.failed);
     changes
-        .apply(&mut config.tenants, &config.defaults)
+        .apply(&mut config.tenants, &mut failed, &config.defaults)
         .map_err(|e| ServeError::State { path: config.state_dir.clone(), source: std::io::Error::other(e) })?;
     let mut tenants = BTreeMap::new();
     for (name, tenant) in &config.tenants {
-        tenants.insert(name.clone(), Tenant::new(name, tenant.clone(), &config.state_dir).map_err(ServeError::Tenant)?);
+        match Tenant::new(name, tenant.clone(), &config.state_dir) {
+            Ok(started) => {
+                tenants.insert(name.clone(), started);
+            }
+            Err(reason) => {
+                failed.insert(name.clone(), FailedTenant { reason, again: Again::Start(Box::new(tenant.clone())) });
+            }
+        }
     }
     let (routed_tx, mut routed) = mpsc::unbounded_channel::<Routed>();
-    let names: Names = std::sync::Arc::new(std::sync::RwLock::new(config.tenants.keys().cloned().collect()));
+    let names: Names =
+        std::sync::Arc::new(std::sync::RwLock::new(tenants.keys().chain(failed.keys()).cloned().collect()));
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
     control::serve_control(config.control_socket.clone(), commands_tx.clone())
         .await
@@ -135,11 +169,23 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     eprintln!("mqvisor: serve listening on {}", shared.local_addr().map_err(ServeError::Runtime)?);
     tokio::spawn(accept_loop(shared, None, names.clone(), routed_tx.clone(), pending.clone()));
     for (name, tenant) in &config.tenants {
-        if let Some(addr) = tenant.listen {
-            let own = bind(addr).await?;
-            tracing::info!(tenant = %name, listen = %addr, "tenant port");
-            tokio::spawn(accept_loop(own, Some(name.clone()), names.clone(), routed_tx.clone(), pending.clone()));
+        let Some(addr) = tenant.listen.filter(|_| tenants.contains_key(name)) else { continue };
+        match TcpListener::bind(addr).await {
+            Ok(own) => {
+                tracing::info!(tenant = %name, listen = %addr, "tenant port");
+                tokio::spawn(accept_loop(own, Some(name.clone()), names.clone(), routed_tx.clone(), pending.clone()));
+            }
+            Err(e) => {
+                if let Some(unserved) = tenants.remove(name) {
+                    tokio::spawn(unserved.release_group());
+                }
+                let reason = format!("cannot listen on {addr}: {e}");
+                failed.insert(name.clone(), FailedTenant { reason, again: Again::Start(Box::new(tenant.clone())) });
+            }
         }
+    }
+    for (name, tenant) in &failed {
+        failed::log(name, tenant);
     }
     let (exited_tx, mut exited) = mpsc::unbounded_channel::<Exited>();
     let mut terminate = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
@@ -159,6 +205,8 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
             Some(r) = routed.recv() => {
                 if let Some(tenant) = tenants.get_mut(&r.tenant) {
                     tenant.hand(r.client, r.first_bytes, &exe, &exited_tx);
+                } else if failed.contains_key(&r.tenant) {
+                    failed::refuse(r.client, &r.first_bytes);
                 }
             }
             Some(e) = exited.recv() => {
@@ -168,14 +216,29 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
             }
             Some(command) = commands.recv() => match command {
                 Command::List(reply) => {
-                    let _ = reply.send(tenants.values().map(Tenant::view).collect());
+                    let mut views: Vec<_> = tenants.values().map(Tenant::view).collect();
+                    views.extend(failed.iter().map(|(name, f)| control::TenantView::failed(name, &f.reason)));
+                    views.sort_by(|a, b| a.name.cmp(&b.name));
+                    let _ = reply.send(views);
                 }
                 Command::Add { name, table, reply } => {
-                    let added = add_tenant(&mut tenants, &name, &table, &config, &changes, &names);
+                    let added = if failed.contains_key(&name) {
+                        Err(format!("tenant {name:?} exists"))
+                    } else {
+                        add_tenant(&mut tenants, &name, &table, &config, &changes, &names)
+                    };
                     let _ = reply.send(added);
                 }
                 Command::Remove { name, reply } => {
                     let removed = match tenants.remove(&name) {
+                        None if failed.remove(&name).is_some() => {
+                            failed::remove_files(&config.state_dir, &name);
+                            if let Ok(mut names) = names.write() {
+                                names.retain(|n| n != &name);
+                            }
+                            tracing::info!(tenant = %name, "removed");
+                            changes.remove(&name).map_err(|e| format!("keeping the removal: {e}"))
+                        }
                         None => Err(format!("no tenant {name:?}")),
                         Some(tenant) => {
                             tenant.remove();
@@ -190,6 +253,19 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                 }
                 Command::Restart { name, reply } => {
                     let restarted = match tenants.get_mut(&name) {
+                        None if failed.contains_key(&name) => {
+                            match failed::start(&name, &mut failed, &config.defaults, &config.state_dir).await {
+                                Ok((tenant, own)) => {
+                                    if let Some(own) = own {
+                                        let (names, routed, pending) = (names.clone(), routed_tx.clone(), pending.clone());
+                                        tokio::spawn(accept_loop(own, Some(name.clone()), names, routed, pending));
+                                    }
+                                    tenants.insert(name, tenant);
+                                    Ok(())
+                                }
+                                Err(reason) => Err(reason),
+                            }
+                        }
                         None => Err(format!("no tenant {name:?}")),
                         Some(tenant) => tenant.restart(&exe, &exited_tx).map_err(|e| e.to_string()),
                     };

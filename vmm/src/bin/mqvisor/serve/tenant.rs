@@ -155,6 +155,7 @@ impl Tenant {
         TenantView {
             name: self.name.clone(),
             state: state.into(),
+            error: None,
             pid: self.pid(),
             connections: load.clients,
             boots: self.boots,
