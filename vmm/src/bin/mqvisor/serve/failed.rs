@@ -80,9 +80,11 @@ pub async fn start(
             Ok(started)
         }
         Err(reason) => {
-            entry.reason.clone_from(&reason);
+            let prefix = format!("tenant {name}: ");
+            let error = if reason.starts_with(&prefix) { reason.clone() } else { prefix + &reason };
+            entry.reason = reason;
             log(name, entry);
-            Err(reason)
+            Err(error)
         }
     }
 }
