@@ -111,6 +111,9 @@ fn every_attack_of_a_hostile_guest_leaves_the_vmm_and_its_neighbour_standing() {
             &state_arg,
             "--state-size",
             "4",
+            // The largest packet a 4 MiB state file's regions hold.
+            "--max-packet-size",
+            "524288",
         ];
         args.extend_from_slice(limits);
         let hostile = RunningVm::start(&args);

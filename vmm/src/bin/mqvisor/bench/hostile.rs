@@ -129,7 +129,9 @@ pub fn hostile(exe: &Path, image: &Path, rounds: usize, samples: usize) -> Resul
             let cmdline = attack.map(|a| format!("attack={a}"));
             let mut args = vec!["run", "--listen", "127.0.0.1:0", "--timeout", "60"];
             if let Some(cmdline) = &cmdline {
+                // A 4 MiB state file holds packets of at most 512 KiB.
                 args.extend(["--image", image, "--cmdline", cmdline, "--state", &state, "--state-size", "4"]);
+                args.extend(["--max-packet-size", "524288"]);
             }
             args.extend_from_slice(limits);
             // Not waited for: a VM the VMM stops is gone within milliseconds.
