@@ -26,6 +26,10 @@ const DEFAULT_MEMORY_MIB: u32 = 64;
 const EXIT_GUEST_CRASHED: u8 = 126;
 /// Exit code when `--timeout` passed before the guest exited.
 const EXIT_TIMED_OUT: u8 = 124;
+/// Exit code when the state file cannot be used (the guest's own for it).
+const EXIT_BAD_STATE: u8 = 5;
+/// Size of a new state file unless `--state-size` (or a discarded file) gives one, MiB.
+const DEFAULT_STATE_MIB: u64 = 1024;
 
 #[derive(Parser)]
 #[command(
@@ -80,9 +84,11 @@ enum Commands {
     /// Check a state file (`run --state`) without booting: what a VM would
     /// recover from it, or where it is damaged.
     #[command(after_help = "Exit status: 0 when the state can be recovered (a torn last batch, which was never \
-                            acknowledged, is dropped as at boot), 1 when it is damaged in the middle, not a \
-                            state file (or not a regular file: symbolic links are not followed) or \
-                            unreadable.")]
+                            acknowledged, is dropped as at boot) or the file has no state yet (empty, or all \
+                            zeros), 1 when it is damaged in the middle, not a state file (or not a regular \
+                            file: symbolic links are not followed), too small (under 4 MiB) or unreadable. \
+                            It takes no lock: a file a running VM holds is read as it is at that moment, and \
+                            the output says so.")]
     StateCheck {
         /// The state file
         #[arg(value_name = "PATH")]
@@ -189,10 +195,12 @@ struct RunArgs {
     #[arg(long, value_name = "PATH")]
     state: Option<PathBuf>,
     /// Size of a new state file in MiB (sparse: blocks are used as the log
-    /// grows; the log and its compacted copy share it)
-    #[arg(long, value_name = "MIB", default_value_t = 1024,
-          value_parser = clap::value_parser!(u64).range(4..=1 << 20))]
-    state_size: u64,
+    /// grows; the log and its compacted copy share it); an existing file
+    /// keeps its size. Each half of what follows the first MiB must hold
+    /// --max-packet-size and 1 MiB more [default: 1024, or a discarded
+    /// file's own size]
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(4..=1 << 20))]
+    state_size: Option<u64>,
     /// When acknowledgements wait for the disk: `sync` answers PUBACK,
     /// PUBREC, SUBACK and a resumed session's CONNACK only once their
     /// records are flushed (nothing acknowledged is lost); `batch` flushes
@@ -204,9 +212,11 @@ struct RunArgs {
     #[arg(long, value_name = "MS", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=60_000))]
     persistence_interval: u32,
-    /// With --state: start with an empty state when the log is corrupt in
-    /// the middle, instead of refusing to start (the corrupt file is kept
-    /// as PATH.corrupt, or PATH.corrupt.N when that is taken)
+    /// With --state: start with an empty state when the log is damaged,
+    /// instead of refusing to start (the damaged file is kept as
+    /// PATH.corrupt, or PATH.corrupt.N when that is taken, and a new file of
+    /// its size made). Only damage: a resized file, not a state file or
+    /// another format is refused all the same (exit 5)
     #[arg(long, requires = "state")]
     discard_corrupt_state: bool,
     /// Hold the VM to this many CPUs' time (0.5: half of one CPU), through a
@@ -406,11 +416,11 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(EXIT_SETUP_FAILED);
         }
     };
-    let state = match open_state(&args) {
+    let state = match open_state(&args, settings.config.max_packet_size as u64) {
         Ok(state) => state,
-        Err(e) => {
+        Err((code, e)) => {
             eprintln!("mqvisor: {e}");
-            return ExitCode::from(EXIT_SETUP_FAILED);
+            return ExitCode::from(code);
         }
     };
     if let ServiceKind::Mqtt | ServiceKind::Echo = args.service {
@@ -513,57 +523,92 @@ fn enter_cgroup(args: &RunArgs) -> Result<Option<mqvisor::cgroup::Departure>, St
 }
 
 /// Opens (or creates, sparse, at `--state-size`) the state file, when
-/// `--state` is given and persistence is not `off`.
-fn open_state(args: &RunArgs) -> Result<Option<vm::StateDisk>, String> {
+/// `--state` is given and persistence is not `off`, and holds its lock for
+/// the VM's life (the descriptor is the state disk's). A refusal is its
+/// exit code and one line.
+fn open_state(args: &RunArgs, max_packet_size: u64) -> Result<Option<vm::StateDisk>, (u8, String)> {
+    use mqvisor::state;
+    let setup = |e: String| (EXIT_SETUP_FAILED, e);
     let mode = args.persistence.unwrap_or(if args.state.is_some() { Persistence::Sync } else { Persistence::Off });
     let path = match (&args.state, mode) {
         (_, Persistence::Off) => return Ok(None),
-        (None, _) => return Err("--persistence sync or batch needs --state PATH".into()),
+        (None, _) => return Err(setup("--persistence sync or batch needs --state PATH".into())),
         (Some(path), _) => path,
     };
     if args.service != ServiceKind::Mqtt {
-        return Err("--state is only for --service mqtt".into());
+        return Err(setup("--state is only for --service mqtt".into()));
     }
-    if args.discard_corrupt_state {
-        discard_if_corrupt(path)?;
-    }
-    let file = mqvisor::state::open(path, mqvisor::state::Access::ReadWriteCreate).map_err(|e| e.to_string())?;
-    let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
-    if len == 0 {
-        file.set_len(args.state_size << 20)
-            .map_err(|e| format!("cannot size the state file {}: {e}", path.display()))?;
-    } else if len < 4 << 20 {
-        return Err(format!("the state file {} is {len} bytes; a state file is at least 4 MiB", path.display()));
-    }
-    // A file-size limit must fail the write (EFBIG, reported to the guest
-    // as an I/O error), not kill the VMM with SIGXFSZ.
+    // A file-size limit must fail a write (EFBIG: sizing a new file here,
+    // or a guest write, reported to it as an I/O error), not kill the VMM
+    // with SIGXFSZ.
     // SAFETY: SIG_IGN for SIGXFSZ installs no handler code.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    // Locked before anything reads or moves it: a file another VM holds is refused.
+    let mut held = state::open_exclusive(path).map_err(|e| setup(e.to_string()))?;
+    let len = held.file.metadata().map_err(|e| setup(format!("{}: {e}", path.display())))?.len();
+    state::refuse_size(path, len).map_err(setup)?;
+    let mut new_len = (len == 0).then(|| args.state_size.unwrap_or(DEFAULT_STATE_MIB) << 20);
+    if args.discard_corrupt_state && len > 0 {
+        match state::check(&held.file) {
+            Ok(_) => {}
+            Err(e) if state::is_damage(&e) => {
+                // A new file of the discarded one's size, unless told otherwise.
+                let size = args.state_size.map_or(len, |mib| mib << 20);
+                state::fits(path, size, max_packet_size, true).map_err(setup)?;
+                let aside =
+                    state::move_aside(path).map_err(|e| setup(format!("cannot move {} aside: {e}", path.display())))?;
+                // The moved file stays locked until the new one is.
+                held = state::open_exclusive(path).map_err(|e| setup(e.to_string()))?;
+                if !held.created {
+                    return Err(setup(format!("{} was made again while it was moved aside", path.display())));
+                }
+                eprintln!(
+                    "mqvisor: the state in {} is corrupt ({e}); kept as {}, starting empty",
+                    path.display(),
+                    aside.display()
+                );
+                new_len = Some(size);
+            }
+            Err(e) => {
+                return Err((
+                    EXIT_BAD_STATE,
+                    format!(
+                        "{}: {e}; not moved aside: --discard-corrupt-state discards only a damaged log",
+                        path.display()
+                    ),
+                ));
+            }
+        }
+    }
+    match new_len {
+        Some(size) => {
+            let laid_out =
+                state::fits(path, size, max_packet_size, true).and_then(|()| state::lay_out(&held.file, path, size));
+            if let Err(e) = laid_out {
+                held.remove_new(path);
+                return Err(setup(e));
+            }
+        }
+        None => {
+            // The regions are placed by the size the log was laid out for;
+            // a file that is not (or no longer) one is the guest's to refuse.
+            if let Some(laid_out) = state::laid_out_len(&held.file, len) {
+                state::fits(path, laid_out, max_packet_size, false).map_err(setup)?;
+            }
+            if let Some(mib) = args.state_size.filter(|&mib| mib << 20 != len) {
+                eprintln!(
+                    "mqvisor: note: --state-size is for new files; {} keeps its {} (not {mib} MiB)",
+                    path.display(),
+                    state::size_text(len)
+                );
+            }
+        }
+    }
     let persistence = match mode {
         Persistence::Batch => mqvisor_boot_abi::persistence::BATCH,
         _ => mqvisor_boot_abi::persistence::SYNC,
     };
-    Ok(Some(vm::StateDisk { file, persistence, batch_ms: args.persistence_interval }))
-}
-
-/// `--discard-corrupt-state`: the guest cannot tell the VMM to start over,
-/// so the VMM checks the log itself and moves a corrupt file aside.
-fn discard_if_corrupt(path: &std::path::Path) -> Result<(), String> {
-    let file = match mqvisor::state::open(path, mqvisor::state::Access::Read) {
-        Ok(file) => file,
-        Err(e) if e.is_missing() => return Ok(()),
-        Err(e) => return Err(e.to_string()),
-    };
-    if let Err(e) = mqvisor::state::check(&file) {
-        let aside =
-            mqvisor::state::move_aside(path).map_err(|e| format!("cannot move {} aside: {e}", path.display()))?;
-        eprintln!(
-            "mqvisor: the state in {} is corrupt ({e}); kept as {}, starting empty",
-            path.display(),
-            aside.display()
-        );
-    }
-    Ok(())
+    Ok(Some(vm::StateDisk { file: held.file, persistence, batch_ms: args.persistence_interval }))
 }
 
 /// `mqvisor state-check PATH`: the host's reading of a state file.
@@ -575,7 +620,26 @@ fn state_check(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The same rule as `run`: an empty file is laid out, a small one refused.
+    let len = file.metadata().map_or(0, |m| m.len());
+    if let Err(e) = mqvisor::state::refuse_size(path, len) {
+        eprintln!("mqvisor: {e}");
+        return ExitCode::FAILURE;
+    }
+    // No lock is taken (a VM starting meanwhile must not find the file in
+    // use): a file a running VM holds is read as it is at this moment.
+    if mqvisor::state::in_use(&file) {
+        println!(
+            "{}: in use by a running mqvisor; read as it is now, while the VM writes it (a last batch being \
+             written reads as torn)",
+            path.display()
+        );
+    }
     match mqvisor::state::check(&file) {
+        Ok(found) if found.fresh && len == 0 => {
+            println!("{}: no state yet (an empty file: mqvisor run lays it out at --state-size)", path.display());
+            ExitCode::SUCCESS
+        }
         Ok(found) if found.fresh => {
             println!("{}: no state yet (a new state file)", path.display());
             ExitCode::SUCCESS
