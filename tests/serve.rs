@@ -1155,3 +1155,96 @@ fn clients_arriving_while_a_crashed_tenant_restarts_are_all_served_and_the_daemo
     assert_eq!(missing, 0, "{missing} of {} clients waiting during a backoff got no CONNACK", waiting.len());
     assert_idle(&daemon, "after a restart during a backoff");
 }
+
+/// The front's budget for first packets, host-wide (`MAX_PENDING_BYTES`).
+const FRONT_BYTE_BUDGET: usize = 32 << 20;
+
+/// A client that announces a CONNECT of 65,000 bytes and sends
+/// `sent` bytes of it (the fixed header's 4 included), then waits.
+fn half_sent_connect(addr: SocketAddr, sent: usize) -> std::io::Result<TcpStream> {
+    let mut client = TcpStream::connect(addr)?;
+    // CONNECT, remaining length 65,000 (a varint: 0xe8 0xfb 0x03).
+    client.write_all(&[0x10, 0xe8, 0xfb, 0x03])?;
+    client.write_all(&vec![0x5a; sent - 4])?;
+    Ok(client)
+}
+
+#[test]
+fn half_sent_connects_filling_the_byte_budget_never_lock_out_a_polite_client() {
+    if !kvm_available("half_sent_connects_filling_the_byte_budget_never_lock_out_a_polite_client") {
+        return;
+    }
+    let port = free_port();
+    let daemon =
+        Daemon::start("byte-budget", &format!("[tenants.alpha]\n[tenants.beta]\nlisten = \"127.0.0.1:{port}\"\n"), &[]);
+    let own = SocketAddr::from(([127, 0, 0, 1], port));
+    // Both tenants booted, so a CONNACK below takes no boot.
+    drop(connected(&daemon, "a", "alpha:"));
+    assert_eq!(connect_code(own, "b", None), 0);
+    // 559 clients each hold 60,004 bytes of a half-sent CONNECT, and one
+    // more fills the budget to 10 bytes short: no CONNECT fits in them.
+    let each = 60_004;
+    let mut attack: Vec<TcpStream> = (0..559).map(|_| half_sent_connect(daemon.addr, each).unwrap()).collect();
+    let last = FRONT_BYTE_BUDGET - 559 * each - 10;
+    attack.push(half_sent_connect(daemon.addr, last).unwrap());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let held = daemon.metric("mqvisor_front_pending_bytes");
+        if held == (FRONT_BYTE_BUDGET - 10) as u64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the front holds {held} bytes, not the whole attack");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The attack goes on, new half-sent CONNECTs taking the place of old ones.
+    let addr = daemon.addr;
+    let going_on = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let attacker = {
+        let going_on = going_on.clone();
+        std::thread::spawn(move || {
+            let mut more = Vec::new();
+            for _ in 0..300 {
+                if !going_on.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                // One the front drops while it is still sending fails here.
+                more.extend(half_sent_connect(addr, each).ok());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            more
+        })
+    };
+    // Polite clients, on the shared port and on a tenant's own, are served
+    // at once: the largest half-sent CONNECT makes room for them.
+    let mut slowest = Duration::ZERO;
+    for i in 0..20 {
+        let started = Instant::now();
+        for (addr, user) in [(daemon.addr, Some("alpha:")), (own, None)] {
+            let mut client = TcpStream::connect(addr).unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            client.write_all(&connect_as(4, &format!("polite-{i}"), true, user, None)).unwrap();
+            let answer = try_read_packet(&mut client);
+            assert_eq!(answer.ok(), Some((0x20, vec![0, 0])), "polite client {i} on {addr} during the attack");
+        }
+        slowest = slowest.max(started.elapsed());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    going_on.store(false, std::sync::atomic::Ordering::Relaxed);
+    let more = attacker.join().unwrap();
+    eprintln!(
+        "20 pairs of polite clients served during the attack ({} more half-sent), slowest pair {slowest:?}",
+        more.len()
+    );
+    assert!(slowest < Duration::from_secs(2), "a polite client waited {slowest:?} during the attack");
+    // The half-sent CONNECTs dropped for them, and for the attack's new
+    // ones, are counted, and the budget holds.
+    let dropped = daemon.metric("mqvisor_front_clients_dropped_total{reason=\"byte_budget\"}");
+    assert!(dropped > more.len() as u64 / 2, "{dropped} half-sent CONNECTs dropped for {} more", more.len());
+    assert!(daemon.metric("mqvisor_front_pending_bytes") <= FRONT_BYTE_BUDGET as u64);
+    // The ones dropped are the attack's, reset: the oldest of the largest first.
+    attack[0].set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut byte = [0u8; 1];
+    let first = std::io::Read::read(&mut attack[0], &mut byte);
+    assert!(first.is_err(), "the first half-sent CONNECT was not dropped: {first:?}");
+    drop((attack, more));
+}

@@ -6,10 +6,13 @@
 //!
 //! Owns that decision, the bytes it read to make it ([`FirstBytes`],
 //! charged to one budget for the whole host until the tenant's process has
-//! them) and the clients still sending them ([`Pending`]): it never boots a
-//! VM and never keeps a byte of the client's traffic beyond those.
+//! them) and the clients still sending them ([`Pending`], and the bytes of
+//! their partial packets): it never boots a VM and never keeps a byte of the
+//! client's traffic beyond those.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mqvisor_broker::broker::reason;
@@ -28,8 +31,10 @@ pub const MAX_FIRST_BYTES: usize = 64 * 1024;
 /// Bytes of first packets held at once, host-wide: read by the front or
 /// waiting in the tenants' handoff queues. A CONNECT is rarely over 1 KiB,
 /// so this holds 500 of the largest at once, or tens of thousands of usual
-/// ones; past it the client whose bytes do not fit is dropped, so a flood of
-/// large half-sent CONNECTs costs the daemon this much at most.
+/// ones. Past it, the client with the largest partial first packet is
+/// dropped to make room (the one reading, when no other holds as much): a
+/// flood of large half-sent CONNECTs costs the daemon this much at most,
+/// and never keeps out a client whose CONNECT is smaller than theirs.
 pub const MAX_PENDING_BYTES: usize = 32 << 20;
 /// What a read asks for at a time: memory follows what clients send, not
 /// the length they announce.
@@ -47,7 +52,8 @@ pub struct FrontStats {
     pub pending_clients: u64,
     /// Bytes of first packets held (see [`MAX_PENDING_BYTES`]).
     pub pending_bytes: u64,
-    /// Clients dropped because their first bytes did not fit the budget.
+    /// Clients dropped to keep the first bytes within the budget: the one
+    /// with the largest partial first packet each time.
     pub dropped_over_budget: u64,
     /// Clients dropped, the oldest still silent, to make room for a new one.
     pub dropped_oldest: u64,
@@ -115,40 +121,176 @@ impl Pending {
     }
 }
 
-/// A client's first bytes, charged to [`MAX_PENDING_BYTES`] until dropped.
+/// What one client's first bytes are charged to [`MAX_PENDING_BYTES`].
 #[derive(Debug, Default)]
-pub struct FirstBytes(Vec<u8>);
+struct Charge {
+    bytes: AtomicUsize,
+    /// Dropped to make room for another client: its charge is released and
+    /// its read ends (woken by `wake`).
+    dropped: AtomicBool,
+    wake: tokio::sync::Notify,
+}
 
-impl FirstBytes {
-    /// Appends `more` if the host-wide budget has room for it.
-    fn extend(&mut self, more: &[u8]) -> bool {
-        let before = PENDING_BYTES.fetch_add(more.len(), Ordering::Relaxed);
-        if before + more.len() > MAX_PENDING_BYTES {
-            PENDING_BYTES.fetch_sub(more.len(), Ordering::Relaxed);
+impl Charge {
+    /// Releases the whole charge at once (the bytes themselves go with
+    /// their owner).
+    fn release(&self) {
+        PENDING_BYTES.fetch_sub(self.bytes.swap(0, Ordering::Relaxed), Ordering::Relaxed);
+    }
+}
+
+/// The clients still reading their first packet, by arrival, with their
+/// charges: the candidates to drop when the budget is full.
+static PARTIAL: Mutex<BTreeMap<u64, Arc<Charge>>> = Mutex::new(BTreeMap::new());
+static NEXT_PARTIAL: AtomicU64 = AtomicU64::new(0);
+
+/// A client's place in [`PARTIAL`] while it reads; leaves it when dropped.
+struct Partial(u64);
+
+impl Partial {
+    fn enter(charge: &Arc<Charge>) -> Partial {
+        let id = NEXT_PARTIAL.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut partial) = PARTIAL.lock() {
+            partial.insert(id, charge.clone());
+        }
+        Partial(id)
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if let Ok(mut partial) = PARTIAL.lock() {
+            partial.remove(&self.0);
+        }
+    }
+}
+
+/// Of `partial` (arrival, bytes held), the client to drop so that a client
+/// that would hold `wanted` bytes can read on: the one holding the most
+/// (the oldest of those), unless it holds less than `wanted` (then the
+/// reader itself holds the most and is the one dropped: `None`).
+fn largest(partial: impl Iterator<Item = (u64, usize)>, wanted: usize) -> Option<u64> {
+    let (id, held) = partial.max_by_key(|&(id, held)| (held, std::cmp::Reverse(id)))?;
+    (held > 0 && held >= wanted).then_some(id)
+}
+
+/// Makes room in the budget for `more` bytes of the client charged
+/// `reader`, by dropping the client with the largest partial first packet.
+/// False when none holds as much as the reader would.
+fn make_room(reader: &Arc<Charge>, more: usize) -> bool {
+    let Ok(mut partial) = PARTIAL.lock() else { return false };
+    let wanted = reader.bytes.load(Ordering::Relaxed) + more;
+    let others = partial
+        .iter()
+        .filter(|(_, charge)| !Arc::ptr_eq(charge, reader))
+        .map(|(&id, charge)| (id, charge.bytes.load(Ordering::Relaxed)));
+    let Some(id) = largest(others, wanted) else { return false };
+    let Some(victim) = partial.remove(&id) else { return false };
+    victim.dropped.store(true, Ordering::Relaxed);
+    victim.release();
+    victim.wake.notify_one();
+    DROPPED_OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
+    true
+}
+
+/// Charges `more` bytes of the client charged `charge` to the host-wide
+/// budget, making room by dropping the client with the largest partial
+/// first packet when that holds as much as this one would; false if none
+/// does (or this client was dropped itself).
+fn charge_more(charge: &Arc<Charge>, more: usize) -> bool {
+    loop {
+        if charge.dropped.load(Ordering::Relaxed) {
             return false;
         }
-        self.0.extend_from_slice(more);
-        true
+        let before = PENDING_BYTES.fetch_add(more, Ordering::Relaxed);
+        if before + more <= MAX_PENDING_BYTES {
+            break;
+        }
+        PENDING_BYTES.fetch_sub(more, Ordering::Relaxed);
+        if !make_room(charge, more) {
+            return false;
+        }
+    }
+    charge.bytes.fetch_add(more, Ordering::Relaxed);
+    true
+}
+
+/// A first packet as it arrives, read straight into chunks of
+/// [`READ_CHUNK`] bytes, each full before the next is taken: memory follows
+/// what the client sends (a silent client holds none, where a read buffer
+/// in its task cost it 4 KiB), no buffer grows by doubling past what came,
+/// and the chunks of clients dropped under a flood are reused whole.
+#[derive(Default)]
+struct Chunks {
+    chunks: Vec<Vec<u8>>,
+    len: usize,
+}
+
+impl Chunks {
+    /// The packet's start: its fixed header, once that is in.
+    fn head(&self) -> &[u8] {
+        self.chunks.first().map_or(&[], Vec::as_slice)
     }
 
+    /// Reads at most `most` bytes from `stream` into the last chunk (a new
+    /// one when it is full).
+    async fn read_from(&mut self, stream: &mut TcpStream, most: usize) -> std::io::Result<usize> {
+        if self.chunks.last().is_none_or(|chunk| chunk.len() == READ_CHUNK) {
+            let mut chunk = Vec::new();
+            if !self.chunks.is_empty() {
+                chunk.reserve_exact(READ_CHUNK);
+            }
+            self.chunks.push(chunk);
+        }
+        let Some(chunk) = self.chunks.last_mut() else { return Ok(0) };
+        let at = chunk.len();
+        chunk.resize(at + most.min(READ_CHUNK - at), 0);
+        let read = stream.read(&mut chunk[at..]).await;
+        chunk.truncate(at + *read.as_ref().unwrap_or(&0));
+        self.len += chunk.len() - at;
+        read
+    }
+
+    /// The packet in one piece.
+    fn into_bytes(mut self) -> Vec<u8> {
+        if self.chunks.len() == 1 {
+            return self.chunks.pop().unwrap_or_default();
+        }
+        let mut bytes = Vec::with_capacity(self.len);
+        for chunk in self.chunks {
+            bytes.extend_from_slice(&chunk);
+        }
+        bytes
+    }
+}
+
+/// A client's first bytes, charged to [`MAX_PENDING_BYTES`] until dropped.
+#[derive(Debug, Default)]
+pub struct FirstBytes {
+    bytes: Vec<u8>,
+    charge: Arc<Charge>,
+}
+
+impl FirstBytes {
     /// Takes `bytes` (the CONNECT rewritten, about as long) in place of these.
     pub fn replace(&mut self, bytes: Vec<u8>) {
         PENDING_BYTES.fetch_add(bytes.len(), Ordering::Relaxed);
-        PENDING_BYTES.fetch_sub(self.0.len(), Ordering::Relaxed);
-        self.0 = bytes;
+        self.charge.release();
+        self.charge.bytes.store(bytes.len(), Ordering::Relaxed);
+        self.bytes = bytes;
     }
 }
 
 impl std::ops::Deref for FirstBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.0
+        &self.bytes
     }
 }
 
 impl Drop for FirstBytes {
     fn drop(&mut self) {
-        PENDING_BYTES.fetch_sub(self.0.len(), Ordering::Relaxed);
+        self.charge.release();
     }
 }
 
@@ -223,38 +365,59 @@ pub fn route(bytes: &[u8], tenant: Option<&str>, known: impl Fn(&str) -> bool) -
 
 /// Reads until one whole packet is in, within the deadline, the size bound
 /// and the host-wide budget; returns everything read (`None`: nothing
-/// usable came, or it did not fit).
+/// usable came, it did not fit, or the client was dropped to make room for
+/// another).
 pub async fn read_first_packet(stream: &mut TcpStream) -> Option<FirstBytes> {
-    let mut buf = FirstBytes::default();
+    let charge = Arc::new(Charge::default());
+    // A candidate to drop while it reads (see `make_room`).
+    let _partial = Partial::enter(&charge);
+    let mut chunks = Chunks::default();
+    let mut over_budget = false;
     let read = async {
-        let mut chunk = [0u8; READ_CHUNK];
         loop {
-            match packet::frame(&buf, MAX_FIRST_BYTES) {
-                Ok(Some(_)) => return true,
-                Err(_) => return false,
-                Ok(None) => {}
+            // The header is in the first chunk; the body may not be yet.
+            if packet::frame(chunks.head(), MAX_FIRST_BYTES).is_err() {
+                return false;
             }
-            if buf.len() >= MAX_FIRST_BYTES {
+            let announced = packet::announced_len(chunks.head());
+            if announced.is_some_and(|len| chunks.len >= len) {
+                return true;
+            }
+            if chunks.len >= MAX_FIRST_BYTES {
                 return false;
             }
             // No further than the packet's end: what follows is the tenant's.
-            let want = packet::announced_len(&buf).unwrap_or(buf.len() + 1).clamp(buf.len() + 1, MAX_FIRST_BYTES);
-            let room = (want - buf.len()).min(READ_CHUNK);
-            match stream.read(&mut chunk[..room]).await {
+            let want = announced.unwrap_or(chunks.len + 1).clamp(chunks.len + 1, MAX_FIRST_BYTES);
+            let read = tokio::select! {
+                read = chunks.read_from(stream, want - chunks.len) => read,
+                // Dropped to make room for another client.
+                () = charge.wake.notified() => return false,
+            };
+            match read {
                 Ok(0) | Err(_) => return false,
                 Ok(n) => {
-                    if !buf.extend(&chunk[..n]) {
-                        DROPPED_OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
+                    if !charge_more(&charge, n) {
+                        if !charge.dropped.load(Ordering::Relaxed) {
+                            // None held more: this client is the one dropped.
+                            DROPPED_OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
+                        }
+                        over_budget = true;
                         return false;
                     }
                 }
             }
         }
     };
-    match tokio::time::timeout(FIRST_PACKET_DEADLINE, read).await {
-        Ok(true) => Some(buf),
-        _ => None,
+    let complete = tokio::time::timeout(FIRST_PACKET_DEADLINE, read).await;
+    if complete != Ok(true) {
+        charge.release();
+        if over_budget || charge.dropped.load(Ordering::Relaxed) {
+            // Dropped for the budget: a reset, which frees the socket at once.
+            let _ = socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
+        }
+        return None;
     }
+    Some(FirstBytes { bytes: chunks.into_bytes(), charge })
 }
 
 #[cfg(test)]
@@ -316,11 +479,12 @@ mod tests {
         let pending = || PENDING_BYTES.load(Ordering::Relaxed);
         let before = pending();
         let mut bytes = FirstBytes::default();
-        assert!(bytes.extend(&[1; 100]));
+        assert!(charge_more(&bytes.charge, 100));
         assert!(pending() >= before + 100);
         bytes.replace(vec![2; 40]);
-        assert!(!bytes.extend(&vec![0; MAX_PENDING_BYTES]), "past the budget");
-        assert_eq!(&bytes[..], &[2; 40][..], "a refused extension changes nothing");
+        assert!(!charge_more(&bytes.charge, MAX_PENDING_BYTES), "past the budget");
+        assert_eq!(&bytes[..], &[2; 40][..], "a refused charge changes nothing");
+        assert_eq!(bytes.charge.bytes.load(Ordering::Relaxed), 40);
         drop(bytes);
         assert_eq!(pending(), before);
     }
@@ -341,6 +505,19 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_largest_partial_packet_makes_room_unless_the_reader_holds_the_most() {
+        let partial = [(1, 60_000), (2, 65_000), (3, 65_000), (4, 10)];
+        // A polite CONNECT: the oldest of the largest is dropped for it.
+        assert_eq!(largest(partial.into_iter(), 30), Some(2));
+        assert_eq!(largest(partial.into_iter(), 65_000), Some(2));
+        // The reader would hold more than any other: it is the one dropped.
+        assert_eq!(largest(partial.into_iter(), 65_001), None);
+        // Clients that hold nothing free nothing.
+        assert_eq!(largest([(1, 0), (2, 0)].into_iter(), 0), None);
+        assert_eq!(largest(std::iter::empty(), 30), None);
     }
 
     #[test]
