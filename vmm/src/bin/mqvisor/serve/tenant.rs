@@ -202,7 +202,7 @@ impl Tenant {
         exited: &mpsc::UnboundedSender<Exited>,
     ) {
         self.idle_since = None;
-        if self.process.is_none() && !self.restart_at.is_some_and(|t| Instant::now() < t) {
+        if self.process.is_none() && self.restart_at.is_none_or(|t| Instant::now() >= t) {
             // No process and no backoff to wait out: boot one now (which
             // hands it the clients that waited, before this one).
             self.boot(exe, exited);
