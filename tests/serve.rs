@@ -1248,3 +1248,34 @@ fn half_sent_connects_filling_the_byte_budget_never_lock_out_a_polite_client() {
     assert!(first.is_err(), "the first half-sent CONNECT was not dropped: {first:?}");
     drop((attack, more));
 }
+
+/// A tenant's state file is locked by the VM that has it open, so a new VM
+/// may boot only once the one asked to stop has gone. `tenant restart` in a
+/// row, and a client arriving as an idle tenant stops, must therefore never
+/// look like a crash (the new VM found the file in use and exited 125).
+#[test]
+fn a_restarted_tenant_boots_once_its_old_vm_has_let_go_of_its_state() {
+    if !kvm_available("a_restarted_tenant_boots_once_its_old_vm_has_let_go_of_its_state") {
+        return;
+    }
+    let daemon = Daemon::start("relock", "[tenants.alpha]\nidle_stop_after = 1\n", &[]);
+    let mut client = connected(&daemon, "w", "alpha:");
+    client.write_all(&publish("kept", b"across restarts", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK");
+    drop(client);
+    for _ in 0..3 {
+        let (ok, _, err) = daemon.tenant(&["restart", "alpha"]);
+        assert!(ok, "{err}");
+    }
+    let mut again = connected(&daemon, "r", "alpha:");
+    let kept = first_message(&mut again, "kept", Duration::from_secs(5));
+    assert_eq!(kept.as_deref(), Some(&b"across restarts"[..]));
+    drop(again);
+    // Idle: it stops; a client right then waits for the old VM to go.
+    daemon.wait_for(&["idle: stopping", "tenant=alpha"]);
+    let mut late = connected(&daemon, "l", "alpha:");
+    let kept = first_message(&mut late, "kept", Duration::from_secs(5));
+    assert_eq!(kept.as_deref(), Some(&b"across restarts"[..]));
+    assert_eq!(daemon.show("alpha")["crashes"], 0, "no VM found the state file in use");
+    assert!(!daemon.log_has("in use by another mqvisor"));
+}

@@ -211,7 +211,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
             }
             Some(e) = exited.recv() => {
                 if let Some(tenant) = tenants.get_mut(&e.tenant) {
-                    tenant.on_exit(e.pid, &e.status);
+                    tenant.on_exit(e.pid, &e.status, &exe, &exited_tx);
                 }
             }
             Some(command) = commands.recv() => match command {

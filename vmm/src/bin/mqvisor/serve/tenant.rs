@@ -74,6 +74,12 @@ pub struct Tenant {
     /// Processes of it the kernel killed at its memory limit, counted so far.
     oom_kills: u64,
     process: Option<Process>,
+    /// A process asked to stop that has not exited yet. It still holds the
+    /// tenant's state file (locked: one VM per file), so no new process
+    /// boots before it has gone.
+    stopping: Option<u32>,
+    /// Boot once the stopping process has gone (`tenant restart`).
+    boot_when_stopped: bool,
     pub state: State,
     pub boots: u64,
     pub crashes: u64,
@@ -117,6 +123,8 @@ impl Tenant {
             group,
             oom_kills: 0,
             process: None,
+            stopping: None,
+            boot_when_stopped: false,
             state: State::Stopped,
             boots: 0,
             crashes: 0,
@@ -183,6 +191,13 @@ impl Tenant {
     /// too: the clients waiting for it are handed to the new one).
     pub fn restart(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) -> std::io::Result<()> {
         self.stop();
+        if self.stopping.is_some() {
+            // Booted when the old process has gone (see `on_exit`).
+            self.boot_when_stopped = true;
+            self.restarts += 1;
+            tracing::info!(tenant = %self.name, "restarting on request");
+            return Ok(());
+        }
         if let Err(e) = self.start(exe, exited) {
             self.retry_later();
             return Err(e);
@@ -202,7 +217,10 @@ impl Tenant {
         exited: &mpsc::UnboundedSender<Exited>,
     ) {
         self.idle_since = None;
-        if self.process.is_none() && self.restart_at.is_none_or(|t| Instant::now() >= t) {
+        if self.stopping.is_some() {
+            // Booted with the clients that waited when the old process has gone.
+            self.boot_when_stopped = true;
+        } else if self.process.is_none() && self.restart_at.is_none_or(|t| Instant::now() >= t) {
             // No process and no backoff to wait out: boot one now (which
             // hands it the clients that waited, before this one).
             self.boot(exe, exited);
@@ -237,7 +255,9 @@ impl Tenant {
             return;
         }
         self.restart_at = None;
-        if self.process.is_none() {
+        if self.stopping.is_some() {
+            self.boot_when_stopped = true;
+        } else if self.process.is_none() {
             self.boot(exe, exited);
         }
     }
@@ -336,7 +356,19 @@ impl Tenant {
     }
 
     /// Its process `pid` ended: a crash unless it was asked to stop.
-    pub fn on_exit(&mut self, pid: u32, status: &std::io::Result<std::process::ExitStatus>) {
+    pub fn on_exit(
+        &mut self,
+        pid: u32,
+        status: &std::io::Result<std::process::ExitStatus>,
+        exe: &Path,
+        exited: &mpsc::UnboundedSender<Exited>,
+    ) {
+        if self.stopping == Some(pid) {
+            self.stopping = None;
+            if std::mem::take(&mut self.boot_when_stopped) && self.process.is_none() {
+                self.boot(exe, exited);
+            }
+        }
         if self.pid() != Some(pid) {
             // An earlier process of this tenant. Clients its link gave back
             // go to the current one, or wait for the next.
@@ -435,6 +467,7 @@ impl Tenant {
         {
             // SAFETY: kill(2) on our own child with a valid signal.
             unsafe { libc::kill(pid, libc::SIGTERM) };
+            self.stopping = Some(process.pid);
             tracing::info!(tenant = %self.name, pid = process.pid, "stopped");
         }
         self.state = State::Stopped;
