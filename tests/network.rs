@@ -308,3 +308,76 @@ fn a_half_closed_client_gets_its_connack_and_puback() {
     let host = RunningVm::start_host_broker();
     half_closed_clients_get_their_answers(host.addr, 20);
 }
+
+/// A client with a small receive buffer (so the kernel does not take a
+/// large answer on its behalf) that sends `packets` and shuts its write
+/// side down.
+fn half_closed_with_small_buffer(vm: &RunningVm, packets: &[u8]) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&vm.addr.into()).unwrap();
+    let mut client: TcpStream = socket.into();
+    client.write_all(packets).unwrap();
+    client.shutdown(Shutdown::Write).unwrap();
+    client
+}
+
+#[test]
+fn a_half_closed_client_that_stops_reading_its_answers_is_dropped_and_frees_its_place() {
+    use common::wire::{connect_as, publish, read_packet, subscribe};
+    if !kvm_available("a_half_closed_client_that_stops_reading_its_answers_is_dropped_and_frees_its_place") {
+        return;
+    }
+    let args = ["--timeout", "60", "--max-connections", "3", "--memory", "128", "--max-packet-size", "8388608"];
+    let vm = RunningVm::start(&args);
+    // A 6 MB retained message: more than a stream's window (256 KiB) and
+    // the kernel's socket buffers hold for a client that does not read.
+    let mut publisher = connect(&vm);
+    publisher.write_all(&connect_as(4, "pub", true, None, None)).unwrap();
+    assert_eq!(read_packet(&mut publisher).0, 0x20);
+    publisher.write_all(&publish("big", &vec![0x5a; 6_000_000], 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut publisher), (0x40, vec![0, 1]), "PUBACK");
+    drop(publisher);
+    // Two clients ask for it and finish sending: one reads it in bursts of
+    // 2 MB 3 s apart (longer in all than the 5 s a client may take nothing),
+    // one never.
+    let asks = |id: &str| [connect_as(4, id, true, None, None), subscribe("big", 0, 1)].concat();
+    let mut slow = half_closed_with_small_buffer(&vm, &asks("slow"));
+    let lazy = half_closed_with_small_buffer(&vm, &asks("lazy"));
+    let started = Instant::now();
+    let mut got = 0;
+    let mut buf = vec![0u8; 100_000];
+    slow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    loop {
+        match slow.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                if (got + n) / 2_000_000 > got / 2_000_000 {
+                    thread::sleep(Duration::from_secs(3));
+                }
+                got += n;
+            }
+            Err(e) => panic!("the slow reader lost its answer after {got} bytes, {:?}: {e}", started.elapsed()),
+        }
+    }
+    // CONNACK, SUBACK and the message (its header 10 bytes), then the close.
+    assert_eq!(got, 4 + 5 + 10 + 6_000_000, "the slow reader's answers after {:?}", started.elapsed());
+    // The one that never read is dropped (within twice the 5 s: its kernel
+    // took a few KiB at first), and every place is free again: three
+    // clients fit in --max-connections 3.
+    thread::sleep(Duration::from_secs(11).saturating_sub(started.elapsed()));
+    let held: Vec<TcpStream> = (0..3)
+        .map(|i| {
+            let mut client = connect(&vm);
+            client.write_all(&connect_as(4, &format!("after-{i}"), true, None, None)).unwrap();
+            assert_eq!(read_packet(&mut client), (0x20, vec![0, 0]), "client {i} after the half-closed ones");
+            client
+        })
+        .collect();
+    let mut lazy = lazy;
+    let mut rest = Vec::new();
+    lazy.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let end = lazy.read_to_end(&mut rest);
+    assert!(end.is_err() && rest.len() < 6_000_000, "the lazy client was not dropped: {end:?}, {} bytes", rest.len());
+    drop(held);
+}

@@ -56,8 +56,10 @@ fn out_budget() -> usize {
         .and_then(|kib| kib.parse::<usize>().ok())
         .map_or(OUT_BUDGET, |kib| kib.saturating_mul(1024))
 }
-/// How long a stream the guest closed may wait for its client to take the
-/// last bytes before the client is dropped.
+/// How long a stream the guest closed may wait for its client to take
+/// more of the last bytes before the client is dropped; likewise a client
+/// that has finished sending (FIN), for the guest's answers. A client that
+/// took some meanwhile (its TCP acknowledged more) waits again.
 const CLOSE_LINGER: Duration = Duration::from_secs(5);
 /// A stream's window in bytes.
 const WINDOW_BYTES: usize = WINDOW as usize;
@@ -276,6 +278,9 @@ struct Stream {
     /// The guest closed with bytes still in `out` (the stream is in
     /// `Proxy::lingering`).
     lingering: bool,
+    /// When the client finished sending, while the guest has not closed
+    /// (its key in `Proxy::ending`).
+    ended: Option<Instant>,
 }
 
 impl Stream {
@@ -304,8 +309,14 @@ struct Proxy {
     /// Bytes in every stream's `out`.
     out_total: usize,
     /// Streams the guest closed while their clients still had bytes to
-    /// take, oldest first (so the first is the next to time out).
-    lingering: VecDeque<(Instant, StreamId)>,
+    /// take, with the bytes their clients had acknowledged when the wait
+    /// began, oldest first (so the first is the next to time out).
+    lingering: VecDeque<(Instant, StreamId, u64)>,
+    /// Streams whose clients finished sending (FIN) while the guest still
+    /// answers, by when the wait began, with the bytes their clients had
+    /// acknowledged then. A stream leaves when it ends, so a client that
+    /// sends DISCONNECT and goes holds no place here past its stream.
+    ending: std::collections::BTreeMap<(Instant, StreamId), u64>,
     /// Clients accepted before the guest's device was up.
     waiting: VecDeque<(TcpStream, Vec<u8>)>,
     /// Streams the guest has sent nothing on yet (clients before their
@@ -362,6 +373,7 @@ impl Proxy {
             building_len: 0,
             out_total: 0,
             lingering: VecDeque::new(),
+            ending: std::collections::BTreeMap::new(),
             waiting: VecDeque::new(),
             unanswered: std::collections::BTreeSet::new(),
             dropping: 0,
@@ -476,6 +488,7 @@ impl Proxy {
             answered: false,
             dropped: false,
             lingering: false,
+            ended: None,
         };
         self.streams.insert(id, stream);
         self.unanswered.insert(id);
@@ -603,6 +616,10 @@ impl Proxy {
             return;
         }
         stream.guest_closed = true;
+        if let Some(since) = stream.ended.take() {
+            // Its answers are all there: `lingering` takes over if needed.
+            self.ending.remove(&(since, id));
+        }
         // Whatever the client still sends goes nowhere.
         self.stop_reading(id);
         self.write_out(id);
@@ -656,7 +673,7 @@ impl Proxy {
                 self.forget(id);
             } else if !stream.lingering {
                 stream.lingering = true;
-                self.lingering.push_back((Instant::now(), id));
+                self.lingering.push_back((Instant::now(), id, bytes_acked(&stream.socket)));
             }
         }
     }
@@ -757,7 +774,12 @@ impl Proxy {
                 Some(false)
             }
             Ok(_) => {
-                // EOF: the guest hears the client is done sending.
+                // EOF: the guest hears the client is done sending, answers
+                // what it sent and closes; a client that does not take the
+                // answers in time is dropped (see `end_lingering`).
+                let now = Instant::now();
+                stream.ended = Some(now);
+                self.ending.insert((now, id), bytes_acked(&stream.socket));
                 self.stop_reading(id);
                 self.write_out(id);
                 Some(true)
@@ -881,28 +903,58 @@ impl Proxy {
     }
 
     fn next_linger_end(&self) -> Option<Instant> {
-        self.lingering.front().map(|&(since, _)| since + CLOSE_LINGER)
+        let lingering = self.lingering.front().map(|&(since, _, _)| since);
+        let ending = self.ending.first_key_value().map(|(&(since, _), _)| since);
+        lingering.into_iter().chain(ending).min().map(|since| since + CLOSE_LINGER)
     }
 
-    /// Drops clients that did not take the guest's last bytes in time.
+    /// Drops clients that took none of the guest's last bytes in time.
     fn end_lingering(&mut self) {
         let now = Instant::now();
-        while let Some(&(since, id)) = self.lingering.front() {
+        while let Some(&(since, id, acked)) = self.lingering.front() {
             if now < since + CLOSE_LINGER {
                 break;
             }
             self.lingering.pop_front();
             // The stream may have finished meanwhile (then it is gone).
-            if let Some(stream) = self.streams.get(&id) {
-                reset(&stream.socket);
-                self.drop_out(id);
-                self.forget(id);
+            let Some(stream) = self.streams.get(&id) else { continue };
+            let acked_now = bytes_acked(&stream.socket);
+            if acked_now > acked {
+                // Slow, but it reads: it waits again.
+                self.lingering.push_back((now, id, acked_now));
+                continue;
             }
+            reset(&stream.socket);
+            self.drop_out(id);
+            self.forget(id);
+        }
+        while let Some((&(since, id), &acked)) = self.ending.first_key_value() {
+            if now < since + CLOSE_LINGER {
+                break;
+            }
+            self.ending.remove(&(since, id));
+            let Some(stream) = self.streams.get_mut(&id) else { continue };
+            let acked_now = bytes_acked(&stream.socket);
+            if acked_now > acked {
+                stream.ended = Some(now);
+                self.ending.insert((now, id), acked_now);
+                continue;
+            }
+            // A client that finished sending and takes none of its answers:
+            // what the guest still sends goes nowhere and its window comes
+            // back, so the guest closes the stream too (which ends it).
+            stream.ended = None;
+            reset(&stream.socket);
+            self.client_failed(id);
+            self.write_out(id);
         }
     }
 
     fn forget(&mut self, id: StreamId) {
         if let Some(stream) = self.streams.remove(&id) {
+            if let Some(since) = stream.ended {
+                self.ending.remove(&(since, id));
+            }
             if !stream.answered {
                 self.unanswered.remove(&id);
             }
@@ -936,6 +988,33 @@ impl Proxy {
             self.forget(id);
         }
     }
+}
+
+/// Bytes of the guest's output the client's TCP has acknowledged
+/// (`tcpi_bytes_acked`): once its receive buffer is full, these grow only
+/// as the client reads. 0 where the kernel does not say (before 4.1).
+fn bytes_acked(socket: &TcpStream) -> u64 {
+    // `struct tcp_info` (linux/tcp.h) up to `tcpi_bytes_acked`, at 120.
+    const ACKED_AT: usize = 120;
+    let mut info = [0u8; ACKED_AT + 8];
+    let Ok(mut len) = libc::socklen_t::try_from(info.len()) else { return 0 };
+    // SAFETY: getsockopt writes at most `len` bytes into `info`, which is
+    // that long, and sets `len` to the number it wrote.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 || usize::try_from(len).unwrap_or(0) < info.len() {
+        return 0;
+    }
+    let mut acked = [0u8; 8];
+    acked.copy_from_slice(&info[ACKED_AT..]);
+    u64::from_ne_bytes(acked)
 }
 
 /// Makes closing `socket` send RST instead of FIN.

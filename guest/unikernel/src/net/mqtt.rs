@@ -8,7 +8,7 @@
 //! into `Close` records, and time into `tick`. The configuration comes from
 //! the blob the VMM writes.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::String;
 
@@ -73,6 +73,10 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
     let mut store = Store::open(info, &mut broker, now_ms(boot_ms));
     // Streams the broker knows, by id (the broker's connection id is the stream id).
     let mut windows: BTreeMap<StreamId, Window> = BTreeMap::new();
+    // Streams whose clients sent all they will (`Close` from the VMM), kept
+    // until their answers are out. They do not count against the limit:
+    // the VMM no longer does either for a client it dropped to make room.
+    let mut ending: BTreeSet<StreamId> = BTreeSet::new();
     crate::println!("mqtt: serving MQTT, up to {max_connections} connections");
     // The counters go to the VMM at most once a second, and only when they
     // changed: an idle tenant never wakes up for them.
@@ -99,7 +103,7 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
         let mut moved = link.receive(|record| match record {
             Record::Open(id) => {
                 // The VMM keeps to the limit; a second check costs nothing.
-                if windows.len() < max_connections && !windows.contains_key(&id) {
+                if windows.len() - ending.len() < max_connections && !windows.contains_key(&id) {
                     windows.insert(id, Window::default());
                     broker.open(id, now);
                 } else {
@@ -118,9 +122,13 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
                 // The client sends nothing more (FIN, or it has gone): what
                 // it sent is answered, and the broker asks for the close
                 // once its output is out (`Transmit::Close` below).
-                if windows.contains_key(&id) && !broker.input_ended(id, now) {
-                    windows.remove(&id);
-                    closing.push(id);
+                if windows.contains_key(&id) {
+                    if broker.input_ended(id, now) {
+                        ending.insert(id);
+                    } else {
+                        windows.remove(&id);
+                        closing.push(id);
+                    }
                 }
             }
             Record::Credit(id, n) => {
@@ -163,6 +171,7 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
             }
             Transmit::Close => {
                 windows.remove(&id);
+                ending.remove(&id);
                 link.send_close(id);
                 0
             }
