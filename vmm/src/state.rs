@@ -7,7 +7,8 @@
 //! ([`refuse_size`], [`fits`]), laying out a new one ([`lay_out`]),
 //! reading it outside a VM for checks before boot, and moving a corrupt
 //! one aside. Never writes into one: a check must not change what the
-//! guest will recover.
+//! guest will recover. Also owns [`Persistence`], how the broker keeps
+//! its state, from the operator's setting to boot-info.
 
 use std::fs::File;
 use std::io::ErrorKind;
@@ -20,6 +21,47 @@ use mqvisor_broker::store::log::{
     crc32c,
 };
 use mqvisor_broker::store::record::Record;
+
+/// How the broker keeps its state: `mqvisor run --persistence`, a `serve`
+/// tenant's `persistence`, and the VM's state disk all carry this one type;
+/// its boot-ABI number exists only in boot-info ([`Persistence::boot_abi`]).
+/// `sync`: acknowledgements wait until their records are flushed; `batch`:
+/// records are flushed every interval and acknowledgements do not wait;
+/// `off`: no state file, state in RAM only.
+#[derive(clap::ValueEnum, serde::Deserialize, serde::Serialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Persistence {
+    #[default]
+    Sync,
+    Batch,
+    Off,
+}
+
+impl Persistence {
+    /// The mode named `name` (`sync`, `batch` or `off`), as in a
+    /// configuration file.
+    pub fn from_name(name: &str) -> Option<Persistence> {
+        [Persistence::Sync, Persistence::Batch, Persistence::Off].into_iter().find(|mode| mode.name() == name)
+    }
+
+    /// Its name in flags and configuration files.
+    pub fn name(self) -> &'static str {
+        match self {
+            Persistence::Sync => "sync",
+            Persistence::Batch => "batch",
+            Persistence::Off => "off",
+        }
+    }
+
+    /// Its number in boot-info (`mqvisor_boot_abi::persistence`).
+    pub fn boot_abi(self) -> u32 {
+        match self {
+            Persistence::Sync => mqvisor_boot_abi::persistence::SYNC,
+            Persistence::Batch => mqvisor_boot_abi::persistence::BATCH,
+            Persistence::Off => mqvisor_boot_abi::persistence::OFF,
+        }
+    }
+}
 
 /// A state file opened for reading only.
 struct ReadOnlyFile<'a>(&'a File, u64);
@@ -511,5 +553,21 @@ mod tests {
         let largest = mqvisor_broker::broker::MAX_PACKET_SIZE_LIMIT as u64;
         assert!(fits(Path::new("t"), 1024 * MIB, largest, false).is_ok());
         assert_eq!(size_mib_for(16), 4, "never under the smallest file");
+    }
+
+    #[test]
+    fn a_persistence_mode_is_one_name_everywhere_and_a_number_in_boot_info() {
+        use clap::ValueEnum;
+        use mqvisor_boot_abi::persistence::{BATCH, OFF, SYNC};
+        for mode in Persistence::value_variants() {
+            let flag = mode.to_possible_value().map(|v| v.get_name().to_string());
+            assert_eq!(flag.as_deref(), Some(mode.name()), "the flag's value is the file's");
+            assert_eq!(Persistence::from_name(mode.name()), Some(*mode));
+            let in_file = toml::Value::try_from(mode).unwrap();
+            assert_eq!(in_file.as_str(), Some(mode.name()));
+        }
+        assert_eq!(Persistence::from_name("always"), None);
+        let numbers = [Persistence::Off, Persistence::Sync, Persistence::Batch].map(Persistence::boot_abi);
+        assert_eq!(numbers, [OFF, SYNC, BATCH]);
     }
 }

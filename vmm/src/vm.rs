@@ -35,6 +35,7 @@ use crate::net::{
     proxy::{self, Ingress, LinkCounters, NetThread, ProxyConfig},
 };
 use crate::privileges;
+use crate::state::Persistence;
 use crate::vcpu::{self, ExitStats, Outcome, VcpuContext};
 
 /// Smallest heap an image gets; less memory than image + this is refused.
@@ -77,8 +78,8 @@ pub struct VmConfig {
 pub struct StateDisk {
     /// Opened for reading and writing; its size is the disk's capacity.
     pub file: std::fs::File,
-    /// One of `mqvisor_boot_abi::persistence`.
-    pub persistence: u32,
+    /// How the guest keeps its log on it (`sync` or `batch`).
+    pub persistence: Persistence,
     /// For batch persistence: the flush interval.
     pub batch_ms: u32,
 }
@@ -440,7 +441,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
             bus.insert(window.base, window.size, disk.transport.clone());
             info.devices[info.device_count as usize] = window;
             info.device_count += 1;
-            info.persistence = state.persistence;
+            info.persistence = state.persistence.boot_abi();
             info.persistence_batch_ms = state.batch_ms;
             Some(disk)
         }

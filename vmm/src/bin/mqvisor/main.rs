@@ -14,9 +14,10 @@ mod serve;
 mod settings;
 
 use clap::{Parser, Subcommand};
+use mqvisor::state::Persistence;
 use mqvisor::vcpu::Outcome;
 use mqvisor::vm::{self, RunReport, Service, VmConfig};
-use settings::BrokerFlags;
+use settings::{BrokerFlags, TenantRun};
 
 /// Exit code when the VM could not be started (bad input, no KVM, ...).
 const EXIT_SETUP_FAILED: u8 = 125;
@@ -235,15 +236,13 @@ struct RunArgs {
     /// tenant's limits (internal)
     #[arg(long, value_name = "DIR", hide = true, conflicts_with_all = ["cpus", "memory_limit", "pids_limit"])]
     cgroup: Vec<PathBuf>,
+    /// Run as `mqvisor serve`'s tenant: memory, user, persistence, state
+    /// file, control group and broker settings from this file (internal)
+    #[arg(long, value_name = "PATH", hide = true,
+          conflicts_with_all = ["memory", "user", "persistence", "state", "cgroup", "config", "cpus", "memory_limit", "pids_limit"])]
+    tenant_settings: Option<PathBuf>,
     #[command(flatten)]
     broker: BrokerFlags,
-}
-
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-enum Persistence {
-    Sync,
-    Batch,
-    Off,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -376,8 +375,17 @@ fn close_inherited(keep: Option<i32>) {
     }
 }
 
-fn run(args: RunArgs) -> ExitCode {
+fn run(mut args: RunArgs) -> ExitCode {
     close_inherited(args.handoff_fd);
+    if let Some(path) = &args.tenant_settings {
+        match TenantRun::read(path) {
+            Ok(tenant) => args.take_tenant(tenant),
+            Err(e) => {
+                eprintln!("mqvisor: {e}");
+                return ExitCode::from(EXIT_SETUP_FAILED);
+            }
+        }
+    }
     let image = match &args.image {
         None => mqvisor::DEFAULT_IMAGE.to_vec(),
         Some(path) => match std::fs::read(path) {
@@ -493,6 +501,18 @@ fn run(args: RunArgs) -> ExitCode {
     }
 }
 
+impl RunArgs {
+    /// Runs with a `serve` tenant's settings (`--tenant-settings`).
+    fn take_tenant(&mut self, tenant: TenantRun) {
+        self.memory = tenant.memory;
+        self.user = tenant.user;
+        self.persistence = Some(tenant.persistence);
+        self.state = tenant.state;
+        self.cgroup = tenant.cgroup;
+        self.broker = tenant.broker;
+    }
+}
+
 /// Moves this process into its control group, made here from the limit
 /// flags or by `mqvisor serve` (`--cgroup`), before any guest memory is
 /// touched or thread started: both are charged where they begin. Returns
@@ -604,11 +624,7 @@ fn open_state(args: &RunArgs, max_packet_size: u64) -> Result<Option<vm::StateDi
             }
         }
     }
-    let persistence = match mode {
-        Persistence::Batch => mqvisor_boot_abi::persistence::BATCH,
-        _ => mqvisor_boot_abi::persistence::SYNC,
-    };
-    Ok(Some(vm::StateDisk { file: held.file, persistence, batch_ms: args.persistence_interval }))
+    Ok(Some(vm::StateDisk { file: held.file, persistence: mode, batch_ms: args.persistence_interval }))
 }
 
 /// `mqvisor state-check PATH`: the host's reading of a state file.

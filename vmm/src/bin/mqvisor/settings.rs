@@ -6,10 +6,12 @@
 //! errors that name the file and line. Flags and file keys are one struct
 //! ([`BrokerFlags`]), so a setting is declared once and mapped to the core's
 //! `Config` once. Must never hand on a setting it has not checked
-//! (`Config::validate`).
+//! (`Config::validate`). Also owns [`TenantRun`], the one file a `serve`
+//! tenant's `mqvisor run` process is given.
 
 use std::path::{Path, PathBuf};
 
+use mqvisor::state::Persistence;
 use mqvisor_boot_abi::config_blob;
 use mqvisor_broker::auth::{Acl, FileError, PasswordFile};
 use mqvisor_broker::broker::{Config, ConfigError};
@@ -118,6 +120,47 @@ pub enum SettingsError {
     Merged(toml::de::Error),
     #[error("{0}")]
     Invalid(ConfigError),
+    #[error("tenant settings {}: {source}", path.display())]
+    TenantFile { path: PathBuf, source: toml::de::Error },
+}
+
+/// What a `serve` tenant's VM process runs with, as one file: the daemon
+/// writes it (`STATE_DIR/tenants/NAME.toml`) and starts the process as
+/// `mqvisor run --tenant-settings FILE`; only the handoff socket, a
+/// descriptor, is a flag of its own. Each key is the `mqvisor run` flag of
+/// the same name.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantRun {
+    /// Guest RAM, MiB.
+    pub memory: u32,
+    /// The user the process becomes (the daemon runs as root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    pub persistence: Persistence,
+    /// Its state file, unless persistence is off (set by the tenant, which
+    /// owns the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PathBuf>,
+    /// The control group directories the process joins, made by the
+    /// daemon with the tenant's limits (set by the tenant, which owns them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cgroup: Vec<PathBuf>,
+    /// Broker settings, paths absolute, checked.
+    pub broker: BrokerFlags,
+}
+
+impl TenantRun {
+    /// Reads the file at `path`.
+    pub fn read(path: &Path) -> Result<TenantRun, SettingsError> {
+        let text = read_text(path, "tenant settings")?;
+        toml::from_str(&text).map_err(|source| SettingsError::TenantFile { path: path.to_path_buf(), source })
+    }
+
+    /// The file's text.
+    pub fn to_text(&self) -> Result<String, SettingsError> {
+        toml::to_string(self).map_err(SettingsError::Merge)
+    }
 }
 
 /// Settings resolved and checked, with the auth files' text (the VM gets
@@ -269,6 +312,25 @@ mod tests {
         let big = temp("big", &"#".repeat(usize::try_from(MAX_FILE).unwrap() + 1));
         let err = BrokerFlags { acl_file: Some(big), ..BrokerFlags::default() }.resolve().unwrap_err();
         assert!(err.to_string().contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn a_tenant_file_reads_back_as_written() {
+        let tenant = TenantRun {
+            memory: 96,
+            user: None,
+            persistence: Persistence::Batch,
+            state: Some(PathBuf::from("/var/lib/mqvisor/tenants/acme.state")),
+            cgroup: Vec::new(),
+            broker: BrokerFlags { max_connections: Some(7), ..BrokerFlags::default() },
+        };
+        let path = temp("acme.toml", &tenant.to_text().unwrap());
+        let back = TenantRun::read(&path).unwrap();
+        assert_eq!((back.memory, back.persistence, back.state), (96, Persistence::Batch, tenant.state));
+        assert_eq!(back.broker.max_connections, Some(7));
+        std::fs::write(&path, "memory = 64\npersistence = \"sync\"\nswap = 1\n[broker]\n").unwrap();
+        let err = TenantRun::read(&path).unwrap_err().to_string();
+        assert!(err.starts_with("tenant settings") && err.contains("swap"), "{err}");
     }
 
     #[test]

@@ -33,9 +33,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use mqvisor::cgroup::Limits;
+use mqvisor::state::Persistence;
 use mqvisor::vm::Service;
 
-use crate::settings::BrokerFlags;
+use crate::settings::{BrokerFlags, TenantRun};
 
 /// Largest configuration file accepted.
 const MAX_FILE: u64 = 1 << 20;
@@ -55,7 +56,7 @@ pub struct ServeConfig {
     /// Tenants of the file whose settings cannot be used.
     pub failed: BTreeMap<String, FailedTenant>,
     /// What tenants added while serving start from.
-    pub defaults: Defaults,
+    pub defaults: TenantTable,
 }
 
 /// A tenant whose settings could not be used at start: listed, refused to
@@ -84,7 +85,7 @@ pub enum Again {
 
 impl FailedTenant {
     /// Its settings over `defaults`, if they can be used now.
-    pub fn config(&self, defaults: &Defaults) -> Result<TenantConfig, String> {
+    pub fn config(&self, defaults: &TenantTable) -> Result<TenantConfig, String> {
         match &self.again {
             Again::Read(table, base) => defaults.tenant(table.clone(), base),
             Again::Start(config) => Ok((**config).clone()),
@@ -93,26 +94,70 @@ impl FailedTenant {
     }
 }
 
-/// The `[defaults]` table.
-#[derive(Debug, Clone)]
-pub struct Defaults {
-    memory_mib: Option<u32>,
+/// The keys of a `[defaults]` or a `[tenants.NAME]` table, each given or
+/// not: a tenant's own table over `[defaults]` is its [`TenantConfig`].
+#[derive(Debug, Clone, Default)]
+pub struct TenantTable {
+    memory: Option<u32>,
+    listen: Option<SocketAddr>,
     idle_stop_after: Option<std::time::Duration>,
     user: Option<String>,
-    persistence: Option<&'static str>,
+    persistence: Option<Persistence>,
     limits: Limits,
     broker: BrokerFlags,
 }
 
-impl Defaults {
-    /// A tenant from its TOML `table` (paths relative to `base`), over these
-    /// defaults, checked.
+impl TenantTable {
+    /// The keys of `table` (paths relative to `base`); errors begin with
+    /// `context`.
+    fn parse(table: toml::Table, base: &Path, context: &str) -> Result<TenantTable, String> {
+        let mut table = table;
+        let positive = |v: &toml::Value| v.as_integer().filter(|&n| n > 0);
+        let memory = take(&mut table, "memory", context, "a positive number of MiB", |v| {
+            positive(v).and_then(|n| u32::try_from(n).ok())
+        })?;
+        let listen = take(&mut table, "listen", context, "an address like \"127.0.0.1:1884\"", |v| {
+            v.as_str().and_then(|s| s.parse().ok())
+        })?;
+        let idle_stop_after = take(&mut table, "idle_stop_after", context, "a positive number of seconds", |v| {
+            positive(v).and_then(|n| u64::try_from(n).ok()).map(std::time::Duration::from_secs)
+        })?;
+        let user = take(&mut table, "user", context, "a user name", |v| v.as_str().map(str::to_string))?;
+        let persistence = take(&mut table, "persistence", context, "\"sync\", \"batch\" or \"off\"", |v| {
+            v.as_str().and_then(Persistence::from_name)
+        })?;
+        let limits = Limits {
+            cpus: take(&mut table, "cpus", context, "a number of CPUs like 0.5", |v| {
+                v.as_float().or_else(|| v.as_integer().map(|n| n as f64))
+            })?,
+            memory_mib: take(&mut table, "memory_limit", context, "a positive number of MiB", |v| {
+                positive(v).and_then(|n| u64::try_from(n).ok())
+            })?,
+            pids: take(&mut table, "pids_limit", context, "a positive number of tasks", |v| {
+                positive(v).and_then(|n| u32::try_from(n).ok())
+            })?,
+        };
+        limits.validate().map_err(|e| format!("{context}: {e}"))?;
+        if let Some(name) = &user {
+            mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
+        }
+        let mut broker: BrokerFlags =
+            table.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))?;
+        // Absolute: the tenant's process reads them from its own settings file.
+        let absolute = |p: PathBuf| std::path::absolute(base.join(&p)).unwrap_or(p);
+        broker.password_file = broker.password_file.map(absolute);
+        broker.acl_file = broker.acl_file.map(absolute);
+        Ok(TenantTable { memory, listen, idle_stop_after, user, persistence, limits, broker })
+    }
+
+    /// A tenant from its TOML `table` (paths relative to `base`), over
+    /// these defaults, checked.
     pub fn tenant(&self, table: toml::Table, base: &Path) -> Result<TenantConfig, String> {
-        let own = extra(table, base, "settings")?;
+        let own = TenantTable::parse(table, base, "settings")?;
         let broker = own.broker.over(&self.broker).map_err(|e| e.to_string())?;
         // Checked now: a bad tenant fails where it is declared, naming itself.
         let settings = broker.resolve().map_err(|e| e.to_string())?;
-        let memory_mib = own.memory.or(self.memory_mib).unwrap_or(DEFAULT_MEMORY_MIB);
+        let memory = own.memory.or(self.memory).unwrap_or(DEFAULT_MEMORY_MIB);
         // What its `mqvisor run` checks at start: settings that can never
         // boot are refused here, not found out by a crash loop.
         let service = Service::Mqtt {
@@ -120,21 +165,30 @@ impl Defaults {
             max_connections: settings.config.max_connections,
             max_packet_size: settings.config.max_packet_size,
         };
-        mqvisor::vm::plan(mqvisor::DEFAULT_IMAGE, memory_mib, &settings.config_blob(), "", service)
+        mqvisor::vm::plan(mqvisor::DEFAULT_IMAGE, memory, &settings.config_blob(), "", service)
             .map_err(|e| e.to_string())?;
-        let idle_stop_after = own.idle_stop_after.or(self.idle_stop_after);
-        let user = own.user.or_else(|| self.user.clone());
-        let persistence = own.persistence.or(self.persistence).unwrap_or("sync");
         let limits = Limits {
             cpus: own.limits.cpus.or(self.limits.cpus),
             memory_mib: own.limits.memory_mib.or(self.limits.memory_mib),
             pids: own.limits.pids.or(self.limits.pids),
         };
-        Ok(TenantConfig { memory_mib, listen: own.listen, idle_stop_after, user, persistence, limits, broker })
+        Ok(TenantConfig {
+            listen: own.listen,
+            idle_stop_after: own.idle_stop_after.or(self.idle_stop_after),
+            limits,
+            run: TenantRun {
+                memory,
+                user: own.user.or_else(|| self.user.clone()),
+                persistence: own.persistence.or(self.persistence).unwrap_or_default(),
+                state: None,
+                cgroup: Vec::new(),
+                broker,
+            },
+        })
     }
 
     /// A tenant added while serving, from the TOML `table` of a request,
-    /// as [`Defaults::tenant`]; its paths must be absolute, since nothing
+    /// as [`TenantTable::tenant`]; its paths must be absolute, since nothing
     /// says which folder a relative one is relative to (`mqvisor tenant add
     /// --settings FILE` makes them so, relative to FILE).
     pub fn added(&self, table: toml::Table, base: &Path) -> Result<TenantConfig, String> {
@@ -170,24 +224,21 @@ pub fn settings_file_body(path: &Path) -> Result<String, String> {
     toml::to_string(&table).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-/// One tenant, with the defaults applied.
+/// One tenant, with the defaults applied: what the daemon does with it,
+/// and what its process runs with.
 #[derive(Debug, Clone)]
 pub struct TenantConfig {
-    pub memory_mib: u32,
     /// A port of its own, where clients need no `TENANT:` prefix.
     pub listen: Option<SocketAddr>,
     /// Stop the VM after this long without clients (its state is kept
     /// unless persistence is off).
     pub idle_stop_after: Option<std::time::Duration>,
-    /// The user its process becomes (the daemon must run as root).
-    pub user: Option<String>,
-    /// `mqvisor run --persistence` for its state file in `state_dir`:
-    /// `sync` (the default), `batch` or `off`.
-    pub persistence: &'static str,
     /// Its VMM process's CPU, memory and task limits (a cgroup each).
     pub limits: Limits,
-    /// Broker settings, paths absolute, checked.
-    pub broker: BrokerFlags,
+    /// Its process's settings: guest memory, user, persistence (`sync` by
+    /// default, its state file in `state_dir`) and broker settings, paths
+    /// absolute, checked.
+    pub run: TenantRun,
 }
 
 /// Why the configuration cannot be used.
@@ -209,17 +260,6 @@ pub fn valid_tenant_name(name: &str) -> bool {
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
-/// The keys a tenant or `[defaults]` table may have besides broker settings.
-struct Extra {
-    memory: Option<u32>,
-    listen: Option<SocketAddr>,
-    idle_stop_after: Option<std::time::Duration>,
-    user: Option<String>,
-    persistence: Option<&'static str>,
-    limits: Limits,
-    broker: BrokerFlags,
-}
-
 /// Removes `key` from `table` and parses it; an unparsable value is an
 /// error saying what `key` must be.
 fn take<T>(
@@ -230,46 +270,6 @@ fn take<T>(
     parse: impl FnOnce(&toml::Value) -> Option<T>,
 ) -> Result<Option<T>, String> {
     table.remove(key).map(|v| parse(&v).ok_or_else(|| format!("{context}: {key} must be {must_be}"))).transpose()
-}
-
-fn extra(table: toml::Table, base: &Path, context: &str) -> Result<Extra, String> {
-    let mut table = table;
-    let positive = |v: &toml::Value| v.as_integer().filter(|&n| n > 0);
-    let memory = take(&mut table, "memory", context, "a positive number of MiB", |v| {
-        positive(v).and_then(|n| u32::try_from(n).ok())
-    })?;
-    let listen = take(&mut table, "listen", context, "an address like \"127.0.0.1:1884\"", |v| {
-        v.as_str().and_then(|s| s.parse().ok())
-    })?;
-    let idle_stop_after = take(&mut table, "idle_stop_after", context, "a positive number of seconds", |v| {
-        positive(v).and_then(|n| u64::try_from(n).ok()).map(std::time::Duration::from_secs)
-    })?;
-    let user = take(&mut table, "user", context, "a user name", |v| v.as_str().map(str::to_string))?;
-    let persistence = take(&mut table, "persistence", context, "\"sync\", \"batch\" or \"off\"", |v| {
-        ["sync", "batch", "off"].into_iter().find(|mode| v.as_str() == Some(mode))
-    })?;
-    let limits = Limits {
-        cpus: take(&mut table, "cpus", context, "a number of CPUs like 0.5", |v| {
-            v.as_float().or_else(|| v.as_integer().map(|n| n as f64))
-        })?,
-        memory_mib: take(&mut table, "memory_limit", context, "a positive number of MiB", |v| {
-            positive(v).and_then(|n| u64::try_from(n).ok())
-        })?,
-        pids: take(&mut table, "pids_limit", context, "a positive number of tasks", |v| {
-            positive(v).and_then(|n| u32::try_from(n).ok())
-        })?,
-    };
-    limits.validate().map_err(|e| format!("{context}: {e}"))?;
-    if let Some(name) = &user {
-        mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
-    }
-    let mut broker: BrokerFlags =
-        table.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))?;
-    // Absolute: the tenant's process reads them from its own settings file.
-    let absolute = |p: PathBuf| std::path::absolute(base.join(&p)).unwrap_or(p);
-    broker.password_file = broker.password_file.map(absolute);
-    broker.acl_file = broker.acl_file.map(absolute);
-    Ok(Extra { memory, listen, idle_stop_after, user, persistence, limits, broker })
 }
 
 impl ServeConfig {
@@ -307,29 +307,13 @@ impl ServeConfig {
             ),
         };
         let defaults = match root.remove("defaults") {
-            None => Extra {
-                memory: None,
-                listen: None,
-                idle_stop_after: None,
-                user: None,
-                persistence: None,
-                limits: Limits::default(),
-                broker: BrokerFlags::default(),
-            },
-            Some(toml::Value::Table(t)) => extra(t, &base, "[defaults]").map_err(syntax)?,
+            None => TenantTable::default(),
+            Some(toml::Value::Table(t)) => TenantTable::parse(t, &base, "[defaults]").map_err(syntax)?,
             Some(_) => return Err(syntax("[defaults] must be a table".into())),
         };
         if defaults.listen.is_some() {
             return Err(syntax("[defaults] cannot set listen: each tenant's own port must differ".into()));
         }
-        let defaults = Defaults {
-            memory_mib: defaults.memory,
-            idle_stop_after: defaults.idle_stop_after,
-            user: defaults.user,
-            persistence: defaults.persistence,
-            limits: defaults.limits,
-            broker: defaults.broker,
-        };
         let tables = match root.remove("tenants") {
             None => toml::Table::new(),
             Some(toml::Value::Table(t)) => t,
@@ -388,11 +372,12 @@ mod tests {
         .unwrap();
         assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 1883)));
         let acme = &c.tenants["acme"];
-        assert_eq!((acme.memory_mib, acme.broker.max_connections), (96, Some(7)));
-        assert!(acme.broker.password_file.as_ref().unwrap().is_absolute());
+        assert_eq!((acme.run.memory, acme.run.broker.max_connections), (96, Some(7)));
+        assert!(acme.run.broker.password_file.as_ref().unwrap().is_absolute());
+        assert_eq!(acme.run.persistence, Persistence::Sync);
         assert_eq!(acme.limits, Limits { cpus: Some(0.5), memory_mib: Some(128), pids: Some(16) });
         let globex = &c.tenants["globex"];
-        assert_eq!(globex.broker.max_connections, Some(50));
+        assert_eq!(globex.run.broker.max_connections, Some(50));
         assert_eq!(globex.listen, Some(SocketAddr::from(([127, 0, 0, 1], 1884))));
         assert_eq!(globex.limits, Limits { cpus: Some(1.0), memory_mib: Some(128), pids: Some(16) });
     }
@@ -445,8 +430,8 @@ mod tests {
         std::fs::write(dir.join("conf/t.toml"), "acl_file = \"acl\"\nmax_connections = 5\n").unwrap();
         let body = settings_file_body(&dir.join("conf/t.toml")).unwrap();
         let tenant = config.defaults.added(table(&body), Path::new("/")).unwrap();
-        assert_eq!(tenant.broker.acl_file, Some(dir.join("conf/acl")));
-        assert_eq!(tenant.broker.max_connections, Some(5));
+        assert_eq!(tenant.run.broker.acl_file, Some(dir.join("conf/acl")));
+        assert_eq!(tenant.run.broker.max_connections, Some(5));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -16,7 +16,7 @@ use mqvisor_broker::properties::Properties;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
-use super::config::{Defaults, FailedTenant};
+use super::config::{FailedTenant, TenantTable};
 use super::front::MAX_FIRST_BYTES;
 use super::tenant::{self, Tenant};
 
@@ -57,7 +57,7 @@ pub fn remove_files(state_dir: &Path, name: &str) {
 pub async fn start(
     name: &str,
     failed: &mut BTreeMap<String, FailedTenant>,
-    defaults: &Defaults,
+    defaults: &TenantTable,
     state_dir: &Path,
 ) -> Result<(Tenant, Option<TcpListener>), String> {
     let Some(entry) = failed.get_mut(name) else { return Err(format!("no tenant {name:?}")) };

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
-use config::{Again, Defaults, FailedTenant, ServeConfig, TenantConfig, valid_tenant_name};
+use config::{Again, FailedTenant, ServeConfig, TenantConfig, TenantTable, valid_tenant_name};
 use control::Command;
 use front::{FirstBytes, Pending, Route};
 use tenant::{Exited, Tenant};
@@ -81,7 +81,7 @@ impl Changes {
         &self,
         tenants: &mut BTreeMap<String, TenantConfig>,
         failed: &mut BTreeMap<String, FailedTenant>,
-        defaults: &Defaults,
+        defaults: &TenantTable,
     ) -> Result<(), String> {
         for entry in std::fs::read_dir(&self.removed).map_err(|e| e.to_string())?.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use mqvisor::cgroup::Group;
 use mqvisor::net::proxy::LoadReport;
+use mqvisor::state::Persistence;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
@@ -100,21 +101,31 @@ pub struct Tenant {
 }
 
 impl Tenant {
-    /// A stopped tenant whose broker settings are written to `state_dir`,
-    /// with its control group made when it has limits.
-    pub fn new(name: &str, config: TenantConfig, state_dir: &Path) -> Result<Tenant, String> {
+    /// A stopped tenant, with its control group made when it has limits
+    /// and its process's settings written to `state_dir`.
+    pub fn new(name: &str, mut config: TenantConfig, state_dir: &Path) -> Result<Tenant, String> {
         let dir = state_dir.join("tenants");
         let [settings_file, state_file] = files(state_dir, name);
-        let text = toml::to_string(&config.broker).map_err(|e| format!("tenant {name}: {e}"))?;
-        // Tenants' settings and state (their messages) are the daemon's alone.
-        std::fs::create_dir_all(&dir)
-            .and_then(|()| std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
-            .and_then(|()| std::fs::write(&settings_file, text))
-            .map_err(|e| format!("state directory {}: {e}", state_dir.display()))?;
         let group = (!config.limits.is_empty())
             .then(|| Group::create(&format!("serve-{}-{name}", std::process::id()), &config.limits))
             .transpose()
             .map_err(|e| format!("tenant {name}: resource limits: {e}"))?;
+        config.run.state = (config.run.persistence != Persistence::Off).then(|| state_file.clone());
+        config.run.cgroup = group.as_ref().map(|group| group.dirs.clone()).unwrap_or_default();
+        // Tenants' settings and state (their messages) are the daemon's alone.
+        let written = config.run.to_text().map_err(|e| format!("tenant {name}: {e}")).and_then(|text| {
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)))
+                .and_then(|()| std::fs::write(&settings_file, text))
+                .map_err(|e| format!("state directory {}: {e}", state_dir.display()))
+        });
+        if let Err(e) = written {
+            // Not served: its group goes again.
+            if let Some(group) = &group {
+                group.remove();
+            }
+            return Err(e);
+        }
         Ok(Tenant {
             name: name.to_string(),
             config,
@@ -169,7 +180,7 @@ impl Tenant {
             boots: self.boots,
             crashes: self.crashes,
             restarts: self.restarts,
-            memory_mib: self.config.memory_mib,
+            memory_mib: self.config.run.memory,
             bytes_in: load.bytes_in,
             bytes_out: load.bytes_out,
             messages_in: load.service.messages_in,
@@ -294,17 +305,8 @@ impl Tenant {
         command
             .arg("run")
             .args(["--handoff-fd", &HANDOFF_FD.to_string()])
-            .args(["--memory", &self.config.memory_mib.to_string()])
-            .arg("--config")
-            .arg(&self.settings_file)
-            .args(self.config.user.iter().flat_map(|user| ["--user", user.as_str()]))
-            .args(["--persistence", self.config.persistence]);
-        for dir in self.group.iter().flat_map(|group| &group.dirs) {
-            command.arg("--cgroup").arg(dir);
-        }
-        if self.config.persistence != "off" {
-            command.arg("--state").arg(&self.state_file);
-        }
+            .arg("--tenant-settings")
+            .arg(&self.settings_file);
         command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
         // SAFETY: between fork and exec this runs only async-signal-safe
         // calls (dup2, fcntl, prctl) on descriptors of the child itself.
@@ -351,7 +353,7 @@ impl Tenant {
         self.state = State::Running;
         self.restart_at = None;
         self.boots += 1;
-        tracing::info!(tenant = %self.name, pid, memory_mib = self.config.memory_mib, "booted");
+        tracing::info!(tenant = %self.name, pid, memory_mib = self.config.run.memory, "booted");
         Ok(())
     }
 
@@ -425,7 +427,7 @@ impl Tenant {
         }
         let since = *self.idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= after {
-            if self.config.persistence == "off" {
+            if self.config.run.persistence == Persistence::Off {
                 tracing::info!(tenant = %self.name, idle_s = after.as_secs(), "idle: stopping (its state is lost)");
             } else {
                 tracing::info!(tenant = %self.name, idle_s = after.as_secs(), "idle: stopping (its state is kept)");
@@ -474,8 +476,8 @@ impl Tenant {
     }
 }
 
-/// Tenant `name`'s files in `state_dir`: its broker settings, as its
-/// process reads them, and its durable state.
+/// Tenant `name`'s files in `state_dir`: its process's settings
+/// ([`crate::settings::TenantRun`]) and its durable state.
 pub fn files(state_dir: &Path, name: &str) -> [PathBuf; 2] {
     let dir = state_dir.join("tenants");
     [dir.join(format!("{name}.toml")), dir.join(format!("{name}.state"))]
