@@ -19,23 +19,79 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, SignalHandler, register_signal_handler};
 
-use crate::devices::MmioBus;
+use crate::devices::{BusError, GiveUp, MmioBus, StopReason};
 use crate::paravirt::{self, PortRequest};
+use crate::seccomp::SeccompError;
 
 /// How a VM run ended.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Outcome {
     /// The guest wrote EXIT.
     Exited { code: u32, message: String },
     /// The guest did something it cannot come back from.
-    Crashed { reason: String, rip: Option<u64> },
+    Crashed { reason: CrashReason, rip: Option<u64> },
     /// `--timeout` passed first.
     TimedOut { after: Duration, rip: Option<u64> },
     /// The operator asked mqvisor to stop (SIGINT or SIGTERM).
     Stopped { signal: i32 },
     /// The host could not go on running the guest: a KVM call kept failing
-    /// for a reason of the host's, not the guest's (see [`EAGAIN_FOR`]).
-    HostFailed { reason: String },
+    /// for a reason of the host's, not the guest's.
+    HostFailed { reason: HostFailure },
+}
+
+/// Why the guest was stopped as crashed: an exit it cannot come back from,
+/// a device that gave up on it, or the vCPU thread's own end.
+#[derive(Debug, thiserror::Error)]
+pub enum CrashReason {
+    #[error("the guest accessed device registers {MAX_MMIO_PER_SECOND} times in under a second; stopping it")]
+    RegisterStorm,
+    #[error("KVM_RUN failed: {0}")]
+    KvmRun(kvm_ioctls::Error),
+    #[error("guest wrote to unknown I/O port {0:#x}")]
+    UnknownPortWrite(u16),
+    #[error("guest read from unknown I/O port {0:#x}")]
+    UnknownPortRead(u16),
+    #[error("guest paravirt page unreadable: {0}")]
+    ParavirtPage(vm_memory::GuestMemoryError),
+    #[error("guest read unmapped guest-physical address {0:#x}")]
+    UnmappedRead(u64),
+    /// A device write the bus refused (unmapped, or its device gave up).
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception it could not handle")]
+    TripleFault,
+    #[error("guest executed HLT (KVM_EXIT_HLT)")]
+    Halt,
+    #[error("KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})")]
+    FailEntry { reason: u64, cpu: u32 },
+    #[error("KVM internal error (KVM_EXIT_INTERNAL_ERROR)")]
+    KvmInternal,
+    #[error("guest system event {0} (KVM_EXIT_SYSTEM_EVENT)")]
+    SystemEvent(u32),
+    /// Any other exit, as KVM's bindings print it (the exit borrows the
+    /// vCPU's run area, so its text is kept).
+    #[error("unexpected VM exit {0}")]
+    UnexpectedExit(String),
+    /// A device thread gave up on the guest (see [`GiveUp`]).
+    #[error(transparent)]
+    Device(StopReason),
+    #[error("vCPU thread: {0}")]
+    Seccomp(SeccompError),
+    #[error("vCPU thread ended without an outcome")]
+    NoOutcome,
+    #[error("vCPU thread panicked")]
+    Panicked,
+}
+
+/// Why the host could not go on running the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum HostFailure {
+    /// See [`EAGAIN_FOR`].
+    #[error(
+        "KVM_RUN failed with EAGAIN for {} s on end (the usual cause: a task limit too low for KVM's worker thread)",
+        EAGAIN_FOR.as_secs()
+    )]
+    KvmRunAgain,
 }
 
 /// Exits the vCPU made to this process (each costs ~30 µs on nested KVM).
@@ -62,9 +118,9 @@ pub struct VcpuContext {
     /// Every exit, counted as it happens (for live reports; `ExitStats`
     /// comes only at the end).
     pub exit_count: Arc<std::sync::atomic::AtomicU64>,
-    /// Set by a device thread that gave up on the guest: the VM is
-    /// stopped with this reason.
-    pub stop_reason: Arc<std::sync::Mutex<Option<String>>>,
+    /// Where a device thread that gave up on the guest says why: the VM
+    /// is stopped with that reason.
+    pub give_up: GiveUp,
 }
 
 /// Device register accesses (MMIO exits to this process) a guest may make
@@ -118,7 +174,7 @@ enum Step {
     Continue,
     Wait(Option<Duration>),
     End(Outcome),
-    Crash(String),
+    Crash(CrashReason),
     /// KVM_RUN failed with EAGAIN: try again, for a while.
     Again,
 }
@@ -141,10 +197,7 @@ impl VcpuLoop {
         loop {
             if self.stats.mmio - mmio_mark.1 >= MAX_MMIO_PER_SECOND {
                 if mmio_mark.0.elapsed() < Duration::from_secs(1) {
-                    let reason = format!(
-                        "the guest accessed device registers {MAX_MMIO_PER_SECOND} times in under a second; stopping it"
-                    );
-                    return Outcome::Crashed { reason, rip: self.rip() };
+                    return Outcome::Crashed { reason: CrashReason::RegisterStorm, rip: self.rip() };
                 }
                 mmio_mark = (Instant::now(), self.stats.mmio);
             }
@@ -158,18 +211,13 @@ impl VcpuLoop {
                 }
                 Err(e) if e.errno() == libc::EINTR => Step::Continue,
                 Err(e) if e.errno() == libc::EAGAIN => Step::Again,
-                Err(e) => Step::Crash(format!("KVM_RUN failed: {e}")),
+                Err(e) => Step::Crash(CrashReason::KvmRun(e)),
             };
             match step {
                 Step::Again => {
                     let since = *failing_since.get_or_insert_with(Instant::now);
                     if since.elapsed() >= EAGAIN_FOR {
-                        let reason = format!(
-                            "KVM_RUN failed with EAGAIN for {} s on end (the usual cause: a task limit too low \
-                             for KVM's worker thread)",
-                            EAGAIN_FOR.as_secs()
-                        );
-                        return Outcome::HostFailed { reason };
+                        return Outcome::HostFailed { reason: HostFailure::KvmRunAgain };
                     }
                     thread::sleep(EAGAIN_PAUSE);
                 }
@@ -198,32 +246,28 @@ fn on_exit(exit: VcpuExit, context: &mut VcpuContext, stats: &mut ExitStats) -> 
             }
             Ok(PortRequest::Exit { code, message }) => Step::End(Outcome::Exited { code, message }),
             Ok(PortRequest::Wait(timeout)) => Step::Wait(timeout),
-            Ok(PortRequest::Unknown { port }) => Step::Crash(format!("guest wrote to unknown I/O port {port:#x}")),
-            Err(e) => Step::Crash(format!("guest paravirt page unreadable: {e}")),
+            Ok(PortRequest::Unknown { port }) => Step::Crash(CrashReason::UnknownPortWrite(port)),
+            Err(e) => Step::Crash(CrashReason::ParavirtPage(e)),
         },
-        VcpuExit::IoIn(port, _) => Step::Crash(format!("guest read from unknown I/O port {port:#x}")),
+        VcpuExit::IoIn(port, _) => Step::Crash(CrashReason::UnknownPortRead(port)),
         VcpuExit::MmioRead(addr, data) => {
             if context.bus.read(addr, data) {
                 Step::Continue
             } else {
-                Step::Crash(format!("guest read unmapped guest-physical address {addr:#x}"))
+                Step::Crash(CrashReason::UnmappedRead(addr))
             }
         }
         VcpuExit::MmioWrite(addr, data) => match context.bus.write(addr, data) {
             Ok(()) => Step::Continue,
-            Err(reason) => Step::Crash(reason),
+            Err(refused) => Step::Crash(CrashReason::Bus(refused)),
         },
-        VcpuExit::Shutdown => {
-            Step::Crash("guest triple-faulted (KVM_EXIT_SHUTDOWN): an exception it could not handle".into())
-        }
-        VcpuExit::Hlt => Step::Crash("guest executed HLT (KVM_EXIT_HLT)".into()),
+        VcpuExit::Shutdown => Step::Crash(CrashReason::TripleFault),
+        VcpuExit::Hlt => Step::Crash(CrashReason::Halt),
         VcpuExit::Intr => Step::Continue,
-        VcpuExit::FailEntry(reason, cpu) => {
-            Step::Crash(format!("KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, reason {reason:#x}, cpu {cpu})"))
-        }
-        VcpuExit::InternalError => Step::Crash("KVM internal error (KVM_EXIT_INTERNAL_ERROR)".into()),
-        VcpuExit::SystemEvent(kind, _) => Step::Crash(format!("guest system event {kind} (KVM_EXIT_SYSTEM_EVENT)")),
-        other => Step::Crash(format!("unexpected VM exit {other:?}")),
+        VcpuExit::FailEntry(reason, cpu) => Step::Crash(CrashReason::FailEntry { reason, cpu }),
+        VcpuExit::InternalError => Step::Crash(CrashReason::KvmInternal),
+        VcpuExit::SystemEvent(kind, _) => Step::Crash(CrashReason::SystemEvent(kind)),
+        other => Step::Crash(CrashReason::UnexpectedExit(format!("{other:?}"))),
     }
 }
 
@@ -260,8 +304,8 @@ pub fn install_signal_handlers() -> std::io::Result<()> {
 /// `timeout` passes. [`install_signal_handlers`] must have run.
 pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std::io::Result<(Outcome, ExitStats)> {
     let wake = context.wake.clone();
-    let stop_reason = context.stop_reason.clone();
-    let given_up = move || stop_reason.lock().ok().and_then(|reason| reason.clone());
+    let give_up = context.give_up.clone();
+    let given_up = move || give_up.reason();
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let vcpu_loop = VcpuLoop { vcpu, context, stats: ExitStats::default(), stop: stop.clone() };
@@ -276,7 +320,7 @@ pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std
                 }
                 vcpu_loop.run(started)
             }
-            Err(e) => (Outcome::Crashed { reason: format!("vCPU thread: {e}"), rip: None }, ExitStats::default()),
+            Err(e) => (Outcome::Crashed { reason: CrashReason::Seccomp(e), rip: None }, ExitStats::default()),
         };
         // The receiver lives until this thread is joined below.
         let _ = done_tx.send(result);
@@ -313,8 +357,7 @@ pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std
                     Ok(result) => break result,
                     Err(mpsc::RecvTimeoutError::Timeout) => continue,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        let reason = "vCPU thread ended without an outcome".to_string();
-                        break (Outcome::Crashed { reason, rip: None }, ExitStats::default());
+                        break (Outcome::Crashed { reason: CrashReason::NoOutcome, rip: None }, ExitStats::default());
                     }
                 }
             }
@@ -322,12 +365,14 @@ pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std
     };
     let signal = STOP_SIGNAL.load(Ordering::Acquire);
     let result = match (result, given_up()) {
-        ((Outcome::TimedOut { rip, .. }, stats), Some(reason)) => (Outcome::Crashed { reason, rip }, stats),
+        ((Outcome::TimedOut { rip, .. }, stats), Some(reason)) => {
+            (Outcome::Crashed { reason: CrashReason::Device(reason), rip }, stats)
+        }
         ((Outcome::TimedOut { .. }, stats), None) if signal != 0 => (Outcome::Stopped { signal }, stats),
         (other, _) => other,
     };
     if handle.join().is_err() {
-        return Ok((Outcome::Crashed { reason: "vCPU thread panicked".into(), rip: None }, ExitStats::default()));
+        return Ok((Outcome::Crashed { reason: CrashReason::Panicked, rip: None }, ExitStats::default()));
     }
     Ok(result)
 }

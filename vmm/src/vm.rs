@@ -24,11 +24,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::arch::{self, ArchError};
-use crate::devices::MmioBus;
 use crate::devices::virtio::block::{BlockDevice, BlockMetrics, BlockThread};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::net as net_device;
 use crate::devices::virtio::net::{NetDevice, NetMetrics, RingFault};
+use crate::devices::{GiveUp, MmioBus};
 use crate::image::{self, ImageError};
 use crate::net::{
     self,
@@ -274,7 +274,7 @@ impl Network {
         max_connections: usize,
         wake: Arc<EventFd>,
         vm_exits: Arc<AtomicU64>,
-        stop_reason: Arc<Mutex<Option<String>>>,
+        give_up: GiveUp,
     ) -> Result<(Self, MmioBus), VmmError> {
         let device = NetDevice::new(net::GUEST_MAC, net::MAX_FRAME);
         let transport = MmioTransport::new(device, mem.clone()).map_err(VmmError::Thread)?;
@@ -294,7 +294,7 @@ impl Network {
             ingress,
             max_connections,
             vm_exits,
-            stop_reason,
+            stop_reason: give_up,
             counters: counters.clone(),
         })
         .map_err(VmmError::Thread)?;
@@ -401,7 +401,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
 
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?);
     let exit_count = Arc::new(AtomicU64::new(0));
-    let stop_reason = Arc::new(Mutex::new(None));
+    let give_up = GiveUp::default();
     // What needs privileges is held now: /dev/kvm and the listener.
     let ingress = match config.service {
         Service::Demo => None,
@@ -413,15 +413,8 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let (network, mut bus) = match (config.service, ingress) {
         (Service::Demo, _) | (_, None) => (None, MmioBus::default()),
         (_, Some(ingress)) => {
-            let (network, bus) = Network::start(
-                &vm,
-                &mem,
-                ingress,
-                max_connections,
-                wake.clone(),
-                exit_count.clone(),
-                stop_reason.clone(),
-            )?;
+            let (network, bus) =
+                Network::start(&vm, &mem, ingress, max_connections, wake.clone(), exit_count.clone(), give_up.clone())?;
             info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
             info.net = net::guest_net_config(GUEST_PORT);
             info.devices[0] = DeviceDescriptor {
@@ -437,7 +430,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
 
     let disk = match (config.state, network.is_some()) {
         (Some(state), true) => {
-            let (disk, window) = Disk::start(&vm, &mem, state.file, wake.clone(), stop_reason.clone())?;
+            let (disk, window) = Disk::start(&vm, &mem, state.file, wake.clone(), give_up.clone())?;
             bus.insert(window.base, window.size, disk.transport.clone());
             info.devices[info.device_count as usize] = window;
             info.device_count += 1;
@@ -454,7 +447,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     info.setup_ns = u64::try_from(created.elapsed().as_nanos()).unwrap_or(u64::MAX);
     mem.write_slice(info.as_bytes(), GuestAddress(layout::BOOT_INFO)).map_err(VmmError::BootInfo)?;
 
-    let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake, exit_count, stop_reason };
+    let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake, exit_count, give_up };
     let (outcome, exits) = vcpu::run(vcpu, context, config.timeout).map_err(VmmError::Thread)?;
     let disk = disk.map(Disk::stop);
     let (net, notifications) = match network.map(Network::stop) {
@@ -483,7 +476,7 @@ impl Disk {
         mem: &GuestMemoryMmap,
         file: std::fs::File,
         wake: Arc<EventFd>,
-        stop_reason: Arc<Mutex<Option<String>>>,
+        give_up: GiveUp,
     ) -> Result<(Self, DeviceDescriptor), VmmError> {
         let base = layout::DEVICE_WINDOW + layout::DEVICE_SIZE;
         let device = BlockDevice::new(file, "mqvisor-state").map_err(VmmError::StateFile)?;
@@ -492,7 +485,7 @@ impl Disk {
         let addr = IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY_OFFSET);
         vm.register_ioevent(event, &addr, 0u32).map_err(kvm_err("KVM_IOEVENTFD"))?;
         let transport = Arc::new(Mutex::new(transport));
-        let thread = BlockThread::spawn(transport.clone(), wake, stop_reason).map_err(VmmError::Thread)?;
+        let thread = BlockThread::spawn(transport.clone(), wake, give_up).map_err(VmmError::Thread)?;
         let window = DeviceDescriptor { base, size: layout::DEVICE_SIZE, kind: device_kind::VIRTIO_BLK, reserved: 0 };
         Ok((Disk { transport, thread }, window))
     }

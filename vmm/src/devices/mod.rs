@@ -1,5 +1,8 @@
 //! Devices the VMM emulates for the guest, and the MMIO bus that routes the
 //! vCPU's MMIO exits to them. Only virtio over MMIO for now.
+//!
+//! Also owns why a device gives up on its guest ([`StopReason`]) and where
+//! its thread says so ([`GiveUp`]), which the vCPU's supervisor reads.
 
 pub mod virtio;
 
@@ -15,9 +18,62 @@ pub trait MmioDevice: Send {
     /// A write of `data` at `offset` in the window.
     fn write(&mut self, offset: u64, data: &[u8]);
     /// Why the VM must stop, once the device has given up on its guest.
-    fn broken(&self) -> Option<String> {
+    fn broken(&self) -> Option<StopReason> {
         None
     }
+}
+
+/// Why a device gave up on its guest: the VM is stopped, as crashed, with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StopReason {
+    /// The driver broke its device (NEEDS_RESET) this many times; see
+    /// `MmioTransport::broken`.
+    #[error("the guest broke its virtio device (type {device_type}) {refusals} times; stopping it")]
+    DriverBroke { device_type: u32, refusals: u32 },
+    /// The driver notified a queue far more often than there was work, for
+    /// a whole second; see `virtio::storm`.
+    #[error(
+        "the guest notified its {device} device {notifications} times in under a second with {done} {work} to \
+         move; stopping it"
+    )]
+    NotifyStorm {
+        /// The device ("network", "block").
+        device: &'static str,
+        notifications: u64,
+        /// Units of work done meanwhile, and what one is called ("frames").
+        done: u64,
+        work: &'static str,
+    },
+}
+
+/// Where a VM's device threads say why the VM must stop: the first reason
+/// given stands, and the vCPU's supervisor stops the VM with it.
+#[derive(Debug, Clone, Default)]
+pub struct GiveUp(Arc<Mutex<Option<StopReason>>>);
+
+impl GiveUp {
+    /// Asks for the VM to stop for `reason`, unless a reason was given first.
+    pub fn give_up(&self, reason: StopReason) {
+        if let Ok(mut given) = self.0.lock() {
+            given.get_or_insert(reason);
+        }
+    }
+
+    /// The reason given, if any.
+    pub fn reason(&self) -> Option<StopReason> {
+        self.0.lock().ok().and_then(|given| *given)
+    }
+}
+
+/// Why the bus refused a guest's write: the VM stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BusError {
+    /// No device covers the whole access.
+    #[error("guest wrote unmapped guest-physical address {addr:#x}")]
+    Unmapped { addr: u64 },
+    /// The device written gave up on the guest.
+    #[error(transparent)]
+    Device(#[from] StopReason),
 }
 
 impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
@@ -29,7 +85,7 @@ impl<D: VirtioDevice> MmioDevice for MmioTransport<D> {
         MmioTransport::write(self, offset, data);
     }
 
-    fn broken(&self) -> Option<String> {
+    fn broken(&self) -> Option<StopReason> {
         MmioTransport::broken(self)
     }
 }
@@ -65,11 +121,11 @@ impl MmioBus {
     /// Routes a write; `Err` with the reason the VM must stop when no
     /// device covers the whole access, or when its device gave up on the
     /// guest (see `MmioTransport::broken`).
-    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), String> {
-        let unmapped = || format!("guest wrote unmapped guest-physical address {addr:#x}");
-        let Some((offset, device)) = self.find(addr, data.len()) else { return Err(unmapped()) };
-        let mut device = device.lock().map_err(|_| unmapped())?;
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), BusError> {
+        let unmapped = BusError::Unmapped { addr };
+        let Some((offset, device)) = self.find(addr, data.len()) else { return Err(unmapped) };
+        let mut device = device.lock().map_err(|_| unmapped)?;
         device.write(offset, data);
-        device.broken().map_or(Ok(()), Err)
+        device.broken().map_or(Ok(()), |reason| Err(BusError::Device(reason)))
     }
 }

@@ -78,7 +78,7 @@ pub struct ProxyConfig {
     /// The vCPU's exits, counted as they happen (for the load report).
     pub vm_exits: Arc<AtomicU64>,
     /// Where the proxy says why the VM must stop (see `vcpu::VcpuContext`).
-    pub stop_reason: Arc<Mutex<Option<String>>>,
+    pub stop_reason: crate::devices::GiveUp,
 }
 
 /// Where a VM's clients come from.
@@ -334,7 +334,7 @@ struct Proxy {
     woken_rx: mpsc::UnboundedReceiver<Woken>,
     counters: Arc<LinkCounters>,
     vm_exits: Arc<AtomicU64>,
-    stop_reason: Arc<Mutex<Option<String>>>,
+    stop_reason: crate::devices::GiveUp,
     /// Bytes for slow clients held at most (see [`OUT_BUDGET`]).
     out_budget: usize,
     /// Notifications against frames moved (a guest in a loop is stopped).

@@ -12,6 +12,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{VIRTIO_F_VERSION_1, VirtioDevice, status};
+use crate::devices::StopReason;
 
 const MAGIC_VALUE: u32 = 0x7472_6976; // "virt"
 const VERSION: u32 = 2;
@@ -145,14 +146,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
     /// [`MAX_REFUSALS`] times: a real driver never does it once, and one that
     /// sets the device up and breaks it in a loop costs the host an exit
     /// for every register it writes, which its neighbours feel.
-    pub fn broken(&self) -> Option<String> {
-        (self.refusals >= MAX_REFUSALS).then(|| {
-            format!(
-                "the guest broke its virtio device (type {}) {} times; stopping it",
-                self.device.device_type(),
-                self.refusals
-            )
-        })
+    pub fn broken(&self) -> Option<StopReason> {
+        (self.refusals >= MAX_REFUSALS)
+            .then(|| StopReason::DriverBroke { device_type: self.device.device_type(), refusals: self.refusals })
     }
 
     /// Current device status register.
@@ -448,6 +444,7 @@ mod tests {
             write(&mut t, reg::STATUS, AD | status::FEATURES_OK | status::DRIVER_OK);
         }
         let reason = t.broken().expect("given up");
-        assert!(reason.contains("broke its virtio device (type 1) 16 times"), "{reason}");
+        assert_eq!(reason, StopReason::DriverBroke { device_type: 1, refusals: MAX_REFUSALS });
+        assert!(reason.to_string().contains("broke its virtio device (type 1) 16 times"), "{reason}");
     }
 }

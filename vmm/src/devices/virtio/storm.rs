@@ -5,10 +5,11 @@
 //! often than there is work, for a whole second, is stopped.
 //!
 //! Owns the per-second count. Never stops anything itself: the device's
-//! thread says why through the VM's stop reason.
+//! thread says why through the VM's [`GiveUp`].
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::devices::{GiveUp, StopReason};
 
 /// Notifications in a second past which, with a hundred times fewer units
 /// of work (frames, requests) done, the guest is in a loop.
@@ -32,8 +33,9 @@ impl NotifyStorm {
     }
 
     /// Counts `count` notifications, with `work_total` units of work done
-    /// so far; in a storm, sets `stop_reason` (once) and returns true.
-    pub fn notified(&mut self, count: u64, work_total: u64, stop_reason: &Mutex<Option<String>>) -> bool {
+    /// so far; in a storm, gives up on the guest through `give_up` and
+    /// returns true.
+    pub fn notified(&mut self, count: u64, work_total: u64, give_up: &GiveUp) -> bool {
         if self.start.elapsed() >= Duration::from_secs(1) {
             (self.start, self.notifications, self.work_before) = (Instant::now(), 0, work_total);
         }
@@ -41,12 +43,12 @@ impl NotifyStorm {
         let done = work_total.saturating_sub(self.work_before);
         let storm =
             self.notifications > NOTIFY_STORM && self.notifications > done.saturating_add(1).saturating_mul(100);
-        if storm && let Ok(mut reason) = stop_reason.lock() {
-            reason.get_or_insert_with(|| {
-                format!(
-                    "the guest notified its {} device {} times in under a second with {done} {} to move; stopping it",
-                    self.device, self.notifications, self.work
-                )
+        if storm {
+            give_up.give_up(StopReason::NotifyStorm {
+                device: self.device,
+                notifications: self.notifications,
+                done,
+                work: self.work,
             });
         }
         storm
@@ -59,14 +61,17 @@ mod tests {
 
     #[test]
     fn notifications_far_beyond_the_work_in_a_second_are_a_storm() {
-        let reason = Mutex::new(None);
+        let give_up = GiveUp::default();
         let mut storm = NotifyStorm::new("network", "frames");
         // As many notifications as frames: a working driver, however busy.
-        assert!(!storm.notified(60_000, 60_000, &reason));
-        assert!(reason.lock().unwrap().is_none());
+        assert!(!storm.notified(60_000, 60_000, &give_up));
+        assert!(give_up.reason().is_none());
         // A hundred times more notifications than frames: a loop.
-        assert!(storm.notified(7_000_000, 60_000, &reason));
-        let why = reason.lock().unwrap().clone().unwrap();
+        assert!(storm.notified(7_000_000, 60_000, &give_up));
+        let why = give_up.reason().unwrap().to_string();
         assert!(why.contains("notified its network device 7060000 times"), "{why}");
+        // The first reason stands.
+        assert!(storm.notified(9_000_000, 60_000, &give_up));
+        assert_eq!(give_up.reason().unwrap().to_string(), why);
     }
 }

@@ -14,12 +14,11 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::{DEVICE_ID, MAX_TRANSFER, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH};
+use super::{BlockMetrics, DEVICE_ID, MAX_TRANSFER, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH};
 use crate::devices::virtio::{ActivateError, RingFault, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes};
 
 /// Request types (5.2.6).
@@ -39,31 +38,6 @@ mod status {
 
 const HEADER_LEN: usize = 16;
 const ID_LEN: usize = 20;
-
-/// What the device did, for `--stats` and the operator's metrics.
-#[derive(Debug, Default)]
-pub struct BlockMetrics {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub flushes: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    /// Requests refused for breaking the protocol (direction, length, range, loops).
-    pub malformed: AtomicU64,
-    /// Requests the host file failed (full disk, file-size limit, I/O error).
-    pub io_errors: AtomicU64,
-    pub ring_faults: AtomicU64,
-}
-
-impl BlockMetrics {
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-
-    fn bump(counter: &AtomicU64, by: u64) {
-        counter.fetch_add(by, Ordering::Relaxed);
-    }
-}
 
 struct Active {
     queue: Queue,

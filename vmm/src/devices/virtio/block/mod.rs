@@ -1,15 +1,21 @@
-//! virtio-blk (virtio 1.2, section 5.2) over one host file, in the same shape
-//! as the net device: [`device`] is the device model (request validation and
-//! the file I/O it maps to), [`worker`] the thread that runs it, so host I/O
-//! never happens on the vCPU thread.
+//! virtio-blk (virtio 1.2, section 5.2) over one host file, in the net
+//! device's shape: [`device`] is the device model (request validation and
+//! the file I/O it maps to), [`metrics`] its counters, [`event_handler`]
+//! what one queue notification leads to under one lock, and [`worker`] the
+//! thread that runs it, so host I/O never happens on the vCPU thread.
 //!
-//! Nothing in this folder trusts the guest: every request is checked for
-//! direction, length and sector range before the file is touched.
+//! Here live what the parts share: the spec's constants. Nothing in this
+//! folder trusts the guest: every request is checked for direction, length
+//! and sector range before the file is touched.
 
 pub mod device;
+pub mod event_handler;
+pub mod metrics;
 pub mod worker;
 
-pub use device::{BlockDevice, BlockMetrics};
+pub use device::BlockDevice;
+pub use event_handler::BlockEventHandler;
+pub use metrics::BlockMetrics;
 pub use worker::BlockThread;
 
 /// virtio device ID of a block device.

@@ -1,10 +1,11 @@
 //! The block worker thread: sleeps until the guest notifies the request
-//! queue (KVM signals the queue's eventfd directly), serves every request
-//! under the device's lock, re-arms notifications, and wakes a parked guest.
+//! queue (KVM signals the queue's eventfd directly), has the event handler
+//! serve every request ([`super::event_handler`]), stops a guest that
+//! notifies in a loop, and wakes a parked guest.
 //!
 //! Owns the thread and its stop signal. The file I/O (including
 //! `fdatasync`, the slow part) happens here, never on the vCPU thread; the
-//! lock it holds meanwhile is one the vCPU takes only for this device's
+//! lock held meanwhile is one the vCPU takes only for this device's
 //! registers, which a running driver does not touch.
 
 use std::os::fd::AsRawFd;
@@ -12,7 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use super::BlockDevice;
+use super::{BlockDevice, BlockEventHandler};
+use crate::devices::GiveUp;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::storm::NotifyStorm;
 
@@ -24,16 +26,14 @@ pub struct BlockThread {
 
 impl BlockThread {
     /// Starts the worker for `transport`; `wake_guest` ends a guest's WAIT;
-    /// `stop_reason` is where it says why the VM must stop.
+    /// `give_up` is where it says why the VM must stop.
     pub fn spawn(
         transport: Arc<Mutex<MmioTransport<BlockDevice>>>,
         wake_guest: Arc<EventFd>,
-        stop_reason: Arc<Mutex<Option<String>>>,
+        give_up: GiveUp,
     ) -> std::io::Result<Self> {
-        let notified = {
-            let t = transport.lock().map_err(|_| std::io::Error::other("device lock poisoned"))?;
-            t.queue_event(0).ok_or_else(|| std::io::Error::other("no queue event"))?.try_clone()?
-        };
+        let handler = BlockEventHandler::new(transport);
+        let notified = handler.queue_event()?;
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stopped = stop.try_clone()?;
         let handle = std::thread::Builder::new().name("block".into()).spawn(move || {
@@ -41,7 +41,7 @@ impl BlockThread {
                 eprintln!("mqvisor: state disk disabled: {e}");
                 return;
             }
-            run(&transport, &notified, &stopped, &wake_guest, &stop_reason);
+            run(&handler, &notified, &stopped, &wake_guest, &give_up);
         })?;
         Ok(BlockThread { stop, handle: Some(handle) })
     }
@@ -65,13 +65,7 @@ impl Drop for BlockThread {
     }
 }
 
-fn run(
-    transport: &Mutex<MmioTransport<BlockDevice>>,
-    notified: &EventFd,
-    stop: &EventFd,
-    wake_guest: &EventFd,
-    stop_reason: &Mutex<Option<String>>,
-) {
+fn run(handler: &BlockEventHandler, notified: &EventFd, stop: &EventFd, wake_guest: &EventFd, give_up: &GiveUp) {
     let mut storm = NotifyStorm::new("block", "requests");
     let mut served_total = 0u64;
     let mut fds = [
@@ -92,39 +86,13 @@ fn run(
             return;
         }
         let count = notified.read().unwrap_or(0);
-        let Ok(mut t) = transport.lock() else { return };
-        t.add_notifications(count);
-        let served = serve_all(&mut t);
-        drop(t);
+        let Some(served) = handler.visit(count) else { return };
         served_total += served as u64;
-        if storm.notified(count, served_total, stop_reason) {
+        if storm.notified(count, served_total, give_up) {
             return;
         }
         if served > 0 {
             let _ = wake_guest.write(1);
         }
     }
-}
-
-/// Serves every request available, re-arming notifications until none
-/// slipped in; a broken ring puts the device in NEEDS_RESET. Returns how
-/// many were served.
-fn serve_all(t: &mut MmioTransport<BlockDevice>) -> usize {
-    let mut served = 0;
-    let device = t.device_mut();
-    let fault = loop {
-        match device.process_queue() {
-            // Requests may slip in while notifications were off.
-            Ok(0) => match device.enable_notification() {
-                Ok(true) => {}
-                Ok(false) => return served,
-                Err(fault) => break fault,
-            },
-            Ok(n) => served += n,
-            Err(fault) => break fault,
-        }
-    };
-    eprintln!("mqvisor: virtio-blk: {fault}; the device needs a reset");
-    t.set_needs_reset();
-    served
 }
