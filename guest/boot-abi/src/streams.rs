@@ -9,12 +9,13 @@
 //! record. One frame carries records of any number of streams, so a burst
 //! for a thousand clients is a handful of frames.
 //!
-//! Flow control is one credit per stream, guest to host only: the guest may
-//! have [`WINDOW`] bytes of a stream's `Data` unconfirmed by the host's
-//! `Credit` records; the host confirms bytes once its client socket took
-//! them. Host to guest needs none: the guest hands every byte to the broker,
-//! which bounds what it keeps, and the host stops reading clients while its
-//! frames for the guest wait.
+//! Flow control is a window per stream and direction: either side may have
+//! [`WINDOW`] bytes of a stream's `Data` unconfirmed by the other side's
+//! `Credit` records. The host confirms the guest's bytes once its client
+//! socket took them, the guest confirms the client's bytes once its service
+//! consumed them; so a client that does not read holds back only its own
+//! stream, and one that floods is held back by TCP. Both ends keep the rule
+//! with one [`Window`] per stream.
 //!
 //! Owns the wire format, its encoder and its checked decoder. Never trusts
 //! a frame: the host decodes what a possibly hostile guest wrote.
@@ -55,7 +56,9 @@ pub enum Record<'a> {
     /// it answers with its own when done (at once, or after the last echo
     /// of a half-closed stream), and the stream is gone when both went.
     Close(StreamId),
-    /// Host to guest: this many more bytes of the stream left for the client.
+    /// This many more bytes of the stream were consumed by the receiver
+    /// (host: its client socket took them; guest: its service did), so the
+    /// sender may send that many more.
     Credit(StreamId, u32),
     /// Guest to host, now and then: the service's counters ([`ServiceStats`]),
     /// for the operator's metrics. Stream 0; the length counts the bytes.
@@ -291,6 +294,76 @@ impl<'a> FrameWriter<'a> {
     }
 }
 
+/// One stream's flow control, kept alike at both ends: the rule of
+/// [`WINDOW`] and `Credit` written once.
+///
+/// Each end sends within the window the other gave it ([`Window::send_room`],
+/// [`Window::sent`], [`Window::credited`]), holds the other to the window
+/// it gave ([`Window::received`]), and gives credit back for what its reader
+/// consumed ([`Window::consumed`]) in halves of the window: one record per
+/// half window, and the sender never waits for bytes already consumed (it
+/// stops only with a whole window outstanding, half of which is then on its
+/// way). Nothing the peer says moves a window past [`WINDOW`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    /// Bytes this end may still send.
+    send: u32,
+    /// Bytes the peer may still send.
+    receive: u32,
+    /// Bytes received and consumed, not yet credited back.
+    owed: u32,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window { send: WINDOW, receive: WINDOW, owed: 0 }
+    }
+}
+
+impl Window {
+    /// Bytes this end may send now.
+    pub fn send_room(&self) -> usize {
+        self.send as usize
+    }
+
+    /// `n` bytes were sent.
+    pub fn sent(&mut self, n: usize) {
+        self.send = self.send.saturating_sub(clamp_u32(n));
+    }
+
+    /// The peer confirmed `n` more bytes (never past the window, whatever it says).
+    pub fn credited(&mut self, n: u32) {
+        self.send = self.send.saturating_add(n).min(WINDOW);
+    }
+
+    /// `n` bytes arrived from the peer: returns how many of them lay within
+    /// the window it was given. Bytes past it break the protocol; the
+    /// receiver drops them.
+    pub fn received(&mut self, n: usize) -> usize {
+        let allowed = clamp_u32(n).min(self.receive);
+        self.receive -= allowed;
+        allowed as usize
+    }
+
+    /// `n` received bytes were consumed (taken by their reader, or
+    /// discarded); returns the credit to give back now, if one is due.
+    pub fn consumed(&mut self, n: usize) -> Option<u32> {
+        self.owed = self.owed.saturating_add(clamp_u32(n));
+        if self.owed < WINDOW / 2 {
+            return None;
+        }
+        let credit = core::mem::take(&mut self.owed);
+        self.receive = self.receive.saturating_add(credit).min(WINDOW);
+        Some(credit)
+    }
+}
+
+/// A byte count as a u32 (counts above 4 GiB never occur: every count here
+/// is below a frame or a window).
+fn clamp_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
 /// A `Data` length: never above `data_room()`, which is capped at u32::MAX.
 fn len_u32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -359,6 +432,38 @@ mod tests {
         assert!(w.control(Record::Close(3)));
         let len = w.len();
         assert_eq!(all(&buf[..len]), vec![Ok(Record::Data(3, b"hi")), Ok(Record::Close(3))]);
+    }
+
+    #[test]
+    fn a_window_stops_the_sender_until_credit_comes_and_never_grows_past_its_size() {
+        let mut w = Window::default();
+        assert_eq!(w.send_room(), WINDOW as usize);
+        w.sent(WINDOW as usize - 10);
+        assert_eq!(w.send_room(), 10);
+        w.sent(20);
+        assert_eq!(w.send_room(), 0);
+        w.credited(100);
+        assert_eq!(w.send_room(), 100);
+        // A peer that credits more than it was sent gets a window, no more.
+        w.credited(u32::MAX);
+        assert_eq!(w.send_room(), WINDOW as usize);
+    }
+
+    #[test]
+    fn a_receiver_credits_in_halves_and_drops_what_lies_past_the_window() {
+        let half = (WINDOW / 2) as usize;
+        let mut w = Window::default();
+        assert_eq!(w.received(half - 1), half - 1);
+        assert_eq!(w.consumed(half - 1), None);
+        assert_eq!(w.received(half), half);
+        // One byte short of the whole window, and more than that is sent.
+        assert_eq!(w.received(10), 1);
+        assert_eq!(w.received(10), 0);
+        // The first half consumed: its credit reopens that much.
+        assert_eq!(w.consumed(1), Some(WINDOW / 2));
+        assert_eq!(w.received(WINDOW as usize), half);
+        assert_eq!(w.consumed(half + 1), Some(WINDOW / 2 + 1));
+        assert_eq!(w.consumed(0), None);
     }
 
     #[test]

@@ -9,9 +9,9 @@ use alloc::collections::BTreeMap;
 use alloc::vec::Vec;
 
 use mqvisor_boot_abi::BootInfo;
-use mqvisor_boot_abi::streams::{Record, StreamId};
+use mqvisor_boot_abi::streams::{Record, StreamId, Window};
 
-use super::{Link, Window};
+use super::Link;
 
 #[derive(Default)]
 struct Echo {
@@ -34,7 +34,8 @@ pub fn run(info: &BootInfo) -> ! {
             }
             Record::Data(id, bytes) => {
                 if let Some(echo) = echoes.get_mut(&id) {
-                    echo.pending.extend_from_slice(bytes);
+                    let allowed = echo.window.received(bytes.len());
+                    echo.pending.extend_from_slice(&bytes[..allowed]);
                 }
             }
             Record::Close(id) => {

@@ -12,11 +12,11 @@ use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
 use alloc::string::String;
 
-use mqvisor_boot_abi::streams::{Record, ServiceStats, StreamId};
+use mqvisor_boot_abi::streams::{Record, ServiceStats, StreamId, Window};
 use mqvisor_boot_abi::{BootInfo, capacity, config_blob};
 use mqvisor_broker::broker::{Broker, Config, Transmit};
 
-use super::{Link, Window};
+use super::Link;
 use crate::clock;
 use crate::store::Store;
 
@@ -112,6 +112,8 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
             }
             Record::Data(id, bytes) => {
                 if let Some(window) = windows.get_mut(&id) {
+                    // The VMM keeps to the window; bytes past it are dropped.
+                    let bytes = &bytes[..window.received(bytes.len())];
                     broker.receive(id, bytes, now);
                     if let Some(credit) = window.consumed(bytes.len()) {
                         credits.push((id, credit));
