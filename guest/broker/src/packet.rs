@@ -5,7 +5,9 @@
 //! header without consuming input, says how many bytes are still needed, and
 //! refuses an oversize packet before its body is buffered. Decoding checks
 //! reserved flags and every field; encoding never fails and never writes half
-//! a packet.
+//! a packet. The client's side (encoding what a client sends, decoding what
+//! a server sends), which the broker itself never needs, is in its
+//! `client` module.
 
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -14,6 +16,10 @@ use alloc::vec::Vec;
 
 use crate::properties::{Context, MessageProperties, Properties};
 use crate::wire::{DecodeError, MAX_REMAINING_LENGTH, Reader, Writer, var_int_len};
+
+mod client;
+
+pub use client::decode_from_server;
 
 /// Protocol levels (CONNECT byte 7).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -586,114 +592,13 @@ pub fn encode(packet: &Packet, version: Version, out: &mut Vec<u8>) {
             properties.encode(&mut body);
             finish(out, AUTH << 4, &body);
         }
-        // Client-to-server packets: encoded only by tests and load generators.
-        Packet::Connect(c) => {
-            let mut body = Vec::new();
-            let (name, level) = match c.version {
-                Version::V3_1 => ("MQIsdp", 3),
-                Version::V3_1_1 => ("MQTT", 4),
-                Version::V5 => ("MQTT", 5),
-            };
-            body.put_str(name);
-            body.put_u8(level);
-            let mut flags = u8::from(c.clean_start) << 1;
-            if let Some(w) = &c.will {
-                flags |= 0x04 | ((w.qos as u8) << 3) | (u8::from(w.retain) << 5);
-            }
-            flags |= u8::from(c.password.is_some()) << 6 | u8::from(c.username.is_some()) << 7;
-            body.put_u8(flags);
-            body.put_u16(c.keep_alive);
-            let cv5 = c.version == Version::V5;
-            if cv5 {
-                c.properties.encode(&mut body);
-            }
-            body.put_str(&c.client_id);
-            if let Some(w) = &c.will {
-                if cv5 {
-                    w.properties.encode(&mut body);
-                }
-                body.put_str(&w.topic);
-                body.put_binary(&w.payload);
-            }
-            if let Some(u) = &c.username {
-                body.put_str(u);
-            }
-            if let Some(p) = &c.password {
-                body.put_binary(p);
-            }
-            finish(out, CONNECT << 4, &body);
-        }
-        Packet::Subscribe(s) => {
-            let mut body = Vec::new();
-            body.put_u16(s.packet_id);
-            if v5 {
-                s.properties.encode(&mut body);
-            }
-            for (filter, o) in &s.filters {
-                body.put_str(filter);
-                body.put_u8(
-                    o.qos as u8
-                        | u8::from(o.no_local) << 2
-                        | u8::from(o.retain_as_published) << 3
-                        | (o.retain_handling & 3) << 4,
-                );
-            }
-            finish(out, (SUBSCRIBE << 4) | 0b0010, &body);
-        }
-        Packet::Unsubscribe(u) => {
-            let mut body = Vec::new();
-            body.put_u16(u.packet_id);
-            if v5 {
-                u.properties.encode(&mut body);
-            }
-            for filter in &u.filters {
-                body.put_str(filter);
-            }
-            finish(out, (UNSUBSCRIBE << 4) | 0b0010, &body);
-        }
+        // Client-to-server packets: encoded only by tests and load
+        // generators (`client`).
+        Packet::Connect(c) => client::encode_connect(c, out),
+        Packet::Subscribe(s) => client::encode_subscribe(s, version, out),
+        Packet::Unsubscribe(u) => client::encode_unsubscribe(u, version, out),
         Packet::Pingreq => finish(out, PINGREQ << 4, &[]),
     }
-}
-
-/// Decodes a server-to-client packet (for clients and tests).
-pub fn decode_from_server(frame: Frame, buf: &[u8], version: Version) -> Result<Packet, DecodeError> {
-    let body = buf.get(frame.body_start..frame.len).ok_or(DecodeError::Truncated)?;
-    let mut r = Reader::new(body);
-    let v5 = version == Version::V5;
-    Ok(match frame.header >> 4 {
-        CONNACK => {
-            let session_present = r.u8()? & 1 != 0;
-            let code = r.u8()?;
-            let properties = if v5 { Properties::decode(&mut r, Context::Connack)? } else { Properties::default() };
-            Packet::Connack(Connack { session_present, code, properties })
-        }
-        PUBLISH => Packet::Publish(decode_publish(frame.header, &mut r, version)?),
-        PUBACK => Packet::Puback(decode_ack(&mut r, version)?),
-        PUBREC => Packet::Pubrec(decode_ack(&mut r, version)?),
-        PUBREL => Packet::Pubrel(decode_ack(&mut r, version)?),
-        PUBCOMP => Packet::Pubcomp(decode_ack(&mut r, version)?),
-        SUBACK | UNSUBACK => {
-            let packet_id = r.u16()?;
-            let properties = if v5 { Properties::decode(&mut r, Context::Suback)? } else { Properties::default() };
-            let codes = r.rest().to_vec();
-            if frame.header >> 4 == SUBACK {
-                Packet::Suback { packet_id, properties, codes }
-            } else {
-                Packet::Unsuback { packet_id, properties, codes }
-            }
-        }
-        PINGRESP => Packet::Pingresp,
-        DISCONNECT => {
-            let code = if r.is_empty() { 0 } else { r.u8()? };
-            let properties = if v5 && !r.is_empty() {
-                Properties::decode(&mut r, Context::Disconnect)?
-            } else {
-                Properties::default()
-            };
-            Packet::Disconnect { code, properties }
-        }
-        _ => return Err(DecodeError::Protocol("packet type not sent by servers")),
-    })
 }
 
 #[cfg(test)]

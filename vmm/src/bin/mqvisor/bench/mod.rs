@@ -9,7 +9,53 @@ pub mod mqtt;
 pub mod serve;
 pub mod state;
 
+use std::path::PathBuf;
+use std::process::ExitCode;
+
 pub use crate::fd_limit::raise as raise_fd_limit;
+
+use crate::cli::BenchCommand;
+
+/// `mqvisor bench ...`: runs one benchmark; a failure is one line and exit
+/// status 1.
+pub fn run(bench: BenchCommand) -> ExitCode {
+    let result =
+        std::env::current_exe().map_err(|e| format!("cannot find the mqvisor executable: {e}")).and_then(|exe| {
+            match bench {
+                BenchCommand::Boot { runs, memory } => boot::boot(&exe, runs as usize, memory),
+                BenchCommand::Echo { connections, seconds, memory } => {
+                    echo::echo(&exe, connections as usize, seconds, memory)
+                }
+                BenchCommand::Mqtt { scale, no_vm, memory } => {
+                    if !(scale > 0.0 && scale <= 100.0) {
+                        return Err("--scale must be in (0, 100]".to_string());
+                    }
+                    mqtt::mqtt(&exe, scale, !no_vm, memory)
+                }
+                BenchCommand::Hostile { image, rounds, samples } => {
+                    let image = image.unwrap_or_else(|| PathBuf::from(env!("MQVISOR_HOSTILE_IMAGE")));
+                    hostile::hostile(&exe, &image, rounds as usize, samples as usize)
+                }
+                BenchCommand::Serve { tenants, messages } => serve::serve(&exe, tenants as usize, messages as usize),
+                BenchCommand::State { scale, retained, memory } => {
+                    if !(scale > 0.0 && scale <= 100.0) {
+                        return Err("--scale must be in (0, 100]".to_string());
+                    }
+                    state::state(&exe, scale, retained as usize, memory)
+                }
+                BenchCommand::Conns { idle, churn, large_mib, no_vm } => {
+                    conns::conns(&exe, idle as usize, churn as usize, large_mib as usize, !no_vm)
+                }
+            }
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mqvisor: bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// The value at `fraction` (0..=1) of sorted `values`, nearest rank.
 pub fn percentile(sorted: &[f64], fraction: f64) -> f64 {

@@ -8,6 +8,7 @@
 //! process. Nothing here reads a client's traffic past its CONNECT: the
 //! client's socket itself is handed to the tenant's process.
 
+pub mod client;
 pub mod config;
 pub mod control;
 pub mod failed;

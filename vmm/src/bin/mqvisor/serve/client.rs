@@ -1,0 +1,94 @@
+//! `mqvisor tenant ...`: the control socket's client. Each command is one
+//! request to the daemon's control API ([`super::control`]), answered as a
+//! table, as JSON (`--json`) or as one line; a refusal is one line and
+//! exit status 1. Tenant names are checked here by the daemon's own rule.
+
+use std::process::ExitCode;
+
+use crate::cli::{TenantAction, TenantArgs};
+
+/// `mqvisor tenant ...`: one request to the daemon's control socket.
+pub fn tenant_command(args: TenantArgs) -> ExitCode {
+    use hyper::{Method, StatusCode};
+    // The server's rule: any other name would be read as a path of its own
+    // (`victim?keep` as `victim`, `anon/` as `anon`).
+    if let TenantAction::Show { name }
+    | TenantAction::Add { name, .. }
+    | TenantAction::Remove { name }
+    | TenantAction::Restart { name } = &args.action
+        && !super::config::valid_tenant_name(name)
+    {
+        eprintln!("mqvisor: {}", super::config::ServeConfigError::TenantName(name.clone()));
+        return ExitCode::FAILURE;
+    }
+    let (method, path, body) = match &args.action {
+        TenantAction::List => (Method::GET, "/tenants".to_string(), String::new()),
+        TenantAction::Show { name } => (Method::GET, format!("/tenants/{name}"), String::new()),
+        TenantAction::Add { name, settings } => {
+            let body = match settings.as_deref().map(super::config::settings_file_body).transpose() {
+                Ok(body) => body.unwrap_or_default(),
+                Err(e) => {
+                    eprintln!("mqvisor: tenant add: the settings file {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            (Method::PUT, format!("/tenants/{name}"), body)
+        }
+        TenantAction::Remove { name } => (Method::DELETE, format!("/tenants/{name}"), String::new()),
+        TenantAction::Restart { name } => (Method::POST, format!("/tenants/{name}/restart"), String::new()),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (status, text) = match runtime.block_on(super::control::request(&args.socket, method, &path, body)) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(text);
+        eprintln!("mqvisor: {message}");
+        return ExitCode::FAILURE;
+    }
+    let views: Option<Vec<super::control::TenantView>> = match &args.action {
+        TenantAction::List => serde_json::from_str(&text).ok(),
+        TenantAction::Show { .. } => serde_json::from_str(&text).ok().map(|t| vec![t]),
+        _ => None,
+    };
+    match views {
+        Some(_) if args.json => print!("{text}"),
+        Some(views) => {
+            println!(
+                "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}",
+                "TENANT", "STATE", "PID", "CONNECTIONS", "MEMORY", "PSS", "BOOTS"
+            );
+            for t in &views {
+                let pid = t.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
+                let pss = format!("{:.1} MiB", t.pss_bytes as f64 / f64::from(1 << 20));
+                let memory = if t.memory_mib > 0 { format!("{} MiB", t.memory_mib) } else { "-".into() };
+                println!(
+                    "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}",
+                    t.name, t.state, pid, t.connections, memory, pss, t.boots
+                );
+            }
+            // Why a failed tenant is not served.
+            for t in &views {
+                if let Some(error) = &t.error {
+                    println!("{}: {error}", t.name);
+                }
+            }
+        }
+        None if status == StatusCode::CREATED => println!("added"),
+        None => println!("done"),
+    }
+    ExitCode::SUCCESS
+}
