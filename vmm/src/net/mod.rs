@@ -11,6 +11,7 @@
 pub mod link;
 pub mod paced;
 pub mod proxy;
+pub mod tls;
 
 use mqvisor_boot_abi::NetConfig;
 
