@@ -12,6 +12,7 @@ pub mod link;
 pub mod paced;
 pub mod proxy;
 pub mod tls;
+pub mod websocket;
 
 use mqvisor_boot_abi::NetConfig;
 
