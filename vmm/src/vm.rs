@@ -11,8 +11,8 @@ use std::net::SocketAddr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use kvm_bindings::{Msrs, kvm_msr_entry, kvm_userspace_memory_region};
@@ -27,12 +27,14 @@ use crate::arch::{self, ArchError};
 use crate::devices::virtio::block::{BlockDevice, BlockMetrics, BlockThread};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::net as net_device;
-use crate::devices::virtio::net::{NetDevice, NetMetrics, RingFault};
+use crate::devices::virtio::net::{NetDevice, RingFault};
 use crate::devices::{GiveUp, MmioBus};
 use crate::image::{self, ImageError};
 use crate::net::{
     self,
-    proxy::{self, Ingress, LinkCounters, NetThread, ProxyConfig},
+    ingress::Ingress,
+    metrics::Counters,
+    proxy::{self, NetThread, ProxyConfig},
 };
 use crate::privileges;
 use crate::state::Persistence;
@@ -65,7 +67,7 @@ pub struct VmConfig {
     /// Service configuration for the guest (see `mqvisor_boot_abi::config_blob`).
     pub config_blob: Vec<u8>,
     /// When set, clients arrive on this socket from `mqvisor serve` instead
-    /// of on the service's listen address (see `net::proxy::Ingress`).
+    /// of on the service's listen address (see `net::ingress`).
     pub handoff: Option<UnixDatagram>,
     /// When set, become this user once `/dev/kvm` is open and the listener
     /// bound (see `privileges`).
@@ -229,31 +231,12 @@ pub struct RunReport {
     pub exits: ExitStats,
     /// Queue notifications the guest made (in-kernel exits via ioeventfd).
     pub notifications: u64,
-    /// Frames and bytes the virtio-net device moved, when there was one.
-    pub net: Option<NetCounters>,
+    /// The network's counters (`net::metrics`), when there was one.
+    pub net: Option<Counters>,
+    /// The last time the guest's network driver broke a ring, if it did.
+    pub last_ring_fault: Option<RingFault>,
     /// Requests the virtio-blk device served, when there was one.
     pub disk: Option<DiskCounters>,
-}
-
-/// A snapshot of the network device's counters.
-#[derive(Debug, Default)]
-pub struct NetCounters {
-    pub tx_frames: u64,
-    pub tx_bytes: u64,
-    pub rx_frames: u64,
-    pub rx_bytes: u64,
-    pub refused_chains: u64,
-    /// Times the driver broke a ring, and the last such fault.
-    pub ring_faults: u64,
-    pub last_ring_fault: Option<RingFault>,
-    /// Frames and records of the guest that broke the stream protocol.
-    pub bad_frames: u64,
-    pub bad_records: u64,
-    /// Slow clients reset to keep the VMM's buffers within their budget.
-    pub shed_clients: u64,
-    /// Clients not yet answered (no CONNACK), reset at the connection limit
-    /// to make room for a new one.
-    pub silent_clients_dropped: u64,
 }
 
 /// The network half of a VM: the device, its worker thread, and KVM's
@@ -261,7 +244,8 @@ pub struct NetCounters {
 struct Network {
     transport: Arc<Mutex<MmioTransport<NetDevice>>>,
     thread: NetThread,
-    counters: Arc<LinkCounters>,
+    /// The state disk, once there is one (the load report counts its failures).
+    disk: Arc<OnceLock<Arc<Mutex<MmioTransport<BlockDevice>>>>>,
 }
 
 impl Network {
@@ -287,7 +271,7 @@ impl Network {
             vm.register_ioevent(event, &addr, index).map_err(kvm_err("KVM_IOEVENTFD"))?;
         }
         let transport = Arc::new(Mutex::new(transport));
-        let counters = Arc::new(LinkCounters::default());
+        let disk = Arc::new(OnceLock::new());
         let thread = proxy::spawn(ProxyConfig {
             transport: transport.clone(),
             wake_guest: wake,
@@ -295,37 +279,20 @@ impl Network {
             max_connections,
             vm_exits,
             stop_reason: give_up,
-            counters: counters.clone(),
+            disk: disk.clone(),
         })
         .map_err(VmmError::Thread)?;
         let mut bus = MmioBus::default();
         bus.insert(layout::DEVICE_WINDOW, layout::DEVICE_SIZE, transport.clone());
-        Ok((Network { transport, thread, counters }, bus))
+        Ok((Network { transport, thread, disk }, bus))
     }
 
-    /// Closes every client connection and returns the device's counters.
-    fn stop(self) -> (NetCounters, u64) {
-        self.thread.stop();
-        let Ok(mut transport) = self.transport.lock() else { return (NetCounters::default(), 0) };
-        let notifications = transport.notifications();
-        let device = transport.device_mut();
-        let last_ring_fault = device.take_last_fault();
-        let m = device.metrics();
-        let get = NetMetrics::get;
-        let counters = NetCounters {
-            tx_frames: get(&m.tx_frames),
-            tx_bytes: get(&m.tx_bytes),
-            rx_frames: get(&m.rx_frames),
-            rx_bytes: get(&m.rx_bytes),
-            refused_chains: get(&m.tx_malformed) + get(&m.rx_malformed) + get(&m.rx_too_big),
-            ring_faults: get(&m.ring_faults),
-            last_ring_fault,
-            bad_frames: self.counters.bad_frames.load(Ordering::Relaxed),
-            bad_records: self.counters.bad_records.load(Ordering::Relaxed),
-            shed_clients: self.counters.shed_clients.load(Ordering::Relaxed),
-            silent_clients_dropped: self.counters.silent_clients_dropped.load(Ordering::Relaxed),
-        };
-        (counters, notifications)
+    /// Closes every client connection and returns the VM's counters, the
+    /// last ring fault and the queue notifications.
+    fn stop(self) -> (Counters, Option<RingFault>, u64) {
+        let counters = self.thread.stop();
+        let Ok(mut transport) = self.transport.lock() else { return (counters, None, 0) };
+        (counters, transport.device_mut().take_last_fault(), transport.notifications())
     }
 }
 
@@ -405,7 +372,10 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     // What needs privileges is held now: /dev/kvm and the listener.
     let ingress = match config.service {
         Service::Demo => None,
-        Service::Echo { listen } | Service::Mqtt { listen, .. } => Some(Ingress::new(listen, config.handoff)?),
+        Service::Echo { listen } | Service::Mqtt { listen, .. } => {
+            let ingress = Ingress::new(listen, config.handoff);
+            Some(ingress.map_err(|source| VmmError::Listen { addr: listen, source })?)
+        }
     };
     if let Some(run_as) = &config.run_as {
         privileges::drop_to(run_as)?;
@@ -432,6 +402,9 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
         (Some(state), true) => {
             let (disk, window) = Disk::start(&vm, &mem, state.file, wake.clone(), give_up.clone())?;
             bus.insert(window.base, window.size, disk.transport.clone());
+            if let Some(network) = &network {
+                let _ = network.disk.set(disk.transport.clone());
+            }
             info.devices[info.device_count as usize] = window;
             info.device_count += 1;
             info.persistence = state.persistence.boot_abi();
@@ -450,15 +423,15 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake, exit_count, give_up };
     let (outcome, exits) = vcpu::run(vcpu, context, config.timeout).map_err(VmmError::Thread)?;
     let disk = disk.map(Disk::stop);
-    let (net, notifications) = match network.map(Network::stop) {
-        Some((counters, notifications)) => (Some(counters), notifications),
-        None => (None, 0),
+    let (net, last_ring_fault, notifications) = match network.map(Network::stop) {
+        Some((counters, fault, notifications)) => (Some(counters), fault, notifications),
+        None => (None, None, 0),
     };
     // The vCPU and net threads have returned; KVM lets go of guest memory
     // when the VM fd closes, so the mapping must outlive it.
     drop(vm);
     drop(mem);
-    Ok(RunReport { outcome, exits, notifications, net, disk })
+    Ok(RunReport { outcome, exits, notifications, net, last_ring_fault, disk })
 }
 
 /// The state half of a VM: the virtio-blk device over the state file and
@@ -519,23 +492,6 @@ pub struct DiskCounters {
     /// Requests the host file failed.
     pub io_errors: u64,
     pub ring_faults: u64,
-}
-
-impl Ingress {
-    /// Clients from `handoff` when given, else accepted on `listen` (bound
-    /// now, so a busy address is reported before anything starts).
-    fn new(listen: SocketAddr, handoff: Option<UnixDatagram>) -> Result<Ingress, VmmError> {
-        Ok(match handoff {
-            Some(socket) => Ingress::Handoff(socket),
-            None => {
-                let listener =
-                    std::net::TcpListener::bind(listen).map_err(|source| VmmError::Listen { addr: listen, source })?;
-                let bound = listener.local_addr().map_err(|source| VmmError::Listen { addr: listen, source })?;
-                eprintln!("mqvisor: tenant VM listening on {bound}");
-                Ingress::Listen(listener)
-            }
-        })
-    }
 }
 
 /// The most client connections the service may carry in a heap of `heap`

@@ -1,17 +1,32 @@
-//! The VMM's end of the virtual link: the proxy that carries every accepted
-//! host TCP connection into the guest as a stream of records
+//! The VMM's end of the virtual link: the proxy that carries every client
+//! connection into the guest as a stream of records
 //! (`mqvisor_boot_abi::streams`) in Ethernet frames through the virtio-net
 //! device.
+//!
+//! - [`ingress`]: where clients come from (a listener, or `mqvisor serve`'s
+//!   handoff socket) and the load report back to the daemon;
+//! - [`transport`]: the seam through which the proxy reads and writes a
+//!   client (plain TCP today);
+//! - [`streams`]: every decision about a stream (windows, credit, linger,
+//!   shedding, the connection limit), without I/O;
+//! - [`proxy`]: the net thread, doing the I/O those decisions ask for;
+//! - [`link`]: the frame queues between the proxy and the virtio-net device;
+//! - [`metrics`]: the VM's counters, from the proxy to `--stats` and the daemon;
+//! - [`paced`]: paced reads and socket settings for the host-native broker.
 //!
 //! No tap device, no root, no host routes: the link exists only between this
 //! process and its guest. Addresses are fixed per VM (each VM has its own
 //! link); the IPv4 addresses stay in boot-info for the guest's banner and a
 //! future tap backend, and no IP packet crosses the link today.
 
+pub mod ingress;
 pub mod link;
+pub mod metrics;
 pub mod paced;
 pub mod proxy;
+pub mod streams;
 pub mod tls;
+pub mod transport;
 pub mod websocket;
 
 use mqvisor_boot_abi::NetConfig;

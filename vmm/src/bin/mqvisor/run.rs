@@ -348,7 +348,7 @@ fn print_stats(report: &RunReport) {
             net.shed_clients,
             net.silent_clients_dropped
         );
-        if let Some(fault) = &net.last_ring_fault {
+        if let Some(fault) = &report.last_ring_fault {
             eprint!(" (last: {fault})");
         }
     }

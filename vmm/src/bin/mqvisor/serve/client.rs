@@ -77,7 +77,7 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
                 let memory = if t.memory_mib > 0 { format!("{} MiB", t.memory_mib) } else { "-".into() };
                 println!(
                     "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}",
-                    t.name, t.state, pid, t.connections, memory, pss, t.boots
+                    t.name, t.state, pid, t.counters.connections, memory, pss, t.boots
                 );
             }
             // Why a failed tenant is not served.

@@ -30,6 +30,8 @@ use serde::Serialize;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
+use mqvisor::net::metrics::{Counters, Kind};
+
 use super::config::{ServeConfigError, valid_tenant_name};
 use super::front::FrontStats;
 
@@ -52,24 +54,17 @@ pub struct TenantView {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub error: Option<String>,
     pub pid: Option<u32>,
-    pub connections: u64,
     pub boots: u64,
     pub crashes: u64,
     pub restarts: u64,
     pub memory_mib: u32,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    /// PUBLISH packets in from and out to its clients, as its broker counts.
-    pub messages_in: u64,
-    pub messages_out: u64,
-    /// Not delivered: a queue or a window was full.
-    pub messages_dropped: u64,
-    /// Refused because its memory ran low or its state disk failed.
-    pub messages_refused: u64,
-    /// Exits of its vCPU to the VMM (each costs ~30 µs on nested KVM).
-    pub vm_exits: u64,
-    /// What its guest did wrong: refused descriptor chains, ring faults,
-    /// bad stream frames and records.
+    /// What its VM last reported counting (`mqvisor::net::metrics`),
+    /// each counter a field of its own.
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// What its guest did wrong on its link: refused descriptor chains,
+    /// ring faults, bad stream frames and records.
+    #[serde(default)]
     pub guest_faults: u64,
     /// CFS periods in which its CPU limit ran out (0 without one).
     #[serde(default)]
@@ -96,18 +91,11 @@ impl TenantView {
             state: "failed".into(),
             error: Some(reason.to_string()),
             pid: None,
-            connections: 0,
             boots: 0,
             crashes: 0,
             restarts: 0,
             memory_mib: 0,
-            bytes_in: 0,
-            bytes_out: 0,
-            messages_in: 0,
-            messages_out: 0,
-            messages_dropped: 0,
-            messages_refused: 0,
-            vm_exits: 0,
+            counters: Counters::default(),
             guest_faults: 0,
             cpu_throttled_periods: 0,
             memory_limit_kills: 0,
@@ -240,90 +228,111 @@ pub async fn serve_control(path: PathBuf, commands: mpsc::UnboundedSender<Comman
     Ok(())
 }
 
+/// A series of `/metrics` that is not one of the VM's [`Counters`]: its
+/// name (after the prefix), help, kind and value.
+type Series<T> = (&'static str, &'static str, Kind, fn(&T) -> u64);
+
+/// A tenant's series beside its VM's counters.
+const TENANT_SERIES: &[Series<TenantView>] = &[
+    ("up", "1 while the tenant's VM runs", Kind::Gauge, |t| u64::from(t.state == "running")),
+    ("failed", "1 while the tenant's settings cannot be used: it is not served", Kind::Gauge, |t| {
+        u64::from(t.state == "failed")
+    }),
+    ("pss_bytes", "Proportional set size of the tenant's process", Kind::Gauge, |t| t.pss_bytes),
+    ("memory_bytes", "Guest RAM the tenant's VM is given", Kind::Gauge, |t| u64::from(t.memory_mib) << 20),
+    ("state_bytes", "Disk blocks the tenant's state file uses", Kind::Gauge, |t| t.state_bytes),
+    ("boots", "VM boots", Kind::Counter, |t| t.boots),
+    ("crashes", "Unexpected ends of the VM's process", Kind::Counter, |t| t.crashes),
+    ("restarts", "Restarts after a crash or on request", Kind::Counter, |t| t.restarts),
+    ("guest_faults", "Protocol violations of the tenant's guest at its VMM", Kind::Counter, |t| t.guest_faults),
+    ("cpu_throttled_periods", "CFS periods in which the tenant's CPU limit ran out", Kind::Counter, |t| {
+        t.cpu_throttled_periods
+    }),
+    ("memory_limit_kills", "The tenant's VMM processes killed at its memory limit", Kind::Counter, |t| {
+        t.memory_limit_kills
+    }),
+];
+
+/// A gauge of the shared front (no labels): name, help, value.
+type FrontGauge = (&'static str, &'static str, fn(&FrontStats) -> u64);
+
+/// The shared front's gauges.
+const FRONT_GAUGES: &[FrontGauge] = &[
+    ("pending_clients", "Clients still sending their first packet", |f| f.pending_clients),
+    ("pending_bytes", "Bytes of first packets held for clients and tenants", |f| f.pending_bytes),
+];
+
+/// A reason the front dropped clients before their CONNECT reached a
+/// tenant (the `reason` label of `mqvisor_front_clients_dropped`), and
+/// how many it dropped for it.
+type DropReason = (&'static str, fn(&FrontStats) -> u64);
+
+/// Every reason the front drops clients for.
+const FRONT_DROPS: &[DropReason] =
+    &[("byte_budget", |f| f.dropped_over_budget), ("oldest_silent", |f| f.dropped_oldest)];
+
+type Labels = Vec<(String, String)>;
+
+/// Registers `name` in `registry` and sets it for every `(labels, value)`.
+fn register(
+    registry: &mut Registry,
+    (name, help, kind): (&str, &str, Kind),
+    values: impl Iterator<Item = (Labels, u64)>,
+) {
+    match kind {
+        Kind::Gauge => {
+            let family = Family::<Labels, Gauge>::default();
+            for (labels, value) in values {
+                family.get_or_create(&labels).set(i64::try_from(value).unwrap_or(i64::MAX));
+            }
+            registry.register(name, help, family);
+        }
+        Kind::Counter => {
+            let family = Family::<Labels, Counter>::default();
+            for (labels, value) in values {
+                family.get_or_create(&labels).inc_by(value);
+            }
+            registry.register(name, help, family);
+        }
+    }
+}
+
 /// The Prometheus text for `tenants`, every series labelled `tenant`, and
 /// for the shared front (`mqvisor_front_*`), which belongs to no tenant.
 pub fn metrics_text(tenants: &[TenantView], front: FrontStats) -> String {
-    type Labels = Vec<(String, String)>;
     let mut root = Registry::with_prefix("mqvisor");
     let registry = root.sub_registry_with_prefix("tenant");
-    let gauge = |registry: &mut Registry, name: &str, help: &str| {
-        let family = Family::<Labels, Gauge>::default();
-        registry.register(name, help, family.clone());
-        family
-    };
-    let counter = |registry: &mut Registry, name: &str, help: &str| {
-        let family = Family::<Labels, Counter>::default();
-        registry.register(name, help, family.clone());
-        family
-    };
-    let up = gauge(registry, "up", "1 while the tenant's VM runs");
-    let failed = gauge(registry, "failed", "1 while the tenant's settings cannot be used: it is not served");
-    let connections = gauge(registry, "connections", "Client connections carried into the VM");
-    let pss = gauge(registry, "pss_bytes", "Proportional set size of the tenant's process");
-    let memory = gauge(registry, "memory_bytes", "Guest RAM the tenant's VM is given");
-    let state = gauge(registry, "state_bytes", "Disk blocks the tenant's state file uses");
-    let boots = counter(registry, "boots", "VM boots");
-    let crashes = counter(registry, "crashes", "Unexpected ends of the VM's process");
-    let restarts = counter(registry, "restarts", "Restarts after a crash or on request");
-    let bytes_in = counter(registry, "client_bytes_in", "Bytes read from clients");
-    let bytes_out = counter(registry, "client_bytes_out", "Bytes written to clients");
-    let messages_in = counter(registry, "messages_in", "PUBLISH packets from clients");
-    let messages_out = counter(registry, "messages_out", "PUBLISH packets to clients");
-    let dropped = counter(registry, "messages_dropped", "Messages not delivered: a queue or window was full");
-    let refused =
-        counter(registry, "messages_refused", "Messages refused: the tenant's memory ran low or its state disk failed");
-    let exits = counter(registry, "vm_exits", "Exits of the tenant's vCPU to its VMM");
-    let faults = counter(registry, "guest_faults", "Protocol violations of the tenant's guest at its VMM");
-    let throttled = counter(registry, "cpu_throttled_periods", "CFS periods in which the tenant's CPU limit ran out");
-    let oom_kills = counter(registry, "memory_limit_kills", "The tenant's VMM processes killed at its memory limit");
+    let label = |t: &TenantView| vec![("tenant".to_string(), t.name.clone())];
+    for &(name, help, kind, get) in TENANT_SERIES {
+        register(registry, (name, help, kind), tenants.iter().map(|t| (label(t), get(t))));
+    }
+    for counter in Counters::TABLE {
+        let values = tenants.iter().map(|t| (label(t), (counter.get)(&t.counters)));
+        register(registry, (counter.name, counter.help, counter.kind), values);
+    }
     let boot = Family::<Labels, Histogram>::new_with_constructor(|| {
         Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0])
     });
-    registry.register("boot_seconds", "From spawning the VM to its guest's link being up", boot.clone());
     for t in tenants {
-        let labels = vec![("tenant".to_string(), t.name.clone())];
-        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        up.get_or_create(&labels).set(i64::from(t.state == "running"));
-        failed.get_or_create(&labels).set(i64::from(t.state == "failed"));
-        connections.get_or_create(&labels).set(as_i64(t.connections));
-        pss.get_or_create(&labels).set(as_i64(t.pss_bytes));
-        memory.get_or_create(&labels).set(as_i64(u64::from(t.memory_mib) << 20));
-        state.get_or_create(&labels).set(as_i64(t.state_bytes));
-        boots.get_or_create(&labels).inc_by(t.boots);
-        crashes.get_or_create(&labels).inc_by(t.crashes);
-        restarts.get_or_create(&labels).inc_by(t.restarts);
-        bytes_in.get_or_create(&labels).inc_by(t.bytes_in);
-        bytes_out.get_or_create(&labels).inc_by(t.bytes_out);
-        messages_in.get_or_create(&labels).inc_by(t.messages_in);
-        messages_out.get_or_create(&labels).inc_by(t.messages_out);
-        dropped.get_or_create(&labels).inc_by(t.messages_dropped);
-        refused.get_or_create(&labels).inc_by(t.messages_refused);
-        exits.get_or_create(&labels).inc_by(t.vm_exits);
-        faults.get_or_create(&labels).inc_by(t.guest_faults);
-        throttled.get_or_create(&labels).inc_by(t.cpu_throttled_periods);
-        oom_kills.get_or_create(&labels).inc_by(t.memory_limit_kills);
-        let histogram = boot.get_or_create(&labels);
+        let histogram = boot.get_or_create(&label(t));
         for &seconds in &t.boot_seconds {
             histogram.observe(seconds);
         }
     }
+    registry.register("boot_seconds", "From spawning the VM to its guest's link being up", boot);
     let front_registry = root.sub_registry_with_prefix("front");
-    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-    let pending_clients = Gauge::<i64>::default();
-    pending_clients.set(as_i64(front.pending_clients));
-    front_registry.register("pending_clients", "Clients still sending their first packet", pending_clients);
-    let pending_bytes = Gauge::<i64>::default();
-    pending_bytes.set(as_i64(front.pending_bytes));
-    front_registry.register("pending_bytes", "Bytes of first packets held for clients and tenants", pending_bytes);
-    let dropped = Family::<Vec<(String, String)>, Counter>::default();
-    front_registry.register(
-        "clients_dropped",
-        "Clients dropped before their CONNECT reached a tenant",
-        dropped.clone(),
+    for &(name, help, get) in FRONT_GAUGES {
+        let gauge = Gauge::<i64>::default();
+        gauge.set(i64::try_from(get(&front)).unwrap_or(i64::MAX));
+        front_registry.register(name, help, gauge);
+    }
+    let drops =
+        FRONT_DROPS.iter().map(|&(reason, get)| (vec![("reason".to_string(), reason.to_string())], get(&front)));
+    register(
+        front_registry,
+        ("clients_dropped", "Clients dropped before their CONNECT reached a tenant", Kind::Counter),
+        drops,
     );
-    let reason = |r: &str| vec![("reason".to_string(), r.to_string())];
-    dropped.get_or_create(&reason("byte_budget")).inc_by(front.dropped_over_budget);
-    dropped.get_or_create(&reason("oldest_silent")).inc_by(front.dropped_oldest);
     let mut text = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut text, &root);
     text
@@ -400,18 +409,23 @@ mod tests {
             state: "running".into(),
             error: None,
             pid: Some(7),
-            connections: 3,
             boots: 2,
             crashes: 1,
             restarts: 1,
             memory_mib: 64,
-            bytes_in: 10,
-            bytes_out: 20,
-            messages_in: 5,
-            messages_out: 6,
-            messages_dropped: 0,
-            messages_refused: 0,
-            vm_exits: 9,
+            counters: Counters {
+                connections: 3,
+                bytes_in: 10,
+                bytes_out: 20,
+                messages_in: 5,
+                messages_out: 6,
+                vm_exits: 9,
+                shed_clients: 11,
+                silent_clients_dropped: 12,
+                disk_io_errors: 13,
+                disk_ring_faults: 14,
+                ..Counters::default()
+            },
             guest_faults: 0,
             cpu_throttled_periods: 0,
             memory_limit_kills: 0,
@@ -429,6 +443,15 @@ mod tests {
         assert!(text.contains("mqvisor_tenant_messages_in_total{tenant=\"acme\"} 5"), "{text}");
         assert!(text.contains("mqvisor_tenant_boot_seconds_count{tenant=\"acme\"} 2"), "{text}");
         assert!(text.contains("mqvisor_tenant_state_bytes{tenant=\"acme\"} 8192"), "{text}");
+        // The drop counters of the VM's link and disk.
+        assert!(text.contains("mqvisor_tenant_shed_clients_total{tenant=\"acme\"} 11"), "{text}");
+        assert!(text.contains("mqvisor_tenant_silent_clients_dropped_total{tenant=\"acme\"} 12"), "{text}");
+        assert!(text.contains("mqvisor_tenant_disk_io_errors_total{tenant=\"acme\"} 13"), "{text}");
+        assert!(text.contains("mqvisor_tenant_disk_ring_faults_total{tenant=\"acme\"} 14"), "{text}");
+        // Every counter of the VM, each once.
+        for counter in Counters::TABLE {
+            assert_eq!(text.matches(&format!("# HELP mqvisor_tenant_{} ", counter.name)).count(), 1, "{text}");
+        }
         let series = text.lines().filter(|l| l.starts_with("mqvisor_tenant"));
         assert!(series.clone().count() >= 9);
         assert!(series.clone().all(|l| l.contains("tenant=\"acme\"")), "{text}");

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mqvisor::cgroup::Group;
-use mqvisor::net::proxy::LoadReport;
+use mqvisor::net::metrics::Counters;
 use mqvisor::state::Persistence;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
@@ -93,7 +93,7 @@ pub struct Tenant {
     /// had gone: the next process gets them.
     returned: Returned,
     /// What its process last reported.
-    load: Arc<Mutex<LoadReport>>,
+    load: Arc<Mutex<Counters>>,
     /// Seconds from spawning each VM to its guest's link being up.
     boot_seconds: Arc<Mutex<Vec<f64>>>,
     /// Since when its VM has had no clients (for `idle_stop_after`).
@@ -155,10 +155,10 @@ impl Tenant {
     }
 
     /// What its process last reported (zeros when it has none).
-    fn load(&self) -> LoadReport {
+    fn load(&self) -> Counters {
         match (&self.process, self.load.lock()) {
             (Some(_), Ok(load)) => *load,
-            _ => LoadReport::default(),
+            _ => Counters::default(),
         }
     }
 
@@ -176,19 +176,12 @@ impl Tenant {
             state: state.into(),
             error: None,
             pid: self.pid(),
-            connections: load.clients,
             boots: self.boots,
             crashes: self.crashes,
             restarts: self.restarts,
             memory_mib: self.config.run.memory,
-            bytes_in: load.bytes_in,
-            bytes_out: load.bytes_out,
-            messages_in: load.service.messages_in,
-            messages_out: load.service.messages_out,
-            messages_dropped: load.service.messages_dropped,
-            messages_refused: load.service.messages_refused,
-            vm_exits: load.vm_exits,
-            guest_faults: load.guest_faults,
+            counters: load,
+            guest_faults: load.guest_faults(),
             boot_seconds: self.boot_seconds.lock().map(|b| b.clone()).unwrap_or_default(),
             pss_bytes: self.pid().and_then(crate::procfs::pss_kib).map_or(0, |kib| kib * 1024),
             cpu_throttled_periods: usage.throttled_periods,
@@ -333,7 +326,7 @@ impl Tenant {
         // dropped and always returns the same one; the AsyncFd owns it.
         let ours = unsafe { AsyncFd::register_with_interest(ours, Interest::READABLE | Interest::WRITABLE) }
             .map_err(std::io::Error::from)?;
-        *self.load.lock().map_err(|_| std::io::Error::other("load lock poisoned"))? = LoadReport::default();
+        *self.load.lock().map_err(|_| std::io::Error::other("load lock poisoned"))? = Counters::default();
         let booted = (Instant::now(), self.boot_seconds.clone());
         tokio::spawn(link(ours, queue, self.load.clone(), booted, self.returned.clone()));
         let (tenant, exited) = (self.name.clone(), exited.clone());
@@ -421,7 +414,7 @@ impl Tenant {
         if self.process.is_none() {
             return;
         }
-        if self.load().clients > 0 {
+        if self.load().connections > 0 {
             self.idle_since = None;
             return;
         }
@@ -509,11 +502,11 @@ impl Returned {
 async fn link(
     socket: AsyncFd<UnixDatagram>,
     mut queue: mpsc::Receiver<(TcpStream, FirstBytes)>,
-    load: Arc<Mutex<LoadReport>>,
+    load: Arc<Mutex<Counters>>,
     (started, boot_seconds): (Instant, Arc<Mutex<Vec<f64>>>),
     returned: Returned,
 ) {
-    let mut report = [0u8; LoadReport::LEN + 1];
+    let mut report = [0u8; Counters::REPORT_LEN + 1];
     let mut first = true;
     loop {
         tokio::select! {
@@ -535,7 +528,7 @@ async fn link(
                 while let Ok(received) = guard.try_io(|inner| inner.get_ref().recv(&mut report)) {
                     match received {
                         Ok(len) => {
-                            if let (Some(now), Ok(mut load)) = (LoadReport::from_bytes(&report[..len]), load.lock()) {
+                            if let (Some(now), Ok(mut load)) = (Counters::from_report(&report[..len]), load.lock()) {
                                 *load = now;
                                 if std::mem::take(&mut first)
                                     && let Ok(mut boots) = boot_seconds.lock()

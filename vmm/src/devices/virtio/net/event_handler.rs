@@ -62,17 +62,6 @@ impl NetEventHandler {
         Ok((event(RX_QUEUE)?, event(TX_QUEUE)?))
     }
 
-    /// What the guest's driver did wrong so far: descriptor chains refused
-    /// and ring faults.
-    pub fn driver_faults(&self) -> u64 {
-        let Ok(transport) = self.transport.lock() else { return 0 };
-        let m = transport.device().metrics();
-        [&m.tx_malformed, &m.rx_malformed, &m.ring_faults]
-            .iter()
-            .map(|c| c.load(std::sync::atomic::Ordering::Relaxed))
-            .sum()
-    }
-
     /// Frames moved either way so far.
     pub fn frames_moved(&self) -> u64 {
         let Ok(transport) = self.transport.lock() else { return 0 };

@@ -1,0 +1,152 @@
+//! Where a VM's clients come from, and what it tells `mqvisor serve` back.
+//!
+//! Owns the two ways in: a listener bound before boot (`mqvisor run`), or
+//! the handoff socket of `mqvisor serve`, on which each client arrives as
+//! one datagram carrying its socket (SCM_RIGHTS) and the bytes the daemon
+//! already read from it (its CONNECT, possibly rewritten). On the same
+//! socket the VM sends its load report: its [`Counters`] as
+//! [`Counters::to_report`] encodes them, every [`REPORT_EVERY`] and once
+//! when its guest's link is up (the daemon times boots by that). Never
+//! trusts a datagram: one without a socket is no client.
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::net::{TcpListener, TcpStream};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use super::metrics::Counters;
+use super::transport::{ClientTransport, TcpClient};
+
+/// Largest datagram of bytes handed over with a client.
+pub const MAX_HANDOFF_BYTES: usize = 256 * 1024;
+
+/// How often a VM fed by `mqvisor serve` reports its load back on the
+/// handoff socket.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// A client as it arrives: its transport and the bytes read from it before.
+pub type Arrival = (Arc<dyn ClientTransport>, Vec<u8>);
+
+/// Where a VM's clients come from.
+pub enum Ingress {
+    /// Accepted here. Bound before boot, so a busy port is reported before
+    /// anything starts.
+    Listen(std::net::TcpListener),
+    /// Accepted by `mqvisor serve` and handed over on this socket.
+    Handoff(UnixDatagram),
+}
+
+impl Ingress {
+    /// Clients from `handoff` when given, else accepted on `listen` (bound
+    /// now, so a busy address is reported before anything starts).
+    pub fn new(listen: SocketAddr, handoff: Option<UnixDatagram>) -> std::io::Result<Ingress> {
+        Ok(match handoff {
+            Some(socket) => Ingress::Handoff(socket),
+            None => {
+                let listener = std::net::TcpListener::bind(listen)?;
+                eprintln!("mqvisor: tenant VM listening on {}", listener.local_addr()?);
+                Ingress::Listen(listener)
+            }
+        })
+    }
+
+    /// Makes the socket non-blocking (before the net thread takes it).
+    pub fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Ingress::Listen(listener) => listener.set_nonblocking(true),
+            Ingress::Handoff(socket) => socket.set_nonblocking(true),
+        }
+    }
+}
+
+/// The ingress inside the net thread's reactor.
+pub enum Clients {
+    Listen(TcpListener),
+    Handoff(AsyncFd<UnixDatagram>),
+    /// The handoff socket failed: no more clients come.
+    Closed,
+}
+
+impl Clients {
+    /// Registers `ingress` with the current reactor.
+    pub fn new(ingress: Ingress) -> std::io::Result<Clients> {
+        Ok(match ingress {
+            Ingress::Listen(listener) => Clients::Listen(TcpListener::from_std(listener)?),
+            Ingress::Handoff(socket) => Clients::Handoff(watch_fd(socket)?),
+        })
+    }
+
+    /// The clients that arrived, when some did: waits for them (forever
+    /// once closed). A failed handoff socket is said once and closed.
+    pub async fn arrived(&mut self) -> Vec<Arrival> {
+        match self {
+            Clients::Listen(listener) => match listener.accept().await {
+                Ok((socket, _)) => vec![(tcp(socket), Vec::new())],
+                Err(_) => Vec::new(),
+            },
+            Clients::Handoff(socket) => match handed_over(socket).await {
+                Ok(clients) => clients,
+                Err(e) => {
+                    eprintln!("mqvisor: handoff socket: {e}");
+                    *self = Clients::Closed;
+                    Vec::new()
+                }
+            },
+            Clients::Closed => std::future::pending().await,
+        }
+    }
+
+    /// True when the clients come from `mqvisor serve`, which wants reports.
+    pub fn reports(&self) -> bool {
+        matches!(self, Clients::Handoff(_))
+    }
+
+    /// Tells `mqvisor serve` this VM's load (best effort: a full socket
+    /// skips a report).
+    pub fn report(&self, counters: &Counters) {
+        if let Clients::Handoff(socket) = self {
+            let _ = socket.get_ref().send(&counters.to_report());
+        }
+    }
+}
+
+fn tcp(socket: TcpStream) -> Arc<dyn ClientTransport> {
+    Arc::new(TcpClient::new(socket))
+}
+
+/// Every client waiting on the handoff socket, with the bytes read before
+/// the handoff.
+async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<Vec<Arrival>> {
+    let mut guard = handoff.readable().await?;
+    let mut clients = Vec::new();
+    let mut buf = vec![0u8; MAX_HANDOFF_BYTES];
+    loop {
+        let received = guard.try_io(|inner| {
+            inner.get_ref().recv_with_fd(&mut buf).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+        });
+        match received {
+            Ok(Ok((len, Some(file)))) => {
+                let socket = std::net::TcpStream::from(std::os::fd::OwnedFd::from(file));
+                socket.set_nonblocking(true)?;
+                clients.push((tcp(TcpStream::from_std(socket)?), buf[..len].to_vec()));
+            }
+            // A datagram without a socket is not a client.
+            Ok(Ok((_, None))) => {}
+            Ok(Err(e)) => return Err(e),
+            // Would block: every waiting client is taken.
+            Err(_) => return Ok(clients),
+        }
+    }
+}
+
+/// Registers an eventfd or a unix socket, which the reactor then owns.
+pub fn watch_fd<T: std::os::fd::AsRawFd>(owner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: the callers pass `EventFd` and `UnixDatagram`, which own their
+    // descriptor, keep it open until dropped and always return the same one
+    // from `as_raw_fd`; the AsyncFd owns the value.
+    unsafe { AsyncFd::register(owner) }.map_err(std::io::Error::from)
+}
