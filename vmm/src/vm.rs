@@ -98,10 +98,6 @@ pub enum Service {
     Mqtt { listen: SocketAddr, max_connections: usize, max_packet_size: usize },
 }
 
-/// The port the guest serves, as boot-info names it (streams arrive over
-/// the link, not on a TCP port, but the guest reports it).
-pub const GUEST_PORT: u16 = 1883;
-
 /// Why a VM could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -386,7 +382,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
             let (network, bus) =
                 Network::start(&vm, &mem, ingress, max_connections, wake.clone(), exit_count.clone(), give_up.clone())?;
             info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
-            info.net = net::guest_net_config(GUEST_PORT);
+            info.net = net::guest_net_config();
             info.devices[0] = DeviceDescriptor {
                 base: layout::DEVICE_WINDOW,
                 size: layout::DEVICE_SIZE,

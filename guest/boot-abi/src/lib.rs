@@ -29,7 +29,7 @@ extern crate alloc;
 /// `BootInfo::magic`: "MQVBOOT1" in little-endian byte order.
 pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"MQVBOOT1");
 /// `BootInfo::version`; bumped on any layout change.
-pub const BOOT_INFO_VERSION: u32 = 6;
+pub const BOOT_INFO_VERSION: u32 = 7;
 
 /// Guest-physical memory layout at entry.
 pub mod layout {
@@ -74,9 +74,9 @@ pub mod layout {
 pub mod service {
     /// Print the banner, prove the timer, exit (no network).
     pub const DEMO: u32 = 0;
-    /// Echo every TCP connection on `NetConfig::port` back to its sender.
+    /// Echo every client stream on the link back to its sender.
     pub const ECHO: u32 = 1;
-    /// Serve MQTT on `NetConfig::port`.
+    /// Serve MQTT to every client stream on the link.
     pub const MQTT: u32 = 2;
 }
 
@@ -144,7 +144,9 @@ pub struct DeviceDescriptor {
 }
 
 /// The guest's side of the virtual link (valid when a virtio-net device is
-/// present): addresses the VMM chose, the port to serve and the link MTU.
+/// present): the two ends' MAC addresses and the link's MTU. Client streams
+/// cross the link as records in Ethernet frames ([`streams`]); no IP packet
+/// does, so the link has no addresses or ports of its own.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NetConfig {
@@ -152,18 +154,11 @@ pub struct NetConfig {
     pub guest_mac: [u8; 6],
     /// The VMM's MAC address on the link.
     pub host_mac: [u8; 6],
-    /// The guest's IPv4 address.
-    pub guest_ip: [u8; 4],
-    /// The VMM's IPv4 address (the only peer on the link).
-    pub host_ip: [u8; 4],
-    /// TCP port the guest serves.
-    pub port: u16,
-    /// IP MTU of the link: the largest IP packet either side may send.
+    /// MTU of the link: the largest frame payload (the frame less its
+    /// Ethernet header) either side may send.
     pub mtu: u16,
-    /// Prefix length of the link's subnet.
-    pub prefix_len: u8,
     /// Zero.
-    pub reserved: [u8; 7],
+    pub reserved: [u8; 2],
 }
 
 /// What the VMM tells the guest at boot. Lives at [`layout::BOOT_INFO`].
@@ -302,9 +297,9 @@ pub struct ParavirtPage {
 // The VMM reads and writes these structures as raw bytes, so their sizes are
 // part of the ABI: a field added without updating the layout fails here.
 const _: () = assert!(core::mem::size_of::<DeviceDescriptor>() == 24);
-const _: () = assert!(core::mem::size_of::<NetConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<NetConfig>() == 16);
 const _: () = assert!(
-    core::mem::size_of::<BootInfo>() == 72 + 24 * MAX_DEVICES + 8 + CMDLINE_CAPACITY + 8 + 32 + 16 + ENTROPY_LEN
+    core::mem::size_of::<BootInfo>() == 72 + 24 * MAX_DEVICES + 8 + CMDLINE_CAPACITY + 8 + 16 + 16 + ENTROPY_LEN
 );
 const _: () = assert!(core::mem::size_of::<BootInfo>() as u64 <= layout::PARAVIRT - layout::BOOT_INFO);
 const _: () = assert!(core::mem::size_of::<ParavirtPage>() as u64 == layout::PAGE_SIZE);

@@ -15,9 +15,8 @@
 //! - [`paced`]: paced reads and socket settings for the host-native broker.
 //!
 //! No tap device, no root, no host routes: the link exists only between this
-//! process and its guest. Addresses are fixed per VM (each VM has its own
-//! link); the IPv4 addresses stay in boot-info for the guest's banner and a
-//! future tap backend, and no IP packet crosses the link today.
+//! process and its guest, and carries records in Ethernet frames, never an
+//! IP packet. Its two MAC addresses are fixed (each VM has its own link).
 
 pub mod ingress;
 pub mod link;
@@ -35,9 +34,6 @@ use mqvisor_boot_abi::NetConfig;
 pub const GUEST_MAC: [u8; 6] = [0x02, 0x6d, 0x71, 0x76, 0x00, 0x02];
 /// The VMM's MAC on the link.
 pub const HOST_MAC: [u8; 6] = [0x02, 0x6d, 0x71, 0x76, 0x00, 0x01];
-pub const GUEST_IP: [u8; 4] = [10, 0, 2, 15];
-pub const HOST_IP: [u8; 4] = [10, 0, 2, 2];
-pub const PREFIX_LEN: u8 = 24;
 /// MTU of the link. Large frames amortise the per-frame costs (queue
 /// work, and on nested hypervisors the rare VM exits) over more bytes.
 pub const LINK_MTU: u16 = 65000;
@@ -45,15 +41,6 @@ pub const LINK_MTU: u16 = 65000;
 pub const MAX_FRAME: usize = LINK_MTU as usize + 14;
 
 /// The link as the guest sees it, for boot-info.
-pub fn guest_net_config(port: u16) -> NetConfig {
-    NetConfig {
-        guest_mac: GUEST_MAC,
-        host_mac: HOST_MAC,
-        guest_ip: GUEST_IP,
-        host_ip: HOST_IP,
-        port,
-        mtu: LINK_MTU,
-        prefix_len: PREFIX_LEN,
-        reserved: [0; 7],
-    }
+pub fn guest_net_config() -> NetConfig {
+    NetConfig { guest_mac: GUEST_MAC, host_mac: HOST_MAC, mtu: LINK_MTU, reserved: [0; 2] }
 }
