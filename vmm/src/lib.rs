@@ -1,16 +1,20 @@
 //! mqvisor's VMM: runs one MQTT broker unikernel per tenant in its own KVM
 //! microVM. Everything here exists to run a VM; the `mqvisor` command
-//! (`src/bin/mqvisor/`: command line, settings, benchmarks, the host-native
-//! broker runner) is built on it.
+//! (`src/bin/mqvisor/`: command line, settings, `serve`, benchmarks, the
+//! host-native broker runner) is built on it.
 //!
 //! Layers, bottom up: [`image`] checks and loads guest ELFs; [`arch`] builds
 //! the x86-64 CPL 3 entry state; [`paravirt`] decodes the guest's port writes;
-//! [`devices`] emulates the virtio-mmio transport and the virtio-net device;
-//! [`net`] is the host end of the virtual link (host TCP/IP and the proxy
-//! that carries client connections into the guest); [`vcpu`] runs the vCPU
-//! and turns every exit into an outcome; [`vm`] puts a VM together; [`cgroup`]
-//! holds a VMM process to its resource limits. The boot
-//! ABI shared with the guest is the `mqvisor-boot-abi` crate.
+//! [`devices`] emulates the virtio-mmio transport and the virtio-net and
+//! virtio-blk devices (the link, and the tenant's state file as a disk);
+//! [`net`] is the host end of the virtual link: the proxy that carries each
+//! client into the guest as a stream of records in Ethernet frames (no
+//! TCP/IP on the link); [`state`] reads and lays out state files on the
+//! host; [`vcpu`] runs the vCPU and turns every exit into an outcome; [`vm`]
+//! puts a VM together. Around them: [`seccomp`] filters each thread,
+//! [`privileges`] gives up root, [`cgroup`] holds a VMM process to its
+//! resource limits. The boot ABI shared with the guest is the
+//! `mqvisor-boot-abi` crate.
 
 pub mod arch;
 pub mod cgroup;

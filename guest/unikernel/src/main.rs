@@ -8,8 +8,9 @@
 //!
 //! It prints a banner with its start-up latency, then runs the service the
 //! VMM chose in boot-info: the MQTT broker (`net::mqtt`, configured from the
-//! boot-info configuration blob), TCP echo (`net::echo`), or the boot demo
-//! (timer sleeps, then exit). The command line (`--cmdline` on the host)
+//! boot-info configuration blob), an echo of every client stream
+//! (`net::echo`, to test the link), or the boot demo (timer sleeps, then
+//! exit). The command line (`--cmdline` on the host)
 //! selects diagnostics; see [`Command`].
 #![no_std]
 #![no_main]

@@ -1,7 +1,9 @@
 //! virtio devices (virtio 1.2): the MMIO transport and the devices behind it.
 //!
 //! The transport ([`mmio`]) owns the register file and the status state
-//! machine; a device ([`net`]) owns its queues once the driver activates it.
+//! machine; a device ([`net`], [`block`]) owns its queues once the driver
+//! activates it, and [`storm`] tells a driver that notifies in a loop from
+//! one that works.
 //! Nothing here trusts the guest: queue addresses are checked against guest
 //! memory before activation and every descriptor chain is validated before
 //! its buffers are touched.
