@@ -247,8 +247,19 @@ fn unknown_tenants_and_missing_prefixes_are_refused_without_booting() {
     garbage.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
     assert!(try_read_packet(&mut garbage).is_err(), "garbage got an answer");
+    // A first packet that is no CONNECT, and one announced too large.
+    for first in [&[0xc0, 0][..], &[0x10, 0x80, 0x80, 0x04]] {
+        let mut client = TcpStream::connect(daemon.addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        client.write_all(first).unwrap();
+        assert!(try_read_packet(&mut client).is_err(), "{first:?} got an answer");
+    }
     std::thread::sleep(Duration::from_millis(200));
     assert!(!daemon.log_has("booted"), "a VM was booted for a refused client");
+    // Each drop is counted under its reason (the garbage, a partial packet,
+    // waited out its deadline).
+    let dropped = |reason: &str| daemon.metric(&format!("mqvisor_front_clients_dropped_total{{reason=\"{reason}\"}}"));
+    assert_eq!((dropped("timeout"), dropped("not_mqtt"), dropped("too_large")), (1, 1, 1));
 }
 
 #[test]

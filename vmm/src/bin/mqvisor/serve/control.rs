@@ -268,8 +268,13 @@ const FRONT_GAUGES: &[FrontGauge] = &[
 type DropReason = (&'static str, fn(&FrontStats) -> u64);
 
 /// Every reason the front drops clients for.
-const FRONT_DROPS: &[DropReason] =
-    &[("byte_budget", |f| f.dropped_over_budget), ("oldest_silent", |f| f.dropped_oldest)];
+const FRONT_DROPS: &[DropReason] = &[
+    ("byte_budget", |f| f.dropped_over_budget),
+    ("oldest_silent", |f| f.dropped_oldest),
+    ("too_large", |f| f.dropped_too_large),
+    ("timeout", |f| f.dropped_timeout),
+    ("not_mqtt", |f| f.dropped_not_mqtt),
+];
 
 type Labels = Vec<(String, String)>;
 
@@ -433,7 +438,15 @@ mod tests {
             state_bytes: 8192,
             boot_seconds: vec![0.004, 0.012],
         };
-        let front = FrontStats { pending_clients: 2, pending_bytes: 40, dropped_over_budget: 3, dropped_oldest: 4 };
+        let front = FrontStats {
+            pending_clients: 2,
+            pending_bytes: 40,
+            dropped_over_budget: 3,
+            dropped_oldest: 4,
+            dropped_too_large: 5,
+            dropped_timeout: 6,
+            dropped_not_mqtt: 7,
+        };
         let text = metrics_text(&[tenant], front);
         assert!(text.contains("mqvisor_tenant_up{tenant=\"acme\"} 1"), "{text}");
         assert!(text.contains("mqvisor_tenant_failed{tenant=\"acme\"} 0"), "{text}");
@@ -460,6 +473,9 @@ mod tests {
         assert!(text.contains("mqvisor_front_pending_bytes 40"), "{text}");
         assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"byte_budget\"} 3"), "{text}");
         assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"oldest_silent\"} 4"), "{text}");
+        assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"too_large\"} 5"), "{text}");
+        assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"timeout\"} 6"), "{text}");
+        assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"not_mqtt\"} 7"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     }
 }

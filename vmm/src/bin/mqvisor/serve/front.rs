@@ -44,6 +44,9 @@ static PENDING_BYTES: AtomicUsize = AtomicUsize::new(0);
 static PENDING_CLIENTS: AtomicUsize = AtomicUsize::new(0);
 static DROPPED_OVER_BUDGET: AtomicU64 = AtomicU64::new(0);
 static DROPPED_OLDEST: AtomicU64 = AtomicU64::new(0);
+static DROPPED_TOO_LARGE: AtomicU64 = AtomicU64::new(0);
+static DROPPED_TIMEOUT: AtomicU64 = AtomicU64::new(0);
+static DROPPED_NOT_MQTT: AtomicU64 = AtomicU64::new(0);
 
 /// What the front holds and what it dropped, for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -57,6 +60,13 @@ pub struct FrontStats {
     pub dropped_over_budget: u64,
     /// Clients dropped, the oldest still silent, to make room for a new one.
     pub dropped_oldest: u64,
+    /// Clients dropped for a first packet longer than [`MAX_FIRST_BYTES`].
+    pub dropped_too_large: u64,
+    /// Clients dropped for sending no whole first packet within
+    /// [`FIRST_PACKET_DEADLINE`].
+    pub dropped_timeout: u64,
+    /// Clients dropped for a first packet that is not an MQTT CONNECT.
+    pub dropped_not_mqtt: u64,
 }
 
 /// The front's figures now.
@@ -67,7 +77,16 @@ pub fn stats() -> FrontStats {
         pending_bytes: as_u64(PENDING_BYTES.load(Ordering::Relaxed)),
         dropped_over_budget: DROPPED_OVER_BUDGET.load(Ordering::Relaxed),
         dropped_oldest: DROPPED_OLDEST.load(Ordering::Relaxed),
+        dropped_too_large: DROPPED_TOO_LARGE.load(Ordering::Relaxed),
+        dropped_timeout: DROPPED_TIMEOUT.load(Ordering::Relaxed),
+        dropped_not_mqtt: DROPPED_NOT_MQTT.load(Ordering::Relaxed),
     }
+}
+
+/// Counts a client dropped because its first packet was no MQTT CONNECT
+/// (see [`Route::Drop`]).
+pub fn dropped_not_mqtt() {
+    DROPPED_NOT_MQTT.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Clients still sending their first packet, at most, host-wide.
@@ -373,28 +392,32 @@ pub async fn read_first_packet(stream: &mut TcpStream) -> Option<FirstBytes> {
     let _partial = Partial::enter(&charge);
     let mut chunks = Chunks::default();
     let mut over_budget = false;
+    // Ends with `Err` and the counter of why the client is dropped (`None`:
+    // it went, or the budget counted it).
     let read = async {
         loop {
             // The header is in the first chunk; the body may not be yet.
-            if packet::frame(chunks.head(), MAX_FIRST_BYTES).is_err() {
-                return false;
+            match packet::frame(chunks.head(), MAX_FIRST_BYTES) {
+                Err(DecodeError::TooLarge) => return Err(Some(&DROPPED_TOO_LARGE)),
+                Err(_) => return Err(Some(&DROPPED_NOT_MQTT)),
+                Ok(_) => {}
             }
             let announced = packet::announced_len(chunks.head());
             if announced.is_some_and(|len| chunks.len >= len) {
-                return true;
+                return Ok(());
             }
             if chunks.len >= MAX_FIRST_BYTES {
-                return false;
+                return Err(Some(&DROPPED_TOO_LARGE));
             }
             // No further than the packet's end: what follows is the tenant's.
             let want = announced.unwrap_or(chunks.len + 1).clamp(chunks.len + 1, MAX_FIRST_BYTES);
             let read = tokio::select! {
                 read = chunks.read_from(stream, want - chunks.len) => read,
                 // Dropped to make room for another client.
-                () = charge.wake.notified() => return false,
+                () = charge.wake.notified() => return Err(None),
             };
             match read {
-                Ok(0) | Err(_) => return false,
+                Ok(0) | Err(_) => return Err(None),
                 Ok(n) => {
                     if !charge_more(&charge, n) {
                         if !charge.dropped.load(Ordering::Relaxed) {
@@ -402,22 +425,31 @@ pub async fn read_first_packet(stream: &mut TcpStream) -> Option<FirstBytes> {
                             DROPPED_OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
                         }
                         over_budget = true;
-                        return false;
+                        return Err(None);
                     }
                 }
             }
         }
     };
-    let complete = tokio::time::timeout(FIRST_PACKET_DEADLINE, read).await;
-    if complete != Ok(true) {
-        charge.release();
-        if over_budget || charge.dropped.load(Ordering::Relaxed) {
-            // Dropped for the budget: a reset, which frees the socket at once.
-            let _ = socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
+    match tokio::time::timeout(FIRST_PACKET_DEADLINE, read).await {
+        Ok(Ok(())) => Some(FirstBytes { bytes: chunks.into_bytes(), charge }),
+        failed => {
+            let dropped = match failed {
+                Ok(Err(dropped)) => dropped,
+                Err(_elapsed) => Some(&DROPPED_TIMEOUT),
+                Ok(Ok(())) => None,
+            };
+            if let Some(dropped) = dropped {
+                dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            charge.release();
+            if over_budget || charge.dropped.load(Ordering::Relaxed) {
+                // Dropped for the budget: a reset, which frees the socket at once.
+                let _ = socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
+            }
+            None
         }
-        return None;
     }
-    Some(FirstBytes { bytes: chunks.into_bytes(), charge })
 }
 
 #[cfg(test)]

@@ -359,7 +359,7 @@ async fn accept_loop(
                     let _ = client.write_all(&reply).await;
                     let _ = client.shutdown().await;
                 }
-                Route::Drop => {}
+                Route::Drop => front::dropped_not_mqtt(),
             }
         });
         pending.started(id, task.abort_handle());
