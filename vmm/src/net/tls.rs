@@ -40,7 +40,7 @@ use rustls::{RootCertStore, version};
 /// (RFC 7301 §3.2), as rustls does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Alpn {
-    /// MQTT over TLS: `mqtt` (the IANA-registered ALPN id of MQTT).
+    /// MQTT over TLS: `mqtt`.
     Mqtt,
     /// MQTT over secure WebSockets: the upgrade request is HTTP/1.1, and
     /// browsers offer `http/1.1`.
