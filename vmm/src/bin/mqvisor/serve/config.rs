@@ -353,7 +353,10 @@ mod tests {
     use super::*;
 
     fn load(text: &str) -> Result<ServeConfig, ServeConfigError> {
-        let dir = std::env::temp_dir().join(format!("mqvisor-serve-config-{}-{}", std::process::id(), text.len()));
+        // A folder per call: tests run at once, and two texts may be as long.
+        static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("mqvisor-serve-config-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("acme.passwd"), "").unwrap();
         let path = dir.join("serve.toml");
