@@ -3,13 +3,19 @@
 //! table, as JSON (`--json`) or as one line; a refusal is one line and
 //! exit status 1. Tenant names are checked here by the daemon's own rule.
 
+use std::path::Path;
 use std::process::ExitCode;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
 
 use crate::cli::{TenantAction, TenantArgs};
 
 /// `mqvisor tenant ...`: one request to the daemon's control socket.
 pub fn tenant_command(args: TenantArgs) -> ExitCode {
-    use hyper::{Method, StatusCode};
     // The server's rule: any other name would be read as a path of its own
     // (`victim?keep` as `victim`, `anon/` as `anon`).
     if let TenantAction::Show { name }
@@ -44,7 +50,7 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let (status, text) = match runtime.block_on(super::control::request(&args.socket, method, &path, body)) {
+    let (status, text) = match runtime.block_on(request(&args.socket, method, &path, body)) {
         Ok(answer) => answer,
         Err(e) => {
             eprintln!("mqvisor: {e}");
@@ -91,4 +97,29 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
         None => println!("done"),
     }
     ExitCode::SUCCESS
+}
+
+/// One request to the daemon on `socket`; returns the
+/// status and body, or a one-line error when nothing answers.
+pub async fn request(socket: &Path, method: Method, path: &str, body: String) -> Result<(StatusCode, String), String> {
+    let stream = UnixStream::connect(socket).await.map_err(|e| {
+        format!(
+            "no mqvisor serve answers on {} ({e}); is it running, and is --socket its control socket?",
+            socket.display()
+        )
+    })?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("talking to {}: {e}", socket.display()))?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "mqvisor")
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let response = sender.send_request(request).await.map_err(|e| format!("talking to {}: {e}", socket.display()))?;
+    let status = response.status();
+    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }

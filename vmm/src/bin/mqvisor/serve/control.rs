@@ -1,6 +1,6 @@
 //! The daemon's control plane: HTTP/JSON on a unix socket (as Firecracker's
-//! API is), `/metrics` in the Prometheus text format on a TCP address, and
-//! the `mqvisor tenant ...` client of the socket.
+//! API is) and `/metrics` in the Prometheus text format on a TCP address.
+//! The socket's client, `mqvisor tenant ...`, is [`super::client`].
 //!
 //! Owns the HTTP surface and its wording. Every request becomes a
 //! [`Command`] for the daemon's loop, which owns the tenants; nothing here
@@ -15,7 +15,7 @@
 //! | `POST /tenants/NAME/restart` | restart its VM |
 
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -27,7 +27,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::Serialize;
-use tokio::net::{TcpListener, UnixListener, UnixStream};
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 
 use mqvisor::net::metrics::{Counters, Kind};
@@ -376,31 +376,6 @@ pub fn serve_metrics(listener: TcpListener, commands: mpsc::UnboundedSender<Comm
             });
         }
     });
-}
-
-/// `mqvisor tenant ...`: one request to the daemon on `socket`; returns the
-/// status and body, or a one-line error when nothing answers.
-pub async fn request(socket: &Path, method: Method, path: &str, body: String) -> Result<(StatusCode, String), String> {
-    let stream = UnixStream::connect(socket).await.map_err(|e| {
-        format!(
-            "no mqvisor serve answers on {} ({e}); is it running, and is --socket its control socket?",
-            socket.display()
-        )
-    })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("talking to {}: {e}", socket.display()))?;
-    tokio::spawn(connection);
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "mqvisor")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    let response = sender.send_request(request).await.map_err(|e| format!("talking to {}: {e}", socket.display()))?;
-    let status = response.status();
-    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[cfg(test)]
