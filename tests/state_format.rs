@@ -157,7 +157,7 @@ fn a_message_larger_than_a_log_batch_is_kept_and_blocks_nothing() {
     let state = state_path("large");
     let vm = start(&state);
     // 1 + 3 (remaining length) + 2 + 7 (topic) + 2 (id) + 1 (properties) = 16.
-    let payload: Vec<u8> = (0..1_048_560 - 16).map(|i| (i % 251) as u8).collect();
+    let payload: Vec<u8> = (0..1_048_560u32 - 16).map(|i| u8::try_from(i % 251).unwrap()).collect();
     let packet = wire::publish_v5("big/one", &payload, 1, 1, true);
     assert_eq!(packet.len(), 1_048_560);
     let mut s = connect(vm.addr, 5, "big-writer");

@@ -5,6 +5,9 @@
 //! profile, host target. The guest is built by a nested `cargo` into its own
 //! target directory so that it never shares flags or a lock with this build.
 
+// A build script reports failure by panicking: cargo shows the message.
+#![allow(clippy::expect_used)]
+
 use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;

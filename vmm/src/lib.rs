@@ -16,6 +16,10 @@
 //! resource limits. The boot ABI shared with the guest is the
 //! `mqvisor-boot-abi` crate.
 
+// Non-test code never unwraps, expects or panics: every failure is a value
+// the caller reports (tests may: see clippy.toml).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 pub mod arch;
 pub mod cgroup;
 pub mod devices;

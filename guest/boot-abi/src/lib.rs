@@ -21,6 +21,10 @@
 //!
 //! Every `out` costs a VM exit (~30 µs on nested hypervisors), so data travels
 //! through [`ParavirtPage`] and the port write only says "look now".
+
+// Non-test code never unwraps, expects or panics: every failure is a value
+// the caller reports (tests may: see clippy.toml).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![no_std]
 #![deny(missing_docs)]
 

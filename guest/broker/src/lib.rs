@@ -14,6 +14,10 @@
 //!
 //! Hostile input is normal input: every decode error ends in the
 //! protocol-correct refusal, never a panic, and every buffer is bounded.
+
+// Non-test code never unwraps, expects or panics: every failure is a value
+// the caller reports (tests may: see clippy.toml).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![no_std]
 #![forbid(unsafe_code)]
 

@@ -16,6 +16,10 @@
 //! - `fill-memory`: touching every page of guest RAM, then parking.
 //!
 //! Must stay small and obvious: it is test equipment, not product.
+
+// Non-test code never unwraps, expects or panics: every failure is a value
+// the caller reports (tests may: see clippy.toml).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![no_std]
 #![no_main]
 

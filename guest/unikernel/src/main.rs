@@ -12,6 +12,10 @@
 //! (`net::echo`, to test the link), or the boot demo (timer sleeps, then
 //! exit). The command line (`--cmdline` on the host)
 //! selects diagnostics; see [`Command`].
+
+// Non-test code never unwraps, expects or panics: every failure is a value
+// the caller reports (tests may: see clippy.toml).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![no_std]
 #![no_main]
 
@@ -174,6 +178,8 @@ extern "C" fn _start(boot_info: *const BootInfo) -> ! {
 
 fn run(command: &Command) {
     match command.selftest {
+        // The self-test of the panic path itself.
+        #[allow(clippy::panic)]
         Some(SelfTest::Panic) => panic!("selftest panic requested on the command line"),
         Some(SelfTest::Fault) => {
             // The guard gap below the stack is unmapped: this load faults, and

@@ -4,6 +4,10 @@
 //! `state-check` ([`state_check`]) and `bench` ([`bench`]). Each maps its
 //! result to a one-line message and an exit code. No VM logic lives here.
 
+// Non-test code never unwraps, expects or panics: every failure is a value
+// the caller reports (tests may: see clippy.toml).
+#![warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::process::ExitCode;
 
 mod bench;
