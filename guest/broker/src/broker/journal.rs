@@ -17,7 +17,6 @@ use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use super::connection::Phase;
 use super::session::{Awaiting, Outgoing, Queued};
 use super::{Broker, ConnId, delivery::seq_packet_id};
 use crate::packet::{Publish, QoS};
@@ -102,14 +101,7 @@ impl Broker {
         for &conn in &pending {
             let Some(c) = self.conns.get_mut(&conn) else { continue };
             c.out = Default::default();
-            let session = match c.phase {
-                Phase::Connected(key) => Some(key),
-                _ => None,
-            };
-            self.close(conn);
-            if let Some(key) = session {
-                self.detach(key, conn, false, now);
-            }
+            self.close_as_lost(conn, now);
         }
         pending.len()
     }

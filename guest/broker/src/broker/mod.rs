@@ -326,20 +326,26 @@ impl Broker {
         let Some(c) = self.conns.get_mut(&conn) else { return false };
         // A packet cut short by the FIN is never completed.
         c.inbuf = Vec::new();
-        let session = match c.phase {
-            Phase::Connected(key) => Some(key),
-            _ => None,
-        };
-        self.close(conn);
-        if let Some(key) = session {
-            self.detach(key, conn, false, now);
-        }
+        self.close_as_lost(conn, now);
         true
     }
 
     /// The transport connection is gone (the peer reset it, or the runner
     /// can neither read from it nor write to it): what it had not taken is
     /// dropped.
+    /// Ends `conn` as a lost connection (no DISCONNECT): it is closed once
+    /// its output is sent, and its session is detached (its will fires).
+    pub(super) fn close_as_lost(&mut self, conn: ConnId, now: u64) {
+        let session = match self.conns.get(&conn).map(|c| &c.phase) {
+            Some(Phase::Connected(key)) => Some(*key),
+            _ => None,
+        };
+        self.close(conn);
+        if let Some(key) = session {
+            self.detach(key, conn, false, now);
+        }
+    }
+
     pub fn closed(&mut self, conn: ConnId, now: u64) {
         self.deadline = None;
         let Some(c) = self.conns.remove(&conn) else { return };
