@@ -32,7 +32,7 @@ use crate::devices::{GiveUp, MmioBus};
 use crate::image::{self, ImageError};
 use crate::net::{
     self,
-    ingress::Ingress,
+    ingress::{Ingress, ListenOn},
     metrics::Counters,
     proxy::{self, NetThread, ProxyConfig},
 };
@@ -74,6 +74,18 @@ pub struct VmConfig {
     pub run_as: Option<privileges::RunAs>,
     /// The tenant's state file, served to the guest as a virtio-blk disk.
     pub state: Option<StateDisk>,
+    /// Listeners beside the service's plain one (TLS), or instead of it.
+    pub edge: Edge,
+}
+
+/// Listeners of a VM beyond the service's plain `listen` address (not used
+/// with a handoff socket).
+#[derive(Clone, Debug, Default)]
+pub struct Edge {
+    /// No plain listener: clients come only through `more`.
+    pub no_plain: bool,
+    /// More listeners (MQTT over TLS).
+    pub more: Vec<ListenOn>,
 }
 
 /// The tenant's state file and how the guest keeps its log on it.
@@ -369,8 +381,16 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let ingress = match config.service {
         Service::Demo => None,
         Service::Echo { listen } | Service::Mqtt { listen, .. } => {
-            let ingress = Ingress::new(listen, config.handoff);
-            Some(ingress.map_err(|source| VmmError::Listen { addr: listen, source })?)
+            let ingress = match config.handoff {
+                Some(socket) => Ingress::Handoff(socket),
+                None => {
+                    let plain = ListenOn { addr: listen, tls: None };
+                    let all: Vec<ListenOn> =
+                        (!config.edge.no_plain).then_some(plain).into_iter().chain(config.edge.more).collect();
+                    Ingress::listen(&all).map_err(|(addr, source)| VmmError::Listen { addr, source })?
+                }
+            };
+            Some(ingress)
         }
     };
     if let Some(run_as) = &config.run_as {
@@ -561,6 +581,7 @@ mod tests {
             service: Service::Demo,
             config_blob,
             handoff: None,
+            edge: Edge::default(),
             run_as: None,
             state: None,
         }

@@ -1,6 +1,7 @@
 //! Where a VM's clients come from, and what it tells `mqvisor serve` back.
 //!
-//! Owns the two ways in: a listener bound before boot (`mqvisor run`), or
+//! Owns the two ways in: listeners bound before boot (`mqvisor run`:
+//! plain MQTT, and MQTT over TLS with the settings of a [`ServerTls`]), or
 //! the handoff socket of `mqvisor serve`, on which each client arrives as
 //! one datagram carrying its socket (SCM_RIGHTS) and the bytes the daemon
 //! already read from it (its CONNECT, possibly rewritten). On the same
@@ -12,6 +13,7 @@
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::io::unix::AsyncFd;
@@ -19,6 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::metrics::Counters;
+use super::tls::ServerTls;
+use super::transport::tls::TlsClient;
 use super::transport::{ClientTransport, TcpClient};
 
 /// Largest datagram of bytes handed over with a client.
@@ -31,33 +35,51 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// A client as it arrives: its transport and the bytes read from it before.
 pub type Arrival = (Arc<dyn ClientTransport>, Vec<u8>);
 
+/// One address clients connect to.
+#[derive(Clone, Debug)]
+pub struct ListenOn {
+    pub addr: SocketAddr,
+    /// TLS settings: clients here speak MQTT over TLS. `None`: plain MQTT.
+    pub tls: Option<Arc<ServerTls>>,
+}
+
+/// A bound listener and what its clients speak.
+pub struct Listener {
+    socket: std::net::TcpListener,
+    tls: Option<Arc<ServerTls>>,
+}
+
 /// Where a VM's clients come from.
 pub enum Ingress {
     /// Accepted here. Bound before boot, so a busy port is reported before
     /// anything starts.
-    Listen(std::net::TcpListener),
+    Listen(Vec<Listener>),
     /// Accepted by `mqvisor serve` and handed over on this socket.
     Handoff(UnixDatagram),
 }
 
 impl Ingress {
-    /// Clients from `handoff` when given, else accepted on `listen` (bound
-    /// now, so a busy address is reported before anything starts).
-    pub fn new(listen: SocketAddr, handoff: Option<UnixDatagram>) -> std::io::Result<Ingress> {
-        Ok(match handoff {
-            Some(socket) => Ingress::Handoff(socket),
-            None => {
-                let listener = std::net::TcpListener::bind(listen)?;
-                eprintln!("mqvisor: tenant VM listening on {}", listener.local_addr()?);
-                Ingress::Listen(listener)
+    /// Clients accepted on every one of `addrs`, bound now (so a busy
+    /// address is reported before anything starts); the error names the
+    /// address that failed.
+    pub fn listen(addrs: &[ListenOn]) -> Result<Ingress, (SocketAddr, std::io::Error)> {
+        let mut listeners = Vec::new();
+        for on in addrs {
+            let bound = std::net::TcpListener::bind(on.addr).and_then(|socket| Ok((socket.local_addr()?, socket)));
+            let (local, socket) = bound.map_err(|e| (on.addr, e))?;
+            match on.tls {
+                None => eprintln!("mqvisor: tenant VM listening on {local}"),
+                Some(_) => eprintln!("mqvisor: tenant VM listening for MQTT over TLS on {local}"),
             }
-        })
+            listeners.push(Listener { socket, tls: on.tls.clone() });
+        }
+        Ok(Ingress::Listen(listeners))
     }
 
-    /// Makes the socket non-blocking (before the net thread takes it).
+    /// Makes the sockets non-blocking (before the net thread takes them).
     pub fn set_nonblocking(&self) -> std::io::Result<()> {
         match self {
-            Ingress::Listen(listener) => listener.set_nonblocking(true),
+            Ingress::Listen(listeners) => listeners.iter().try_for_each(|l| l.socket.set_nonblocking(true)),
             Ingress::Handoff(socket) => socket.set_nonblocking(true),
         }
     }
@@ -65,7 +87,7 @@ impl Ingress {
 
 /// The ingress inside the net thread's reactor.
 pub enum Clients {
-    Listen(TcpListener),
+    Listen(Vec<(TcpListener, Option<Arc<ServerTls>>)>),
     Handoff(AsyncFd<UnixDatagram>),
     /// The handoff socket failed: no more clients come.
     Closed,
@@ -75,7 +97,12 @@ impl Clients {
     /// Registers `ingress` with the current reactor.
     pub fn new(ingress: Ingress) -> std::io::Result<Clients> {
         Ok(match ingress {
-            Ingress::Listen(listener) => Clients::Listen(TcpListener::from_std(listener)?),
+            Ingress::Listen(listeners) => Clients::Listen(
+                listeners
+                    .into_iter()
+                    .map(|l| Ok((TcpListener::from_std(l.socket)?, l.tls)))
+                    .collect::<std::io::Result<_>>()?,
+            ),
             Ingress::Handoff(socket) => Clients::Handoff(watch_fd(socket)?),
         })
     }
@@ -84,10 +111,26 @@ impl Clients {
     /// once closed). A failed handoff socket is said once and closed.
     pub async fn arrived(&mut self) -> Vec<Arrival> {
         match self {
-            Clients::Listen(listener) => match listener.accept().await {
-                Ok((socket, _)) => vec![(tcp(socket), Vec::new())],
-                Err(_) => Vec::new(),
-            },
+            Clients::Listen(listeners) => {
+                let (accepted, tls) = std::future::poll_fn(|cx| {
+                    for (listener, tls) in listeners.iter() {
+                        if let Poll::Ready(accepted) = listener.poll_accept(cx) {
+                            return Poll::Ready((accepted, tls.clone()));
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await;
+                let Ok((socket, _)) = accepted else { return Vec::new() };
+                match tls {
+                    None => vec![(tcp(socket), Vec::new())],
+                    // Settings in force now; a reload changes later clients'.
+                    Some(tls) => match tls.new_connection() {
+                        Ok(connection) => vec![(Arc::new(TlsClient::new(socket, connection)) as _, Vec::new())],
+                        Err(_) => Vec::new(),
+                    },
+                }
+            }
             Clients::Handoff(socket) => match handed_over(socket).await {
                 Ok(clients) => clients,
                 Err(e) => {

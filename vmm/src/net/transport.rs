@@ -2,10 +2,10 @@
 //!
 //! The proxy moves bytes between a client and its stream in the guest; it
 //! never touches a socket itself. Everything it does to a client goes
-//! through [`ClientTransport`]: plain TCP ([`TcpClient`]) today. A TLS or
-//! WebSocket client is another implementation of the trait (it decrypts or
-//! unframes in `try_read`, encrypts or frames in `try_write`), not another
-//! path through the proxy.
+//! through [`ClientTransport`]: plain TCP ([`TcpClient`]) or TLS
+//! ([`tls::TlsClient`]). A WebSocket client is another implementation of
+//! the trait (it unframes in `try_read`, frames in `try_write`), not
+//! another path through the proxy.
 //!
 //! # The contract
 //!
@@ -50,6 +50,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::paced::quick_ack;
+
+pub mod tls;
 
 /// A client connection as the proxy sees it (see the module doc for the
 /// contract). `Send + Sync` because the task that waits for its readiness

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use mqvisor::state::Persistence;
 use mqvisor::vm;
 
+use crate::edge::{EdgeFlags, Listen};
 use crate::settings::BrokerFlags;
 
 /// Guest RAM of a tenant VM unless told otherwise, MiB.
@@ -158,9 +159,12 @@ pub struct RunArgs {
     /// path), or the boot demo (banner, timer, exit; no network)
     #[arg(long, value_enum, default_value = "mqtt")]
     pub service: ServiceKind,
-    /// Host address tenant clients connect to; every connection is carried into the guest
+    /// Host address tenant clients connect to (plain MQTT); every connection
+    /// is carried into the guest. `none`: no plain listener (TLS only, with --listen-tls)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1883")]
-    pub listen: SocketAddr,
+    pub listen: Listen,
+    #[command(flatten)]
+    pub edge: EdgeFlags,
     /// Print VM exit and network counters to stderr when the VM ends
     #[arg(long)]
     pub stats: bool,

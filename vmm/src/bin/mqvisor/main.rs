@@ -13,6 +13,7 @@ use std::process::ExitCode;
 mod bench;
 mod broker_runner;
 mod cli;
+mod edge;
 mod fd_limit;
 mod procfs;
 mod run;

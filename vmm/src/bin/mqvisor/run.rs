@@ -12,6 +12,7 @@ use mqvisor::vcpu::Outcome;
 use mqvisor::vm::{self, RunReport, Service, VmConfig};
 
 use crate::cli::{RunArgs, ServiceKind};
+use crate::edge::{self, Listen};
 use crate::fd_limit;
 use crate::settings::TenantRun;
 
@@ -88,7 +89,14 @@ fn prepare(mut args: RunArgs) -> Result<Prepared, Refusal> {
             std::fs::read(path).map_err(|e| Refusal::setup(format!("cannot read image {}: {e}", path.display())))?
         }
     };
-    let settings = args.broker.resolve().map_err(Refusal::setup)?;
+    let (settings, edge_keys) = args.broker.resolve_taking(edge::CONFIG_KEYS).map_err(Refusal::setup)?;
+    let base = args.broker.config.as_deref().and_then(std::path::Path::parent).unwrap_or(std::path::Path::new(""));
+    let edge = args.edge.resolve(edge_keys, base, args.listen).map_err(Refusal::setup)?;
+    let listen = match args.listen {
+        Listen::At(addr) => addr,
+        // No plain listener is bound: the address is not used.
+        Listen::None => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    };
     let handoff =
         args.handoff_fd.map(handoff_socket).transpose().map_err(|e| Refusal::setup(format!("--handoff-fd: {e}")))?;
     let run_as = args.user.as_deref().map(mqvisor::privileges::RunAs::lookup).transpose().map_err(Refusal::setup)?;
@@ -101,6 +109,7 @@ fn prepare(mut args: RunArgs) -> Result<Prepared, Refusal> {
         state,
         run_as,
         handoff,
+        edge,
         config_blob: if args.service == ServiceKind::Mqtt { settings.config_blob() } else { Vec::new() },
         image,
         memory_mib: args.memory,
@@ -110,11 +119,11 @@ fn prepare(mut args: RunArgs) -> Result<Prepared, Refusal> {
         console: Box::new(std::io::stdout()),
         service: match args.service {
             ServiceKind::Mqtt => Service::Mqtt {
-                listen: args.listen,
+                listen,
                 max_connections: settings.config.max_connections,
                 max_packet_size: settings.config.max_packet_size,
             },
-            ServiceKind::Echo => Service::Echo { listen: args.listen },
+            ServiceKind::Echo => Service::Echo { listen },
             ServiceKind::Demo => Service::Demo,
         },
     };

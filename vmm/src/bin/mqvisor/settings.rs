@@ -197,11 +197,25 @@ impl BrokerFlags {
     /// Merges flags over the config file over defaults, reads the password
     /// and ACL files, and checks the result.
     pub fn resolve(&self) -> Result<Settings, SettingsError> {
+        self.resolve_taking(&[]).map(|(settings, _)| settings)
+    }
+
+    /// As [`resolve`](Self::resolve), but the config file's keys named in
+    /// `others` (settings that are not the broker's, such as `mqvisor
+    /// run`'s listeners) are taken out and returned instead of refused.
+    pub fn resolve_taking(&self, others: &[&str]) -> Result<(Settings, toml::Table), SettingsError> {
+        let mut taken = toml::Table::new();
         let merged = match &self.config {
             Some(path) => {
                 let text = read_text(path, "config file")?;
-                let mut file: BrokerFlags =
-                    toml::from_str(&text).map_err(|source| SettingsError::ConfigFile { path: path.clone(), source })?;
+                let config_error = |source| SettingsError::ConfigFile { path: path.clone(), source };
+                let mut table: toml::Table = toml::from_str(&text).map_err(config_error)?;
+                for key in others {
+                    if let Some(value) = table.remove(*key) {
+                        taken.insert((*key).to_string(), value);
+                    }
+                }
+                let mut file: BrokerFlags = table.try_into().map_err(config_error)?;
                 // Paths in the file are relative to it; flag paths to the cwd.
                 let base = path.parent().unwrap_or(Path::new(""));
                 file.password_file = file.password_file.map(|p| base.join(p));
@@ -210,7 +224,7 @@ impl BrokerFlags {
             }
             None => self.clone(),
         };
-        merged.to_settings()
+        Ok((merged.to_settings()?, taken))
     }
 
     fn to_settings(&self) -> Result<Settings, SettingsError> {

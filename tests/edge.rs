@@ -1,0 +1,326 @@
+//! The edge of `mqvisor run`: MQTT over TLS with real clients
+//! (mosquitto_pub/mosquitto_sub `--cafile`, TLS 1.2 and 1.3; paho-mqtt),
+//! a CA and certificates made in the test with `openssl`; mutual TLS; a
+//! TLS-only VM (`--listen none`); and clients speaking the wrong protocol
+//! on each port, refused without disturbing the others.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread;
+use std::time::Duration;
+
+use common::{kvm_available, mqvisor, tool_available};
+
+const MOSQUITTO: &str = "mosquitto_pub/mosquitto_sub (apt-get install mosquitto-clients)";
+const MOSQUITTO_PROBE: &str = "command -v mosquitto_pub && command -v mosquitto_sub";
+const OPENSSL: &str = "openssl (apt-get install openssl)";
+const OPENSSL_PROBE: &str = "command -v openssl";
+const PAHO: &str = "Python paho-mqtt (pip install paho-mqtt)";
+const PAHO_PROBE: &str = "python3 -c 'import paho.mqtt'";
+
+const PLAIN: &str = "mqvisor: tenant VM listening on ";
+const TLS: &str = "mqvisor: tenant VM listening for MQTT over TLS on ";
+
+/// A test CA, a server certificate for `localhost` and 127.0.0.1 signed by
+/// it, and a client certificate (CN `alice`) signed by it, in a folder of
+/// their own.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn make(name: &str) -> Pki {
+        let dir = std::env::temp_dir().join(format!("mqvisor-edge-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let script = r#"set -e
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=mqvisor-test-ca 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null
+printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > server.ext
+openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=alice 2>/dev/null
+printf 'extendedKeyUsage=clientAuth\n' > client.ext
+openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext 2>/dev/null
+"#;
+        let out = Command::new("sh").args(["-c", script]).current_dir(&dir).output().expect("running openssl");
+        assert!(out.status.success(), "making the test PKI: {}", String::from_utf8_lossy(&out.stderr));
+        Pki { dir }
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `mqvisor run` with its plain and TLS addresses.
+struct Vm {
+    child: Child,
+    plain: Option<SocketAddr>,
+    tls: SocketAddr,
+}
+
+impl Vm {
+    /// `mqvisor run ARGS`, waiting for the TLS listener's line (and the
+    /// plain one, unless `--listen none`).
+    fn start(args: &[&str]) -> Vm {
+        let mut child =
+            mqvisor().arg("run").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("mqvisor");
+        let plain_expected = !args.windows(2).any(|w| w == ["--listen", "none"]);
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (mut plain, mut tls) = (None, None);
+        while tls.is_none() || (plain_expected && plain.is_none()) {
+            let line = lines.next().expect("mqvisor ended before listening").unwrap();
+            if let Some(addr) = line.strip_prefix(PLAIN) {
+                plain = Some(addr.parse().unwrap());
+            } else if let Some(addr) = line.strip_prefix(TLS) {
+                tls = Some(addr.parse().unwrap());
+            }
+        }
+        // Keep reading stderr, so the VM never blocks on it.
+        thread::spawn(move || for _ in lines.by_ref() {});
+        Vm { child, plain, tls: tls.unwrap() }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) with our own child's pid and a valid signal.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn tls_args<'a>(pki: &'a Pki, extra: &[&'a str]) -> Vec<String> {
+    let mut args: Vec<String> = ["--listen-tls", "127.0.0.1:0", "--tls-cert", "", "--tls-key", "", "--timeout", "120"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    args[3] = pki.path("server.pem");
+    args[5] = pki.path("server.key");
+    if !extra.contains(&"--listen") {
+        args.extend(["--listen".to_string(), "127.0.0.1:0".to_string()]);
+    }
+    args.extend(extra.iter().map(ToString::to_string));
+    args
+}
+
+fn start(args: &[String]) -> Vm {
+    Vm::start(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// mosquitto_sub for 3 messages on `topic` over TLS, then mosquitto_pub
+/// of 3 over TLS: the subscriber gets them all, in order.
+fn mosquitto_tls_round_trip(addr: SocketAddr, pki: &Pki, tls_version: &str, client: &[String]) {
+    let port = addr.port().to_string();
+    let ca = pki.path("ca.pem");
+    let topic = format!("tls/{tls_version}");
+    let common = |cmd: &mut Command| {
+        cmd.args(["-h", "localhost", "-p", &port, "--cafile", &ca, "--tls-version", tls_version, "-q", "1"])
+            .args(client);
+    };
+    let mut sub = Command::new("mosquitto_sub");
+    common(&mut sub);
+    let sub = sub.args(["-t", "tls/#", "-C", "3", "-W", "20", "-v"]).stdout(Stdio::piped()).spawn().unwrap();
+    thread::sleep(Duration::from_millis(500));
+    for i in 0..3 {
+        let mut publish = Command::new("mosquitto_pub");
+        common(&mut publish);
+        let out = publish.args(["-t", &topic, "-m", &format!("m{i}")]).output().unwrap();
+        assert!(out.status.success(), "mosquitto_pub over {tls_version}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let out = sub.wait_with_output().unwrap();
+    let got = String::from_utf8_lossy(&out.stdout);
+    let expected: Vec<String> = (0..3).map(|i| format!("{topic} m{i}")).collect();
+    assert_eq!(got.lines().collect::<Vec<_>>(), expected, "over {tls_version}");
+}
+
+/// A CONNECT (MQTT 3.1.1, clean session, keep-alive 30 s) for `client_id`.
+fn connect_packet(client_id: &str) -> Vec<u8> {
+    let id = client_id.as_bytes();
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30];
+    body.extend_from_slice(&u16::try_from(id.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(id);
+    let mut packet = vec![0x10, u8::try_from(body.len()).unwrap()];
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Plain MQTT: CONNECT, and the CONNACK (accepted) back.
+fn plain_connack(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    stream.write_all(&connect_packet("plain")).unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    stream
+}
+
+/// What the server sends back to `bytes`, until it closes (or 10 s pass).
+fn answer_to(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    got
+}
+
+fn tools(test: &str) -> bool {
+    kvm_available(test)
+        && tool_available(test, OPENSSL, OPENSSL_PROBE)
+        && tool_available(test, MOSQUITTO, MOSQUITTO_PROBE)
+}
+
+#[test]
+fn mosquitto_clients_publish_and_subscribe_over_tls_1_2_and_1_3() {
+    if !tools("mosquitto_clients_publish_and_subscribe_over_tls_1_2_and_1_3") {
+        return;
+    }
+    let pki = Pki::make("mosquitto");
+    let vm = start(&tls_args(&pki, &[]));
+    for version in ["tlsv1.3", "tlsv1.2"] {
+        mosquitto_tls_round_trip(vm.tls, &pki, version, &[]);
+    }
+    // The plain listener serves beside it.
+    drop(plain_connack(vm.plain.unwrap()));
+}
+
+#[test]
+fn the_wrong_protocol_on_either_port_is_refused_and_nobody_else_notices() {
+    if !tools("the_wrong_protocol_on_either_port_is_refused_and_nobody_else_notices") {
+        return;
+    }
+    let pki = Pki::make("wrong");
+    let vm = start(&tls_args(&pki, &[]));
+    let mut bystander = plain_connack(vm.plain.unwrap());
+
+    // Plain MQTT on the TLS port: a TLS alert, then the close; no CONNACK.
+    let got = answer_to(vm.tls, &connect_packet("lost"));
+    assert!(got.is_empty() || got[0] == 0x15, "plain MQTT on the TLS port got {got:02x?}");
+    // A TLS ClientHello on the plain port: no CONNACK either (the broker
+    // closes a connection whose first packet is no CONNECT).
+    let out = Command::new("sh")
+        .args(["-c", &format!("openssl s_client -connect {} </dev/null", vm.plain.unwrap())])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() || !String::from_utf8_lossy(&out.stdout).contains("Verify return code: 0"));
+
+    // The bystander is still served: a PINGREQ gets its PINGRESP.
+    bystander.write_all(&[0xc0, 0]).unwrap();
+    let mut pong = [0u8; 2];
+    bystander.read_exact(&mut pong).unwrap();
+    assert_eq!(pong, [0xd0, 0]);
+    // And TLS clients still are.
+    mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.3", &[]);
+}
+
+#[test]
+fn tls_only_with_listen_none() {
+    if !tools("tls_only_with_listen_none") {
+        return;
+    }
+    let pki = Pki::make("only");
+    let vm = start(&tls_args(&pki, &["--listen", "none"]));
+    assert!(vm.plain.is_none());
+    mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.3", &[]);
+    // --listen none without a TLS listener is refused at start.
+    let out: Output = mqvisor().args(["run", "--listen", "none"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen none"), "{out:?}");
+}
+
+#[test]
+fn mutual_tls_accepts_a_client_certificate_and_refuses_a_missing_one() {
+    if !tools("mutual_tls_accepts_a_client_certificate_and_refuses_a_missing_one") {
+        return;
+    }
+    let pki = Pki::make("mtls");
+    let ca = pki.path("ca.pem");
+    let vm = start(&tls_args(&pki, &["--tls-client-ca", &ca]));
+    let client = ["--cert".to_string(), pki.path("client.pem"), "--key".to_string(), pki.path("client.key")];
+    mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.3", &client);
+    mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.2", &client);
+    // Without a certificate: refused.
+    let port = vm.tls.port().to_string();
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &port, "--cafile", &ca, "-t", "x", "-m", "y", "-q", "1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a client without a certificate was served");
+}
+
+#[test]
+fn settings_come_from_the_config_file_and_bad_files_are_named() {
+    if !tools("settings_come_from_the_config_file_and_bad_files_are_named") {
+        return;
+    }
+    let pki = Pki::make("config");
+    let config = pki.dir.join("run.toml");
+    std::fs::write(
+        &config,
+        "listen_tls = \"127.0.0.1:0\"\ntls_cert = \"server.pem\"\ntls_key = \"server.key\"\nmax_connections = 50\n",
+    )
+    .unwrap();
+    let vm = Vm::start(&["--listen", "127.0.0.1:0", "--config", config.to_str().unwrap(), "--timeout", "60"]);
+    mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.3", &[]);
+    drop(vm);
+    // A key that is not the certificate's: one line naming it, exit 125.
+    let other_key = Path::new(&pki.path("client.key")).to_path_buf();
+    let out = mqvisor()
+        .args(["run", "--listen-tls", "127.0.0.1:0", "--tls-cert", &pki.path("server.pem"), "--tls-key"])
+        .arg(&other_key)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("client.key") && err.contains("does not match"), "{err}");
+}
+
+#[test]
+fn paho_over_tls() {
+    if !tools("paho_over_tls") || !tool_available("paho_over_tls", PAHO, PAHO_PROBE) {
+        return;
+    }
+    let pki = Pki::make("paho");
+    let vm = start(&tls_args(&pki, &[]));
+    let script = r#"
+import sys, ssl, threading
+import paho.mqtt.client as mqtt
+port, ca = int(sys.argv[1]), sys.argv[2]
+got = threading.Event()
+def on_message(c, u, m):
+    if m.payload == b"over tls":
+        got.set()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+c.tls_set(ca_certs=ca)
+c.on_message = on_message
+c.connect("localhost", port)
+c.loop_start()
+c.subscribe("paho/tls", qos=1)[0]
+import time; time.sleep(0.5)
+c.publish("paho/tls", b"over tls", qos=1).wait_for_publish(10)
+ok = got.wait(10)
+c.disconnect(); c.loop_stop()
+print("ok" if ok else "no message")
+sys.exit(0 if ok else 1)
+"#;
+    let out =
+        Command::new("python3").args(["-c", script, &vm.tls.port().to_string(), &pki.path("ca.pem")]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "paho over TLS: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,89 @@
+//! `mqvisor run`'s listeners beyond plain MQTT: MQTT over TLS
+//! (`--listen-tls`, `--tls-cert`, `--tls-key`, `--tls-client-ca`, also as
+//! keys of the `--config` file), and `--listen none` for no plain
+//! listener at all.
+//!
+//! Owns checking them before anything starts (each failure one line
+//! naming the flag or file) and turning them into the VM's
+//! [`Edge`](mqvisor::vm::Edge). The TLS settings are read here, once; a
+//! SIGHUP reload would re-read the same files.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mqvisor::net::ingress::ListenOn;
+use mqvisor::net::tls::{Alpn, ServerTls, TlsFiles};
+use mqvisor::vm::Edge;
+use serde::Deserialize;
+
+/// The `--config` keys that are these flags (the broker's settings refuse them).
+pub const CONFIG_KEYS: &[&str] = &["listen_tls", "tls_cert", "tls_key", "tls_client_ca"];
+
+/// `--listen`: an address, or `none` for no plain listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listen {
+    At(SocketAddr),
+    None,
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Listen, String> {
+        if text == "none" {
+            return Ok(Listen::None);
+        }
+        text.parse().map(Listen::At).map_err(|e| format!("`{text}`: {e} (an address such as 127.0.0.1:1883, or none)"))
+    }
+}
+
+/// The TLS flags of `mqvisor run`, and the same keys of its `--config` file.
+#[derive(clap::Args, Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeFlags {
+    /// Also serve MQTT over TLS (1.2 and 1.3, ALPN `mqtt`) on this address;
+    /// needs --tls-cert and --tls-key
+    #[arg(long, value_name = "ADDR")]
+    pub listen_tls: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listener, its own certificate first
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1; not encrypted)
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates: every TLS client must present a certificate
+    /// that chains to one of them (mutual TLS)
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl EdgeFlags {
+    /// These flags over the config file's keys (`file`, paths relative to
+    /// `base`), checked, with the TLS files read.
+    pub fn resolve(&self, file: toml::Table, base: &Path, listen: Listen) -> Result<Edge, String> {
+        let file: EdgeFlags = file.try_into().map_err(|e| format!("config file: {e}"))?;
+        let from_file = |path: Option<PathBuf>| path.map(|p| base.join(p));
+        let listen_tls = self.listen_tls.or(file.listen_tls);
+        let cert = self.tls_cert.clone().or(from_file(file.tls_cert));
+        let key = self.tls_key.clone().or(from_file(file.tls_key));
+        let client_ca = self.tls_client_ca.clone().or(from_file(file.tls_client_ca));
+        let mut more = Vec::new();
+        match (listen_tls, cert, key) {
+            (None, None, None) if client_ca.is_none() => {}
+            (Some(addr), Some(cert), Some(key)) => {
+                let files = TlsFiles { cert, key, client_ca, alpn: Alpn::Mqtt };
+                let tls = ServerTls::load(files).map_err(|e| e.to_string())?;
+                more.push(ListenOn { addr, tls: Some(Arc::new(tls)) });
+            }
+            (None, ..) => return Err("--tls-cert, --tls-key and --tls-client-ca need --listen-tls".into()),
+            (Some(_), None, _) => return Err("--listen-tls needs --tls-cert".into()),
+            (Some(_), _, None) => return Err("--listen-tls needs --tls-key".into()),
+        }
+        let no_plain = listen == Listen::None;
+        if no_plain && more.is_empty() {
+            return Err("--listen none leaves no listener: give --listen-tls too".into());
+        }
+        Ok(Edge { no_plain, more })
+    }
+}
