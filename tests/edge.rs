@@ -10,6 +10,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -67,6 +68,8 @@ struct Vm {
     child: Child,
     plain: Option<SocketAddr>,
     tls: SocketAddr,
+    /// Its stderr lines after the listening ones, as they come.
+    log: Arc<Mutex<Vec<String>>>,
 }
 
 impl Vm {
@@ -87,8 +90,30 @@ impl Vm {
             }
         }
         // Keep reading stderr, so the VM never blocks on it.
-        thread::spawn(move || for _ in lines.by_ref() {});
-        Vm { child, plain, tls: tls.unwrap() }
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let keep = log.clone();
+        thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                keep.lock().unwrap().push(line);
+            }
+        });
+        Vm { child, plain, tls: tls.unwrap(), log }
+    }
+
+    /// Waits up to 10 s for a stderr line containing `needle`.
+    fn wait_for_line(&self, needle: &str) -> String {
+        for _ in 0..200 {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| l.contains(needle)) {
+                return line.clone();
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no line with {needle:?} in {:?}", self.log.lock().unwrap());
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) with our own child's pid and a valid signal.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
     }
 }
 
@@ -98,6 +123,16 @@ impl Drop for Vm {
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let _ = self.child.wait();
     }
+}
+
+/// mosquitto_pub of one message over TLS 1.3 trusting `ca`: did it succeed?
+fn publish_trusting(addr: SocketAddr, ca: &str) -> bool {
+    let port = addr.port().to_string();
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &port, "--cafile", ca, "-t", "reload/x", "-m", "new", "-q", "1"])
+        .output()
+        .unwrap();
+    out.status.success()
 }
 
 fn tls_args<'a>(pki: &'a Pki, extra: &[&'a str]) -> Vec<String> {
@@ -323,4 +358,47 @@ sys.exit(0 if ok else 1)
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn sighup_reads_the_certificate_again_and_keeps_clients_and_a_bad_file_changes_nothing() {
+    if !tools("sighup_reads_the_certificate_again_and_keeps_clients_and_a_bad_file_changes_nothing") {
+        return;
+    }
+    let old = Pki::make("reload-old");
+    let new = Pki::make("reload-new");
+    // The VM reads its files from a folder of its own, rewritten below.
+    let live = Pki::make("reload-live");
+    for file in ["server.pem", "server.key"] {
+        std::fs::copy(old.path(file), live.path(file)).unwrap();
+    }
+    let vm = start(&tls_args(&live, &[]));
+    assert!(publish_trusting(vm.tls, &old.path("ca.pem")));
+    // A subscriber connected under the old certificate.
+    let port = vm.tls.port().to_string();
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "localhost", "-p", &port, "--cafile", &old.path("ca.pem"), "-t", "reload/#", "-C", "2"])
+        .args(["-W", "30", "-q", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+
+    // Rotated: new handshakes get the new certificate; the subscriber stays.
+    for file in ["server.pem", "server.key"] {
+        std::fs::copy(new.path(file), live.path(file)).unwrap();
+    }
+    vm.signal(libc::SIGHUP);
+    vm.wait_for_line("read again");
+    assert!(publish_trusting(vm.tls, &new.path("ca.pem")), "the new certificate is not served");
+    assert!(!publish_trusting(vm.tls, &old.path("ca.pem")), "the old certificate is still served");
+
+    // A bad file: one line, and the certificate in force stays.
+    std::fs::write(live.path("server.pem"), "not a certificate\n").unwrap();
+    vm.signal(libc::SIGHUP);
+    let line = vm.wait_for_line("kept");
+    assert!(line.contains("server.pem"), "{line}");
+    assert!(publish_trusting(vm.tls, &new.path("ca.pem")), "a bad file changed the certificate in force");
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>(), ["new", "new"]);
 }

@@ -22,6 +22,10 @@ pub const EXIT_DENIED: i32 = 126;
 pub enum Thread {
     /// Starts the others, supervises the vCPU, reports at the end.
     Main,
+    /// The main thread when it also re-reads TLS files on SIGHUP: it may
+    /// open files for reading only, and look at them (`fstat`, `statx`,
+    /// `lseek`).
+    MainReading,
     /// Runs the guest (KVM_RUN) and serves its exits.
     Vcpu,
     /// The network proxy (tokio, current thread).
@@ -118,6 +122,11 @@ pub fn program(thread: Thread) -> Result<BpfProgram, SeccompError> {
         Thread::Main => {
             rules.insert(libc::SYS_rmdir, Vec::new());
         }
+        Thread::MainReading => {
+            for &call in &[libc::SYS_rmdir, libc::SYS_fstat, libc::SYS_newfstatat, libc::SYS_statx, libc::SYS_lseek] {
+                rules.insert(call, Vec::new());
+            }
+        }
         Thread::Vcpu => {
             rules.insert(libc::SYS_ioctl, vec![ioctl_rule(KVM_RUN)?, ioctl_rule(KVM_GET_REGS)?]);
         }
@@ -146,9 +155,25 @@ pub fn program(thread: Thread) -> Result<BpfProgram, SeccompError> {
 /// allocator reads `/proc/sys/vm/overcommit_memory` the first time it
 /// gives memory back, and copes when it cannot. Stacked under the
 /// allow-list (the kernel applies the stricter verdict of the two).
-fn no_files() -> Result<BpfProgram, SeccompError> {
-    let rules =
+fn no_files(thread: Thread) -> Result<BpfProgram, SeccompError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         [libc::SYS_open, libc::SYS_openat, libc::SYS_openat2].into_iter().map(|call| (call, Vec::new())).collect();
+    if thread == Thread::MainReading {
+        // Reading only: `open` and `openat` fail with EACCES when their
+        // flags ask for any way of writing or creating; `openat2`, whose
+        // flags the filter cannot see, always does.
+        let write_flags = [libc::O_WRONLY, libc::O_RDWR, libc::O_CREAT, libc::O_TRUNC, libc::O_APPEND, libc::O_TMPFILE];
+        for (call, flags_arg) in [(libc::SYS_open, 1), (libc::SYS_openat, 2)] {
+            let mut any_write = Vec::new();
+            for flag in write_flags {
+                let flag = u64::try_from(flag).unwrap_or(u64::MAX);
+                let condition =
+                    SeccompCondition::new(flags_arg, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(flag), flag)?;
+                any_write.push(SeccompRule::new(vec![condition])?);
+            }
+            rules.insert(call, any_write);
+        }
+    }
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
@@ -168,14 +193,14 @@ thread_local! {
 pub fn install(thread: Thread) -> Result<(), SeccompError> {
     FILTERED.with(|name| {
         name.set(match thread {
-            Thread::Main => "main",
+            Thread::Main | Thread::MainReading => "main",
             Thread::Vcpu => "vcpu",
             Thread::Net => "net",
             Thread::Block => "block",
         })
     });
     let allowed = program(thread)?;
-    seccompiler::apply_filter(&no_files()?)?;
+    seccompiler::apply_filter(&no_files(thread)?)?;
     // The allow-list lets file opening through to the filter above.
     seccompiler::apply_filter(&allowed)?;
     Ok(())
@@ -264,7 +289,7 @@ mod tests {
 
     #[test]
     fn every_thread_has_a_filter_and_ioctls_are_narrowed() {
-        for thread in [Thread::Main, Thread::Vcpu, Thread::Net, Thread::Block] {
+        for thread in [Thread::Main, Thread::MainReading, Thread::Vcpu, Thread::Net, Thread::Block] {
             let program = program(thread).unwrap();
             assert!(!program.is_empty());
         }

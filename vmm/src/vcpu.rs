@@ -160,6 +160,20 @@ extern "C" fn on_stop(signal: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc
     STOP_SIGNAL.store(signal, Ordering::Release);
 }
 
+/// Set by SIGHUP (when [`install_reload_handler`] ran), taken by the supervisor.
+static RELOAD: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_reload(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Async-signal-safe: a single atomic store.
+    RELOAD.store(true, Ordering::Release);
+}
+
+/// Turns SIGHUP into a request to re-read settings, which the supervisor
+/// hands to its `on_reload` (see [`run`]) instead of ending the process.
+pub fn install_reload_handler() -> std::io::Result<()> {
+    register_signal_handler(libc::SIGHUP, on_reload).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
 /// How often the supervisor looks for a stop signal while the guest runs.
 const SUPERVISE_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -301,8 +315,15 @@ pub fn install_signal_handlers() -> std::io::Result<()> {
 }
 
 /// Runs `vcpu` on its own thread until the guest exits, crashes, or
-/// `timeout` passes. [`install_signal_handlers`] must have run.
-pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std::io::Result<(Outcome, ExitStats)> {
+/// `timeout` passes. [`install_signal_handlers`] must have run. With
+/// `on_reload`, the supervising thread calls it after each SIGHUP
+/// ([`install_reload_handler`]), and may open files for reading to do so.
+pub fn run(
+    vcpu: VcpuFd,
+    context: VcpuContext,
+    timeout: Option<Duration>,
+    mut on_reload: Option<Box<dyn FnMut() + '_>>,
+) -> std::io::Result<(Outcome, ExitStats)> {
     let wake = context.wake.clone();
     let give_up = context.give_up.clone();
     let given_up = move || give_up.reason();
@@ -326,7 +347,8 @@ pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std
         let _ = done_tx.send(result);
     })?;
     // Every thread now exists: the supervising one is filtered too.
-    crate::seccomp::install(crate::seccomp::Thread::Main).map_err(std::io::Error::other)?;
+    let main = if on_reload.is_some() { crate::seccomp::Thread::MainReading } else { crate::seccomp::Thread::Main };
+    crate::seccomp::install(main).map_err(std::io::Error::other)?;
 
     let deadline = timeout.map(|t| started + t);
     let first = loop {
@@ -336,6 +358,11 @@ pub fn run(vcpu: VcpuFd, context: VcpuContext, timeout: Option<Duration>) -> std
             Ok(result) => break Some(result),
             Err(mpsc::RecvTimeoutError::Disconnected) => break None,
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(reload) = on_reload.as_mut()
+                    && RELOAD.swap(false, Ordering::AcqRel)
+                {
+                    reload();
+                }
                 if STOP_SIGNAL.load(Ordering::Acquire) != 0
                     || deadline.is_some_and(|d| Instant::now() >= d)
                     || given_up().is_some()

@@ -35,6 +35,7 @@ use crate::net::{
     ingress::{Ingress, ListenOn},
     metrics::Counters,
     proxy::{self, NetThread, ProxyConfig},
+    tls::ServerTls,
 };
 use crate::privileges;
 use crate::state::Persistence;
@@ -377,6 +378,13 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?);
     let exit_count = Arc::new(AtomicU64::new(0));
     let give_up = GiveUp::default();
+    // TLS settings that SIGHUP re-reads (listeners of this process only).
+    let reloadable: Vec<Arc<ServerTls>> = match (&config.handoff, config.service) {
+        (None, Service::Echo { .. } | Service::Mqtt { .. }) => {
+            config.edge.more.iter().filter_map(|on| on.tls.clone()).collect()
+        }
+        _ => Vec::new(),
+    };
     // What needs privileges is held now: /dev/kvm and the listener.
     let ingress = match config.service {
         Service::Demo => None,
@@ -437,7 +445,13 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     mem.write_slice(info.as_bytes(), GuestAddress(layout::BOOT_INFO)).map_err(VmmError::BootInfo)?;
 
     let context = VcpuContext { mem: mem.clone(), bus, console: config.console, wake, exit_count, give_up };
-    let (outcome, exits) = vcpu::run(vcpu, context, config.timeout).map_err(VmmError::Thread)?;
+    let on_reload: Option<Box<dyn FnMut()>> = if reloadable.is_empty() {
+        None
+    } else {
+        vcpu::install_reload_handler().map_err(VmmError::Thread)?;
+        Some(Box::new(move || reload_tls(&reloadable)))
+    };
+    let (outcome, exits) = vcpu::run(vcpu, context, config.timeout, on_reload).map_err(VmmError::Thread)?;
     let disk = disk.map(Disk::stop);
     let (net, last_ring_fault, notifications) = match network.map(Network::stop) {
         Some((counters, fault, notifications)) => (Some(counters), fault, notifications),
@@ -448,6 +462,23 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     drop(vm);
     drop(mem);
     Ok(RunReport { outcome, exits, notifications, net, last_ring_fault, disk })
+}
+
+/// Re-reads every TLS listener's files (SIGHUP): new handshakes use them,
+/// connections made go on. A file that fails is one line, and the
+/// settings in force stay.
+fn reload_tls(listeners: &[Arc<ServerTls>]) {
+    for tls in listeners {
+        let files = tls.files();
+        match tls.reload() {
+            Ok(()) => eprintln!(
+                "mqvisor: SIGHUP: TLS certificate {} and key {} read again; new connections use them",
+                files.cert.display(),
+                files.key.display()
+            ),
+            Err(e) => eprintln!("mqvisor: SIGHUP: {e}; the TLS settings in force are kept"),
+        }
+    }
 }
 
 /// The state half of a VM: the virtio-blk device over the state file and

@@ -5,8 +5,8 @@
 //!
 //! Owns checking them before anything starts (each failure one line
 //! naming the flag or file) and turning them into the VM's
-//! [`Edge`](mqvisor::vm::Edge). The TLS settings are read here, once; a
-//! SIGHUP reload would re-read the same files.
+//! [`Edge`](mqvisor::vm::Edge). The TLS files are read here first; SIGHUP
+//! reads the same files again (`mqvisor::vm`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
