@@ -25,6 +25,8 @@ const PAHO_PROBE: &str = "python3 -c 'import paho.mqtt'";
 
 const PLAIN: &str = "mqvisor: tenant VM listening on ";
 const TLS: &str = "mqvisor: tenant VM listening for MQTT over TLS on ";
+const WS: &str = "mqvisor: tenant VM listening for MQTT over WebSockets on ";
+const WSS: &str = "mqvisor: tenant VM listening for MQTT over secure WebSockets on ";
 
 /// A test CA, a server certificate for `localhost` and 127.0.0.1 signed by
 /// it, and a client certificate (CN `alice`) signed by it, in a folder of
@@ -68,6 +70,8 @@ struct Vm {
     child: Child,
     plain: Option<SocketAddr>,
     tls: SocketAddr,
+    ws: Option<SocketAddr>,
+    wss: Option<SocketAddr>,
     /// Its stderr lines after the listening ones, as they come.
     log: Arc<Mutex<Vec<String>>>,
 }
@@ -79,14 +83,20 @@ impl Vm {
         let mut child =
             mqvisor().arg("run").args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("mqvisor");
         let plain_expected = !args.windows(2).any(|w| w == ["--listen", "none"]);
+        let ws_expected = args.contains(&"--listen-ws");
+        let wss_expected = args.contains(&"--listen-wss");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let (mut plain, mut tls) = (None, None);
-        while tls.is_none() || (plain_expected && plain.is_none()) {
+        let (mut plain, mut tls, mut ws, mut wss) = (None, None, None, None);
+        while tls.is_none()
+            || (plain_expected && plain.is_none())
+            || (ws_expected && ws.is_none())
+            || (wss_expected && wss.is_none())
+        {
             let line = lines.next().expect("mqvisor ended before listening").unwrap();
-            if let Some(addr) = line.strip_prefix(PLAIN) {
-                plain = Some(addr.parse().unwrap());
-            } else if let Some(addr) = line.strip_prefix(TLS) {
-                tls = Some(addr.parse().unwrap());
+            for (marker, slot) in [(PLAIN, &mut plain), (TLS, &mut tls), (WS, &mut ws), (WSS, &mut wss)] {
+                if let Some(addr) = line.strip_prefix(marker) {
+                    *slot = Some(addr.parse().unwrap());
+                }
             }
         }
         // Keep reading stderr, so the VM never blocks on it.
@@ -97,7 +107,7 @@ impl Vm {
                 keep.lock().unwrap().push(line);
             }
         });
-        Vm { child, plain, tls: tls.unwrap(), log }
+        Vm { child, plain, tls: tls.unwrap(), ws, wss, log }
     }
 
     /// Waits up to 10 s for a stderr line containing `needle`.
@@ -401,4 +411,69 @@ fn sighup_reads_the_certificate_again_and_keeps_clients_and_a_bad_file_changes_n
     assert!(publish_trusting(vm.tls, &new.path("ca.pem")), "a bad file changed the certificate in force");
     let out = sub.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().collect::<Vec<_>>(), ["new", "new"]);
+}
+
+/// paho-mqtt over WebSockets to `port` (with TLS trusting `ca`, if given):
+/// subscribe, publish QoS 1, see its own message.
+fn paho_ws(port: u16, ca: Option<&str>, path: &str) -> Output {
+    let script = r#"
+import sys, threading, time
+import paho.mqtt.client as mqtt
+port, path, ca = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+got = threading.Event()
+def on_message(c, u, m):
+    if m.payload == b"over websockets":
+        got.set()
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, transport="websockets", protocol=mqtt.MQTTv311)
+c.ws_set_options(path=path)
+if ca:
+    c.tls_set(ca_certs=ca)
+c.on_message = on_message
+c.connect("localhost", port)
+c.loop_start()
+c.subscribe("paho/ws", qos=1)
+time.sleep(0.5)
+big = c.publish("paho/ws/big", b"x" * 200000, qos=1)
+c.publish("paho/ws", b"over websockets", qos=1).wait_for_publish(10)
+big.wait_for_publish(10)
+ok = got.wait(10)
+c.disconnect(); c.loop_stop()
+print("ok" if ok else "no message")
+sys.exit(0 if ok else 1)
+"#;
+    Command::new("python3").args(["-c", script, &port.to_string(), path, ca.unwrap_or("")]).output().unwrap()
+}
+
+#[test]
+fn paho_over_websockets_and_secure_websockets_and_a_wrong_path_is_refused() {
+    let test = "paho_over_websockets_and_secure_websockets_and_a_wrong_path_is_refused";
+    if !tools(test) || !tool_available(test, PAHO, PAHO_PROBE) {
+        return;
+    }
+    let pki = Pki::make("ws");
+    let vm = start(&tls_args(&pki, &["--listen-ws", "127.0.0.1:0", "--listen-wss", "127.0.0.1:0"]));
+    let (ws, wss) = (vm.ws.unwrap(), vm.wss.unwrap());
+    for (port, ca, path) in
+        [(ws.port(), None, "/mqtt"), (ws.port(), None, "/"), (wss.port(), Some(pki.path("ca.pem")), "/mqtt")]
+    {
+        let out = paho_ws(port, ca.as_deref(), path);
+        assert!(
+            out.status.success(),
+            "paho over websockets (port {port}, path {path}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Another path: a clear HTTP error, then the close.
+    let request = "GET /other HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Protocol: mqtt\r\n\r\n";
+    let got = String::from_utf8_lossy(&answer_to(ws, request.as_bytes())).into_owned();
+    assert!(got.starts_with("HTTP/1.1 404"), "{got}");
+    // Plain MQTT on the WebSocket port: an HTTP error, no CONNACK.
+    let got = answer_to(ws, &connect_packet("lost"));
+    assert!(got.starts_with(b"HTTP/1.1 4"), "{:?}", String::from_utf8_lossy(&got));
+    // The TLS and plain listeners still serve.
+    mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.3", &[]);
+    drop(plain_connack(vm.plain.unwrap()));
 }

@@ -23,7 +23,9 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::metrics::Counters;
 use super::tls::ServerTls;
 use super::transport::tls::TlsClient;
+use super::transport::ws::WsClient;
 use super::transport::{ClientTransport, TcpClient};
+use super::websocket::WsLimits;
 
 /// Largest datagram of bytes handed over with a client.
 pub const MAX_HANDOFF_BYTES: usize = 256 * 1024;
@@ -41,12 +43,40 @@ pub struct ListenOn {
     pub addr: SocketAddr,
     /// TLS settings: clients here speak MQTT over TLS. `None`: plain MQTT.
     pub tls: Option<Arc<ServerTls>>,
+    /// Clients here speak MQTT over WebSockets (over TLS with `tls`), held
+    /// to these limits.
+    pub ws: Option<WsLimits>,
+}
+
+impl ListenOn {
+    /// What its clients speak, in words.
+    fn protocol(&self) -> &'static str {
+        match (&self.tls, &self.ws) {
+            (None, None) => "MQTT",
+            (Some(_), None) => "MQTT over TLS",
+            (None, Some(_)) => "MQTT over WebSockets",
+            (Some(_), Some(_)) => "MQTT over secure WebSockets",
+        }
+    }
+
+    /// The transport of a client accepted here.
+    fn client(&self, socket: TcpStream) -> Option<Arc<dyn ClientTransport>> {
+        let inner: Box<dyn ClientTransport> = match &self.tls {
+            None => Box::new(TcpClient::new(socket)),
+            // Settings in force now; a reload changes later clients'.
+            Some(tls) => Box::new(TlsClient::new(socket, tls.new_connection().ok()?)),
+        };
+        Some(match self.ws {
+            None => Arc::from(inner),
+            Some(limits) => Arc::new(WsClient::new(inner, limits)),
+        })
+    }
 }
 
 /// A bound listener and what its clients speak.
 pub struct Listener {
     socket: std::net::TcpListener,
-    tls: Option<Arc<ServerTls>>,
+    on: ListenOn,
 }
 
 /// Where a VM's clients come from.
@@ -67,11 +97,11 @@ impl Ingress {
         for on in addrs {
             let bound = std::net::TcpListener::bind(on.addr).and_then(|socket| Ok((socket.local_addr()?, socket)));
             let (local, socket) = bound.map_err(|e| (on.addr, e))?;
-            match on.tls {
-                None => eprintln!("mqvisor: tenant VM listening on {local}"),
-                Some(_) => eprintln!("mqvisor: tenant VM listening for MQTT over TLS on {local}"),
+            match on.protocol() {
+                "MQTT" => eprintln!("mqvisor: tenant VM listening on {local}"),
+                what => eprintln!("mqvisor: tenant VM listening for {what} on {local}"),
             }
-            listeners.push(Listener { socket, tls: on.tls.clone() });
+            listeners.push(Listener { socket, on: on.clone() });
         }
         Ok(Ingress::Listen(listeners))
     }
@@ -87,7 +117,7 @@ impl Ingress {
 
 /// The ingress inside the net thread's reactor.
 pub enum Clients {
-    Listen(Vec<(TcpListener, Option<Arc<ServerTls>>)>),
+    Listen(Vec<(TcpListener, ListenOn)>),
     Handoff(AsyncFd<UnixDatagram>),
     /// The handoff socket failed: no more clients come.
     Closed,
@@ -100,7 +130,7 @@ impl Clients {
             Ingress::Listen(listeners) => Clients::Listen(
                 listeners
                     .into_iter()
-                    .map(|l| Ok((TcpListener::from_std(l.socket)?, l.tls)))
+                    .map(|l| Ok((TcpListener::from_std(l.socket)?, l.on)))
                     .collect::<std::io::Result<_>>()?,
             ),
             Ingress::Handoff(socket) => Clients::Handoff(watch_fd(socket)?),
@@ -112,24 +142,17 @@ impl Clients {
     pub async fn arrived(&mut self) -> Vec<Arrival> {
         match self {
             Clients::Listen(listeners) => {
-                let (accepted, tls) = std::future::poll_fn(|cx| {
-                    for (listener, tls) in listeners.iter() {
+                let (accepted, on) = std::future::poll_fn(|cx| {
+                    for (listener, on) in listeners.iter() {
                         if let Poll::Ready(accepted) = listener.poll_accept(cx) {
-                            return Poll::Ready((accepted, tls.clone()));
+                            return Poll::Ready((accepted, on));
                         }
                     }
                     Poll::Pending
                 })
                 .await;
                 let Ok((socket, _)) = accepted else { return Vec::new() };
-                match tls {
-                    None => vec![(tcp(socket), Vec::new())],
-                    // Settings in force now; a reload changes later clients'.
-                    Some(tls) => match tls.new_connection() {
-                        Ok(connection) => vec![(Arc::new(TlsClient::new(socket, connection)) as _, Vec::new())],
-                        Err(_) => Vec::new(),
-                    },
-                }
+                on.client(socket).map(|client| (client, Vec::new())).into_iter().collect()
             }
             Clients::Handoff(socket) => match handed_over(socket).await {
                 Ok(clients) => clients,

@@ -2,10 +2,10 @@
 //!
 //! The proxy moves bytes between a client and its stream in the guest; it
 //! never touches a socket itself. Everything it does to a client goes
-//! through [`ClientTransport`]: plain TCP ([`TcpClient`]) or TLS
-//! ([`tls::TlsClient`]). A WebSocket client is another implementation of
-//! the trait (it unframes in `try_read`, frames in `try_write`), not
-//! another path through the proxy.
+//! through [`ClientTransport`]: plain TCP ([`TcpClient`]), TLS
+//! ([`tls::TlsClient`]) or WebSockets over either ([`ws::WsClient`], which
+//! unframes in `try_read` and frames in `try_write`): other
+//! implementations of the trait, not other paths through the proxy.
 //!
 //! # The contract
 //!
@@ -52,6 +52,7 @@ use tokio::net::TcpStream;
 use super::paced::quick_ack;
 
 pub mod tls;
+pub mod ws;
 
 /// A client connection as the proxy sees it (see the module doc for the
 /// contract). `Send + Sync` because the task that waits for its readiness

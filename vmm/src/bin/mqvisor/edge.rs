@@ -1,7 +1,7 @@
 //! `mqvisor run`'s listeners beyond plain MQTT: MQTT over TLS
-//! (`--listen-tls`, `--tls-cert`, `--tls-key`, `--tls-client-ca`, also as
-//! keys of the `--config` file), and `--listen none` for no plain
-//! listener at all.
+//! (`--listen-tls`, `--tls-cert`, `--tls-key`, `--tls-client-ca`), over
+//! WebSockets (`--listen-ws`) and over both (`--listen-wss`), also as keys
+//! of the `--config` file; and `--listen none` for no plain listener at all.
 //!
 //! Owns checking them before anything starts (each failure one line
 //! naming the flag or file) and turning them into the VM's
@@ -14,11 +14,12 @@ use std::sync::Arc;
 
 use mqvisor::net::ingress::ListenOn;
 use mqvisor::net::tls::{Alpn, ServerTls, TlsFiles};
+use mqvisor::net::websocket::WsLimits;
 use mqvisor::vm::Edge;
 use serde::Deserialize;
 
 /// The `--config` keys that are these flags (the broker's settings refuse them).
-pub const CONFIG_KEYS: &[&str] = &["listen_tls", "tls_cert", "tls_key", "tls_client_ca"];
+pub const CONFIG_KEYS: &[&str] = &["listen_tls", "listen_ws", "listen_wss", "tls_cert", "tls_key", "tls_client_ca"];
 
 /// `--listen`: an address, or `none` for no plain listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +47,15 @@ pub struct EdgeFlags {
     /// needs --tls-cert and --tls-key
     #[arg(long, value_name = "ADDR")]
     pub listen_tls: Option<SocketAddr>,
-    /// PEM certificate chain of the TLS listener, its own certificate first
+    /// Also serve MQTT over WebSockets (MQTT 5 section 6: paths / and /mqtt,
+    /// subprotocol mqtt) on this address
+    #[arg(long, value_name = "ADDR")]
+    pub listen_ws: Option<SocketAddr>,
+    /// Also serve MQTT over secure WebSockets (TLS, ALPN http/1.1) on this
+    /// address, with --tls-cert and --tls-key
+    #[arg(long, value_name = "ADDR")]
+    pub listen_wss: Option<SocketAddr>,
+    /// PEM certificate chain of the TLS listeners, their own certificate first
     #[arg(long, value_name = "PEM")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1; not encrypted)
@@ -60,29 +69,42 @@ pub struct EdgeFlags {
 
 impl EdgeFlags {
     /// These flags over the config file's keys (`file`, paths relative to
-    /// `base`), checked, with the TLS files read.
-    pub fn resolve(&self, file: toml::Table, base: &Path, listen: Listen) -> Result<Edge, String> {
+    /// `base`), checked, with the TLS files read. WebSocket frames are held
+    /// to what `max_packet` needs.
+    pub fn resolve(&self, file: toml::Table, base: &Path, listen: Listen, max_packet: usize) -> Result<Edge, String> {
         let file: EdgeFlags = file.try_into().map_err(|e| format!("config file: {e}"))?;
         let from_file = |path: Option<PathBuf>| path.map(|p| base.join(p));
         let listen_tls = self.listen_tls.or(file.listen_tls);
+        let listen_wss = self.listen_wss.or(file.listen_wss);
+        let listen_ws = self.listen_ws.or(file.listen_ws);
         let cert = self.tls_cert.clone().or(from_file(file.tls_cert));
         let key = self.tls_key.clone().or(from_file(file.tls_key));
         let client_ca = self.tls_client_ca.clone().or(from_file(file.tls_client_ca));
+        let ws = Some(WsLimits::for_max_packet(max_packet));
         let mut more = Vec::new();
-        match (listen_tls, cert, key) {
-            (None, None, None) if client_ca.is_none() => {}
-            (Some(addr), Some(cert), Some(key)) => {
-                let files = TlsFiles { cert, key, client_ca, alpn: Alpn::Mqtt };
-                let tls = ServerTls::load(files).map_err(|e| e.to_string())?;
-                more.push(ListenOn { addr, tls: Some(Arc::new(tls)) });
+        if listen_tls.is_some() || listen_wss.is_some() {
+            let (Some(cert), Some(key)) = (cert, key) else {
+                return Err("--listen-tls and --listen-wss need --tls-cert and --tls-key".into());
+            };
+            let load = |alpn| {
+                let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: client_ca.clone(), alpn };
+                ServerTls::load(files).map(Arc::new).map_err(|e| e.to_string())
+            };
+            if let Some(addr) = listen_tls {
+                more.push(ListenOn { addr, tls: Some(load(Alpn::Mqtt)?), ws: None });
             }
-            (None, ..) => return Err("--tls-cert, --tls-key and --tls-client-ca need --listen-tls".into()),
-            (Some(_), None, _) => return Err("--listen-tls needs --tls-cert".into()),
-            (Some(_), _, None) => return Err("--listen-tls needs --tls-key".into()),
+            if let Some(addr) = listen_wss {
+                more.push(ListenOn { addr, tls: Some(load(Alpn::Http11)?), ws });
+            }
+        } else if cert.is_some() || key.is_some() || client_ca.is_some() {
+            return Err("--tls-cert, --tls-key and --tls-client-ca need --listen-tls or --listen-wss".into());
+        }
+        if let Some(addr) = listen_ws {
+            more.push(ListenOn { addr, tls: None, ws });
         }
         let no_plain = listen == Listen::None;
         if no_plain && more.is_empty() {
-            return Err("--listen none leaves no listener: give --listen-tls too".into());
+            return Err("--listen none leaves no listener: give --listen-tls, --listen-ws or --listen-wss too".into());
         }
         Ok(Edge { no_plain, more })
     }

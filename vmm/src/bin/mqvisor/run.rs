@@ -91,7 +91,8 @@ fn prepare(mut args: RunArgs) -> Result<Prepared, Refusal> {
     };
     let (settings, edge_keys) = args.broker.resolve_taking(edge::CONFIG_KEYS).map_err(Refusal::setup)?;
     let base = args.broker.config.as_deref().and_then(std::path::Path::parent).unwrap_or(std::path::Path::new(""));
-    let edge = args.edge.resolve(edge_keys, base, args.listen).map_err(Refusal::setup)?;
+    let edge =
+        args.edge.resolve(edge_keys, base, args.listen, settings.config.max_packet_size).map_err(Refusal::setup)?;
     let listen = match args.listen {
         Listen::At(addr) => addr,
         // No plain listener is bound: the address is not used.
