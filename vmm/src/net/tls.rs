@@ -15,7 +15,8 @@
 //! Must never: do I/O on a socket, block a connection on a reload (a reload
 //! builds the new config aside and swaps an `Arc`), drop the config in force
 //! when a new file is bad, or accept a client certificate that did not chain
-//! to the client CA. These are building blocks: no listener uses them yet.
+//! to the client CA. `mqvisor run`'s TLS listeners use them
+//! (`net::transport::tls`, `net::ingress`).
 
 pub mod hello;
 pub mod identity;

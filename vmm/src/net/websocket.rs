@@ -31,8 +31,8 @@
 //!
 //! Must never: do I/O or read a clock, pass a text frame's bytes to the
 //! broker, pass anything after the first error, or answer a client's
-//! frames before the upgrade is accepted. A building block: no listener
-//! uses it yet.
+//! frames before the upgrade is accepted. `mqvisor run`'s WebSocket
+//! listeners use it through `net::transport::ws`.
 
 pub mod handshake;
 #[cfg(test)]
