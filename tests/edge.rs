@@ -477,3 +477,39 @@ fn paho_over_websockets_and_secure_websockets_and_a_wrong_path_is_refused() {
     mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.3", &[]);
     drop(plain_connack(vm.plain.unwrap()));
 }
+
+#[test]
+fn the_client_certificate_s_common_name_becomes_the_user_name() {
+    if !tools("the_client_certificate_s_common_name_becomes_the_user_name") {
+        return;
+    }
+    let pki = Pki::make("identity");
+    // alice (the client certificate's CN) may use alice/#; nobody else anything.
+    std::fs::write(pki.dir.join("acl"), "user alice\ntopic readwrite alice/#\n").unwrap();
+    let (ca, acl) = (pki.path("ca.pem"), pki.path("acl"));
+    let vm = start(&tls_args(&pki, &["--tls-client-ca", &ca, "--tls-identity-as-user", "--acl-file", &acl]));
+    let port = vm.tls.port().to_string();
+    let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+    // The user name the client gives (mallory) is replaced by alice.
+    let client = |cmd: &mut Command| {
+        cmd.args(["-h", "localhost", "-p", &port, "--cafile", &ca, "--cert", &cert, "--key", &key])
+            .args(["-u", "mallory", "-P", "secret", "-q", "1"]);
+    };
+    let mut sub = Command::new("mosquitto_sub");
+    client(&mut sub);
+    let sub = sub.args(["-t", "alice/#", "-C", "1", "-W", "20", "-v"]).stdout(Stdio::piped()).spawn().unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let mut publish = Command::new("mosquitto_pub");
+    client(&mut publish);
+    let out = publish.args(["-t", "alice/x", "-m", "as alice"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "alice/x as alice");
+    // Without --tls-client-ca the flag is refused at start.
+    let out = mqvisor()
+        .args(["run", "--listen-tls", "127.0.0.1:0", "--tls-cert", &pki.path("server.pem")])
+        .args(["--tls-key", &pki.path("server.key"), "--tls-identity-as-user"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+}

@@ -392,7 +392,7 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
             let ingress = match config.handoff {
                 Some(socket) => Ingress::Handoff(socket),
                 None => {
-                    let plain = ListenOn { addr: listen, tls: None, ws: None };
+                    let plain = ListenOn { addr: listen, tls: None, ws: None, identity_max: None };
                     let all: Vec<ListenOn> =
                         (!config.edge.no_plain).then_some(plain).into_iter().chain(config.edge.more).collect();
                     Ingress::listen(&all).map_err(|(addr, source)| VmmError::Listen { addr, source })?

@@ -46,6 +46,9 @@ pub struct ListenOn {
     /// Clients here speak MQTT over WebSockets (over TLS with `tls`), held
     /// to these limits.
     pub ws: Option<WsLimits>,
+    /// With TLS and no WebSockets: the CONNECT (at most this many bytes)
+    /// gets the client certificate's common name as its user name.
+    pub identity_max: Option<usize>,
 }
 
 impl ListenOn {
@@ -64,7 +67,7 @@ impl ListenOn {
         let inner: Box<dyn ClientTransport> = match &self.tls {
             None => Box::new(TcpClient::new(socket)),
             // Settings in force now; a reload changes later clients'.
-            Some(tls) => Box::new(TlsClient::new(socket, tls.new_connection().ok()?)),
+            Some(tls) => Box::new(TlsClient::new(socket, tls.new_connection().ok()?, self.identity_max)),
         };
         Some(match self.ws {
             None => Arc::from(inner),

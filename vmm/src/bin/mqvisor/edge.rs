@@ -19,7 +19,8 @@ use mqvisor::vm::Edge;
 use serde::Deserialize;
 
 /// The `--config` keys that are these flags (the broker's settings refuse them).
-pub const CONFIG_KEYS: &[&str] = &["listen_tls", "listen_ws", "listen_wss", "tls_cert", "tls_key", "tls_client_ca"];
+pub const CONFIG_KEYS: &[&str] =
+    &["listen_tls", "listen_ws", "listen_wss", "tls_cert", "tls_key", "tls_client_ca", "tls_identity_as_user"];
 
 /// `--listen`: an address, or `none` for no plain listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +66,12 @@ pub struct EdgeFlags {
     /// that chains to one of them (mutual TLS)
     #[arg(long, value_name = "PEM")]
     pub tls_client_ca: Option<PathBuf>,
+    /// On --listen-tls, the client certificate's common name (CN) becomes
+    /// the CONNECT's user name, and its password is dropped (Mosquitto's
+    /// use_identity_as_username; ACLs apply to it). Needs --tls-client-ca
+    #[arg(long)]
+    #[serde(default)]
+    pub tls_identity_as_user: bool,
 }
 
 impl EdgeFlags {
@@ -72,6 +79,8 @@ impl EdgeFlags {
     /// `base`), checked, with the TLS files read. WebSocket frames are held
     /// to what `max_packet` needs.
     pub fn resolve(&self, file: toml::Table, base: &Path, listen: Listen, max_packet: usize) -> Result<Edge, String> {
+        let identity =
+            self.tls_identity_as_user || file.get("tls_identity_as_user").and_then(toml::Value::as_bool) == Some(true);
         let file: EdgeFlags = file.try_into().map_err(|e| format!("config file: {e}"))?;
         let from_file = |path: Option<PathBuf>| path.map(|p| base.join(p));
         let listen_tls = self.listen_tls.or(file.listen_tls);
@@ -81,6 +90,9 @@ impl EdgeFlags {
         let key = self.tls_key.clone().or(from_file(file.tls_key));
         let client_ca = self.tls_client_ca.clone().or(from_file(file.tls_client_ca));
         let ws = Some(WsLimits::for_max_packet(max_packet));
+        if identity && (client_ca.is_none() || listen_tls.is_none()) {
+            return Err("--tls-identity-as-user needs --listen-tls and --tls-client-ca".into());
+        }
         let mut more = Vec::new();
         if listen_tls.is_some() || listen_wss.is_some() {
             let (Some(cert), Some(key)) = (cert, key) else {
@@ -91,16 +103,17 @@ impl EdgeFlags {
                 ServerTls::load(files).map(Arc::new).map_err(|e| e.to_string())
             };
             if let Some(addr) = listen_tls {
-                more.push(ListenOn { addr, tls: Some(load(Alpn::Mqtt)?), ws: None });
+                let identity_max = identity.then_some(max_packet);
+                more.push(ListenOn { addr, tls: Some(load(Alpn::Mqtt)?), ws: None, identity_max });
             }
             if let Some(addr) = listen_wss {
-                more.push(ListenOn { addr, tls: Some(load(Alpn::Http11)?), ws });
+                more.push(ListenOn { addr, tls: Some(load(Alpn::Http11)?), ws, identity_max: None });
             }
         } else if cert.is_some() || key.is_some() || client_ca.is_some() {
             return Err("--tls-cert, --tls-key and --tls-client-ca need --listen-tls or --listen-wss".into());
         }
         if let Some(addr) = listen_ws {
-            more.push(ListenOn { addr, tls: None, ws });
+            more.push(ListenOn { addr, tls: None, ws, identity_max: None });
         }
         let no_plain = listen == Listen::None;
         if no_plain && more.is_empty() {

@@ -34,20 +34,70 @@ pub const SEND_BUFFER: usize = 18 * 1024;
 /// A TLS client (see the module doc).
 pub struct TlsClient {
     socket: TcpStream,
-    tls: Mutex<ServerConnection>,
+    tls: Mutex<Inner>,
+}
+
+struct Inner {
+    conn: ServerConnection,
+    identity: Identity,
+}
+
+/// The CONNECT's user name made the client certificate's common name
+/// (`--tls-identity-as-user`): the first packet is read whole, rewritten,
+/// and handed on before any other byte.
+enum Identity {
+    /// Not asked for, or done.
+    Off,
+    /// The first packet so far, and the most it may be.
+    Reading { bytes: Vec<u8>, max: usize },
+    /// The rewritten CONNECT (and what followed it), from `at` on.
+    Rewritten { bytes: Vec<u8>, at: usize },
 }
 
 impl TlsClient {
     /// Wraps `socket` with `tls` (a new server connection, no byte read
-    /// yet), with Nagle's algorithm off.
-    pub fn new(socket: TcpStream, mut tls: ServerConnection) -> TlsClient {
+    /// yet), with Nagle's algorithm off. With `identity_max`, the CONNECT
+    /// (at most that many bytes) gets the client certificate's common name
+    /// as its user name, and no password.
+    pub fn new(socket: TcpStream, mut tls: ServerConnection, identity_max: Option<usize>) -> TlsClient {
         let _ = socket.set_nodelay(true);
         tls.set_buffer_limit(Some(SEND_BUFFER));
-        TlsClient { socket, tls: Mutex::new(tls) }
+        let identity = identity_max.map_or(Identity::Off, |max| Identity::Reading { bytes: Vec::new(), max });
+        TlsClient { socket, tls: Mutex::new(Inner { conn: tls, identity }) }
     }
 
-    fn tls(&self) -> std::sync::MutexGuard<'_, ServerConnection> {
+    fn tls(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.tls.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Plaintext for the proxy: the rewritten CONNECT first, when asked for.
+    fn read_plain(&self, inner: &mut Inner, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match &mut inner.identity {
+                Identity::Off => return read_conn(&mut inner.conn, buf),
+                Identity::Rewritten { bytes, at } => {
+                    let n = (bytes.len() - *at).min(buf.len());
+                    buf[..n].copy_from_slice(&bytes[*at..*at + n]);
+                    *at += n;
+                    if *at == bytes.len() {
+                        inner.identity = Identity::Off;
+                    }
+                    return Ok(n);
+                }
+                Identity::Reading { bytes, max } => {
+                    let mut chunk = [0u8; 4096];
+                    let n = read_conn(&mut inner.conn, &mut chunk)?;
+                    if n == 0 {
+                        return Ok(0);
+                    }
+                    bytes.extend_from_slice(&chunk[..n]);
+                    let Some(rewritten) = rewrite_connect(&inner.conn, bytes, *max)? else {
+                        continue;
+                    };
+                    inner.identity = Identity::Rewritten { bytes: rewritten, at: 0 };
+                }
+            }
+        }
     }
 
     /// Sends what records wait, as far as the socket takes them. Ok when
@@ -62,6 +112,43 @@ impl TlsClient {
         }
         Ok(())
     }
+}
+
+/// Decrypted bytes of `conn`; `Ok(0)` once the client finished sending.
+fn read_conn(conn: &mut ServerConnection, buf: &mut [u8]) -> io::Result<usize> {
+    match conn.reader().read(buf) {
+        // The client closed its socket without close_notify: it has
+        // finished sending all the same.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(0),
+        other => other,
+    }
+}
+
+/// Once `bytes` hold the first packet whole: it, a CONNECT, with the
+/// client certificate's common name as user name and no password, and
+/// what followed it. `None` while more is needed; an error for a first
+/// packet that is no CONNECT, too large, or a certificate without a usable
+/// name (the client is dropped).
+fn rewrite_connect(conn: &ServerConnection, bytes: &[u8], max: usize) -> io::Result<Option<Vec<u8>>> {
+    use mqvisor_broker::packet::{self, Packet, Version};
+    let refused = |why: String| io::Error::new(io::ErrorKind::InvalidData, why);
+    let frame = match packet::frame(bytes, max) {
+        Ok(Some(frame)) => frame,
+        Ok(None) if bytes.len() < max => return Ok(None),
+        _ => return Err(refused("the first packet is malformed or too large".into())),
+    };
+    let len = frame.len;
+    let Ok(Packet::Connect(mut connect)) = packet::decode(frame, bytes, Version::V3_1_1) else {
+        return Err(refused("the first packet is no CONNECT".into()));
+    };
+    let name = crate::net::tls::identity::identity_user_name(conn).map_err(|e| refused(e.to_string()))?;
+    connect.username = Some(name);
+    connect.password = None;
+    let version = connect.version;
+    let mut out = Vec::with_capacity(bytes.len() + 64);
+    packet::encode(&Packet::Connect(connect), version, &mut out);
+    out.extend_from_slice(&bytes[len..]);
+    Ok(Some(out))
 }
 
 /// `Read`/`Write` over the non-blocking socket, for rustls.
@@ -86,7 +173,11 @@ impl Write for SocketIo<'_> {
 impl ClientTransport for TlsClient {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         {
-            let mut tls = self.tls();
+            let mut inner = self.tls();
+            if matches!(inner.identity, Identity::Rewritten { .. }) {
+                return Poll::Ready(Ok(()));
+            }
+            let tls = &mut inner.conn;
             match tls.process_new_packets() {
                 Ok(state) if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() => {
                     return Poll::Ready(Ok(()));
@@ -108,20 +199,17 @@ impl ClientTransport for TlsClient {
     }
 
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut tls = self.tls();
+        let mut inner = self.tls();
         loop {
-            match tls.reader().read(buf) {
-                Ok(n) => return Ok(n),
-                // The client closed its socket without close_notify: it
-                // has finished sending all the same.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+            match self.read_plain(&mut inner, buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                other => return other,
             }
+            let tls = &mut inner.conn;
             // Nothing decrypted waits: read records (none while records of
             // ours wait for a socket that does not take them: the client
             // is not reading).
-            match self.send_records(&mut tls) {
+            match self.send_records(tls) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Err(e),
                 Err(e) => return Err(e),
@@ -133,10 +221,10 @@ impl ClientTransport for TlsClient {
             if let Err(error) = tls.process_new_packets() {
                 // Not TLS, or a handshake that failed: the alert rustls
                 // queued goes out if the socket takes it.
-                let _ = self.send_records(&mut tls);
+                let _ = self.send_records(tls);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, error));
             }
-            match self.send_records(&mut tls) {
+            match self.send_records(tls) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
@@ -145,9 +233,10 @@ impl ClientTransport for TlsClient {
     }
 
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
-        let mut tls = self.tls();
+        let mut inner = self.tls();
+        let tls = &mut inner.conn;
         // Earlier records first; none are taken while they wait.
-        self.send_records(&mut tls)?;
+        self.send_records(tls)?;
         if buf.is_empty() {
             return Ok(0);
         }
@@ -155,7 +244,7 @@ impl ClientTransport for TlsClient {
         if taken == 0 {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        match self.send_records(&mut tls) {
+        match self.send_records(tls) {
             Ok(()) => Ok(taken),
             // Taken and sealed: they go out on the next call or read.
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(taken),
@@ -168,9 +257,9 @@ impl ClientTransport for TlsClient {
     }
 
     fn shutdown_write(&self) {
-        let mut tls = self.tls();
-        tls.send_close_notify();
-        let _ = self.send_records(&mut tls);
+        let mut inner = self.tls();
+        inner.conn.send_close_notify();
+        let _ = self.send_records(&mut inner.conn);
         let _ = socket2::SockRef::from(&self.socket).shutdown(Shutdown::Write);
     }
 
