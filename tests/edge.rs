@@ -513,3 +513,78 @@ fn the_client_certificate_s_common_name_becomes_the_user_name() {
         .unwrap();
     assert_eq!(out.status.code(), Some(125), "{out:?}");
 }
+
+/// An upgrade request for `/mqtt`, subprotocol mqtt.
+const UPGRADE: &str = "GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                       Sec-WebSocket-Protocol: mqtt\r\n\r\n";
+
+/// A masked client frame with `opcode` and `payload` (at most 125 bytes),
+/// or only the header of one announcing `announced` bytes.
+fn client_frame(opcode: u8, payload: &[u8], announced: Option<u64>) -> Vec<u8> {
+    let mut frame = vec![0x80 | opcode];
+    match announced {
+        None => frame.push(0x80 | u8::try_from(payload.len()).unwrap()),
+        Some(len) => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&len.to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0, 0, 0, 0]); // a zero mask: the payload as is
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The close code in what a WebSocket server sent after its 101.
+fn close_code(answer: &[u8]) -> Option<u16> {
+    let text = String::from_utf8_lossy(answer);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    let at = answer.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let frames = &answer[at..];
+    (frames.len() >= 4 && frames[0] == 0x88).then(|| u16::from_be_bytes([frames[2], frames[3]]))
+}
+
+#[test]
+fn hostile_clients_get_a_clear_refusal_and_nobody_else_notices() {
+    if !tools("hostile_clients_get_a_clear_refusal_and_nobody_else_notices") {
+        return;
+    }
+    let pki = Pki::make("hostile");
+    let vm = start(&tls_args(&pki, &["--listen-ws", "127.0.0.1:0", "--connect-timeout-ms", "1000"]));
+    let mut bystander = plain_connack(vm.plain.unwrap());
+    let ws = vm.ws.unwrap();
+
+    // A text frame: close 1003 (MQTT-6.0.0-1).
+    let mut bytes = UPGRADE.as_bytes().to_vec();
+    bytes.extend(client_frame(0x1, b"hello", None));
+    assert_eq!(close_code(&answer_to(ws, &bytes)), Some(1003));
+    // A frame announcing 1 GiB: close 1009 before any of it is buffered.
+    let mut bytes = UPGRADE.as_bytes().to_vec();
+    bytes.extend(client_frame(0x2, &[], Some(1 << 30)));
+    assert_eq!(close_code(&answer_to(ws, &bytes)), Some(1009));
+    // An upgrade request over 16 KiB: 431.
+    let mut bytes = b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nX-Pad: ".to_vec();
+    bytes.resize(20_000, b'a');
+    let got = answer_to(ws, &bytes);
+    assert!(got.starts_with(b"HTTP/1.1 431"), "{:?}", String::from_utf8_lossy(&got));
+
+    // A TLS handshake that never finishes (nothing after the TCP
+    // connection): closed by the CONNECT deadline (with a close_notify
+    // alert at most).
+    let started = std::time::Instant::now();
+    let got = answer_to(vm.tls, &[]);
+    assert!(
+        (got.is_empty() || got[0] == 0x15) && started.elapsed() < Duration::from_secs(8),
+        "{got:?} after {:?}",
+        started.elapsed()
+    );
+    // Garbage instead of a ClientHello: an alert (content type 21) at most.
+    let got = answer_to(vm.tls, &[0x16, 0x03, 0x01, 0x00, 0x05, 1, 2, 3, 4, 5]);
+    assert!(got.is_empty() || got[0] == 0x15, "{got:02x?}");
+
+    bystander.write_all(&[0xc0, 0]).unwrap();
+    let mut pong = [0u8; 2];
+    bystander.read_exact(&mut pong).unwrap();
+    assert_eq!(pong, [0xd0, 0]);
+    mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.2", &[]);
+}
