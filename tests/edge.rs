@@ -588,3 +588,57 @@ fn hostile_clients_get_a_clear_refusal_and_nobody_else_notices() {
     assert_eq!(pong, [0xd0, 0]);
     mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.2", &[]);
 }
+
+#[test]
+fn a_client_hello_sent_a_byte_at_a_time_still_gets_its_connack() {
+    let test = "a_client_hello_sent_a_byte_at_a_time_still_gets_its_connack";
+    if !tools(test) || !tool_available(test, "python3", "command -v python3") {
+        return;
+    }
+    let pki = Pki::make("bytewise");
+    let vm = start(&tls_args(&pki, &[]));
+    let script = r#"
+import socket, ssl, sys, time
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname="localhost")
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.settimeout(10)
+def pump():
+    data = out.read()
+    if data:
+        s.sendall(data)
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = out.read()
+for b in hello:
+    s.send(bytes([b]))
+    time.sleep(0.0005)
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        pump()
+        inc.write(s.recv(65536))
+pump()
+tls.write(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))
+pump()
+got = b""
+while len(got) < 4:
+    try:
+        got += tls.read(4 - len(got))
+    except ssl.SSLWantReadError:
+        pump()
+        inc.write(s.recv(65536))
+print(got.hex(), len(hello))
+sys.exit(0 if got == bytes([0x20, 2, 0, 0]) else 1)
+"#;
+    let out =
+        Command::new("python3").args(["-c", script, &vm.tls.port().to_string(), &pki.path("ca.pem")]).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
