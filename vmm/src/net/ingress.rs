@@ -155,7 +155,11 @@ impl Clients {
                 })
                 .await;
                 let Ok((socket, _)) = accepted else { return Vec::new() };
-                on.client(socket).map(|client| (client, Vec::new())).into_iter().collect()
+                let arrived = on.client(socket).map(|client| (client, Vec::new())).into_iter().collect();
+                // The next accept looks at another listener first: a flood
+                // on one port does not starve the others.
+                listeners.rotate_left(1);
+                arrived
             }
             Clients::Handoff(socket) => match handed_over(socket).await {
                 Ok(clients) => clients,

@@ -160,7 +160,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "mqtt")]
     pub service: ServiceKind,
     /// Host address tenant clients connect to (plain MQTT); every connection
-    /// is carried into the guest. `none`: no plain listener (TLS only, with --listen-tls)
+    /// is carried into the guest. `none`: no plain listener (only --listen-tls, --listen-ws or --listen-wss)
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:1883")]
     pub listen: Listen,
     #[command(flatten)]
