@@ -122,3 +122,40 @@ impl EdgeFlags {
         Ok(Edge { no_plain, more })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(flags: &EdgeFlags, file: &str, listen: Listen) -> Result<Edge, String> {
+        flags.resolve(toml::from_str(file).unwrap(), Path::new(""), listen, 1 << 20)
+    }
+
+    #[test]
+    fn listen_parses_an_address_or_none() {
+        assert_eq!("none".parse::<Listen>(), Ok(Listen::None));
+        assert_eq!("127.0.0.1:1".parse::<Listen>(), Ok(Listen::At(SocketAddr::from(([127, 0, 0, 1], 1)))));
+        assert!("nowhere".parse::<Listen>().unwrap_err().contains("or none"));
+    }
+
+    #[test]
+    fn incomplete_or_contradictory_settings_are_refused_in_one_line() {
+        let plain = Listen::At(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let none = EdgeFlags::default();
+        assert!(resolve(&none, "", plain).unwrap().more.is_empty());
+        assert!(resolve(&none, "", Listen::None).unwrap_err().contains("--listen none leaves no listener"));
+        let cert_only = EdgeFlags { tls_cert: Some("c.pem".into()), ..EdgeFlags::default() };
+        assert!(resolve(&cert_only, "", plain).unwrap_err().contains("need --listen-tls or --listen-wss"));
+        let addr = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+        let no_key = EdgeFlags { listen_tls: addr, tls_cert: Some("c.pem".into()), ..EdgeFlags::default() };
+        assert!(resolve(&no_key, "", plain).unwrap_err().contains("need --tls-cert and --tls-key"));
+        let identity = EdgeFlags { listen_tls: addr, tls_identity_as_user: true, ..EdgeFlags::default() };
+        assert!(resolve(&identity, "", plain).unwrap_err().contains("--tls-identity-as-user needs"));
+        // The file's keys count as the flags do.
+        assert!(resolve(&none, "tls_key = \"k.pem\"", plain).unwrap_err().contains("need --listen-tls"));
+        assert!(resolve(&none, "listen_wss = \"127.0.0.1:0\"", plain).unwrap_err().contains("--tls-cert"));
+        // A plain WebSocket listener needs no file, and may stand alone.
+        let ws = resolve(&none, "listen_ws = \"127.0.0.1:0\"", Listen::None).unwrap();
+        assert!(ws.no_plain && ws.more.len() == 1 && ws.more[0].ws.is_some() && ws.more[0].tls.is_none());
+    }
+}
