@@ -208,6 +208,16 @@ impl Acl {
             Some(name) => self.users.iter().filter(|(n, _)| n == name).flat_map(|(_, r)| r.iter()).collect::<Vec<_>>(),
             None => self.anonymous.iter().collect(),
         };
+        // A user name or client id with a wildcard would widen a pattern to
+        // other users' topics (`users/%u/#` with user `#`): such a client is
+        // refused whatever the rules say, as Mosquitto does.
+        let wild = |value: &str| value.contains(['+', '#']);
+        let widens = |rule: &Rule| {
+            (rule.filter.contains("%u") && wild(user.unwrap_or(""))) || (rule.filter.contains("%c") && wild(client_id))
+        };
+        if self.patterns.iter().any(widens) {
+            return false;
+        }
         let patterns = self.patterns.iter().map(|rule| Rule {
             access: rule.access,
             filter: rule.filter.replace("%c", client_id).replace("%u", user.unwrap_or("")),
@@ -284,6 +294,21 @@ carol:$6$kzh82Fxp04vs5MHw$Af9HpxJnHhSz4amwiN5oS21VmWmPTe7Z+VTzQ3TavvJyTxL6J8VhKL
         assert!(acl.allows(None, "x", Want::Read, "public/news"));
         assert!(!acl.allows(None, "x", Want::Publish, "public/news"));
         assert!(!acl.allows(None, "x", Want::Read, "alice/x"));
+    }
+
+    /// A user named `#` must not turn `users/%u/#` into `users/#/#`.
+    #[test]
+    fn wildcards_in_a_user_name_or_client_id_never_widen_a_pattern() {
+        let acl =
+            Acl::parse("user alice\ntopic readwrite alice/#\npattern readwrite users/%u/#\npattern read c/%c/#\n")
+                .unwrap();
+        assert!(acl.allows(Some("bob"), "x", Want::Read, "users/bob/inbox"));
+        for user in ["#", "users/+", "a+b"] {
+            assert!(!acl.allows(Some(user), "x", Want::Read, "users/#"), "{user}");
+            assert!(!acl.allows(Some(user), "x", Want::Publish, "users/alice/secret"), "{user}");
+        }
+        assert!(!acl.allows(Some("bob"), "#", Want::Read, "c/#"));
+        assert!(!acl.allows(Some("bob"), "+", Want::Read, "c/other/x"));
     }
 
     #[test]
