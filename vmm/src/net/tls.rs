@@ -230,12 +230,33 @@ impl ServerTls {
     }
 }
 
-/// The whole file, with a missing one told apart from one that cannot be read.
+/// The largest certificate, key or CA file read: real ones are a few KiB.
+const MAX_PEM_FILE: u64 = 1 << 20;
+
+/// The whole file, with a missing one told apart from one that cannot be
+/// read. Only a regular file of at most [`MAX_PEM_FILE`] bytes: a FIFO must
+/// not block a reload, nor `/dev/zero` fill the memory.
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| match source.kind() {
-        io::ErrorKind::NotFound => TlsError::Missing { path: path.to_path_buf() },
-        _ => TlsError::Unreadable { path: path.to_path_buf(), source },
-    })
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let unreadable = |source| TlsError::Unreadable { path: path.to_path_buf(), source };
+    let file =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path).map_err(
+            |source| match source.kind() {
+                io::ErrorKind::NotFound => TlsError::Missing { path: path.to_path_buf() },
+                _ => unreadable(source),
+            },
+        )?;
+    let meta = file.metadata().map_err(unreadable)?;
+    if !meta.is_file() {
+        return Err(unreadable(io::Error::other("not a regular file")));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_PEM_FILE + 1).read_to_end(&mut bytes).map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_PEM_FILE {
+        return Err(unreadable(io::Error::other(format!("larger than {MAX_PEM_FILE} bytes"))));
+    }
+    Ok(bytes)
 }
 
 /// Every `CERTIFICATE` block of a PEM file, in order; at least one.

@@ -93,6 +93,12 @@ impl EdgeFlags {
         if identity && (client_ca.is_none() || listen_tls.is_none()) {
             return Err("--tls-identity-as-user needs --listen-tls and --tls-client-ca".into());
         }
+        if identity && listen_wss.is_some() {
+            // Its clients would choose their own user names: refused, not a surprise.
+            return Err("--tls-identity-as-user applies to --listen-tls only, not yet to --listen-wss: \
+                        serve wss on its own"
+                .into());
+        }
         let mut more = Vec::new();
         if listen_tls.is_some() || listen_wss.is_some() {
             let (Some(cert), Some(key)) = (cert, key) else {
@@ -151,6 +157,8 @@ mod tests {
         assert!(resolve(&no_key, "", plain).unwrap_err().contains("need --tls-cert and --tls-key"));
         let identity = EdgeFlags { listen_tls: addr, tls_identity_as_user: true, ..EdgeFlags::default() };
         assert!(resolve(&identity, "", plain).unwrap_err().contains("--tls-identity-as-user needs"));
+        let identity_wss = EdgeFlags { listen_wss: addr, tls_client_ca: Some("ca.pem".into()), ..identity.clone() };
+        assert!(resolve(&identity_wss, "", plain).unwrap_err().contains("not yet to --listen-wss"));
         // The file's keys count as the flags do.
         assert!(resolve(&none, "tls_key = \"k.pem\"", plain).unwrap_err().contains("need --listen-tls"));
         assert!(resolve(&none, "listen_wss = \"127.0.0.1:0\"", plain).unwrap_err().contains("--tls-cert"));

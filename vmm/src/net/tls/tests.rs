@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, ConnectionCommon, ProtocolVersion, RootCertStore, ServerConnection};
 
 use super::identity::{IdentityError, common_name, identity_user_name};
-use super::{Alpn, ServerTls, TlsError, TlsFiles, load_server_config, provider};
+use super::{Alpn, MAX_PEM_FILE, ServerTls, TlsError, TlsFiles, load_server_config, provider};
 
 const HOST: &str = "acme.mqtt.example";
 
@@ -406,4 +406,24 @@ fn reload_serves_new_handshakes_with_the_new_files_and_keeps_old_connections() {
     let refused = connect(&tls, Client::new(&old_ca)).unwrap_err();
     assert!(matches!(refused, Failed::Client(rustls::Error::InvalidCertificate(_))), "{refused:?}");
     exchange(&mut old_client, &mut old_server);
+}
+
+/// A certificate path that became a FIFO, a device or a huge file is refused
+/// at once: a reload must neither block nor fill the memory.
+#[test]
+fn a_fifo_a_device_or_a_huge_file_is_refused_without_blocking() {
+    let dir = Dir::new("special");
+    let files = server_files(&dir, &ca("CA"), Alpn::Mqtt);
+    let tls = ServerTls::load(files.clone()).unwrap();
+    let fifo = dir.0.join("fifo.pem");
+    let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) with a NUL-terminated path and a valid mode.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    let huge = dir.write("huge.pem", vec![b'A'; usize::try_from(MAX_PEM_FILE).unwrap() + 1]);
+    for cert in [fifo, PathBuf::from("/dev/zero"), dir.0.clone(), huge] {
+        std::fs::remove_file(&files.cert).unwrap();
+        std::os::unix::fs::symlink(&cert, &files.cert).unwrap();
+        let error = tls.reload().unwrap_err();
+        assert!(matches!(error, TlsError::Unreadable { .. }), "{}: {error}", cert.display());
+    }
 }
