@@ -14,31 +14,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use mqvisor_broker::broker::{Broker, Config};
-use mqvisor_broker::store::log::{Disk, IoError, Log};
+use mqvisor_broker::store::log::Log;
+
+#[path = "shared/mem_disk.rs"]
+mod mem_disk;
+use mem_disk::MemDisk;
 use mqvisor_broker::store::record::Record;
 
 const DISK: usize = 4 << 20;
-
-struct MemDisk(Vec<u8>);
-
-impl Disk for &mut MemDisk {
-    fn sectors(&self) -> u64 {
-        self.0.len() as u64 / 512
-    }
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        let at = usize::try_from(offset).map_err(|_| IoError)?;
-        buf.copy_from_slice(self.0.get(at..at + buf.len()).ok_or(IoError)?);
-        Ok(())
-    }
-    fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), IoError> {
-        let at = usize::try_from(offset).map_err(|_| IoError)?;
-        self.0.get_mut(at..at + buf.len()).ok_or(IoError)?.copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&mut self) -> Result<(), IoError> {
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut disk = MemDisk(vec![0; DISK]);

@@ -12,31 +12,14 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mqvisor_broker::store::log::{DATA_START, Disk, IoError, Log, SECTOR};
+use mqvisor_broker::store::log::{DATA_START, Log};
+
+#[path = "shared/mem_disk.rs"]
+mod mem_disk;
+use mem_disk::MemDisk;
 
 const DISK: usize = 4 << 20;
 const ENTROPY: [u8; 32] = [0x42; 32];
-
-struct MemDisk(Vec<u8>);
-
-impl Disk for &mut MemDisk {
-    fn sectors(&self) -> u64 {
-        self.0.len() as u64 / SECTOR
-    }
-    fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), IoError> {
-        let at = usize::try_from(offset).map_err(|_| IoError)?;
-        buf.copy_from_slice(self.0.get(at..at + buf.len()).ok_or(IoError)?);
-        Ok(())
-    }
-    fn write(&mut self, offset: u64, buf: &[u8]) -> Result<(), IoError> {
-        let at = usize::try_from(offset).map_err(|_| IoError)?;
-        self.0.get_mut(at..at + buf.len()).ok_or(IoError)?.copy_from_slice(buf);
-        Ok(())
-    }
-    fn flush(&mut self) -> Result<(), IoError> {
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let mut disk = MemDisk(vec![0; DISK]);
@@ -86,8 +69,7 @@ fuzz_target!(|data: &[u8]| {
     let other_start = if active == DATA_START as usize { active + region } else { DATA_START as usize };
     for (i, (offset, bytes)) in stale.iter().enumerate() {
         // Alternately into the unused region, and past the live log's end.
-        let (start, room) =
-            if i % 2 == 0 { (other_start, region) } else { (active_start + end, region - end) };
+        let (start, room) = if i % 2 == 0 { (other_start, region) } else { (active_start + end, region - end) };
         if room == 0 {
             continue;
         }
