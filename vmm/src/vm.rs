@@ -32,7 +32,7 @@ use crate::devices::{GiveUp, MmioBus};
 use crate::image::{self, ImageError};
 use crate::net::{
     self,
-    ingress::{Ingress, ListenOn},
+    ingress::{HandoffEdge, Ingress, ListenOn},
     metrics::Counters,
     proxy::{self, NetThread, ProxyConfig},
     tls::ServerTls,
@@ -80,13 +80,16 @@ pub struct VmConfig {
 }
 
 /// Listeners of a VM beyond the service's plain `listen` address (not used
-/// with a handoff socket).
+/// with a handoff socket), and how handed-over clients beyond plain MQTT
+/// are served (used only with one).
 #[derive(Clone, Debug, Default)]
 pub struct Edge {
     /// No plain listener: clients come only through `more`.
     pub no_plain: bool,
     /// More listeners (MQTT over TLS, over WebSockets, over both).
     pub more: Vec<ListenOn>,
+    /// The tenant's TLS and WebSocket settings for handed-over clients.
+    pub handoff: HandoffEdge,
 }
 
 /// The tenant's state file and how the guest keeps its log on it.
@@ -378,19 +381,19 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(VmmError::Thread)?);
     let exit_count = Arc::new(AtomicU64::new(0));
     let give_up = GiveUp::default();
-    // TLS settings that SIGHUP re-reads (listeners of this process only).
+    // TLS settings that SIGHUP re-reads: this process's listeners', or
+    // the handed-over clients'.
     let reloadable: Vec<Arc<ServerTls>> = match (&config.handoff, config.service) {
-        (None, Service::Echo { .. } | Service::Mqtt { .. }) => {
-            config.edge.more.iter().filter_map(|on| on.tls.clone()).collect()
-        }
-        _ => Vec::new(),
+        (_, Service::Demo) => Vec::new(),
+        (None, _) => config.edge.more.iter().filter_map(|on| on.tls.clone()).collect(),
+        (Some(_), _) => config.edge.handoff.tls_settings().collect(),
     };
     // What needs privileges is held now: /dev/kvm and the listener.
     let ingress = match config.service {
         Service::Demo => None,
         Service::Echo { listen } | Service::Mqtt { listen, .. } => {
             let ingress = match config.handoff {
-                Some(socket) => Ingress::Handoff(socket),
+                Some(socket) => Ingress::Handoff(socket, config.edge.handoff),
                 None => {
                     let plain = ListenOn { addr: listen, tls: None, ws: None, identity_max: None };
                     let all: Vec<ListenOn> =

@@ -4,11 +4,34 @@
 //! plain MQTT, and MQTT over TLS with the settings of a [`ServerTls`]), or
 //! the handoff socket of `mqvisor serve`, on which each client arrives as
 //! one datagram carrying its socket (SCM_RIGHTS) and the bytes the daemon
-//! already read from it (its CONNECT, possibly rewritten). On the same
-//! socket the VM sends its load report: its [`Counters`] as
-//! [`Counters::to_report`] encodes them, every [`REPORT_EVERY`] and once
-//! when its guest's link is up (the daemon times boots by that). Never
-//! trusts a datagram: one without a socket is no client.
+//! already read from it. On the same socket the VM sends its load report:
+//! its [`Counters`] as [`Counters::to_report`] encodes them, every
+//! [`REPORT_EVERY`] and once when its guest's link is up (the daemon times
+//! boots by that). Never trusts a datagram: one without a socket is no
+//! client.
+//!
+//! # The handoff datagram
+//!
+//! Byte 0 is what the client speaks, a [`Handed`]; the rest are the bytes
+//! the daemon already read from it:
+//!
+//! | byte 0 | kind                  | the rest                                   |
+//! |--------|-----------------------|--------------------------------------------|
+//! | 0      | MQTT                  | MQTT bytes (the CONNECT, possibly rewritten) |
+//! | 1      | MQTT over TLS         | raw TLS bytes, from its ClientHello on     |
+//! | 2      | MQTT over WebSockets  | raw bytes, from its HTTP upgrade request on |
+//! | 3      | MQTT over secure WebSockets | raw TLS bytes, from its ClientHello on |
+//!
+//! TLS ends here, in the tenant's own process, with the tenant's own
+//! certificate and key ([`HandoffEdge`]): the daemon only read the
+//! ClientHello (or the upgrade request) to pick the tenant. A datagram of
+//! another kind, or of a kind this process has no settings for, is no
+//! client: its socket is closed (said once).
+//!
+//! Also owns the bound on TLS handshakes in flight in this process
+//! ([`Handshakes`], listeners and handoff alike): a TLS client beyond it
+//! is sent a fatal alert and closed at once, and counted
+//! ([`Clients::refused_handshakes`]).
 
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
@@ -22,7 +45,8 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::metrics::Counters;
 use super::tls::ServerTls;
-use super::transport::tls::TlsClient;
+use super::tls::hello::alert_record;
+use super::transport::tls::{Handshakes, TlsClient};
 use super::transport::ws::WsClient;
 use super::transport::{ClientTransport, TcpClient};
 use super::websocket::WsLimits;
@@ -36,6 +60,118 @@ pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 /// A client as it arrives: its transport and the bytes read from it before.
 pub type Arrival = (Arc<dyn ClientTransport>, Vec<u8>);
+
+/// What a client handed over by `mqvisor serve` speaks: byte 0 of its
+/// datagram (see the module doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Handed {
+    /// Plain MQTT; the bytes are MQTT (the CONNECT, possibly rewritten).
+    Mqtt = 0,
+    /// MQTT over TLS; the bytes are TLS, from the ClientHello on.
+    Tls = 1,
+    /// MQTT over WebSockets; the bytes are the HTTP upgrade request on.
+    Ws = 2,
+    /// MQTT over secure WebSockets; the bytes are TLS, from the ClientHello on.
+    Wss = 3,
+}
+
+impl Handed {
+    /// Its byte in the datagram.
+    pub fn to_byte(self) -> u8 {
+        self as u8
+    }
+
+    /// The kind of `byte`; `None` for no kind.
+    pub fn from_byte(byte: u8) -> Option<Handed> {
+        match byte {
+            0 => Some(Handed::Mqtt),
+            1 => Some(Handed::Tls),
+            2 => Some(Handed::Ws),
+            3 => Some(Handed::Wss),
+            _ => None,
+        }
+    }
+}
+
+/// How this process serves the clients `mqvisor serve` hands over beyond
+/// plain MQTT: the tenant's TLS and WebSocket settings. A kind whose
+/// settings are missing is refused.
+#[derive(Clone, Debug, Default)]
+pub struct HandoffEdge {
+    /// For [`Handed::Tls`] (ALPN `mqtt`).
+    pub tls: Option<Arc<ServerTls>>,
+    /// For [`Handed::Wss`] (ALPN `http/1.1`): the same files as `tls`.
+    pub wss_tls: Option<Arc<ServerTls>>,
+    /// For [`Handed::Ws`] and [`Handed::Wss`].
+    pub ws: Option<WsLimits>,
+    /// For [`Handed::Tls`] only: the CONNECT (at most this many bytes)
+    /// gets the client certificate's common name as its user name.
+    pub identity_max: Option<usize>,
+}
+
+impl HandoffEdge {
+    /// How a client of `kind` is served: TLS settings, WebSocket limits,
+    /// identity bound. `None`: this process has no settings for it.
+    fn serve(&self, kind: Handed) -> Option<Serve<'_>> {
+        match kind {
+            Handed::Mqtt => Some((None, None, None)),
+            Handed::Tls => Some((Some(self.tls.as_ref()?), None, self.identity_max)),
+            Handed::Ws => Some((None, Some(self.ws?), None)),
+            Handed::Wss => Some((Some(self.wss_tls.as_ref()?), Some(self.ws?), None)),
+        }
+    }
+
+    /// Every TLS setting here, for SIGHUP to read again.
+    pub fn tls_settings(&self) -> impl Iterator<Item = Arc<ServerTls>> + '_ {
+        self.tls.iter().chain(&self.wss_tls).cloned()
+    }
+}
+
+/// How a client is served: its TLS settings, its WebSocket limits, the
+/// bound of its CONNECT when it gets its certificate's name.
+type Serve<'a> = (Option<&'a Arc<ServerTls>>, Option<WsLimits>, Option<usize>);
+
+/// What became of one client's socket.
+enum Made {
+    Client(Arc<dyn ClientTransport>),
+    /// Too many TLS handshakes in flight: refused.
+    Refused,
+    /// Its bytes were bad or its settings failed: dropped.
+    Dropped,
+}
+
+/// A client's transport: `socket` with TLS (`tls`), WebSockets (`ws`,
+/// over TLS with `tls`) or neither, `received` the bytes already read from
+/// it (fed to the outermost layer that reads the socket). A TLS client
+/// takes a slot of `handshakes`; with none left it is sent a fatal alert.
+fn transport(socket: TcpStream, (tls, ws, identity_max): Serve<'_>, received: &[u8], handshakes: &Handshakes) -> Made {
+    let (inner, received): (Box<dyn ClientTransport>, &[u8]) = match tls {
+        None => (Box::new(TcpClient::new(socket)), received),
+        Some(tls) => {
+            let Some(slot) = handshakes.start() else {
+                // Best effort: the client learns why, if its socket takes
+                // it (straight to the socket: the reactor has not yet said
+                // it is writable).
+                let _ = socket2::SockRef::from(&socket).send(&alert_record(rustls::AlertDescription::InternalError));
+                return Made::Refused;
+            };
+            // Settings in force now; a reload changes later clients'.
+            let Ok(conn) = tls.new_connection() else { return Made::Dropped };
+            match TlsClient::new(socket, conn, identity_max, Some(slot), received) {
+                Ok(client) => (Box::new(client), &[]),
+                Err(_) => return Made::Dropped,
+            }
+        }
+    };
+    Made::Client(match ws {
+        None => Arc::from(inner),
+        Some(limits) => match WsClient::with_received(inner, limits, received) {
+            Ok(client) => Arc::new(client),
+            Err(_) => return Made::Dropped,
+        },
+    })
+}
 
 /// One address clients connect to.
 #[derive(Clone, Debug)]
@@ -62,17 +198,9 @@ impl ListenOn {
         }
     }
 
-    /// The transport of a client accepted here.
-    fn client(&self, socket: TcpStream) -> Option<Arc<dyn ClientTransport>> {
-        let inner: Box<dyn ClientTransport> = match &self.tls {
-            None => Box::new(TcpClient::new(socket)),
-            // Settings in force now; a reload changes later clients'.
-            Some(tls) => Box::new(TlsClient::new(socket, tls.new_connection().ok()?, self.identity_max)),
-        };
-        Some(match self.ws {
-            None => Arc::from(inner),
-            Some(limits) => Arc::new(WsClient::new(inner, limits)),
-        })
+    /// How its clients are served: TLS settings, WebSocket limits, identity bound.
+    fn serve(&self) -> Serve<'_> {
+        (self.tls.as_ref(), self.ws, self.identity_max)
     }
 }
 
@@ -87,8 +215,9 @@ pub enum Ingress {
     /// Accepted here. Bound before boot, so a busy port is reported before
     /// anything starts.
     Listen(Vec<Listener>),
-    /// Accepted by `mqvisor serve` and handed over on this socket.
-    Handoff(UnixDatagram),
+    /// Accepted by `mqvisor serve` and handed over on this socket, served
+    /// with these settings.
+    Handoff(UnixDatagram, HandoffEdge),
 }
 
 impl Ingress {
@@ -113,38 +242,79 @@ impl Ingress {
     pub fn set_nonblocking(&self) -> std::io::Result<()> {
         match self {
             Ingress::Listen(listeners) => listeners.iter().try_for_each(|l| l.socket.set_nonblocking(true)),
-            Ingress::Handoff(socket) => socket.set_nonblocking(true),
+            Ingress::Handoff(socket, _) => socket.set_nonblocking(true),
         }
     }
 }
 
-/// The ingress inside the net thread's reactor.
-pub enum Clients {
+/// The ingress inside the net thread's reactor, and the handshakes in
+/// flight of its TLS clients.
+pub struct Clients {
+    from: From,
+    handshakes: Handshakes,
+    refused_handshakes: u64,
+    /// A handed-over client of a kind without settings was said.
+    said_unserved: bool,
+}
+
+enum From {
     Listen(Vec<(TcpListener, ListenOn)>),
-    Handoff(AsyncFd<UnixDatagram>),
+    Handoff(AsyncFd<UnixDatagram>, HandoffEdge),
     /// The handoff socket failed: no more clients come.
     Closed,
 }
 
 impl Clients {
-    /// Registers `ingress` with the current reactor.
+    /// Registers `ingress` with the current reactor, TLS handshakes in
+    /// flight bounded by [`MAX_HANDSHAKES_IN_FLIGHT`](super::transport::tls::MAX_HANDSHAKES_IN_FLIGHT).
     pub fn new(ingress: Ingress) -> std::io::Result<Clients> {
-        Ok(match ingress {
-            Ingress::Listen(listeners) => Clients::Listen(
+        Clients::bounded(ingress, Handshakes::default())
+    }
+
+    /// Registers `ingress` with the current reactor, TLS handshakes in
+    /// flight bounded by `handshakes`.
+    pub fn bounded(ingress: Ingress, handshakes: Handshakes) -> std::io::Result<Clients> {
+        let from = match ingress {
+            Ingress::Listen(listeners) => From::Listen(
                 listeners
                     .into_iter()
                     .map(|l| Ok((TcpListener::from_std(l.socket)?, l.on)))
                     .collect::<std::io::Result<_>>()?,
             ),
-            Ingress::Handoff(socket) => Clients::Handoff(watch_fd(socket)?),
-        })
+            Ingress::Handoff(socket, edge) => From::Handoff(watch_fd(socket)?, edge),
+        };
+        Ok(Clients { from, handshakes, refused_handshakes: 0, said_unserved: false })
+    }
+
+    /// TLS clients refused so far: too many handshakes were in flight.
+    pub fn refused_handshakes(&self) -> u64 {
+        self.refused_handshakes
+    }
+
+    /// The arrival of `socket`, served so, or `None` (refused or dropped).
+    fn make(&mut self, socket: TcpStream, serve: Serve<'_>, received: Vec<u8>) -> Option<Arrival> {
+        // Plain MQTT's bytes go to the guest with the client; the others'
+        // are the transport's to unwrap.
+        let (made, first) = if serve.0.is_some() || serve.1.is_some() {
+            (transport(socket, serve, &received, &self.handshakes), Vec::new())
+        } else {
+            (transport(socket, serve, &[], &self.handshakes), received)
+        };
+        match made {
+            Made::Client(client) => Some((client, first)),
+            Made::Refused => {
+                self.refused_handshakes += 1;
+                None
+            }
+            Made::Dropped => None,
+        }
     }
 
     /// The clients that arrived, when some did: waits for them (forever
     /// once closed). A failed handoff socket is said once and closed.
     pub async fn arrived(&mut self) -> Vec<Arrival> {
-        match self {
-            Clients::Listen(listeners) => {
+        match &mut self.from {
+            From::Listen(listeners) => {
                 let (accepted, on) = std::future::poll_fn(|cx| {
                     for (listener, on) in listeners.iter() {
                         if let Poll::Ready(accepted) = listener.poll_accept(cx) {
@@ -155,48 +325,69 @@ impl Clients {
                 })
                 .await;
                 let Ok((socket, _)) = accepted else { return Vec::new() };
-                let arrived = on.client(socket).map(|client| (client, Vec::new())).into_iter().collect();
+                let on = on.clone();
                 // The next accept looks at another listener first: a flood
                 // on one port does not starve the others.
                 listeners.rotate_left(1);
-                arrived
+                self.make(socket, on.serve(), Vec::new()).into_iter().collect()
             }
-            Clients::Handoff(socket) => match handed_over(socket).await {
-                Ok(clients) => clients,
+            From::Handoff(socket, edge) => match handed_over(socket).await {
+                Ok(handed) => {
+                    let edge = edge.clone();
+                    let mut arrived = Vec::with_capacity(handed.len());
+                    for (socket, kind, bytes) in handed {
+                        match kind.and_then(|kind| edge.serve(kind)) {
+                            Some(serve) => arrived.extend(self.make(socket, serve, bytes)),
+                            None => self.unserved(kind),
+                        }
+                    }
+                    arrived
+                }
                 Err(e) => {
                     eprintln!("mqvisor: handoff socket: {e}");
-                    *self = Clients::Closed;
+                    self.from = From::Closed;
                     Vec::new()
                 }
             },
-            Clients::Closed => std::future::pending().await,
+            From::Closed => std::future::pending().await,
+        }
+    }
+
+    /// A handed-over client this process cannot serve (its socket is
+    /// dropped): said once, for a daemon and a process that disagree.
+    fn unserved(&mut self, kind: Option<Handed>) {
+        if !std::mem::replace(&mut self.said_unserved, true) {
+            match kind {
+                Some(kind) => eprintln!("mqvisor: handoff: a client of kind {kind:?} without its settings is closed"),
+                None => eprintln!("mqvisor: handoff: a client of no known kind is closed"),
+            }
         }
     }
 
     /// True when the clients come from `mqvisor serve`, which wants reports.
     pub fn reports(&self) -> bool {
-        matches!(self, Clients::Handoff(_))
+        matches!(self.from, From::Handoff(..))
     }
 
     /// Tells `mqvisor serve` this VM's load (best effort: a full socket
     /// skips a report).
     pub fn report(&self, counters: &Counters) {
-        if let Clients::Handoff(socket) = self {
+        if let From::Handoff(socket, _) = &self.from {
             let _ = socket.get_ref().send(&counters.to_report());
         }
     }
 }
 
-fn tcp(socket: TcpStream) -> Arc<dyn ClientTransport> {
-    Arc::new(TcpClient::new(socket))
-}
+/// A client handed over: its socket, its kind (`None`: no known kind, or
+/// no byte at all) and the bytes read before the handoff.
+type HandedOver = (TcpStream, Option<Handed>, Vec<u8>);
 
-/// Every client waiting on the handoff socket, with the bytes read before
-/// the handoff.
-async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<Vec<Arrival>> {
+/// Every client waiting on the handoff socket.
+async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<Vec<HandedOver>> {
     let mut guard = handoff.readable().await?;
     let mut clients = Vec::new();
-    let mut buf = vec![0u8; MAX_HANDOFF_BYTES];
+    // The kind byte, then the bytes.
+    let mut buf = vec![0u8; 1 + MAX_HANDOFF_BYTES];
     loop {
         let received = guard.try_io(|inner| {
             inner.get_ref().recv_with_fd(&mut buf).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
@@ -205,7 +396,9 @@ async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<Vec<Arr
             Ok(Ok((len, Some(file)))) => {
                 let socket = std::net::TcpStream::from(std::os::fd::OwnedFd::from(file));
                 socket.set_nonblocking(true)?;
-                clients.push((tcp(TcpStream::from_std(socket)?), buf[..len].to_vec()));
+                let kind = buf.first().filter(|_| len > 0).and_then(|&byte| Handed::from_byte(byte));
+                let bytes = buf.get(1..len).unwrap_or_default().to_vec();
+                clients.push((TcpStream::from_std(socket)?, kind, bytes));
             }
             // A datagram without a socket is not a client.
             Ok(Ok((_, None))) => {}
@@ -222,4 +415,96 @@ pub fn watch_fd<T: std::os::fd::AsRawFd>(owner: T) -> std::io::Result<AsyncFd<T>
     // descriptor, keep it open until dropped and always return the same one
     // from `as_raw_fd`; the AsyncFd owns the value.
     unsafe { AsyncFd::register(owner) }.map_err(std::io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+    use crate::net::tls::{Alpn, TlsFiles};
+
+    /// TLS settings from fresh files in `dir`.
+    fn server_tls(dir: &std::path::Path, alpn: Alpn) -> Arc<ServerTls> {
+        std::fs::create_dir_all(dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["acme.example".to_string()]).unwrap().self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        Arc::new(ServerTls::load(TlsFiles { cert: cert_path, key: key_path, client_ca: None, alpn }).unwrap())
+    }
+
+    /// Hands a new loopback client over as `datagram`; returns its peer end.
+    fn hand_over(daemon: &UnixDatagram, datagram: &[u8]) -> std::net::TcpStream {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        daemon.send_with_fd(datagram, socket.as_raw_fd()).unwrap();
+        peer
+    }
+
+    /// The clients that arrive next.
+    async fn next(clients: &mut Clients) -> Vec<Arrival> {
+        tokio::time::timeout(Duration::from_secs(10), clients.arrived()).await.unwrap()
+    }
+
+    #[test]
+    fn the_kind_byte_round_trips_and_nothing_else_is_a_kind() {
+        for kind in [Handed::Mqtt, Handed::Tls, Handed::Ws, Handed::Wss] {
+            assert_eq!(Handed::from_byte(kind.to_byte()), Some(kind));
+        }
+        assert_eq!((Handed::Mqtt.to_byte(), Handed::Wss.to_byte()), (0, 3));
+        assert!((4..=u8::MAX).all(|byte| Handed::from_byte(byte).is_none()));
+    }
+
+    #[test]
+    fn each_kind_is_served_by_its_settings_and_tls_past_the_bound_is_refused() {
+        let dir = std::env::temp_dir().join(format!("mqvisor-ingress-handoff-{}", std::process::id()));
+        let edge = HandoffEdge { tls: Some(server_tls(&dir, Alpn::Mqtt)), wss_tls: None, ws: None, identity_max: None };
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let (daemon, process) = UnixDatagram::pair().unwrap();
+            process.set_nonblocking(true).unwrap();
+            let mut clients = Clients::bounded(Ingress::Handoff(process, edge), Handshakes::new(1)).unwrap();
+            // Plain MQTT: the bytes go to the guest with the client.
+            let _plain = hand_over(&daemon, &[&[Handed::Mqtt.to_byte()][..], b"CONNECT"].concat());
+            let arrivals = next(&mut clients).await;
+            assert_eq!(arrivals.len(), 1);
+            assert_eq!(arrivals[0].1, b"CONNECT");
+
+            // TLS: the transport takes the bytes (a ClientHello would be
+            // answered); the one slot is taken while it lives.
+            // The start of a record: rustls waits for the rest.
+            let hello = [Handed::Tls.to_byte(), 0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00];
+            let _tls = hand_over(&daemon, &hello);
+            let tls = next(&mut clients).await;
+            assert_eq!(tls.len(), 1);
+            assert!(tls[0].1.is_empty());
+
+            // Past the bound: refused at once with a fatal alert, counted.
+            let mut refused = hand_over(&daemon, &hello);
+            // No settings for ws, and no kind at all: closed, not counted.
+            let mut no_ws = hand_over(&daemon, &[Handed::Ws.to_byte()]);
+            let mut no_kind = hand_over(&daemon, &[9, 1, 2]);
+            let none = next(&mut clients).await;
+            assert!(none.is_empty());
+            assert_eq!(clients.refused_handshakes(), 1);
+            let mut alert = Vec::new();
+            refused.read_to_end(&mut alert).unwrap();
+            assert_eq!(alert, alert_record(rustls::AlertDescription::InternalError));
+            for closed in [&mut no_ws, &mut no_kind] {
+                assert_eq!(closed.read(&mut [0u8; 8]).unwrap(), 0);
+            }
+
+            // The TLS client goes: its slot comes back.
+            drop(tls);
+            let _again = hand_over(&daemon, &hello);
+            let again = next(&mut clients).await;
+            assert_eq!((again.len(), clients.refused_handshakes()), (1, 1));
+        });
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -91,6 +91,8 @@ counters! {
         "Requests of the guest's block driver refused for breaking the protocol";
     disk_io_errors: Counter "disk_io_errors" "Requests of the state disk that the host file failed";
     disk_ring_faults: Counter "disk_ring_faults" "Times the guest's block driver broke a ring";
+    refused_handshakes: Counter "refused_handshakes"
+        "TLS clients refused at once because too many TLS handshakes were in flight in the tenant's process";
 }
 
 impl Counters {

@@ -487,6 +487,7 @@ impl Proxy {
     fn counters(&mut self) -> Counters {
         let mut counters = self.streams.counters();
         counters.vm_exits = self.vm_exits.load(Ordering::Relaxed);
+        counters.refused_handshakes = self.clients_in.refused_handshakes();
         if let Ok(net) = self.net.lock() {
             counters.set_net_device(net.device().metrics());
         }

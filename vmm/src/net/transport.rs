@@ -54,6 +54,9 @@ use super::paced::quick_ack;
 pub mod tls;
 pub mod ws;
 
+#[cfg(test)]
+mod tests;
+
 /// A client connection as the proxy sees it (see the module doc for the
 /// contract). `Send + Sync` because the task that waits for its readiness
 /// holds it too; an implementation keeps what it changes on reads and

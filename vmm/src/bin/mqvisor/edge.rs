@@ -5,14 +5,16 @@
 //!
 //! Owns checking them before anything starts (each failure one line
 //! naming the flag or file) and turning them into the VM's
-//! [`Edge`](mqvisor::vm::Edge). The TLS files are read here first; SIGHUP
+//! [`Edge`](mqvisor::vm::Edge); for a process fed by `mqvisor serve`, the
+//! tenant's TLS files instead, which serve the clients handed over
+//! ([`EdgeFlags::resolve_handoff`]), never a listener. The TLS files are read here first; SIGHUP
 //! reads the same files again (`mqvisor::vm`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use mqvisor::net::ingress::ListenOn;
+use mqvisor::net::ingress::{HandoffEdge, ListenOn};
 use mqvisor::net::tls::{Alpn, ServerTls, TlsFiles};
 use mqvisor::net::websocket::WsLimits;
 use mqvisor::vm::Edge;
@@ -125,7 +127,45 @@ impl EdgeFlags {
         if no_plain && more.is_empty() {
             return Err("--listen none leaves no listener: give --listen-tls, --listen-ws or --listen-wss too".into());
         }
-        Ok(Edge { no_plain, more })
+        Ok(Edge { no_plain, more, handoff: HandoffEdge::default() })
+    }
+
+    /// For a process fed by `mqvisor serve` (`--handoff-fd`): how it
+    /// serves the clients handed over beyond plain MQTT. The daemon
+    /// listens, so no listener is resolved here; the TLS files (a tenant's
+    /// settings, paths absolute) are read now. With a certificate and key,
+    /// MQTT over TLS (ALPN `mqtt`) and secure WebSockets (ALPN `http/1.1`)
+    /// are served; WebSockets always, frames held to what `max_packet`
+    /// needs; the identity as user name applies to MQTT over TLS only.
+    pub fn resolve_handoff(&self, max_packet: usize) -> Result<Edge, String> {
+        if self.listen_tls.is_some() || self.listen_ws.is_some() || self.listen_wss.is_some() {
+            return Err("--listen-tls, --listen-ws and --listen-wss are not for --handoff-fd: \
+                        mqvisor serve listens"
+                .into());
+        }
+        let identity = self.tls_identity_as_user;
+        if identity && self.tls_client_ca.is_none() {
+            return Err("tls_identity_as_user needs tls_client_ca".into());
+        }
+        let ws = Some(WsLimits::for_max_packet(max_packet));
+        let handoff = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                let load = |alpn| {
+                    let files =
+                        TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone(), alpn };
+                    ServerTls::load(files).map(Arc::new).map_err(|e| e.to_string())
+                };
+                HandoffEdge {
+                    tls: Some(load(Alpn::Mqtt)?),
+                    wss_tls: Some(load(Alpn::Http11)?),
+                    ws,
+                    identity_max: identity.then_some(max_packet),
+                }
+            }
+            (None, None) if self.tls_client_ca.is_none() => HandoffEdge { ws, ..HandoffEdge::default() },
+            _ => return Err("TLS for handed-over clients needs tls_cert and tls_key".into()),
+        };
+        Ok(Edge { no_plain: false, more: Vec::new(), handoff })
     }
 }
 
@@ -165,5 +205,44 @@ mod tests {
         // A plain WebSocket listener needs no file, and may stand alone.
         let ws = resolve(&none, "listen_ws = \"127.0.0.1:0\"", Listen::None).unwrap();
         assert!(ws.no_plain && ws.more.len() == 1 && ws.more[0].ws.is_some() && ws.more[0].tls.is_none());
+    }
+
+    #[test]
+    fn a_handoff_edge_serves_tls_and_wss_with_the_tenant_files_and_no_listener() {
+        let dir = std::env::temp_dir().join(format!("mqvisor-edge-handoff-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["acme.example".to_string()]).unwrap().self_signed(&key).unwrap();
+        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+
+        // No TLS files: WebSockets only, nothing read, no listener.
+        let plain = EdgeFlags::default().resolve_handoff(1 << 20).unwrap();
+        assert!(plain.more.is_empty() && !plain.no_plain);
+        assert!(plain.handoff.tls.is_none() && plain.handoff.wss_tls.is_none());
+        assert_eq!(plain.handoff.ws, Some(WsLimits::for_max_packet(1 << 20)));
+
+        let flags = EdgeFlags { tls_cert: Some(cert_path.clone()), tls_key: Some(key_path), ..EdgeFlags::default() };
+        let edge = flags.resolve_handoff(4096).unwrap().handoff;
+        let alpn = |tls: &Option<Arc<ServerTls>>| tls.as_ref().map(|tls| tls.files().alpn);
+        assert_eq!((alpn(&edge.tls), alpn(&edge.wss_tls)), (Some(Alpn::Mqtt), Some(Alpn::Http11)));
+        assert_eq!((edge.ws, edge.identity_max), (Some(WsLimits::for_max_packet(4096)), None));
+        // The identity as user name: MQTT over TLS only, and with a client CA.
+        let identity =
+            EdgeFlags { tls_client_ca: Some(cert_path.clone()), tls_identity_as_user: true, ..flags.clone() };
+        assert_eq!(identity.resolve_handoff(4096).unwrap().handoff.identity_max, Some(4096));
+        let no_ca = EdgeFlags { tls_identity_as_user: true, ..flags.clone() };
+        assert!(no_ca.resolve_handoff(4096).unwrap_err().contains("needs tls_client_ca"));
+
+        // Half a pair, a listener, a file that is not there: one line each,
+        // never the listener checks of `mqvisor run`.
+        let cert_only = EdgeFlags { tls_cert: Some(cert_path), ..EdgeFlags::default() };
+        assert!(cert_only.resolve_handoff(4096).unwrap_err().contains("needs tls_cert and tls_key"));
+        let listener = EdgeFlags { listen_ws: Some(SocketAddr::from(([127, 0, 0, 1], 0))), ..EdgeFlags::default() };
+        assert!(listener.resolve_handoff(4096).unwrap_err().contains("not for --handoff-fd"));
+        let missing = EdgeFlags { tls_key: Some(dir.join("gone.pem")), ..flags };
+        assert!(missing.resolve_handoff(4096).unwrap_err().contains("gone.pem"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -91,8 +91,13 @@ fn prepare(mut args: RunArgs) -> Result<Prepared, Refusal> {
     };
     let (settings, edge_keys) = args.broker.resolve_taking(edge::CONFIG_KEYS).map_err(Refusal::setup)?;
     let base = args.broker.config.as_deref().and_then(std::path::Path::parent).unwrap_or(std::path::Path::new(""));
-    let edge =
-        args.edge.resolve(edge_keys, base, args.listen, settings.config.max_packet_size).map_err(Refusal::setup)?;
+    let max_packet = settings.config.max_packet_size;
+    let edge = if args.handoff_fd.is_some() {
+        // The daemon listens: the TLS files serve the clients it hands over.
+        args.edge.resolve_handoff(max_packet).map_err(Refusal::setup)?
+    } else {
+        args.edge.resolve(edge_keys, base, args.listen, max_packet).map_err(Refusal::setup)?
+    };
     let listen = match args.listen {
         Listen::At(addr) => addr,
         // No plain listener is bound: the address is not used.
@@ -190,6 +195,10 @@ impl RunArgs {
         self.state = tenant.state;
         self.cgroup = tenant.cgroup;
         self.broker = tenant.broker;
+        self.edge.tls_cert = tenant.tls_cert;
+        self.edge.tls_key = tenant.tls_key;
+        self.edge.tls_client_ca = tenant.tls_client_ca;
+        self.edge.tls_identity_as_user = tenant.tls_identity_as_user;
     }
 }
 
@@ -346,7 +355,8 @@ fn print_stats(report: &RunReport) {
     if let Some(net) = &report.net {
         eprint!(
             ", guest tx {} frames / {} bytes, guest rx {} frames / {} bytes, refused chains {}, ring faults {}, \
-             bad frames {}, bad records {}, slow clients shed {}, silent clients dropped {}",
+             bad frames {}, bad records {}, slow clients shed {}, silent clients dropped {}, TLS handshakes \
+             refused {}",
             net.tx_frames,
             net.tx_bytes,
             net.rx_frames,
@@ -356,7 +366,8 @@ fn print_stats(report: &RunReport) {
             net.bad_frames,
             net.bad_records,
             net.shed_clients,
-            net.silent_clients_dropped
+            net.silent_clients_dropped,
+            net.refused_handshakes
         );
         if let Some(fault) = &report.last_ring_fault {
             eprint!(" (last: {fault})");

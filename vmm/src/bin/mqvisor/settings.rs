@@ -148,6 +148,21 @@ pub struct TenantRun {
     pub cgroup: Vec<PathBuf>,
     /// Broker settings, paths absolute, checked.
     pub broker: BrokerFlags,
+    /// PEM certificate chain for the tenant's TLS and secure WebSocket
+    /// clients (absolute): the handshake ends in this process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert` (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates every TLS client's certificate must chain to
+    /// (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// A TLS client's certificate common name becomes its user name (MQTT
+    /// over TLS only; needs `tls_client_ca`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_identity_as_user: bool,
 }
 
 impl TenantRun {
@@ -337,11 +352,20 @@ mod tests {
             state: Some(PathBuf::from("/var/lib/mqvisor/tenants/acme.state")),
             cgroup: Vec::new(),
             broker: BrokerFlags { max_connections: Some(7), ..BrokerFlags::default() },
+            tls_cert: Some(PathBuf::from("/etc/acme/cert.pem")),
+            tls_key: Some(PathBuf::from("/etc/acme/key.pem")),
+            tls_client_ca: None,
+            tls_identity_as_user: false,
         };
-        let path = temp("acme.toml", &tenant.to_text().unwrap());
+        let text = tenant.to_text().unwrap();
+        // Settings not given are not written.
+        assert!(!text.contains("tls_client_ca") && !text.contains("tls_identity_as_user"), "{text}");
+        let path = temp("acme.toml", &text);
         let back = TenantRun::read(&path).unwrap();
         assert_eq!((back.memory, back.persistence, back.state), (96, Persistence::Batch, tenant.state));
         assert_eq!(back.broker.max_connections, Some(7));
+        assert_eq!((back.tls_cert, back.tls_key), (tenant.tls_cert, tenant.tls_key));
+        assert!(back.tls_client_ca.is_none() && !back.tls_identity_as_user);
         std::fs::write(&path, "memory = 64\npersistence = \"sync\"\nswap = 1\n[broker]\n").unwrap();
         let err = TenantRun::read(&path).unwrap_err().to_string();
         assert!(err.starts_with("tenant settings") && err.contains("swap"), "{err}");

@@ -14,10 +14,17 @@
 //! Records the socket could not take yet go out on the next call, or when
 //! the socket becomes writable: while any wait, the client is read-ready
 //! as soon as its socket is writable (the proxy's next read sends them).
+//!
+//! A client may come with bytes already read from its socket (its
+//! ClientHello, read by `mqvisor serve` to pick the tenant): they are fed
+//! to rustls before any read of the socket. Also owns the bound on
+//! handshakes in flight ([`Handshakes`]): each client holds a slot until
+//! its handshake completes or it goes; one beyond the bound is never made.
 
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,6 +38,57 @@ use crate::net::paced::quick_ack;
 /// full record (16 KiB and its overhead).
 pub const SEND_BUFFER: usize = 18 * 1024;
 
+/// TLS handshakes in flight in one process, at most. A handshake costs
+/// the server a signature and some 30 KiB of state before the client has
+/// proven anything, and lasts up to the broker's connect timeout: without
+/// a bound, a flood of ClientHellos (each a few hundred bytes to send)
+/// buys a tenant's process unbounded CPU and memory. Honest clients
+/// finish in a round trip or two, so 512 at once is far above any real
+/// burst of one tenant; past it new TLS clients are refused at once.
+pub const MAX_HANDSHAKES_IN_FLIGHT: usize = 512;
+
+/// The handshakes in flight of one process, against their bound.
+#[derive(Clone, Debug)]
+pub struct Handshakes {
+    in_flight: Arc<AtomicUsize>,
+    max: usize,
+}
+
+impl Handshakes {
+    /// At most `max` at once.
+    pub fn new(max: usize) -> Handshakes {
+        Handshakes { in_flight: Arc::new(AtomicUsize::new(0)), max }
+    }
+
+    /// A slot for one more handshake; `None` when `max` are in flight.
+    pub fn start(&self) -> Option<HandshakeSlot> {
+        let taken =
+            self.in_flight.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1));
+        taken.ok().map(|_| HandshakeSlot(self.in_flight.clone()))
+    }
+
+    /// Handshakes in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}
+
+impl Default for Handshakes {
+    fn default() -> Handshakes {
+        Handshakes::new(MAX_HANDSHAKES_IN_FLIGHT)
+    }
+}
+
+/// One handshake in flight: given back when dropped.
+#[derive(Debug)]
+pub struct HandshakeSlot(Arc<AtomicUsize>);
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A TLS client (see the module doc).
 pub struct TlsClient {
     socket: TcpStream,
@@ -40,6 +98,17 @@ pub struct TlsClient {
 struct Inner {
     conn: ServerConnection,
     identity: Identity,
+    /// Held until the handshake completes (or the client goes).
+    handshake: Option<HandshakeSlot>,
+}
+
+impl Inner {
+    /// Gives the handshake's slot back once it has completed.
+    fn settle(&mut self) {
+        if self.handshake.is_some() && !self.conn.is_handshaking() {
+            self.handshake = None;
+        }
+    }
 }
 
 /// The CONNECT's user name made the client certificate's common name
@@ -55,15 +124,53 @@ enum Identity {
 }
 
 impl TlsClient {
-    /// Wraps `socket` with `tls` (a new server connection, no byte read
-    /// yet), with Nagle's algorithm off. With `identity_max`, the CONNECT
-    /// (at most that many bytes) gets the client certificate's common name
-    /// as its user name, and no password.
-    pub fn new(socket: TcpStream, mut tls: ServerConnection, identity_max: Option<usize>) -> TlsClient {
+    /// Wraps `socket` with `tls` (a new server connection), with Nagle's
+    /// algorithm off, holding `handshake` until the handshake completes.
+    /// `received` are bytes already read from the socket (empty for a
+    /// client accepted here): they are taken before any socket read, and
+    /// the answers they call for are sent as far as the socket takes them.
+    /// With `identity_max`, the CONNECT (at most that many bytes) gets the
+    /// client certificate's common name as its user name, and no password.
+    /// An error (the bytes are no TLS, or more than rustls buffers before
+    /// the handshake answers) means the client is to be dropped.
+    pub fn new(
+        socket: TcpStream,
+        mut tls: ServerConnection,
+        identity_max: Option<usize>,
+        handshake: Option<HandshakeSlot>,
+        received: &[u8],
+    ) -> io::Result<TlsClient> {
         let _ = socket.set_nodelay(true);
         tls.set_buffer_limit(Some(SEND_BUFFER));
         let identity = identity_max.map_or(Identity::Off, |max| Identity::Reading { bytes: Vec::new(), max });
-        TlsClient { socket, tls: Mutex::new(Inner { conn: tls, identity }) }
+        let client = TlsClient { socket, tls: Mutex::new(Inner { conn: tls, identity, handshake }) };
+        client.take_received(received)?;
+        Ok(client)
+    }
+
+    /// Feeds `received` to rustls, every byte of it.
+    fn take_received(&self, mut received: &[u8]) -> io::Result<()> {
+        let mut inner = self.tls();
+        while !received.is_empty() {
+            let tls = &mut inner.conn;
+            // rustls takes what fits in its buffers; processing makes room.
+            let taken = tls.read_tls(&mut received)?;
+            let processed = tls.process_new_packets();
+            // The answers (or the alert) go out if the socket takes them;
+            // the rest on the first read.
+            let _ = self.send_records(tls);
+            if let Err(error) = processed {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, error));
+            }
+            if taken == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "more bytes before the handshake than TLS buffers",
+                ));
+            }
+        }
+        inner.settle();
+        Ok(())
     }
 
     fn tls(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -177,15 +284,18 @@ impl ClientTransport for TlsClient {
             if matches!(inner.identity, Identity::Rewritten { .. }) {
                 return Poll::Ready(Ok(()));
             }
-            let tls = &mut inner.conn;
-            match tls.process_new_packets() {
-                Ok(state) if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() => {
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(_) => {}
+            let processed = inner
+                .conn
+                .process_new_packets()
+                .map(|state| state.plaintext_bytes_to_read() > 0 || state.peer_has_closed());
+            inner.settle();
+            match processed {
+                Ok(true) => return Poll::Ready(Ok(())),
+                Ok(false) => {}
                 // The next read reports it.
                 Err(_) => return Poll::Ready(Ok(())),
             }
+            let tls = &inner.conn;
             if tls.wants_write() && self.socket.poll_write_ready(cx).is_ready() {
                 // Records wait and the socket takes them: the read sends them.
                 return Poll::Ready(Ok(()));
@@ -224,6 +334,8 @@ impl ClientTransport for TlsClient {
                 let _ = self.send_records(tls);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, error));
             }
+            inner.settle();
+            let tls = &mut inner.conn;
             match self.send_records(tls) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}

@@ -11,6 +11,11 @@
 //! upgrade or a closed WebSocket reads as the client's end (`Ok(0)`), so
 //! its last answer (the HTTP error, the close frame) goes out before the
 //! FIN rather than being lost to a reset.
+//!
+//! A client may come with bytes already read from it (its upgrade
+//! request, read by `mqvisor serve` to pick the tenant): the adapter takes
+//! them first, as if just read; the answer they call for goes out on the
+//! first read (the client is read-ready at once).
 
 use std::io;
 use std::sync::{Mutex, PoisonError};
@@ -33,6 +38,20 @@ pub struct WsClient {
 impl WsClient {
     pub fn new(inner: Box<dyn ClientTransport>, limits: WsLimits) -> WsClient {
         WsClient { inner, ws: Mutex::new(WsServer::new(limits)) }
+    }
+
+    /// A client over `inner` whose first bytes, `received`, were already
+    /// read from it. More than an upgrade request and one read after it is
+    /// an error (the client is to be dropped); a refused upgrade is not:
+    /// the refusal goes out on the first read, as for any client.
+    pub fn with_received(inner: Box<dyn ClientTransport>, limits: WsLimits, received: &[u8]) -> io::Result<WsClient> {
+        if received.len() > limits.max_request.saturating_add(READ_CHUNK) {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "more bytes before the upgrade than a request"));
+        }
+        let client = WsClient::new(inner, limits);
+        // An error is in what goes to the client and in the state.
+        let _ = client.ws().receive(received);
+        Ok(client)
     }
 
     fn ws(&self) -> std::sync::MutexGuard<'_, WsServer> {

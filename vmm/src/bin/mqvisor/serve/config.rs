@@ -182,6 +182,10 @@ impl TenantTable {
                 persistence: own.persistence.or(self.persistence).unwrap_or_default(),
                 state: None,
                 cgroup: Vec::new(),
+                tls_cert: None,
+                tls_key: None,
+                tls_client_ca: None,
+                tls_identity_as_user: false,
                 broker,
             },
         })

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mqvisor::cgroup::Group;
+use mqvisor::net::ingress::Handed;
 use mqvisor::net::metrics::Counters;
 use mqvisor::state::Persistence;
 use tokio::io::Interest;
@@ -512,7 +513,7 @@ async fn link(
         tokio::select! {
             client = queue.recv() => {
                 let Some((client, bytes)) = client else { return };
-                if !send_client(&socket, &client, &bytes).await {
+                if !send_client(&socket, &client, Handed::Mqtt, &bytes).await {
                     // The process has gone: no client more is taken here
                     // (the tenant keeps new ones for the next process).
                     queue.close();
@@ -547,14 +548,18 @@ async fn link(
     }
 }
 
-/// Sends one client; false once the process is gone.
-async fn send_client(socket: &AsyncFd<UnixDatagram>, client: &TcpStream, bytes: &[u8]) -> bool {
+/// Sends one client: its kind, then the bytes already read from it (the
+/// datagram of `mqvisor::net::ingress`); false once the process is gone.
+async fn send_client(socket: &AsyncFd<UnixDatagram>, client: &TcpStream, kind: Handed, bytes: &[u8]) -> bool {
+    let mut datagram = Vec::with_capacity(1 + bytes.len());
+    datagram.push(kind.to_byte());
+    datagram.extend_from_slice(bytes);
     loop {
         let Ok(mut guard) = socket.writable().await else { return false };
         let sent = guard.try_io(|inner| {
             inner
                 .get_ref()
-                .send_with_fd(bytes, client.as_raw_fd())
+                .send_with_fd(datagram.as_slice(), client.as_raw_fd())
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
         });
         match sent {
