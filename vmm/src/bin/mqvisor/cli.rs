@@ -306,6 +306,33 @@ pub enum BenchCommand {
         #[arg(long)]
         no_vm: bool,
     },
+    /// The TLS and WebSocket listeners of a tenant VM beside Mosquitto's,
+    /// one throwaway certificate for both (made with `openssl`): QoS 1
+    /// throughput over TLS 1->1 and 1->20 driven by mosquitto_pub and
+    /// mosquitto_sub, full TLS handshakes per second to CONNACK, QoS 1 1->1
+    /// over WebSockets, and PSS per idle TLS and plain connection.
+    #[command(after_help = "Needs /usr/sbin/mosquitto (2.0, package mosquitto), mosquitto_pub and mosquitto_sub \
+                            (mosquitto-clients) and openssl. Prints figures and ratios to Mosquitto; never judges them.")]
+    Edge {
+        /// Multiplies the message counts (1.0: 20k messages 1->1, 2k to each of 20 subscribers 1->20, 20k over WebSockets)
+        #[arg(long, default_value_t = 1.0)]
+        scale: f64,
+        /// Idle connections held for the memory figures, each kind on a fresh server (0: skip them)
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+        idle: u32,
+        /// Concurrent client loops in the handshake measurement (connect, full handshake, CONNECT, CONNACK, close)
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=256))]
+        handshakers: u32,
+        /// Seconds of handshakes per target
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+        seconds: u64,
+        /// RSA 2048 keys instead of ECDSA P-256
+        #[arg(long)]
+        rsa: bool,
+        /// Guest RAM in MiB for the VM
+        #[arg(long, default_value_t = 256)]
+        memory: u32,
+    },
     /// What a hostile tenant costs its neighbour: a healthy tenant VM's QoS 1
     /// round trips just before and during each attack of the hostile test
     /// image (and under --cpus / --memory-limit), beside a healthy second VM

@@ -4,6 +4,7 @@
 pub mod boot;
 pub mod conns;
 pub mod echo;
+pub mod edge;
 pub mod hostile;
 pub mod mqtt;
 pub mod serve;
@@ -42,6 +43,20 @@ pub fn run(bench: BenchCommand) -> ExitCode {
                         return Err("--scale must be in (0, 100]".to_string());
                     }
                     state::state(&exe, scale, retained as usize, memory)
+                }
+                BenchCommand::Edge { scale, idle, handshakers, seconds, rsa, memory } => {
+                    if !(scale > 0.0 && scale <= 100.0) {
+                        return Err("--scale must be in (0, 100]".to_string());
+                    }
+                    let options = edge::Options {
+                        scale,
+                        idle: idle as usize,
+                        handshakers: handshakers as usize,
+                        seconds,
+                        rsa,
+                        memory_mib: memory,
+                    };
+                    edge::edge(&exe, &options)
                 }
                 BenchCommand::Conns { idle, churn, large_mib, no_vm } => {
                     conns::conns(&exe, idle as usize, churn as usize, large_mib as usize, !no_vm)

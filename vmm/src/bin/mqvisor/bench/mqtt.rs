@@ -29,11 +29,11 @@ use super::percentile;
 const PAYLOAD: usize = 100;
 /// QoS 1/2 messages a publisher keeps unacknowledged (the brokers' default
 /// inflight window is 20 as well).
-const WINDOW: usize = 20;
+pub(super) const WINDOW: usize = 20;
 const TOPIC: &str = "bench/topic";
 /// Per-session queue limit on every target: high, so that the figures
 /// measure throughput rather than each broker's drop policy.
-const QUEUE: usize = 100_000;
+pub(super) const QUEUE: usize = 100_000;
 
 /// One benchmark shape.
 #[derive(Debug, Clone, Copy)]
@@ -337,7 +337,7 @@ impl Drop for Target {
     }
 }
 
-fn free_port() -> Result<u16, String> {
+pub(super) fn free_port() -> Result<u16, String> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err)?;
     Ok(l.local_addr().map_err(io_err)?.port())
 }
