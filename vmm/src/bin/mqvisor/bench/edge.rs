@@ -79,13 +79,13 @@ struct Certs {
     kind: &'static str,
 }
 
-/// A program on PATH (or in /usr/sbin, where Debian puts mosquitto).
-fn find_program(name: &str) -> Option<PathBuf> {
+/// Whether `name` is on PATH, as the clients and openssl are run (and
+/// mosquitto also in /usr/sbin, where Debian puts it and where
+/// `start_mosquitto` looks first).
+fn have_program(name: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
+    let sbin = (name == "mosquitto").then(|| PathBuf::from("/usr/sbin"));
+    std::env::split_paths(&path).chain(sbin).any(|dir| dir.join(name).is_file())
 }
 
 /// Runs `openssl` with `command`'s words (file names in `dir`, no spaces).
@@ -695,7 +695,7 @@ pub fn edge(exe: &Path, o: &Options) -> Result<(), String> {
         ("mosquitto_sub", "mosquitto-clients"),
         ("openssl", "openssl"),
     ] {
-        if find_program(program).is_none() {
+        if !have_program(program) {
             return Err(format!("`{program}` not found: apt-get install {package}"));
         }
     }
