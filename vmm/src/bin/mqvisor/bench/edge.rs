@@ -430,9 +430,10 @@ struct Handshakes {
 /// (DISCONNECT, then close) over and over for `seconds`.
 fn handshakes(addr: SocketAddr, config: &Arc<ClientConfig>, loops: usize, seconds: u64) -> Result<Handshakes, String> {
     let (_, first) = tls_connect(addr, config, "edge-hs-probe", 60)?;
-    let version = format!("{:?}, {:?}", first.protocol_version(), first.negotiated_cipher_suite().map(|s| s.suite()))
-        .replace("Some(", "")
-        .replace(')', "");
+    let version = match (first.protocol_version(), first.negotiated_cipher_suite()) {
+        (Some(v), Some(suite)) => format!("{v:?}, {:?}", suite.suite()),
+        _ => "unknown version".to_string(),
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let workers: Vec<_> = (0..loops)
