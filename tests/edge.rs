@@ -8,18 +8,16 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use common::pki::{OPENSSL, OPENSSL_PROBE, Pki};
 use common::{kvm_available, mqvisor, tool_available};
 
 const MOSQUITTO: &str = "mosquitto_pub/mosquitto_sub (apt-get install mosquitto-clients)";
 const MOSQUITTO_PROBE: &str = "command -v mosquitto_pub && command -v mosquitto_sub";
-const OPENSSL: &str = "openssl (apt-get install openssl)";
-const OPENSSL_PROBE: &str = "command -v openssl";
 const PAHO: &str = "Python paho-mqtt (pip install paho-mqtt)";
 const PAHO_PROBE: &str = "python3 -c 'import paho.mqtt'";
 
@@ -27,43 +25,6 @@ const PLAIN: &str = "mqvisor: tenant VM listening on ";
 const TLS: &str = "mqvisor: tenant VM listening for MQTT over TLS on ";
 const WS: &str = "mqvisor: tenant VM listening for MQTT over WebSockets on ";
 const WSS: &str = "mqvisor: tenant VM listening for MQTT over secure WebSockets on ";
-
-/// A test CA, a server certificate for `localhost` and 127.0.0.1 signed by
-/// it, and a client certificate (CN `alice`) signed by it, in a folder of
-/// their own.
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn make(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!("mqvisor-edge-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let script = r#"set -e
-openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=mqvisor-test-ca 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=localhost 2>/dev/null
-printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > server.ext
-openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext 2>/dev/null
-openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj /CN=alice 2>/dev/null
-printf 'extendedKeyUsage=clientAuth\n' > client.ext
-openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext 2>/dev/null
-"#;
-        let out = Command::new("sh").args(["-c", script]).current_dir(&dir).output().expect("running openssl");
-        assert!(out.status.success(), "making the test PKI: {}", String::from_utf8_lossy(&out.stderr));
-        Pki { dir }
-    }
-
-    fn path(&self, file: &str) -> String {
-        self.dir.join(file).to_string_lossy().into_owned()
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// A running `mqvisor run` with its plain and TLS addresses.
 struct Vm {
@@ -321,7 +282,7 @@ fn settings_come_from_the_config_file_and_bad_files_are_named() {
     mosquitto_tls_round_trip(vm.tls, &pki, "tlsv1.3", &[]);
     drop(vm);
     // A key that is not the certificate's: one line naming it, exit 125.
-    let other_key = Path::new(&pki.path("client.key")).to_path_buf();
+    let other_key = std::path::PathBuf::from(pki.path("client.key"));
     let out = mqvisor()
         .args(["run", "--listen-tls", "127.0.0.1:0", "--tls-cert", &pki.path("server.pem"), "--tls-key"])
         .arg(&other_key)

@@ -131,7 +131,8 @@ impl Daemon {
     /// The daemon's `GET /metrics` page.
     fn metrics(&self) -> String {
         let config = std::fs::read_to_string(self.dir.join("serve.toml")).unwrap();
-        let port = config.split("127.0.0.1:").nth(2).and_then(|r| r.split('"').next()).unwrap().to_string();
+        let line = config.lines().find(|l| l.starts_with("metrics_listen")).unwrap();
+        let port = line.split("127.0.0.1:").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
         let mut http = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
         http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut page = String::new();
@@ -1289,4 +1290,201 @@ fn a_restarted_tenant_boots_once_its_old_vm_has_let_go_of_its_state() {
     assert_eq!(kept.as_deref(), Some(&b"across restarts"[..]));
     assert_eq!(daemon.show("alpha")["crashes"], 0, "no VM found the state file in use");
     assert!(!daemon.log_has("in use by another mqvisor"));
+}
+
+/// `dir/serve.toml` with `top` (keys of the daemon's own) put first.
+fn with_top_level(dir: &std::path::Path, top: &str) {
+    let config = dir.join("serve.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{top}\n{text}")).unwrap();
+}
+
+/// The address the daemon logged for `what` ("MQTT over TLS", ...).
+fn shared_port(daemon: &Daemon, what: &str) -> u16 {
+    let marker = format!("serve listening for {what} on ");
+    let line = daemon.wait_for(&[&marker]);
+    line.split(&marker).nth(1).unwrap().trim().parse::<SocketAddr>().unwrap().port()
+}
+
+/// paho-mqtt clients reaching tenants by host name on the shared TLS,
+/// WebSocket and secure WebSocket ports (every `*.test` name resolves to
+/// 127.0.0.1 inside the script). Each subscriber's messages, as JSON.
+const PAHO_BY_HOST_NAME: &str = r#"
+import json, socket, sys, threading, time
+import paho.mqtt.client as mqtt
+resolve = socket.getaddrinfo
+socket.getaddrinfo = lambda host, *a, **k: resolve("127.0.0.1" if str(host).endswith(".test") else host, *a, **k)
+ports, plan = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+def client(host, port, ca, name):
+    transport = "websockets" if port in ("ws", "wss") else "tcp"
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, transport=transport, protocol=mqtt.MQTTv5)
+    if ca:
+        c.tls_set(ca_certs=ca)
+    got = []
+    c.on_message = lambda c, u, m: got.append(m.topic + " " + m.payload.decode())
+    c.connect(host, ports[port])
+    c.loop_start()
+    return c, got
+subscribers = {}
+for name, (host, port, ca) in plan["subscribers"].items():
+    c, got = client(host, port, ca, name)
+    c.subscribe("news/#", qos=1)
+    subscribers[name] = (c, got)
+time.sleep(1)
+for name, (host, port, ca, topic) in plan["publishers"].items():
+    c, _ = client(host, port, ca, name)
+    c.publish(topic, name, qos=1).wait_for_publish(10)
+    c.disconnect(); c.loop_stop()
+time.sleep(1)
+print(json.dumps({name: sorted(got) for name, (c, got) in subscribers.items()}))
+"#;
+
+#[test]
+fn tls_and_websocket_clients_reach_the_tenant_their_host_name_names_and_no_other() {
+    let test = "tls_and_websocket_clients_reach_the_tenant_their_host_name_names_and_no_other";
+    if !kvm_available(test)
+        || !common::tool_available(test, common::pki::OPENSSL, common::pki::OPENSSL_PROBE)
+        || !common::tool_available(test, "Python paho-mqtt (pip install paho-mqtt)", "python3 -c 'import paho.mqtt'")
+    {
+        return;
+    }
+    // The provider's wildcard certificate for every tenant, and acme's own
+    // certificate for its own domain from another CA.
+    let provider = common::pki::Pki::make("serve-provider");
+    provider.server("wildcard", "DNS:*.mq.test");
+    let acme_ca = common::pki::Pki::make("serve-acme");
+    acme_ca.server("acme", "DNS:mqtt.acme.test");
+    let tenants = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n[tenants.acme]\ntls_names = [\"mqtt.acme.test\"]\n\
+         tls_cert = \"{}\"\ntls_key = \"{}\"\n[tenants.globex]\n",
+        provider.path("wildcard.pem"),
+        provider.path("wildcard.key"),
+        acme_ca.path("acme.pem"),
+        acme_ca.path("acme.key"),
+    );
+    let dir = Daemon::configure("tls-sni", &tenants, &[]);
+    with_top_level(
+        &dir,
+        "listen_tls = \"127.0.0.1:0\"\nlisten_ws = \"127.0.0.1:0\"\nlisten_wss = \"127.0.0.1:0\"\ntls_domain = \"mq.test\"",
+    );
+    let daemon = Daemon::spawn(dir);
+    let ports = serde_json::json!({
+        "tls": shared_port(&daemon, "MQTT over TLS"),
+        "ws": shared_port(&daemon, "MQTT over WebSockets"),
+        "wss": shared_port(&daemon, "MQTT over secure WebSockets"),
+    });
+    let (wildcard_ca, acme_own_ca) = (provider.path("ca.pem"), acme_ca.path("ca.pem"));
+    // acme's clients by its provider name over TLS, by its own name, and by
+    // Host over plain WebSockets; globex's over secure WebSockets and TLS.
+    let plan = serde_json::json!({
+        "subscribers": {
+            "acme-sub": ["acme.mq.test", "tls", wildcard_ca],
+            "acme-own-sub": ["mqtt.acme.test", "tls", acme_own_ca],
+            "globex-sub": ["globex.mq.test", "wss", wildcard_ca],
+        },
+        "publishers": {
+            "acme-ws": ["acme.mq.test", "ws", null, "news/a"],
+            "acme-own-tls": ["mqtt.acme.test", "tls", acme_own_ca, "news/b"],
+            "globex-tls": ["globex.mq.test", "tls", wildcard_ca, "news/c"],
+            "globex-ws": ["globex.mq.test", "ws", null, "news/d"],
+        },
+    });
+    let out = std::process::Command::new("python3")
+        .args(["-c", PAHO_BY_HOST_NAME, &ports.to_string(), &plan.to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let got: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    let acme = serde_json::json!(["news/a acme-ws", "news/b acme-own-tls"]);
+    assert_eq!(got["acme-sub"], acme, "{got}");
+    assert_eq!(got["acme-own-sub"], acme, "{got}");
+    assert_eq!(got["globex-sub"], serde_json::json!(["news/c globex-tls", "news/d globex-ws"]), "{got}");
+    // The daemon never read either key: each tenant's own process did.
+    for tenant in ["acme", "globex"] {
+        assert!(daemon.show(tenant)["state"] == "running", "{}", daemon.show(tenant));
+    }
+}
+
+/// openssl s_client's handshake with `args` to the shared TLS port: its
+/// output, stdout and stderr together.
+fn s_client(port: u16, args: &[&str]) -> String {
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// What the server sends back to `bytes`, until it closes (or 10 s pass).
+fn answer_to(port: u16, bytes: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream.write_all(bytes).unwrap();
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stream, &mut got);
+    got
+}
+
+#[test]
+fn unknown_or_missing_host_names_and_wrong_protocols_are_refused_on_the_shared_edge_ports_without_booting() {
+    let test = "unknown_or_missing_host_names_and_wrong_protocols_are_refused_on_the_shared_edge_ports_without_booting";
+    if !kvm_available(test) || !common::tool_available(test, common::pki::OPENSSL, common::pki::OPENSSL_PROBE) {
+        return;
+    }
+    let pki = common::pki::Pki::make("serve-refusals");
+    pki.server("wildcard", "DNS:*.mq.test");
+    let tenants = format!(
+        "[tenants.acme]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n[tenants.plainonly]\n",
+        pki.path("wildcard.pem"),
+        pki.path("wildcard.key")
+    );
+    let dir = Daemon::configure("tls-refusals", &tenants, &[]);
+    with_top_level(&dir, "listen_tls = \"127.0.0.1:0\"\nlisten_ws = \"127.0.0.1:0\"\ntls_domain = \"mq.test\"");
+    let daemon = Daemon::spawn(dir);
+    let tls = shared_port(&daemon, "MQTT over TLS");
+    let ws = shared_port(&daemon, "MQTT over WebSockets");
+
+    // A name no tenant has, a tenant without a certificate, no name at all:
+    // the handshake ends with an unrecognized_name alert.
+    for args in [&["-servername", "nobody.mq.test"][..], &["-servername", "plainonly.mq.test"], &["-noservername"]] {
+        let said = s_client(tls, args);
+        assert!(said.contains("unrecognized name"), "{args:?}: {said}");
+    }
+    // Plain MQTT on the TLS port: a decode_error alert, no CONNACK.
+    let got = answer_to(tls, &connect_as(4, "lost", true, Some("acme:"), None));
+    assert_eq!(got, [0x15, 3, 3, 0, 2, 2, 50], "{got:02x?}");
+    // Garbage that looks like a record: an alert, nothing else.
+    let got = answer_to(tls, &[0x16, 3, 1, 0, 5, 1, 2, 3, 4, 5]);
+    assert_eq!(got.first(), Some(&0x15), "{got:02x?}");
+    // A Host no tenant has: 421. Plain MQTT on the WebSocket port: 400.
+    let request = "GET /mqtt HTTP/1.1\r\nHost: nobody.mq.test\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                   Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                   Sec-WebSocket-Protocol: mqtt\r\n\r\n";
+    let got = String::from_utf8_lossy(&answer_to(ws, request.as_bytes())).into_owned();
+    assert!(got.starts_with("HTTP/1.1 421"), "{got}");
+    let got = String::from_utf8_lossy(&answer_to(ws, &connect_as(4, "lost", true, None, None))).into_owned();
+    assert!(got.starts_with("HTTP/1.1 400"), "{got}");
+
+    // Nothing booted, and each refusal is counted.
+    for tenant in ["acme", "plainonly"] {
+        assert_eq!(daemon.show(tenant)["boots"], 0, "{}", daemon.show(tenant));
+    }
+    let metrics = daemon.metrics();
+    for (reason, at_least) in
+        [("unknown_server_name", 2), ("no_server_name", 1), ("not_tls", 1), ("bad_websocket_request", 2)]
+    {
+        let series = format!("mqvisor_front_clients_dropped_total{{reason=\"{reason}\"}} ");
+        let value: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in {metrics}"));
+        assert!(value >= at_least, "{series}{value}");
+    }
+    // And the tenant with a certificate is served through the same port.
+    let said = s_client(tls, &["-servername", "acme.mq.test", "-CAfile", &pki.path("ca.pem"), "-verify_return_error"]);
+    assert!(said.contains("Verify return code: 0 (ok)"), "{said}");
 }

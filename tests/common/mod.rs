@@ -2,6 +2,7 @@
 //! and deciding what to do when this machine has no KVM.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod pki;
 pub mod wire;
 
 use std::path::{Path, PathBuf};

@@ -78,7 +78,7 @@ impl HelloError {
 }
 
 /// A fatal alert as a plaintext record (RFC 8446 §6), as sent before any
-/// key is agreed: for example `UnrecognizedName` for a server name no
+/// key is agreed: for example `UnrecognisedName` for a server name no
 /// tenant has.
 pub fn alert_record(description: rustls::AlertDescription) -> [u8; 7] {
     const FATAL: u8 = 2;

@@ -202,6 +202,38 @@ fn is_websocket_key(key: &str) -> bool {
         && key[..22].bytes().all(|byte| byte.is_ascii_alphanumeric() || byte == b'+' || byte == b'/')
 }
 
+/// What a front that routes by `Host` makes of a client's first bytes.
+#[derive(Debug)]
+pub enum Peeked {
+    /// No blank line yet, within the limit.
+    Incomplete,
+    /// A complete request that would be accepted.
+    Upgrade(Upgrade),
+    /// A refused request, and the response that says why.
+    Refused(Vec<u8>),
+}
+
+/// Reads the upgrade request at the start of `bytes` as [`parse`] does,
+/// for a front that hands the connection on without answering it.
+pub fn peek(bytes: &[u8], limit: usize) -> Peeked {
+    match parse(bytes, limit) {
+        Parsed::Incomplete => Peeked::Incomplete,
+        Parsed::Complete { outcome: Ok(upgrade), .. } => Peeked::Upgrade(upgrade),
+        Parsed::Complete { outcome: Err(refusal), .. } => Peeked::Refused(refusal_response(refusal)),
+    }
+}
+
+/// The response to a request for a host this address serves no tenant
+/// for (421, RFC 9110 §15.5.20).
+pub fn misdirected_response() -> Vec<u8> {
+    refusal_response(Refusal::new(421, "no MQTT service has this host name here"))
+}
+
+/// The response to a request for a tenant that cannot be served now (503).
+pub fn unavailable_response() -> Vec<u8> {
+    refusal_response(Refusal::new(503, "this MQTT service is unavailable"))
+}
+
 /// The 101 response that completes the handshake.
 pub(super) fn accept_response(upgrade: &Upgrade) -> Vec<u8> {
     format!(
@@ -220,7 +252,9 @@ pub(super) fn refusal_response(refusal: Refusal) -> Vec<u8> {
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
+        421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
         _ => "Error",
     };
     let body = format!("{}\n", refusal.reason);

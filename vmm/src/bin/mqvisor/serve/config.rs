@@ -27,6 +27,29 @@
 //! [tenants.globex]
 //! listen = "127.0.0.1:1884"   # also reachable without a prefix here
 //! ```
+//!
+//! MQTT over TLS and WebSockets on shared ports, a tenant picked by the
+//! host name the client asked for (TLS SNI, or the `Host` header on
+//! `listen_ws`): `NAME.<tls_domain>` is tenant NAME, and so are its own
+//! `tls_names`. The certificate and key are read by the tenant's process,
+//! which completes the handshake: never by the daemon, which checks here
+//! only that the files are there.
+//!
+//! ```toml
+//! listen_tls = "0.0.0.0:8883"
+//! listen_wss = "0.0.0.0:443"
+//! tls_domain = "mq.example.com"
+//!
+//! [defaults]
+//! tls_cert = "wildcard.pem"     # *.mq.example.com
+//! tls_key = "wildcard.key"
+//!
+//! [tenants.acme]
+//! tls_names = ["mqtt.acme.com"] # its own domain, with its own certificate
+//! tls_cert = "acme.pem"
+//! tls_key = "acme.key"
+//! tls_client_ca = "acme-ca.pem" # mutual TLS for this tenant's clients
+//! ```
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -47,6 +70,12 @@ const DEFAULT_MEMORY_MIB: u32 = 64;
 #[derive(Debug)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// Shared ports for MQTT over TLS, over WebSockets, and over both.
+    pub listen_tls: Option<SocketAddr>,
+    pub listen_ws: Option<SocketAddr>,
+    pub listen_wss: Option<SocketAddr>,
+    /// `NAME.<tls_domain>` reaches tenant NAME on those ports (lower case).
+    pub tls_domain: Option<String>,
     pub state_dir: PathBuf,
     /// The control API's unix socket (default `STATE_DIR/control.sock`).
     pub control_socket: PathBuf,
@@ -104,7 +133,84 @@ pub struct TenantTable {
     user: Option<String>,
     persistence: Option<Persistence>,
     limits: Limits,
+    tls: TlsTable,
     broker: BrokerFlags,
+}
+
+/// The TLS keys of a tenant's table (paths absolute).
+#[derive(Debug, Clone, Default)]
+struct TlsTable {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+    identity_as_user: Option<bool>,
+    names: Option<Vec<String>>,
+}
+
+impl TlsTable {
+    fn parse(table: &mut toml::Table, base: &Path, context: &str) -> Result<TlsTable, String> {
+        let path = |table: &mut toml::Table, key| {
+            take(table, key, context, "a path", |v| v.as_str().map(|p| absolute(base, PathBuf::from(p))))
+        };
+        Ok(TlsTable {
+            cert: path(table, "tls_cert")?,
+            key: path(table, "tls_key")?,
+            client_ca: path(table, "tls_client_ca")?,
+            identity_as_user: take(table, "tls_identity_as_user", context, "true or false", toml::Value::as_bool)?,
+            names: take(table, "tls_names", context, "a list of host names like [\"mqtt.acme.com\"]", |v| {
+                v.as_array()?
+                    .iter()
+                    .map(|n| n.as_str().map(|n| n.trim_end_matches('.').to_ascii_lowercase()))
+                    .collect::<Option<Vec<String>>>()
+            })?,
+        })
+    }
+
+    /// These keys over `under`, checked: files present (their contents
+    /// are the tenant process's to read), settings that go together given
+    /// together.
+    fn over(&self, under: &TlsTable) -> Result<TlsTable, String> {
+        let merged = TlsTable {
+            cert: self.cert.clone().or_else(|| under.cert.clone()),
+            key: self.key.clone().or_else(|| under.key.clone()),
+            client_ca: self.client_ca.clone().or_else(|| under.client_ca.clone()),
+            identity_as_user: self.identity_as_user.or(under.identity_as_user),
+            names: self.names.clone().or_else(|| under.names.clone()),
+        };
+        if merged.cert.is_some() != merged.key.is_some() {
+            return Err("tls_cert and tls_key go together: give both".into());
+        }
+        if merged.cert.is_none() && (merged.client_ca.is_some() || merged.names.is_some()) {
+            return Err("tls_client_ca and tls_names need tls_cert and tls_key".into());
+        }
+        if merged.identity_as_user == Some(true) && merged.client_ca.is_none() {
+            return Err("tls_identity_as_user needs tls_client_ca".into());
+        }
+        for name in merged.names.iter().flatten() {
+            if !super::directory::valid_host_name(name) {
+                return Err(format!(
+                    "tls_names: {name:?} is not a host name (wildcards are the certificate's business)"
+                ));
+            }
+        }
+        for (key, file) in [("tls_cert", &merged.cert), ("tls_key", &merged.key), ("tls_client_ca", &merged.client_ca)]
+        {
+            if let Some(file) = file {
+                match std::fs::metadata(file) {
+                    Ok(meta) if meta.is_file() => {}
+                    Ok(_) => return Err(format!("{key} {}: not a regular file", file.display())),
+                    Err(e) => return Err(format!("{key} {}: {e}", file.display())),
+                }
+            }
+        }
+        Ok(merged)
+    }
+}
+
+/// `p` relative to `base`, made absolute: the tenant's process reads it
+/// from its own settings file.
+fn absolute(base: &Path, p: PathBuf) -> PathBuf {
+    std::path::absolute(base.join(&p)).unwrap_or(p)
 }
 
 impl TenantTable {
@@ -138,16 +244,15 @@ impl TenantTable {
             })?,
         };
         limits.validate().map_err(|e| format!("{context}: {e}"))?;
+        let tls = TlsTable::parse(&mut table, base, context)?;
         if let Some(name) = &user {
             mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
         }
         let mut broker: BrokerFlags =
             table.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))?;
-        // Absolute: the tenant's process reads them from its own settings file.
-        let absolute = |p: PathBuf| std::path::absolute(base.join(&p)).unwrap_or(p);
-        broker.password_file = broker.password_file.map(absolute);
-        broker.acl_file = broker.acl_file.map(absolute);
-        Ok(TenantTable { memory, listen, idle_stop_after, user, persistence, limits, broker })
+        broker.password_file = broker.password_file.map(|p| absolute(base, p));
+        broker.acl_file = broker.acl_file.map(|p| absolute(base, p));
+        Ok(TenantTable { memory, listen, idle_stop_after, user, persistence, limits, tls, broker })
     }
 
     /// A tenant from its TOML `table` (paths relative to `base`), over
@@ -155,6 +260,7 @@ impl TenantTable {
     pub fn tenant(&self, table: toml::Table, base: &Path) -> Result<TenantConfig, String> {
         let own = TenantTable::parse(table, base, "settings")?;
         let broker = own.broker.over(&self.broker).map_err(|e| e.to_string())?;
+        let tls = own.tls.over(&self.tls)?;
         // Checked now: a bad tenant fails where it is declared, naming itself.
         let settings = broker.resolve().map_err(|e| e.to_string())?;
         let memory = own.memory.or(self.memory).unwrap_or(DEFAULT_MEMORY_MIB);
@@ -174,6 +280,7 @@ impl TenantTable {
         };
         Ok(TenantConfig {
             listen: own.listen,
+            tls_names: tls.names.unwrap_or_default(),
             idle_stop_after: own.idle_stop_after.or(self.idle_stop_after),
             limits,
             run: TenantRun {
@@ -182,10 +289,10 @@ impl TenantTable {
                 persistence: own.persistence.or(self.persistence).unwrap_or_default(),
                 state: None,
                 cgroup: Vec::new(),
-                tls_cert: None,
-                tls_key: None,
-                tls_client_ca: None,
-                tls_identity_as_user: false,
+                tls_identity_as_user: tls.identity_as_user.unwrap_or(false),
+                tls_cert: tls.cert,
+                tls_key: tls.key,
+                tls_client_ca: tls.client_ca,
                 broker,
             },
         })
@@ -211,7 +318,7 @@ impl TenantTable {
 }
 
 /// The keys of a tenant's table that name files.
-const PATH_KEYS: [&str; 2] = ["password_file", "acl_file"];
+const PATH_KEYS: [&str; 5] = ["password_file", "acl_file", "tls_cert", "tls_key", "tls_client_ca"];
 
 /// The tenant settings file `path` (a `[tenants.NAME]` table) as a request
 /// body: its file paths made absolute, relative to its folder.
@@ -234,6 +341,9 @@ pub fn settings_file_body(path: &Path) -> Result<String, String> {
 pub struct TenantConfig {
     /// A port of its own, where clients need no `TENANT:` prefix.
     pub listen: Option<SocketAddr>,
+    /// Host names of its own (SNI, `Host`) on the shared TLS and
+    /// WebSocket ports, lower case.
+    pub tls_names: Vec<String>,
     /// Stop the VM after this long without clients (its state is kept
     /// unless persistence is off).
     pub idle_stop_after: Option<std::time::Duration>,
@@ -294,6 +404,29 @@ impl ServeConfig {
                 v.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| syntax("listen must be an address".into()))?
             }
         };
+        let address = |root: &mut toml::Table, key: &str| match root.remove(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .map(Some)
+                .ok_or_else(|| syntax(format!("{key} must be an address like \"0.0.0.0:8883\""))),
+        };
+        let listen_tls = address(&mut root, "listen_tls")?;
+        let listen_ws = address(&mut root, "listen_ws")?;
+        let listen_wss = address(&mut root, "listen_wss")?;
+        let tls_domain = match root.remove("tls_domain") {
+            None => None,
+            Some(v) => {
+                let domain = v.as_str().map(|d| d.trim_end_matches('.').to_ascii_lowercase());
+                Some(domain.filter(|d| super::directory::valid_host_name(d)).ok_or_else(|| {
+                    syntax(
+                        "tls_domain must be a host name like \"mq.example.com\" (tenant NAME is NAME.mq.example.com)"
+                            .into(),
+                    )
+                })?)
+            }
+        };
         let state_dir = match root.remove("state_dir") {
             None => return Err(syntax("state_dir is required (where tenants' files are kept)".into())),
             Some(v) => base.join(v.as_str().ok_or_else(|| syntax("state_dir must be a path".into()))?),
@@ -325,7 +458,8 @@ impl ServeConfig {
         };
         if let Some(key) = root.keys().next() {
             return Err(syntax(format!(
-                "unknown key {key:?} (expected listen, state_dir, control_socket, metrics_listen, defaults, tenants)"
+                "unknown key {key:?} (expected listen, listen_tls, listen_ws, listen_wss, tls_domain, state_dir, \
+                 control_socket, metrics_listen, defaults, tenants)"
             )));
         }
         let mut tenants = BTreeMap::new();
@@ -348,7 +482,19 @@ impl ServeConfig {
                 }
             }
         }
-        Ok(ServeConfig { listen, state_dir, control_socket, metrics_listen, tenants, failed, defaults })
+        Ok(ServeConfig {
+            listen,
+            listen_tls,
+            listen_ws,
+            listen_wss,
+            tls_domain,
+            state_dir,
+            control_socket,
+            metrics_listen,
+            tenants,
+            failed,
+            defaults,
+        })
     }
 }
 
@@ -423,6 +569,36 @@ mod tests {
         assert!(failed("memory = 16\nmax_connections = 100000").contains("--max-connections 100000 does not fit"));
         let config = load("state_dir = \"s\"\n[tenants]\na = 5\n").unwrap();
         assert!(config.failed["a"].reason.contains("must be a table"));
+    }
+
+    #[test]
+    fn tls_settings_go_together_and_name_real_files() {
+        let c = load(
+            "state_dir = \"s\"\nlisten_tls = \"127.0.0.1:0\"\ntls_domain = \"MQ.Example.com.\"\n\
+             [defaults]\ntls_cert = \"acme.passwd\"\ntls_key = \"acme.passwd\"\n\
+             [tenants.acme]\ntls_names = [\"MQTT.acme.com\"]\ntls_client_ca = \"acme.passwd\"\n\
+             tls_identity_as_user = true\n[tenants.globex]\n",
+        )
+        .unwrap();
+        assert_eq!(c.tls_domain.as_deref(), Some("mq.example.com"));
+        let acme = &c.tenants["acme"];
+        assert_eq!(acme.tls_names, ["mqtt.acme.com"]);
+        assert!(acme.run.tls_cert.as_ref().unwrap().is_absolute() && acme.run.tls_identity_as_user);
+        assert!(c.tenants["globex"].run.tls_key.is_some(), "the defaults' certificate");
+        let failed = |tenant: &str| {
+            let config = load(&format!("state_dir = \"s\"\n[tenants.a]\n{tenant}")).unwrap();
+            config.failed["a"].reason.clone()
+        };
+        assert!(failed("tls_cert = \"acme.passwd\"").contains("tls_cert and tls_key go together"));
+        assert!(failed("tls_names = [\"a.com\"]").contains("need tls_cert and tls_key"));
+        let pair = "tls_cert = \"acme.passwd\"\ntls_key = \"acme.passwd\"\n";
+        assert!(failed(&format!("{pair}tls_identity_as_user = true")).contains("needs tls_client_ca"));
+        assert!(failed(&format!("{pair}tls_names = [\"*.acme.com\"]")).contains("is not a host name"));
+        assert!(failed(&format!("{pair}tls_names = \"a.com\"")).contains("tls_names must be a list"));
+        assert!(failed("tls_cert = \"missing.pem\"\ntls_key = \"acme.passwd\"").contains("missing.pem"));
+        let err = |text: &str| load(text).unwrap_err().to_string();
+        assert!(err("state_dir = \"s\"\nlisten_tls = \"x\"").contains("listen_tls must be an address"));
+        assert!(err("state_dir = \"s\"\ntls_domain = \"*.x\"").contains("tls_domain must be a host name"));
     }
 
     #[test]

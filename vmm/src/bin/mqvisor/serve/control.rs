@@ -274,6 +274,10 @@ const FRONT_DROPS: &[DropReason] = &[
     ("too_large", |f| f.dropped_too_large),
     ("timeout", |f| f.dropped_timeout),
     ("not_mqtt", |f| f.dropped_not_mqtt),
+    ("not_tls", |f| f.refused_not_tls),
+    ("no_server_name", |f| f.refused_no_server_name),
+    ("unknown_server_name", |f| f.refused_unknown_server_name),
+    ("bad_websocket_request", |f| f.refused_ws_request),
 ];
 
 type Labels = Vec<(String, String)>;
@@ -335,7 +339,11 @@ pub fn metrics_text(tenants: &[TenantView], front: FrontStats) -> String {
         FRONT_DROPS.iter().map(|&(reason, get)| (vec![("reason".to_string(), reason.to_string())], get(&front)));
     register(
         front_registry,
-        ("clients_dropped", "Clients dropped before their CONNECT reached a tenant", Kind::Counter),
+        (
+            "clients_dropped",
+            "Clients dropped before their first bytes (CONNECT, TLS ClientHello, WebSocket upgrade) reached a tenant",
+            Kind::Counter,
+        ),
         drops,
     );
     let mut text = String::new();
@@ -421,6 +429,8 @@ mod tests {
             dropped_too_large: 5,
             dropped_timeout: 6,
             dropped_not_mqtt: 7,
+            refused_unknown_server_name: 8,
+            ..FrontStats::default()
         };
         let text = metrics_text(&[tenant], front);
         assert!(text.contains("mqvisor_tenant_up{tenant=\"acme\"} 1"), "{text}");
@@ -451,6 +461,7 @@ mod tests {
         assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"too_large\"} 5"), "{text}");
         assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"timeout\"} 6"), "{text}");
         assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"not_mqtt\"} 7"), "{text}");
+        assert!(text.contains("mqvisor_front_clients_dropped_total{reason=\"unknown_server_name\"} 8"), "{text}");
         assert_eq!(text.matches("# EOF").count(), 1, "{text}");
     }
 }

@@ -16,8 +16,13 @@ use mqvisor_broker::properties::Properties;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+use mqvisor::net::ingress::Handed;
+use mqvisor::net::tls::hello::alert_record;
+use mqvisor::net::websocket::handshake;
+
 use super::config::{FailedTenant, TenantTable};
-use super::front::MAX_FIRST_BYTES;
+use super::directory::Directory;
+use super::front::{FirstBytes, MAX_FIRST_BYTES};
 use super::tenant::{self, Tenant};
 
 /// The one log line for a tenant that failed.
@@ -29,15 +34,29 @@ pub fn log(name: &str, failed: &FailedTenant) {
     );
 }
 
-/// Answers a client of a failed tenant (its CONNECT is `first_bytes`)
-/// "server unavailable" (v5 0x88, 3.x return code 3), then closes.
-pub fn refuse(mut client: TcpStream, first_bytes: &[u8]) {
-    let Ok(Some(frame)) = packet::frame(first_bytes, MAX_FIRST_BYTES) else { return };
-    let Ok(Packet::Connect(connect)) = packet::decode(frame, first_bytes, Version::V3_1_1) else { return };
-    let code = if connect.version == Version::V5 { reason::SERVER_UNAVAILABLE } else { reason::v3::SERVER_UNAVAILABLE };
-    let mut reply = Vec::new();
-    let connack = Connack { session_present: false, code, properties: Properties::default() };
-    packet::encode(&Packet::Connack(connack), connect.version, &mut reply);
+/// Answers a client of a failed tenant "unavailable", then closes: a plain
+/// client (its CONNECT is `first_bytes`) "server unavailable" (v5 0x88,
+/// 3.x return code 3), a TLS client an `internal_error` alert (the
+/// daemon has no key to say more with), a WebSocket client 503.
+pub fn refuse(mut client: TcpStream, first_bytes: FirstBytes) {
+    let reply = match first_bytes.kind() {
+        Handed::Mqtt => {
+            let Ok(Some(frame)) = packet::frame(&first_bytes, MAX_FIRST_BYTES) else { return };
+            let Ok(Packet::Connect(connect)) = packet::decode(frame, &first_bytes, Version::V3_1_1) else { return };
+            let code = if connect.version == Version::V5 {
+                reason::SERVER_UNAVAILABLE
+            } else {
+                reason::v3::SERVER_UNAVAILABLE
+            };
+            let mut reply = Vec::new();
+            let connack = Connack { session_present: false, code, properties: Properties::default() };
+            packet::encode(&Packet::Connack(connack), connect.version, &mut reply);
+            reply
+        }
+        Handed::Tls | Handed::Wss => alert_record(rustls::AlertDescription::InternalError).to_vec(),
+        Handed::Ws => handshake::unavailable_response(),
+    };
+    drop(first_bytes);
     tokio::spawn(async move {
         let _ = client.write_all(&reply).await;
         let _ = client.shutdown().await;
@@ -59,6 +78,7 @@ pub async fn start(
     failed: &mut BTreeMap<String, FailedTenant>,
     defaults: &TenantTable,
     state_dir: &Path,
+    directory: &Directory,
 ) -> Result<(Tenant, Option<TcpListener>), String> {
     let Some(entry) = failed.get_mut(name) else { return Err(format!("no tenant {name:?}")) };
     let started = match entry.config(defaults) {
@@ -70,7 +90,16 @@ pub async fn start(
                     TcpListener::bind(addr).await.map(Some).map_err(|e| format!("cannot listen on {addr}: {e}"))
                 }
             };
-            listener.and_then(|listener| Ok((Tenant::new(name, config, state_dir)?, listener)))
+            listener.and_then(|listener| {
+                let tenant = Tenant::new(name, config, state_dir)?;
+                let entered =
+                    directory.insert(name, tenant.config().run.tls_cert.is_some(), &tenant.config().tls_names);
+                if let Err(reason) = entered {
+                    tokio::spawn(tenant.release_group());
+                    return Err(reason);
+                }
+                Ok((tenant, listener))
+            })
         }
     };
     match started {

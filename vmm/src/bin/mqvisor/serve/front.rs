@@ -1,26 +1,40 @@
-//! The shared port's front: reads a client's first packet (with a deadline
-//! and a size bound), picks the tenant from the CONNECT user name
-//! `TENANT:USER` (RabbitMQ's convention for virtual hosts), and rewrites the
-//! CONNECT so the tenant's broker sees `USER` (an empty `USER` is an
-//! anonymous client of that tenant).
+//! The shared ports' front: reads a client's first bytes (with a deadline
+//! and a size bound) and picks its tenant from them.
+//!
+//! - Plain MQTT: the first packet, a CONNECT with user name `TENANT:USER`
+//!   (RabbitMQ's convention for virtual hosts), rewritten so the tenant's
+//!   broker sees `USER` (an empty `USER` is an anonymous client of that
+//!   tenant).
+//! - MQTT over TLS and secure WebSockets: the TLS ClientHello, whose server
+//!   name (SNI) picks the tenant ([`Directory`]); the handshake itself is
+//!   completed by the tenant's process with the tenant's key, so no key and
+//!   no plaintext is ever here. No or an unknown name: a fatal
+//!   `unrecognized_name` alert.
+//! - MQTT over WebSockets: the HTTP upgrade request, whose `Host` header
+//!   picks the tenant; an unknown host is answered 421.
 //!
 //! Owns that decision, the bytes it read to make it ([`FirstBytes`],
 //! charged to one budget for the whole host until the tenant's process has
 //! them) and the clients still sending them ([`Pending`], and the bytes of
-//! their partial packets): it never boots a VM and never keeps a byte of the
-//! client's traffic beyond those.
+//! their partial first bytes): it never boots a VM and never keeps a byte
+//! of the client's traffic beyond those.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mqvisor::net::ingress::Handed;
+use mqvisor::net::tls::hello::{self, HelloPeek};
+use mqvisor::net::websocket::{WsLimits, handshake};
 use mqvisor_broker::broker::reason;
 use mqvisor_broker::packet::{self, Connack, Connect, Packet, Version};
 use mqvisor_broker::properties::Properties;
 use mqvisor_broker::wire::DecodeError;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use super::directory::{Directory, Over};
 
 /// How long a client may take to send its CONNECT.
 pub const FIRST_PACKET_DEADLINE: Duration = Duration::from_secs(10);
@@ -47,6 +61,10 @@ static DROPPED_OLDEST: AtomicU64 = AtomicU64::new(0);
 static DROPPED_TOO_LARGE: AtomicU64 = AtomicU64::new(0);
 static DROPPED_TIMEOUT: AtomicU64 = AtomicU64::new(0);
 static DROPPED_NOT_MQTT: AtomicU64 = AtomicU64::new(0);
+static REFUSED_NOT_TLS: AtomicU64 = AtomicU64::new(0);
+static REFUSED_NO_SERVER_NAME: AtomicU64 = AtomicU64::new(0);
+static REFUSED_UNKNOWN_SERVER_NAME: AtomicU64 = AtomicU64::new(0);
+static REFUSED_WS_REQUEST: AtomicU64 = AtomicU64::new(0);
 
 /// What the front holds and what it dropped, for `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,6 +85,15 @@ pub struct FrontStats {
     pub dropped_timeout: u64,
     /// Clients dropped for a first packet that is not an MQTT CONNECT.
     pub dropped_not_mqtt: u64,
+    /// TLS ports: clients refused for first bytes that are no ClientHello.
+    pub refused_not_tls: u64,
+    /// TLS ports: clients refused for a ClientHello without a server name.
+    pub refused_no_server_name: u64,
+    /// TLS ports: clients refused for a server name no tenant serves.
+    pub refused_unknown_server_name: u64,
+    /// The WebSocket port: clients refused for a request that is no
+    /// WebSocket upgrade, or for a `Host` no tenant has.
+    pub refused_ws_request: u64,
 }
 
 /// The front's figures now.
@@ -80,6 +107,10 @@ pub fn stats() -> FrontStats {
         dropped_too_large: DROPPED_TOO_LARGE.load(Ordering::Relaxed),
         dropped_timeout: DROPPED_TIMEOUT.load(Ordering::Relaxed),
         dropped_not_mqtt: DROPPED_NOT_MQTT.load(Ordering::Relaxed),
+        refused_not_tls: REFUSED_NOT_TLS.load(Ordering::Relaxed),
+        refused_no_server_name: REFUSED_NO_SERVER_NAME.load(Ordering::Relaxed),
+        refused_unknown_server_name: REFUSED_UNKNOWN_SERVER_NAME.load(Ordering::Relaxed),
+        refused_ws_request: REFUSED_WS_REQUEST.load(Ordering::Relaxed),
     }
 }
 
@@ -254,7 +285,7 @@ impl Chunks {
     /// Reads at most `most` bytes from `stream` into the last chunk (a new
     /// one when it is full).
     async fn read_from(&mut self, stream: &mut TcpStream, most: usize) -> std::io::Result<usize> {
-        if self.chunks.last().is_none_or(|chunk| chunk.len() == READ_CHUNK) {
+        if self.chunks.last().is_none_or(|chunk| chunk.len() >= READ_CHUNK) {
             let mut chunk = Vec::new();
             if !self.chunks.is_empty() {
                 chunk.reserve_exact(READ_CHUNK);
@@ -270,6 +301,19 @@ impl Chunks {
         read
     }
 
+    /// Everything read, in one piece (for a ClientHello or a request, which
+    /// are parsed whole; a merge per chunk read, at most 16 KiB each).
+    fn contiguous(&mut self) -> &[u8] {
+        if self.chunks.len() > 1 {
+            let mut all = Vec::with_capacity(self.len);
+            for chunk in self.chunks.drain(..) {
+                all.extend_from_slice(&chunk);
+            }
+            self.chunks.push(all);
+        }
+        self.head()
+    }
+
     /// The packet in one piece.
     fn into_bytes(mut self) -> Vec<u8> {
         if self.chunks.len() == 1 {
@@ -283,14 +327,21 @@ impl Chunks {
     }
 }
 
-/// A client's first bytes, charged to [`MAX_PENDING_BYTES`] until dropped.
-#[derive(Debug, Default)]
+/// A client's first bytes, charged to [`MAX_PENDING_BYTES`] until dropped,
+/// and what the client speaks.
+#[derive(Debug)]
 pub struct FirstBytes {
     bytes: Vec<u8>,
     charge: Arc<Charge>,
+    kind: Handed,
 }
 
 impl FirstBytes {
+    /// What the client speaks: how its process is to take it.
+    pub fn kind(&self) -> Handed {
+        self.kind
+    }
+
     /// Takes `bytes` (the CONNECT rewritten, about as long) in place of these.
     pub fn replace(&mut self, bytes: Vec<u8>) {
         PENDING_BYTES.fetch_add(bytes.len(), Ordering::Relaxed);
@@ -382,42 +433,136 @@ pub fn route(bytes: &[u8], tenant: Option<&str>, known: impl Fn(&str) -> bool) -
     Route::Tenant { tenant, first_bytes }
 }
 
-/// Reads until one whole packet is in, within the deadline, the size bound
-/// and the host-wide budget; returns everything read (`None`: nothing
-/// usable came, it did not fit, or the client was dropped to make room for
-/// another).
-pub async fn read_first_packet(stream: &mut TcpStream) -> Option<FirstBytes> {
+/// What a port's clients send first, and so what the front reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// A CONNECT: plain MQTT.
+    Connect,
+    /// A TLS ClientHello: MQTT over TLS, or over secure WebSockets (`ws`).
+    ClientHello { ws: bool },
+    /// An HTTP upgrade request: MQTT over WebSockets.
+    Upgrade,
+}
+
+impl Expect {
+    /// How the tenant's process takes such a client.
+    fn kind(self) -> Handed {
+        match self {
+            Expect::Connect => Handed::Mqtt,
+            Expect::ClientHello { ws: false } => Handed::Tls,
+            Expect::ClientHello { ws: true } => Handed::Wss,
+            Expect::Upgrade => Handed::Ws,
+        }
+    }
+
+    /// The most first bytes read.
+    fn max(self) -> usize {
+        match self {
+            Expect::Connect => MAX_FIRST_BYTES,
+            Expect::ClientHello { .. } => hello::DEFAULT_MAX_CLIENT_HELLO,
+            Expect::Upgrade => WsLimits::default().max_request,
+        }
+    }
+
+    /// What the first bytes so far call for; `new_from` is where the last
+    /// read's bytes begin.
+    fn step(self, chunks: &mut Chunks, new_from: usize) -> Step {
+        let max = self.max();
+        let more = |len: usize| Step::More(READ_CHUNK.min(max.saturating_sub(len)).max(1));
+        match self {
+            Expect::Connect => {
+                // The header is in the first chunk; the body may not be yet.
+                match packet::frame(chunks.head(), MAX_FIRST_BYTES) {
+                    Err(DecodeError::TooLarge) => return Step::Refuse(&DROPPED_TOO_LARGE, Vec::new()),
+                    Err(_) => return Step::Refuse(&DROPPED_NOT_MQTT, Vec::new()),
+                    Ok(_) => {}
+                }
+                let announced = packet::announced_len(chunks.head());
+                if announced.is_some_and(|len| chunks.len >= len) {
+                    return Step::Done;
+                }
+                if chunks.len >= MAX_FIRST_BYTES {
+                    return Step::Refuse(&DROPPED_TOO_LARGE, Vec::new());
+                }
+                // No further than the packet's end: what follows is the tenant's.
+                let want = announced.unwrap_or(chunks.len + 1).clamp(chunks.len + 1, MAX_FIRST_BYTES);
+                Step::More(want - chunks.len)
+            }
+            Expect::ClientHello { .. } => match hello::peek_client_hello(chunks.contiguous(), max) {
+                Ok(HelloPeek::Hello(_)) => Step::Done,
+                Ok(HelloPeek::NeedMore) => more(chunks.len),
+                // Plain MQTT or HTTP on a TLS port: the alert is what a TLS
+                // server answers, and tells a person reading a capture why.
+                Ok(HelloPeek::NotTls) => {
+                    Step::Refuse(&REFUSED_NOT_TLS, hello::alert_record(rustls::AlertDescription::DecodeError).to_vec())
+                }
+                Err(error @ hello::HelloError::TooLarge { .. }) => {
+                    Step::Refuse(&DROPPED_TOO_LARGE, error.alert().to_vec())
+                }
+                Err(error) => Step::Refuse(&REFUSED_NOT_TLS, error.alert().to_vec()),
+            },
+            Expect::Upgrade => {
+                // Parsed while short (what is no HTTP is refused at once),
+                // then only once a blank line may have come: a request sent
+                // a byte at a time costs linear time.
+                let bytes = chunks.contiguous();
+                let fresh = &bytes[new_from.saturating_sub(3).min(bytes.len())..];
+                let blank_line = fresh.windows(2).any(|w| w == b"\n\n") || fresh.windows(3).any(|w| w == b"\n\r\n");
+                if new_from >= EAGER_PARSE && bytes.len() < max && !blank_line {
+                    return more(bytes.len());
+                }
+                match handshake::peek(bytes, max) {
+                    handshake::Peeked::Incomplete => more(bytes.len()),
+                    handshake::Peeked::Upgrade(_) => Step::Done,
+                    handshake::Peeked::Refused(response) => Step::Refuse(&REFUSED_WS_REQUEST, response),
+                }
+            }
+        }
+    }
+}
+
+/// An upgrade request is parsed after every read that starts before this
+/// many bytes.
+const EAGER_PARSE: usize = 16;
+
+/// What the first bytes so far call for.
+enum Step {
+    /// They are complete.
+    Done,
+    /// At most this many more bytes are read next.
+    More(usize),
+    /// The client is refused, counted there, and sent this (if anything).
+    Refuse(&'static AtomicU64, Vec<u8>),
+}
+
+/// Reads until the first bytes `expect` names are whole, within the
+/// deadline, the size bound and the host-wide budget; returns everything
+/// read (`None`: nothing usable came, it did not fit, it was refused with
+/// its answer sent, or the client was dropped to make room for another).
+pub async fn read_first(stream: &mut TcpStream, expect: Expect) -> Option<FirstBytes> {
     let charge = Arc::new(Charge::default());
     // A candidate to drop while it reads (see `make_room`).
     let _partial = Partial::enter(&charge);
     let mut chunks = Chunks::default();
     let mut over_budget = false;
-    // Ends with `Err` and the counter of why the client is dropped (`None`:
-    // it went, or the budget counted it).
+    let mut new_from = 0;
+    // Ends with `Err`: the counter of why the client is dropped (`None`: it
+    // went, or the budget counted it) and what it is told.
     let read = async {
         loop {
-            // The header is in the first chunk; the body may not be yet.
-            match packet::frame(chunks.head(), MAX_FIRST_BYTES) {
-                Err(DecodeError::TooLarge) => return Err(Some(&DROPPED_TOO_LARGE)),
-                Err(_) => return Err(Some(&DROPPED_NOT_MQTT)),
-                Ok(_) => {}
-            }
-            let announced = packet::announced_len(chunks.head());
-            if announced.is_some_and(|len| chunks.len >= len) {
-                return Ok(());
-            }
-            if chunks.len >= MAX_FIRST_BYTES {
-                return Err(Some(&DROPPED_TOO_LARGE));
-            }
-            // No further than the packet's end: what follows is the tenant's.
-            let want = announced.unwrap_or(chunks.len + 1).clamp(chunks.len + 1, MAX_FIRST_BYTES);
+            let want = match expect.step(&mut chunks, new_from) {
+                Step::Done => return Ok(()),
+                Step::More(want) => want,
+                Step::Refuse(counter, reply) => return Err((Some(counter), reply)),
+            };
+            new_from = chunks.len;
             let read = tokio::select! {
-                read = chunks.read_from(stream, want - chunks.len) => read,
+                read = chunks.read_from(stream, want) => read,
                 // Dropped to make room for another client.
-                () = charge.wake.notified() => return Err(None),
+                () = charge.wake.notified() => return Err((None, Vec::new())),
             };
             match read {
-                Ok(0) | Err(_) => return Err(None),
+                Ok(0) | Err(_) => return Err((None, Vec::new())),
                 Ok(n) => {
                     if !charge_more(&charge, n) {
                         if !charge.dropped.load(Ordering::Relaxed) {
@@ -425,31 +570,72 @@ pub async fn read_first_packet(stream: &mut TcpStream) -> Option<FirstBytes> {
                             DROPPED_OVER_BUDGET.fetch_add(1, Ordering::Relaxed);
                         }
                         over_budget = true;
-                        return Err(None);
+                        return Err((None, Vec::new()));
                     }
                 }
             }
         }
     };
-    match tokio::time::timeout(FIRST_PACKET_DEADLINE, read).await {
-        Ok(Ok(())) => Some(FirstBytes { bytes: chunks.into_bytes(), charge }),
-        failed => {
-            let dropped = match failed {
-                Ok(Err(dropped)) => dropped,
-                Err(_elapsed) => Some(&DROPPED_TIMEOUT),
-                Ok(Ok(())) => None,
-            };
-            if let Some(dropped) = dropped {
-                dropped.fetch_add(1, Ordering::Relaxed);
-            }
-            charge.release();
-            if over_budget || charge.dropped.load(Ordering::Relaxed) {
-                // Dropped for the budget: a reset, which frees the socket at once.
-                let _ = socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
-            }
-            None
-        }
+    let (dropped, reply) = match tokio::time::timeout(FIRST_PACKET_DEADLINE, read).await {
+        Ok(Ok(())) => return Some(FirstBytes { bytes: chunks.into_bytes(), charge, kind: expect.kind() }),
+        Ok(Err(failed)) => failed,
+        Err(_elapsed) => (Some(&DROPPED_TIMEOUT), Vec::new()),
+    };
+    if let Some(dropped) = dropped {
+        dropped.fetch_add(1, Ordering::Relaxed);
     }
+    charge.release();
+    drop(chunks);
+    if over_budget || charge.dropped.load(Ordering::Relaxed) {
+        // Dropped for the budget: a reset, which frees the socket at once.
+        let _ = socket2::SockRef::from(&*stream).set_linger(Some(Duration::ZERO));
+    } else if !reply.is_empty() {
+        answer(stream, &reply).await;
+    }
+    None
+}
+
+/// Sends `reply` (an alert, an HTTP error, a CONNACK), then closes the
+/// sending side; a client that does not take it within a second is left.
+pub async fn answer(stream: &mut TcpStream, reply: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(reply).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+}
+
+/// The tenant a complete ClientHello (`bytes`) reaches by its server name,
+/// or the alert that refuses it: `unrecognized_name` for a name no tenant
+/// serves over TLS, and for none at all (the shared port has no default
+/// tenant), each counted.
+pub fn route_hello(bytes: &[u8], directory: &Directory) -> Result<String, Vec<u8>> {
+    let unrecognized = || hello::alert_record(rustls::AlertDescription::UnrecognisedName).to_vec();
+    let Ok(HelloPeek::Hello(info)) = hello::peek_client_hello(bytes, hello::DEFAULT_MAX_CLIENT_HELLO) else {
+        // Checked whole by `read_first`; not reached.
+        return Err(unrecognized());
+    };
+    let Some(name) = info.server_name else {
+        REFUSED_NO_SERVER_NAME.fetch_add(1, Ordering::Relaxed);
+        return Err(unrecognized());
+    };
+    directory.by_host(&name, Over::Tls).ok_or_else(|| {
+        REFUSED_UNKNOWN_SERVER_NAME.fetch_add(1, Ordering::Relaxed);
+        unrecognized()
+    })
+}
+
+/// The tenant a complete upgrade request (`bytes`) reaches by its `Host`,
+/// or the HTTP response that refuses it (421 for a host no tenant has).
+pub fn route_upgrade(bytes: &[u8], directory: &Directory) -> Result<String, Vec<u8>> {
+    let handshake::Peeked::Upgrade(upgrade) = handshake::peek(bytes, WsLimits::default().max_request) else {
+        // Checked whole by `read_first`; not reached.
+        return Err(handshake::misdirected_response());
+    };
+    directory.by_host(&upgrade.host_name(), Over::Plain).ok_or_else(|| {
+        REFUSED_WS_REQUEST.fetch_add(1, Ordering::Relaxed);
+        handshake::misdirected_response()
+    })
 }
 
 #[cfg(test)]
@@ -510,7 +696,7 @@ mod tests {
     fn first_bytes_are_charged_until_dropped_and_refused_past_the_budget() {
         let pending = || PENDING_BYTES.load(Ordering::Relaxed);
         let before = pending();
-        let mut bytes = FirstBytes::default();
+        let mut bytes = FirstBytes { bytes: Vec::new(), charge: Arc::default(), kind: Handed::Mqtt };
         assert!(charge_more(&bytes.charge, 100));
         assert!(pending() >= before + 100);
         bytes.replace(vec![2; 40]);

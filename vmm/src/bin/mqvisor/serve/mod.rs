@@ -1,16 +1,21 @@
 //! `mqvisor serve`: many tenants on one host behind one port. Each tenant is
 //! a VM in its own process, booted on its first client; clients reach it on
-//! the shared port by CONNECT user name `TENANT:USER`, or on the tenant's
-//! own port without a prefix.
+//! the shared port by CONNECT user name `TENANT:USER`, on the tenant's own
+//! port without a prefix, and on the shared TLS and WebSocket ports by the
+//! host name they asked for (`NAME.<tls_domain>`, or the tenant's own
+//! `tls_names`).
 //!
 //! Owns the listeners, the routing tasks and the tenants' table. The front
-//! ([`front`]) decides where a client goes; the tenant ([`tenant`]) owns its
-//! process. Nothing here reads a client's traffic past its CONNECT: the
-//! client's socket itself is handed to the tenant's process.
+//! ([`front`]) decides where a client goes, by the [`directory`]; the
+//! tenant ([`tenant`]) owns its process. Nothing here reads a client's
+//! traffic past its CONNECT (or its ClientHello, or its upgrade request):
+//! the client's socket itself is handed to the tenant's process, which
+//! alone holds the tenant's TLS key.
 
 pub mod client;
 pub mod config;
 pub mod control;
+pub mod directory;
 pub mod failed;
 pub mod front;
 pub mod tenant;
@@ -25,7 +30,8 @@ use tokio::sync::mpsc;
 
 use config::{Again, FailedTenant, ServeConfig, TenantConfig, TenantTable, valid_tenant_name};
 use control::Command;
-use front::{FirstBytes, Pending, Route};
+use directory::Directory;
+use front::{Expect, FirstBytes, Pending, Route};
 use tenant::{Exited, Tenant};
 
 /// A client the front has routed.
@@ -128,8 +134,6 @@ impl Changes {
     }
 }
 
-type Names = std::sync::Arc<std::sync::RwLock<Vec<String>>>;
-
 async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<(), ServeError> {
     let state_error = |source| ServeError::State { path: config.state_dir.clone(), source };
     std::fs::create_dir_all(&config.state_dir).map_err(state_error)?;
@@ -151,8 +155,23 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
         }
     }
     let (routed_tx, mut routed) = mpsc::unbounded_channel::<Routed>();
-    let names: Names =
-        std::sync::Arc::new(std::sync::RwLock::new(tenants.keys().chain(failed.keys()).cloned().collect()));
+    let directory = Directory::new(config.tls_domain.clone());
+    for (name, tenant) in std::mem::take(&mut tenants) {
+        match enter(&directory, &name, tenant.config()) {
+            Ok(()) => {
+                tenants.insert(name, tenant);
+            }
+            Err(reason) => {
+                let again = Again::Start(Box::new(tenant.config().clone()));
+                tokio::spawn(tenant.release_group());
+                failed.insert(name, FailedTenant { reason, again });
+            }
+        }
+    }
+    for name in failed.keys() {
+        // Known, so that its clients are told it is unavailable.
+        let _ = directory.insert(name, false, &[]);
+    }
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
     control::serve_control(config.control_socket.clone(), commands_tx.clone())
         .await
@@ -168,13 +187,28 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let shared = bind(config.listen).await?;
     tracing::info!(listen = %shared.local_addr().map_err(ServeError::Runtime)?, tenants = tenants.len(), "serving");
     eprintln!("mqvisor: serve listening on {}", shared.local_addr().map_err(ServeError::Runtime)?);
-    tokio::spawn(accept_loop(shared, None, names.clone(), routed_tx.clone(), pending.clone()));
+    let accept = |listener, port| {
+        tokio::spawn(accept_loop(listener, port, directory.clone(), routed_tx.clone(), pending.clone()))
+    };
+    accept(shared, Port::Mqtt(None));
+    for (addr, port, what) in [
+        (config.listen_tls, Port::Tls, "MQTT over TLS"),
+        (config.listen_ws, Port::Ws, "MQTT over WebSockets"),
+        (config.listen_wss, Port::Wss, "MQTT over secure WebSockets"),
+    ] {
+        let Some(addr) = addr else { continue };
+        let listener = bind(addr).await?;
+        let local = listener.local_addr().map_err(ServeError::Runtime)?;
+        tracing::info!(listen = %local, "{what}");
+        eprintln!("mqvisor: serve listening for {what} on {local}");
+        accept(listener, port);
+    }
     for (name, tenant) in &config.tenants {
         let Some(addr) = tenant.listen.filter(|_| tenants.contains_key(name)) else { continue };
         match TcpListener::bind(addr).await {
             Ok(own) => {
                 tracing::info!(tenant = %name, listen = %addr, "tenant port");
-                tokio::spawn(accept_loop(own, Some(name.clone()), names.clone(), routed_tx.clone(), pending.clone()));
+                accept(own, Port::Mqtt(Some(name.clone())));
             }
             Err(e) => {
                 if let Some(unserved) = tenants.remove(name) {
@@ -191,6 +225,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let (exited_tx, mut exited) = mpsc::unbounded_channel::<Exited>();
     let mut terminate = signal(SignalKind::terminate()).map_err(ServeError::Runtime)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(ServeError::Runtime)?;
     let mut idle_check = tokio::time::interval(Duration::from_secs(1));
     loop {
         let next_restart = tenants.values().filter_map(|t| t.restart_at).min();
@@ -198,6 +233,12 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: every running tenant reads its TLS files again");
+                for tenant in tenants.values() {
+                    tenant.reload_tls();
+                }
+            }
             _ = idle_check.tick() => {
                 for tenant in tenants.values_mut() {
                     tenant.stop_if_idle();
@@ -207,7 +248,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                 if let Some(tenant) = tenants.get_mut(&r.tenant) {
                     tenant.hand(r.client, r.first_bytes, &exe, &exited_tx);
                 } else if failed.contains_key(&r.tenant) {
-                    failed::refuse(r.client, &r.first_bytes);
+                    failed::refuse(r.client, r.first_bytes);
                 }
             }
             Some(e) = exited.recv() => {
@@ -226,7 +267,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     let added = if failed.contains_key(&name) {
                         Err(format!("tenant {name:?} exists"))
                     } else {
-                        add_tenant(&mut tenants, &name, &table, &config, &changes, &names)
+                        add_tenant(&mut tenants, &name, &table, &config, &changes, &directory)
                     };
                     let _ = reply.send(added);
                 }
@@ -234,18 +275,14 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     let removed = match tenants.remove(&name) {
                         None if failed.remove(&name).is_some() => {
                             failed::remove_files(&config.state_dir, &name);
-                            if let Ok(mut names) = names.write() {
-                                names.retain(|n| n != &name);
-                            }
+                            directory.remove(&name);
                             tracing::info!(tenant = %name, "removed");
                             changes.remove(&name).map_err(|e| format!("keeping the removal: {e}"))
                         }
                         None => Err(format!("no tenant {name:?}")),
                         Some(tenant) => {
                             tenant.remove();
-                            if let Ok(mut names) = names.write() {
-                                names.retain(|n| n != &name);
-                            }
+                            directory.remove(&name);
                             tracing::info!(tenant = %name, "removed");
                             changes.remove(&name).map_err(|e| format!("keeping the removal: {e}"))
                         }
@@ -255,11 +292,10 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                 Command::Restart { name, reply } => {
                     let restarted = match tenants.get_mut(&name) {
                         None if failed.contains_key(&name) => {
-                            match failed::start(&name, &mut failed, &config.defaults, &config.state_dir).await {
+                            match failed::start(&name, &mut failed, &config.defaults, &config.state_dir, &directory).await {
                                 Ok((tenant, own)) => {
                                     if let Some(own) = own {
-                                        let (names, routed, pending) = (names.clone(), routed_tx.clone(), pending.clone());
-                                        tokio::spawn(accept_loop(own, Some(name.clone()), names, routed, pending));
+                                        accept(own, Port::Mqtt(Some(name.clone())));
                                     }
                                     tenants.insert(name, tenant);
                                     Ok(())
@@ -302,7 +338,7 @@ fn add_tenant(
     table: &str,
     config: &ServeConfig,
     changes: &Changes,
-    names: &Names,
+    directory: &Directory,
 ) -> Result<(), String> {
     if !valid_tenant_name(name) {
         return Err(format!("tenant name {name:?}: use 1 to 64 of a-z, 0-9, '-' and '_'"));
@@ -316,21 +352,43 @@ fn add_tenant(
         return Err(format!("tenant {name}: a port of its own can only be set in the configuration file"));
     }
     let tenant = Tenant::new(name, tenant_config, &config.state_dir)?;
-    changes.add(name, table).map_err(|e| format!("keeping the tenant: {e}"))?;
-    tenants.insert(name.to_string(), tenant);
-    if let Ok(mut names) = names.write() {
-        names.push(name.to_string());
+    let kept = enter(directory, name, tenant.config())
+        .map_err(|e| format!("tenant {name}: {e}"))
+        .and_then(|()| changes.add(name, table).map_err(|e| format!("keeping the tenant: {e}")));
+    if let Err(e) = kept {
+        directory.remove(name);
+        tokio::spawn(tenant.release_group());
+        return Err(e);
     }
+    tenants.insert(name.to_string(), tenant);
     tracing::info!(tenant = %name, "added");
     Ok(())
+}
+
+/// Enters tenant `name` in the directory, with its TLS names.
+fn enter(directory: &Directory, name: &str, config: &config::TenantConfig) -> Result<(), String> {
+    directory.insert(name, config.run.tls_cert.is_some(), &config.tls_names)
+}
+
+/// What a port's clients speak, and so how the front routes them.
+#[derive(Clone)]
+enum Port {
+    /// Plain MQTT: by the CONNECT's `TENANT:` prefix, or a tenant's own port.
+    Mqtt(Option<String>),
+    /// MQTT over TLS: by SNI.
+    Tls,
+    /// MQTT over WebSockets: by `Host`.
+    Ws,
+    /// MQTT over secure WebSockets: by SNI.
+    Wss,
 }
 
 /// Accepts clients on one port and routes each from its own task, so a slow
 /// or silent client never holds up another.
 async fn accept_loop(
     listener: TcpListener,
-    tenant: Option<String>,
-    names: Names,
+    port: Port,
+    directory: Directory,
     routed: mpsc::UnboundedSender<Routed>,
     pending: Pending,
 ) {
@@ -340,26 +398,40 @@ async fn accept_loop(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let (tenant, names, routed, waiting) = (tenant.clone(), names.clone(), routed.clone(), pending.clone());
+        let (port, directory, routed, waiting) = (port.clone(), directory.clone(), routed.clone(), pending.clone());
         let id = pending.admit();
         // Runs only once this loop awaits again (one thread), after `started`.
         let task = tokio::spawn(async move {
             let _ = client.set_nodelay(true);
-            let first = front::read_first_packet(&mut client).await;
+            let expect = match port {
+                Port::Mqtt(_) => Expect::Connect,
+                Port::Tls => Expect::ClientHello { ws: false },
+                Port::Wss => Expect::ClientHello { ws: true },
+                Port::Ws => Expect::Upgrade,
+            };
+            let first = front::read_first(&mut client, expect).await;
             waiting.done(id);
             let Some(mut bytes) = first else { return };
-            let known = |t: &str| names.read().is_ok_and(|names| names.iter().any(|n| n == t));
-            match front::route(&bytes, tenant.as_deref(), known) {
-                Route::Tenant { tenant, first_bytes } => {
-                    bytes.replace(first_bytes);
+            let tenant = match &port {
+                Port::Mqtt(own) => match front::route(&bytes, own.as_deref(), |t| directory.has(t)) {
+                    Route::Tenant { tenant, first_bytes } => {
+                        bytes.replace(first_bytes);
+                        Ok(tenant)
+                    }
+                    Route::Refuse { reply } => Err(reply),
+                    Route::Drop => {
+                        front::dropped_not_mqtt();
+                        return;
+                    }
+                },
+                Port::Tls | Port::Wss => front::route_hello(&bytes, &directory),
+                Port::Ws => front::route_upgrade(&bytes, &directory),
+            };
+            match tenant {
+                Ok(tenant) => {
                     let _ = routed.send(Routed { tenant, client, first_bytes: bytes });
                 }
-                Route::Refuse { reply } => {
-                    use tokio::io::AsyncWriteExt;
-                    let _ = client.write_all(&reply).await;
-                    let _ = client.shutdown().await;
-                }
-                Route::Drop => front::dropped_not_mqtt(),
+                Err(reply) => front::answer(&mut client, &reply).await,
             }
         });
         pending.started(id, task.abort_handle());

@@ -456,6 +456,24 @@ impl Tenant {
         }
     }
 
+    /// Its settings.
+    pub fn config(&self) -> &TenantConfig {
+        &self.config
+    }
+
+    /// Has its process read its TLS files again (SIGHUP): new handshakes
+    /// use them, no client is dropped. A process that has none ignores it.
+    pub fn reload_tls(&self) {
+        if self.config.run.tls_cert.is_some()
+            && let Some(process) = &self.process
+            && let Ok(pid) = libc::pid_t::try_from(process.pid)
+        {
+            // SAFETY: kill(2) on our own child with a valid signal, which
+            // `mqvisor run` handles.
+            unsafe { libc::kill(pid, libc::SIGHUP) };
+        }
+    }
+
     /// Stops the process (SIGTERM: its clients see a clean close).
     pub fn stop(&mut self) {
         if let Some(process) = self.process.take()
@@ -513,7 +531,7 @@ async fn link(
         tokio::select! {
             client = queue.recv() => {
                 let Some((client, bytes)) = client else { return };
-                if !send_client(&socket, &client, Handed::Mqtt, &bytes).await {
+                if !send_client(&socket, &client, bytes.kind(), &bytes).await {
                     // The process has gone: no client more is taken here
                     // (the tenant keeps new ones for the next process).
                     queue.close();
