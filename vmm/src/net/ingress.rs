@@ -433,7 +433,9 @@ mod tests {
         let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert_path, cert.pem()).unwrap();
         std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        Arc::new(ServerTls::load(TlsFiles { cert: cert_path, key: key_path, client_ca: None, alpn }).unwrap())
+        Arc::new(
+            ServerTls::load(TlsFiles { cert: cert_path, key: key_path, client_ca: None, alpn, named: None }).unwrap(),
+        )
     }
 
     /// Hands a new loopback client over as `datagram`; returns its peer end.

@@ -30,7 +30,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ServerConfig, ServerConnection, WebPkiClientVerifier};
+use rustls::server::{ResolvesServerCert, ServerConfig, ServerConnection, WebPkiClientVerifier};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{RootCertStore, version};
 
@@ -72,6 +72,19 @@ pub struct TlsFiles {
     pub client_ca: Option<PathBuf>,
     /// The protocol announced by ALPN.
     pub alpn: Alpn,
+    /// Another certificate, served to clients that ask for one of its
+    /// names by SNI (a customer's own domain beside the provider's
+    /// wildcard); `cert` and `key` serve every other name.
+    pub named: Option<NamedCert>,
+}
+
+/// A certificate served for some host names only.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamedCert {
+    /// The names, lower case, as SNI carries them.
+    pub names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Why TLS settings could not be loaded: one line naming the file.
@@ -145,23 +158,52 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A certificate chain and its key, read and checked against each other.
+fn certified_key(provider: &CryptoProvider, cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let chain = read_certificates(cert)?;
+    let signing_key = provider
+        .key_provider
+        .load_private_key(read_key(key)?)
+        .map_err(|source| TlsError::BadKey { path: key.to_path_buf(), source })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(certified),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(TlsError::KeyMismatch { cert: cert.to_path_buf(), key: key.to_path_buf() })
+        }
+        Err(source) => Err(TlsError::BadCertificate { path: cert.to_path_buf(), source }),
+    }
+}
+
+/// Serves the named certificate to a client asking for one of its names,
+/// and the other one to every other client (no SNI included).
+#[derive(Debug)]
+struct BySni {
+    names: Vec<String>,
+    named: Arc<CertifiedKey>,
+    other: Arc<CertifiedKey>,
+}
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let asked = hello.server_name().map(str::to_ascii_lowercase);
+        let named = asked.is_some_and(|asked| self.names.contains(&asked));
+        Some(if named { self.named.clone() } else { self.other.clone() })
+    }
+}
+
 /// Reads `files` and builds the server settings they describe.
 pub fn load_server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let provider = provider();
-    let chain = read_certificates(&files.cert)?;
-    let key = read_key(&files.key)?;
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|source| TlsError::BadKey { path: files.key.clone(), source })?;
-    let certified = CertifiedKey::new(chain, signing_key);
-    match certified.keys_match() {
-        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
-        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
-            return Err(TlsError::KeyMismatch { cert: files.cert.clone(), key: files.key.clone() });
-        }
-        Err(source) => return Err(TlsError::BadCertificate { path: files.cert.clone(), source }),
-    }
+    let certified = certified_key(&provider, &files.cert, &files.key)?;
+    let resolver: Arc<dyn ResolvesServerCert> = match &files.named {
+        None => Arc::new(SingleCertAndKey::from(certified)),
+        Some(named) => Arc::new(BySni {
+            names: named.names.clone(),
+            named: Arc::new(certified_key(&provider, &named.cert, &named.key)?),
+            other: Arc::new(certified),
+        }),
+    };
 
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&version::TLS13, &version::TLS12])
@@ -179,7 +221,7 @@ pub fn load_server_config(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = files.alpn.protocols();
     Ok(config)
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mqvisor::net::ingress::{HandoffEdge, ListenOn};
-use mqvisor::net::tls::{Alpn, ServerTls, TlsFiles};
+use mqvisor::net::tls::{Alpn, NamedCert, ServerTls, TlsFiles};
 use mqvisor::net::websocket::WsLimits;
 use mqvisor::vm::Edge;
 use serde::Deserialize;
@@ -74,6 +74,11 @@ pub struct EdgeFlags {
     #[arg(long)]
     #[serde(default)]
     pub tls_identity_as_user: bool,
+    /// A `serve` tenant's own certificate for its own host names, beside
+    /// `tls_cert` for every other name (no flag: from its settings file).
+    #[arg(skip)]
+    #[serde(skip)]
+    pub tls_named: Option<NamedCert>,
 }
 
 impl EdgeFlags {
@@ -107,7 +112,8 @@ impl EdgeFlags {
                 return Err("--listen-tls and --listen-wss need --tls-cert and --tls-key".into());
             };
             let load = |alpn| {
-                let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: client_ca.clone(), alpn };
+                let files =
+                    TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: client_ca.clone(), alpn, named: None };
                 ServerTls::load(files).map(Arc::new).map_err(|e| e.to_string())
             };
             if let Some(addr) = listen_tls {
@@ -151,8 +157,13 @@ impl EdgeFlags {
         let handoff = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
                 let load = |alpn| {
-                    let files =
-                        TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: self.tls_client_ca.clone(), alpn };
+                    let files = TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        client_ca: self.tls_client_ca.clone(),
+                        alpn,
+                        named: self.tls_named.clone(),
+                    };
                     ServerTls::load(files).map(Arc::new).map_err(|e| e.to_string())
                 };
                 HandoffEdge {

@@ -199,6 +199,8 @@ impl RunArgs {
         self.edge.tls_key = tenant.tls_key;
         self.edge.tls_client_ca = tenant.tls_client_ca;
         self.edge.tls_identity_as_user = tenant.tls_identity_as_user;
+        self.edge.tls_named =
+            tenant.tls_own.map(|own| mqvisor::net::tls::NamedCert { names: own.names, cert: own.cert, key: own.key });
     }
 }
 

@@ -163,6 +163,19 @@ pub struct TenantRun {
     /// over TLS only; needs `tls_client_ca`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls_identity_as_user: bool,
+    /// The tenant's own certificate, served to clients asking for one of
+    /// its own host names; `tls_cert` (the provider's) serves the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_own: Option<OwnCert>,
+}
+
+/// A tenant's own certificate and the host names it is served for.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct OwnCert {
+    pub names: Vec<String>,
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl TenantRun {
@@ -356,6 +369,7 @@ mod tests {
             tls_key: Some(PathBuf::from("/etc/acme/key.pem")),
             tls_client_ca: None,
             tls_identity_as_user: false,
+            tls_own: None,
         };
         let text = tenant.to_text().unwrap();
         // Settings not given are not written.

@@ -90,6 +90,7 @@ fn server_files(dir: &Dir, ca: &Ca, alpn: Alpn) -> TlsFiles {
         key: dir.write("key.pem", key.serialize_pem()),
         client_ca: None,
         alpn,
+        named: None,
     }
 }
 
@@ -237,6 +238,7 @@ fn rsa_ec_and_ed25519_keys_in_pkcs8_pkcs1_and_sec1() {
             key: dir.write("key.pem", key_file),
             client_ca: None,
             alpn: Alpn::Mqtt,
+            named: None,
         };
         let tls = ServerTls::load(files).unwrap_or_else(|error| panic!("{what}: {error}"));
         for versions in [TLS13, TLS12] {
@@ -262,6 +264,7 @@ fn a_chain_with_an_intermediate_is_served_whole() {
         key: dir.write("key.pem", key.serialize_pem()),
         client_ca: None,
         alpn: Alpn::Mqtt,
+        named: None,
     };
     connect(&ServerTls::load(files).unwrap(), Client::new(&root)).unwrap();
 }

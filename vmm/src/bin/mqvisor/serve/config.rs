@@ -59,7 +59,7 @@ use mqvisor::cgroup::Limits;
 use mqvisor::state::Persistence;
 use mqvisor::vm::Service;
 
-use crate::settings::{BrokerFlags, TenantRun};
+use crate::settings::{BrokerFlags, OwnCert, TenantRun};
 
 /// Largest configuration file accepted.
 const MAX_FILE: u64 = 1 << 20;
@@ -177,7 +177,7 @@ impl TlsTable {
             identity_as_user: self.identity_as_user.or(under.identity_as_user),
             names: self.names.clone().or_else(|| under.names.clone()),
         };
-        if merged.cert.is_some() != merged.key.is_some() {
+        if self.cert.is_some() != self.key.is_some() || merged.cert.is_some() != merged.key.is_some() {
             return Err("tls_cert and tls_key go together: give both".into());
         }
         if merged.cert.is_none() && (merged.client_ca.is_some() || merged.names.is_some()) {
@@ -261,6 +261,15 @@ impl TenantTable {
         let own = TenantTable::parse(table, base, "settings")?;
         let broker = own.broker.over(&self.broker).map_err(|e| e.to_string())?;
         let tls = own.tls.over(&self.tls)?;
+        // Its own certificate serves its own names; the provider's (of
+        // [defaults]) still serves NAME.<tls_domain>.
+        let (cert, key, tls_own) = match (&own.tls.cert, &own.tls.key, &self.tls.cert, &self.tls.key, &tls.names) {
+            (Some(cert), Some(key), Some(shared_cert), Some(shared_key), Some(names)) if cert != shared_cert => {
+                let own = OwnCert { names: names.clone(), cert: cert.clone(), key: key.clone() };
+                (Some(shared_cert.clone()), Some(shared_key.clone()), Some(own))
+            }
+            _ => (tls.cert, tls.key, None),
+        };
         // Checked now: a bad tenant fails where it is declared, naming itself.
         let settings = broker.resolve().map_err(|e| e.to_string())?;
         let memory = own.memory.or(self.memory).unwrap_or(DEFAULT_MEMORY_MIB);
@@ -290,8 +299,9 @@ impl TenantTable {
                 state: None,
                 cgroup: Vec::new(),
                 tls_identity_as_user: tls.identity_as_user.unwrap_or(false),
-                tls_cert: tls.cert,
-                tls_key: tls.key,
+                tls_cert: cert,
+                tls_key: key,
+                tls_own,
                 tls_client_ca: tls.client_ca,
                 broker,
             },
