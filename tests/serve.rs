@@ -1488,3 +1488,79 @@ fn unknown_or_missing_host_names_and_wrong_protocols_are_refused_on_the_shared_e
     let said = s_client(tls, &["-servername", "acme.mq.test", "-CAfile", &pki.path("ca.pem"), "-verify_return_error"]);
     assert!(said.contains("Verify return code: 0 (ok)"), "{said}");
 }
+
+#[test]
+fn a_tenant_s_own_client_ca_holds_on_the_shared_tls_port_and_a_hello_sent_a_byte_at_a_time_gets_through() {
+    let test = "a_tenant_s_own_client_ca_holds_on_the_shared_tls_port_and_a_hello_sent_a_byte_at_a_time_gets_through";
+    if !kvm_available(test) || !common::tool_available(test, common::pki::OPENSSL, common::pki::OPENSSL_PROBE) {
+        return;
+    }
+    let pki = common::pki::Pki::make("serve-mtls");
+    pki.server("wildcard", "DNS:*.mq.test");
+    let tenants = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n[tenants.acme]\ntls_client_ca = \"{}\"\n[tenants.globex]\n",
+        pki.path("wildcard.pem"),
+        pki.path("wildcard.key"),
+        pki.path("ca.pem"),
+    );
+    let dir = Daemon::configure("tls-mtls", &tenants, &[]);
+    with_top_level(&dir, "listen_tls = \"127.0.0.1:0\"\ntls_domain = \"mq.test\"");
+    let daemon = Daemon::spawn(dir);
+    let tls = shared_port(&daemon, "MQTT over TLS");
+    let ca = pki.path("ca.pem");
+    let verified = ["-CAfile", &ca, "-verify_return_error"];
+    // acme wants a client certificate: without one the handshake fails;
+    // with one it completes. globex asks for none.
+    let (cert, key) = (pki.path("client.pem"), pki.path("client.key"));
+    let said = s_client(tls, &[&["-servername", "acme.mq.test", "-cert", &cert, "-key", &key][..], &verified].concat());
+    assert!(said.contains("Verify return code: 0 (ok)") && !said.contains("alert"), "{said}");
+    let said = s_client(tls, &[&["-servername", "acme.mq.test"][..], &verified].concat());
+    assert!(said.contains("alert certificate required") || said.contains("alert handshake failure"), "{said}");
+    let said = s_client(tls, &[&["-servername", "globex.mq.test"][..], &verified].concat());
+    assert!(said.contains("Verify return code: 0 (ok)") && !said.contains("alert"), "{said}");
+
+    // A ClientHello written a byte at a time still reaches globex, which
+    // answers its CONNECT.
+    let script = r#"
+import socket, ssl, sys, time
+port, ca = int(sys.argv[1]), sys.argv[2]
+ctx = ssl.create_default_context(cafile=ca)
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname="globex.mq.test")
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.settimeout(10)
+def pump():
+    data = out.read()
+    if data:
+        s.sendall(data)
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+for b in out.read():
+    s.send(bytes([b]))
+    time.sleep(0.0005)
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        pump()
+        inc.write(s.recv(65536))
+pump()
+tls.write(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))
+pump()
+got = b""
+while len(got) < 4:
+    try:
+        got += tls.read(4 - len(got))
+    except ssl.SSLWantReadError:
+        pump()
+        inc.write(s.recv(65536))
+print(got.hex())
+sys.exit(0 if got == bytes([0x20, 2, 0, 0]) else 1)
+"#;
+    let out = std::process::Command::new("python3").args(["-c", script, &tls.to_string(), &ca]).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
