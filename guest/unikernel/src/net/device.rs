@@ -18,6 +18,7 @@ use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::MmioTransport;
 
 use super::hal::GuestHal;
+use super::notify::EventIdxTransport;
 
 /// Descriptors per virtqueue.
 pub const QUEUE_SIZE: usize = 64;
@@ -26,7 +27,7 @@ const RX_BATCH: usize = 8;
 /// Size of the virtio-net header in front of every frame (VERSION_1).
 pub const NET_HDR_LEN: usize = 12;
 
-type Driver = VirtIONetRaw<GuestHal, MmioTransport<'static>, QUEUE_SIZE>;
+type Driver = VirtIONetRaw<GuestHal, EventIdxTransport<MmioTransport<'static>>, QUEUE_SIZE>;
 
 struct Inner {
     driver: Driver,

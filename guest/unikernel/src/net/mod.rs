@@ -11,6 +11,7 @@ mod device;
 pub mod echo;
 pub mod hal;
 pub mod mqtt;
+mod notify;
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -78,7 +79,8 @@ impl Link {
         // in the guest accesses it.
         let transport =
             unsafe { MmioTransport::new(header, size) }.map_err(|_| "virtio-net window is not a virtio-mmio device")?;
-        let driver = VirtIONetRaw::new(transport).map_err(|_| "virtio-net device refused initialisation")?;
+        let driver = VirtIONetRaw::new(notify::EventIdxTransport::new(transport))
+            .map_err(|_| "virtio-net device refused initialisation")?;
         let net: &NetConfig = &info.net;
         let max_frame = usize::from(net.mtu) + streams::ETHERNET_HEADER_LEN;
         Ok(Link {
