@@ -348,20 +348,45 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(100..=1_000_000))]
         samples: u32,
     },
-    /// MQTT throughput and p50/p99 latency for QoS 0/1/2 in 1->1, 10->1 and
-    /// 1->100 topologies with 100-byte payloads: Mosquitto (the anchor), the
-    /// host-native runner and a tenant VM, side by side in one run.
+    /// MQTT throughput with two load generators, mqvisor's own client and
+    /// libmosquitto's (`mosquitto_pub -l`, `mosquitto_sub -C`): QoS 0/1/2
+    /// 1->1 and QoS 0/1 1->20, 100-byte payloads, best of two; Mosquitto (the
+    /// anchor), rumqttd when installed, the host-native runner and a tenant
+    /// VM side by side in one run, with the VM's exits per message.
     Mqtt {
-        /// Multiplies the message counts (1.0: 100k QoS 0, 20k QoS 1, 10k QoS 2 per topology)
+        /// Multiplies the message counts (1.0: 1->1 50k QoS 0, 10k QoS 1, 5k QoS 2; 1->20 5k QoS 0, 1k QoS 1;
+        /// topologies: 100k QoS 0, 20k QoS 1, 10k QoS 2 per topology)
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
-        /// Leave out the tenant VM (compare the host-native runner only)
+        /// Leave out the tenant VM
         #[arg(long)]
         no_vm: bool,
         /// Guest RAM in MiB for the VM target (101 connections need room)
         #[arg(long, default_value_t = 128)]
         memory: u32,
+        /// The load generator: mqvisor's own client, libmosquitto's, or both, one table each
+        #[arg(long, value_enum, default_value = "both")]
+        clients: MqttClients,
+        /// `five`: the five shapes above; `topologies`: 1->1, 10->1 and 1->100 at QoS 0/1/2 with p50/p99
+        /// latency, own client only, against Mosquitto, the runner and a VM
+        #[arg(long, value_enum, default_value = "five")]
+        shapes: MqttShapes,
     },
+}
+
+/// `mqvisor bench mqtt --clients`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MqttClients {
+    Own,
+    Mosquitto,
+    Both,
+}
+
+/// `mqvisor bench mqtt --shapes`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MqttShapes {
+    Five,
+    Topologies,
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {

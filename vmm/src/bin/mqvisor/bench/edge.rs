@@ -12,13 +12,12 @@
 //! server. Every process it starts is stopped by a guard when it returns.
 //! Prints figures and ratios; never judges them.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -30,16 +29,14 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore};
 use tungstenite::client::IntoClientRequest;
 use tungstenite::{Message, WebSocket};
 
+use super::mosquitto_clients::{self, Endpoint, PAYLOAD, QUIET, have_program};
 use super::mqtt::{QUEUE, Target, WINDOW, encode, free_port, io_err, read_packet, start_mosquitto, start_mqvisor};
 use super::raise_fd_limit;
 
-const PAYLOAD: usize = 100;
 /// Idle connections are opened in batches of this many, with progress.
 const BATCH: usize = 1000;
 /// Parallel openers of idle connections.
 const OPENERS: usize = 4;
-/// A subscriber that receives nothing for this long has lost messages.
-const QUIET: Duration = Duration::from_secs(5);
 
 /// The settings of one `mqvisor bench edge` run.
 pub struct Options {
@@ -60,16 +57,6 @@ impl Drop for TempDir {
     }
 }
 
-/// A client process, killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The throwaway CA and the localhost certificate both servers use.
 struct Certs {
     dir: TempDir,
@@ -77,15 +64,6 @@ struct Certs {
     cert: PathBuf,
     key: PathBuf,
     kind: &'static str,
-}
-
-/// Whether `name` is on PATH, as the clients and openssl are run (and
-/// mosquitto also in /usr/sbin, where Debian puts it and where
-/// `start_mosquitto` looks first).
-fn have_program(name: &str) -> bool {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let sbin = (name == "mosquitto").then(|| PathBuf::from("/usr/sbin"));
-    std::env::split_paths(&path).chain(sbin).any(|dir| dir.join(name).is_file())
 }
 
 /// Runs `openssl` with `command`'s words (file names in `dir`, no spaces).
@@ -235,132 +213,12 @@ fn tree_pss_kib(pid: u32) -> Result<u64, String> {
 // ---------------------------------------------------------------------------
 // 1. QoS 1 over TLS with libmosquitto's clients.
 
-/// `mosquitto_pub`/`mosquitto_sub` arguments reaching `server` over TLS.
-fn mosquitto_client(program: &str, server: &Server, certs: &Certs) -> Command {
-    let mut c = Command::new(program);
-    c.args(["-h", "127.0.0.1", "-p", &server.tls.port().to_string(), "--cafile"]).arg(&certs.ca);
-    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-    c
-}
-
-/// Waits for a client process, at most `limit`; its stderr in the error.
-fn finish(mut proc: Proc, what: &str, limit: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(status) = proc.0.try_wait().map_err(io_err)? {
-            if status.success() {
-                return Ok(());
-            }
-            let mut stderr = String::new();
-            if let Some(mut e) = proc.0.stderr.take() {
-                let _ = e.read_to_string(&mut stderr);
-            }
-            return Err(format!("{what}: {status}: {}", stderr.trim()));
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{what}: still running after {} s", limit.as_secs()));
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `messages` lines of PAYLOAD bytes: `mosquitto_pub -l`'s input.
-fn publisher_input(dir: &Path, messages: usize) -> Result<PathBuf, String> {
-    let path = dir.join(format!("input-{messages}"));
-    let mut out = std::io::BufWriter::new(File::create(&path).map_err(io_err)?);
-    for seq in 0..messages {
-        writeln!(out, "{seq:0>width$}", width = PAYLOAD).map_err(io_err)?;
-    }
-    out.flush().map_err(io_err)?;
-    Ok(path)
-}
-
-/// One publisher (`mosquitto_pub -l -q 1`) to `subscribers`
-/// (`mosquitto_sub -q 1 -C`) over TLS; delivered messages per second from
-/// the first delivery to the last, and the fraction delivered.
+/// One publisher to `subscribers` at QoS 1 over TLS, libmosquitto's clients;
+/// delivered messages per second and the fraction delivered.
 fn tls_shape(server: &Server, certs: &Certs, subscribers: usize, messages: usize) -> Result<(f64, f64), String> {
-    static RUN: AtomicU64 = AtomicU64::new(0);
-    let run = RUN.fetch_add(1, Ordering::Relaxed);
-    let topic = format!("bench/edge/{}/{run}", std::process::id());
-    // A retained message is each subscriber's first line: it is subscribed.
-    let mut marker = mosquitto_client("mosquitto_pub", server, certs);
-    marker.args(["-q", "1", "-r", "-m", "ready", "-t", &topic]);
-    finish(Proc(marker.spawn().map_err(|e| format!("mosquitto_pub: {e}"))?), "mosquitto_pub -r", QUIET)?;
-    let received = Arc::new(AtomicU64::new(0));
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let mut subs = Vec::new();
-    let mut readers = Vec::new();
-    for i in 0..subscribers {
-        let mut sub = mosquitto_client("mosquitto_sub", server, certs);
-        let count = (messages + 1).to_string();
-        sub.args(["-q", "1", "-C", &count, "-t", &topic, "-i", &format!("edge-sub-{run}-{i}")]);
-        sub.stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut proc = Proc(sub.spawn().map_err(|e| format!("mosquitto_sub: {e}"))?);
-        let stdout = proc.0.stdout.take().ok_or("mosquitto_sub: no stdout")?;
-        subs.push(proc);
-        let (received, ready_tx) = (received.clone(), ready_tx.clone());
-        readers.push(thread::spawn(move || {
-            let mut lines = BufReader::with_capacity(64 * 1024, stdout).lines();
-            let ready = matches!(lines.next(), Some(Ok(l)) if l == "ready");
-            let _ = ready_tx.send(ready);
-            let (mut got, mut first, mut last) = (0u64, None, None);
-            for line in lines {
-                match line {
-                    Ok(l) if l.len() == PAYLOAD => {
-                        got += 1;
-                        let now = Instant::now();
-                        first.get_or_insert(now);
-                        last = Some(now);
-                        received.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(_) => break,
-                }
-            }
-            (got, first, last)
-        }));
-    }
-    for _ in 0..subscribers {
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(true) => {}
-            _ => return Err("a mosquitto_sub did not subscribe within 10 s".into()),
-        }
-    }
-    let input = publisher_input(&certs.dir.0, messages)?;
-    let mut publish = mosquitto_client("mosquitto_pub", server, certs);
-    publish.args(["-q", "1", "-l", "-t", &topic, "-i", &format!("edge-pub-{run}")]);
-    publish.stdin(File::open(&input).map_err(io_err)?);
-    let publisher = Proc(publish.spawn().map_err(|e| format!("mosquitto_pub: {e}"))?);
-    // Until every subscriber has all its messages, or none arrive for QUIET.
-    let expected = (messages * subscribers) as u64;
-    let (mut seen, mut progress) = (0, Instant::now());
-    let started = progress;
-    while readers.iter().any(|r| !r.is_finished()) {
-        let now = received.load(Ordering::Relaxed);
-        if now != seen {
-            (seen, progress) = (now, Instant::now());
-        } else if progress.elapsed() > QUIET {
-            break;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    drop(subs); // their stdout ends: every reader returns
-    drop(publisher);
-    let (mut got, mut first, mut last) = (0, None::<Instant>, started);
-    for r in readers {
-        let (n, from, to) = r.join().map_err(|_| "subscriber reader panicked")?;
-        got += n;
-        first = match (first, from) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        last = last.max(to.unwrap_or(started));
-    }
-    let _ = std::fs::remove_file(input);
-    // From the first delivery to the last: the clients' start and TLS
-    // handshakes are not in the figure.
-    let elapsed = last.saturating_duration_since(first.unwrap_or(last)).as_secs_f64().max(1e-6);
-    Ok((got.saturating_sub(1) as f64 / elapsed, got as f64 / expected.max(1) as f64))
+    let endpoint = Endpoint { addr: server.tls, ca: Some(&certs.ca) };
+    let d = mosquitto_clients::run(endpoint, QoS::AtLeastOnce, subscribers, messages, &certs.dir.0)?;
+    Ok((d.per_s, d.fraction()))
 }
 
 // ---------------------------------------------------------------------------

@@ -6,6 +6,7 @@ pub mod conns;
 pub mod echo;
 pub mod edge;
 pub mod hostile;
+pub mod mosquitto_clients;
 pub mod mqtt;
 pub mod serve;
 pub mod state;
@@ -27,11 +28,12 @@ pub fn run(bench: BenchCommand) -> ExitCode {
                 BenchCommand::Echo { connections, seconds, memory } => {
                     echo::echo(&exe, connections as usize, seconds, memory)
                 }
-                BenchCommand::Mqtt { scale, no_vm, memory } => {
+                BenchCommand::Mqtt { scale, no_vm, memory, clients, shapes } => {
                     if !(scale > 0.0 && scale <= 100.0) {
                         return Err("--scale must be in (0, 100]".to_string());
                     }
-                    mqtt::mqtt(&exe, scale, !no_vm, memory)
+                    let options = mqtt::Options { scale, include_vm: !no_vm, memory_mib: memory, clients, shapes };
+                    mqtt::mqtt(&exe, &options)
                 }
                 BenchCommand::Hostile { image, rounds, samples } => {
                     let image = image.unwrap_or_else(|| PathBuf::from(env!("MQVISOR_HOSTILE_IMAGE")));
