@@ -471,15 +471,20 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
 /// connections made go on. A file that fails is one line, and the
 /// settings in force stay.
 fn reload_tls(listeners: &[Arc<ServerTls>]) {
+    // Listeners that differ only in ALPN read the same files: one line for them.
+    let mut said = std::collections::BTreeSet::new();
     for tls in listeners {
         let files = tls.files();
-        match tls.reload() {
-            Ok(()) => eprintln!(
+        let line = match tls.reload() {
+            Ok(()) => format!(
                 "mqvisor: SIGHUP: TLS certificate {} and key {} read again; new connections use them",
                 files.cert.display(),
                 files.key.display()
             ),
-            Err(e) => eprintln!("mqvisor: SIGHUP: {e}; the TLS settings in force are kept"),
+            Err(e) => format!("mqvisor: SIGHUP: {e}; the TLS settings in force are kept"),
+        };
+        if said.insert(line.clone()) {
+            eprintln!("{line}");
         }
     }
 }

@@ -160,6 +160,12 @@ impl TlsClient {
             // the rest on the first read.
             let _ = self.send_records(tls);
             if let Err(error) = processed {
+                // The alert (no_application_protocol, say) straight to the
+                // socket: the reactor has not yet said it is writable, so
+                // the write above was not even tried.
+                let mut alert = Vec::new();
+                while tls.wants_write() && tls.write_tls(&mut alert).is_ok_and(|n| n > 0) {}
+                let _ = socket2::SockRef::from(&self.socket).send(&alert);
                 return Err(io::Error::new(io::ErrorKind::InvalidData, error));
             }
             if taken == 0 {

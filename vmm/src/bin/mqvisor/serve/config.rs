@@ -189,7 +189,8 @@ impl TlsTable {
         for name in merged.names.iter().flatten() {
             if !super::directory::valid_host_name(name) {
                 return Err(format!(
-                    "tls_names: {name:?} is not a host name (wildcards are the certificate's business)"
+                    "tls_names: {name:?} is not a host name (lower-case labels of letters, digits and '-'; \
+                     a wildcard belongs in the certificate, not here)"
                 ));
             }
         }
@@ -261,6 +262,11 @@ impl TenantTable {
         let own = TenantTable::parse(table, base, "settings")?;
         let broker = own.broker.over(&self.broker).map_err(|e| e.to_string())?;
         let tls = own.tls.over(&self.tls)?;
+        if own.listen.is_some() && tls.client_ca.is_some() {
+            return Err("listen: a tenant with tls_client_ca takes clients over TLS only, with a client \
+                        certificate; a plain port of its own would let any client in"
+                .into());
+        }
         // Its own certificate serves its own names; the provider's (of
         // [defaults]) still serves NAME.<tls_domain>.
         let (cert, key, tls_own) = match (&own.tls.cert, &own.tls.key, &self.tls.cert, &self.tls.key, &tls.names) {
@@ -604,6 +610,8 @@ mod tests {
         let pair = "tls_cert = \"acme.passwd\"\ntls_key = \"acme.passwd\"\n";
         assert!(failed(&format!("{pair}tls_identity_as_user = true")).contains("needs tls_client_ca"));
         assert!(failed(&format!("{pair}tls_names = [\"*.acme.com\"]")).contains("is not a host name"));
+        let own_port = format!("{pair}tls_client_ca = \"acme.passwd\"\nlisten = \"127.0.0.1:1\"");
+        assert!(failed(&own_port).contains("takes clients over TLS only"));
         assert!(failed(&format!("{pair}tls_names = \"a.com\"")).contains("tls_names must be a list"));
         assert!(failed("tls_cert = \"missing.pem\"\ntls_key = \"acme.passwd\"").contains("missing.pem"));
         let err = |text: &str| load(text).unwrap_err().to_string();

@@ -23,10 +23,36 @@ struct Table {
     tenants: BTreeSet<String>,
     /// Tenants whose process has a certificate: those TLS clients may reach.
     tls: BTreeSet<String>,
+    /// Tenants that require a client certificate (`tls_client_ca`): reached
+    /// over TLS only, never on a plain or WebSocket port, where a client
+    /// would name any user it likes without one.
+    certificate_only: BTreeSet<String>,
     /// Each tenant's own host names, to the tenant.
     own_names: BTreeMap<String, String>,
     /// `NAME.<domain>` is tenant NAME.
     domain: Option<String>,
+}
+
+/// How a tenant may be reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reach {
+    /// Without TLS only (no certificate).
+    Plain,
+    /// With TLS (it has a certificate) and without.
+    Tls,
+    /// With TLS and a client certificate only (`tls_client_ca`).
+    CertificateOnly,
+}
+
+impl Reach {
+    /// How the tenant with these settings may be reached.
+    pub fn of(run: &crate::settings::TenantRun) -> Reach {
+        match (&run.tls_cert, &run.tls_client_ca) {
+            (None, _) => Reach::Plain,
+            (Some(_), None) => Reach::Tls,
+            (Some(_), Some(_)) => Reach::CertificateOnly,
+        }
+    }
 }
 
 /// Which transport a client came by, for [`Directory::by_host`].
@@ -45,38 +71,47 @@ impl Directory {
         Directory(Arc::new(RwLock::new(Table { domain, ..Table::default() })))
     }
 
-    /// True when `tenant` exists.
+    /// True when `tenant` exists and takes clients without TLS.
     pub fn has(&self, tenant: &str) -> bool {
-        self.0.read().is_ok_and(|t| t.tenants.contains(tenant))
+        self.0.read().is_ok_and(|t| t.tenants.contains(tenant) && !t.certificate_only.contains(tenant))
     }
 
-    /// Enters `tenant`, TLS-capable or not, with its own host names.
-    /// Refused (and nothing entered) when one of them reaches another
-    /// tenant already, or lies under the shared domain, where names are
+    /// Enters `tenant` as `reach` says, with its own host names. Refused
+    /// (and nothing entered) when one of them reaches another tenant
+    /// already, or is the shared domain or lies under it, where names are
     /// the tenants' own.
-    pub fn insert(&self, tenant: &str, tls: bool, own_names: &[String]) -> Result<(), String> {
+    pub fn insert(&self, tenant: &str, reach: Reach, own_names: &[String]) -> Result<(), String> {
         let Ok(mut table) = self.0.write() else { return Err("the tenant table is unusable".into()) };
         for name in own_names {
             if let Some(owner) = table.own_names.get(name).filter(|owner| *owner != tenant) {
                 return Err(format!("tls_names: {name} is tenant {owner}'s already"));
             }
             if let Some(domain) = &table.domain
-                && under(name, domain).is_some()
+                && (name == domain || name.strip_suffix(domain.as_str()).is_some_and(|rest| rest.ends_with('.')))
             {
                 return Err(format!(
-                    "tls_names: {name} lies under tls_domain {domain}, where each name is the tenant of that name"
+                    "tls_names: {name} is tls_domain {domain} or lies under it, where each name is the tenant of \
+                     that name"
                 ));
             }
         }
         table.remove(tenant);
         table.tenants.insert(tenant.to_string());
-        if tls {
+        if reach != Reach::Plain {
             table.tls.insert(tenant.to_string());
+        }
+        if reach == Reach::CertificateOnly {
+            table.certificate_only.insert(tenant.to_string());
         }
         for name in own_names {
             table.own_names.insert(name.clone(), tenant.to_string());
         }
         Ok(())
+    }
+
+    /// Enters tenant `name` with its settings (see [`Directory::insert`]).
+    pub fn enter(&self, name: &str, config: &super::config::TenantConfig) -> Result<(), String> {
+        self.insert(name, Reach::of(&config.run), &config.tls_names)
     }
 
     /// Forgets `tenant` and its names.
@@ -96,7 +131,7 @@ impl Directory {
         };
         let reachable = match over {
             Over::Tls => table.tls.contains(tenant),
-            Over::Plain => table.tenants.contains(tenant),
+            Over::Plain => table.tenants.contains(tenant) && !table.certificate_only.contains(tenant),
         };
         reachable.then(|| tenant.to_string())
     }
@@ -106,6 +141,7 @@ impl Table {
     fn remove(&mut self, tenant: &str) {
         self.tenants.remove(tenant);
         self.tls.remove(tenant);
+        self.certificate_only.remove(tenant);
         self.own_names.retain(|_, owner| owner != tenant);
     }
 }
@@ -135,8 +171,8 @@ mod tests {
     #[test]
     fn names_under_the_domain_and_own_names_reach_their_tenant() {
         let d = Directory::new(Some("mq.example.com".into()));
-        d.insert("acme", true, &["mqtt.acme.com".into()]).unwrap();
-        d.insert("globex", false, &[]).unwrap();
+        d.insert("acme", Reach::Tls, &["mqtt.acme.com".into()]).unwrap();
+        d.insert("globex", Reach::Plain, &[]).unwrap();
         assert_eq!(d.by_host("acme.mq.example.com", Over::Tls).as_deref(), Some("acme"));
         assert_eq!(d.by_host("mqtt.acme.com", Over::Tls).as_deref(), Some("acme"));
         // No certificate: not over TLS, but over plain WebSockets.
@@ -153,16 +189,29 @@ mod tests {
     #[test]
     fn a_name_reaches_one_tenant_only() {
         let d = Directory::new(Some("mq.example.com".into()));
-        d.insert("acme", true, &["mqtt.acme.com".into()]).unwrap();
-        let err = d.insert("globex", true, &["mqtt.acme.com".into()]).unwrap_err();
+        d.insert("acme", Reach::Tls, &["mqtt.acme.com".into()]).unwrap();
+        let err = d.insert("globex", Reach::Tls, &["mqtt.acme.com".into()]).unwrap_err();
         assert!(err.contains("is tenant acme's already"), "{err}");
-        let err = d.insert("globex", true, &["acme.mq.example.com".into()]).unwrap_err();
-        assert!(err.contains("lies under tls_domain"), "{err}");
+        for under in ["acme.mq.example.com", "a.b.acme.mq.example.com", "mq.example.com"] {
+            let err = d.insert("globex", Reach::Tls, &[under.into()]).unwrap_err();
+            assert!(err.contains("or lies under it"), "{under}: {err}");
+        }
         assert!(!d.has("globex"), "nothing entered");
+        // Not under it: a name that only ends the same way.
+        d.insert("initech", Reach::Tls, &["xmq.example.com".into()]).unwrap();
         // Entering a tenant again replaces its names.
-        d.insert("acme", true, &["mq.acme.com".into()]).unwrap();
+        d.insert("acme", Reach::Tls, &["mq.acme.com".into()]).unwrap();
         assert_eq!(d.by_host("mqtt.acme.com", Over::Tls), None);
         assert_eq!(d.by_host("mq.acme.com", Over::Tls).as_deref(), Some("acme"));
+    }
+
+    #[test]
+    fn a_tenant_that_requires_client_certificates_is_reached_over_tls_only() {
+        let d = Directory::new(Some("mq.example.com".into()));
+        d.insert("acme", Reach::CertificateOnly, &[]).unwrap();
+        assert_eq!(d.by_host("acme.mq.example.com", Over::Tls).as_deref(), Some("acme"));
+        assert_eq!(d.by_host("acme.mq.example.com", Over::Plain), None);
+        assert!(!d.has("acme"), "not by a user-name prefix on the plain port either");
     }
 
     #[test]

@@ -92,9 +92,7 @@ pub async fn start(
             };
             listener.and_then(|listener| {
                 let tenant = Tenant::new(name, config, state_dir)?;
-                let entered =
-                    directory.insert(name, tenant.config().run.tls_cert.is_some(), &tenant.config().tls_names);
-                if let Err(reason) = entered {
+                if let Err(reason) = directory.enter(name, tenant.config()) {
                     tokio::spawn(tenant.release_group());
                     return Err(reason);
                 }

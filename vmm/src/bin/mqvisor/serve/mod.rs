@@ -156,8 +156,28 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     }
     let (routed_tx, mut routed) = mpsc::unbounded_channel::<Routed>();
     let directory = Directory::new(config.tls_domain.clone());
+    // A host name two tenants of the file claim is neither's: which one the
+    // operator meant is not for the order of their names to decide.
+    let mut claims: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (name, tenant) in &tenants {
+        for host in &tenant.config().tls_names {
+            claims.entry(host.as_str()).or_default().push(name.as_str());
+        }
+    }
+    let disputed: BTreeMap<String, String> = claims
+        .into_iter()
+        .filter(|(_, claimants)| claimants.len() > 1)
+        .flat_map(|(host, claimants)| {
+            let reason = format!("tls_names: {host} is claimed by tenants {}: give it to one", claimants.join(", "));
+            claimants.into_iter().map(move |name| (name.to_string(), reason.clone()))
+        })
+        .collect();
     for (name, tenant) in std::mem::take(&mut tenants) {
-        match enter(&directory, &name, tenant.config()) {
+        let entered = match disputed.get(&name) {
+            Some(reason) => Err(reason.clone()),
+            None => directory.enter(&name, tenant.config()),
+        };
+        match entered {
             Ok(()) => {
                 tenants.insert(name, tenant);
             }
@@ -170,7 +190,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     }
     for name in failed.keys() {
         // Known, so that its clients are told it is unavailable.
-        let _ = directory.insert(name, false, &[]);
+        let _ = directory.insert(name, directory::Reach::Plain, &[]);
     }
     let (commands_tx, mut commands) = mpsc::unbounded_channel::<Command>();
     control::serve_control(config.control_socket.clone(), commands_tx.clone())
@@ -352,7 +372,8 @@ fn add_tenant(
         return Err(format!("tenant {name}: a port of its own can only be set in the configuration file"));
     }
     let tenant = Tenant::new(name, tenant_config, &config.state_dir)?;
-    let kept = enter(directory, name, tenant.config())
+    let kept = directory
+        .enter(name, tenant.config())
         .map_err(|e| format!("tenant {name}: {e}"))
         .and_then(|()| changes.add(name, table).map_err(|e| format!("keeping the tenant: {e}")));
     if let Err(e) = kept {
@@ -363,11 +384,6 @@ fn add_tenant(
     tenants.insert(name.to_string(), tenant);
     tracing::info!(tenant = %name, "added");
     Ok(())
-}
-
-/// Enters tenant `name` in the directory, with its TLS names.
-fn enter(directory: &Directory, name: &str, config: &config::TenantConfig) -> Result<(), String> {
-    directory.insert(name, config.run.tls_cert.is_some(), &config.tls_names)
 }
 
 /// What a port's clients speak, and so how the front routes them.
