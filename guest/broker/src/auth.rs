@@ -86,6 +86,16 @@ impl PasswordFile {
         self.users.is_empty()
     }
 
+    /// The users' names, in the file's order (never their hashes).
+    pub fn users(&self) -> impl Iterator<Item = &str> {
+        self.users.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// True if `user` has a line in the file.
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.iter().any(|(name, _)| name == user)
+    }
+
     /// True if `user` exists and `password` is theirs.
     pub fn verify(&self, user: &str, password: &[u8]) -> bool {
         let Some((_, hash)) = self.users.iter().find(|(name, _)| name == user) else { return false };
@@ -103,6 +113,31 @@ impl PasswordFile {
             }
         }
     }
+}
+
+/// Iterations `mosquitto_passwd` (Mosquitto 2.0) uses for `$7$` hashes,
+/// and so what [`pbkdf2_sha512_hash`] writes: the broker verifies a
+/// password with each CONNECT, so the count is what every CONNECT costs.
+pub const PBKDF2_ITERATIONS: u32 = 101;
+
+/// The hash part of a password file line for `password`, in the format
+/// `mosquitto_passwd` writes by default: `$7$ITERATIONS$SALT$HASH`
+/// (PBKDF2-HMAC-SHA512, a 64-byte hash, salt and hash in base64). The
+/// caller brings a random `salt` (12 bytes, as Mosquitto's).
+pub fn pbkdf2_sha512_hash(password: &[u8], salt: &[u8], iterations: u32) -> String {
+    let mut hash = [0u8; 64];
+    pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, iterations, &mut hash);
+    format!("$7${iterations}${}${}", BASE64.encode(salt), BASE64.encode(hash))
+}
+
+/// A live change of the tables a broker authenticates and authorises with
+/// (`Broker::update_auth`): each part that is `Some` replaces the broker's,
+/// `Some(None)` taking the table away; `None` keeps the broker's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthUpdate {
+    pub passwords: Option<Option<PasswordFile>>,
+    pub acl: Option<Option<Acl>>,
+    pub allow_anonymous: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -260,6 +295,17 @@ carol:$6$kzh82Fxp04vs5MHw$Af9HpxJnHhSz4amwiN5oS21VmWmPTe7Z+VTzQ3TavvJyTxL6J8VhKL
         assert!(file.verify("carol", b"pa55"));
         assert!(!file.verify("carol", b"pa56"));
         assert!(!file.verify("mallory", b"s3cret"));
+    }
+
+    #[test]
+    fn written_hashes_verify_and_list_by_name() {
+        let line = alloc::format!("dave:{}\n", pbkdf2_sha512_hash(b"pw", b"0123456789ab", PBKDF2_ITERATIONS));
+        assert!(line.starts_with("dave:$7$101$MDEyMzQ1Njc4OWFi$"), "{line}");
+        let file = PasswordFile::parse(&alloc::format!("{FILE}{line}")).unwrap();
+        assert!(file.verify("dave", b"pw"));
+        assert!(!file.verify("dave", b"pw2"));
+        assert_eq!(file.users().collect::<Vec<_>>(), ["alice", "carol", "dave"]);
+        assert!(file.contains("carol") && !file.contains("mallory"));
     }
 
     #[test]

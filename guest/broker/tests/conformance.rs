@@ -950,6 +950,63 @@ fn acl_read_access_is_checked_for_every_message() {
     assert_eq!(got.iter().map(|p| &*p.payload).collect::<Vec<_>>(), vec![&b"ok"[..]]);
 }
 
+/// A live table swap ends only the removed user's connections (v5 with
+/// DISCONNECT 0x98), and the next PUBLISH, SUBSCRIBE and delivery obey the
+/// new ACL.
+#[test]
+fn swapping_the_tables_live_ends_only_removed_users_and_applies_the_acl_at_once() {
+    use mqvisor_broker::auth::{Acl, AuthUpdate, PBKDF2_ITERATIONS, PasswordFile, pbkdf2_sha512_hash};
+    let bob = format!("bob:{}\n", pbkdf2_sha512_hash(b"hunter2", b"salt-of-bob!", PBKDF2_ITERATIONS));
+    let both = format!("{PASSWORDS}{bob}");
+    let mut net = with_auth(false, Some("user alice\ntopic readwrite #\n"));
+    net.broker.update_auth(
+        AuthUpdate {
+            passwords: Some(Some(PasswordFile::parse(&both).unwrap())),
+            acl: Some(Some(Acl::parse("user alice\ntopic readwrite #\nuser bob\ntopic readwrite #\n").unwrap())),
+            allow_anonymous: None,
+        },
+        net.now,
+    );
+    assert_eq!(connack_code(&net.connect_with(1, login(V5, "a5", Some("alice"), b"s3cret"))), (false, 0));
+    assert_eq!(connack_code(&net.connect_with(2, login(V3, "b3", Some("bob"), b"hunter2"))), (false, 0));
+    assert_eq!(connack_code(&net.connect_with(3, login(V5, "b5", Some("bob"), b"hunter2"))), (false, 0));
+    assert_eq!(net.subscribe(1, V5, "t/#", QoS::AtMostOnce), vec![0]);
+    assert_eq!(net.subscribe(2, V3, "t/#", QoS::AtMostOnce), vec![0]);
+
+    // The ACL alone: nobody is ended; alice may no longer read t/secret.
+    let acl = "user alice\ntopic readwrite #\ntopic deny t/secret\nuser bob\ntopic readwrite #\n";
+    let ended = net
+        .broker
+        .update_auth(AuthUpdate { acl: Some(Some(Acl::parse(acl).unwrap())), ..AuthUpdate::default() }, net.now);
+    assert_eq!(ended, 0);
+    assert!(net.closes().is_empty());
+    net.publish(3, V5, publish("t/secret", b"s", QoS::AtMostOnce, None));
+    net.publish(3, V5, publish("t/open", b"o", QoS::AtMostOnce, None));
+    let got = publishes(&net.recv(1, V5));
+    assert_eq!(got.iter().map(|p| &*p.payload).collect::<Vec<_>>(), vec![&b"o"[..]]);
+    assert_eq!(net.subscribe(1, V5, "t/secret", QoS::AtMostOnce), vec![reason::NOT_AUTHORIZED]);
+    assert_eq!(publishes(&net.recv(2, V3)).len(), 2);
+
+    // bob removed: both his connections end, alice's stays.
+    let ended = net.broker.update_auth(
+        AuthUpdate { passwords: Some(Some(PasswordFile::parse(PASSWORDS).unwrap())), ..AuthUpdate::default() },
+        net.now,
+    );
+    assert_eq!(ended, 2);
+    let got = net.recv(3, V5);
+    assert!(matches!(&got[..], [Packet::Disconnect { code: reason::ADMINISTRATIVE_ACTION, .. }]), "{got:?}");
+    assert!(net.recv(2, V3).is_empty(), "3.x: closed without a packet");
+    let mut closed = net.closes();
+    closed.sort_unstable();
+    assert_eq!(closed, vec![2, 3]);
+    net.publish(1, V5, publish("t/x", b"still here", QoS::AtMostOnce, None));
+    assert_eq!(publishes(&net.recv(1, V5)).len(), 1);
+    assert_eq!(
+        connack_code(&net.connect_with(4, login(V5, "b6", Some("bob"), b"hunter2"))),
+        (false, reason::BAD_USER_NAME_OR_PASSWORD)
+    );
+}
+
 #[test]
 fn max_keep_alive_caps_v5_clients_that_ask_for_more_or_none() {
     for asked in [600, 0] {

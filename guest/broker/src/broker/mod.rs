@@ -176,6 +176,39 @@ impl Broker {
         self.memory_low = low;
     }
 
+    /// Swaps the tables clients are checked against, at once and whole
+    /// (the runner has parsed and checked them): the next CONNECT,
+    /// PUBLISH, SUBSCRIBE and delivery see the new ones. Connections of
+    /// users the old password table had and the new one lacks are ended
+    /// (v5: DISCONNECT 0x98 Administrative action; 3.x: closed); nobody
+    /// else is. Returns how many were ended.
+    pub fn update_auth(&mut self, update: crate::auth::AuthUpdate, now: u64) -> usize {
+        let removed = |old: &Option<crate::auth::PasswordFile>, new: &Option<crate::auth::PasswordFile>, user: &str| {
+            old.as_ref().is_some_and(|old| old.contains(user)) && new.as_ref().is_some_and(|new| !new.contains(user))
+        };
+        let mut ended = Vec::new();
+        if let Some(passwords) = update.passwords {
+            let old = core::mem::replace(&mut self.config.passwords, passwords);
+            for (&conn, c) in &self.conns {
+                if matches!(c.phase, Phase::Connected(_))
+                    && c.username.as_deref().is_some_and(|user| removed(&old, &self.config.passwords, user))
+                {
+                    ended.push(conn);
+                }
+            }
+        }
+        if let Some(acl) = update.acl {
+            self.config.acl = acl;
+        }
+        if let Some(allow) = update.allow_anonymous {
+            self.config.allow_anonymous = allow;
+        }
+        for &conn in &ended {
+            self.end_connection(conn, refuse(reason::ADMINISTRATIVE_ACTION, "user removed"), now);
+        }
+        ended.len()
+    }
+
     /// Number of open transport connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
