@@ -12,11 +12,17 @@
 //! tag byte, a little-endian u32 length and that many bytes. Numbers are
 //! 8-byte little-endian; texts are UTF-8. Each tag appears at most once;
 //! settings that are absent keep the broker's default.
+//!
+//! A live change of the password and ACL tables ([`write_auth`],
+//! [`read_auth`]: the VMM sends it to a running guest as a `streams` `Auth`
+//! record) is a blob of the same layout holding only the two files, the
+//! records that take a table away, and `allow_anonymous`; it is checked the
+//! same way, files parsed by the same parsers.
 
 use alloc::vec::Vec;
 use core::fmt;
 
-use mqvisor_broker::auth::{Acl, FileError, PasswordFile};
+use mqvisor_broker::auth::{Acl, AuthUpdate, FileError, PasswordFile};
 use mqvisor_broker::broker::{Config, ConfigError};
 use mqvisor_broker::packet::QoS;
 
@@ -25,10 +31,19 @@ pub const MAX_LEN: u64 = 1 << 20;
 /// The first byte of every blob.
 pub const FORMAT_VERSION: u8 = 1;
 
-/// Record tags of the two files.
+/// Largest live auth change ([`write_auth`]): with its record header it
+/// fits one frame of the link and one datagram of the daemon's handoff
+/// socket, so the control API refuses larger files.
+pub const MAX_AUTH_LEN: usize = 60 * 1024;
+
+/// Record tags of the two files, and of taking a table away (live changes only).
 mod tag {
     pub const PASSWORD_FILE: u8 = 0x80;
     pub const ACL_FILE: u8 = 0x81;
+    pub const NO_PASSWORD_FILE: u8 = 0x82;
+    pub const NO_ACL_FILE: u8 = 0x83;
+    /// `allow_anonymous`, the one setting a live change may carry.
+    pub const ALLOW_ANONYMOUS: u8 = 17;
 }
 
 /// Why a blob was refused.
@@ -52,6 +67,8 @@ pub enum BlobError {
     AclFile(FileError),
     /// The settings decode but the broker cannot work with them.
     Invalid(ConfigError),
+    /// A live auth change larger than [`MAX_AUTH_LEN`].
+    TooLarge(usize),
 }
 
 impl core::error::Error for BlobError {}
@@ -69,6 +86,7 @@ impl fmt::Display for BlobError {
             BlobError::PasswordFile(e) => write!(f, "password file: {e}"),
             BlobError::AclFile(e) => write!(f, "ACL file: {e}"),
             BlobError::Invalid(e) => write!(f, "broker settings: {e}"),
+            BlobError::TooLarge(len) => write!(f, "auth change of {len} bytes, at most {MAX_AUTH_LEN}"),
         }
     }
 }
@@ -187,22 +205,8 @@ pub fn write(config: &Config, password_file: Option<&str>, acl_file: Option<&str
 
 /// Reads a blob into a checked `Config`, password and ACL files included.
 pub fn read(blob: &[u8]) -> Result<Config, BlobError> {
-    let (&version, mut rest) = blob.split_first().ok_or(BlobError::Version(None))?;
-    if version != FORMAT_VERSION {
-        return Err(BlobError::Version(Some(version)));
-    }
     let mut config = Config::default();
-    let mut seen = [false; 256];
-    while !rest.is_empty() {
-        let at = blob.len() - rest.len();
-        let (&tag, after_tag) = rest.split_first().ok_or(BlobError::Truncated(at))?;
-        let len_bytes: [u8; 4] = after_tag.get(..4).and_then(|b| b.try_into().ok()).ok_or(BlobError::Truncated(at))?;
-        let len = usize::try_from(u32::from_le_bytes(len_bytes)).map_err(|_| BlobError::Truncated(at))?;
-        let body = after_tag.get(4..).and_then(|b| b.get(..len)).ok_or(BlobError::Truncated(at))?;
-        rest = &after_tag[4 + len..];
-        if core::mem::replace(&mut seen[usize::from(tag)], true) {
-            return Err(BlobError::Repeated(tag));
-        }
+    each_record(blob, |tag, body| {
         match tag {
             tag::PASSWORD_FILE => {
                 let text = core::str::from_utf8(body).map_err(|_| BlobError::NotUtf8(tag))?;
@@ -218,9 +222,103 @@ pub fn read(blob: &[u8]) -> Result<Config, BlobError> {
                 (field.set)(&mut config, u64::from_le_bytes(bytes)).ok_or(BlobError::BadValue(tag))?;
             }
         }
-    }
+        Ok(())
+    })?;
     config.validate().map_err(BlobError::Invalid)?;
     Ok(config)
+}
+
+/// A live auth change, as text: each `Some` replaces the guest's table
+/// (`Some(None)`: takes it away), `None` keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthText<'a> {
+    /// A `mosquitto_passwd` file's text.
+    pub password_file: Option<Option<&'a str>>,
+    /// A Mosquitto ACL file's text.
+    pub acl_file: Option<Option<&'a str>>,
+    /// Whether clients without a user name may connect.
+    pub allow_anonymous: Option<bool>,
+}
+
+/// The blob of a live auth change (the guest parses the files itself).
+pub fn write_auth(change: &AuthText<'_>) -> Vec<u8> {
+    let mut out = Vec::from([FORMAT_VERSION]);
+    for (file, present, absent) in [
+        (change.password_file, tag::PASSWORD_FILE, tag::NO_PASSWORD_FILE),
+        (change.acl_file, tag::ACL_FILE, tag::NO_ACL_FILE),
+    ] {
+        match file {
+            Some(Some(text)) => record(&mut out, present, text.as_bytes()),
+            Some(None) => record(&mut out, absent, &[]),
+            None => {}
+        }
+    }
+    if let Some(allow) = change.allow_anonymous {
+        record(&mut out, tag::ALLOW_ANONYMOUS, &u64::from(allow).to_le_bytes());
+    }
+    out
+}
+
+/// Splits a blob into its records, checking the version, every length and
+/// that no tag repeats; `on` gets each tag and body.
+fn each_record<'a>(blob: &'a [u8], mut on: impl FnMut(u8, &'a [u8]) -> Result<(), BlobError>) -> Result<(), BlobError> {
+    let (&version, mut rest) = blob.split_first().ok_or(BlobError::Version(None))?;
+    if version != FORMAT_VERSION {
+        return Err(BlobError::Version(Some(version)));
+    }
+    let mut seen = [false; 256];
+    while !rest.is_empty() {
+        let at = blob.len() - rest.len();
+        let (&tag, after_tag) = rest.split_first().ok_or(BlobError::Truncated(at))?;
+        let len_bytes: [u8; 4] = after_tag.get(..4).and_then(|b| b.try_into().ok()).ok_or(BlobError::Truncated(at))?;
+        let len = usize::try_from(u32::from_le_bytes(len_bytes)).map_err(|_| BlobError::Truncated(at))?;
+        let body = after_tag.get(4..).and_then(|b| b.get(..len)).ok_or(BlobError::Truncated(at))?;
+        rest = &after_tag[4 + len..];
+        if core::mem::replace(&mut seen[usize::from(tag)], true) {
+            return Err(BlobError::Repeated(tag));
+        }
+        on(tag, body)?;
+    }
+    Ok(())
+}
+
+/// Reads a live auth change, checked as the boot blob is: the files parse
+/// with the broker's own parsers, nothing else but `allow_anonymous` is
+/// accepted, and a table is not both given and taken away.
+pub fn read_auth(blob: &[u8]) -> Result<AuthUpdate, BlobError> {
+    if blob.len() > MAX_AUTH_LEN {
+        return Err(BlobError::TooLarge(blob.len()));
+    }
+    let mut update = AuthUpdate::default();
+    each_record(blob, |tag, body| {
+        let text = || core::str::from_utf8(body).map_err(|_| BlobError::NotUtf8(tag));
+        let empty = || if body.is_empty() { Ok(()) } else { Err(BlobError::BadValue(tag)) };
+        match tag {
+            tag::PASSWORD_FILE | tag::NO_PASSWORD_FILE if update.passwords.is_some() => {
+                return Err(BlobError::Repeated(tag));
+            }
+            tag::ACL_FILE | tag::NO_ACL_FILE if update.acl.is_some() => return Err(BlobError::Repeated(tag)),
+            tag::PASSWORD_FILE => {
+                update.passwords = Some(Some(PasswordFile::parse(text()?).map_err(BlobError::PasswordFile)?));
+            }
+            tag::ACL_FILE => update.acl = Some(Some(Acl::parse(text()?).map_err(BlobError::AclFile)?)),
+            tag::NO_PASSWORD_FILE => {
+                empty()?;
+                update.passwords = Some(None);
+            }
+            tag::NO_ACL_FILE => {
+                empty()?;
+                update.acl = Some(None);
+            }
+            tag::ALLOW_ANONYMOUS => {
+                let bytes: [u8; 8] = body.try_into().map_err(|_| BlobError::BadValue(tag))?;
+                update.allow_anonymous = Some(flag(u64::from_le_bytes(bytes)).ok_or(BlobError::BadValue(tag))?);
+            }
+            other => return Err(BlobError::UnknownTag(other)),
+        }
+        Ok(())
+    })?;
+    Ok(update)
 }
 
 #[cfg(test)]
@@ -303,5 +401,42 @@ mod tests {
         assert_eq!(read(&not_text).unwrap_err(), BlobError::NotUtf8(tag::ACL_FILE));
         let invalid = write(&Config { max_inflight: 0, ..Config::default() }, None, None);
         assert_eq!(read(&invalid).unwrap_err(), BlobError::Invalid(ConfigError::ZeroWindow));
+    }
+
+    #[test]
+    fn a_live_auth_change_round_trips_and_is_checked_as_the_boot_blob() {
+        let passwd = "alice:$6$c2FsdA==$aGFzaA==\n";
+        let change = AuthText { password_file: Some(Some(passwd)), acl_file: Some(None), allow_anonymous: Some(false) };
+        let update = read_auth(&write_auth(&change)).unwrap();
+        assert!(update.passwords.as_ref().unwrap().as_ref().unwrap().contains("alice"));
+        assert_eq!((update.acl, update.allow_anonymous), (Some(None), Some(false)));
+        let only_acl =
+            read_auth(&write_auth(&AuthText { acl_file: Some(Some("topic read x\n")), ..AuthText::default() }));
+        assert!(matches!(only_acl, Ok(AuthUpdate { passwords: None, acl: Some(Some(_)), allow_anonymous: None })));
+        assert_eq!(read_auth(&write_auth(&AuthText::default())).unwrap(), AuthUpdate::default());
+        // The same refusals as the boot blob's, with the line at fault.
+        let bad = write_auth(&AuthText { acl_file: Some(Some("topic read x\nbogus\n")), ..AuthText::default() });
+        assert!(matches!(read_auth(&bad), Err(BlobError::AclFile(FileError { line: 2, .. }))));
+        let bad = write_auth(&AuthText { password_file: Some(Some("nobody\n")), ..AuthText::default() });
+        assert!(matches!(read_auth(&bad), Err(BlobError::PasswordFile(_))));
+        assert_eq!(read_auth(&[]).unwrap_err(), BlobError::Version(None));
+        let full = write_auth(&change);
+        assert!(matches!(read_auth(&full[..full.len() - 1]), Err(BlobError::Truncated(_))));
+        // A broker setting other than allow_anonymous is no live change.
+        let mut setting = Vec::from([1]);
+        record(&mut setting, 1, &5u64.to_le_bytes());
+        assert_eq!(read_auth(&setting).unwrap_err(), BlobError::UnknownTag(1));
+        // A table given and taken away at once.
+        let mut both = Vec::from([1]);
+        record(&mut both, tag::ACL_FILE, b"topic read x\n");
+        record(&mut both, tag::NO_ACL_FILE, &[]);
+        assert_eq!(read_auth(&both).unwrap_err(), BlobError::Repeated(tag::NO_ACL_FILE));
+        let mut not_empty = Vec::from([1]);
+        record(&mut not_empty, tag::NO_PASSWORD_FILE, b"x");
+        assert_eq!(read_auth(&not_empty).unwrap_err(), BlobError::BadValue(tag::NO_PASSWORD_FILE));
+        let mut maybe = Vec::from([1]);
+        record(&mut maybe, tag::ALLOW_ANONYMOUS, &2u64.to_le_bytes());
+        assert_eq!(read_auth(&maybe).unwrap_err(), BlobError::BadValue(tag::ALLOW_ANONYMOUS));
+        assert_eq!(read_auth(&alloc::vec![1u8; MAX_AUTH_LEN + 1]).unwrap_err(), BlobError::TooLarge(MAX_AUTH_LEN + 1));
     }
 }

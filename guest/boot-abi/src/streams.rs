@@ -42,6 +42,7 @@ const DATA: u8 = 2;
 const CLOSE: u8 = 3;
 const CREDIT: u8 = 4;
 const STATS: u8 = 5;
+const AUTH: u8 = 6;
 
 /// One record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,12 @@ pub enum Record<'a> {
     /// Guest to host, now and then: the service's counters ([`ServiceStats`]),
     /// for the operator's metrics. Stream 0; the length counts the bytes.
     Stats(&'a [u8]),
+    /// Host to guest: new password and ACL tables for the service, a live
+    /// change as `config_blob::write_auth` encodes it (at most
+    /// `config_blob::MAX_AUTH_LEN` bytes, so it fits a frame). Stream 0;
+    /// the length counts the bytes. The guest checks it as it checks its
+    /// boot configuration.
+    Auth(&'a [u8]),
 }
 
 /// What the guest's service counted, as it reports it in a `Stats` record.
@@ -173,14 +180,18 @@ impl<'a> Iterator for Records<'a> {
             OPEN => Record::Open(id),
             CLOSE => Record::Close(id),
             CREDIT => Record::Credit(id, value),
-            DATA | STATS => {
+            DATA | STATS | AUTH => {
                 let len = value as usize;
                 let Some(bytes) = rest.get(RECORD_HEADER_LEN..RECORD_HEADER_LEN + len) else {
                     self.at = self.frame.len();
                     return Some(Err(FrameError::Truncated(start)));
                 };
                 self.at += len;
-                if kind == DATA { Record::Data(id, bytes) } else { Record::Stats(bytes) }
+                match kind {
+                    DATA => Record::Data(id, bytes),
+                    STATS => Record::Stats(bytes),
+                    _ => Record::Auth(bytes),
+                }
             }
             other => {
                 self.at = self.frame.len();
@@ -241,18 +252,20 @@ impl<'a> FrameWriter<'a> {
         true
     }
 
-    /// Writes `Open`, `Close` or `Credit`; false if it does not fit.
+    /// Writes `Open`, `Close`, `Credit`, `Stats` or `Auth` (or a whole
+    /// `Data`); false if it does not fit.
     pub fn control(&mut self, record: Record<'_>) -> bool {
         match record {
             Record::Open(id) => self.header(OPEN, id, 0),
             Record::Close(id) => self.header(CLOSE, id, 0),
             Record::Credit(id, n) => self.header(CREDIT, id, n),
             Record::Data(id, bytes) => self.data(id, bytes) == bytes.len(),
-            Record::Stats(bytes) => {
+            Record::Stats(bytes) | Record::Auth(bytes) => {
                 if self.data_room() < bytes.len() {
                     return false;
                 }
-                self.header(STATS, 0, len_u32(bytes.len()));
+                let kind = if matches!(record, Record::Stats(_)) { STATS } else { AUTH };
+                self.header(kind, 0, len_u32(bytes.len()));
                 self.buf[self.len..self.len + bytes.len()].copy_from_slice(bytes);
                 self.len += bytes.len();
                 true
@@ -381,7 +394,7 @@ mod tests {
 
     #[test]
     fn records_round_trip_in_order() {
-        let mut buf = [0u8; 128];
+        let mut buf = [0u8; 160];
         let mut w = FrameWriter::new(&mut buf, [1; 6], [2; 6]);
         assert!(w.is_empty());
         assert!(w.control(Record::Open(7)));
@@ -390,6 +403,7 @@ mod tests {
         assert!(w.control(Record::Close(u64::MAX)));
         let stats = ServiceStats { messages_in: 1, messages_out: 2, messages_dropped: 3, messages_refused: 4 };
         assert!(w.control(Record::Stats(&stats.to_bytes())));
+        assert!(w.control(Record::Auth(b"\x01auth")));
         let len = w.len();
         assert_eq!(
             all(&buf[..len]),
@@ -398,7 +412,8 @@ mod tests {
                 Ok(Record::Data(7, b"hello")),
                 Ok(Record::Credit(9, 4096)),
                 Ok(Record::Close(u64::MAX)),
-                Ok(Record::Stats(&stats.to_bytes()))
+                Ok(Record::Stats(&stats.to_bytes())),
+                Ok(Record::Auth(b"\x01auth"))
             ]
         );
         assert_eq!(ServiceStats::from_bytes(&stats.to_bytes()), Some(stats));
@@ -413,6 +428,7 @@ mod tests {
         assert_eq!(w.data(1, b"abcdef"), 3);
         assert_eq!(w.data(1, b"def"), 0);
         assert!(!w.control(Record::Close(1)));
+        assert!(!w.control(Record::Auth(b"too long for the room left")));
         let len = w.len();
         assert_eq!(all(&buf[..len]), vec![Ok(Record::Data(1, b"abc"))]);
     }

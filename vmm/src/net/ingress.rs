@@ -21,6 +21,13 @@
 //! | 1      | MQTT over TLS         | raw TLS bytes, from its ClientHello on     |
 //! | 2      | MQTT over WebSockets  | raw bytes, from its HTTP upgrade request on |
 //! | 3      | MQTT over secure WebSockets | raw TLS bytes, from its ClientHello on |
+//! | 0x80   | no client: a change of the tenant's users and ACL ([`AUTH_CHANGE`]), sent without a socket | `config_blob::write_auth` bytes, at most `config_blob::MAX_AUTH_LEN` |
+//!
+//! A users and ACL change carries every table the daemon manages for the
+//! tenant, whole, so only the latest one matters: the proxy keeps the
+//! latest ([`Clients::take_auth_change`]) and sends it to the guest as an
+//! `Auth` record, which the guest checks as it checks its boot
+//! configuration.
 //!
 //! TLS ends here, in the tenant's own process, with the tenant's own
 //! certificate and key ([`HandoffEdge`]): the daemon only read the
@@ -50,6 +57,10 @@ use super::transport::tls::{Handshakes, TlsClient};
 use super::transport::ws::WsClient;
 use super::transport::{ClientTransport, TcpClient};
 use super::websocket::WsLimits;
+
+/// Byte 0 of a datagram that carries a change of the tenant's users and
+/// ACL rather than a client (see the module doc).
+pub const AUTH_CHANGE: u8 = 0x80;
 
 /// Largest datagram of bytes handed over with a client.
 pub const MAX_HANDOFF_BYTES: usize = 256 * 1024;
@@ -255,6 +266,8 @@ pub struct Clients {
     refused_handshakes: u64,
     /// A handed-over client of a kind without settings was said.
     said_unserved: bool,
+    /// The latest users and ACL change from `mqvisor serve`, not yet taken.
+    auth_change: Option<Vec<u8>>,
 }
 
 enum From {
@@ -283,7 +296,7 @@ impl Clients {
             ),
             Ingress::Handoff(socket, edge) => From::Handoff(watch_fd(socket)?, edge),
         };
-        Ok(Clients { from, handshakes, refused_handshakes: 0, said_unserved: false })
+        Ok(Clients { from, handshakes, refused_handshakes: 0, said_unserved: false, auth_change: None })
     }
 
     /// TLS clients refused so far: too many handshakes were in flight.
@@ -332,7 +345,10 @@ impl Clients {
                 self.make(socket, on.serve(), Vec::new()).into_iter().collect()
             }
             From::Handoff(socket, edge) => match handed_over(socket).await {
-                Ok(handed) => {
+                Ok((handed, auth)) => {
+                    if auth.is_some() {
+                        self.auth_change = auth;
+                    }
                     let edge = edge.clone();
                     let mut arrived = Vec::with_capacity(handed.len());
                     for (socket, kind, bytes) in handed {
@@ -364,6 +380,12 @@ impl Clients {
         }
     }
 
+    /// The latest users and ACL change `mqvisor serve` sent, once (earlier
+    /// ones are superseded: each carries every table it manages).
+    pub fn take_auth_change(&mut self) -> Option<Vec<u8>> {
+        self.auth_change.take()
+    }
+
     /// True when the clients come from `mqvisor serve`, which wants reports.
     pub fn reports(&self) -> bool {
         matches!(self.from, From::Handoff(..))
@@ -382,10 +404,12 @@ impl Clients {
 /// no byte at all) and the bytes read before the handoff.
 type HandedOver = (TcpStream, Option<Handed>, Vec<u8>);
 
-/// Every client waiting on the handoff socket.
-async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<Vec<HandedOver>> {
+/// Every client waiting on the handoff socket, and the latest users and
+/// ACL change among the datagrams.
+async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<(Vec<HandedOver>, Option<Vec<u8>>)> {
     let mut guard = handoff.readable().await?;
     let mut clients = Vec::new();
+    let mut auth = None;
     // The kind byte, then the bytes.
     let mut buf = vec![0u8; 1 + MAX_HANDOFF_BYTES];
     loop {
@@ -400,11 +424,16 @@ async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<Vec<Han
                 let bytes = buf.get(1..len).unwrap_or_default().to_vec();
                 clients.push((TcpStream::from_std(socket)?, kind, bytes));
             }
-            // A datagram without a socket is not a client.
-            Ok(Ok((_, None))) => {}
+            // A datagram without a socket is not a client: a users and ACL
+            // change (bounded, as the guest will check again), or nothing.
+            Ok(Ok((len, None))) => {
+                if len > 1 && buf[0] == AUTH_CHANGE && len - 1 <= mqvisor_boot_abi::config_blob::MAX_AUTH_LEN {
+                    auth = Some(buf[1..len].to_vec());
+                }
+            }
             Ok(Err(e)) => return Err(e),
             // Would block: every waiting client is taken.
-            Err(_) => return Ok(clients),
+            Err(_) => return Ok((clients, auth)),
         }
     }
 }
@@ -460,6 +489,32 @@ mod tests {
         }
         assert_eq!((Handed::Mqtt.to_byte(), Handed::Wss.to_byte()), (0, 3));
         assert!((4..=u8::MAX).all(|byte| Handed::from_byte(byte).is_none()));
+        assert!(Handed::from_byte(AUTH_CHANGE).is_none());
+    }
+
+    #[test]
+    fn a_users_change_without_a_socket_is_kept_latest_first_and_never_a_client() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let (daemon, process) = UnixDatagram::pair().unwrap();
+            process.set_nonblocking(true).unwrap();
+            let mut clients = Clients::new(Ingress::Handoff(process, HandoffEdge::default())).unwrap();
+            daemon.send(&[AUTH_CHANGE, 1, b'a']).unwrap();
+            daemon.send(&[AUTH_CHANGE, 1, b'b']).unwrap();
+            // Too large to be one: ignored.
+            let mut huge = vec![AUTH_CHANGE; 2 + mqvisor_boot_abi::config_blob::MAX_AUTH_LEN];
+            huge[1] = 1;
+            daemon.send(&huge).unwrap();
+            let _plain = hand_over(&daemon, &[Handed::Mqtt.to_byte()]);
+            assert_eq!(next(&mut clients).await.len(), 1);
+            assert_eq!(clients.take_auth_change(), Some(vec![1, b'b']));
+            assert_eq!(clients.take_auth_change(), None);
+            // With a socket it is no change and no client: the socket is closed.
+            let mut sent_with_socket = hand_over(&daemon, &[AUTH_CHANGE, 1]);
+            assert!(next(&mut clients).await.is_empty());
+            assert_eq!(clients.take_auth_change(), None);
+            assert_eq!(sent_with_socket.read(&mut [0u8; 8]).unwrap(), 0);
+        });
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use mqvisor_boot_abi::streams::{self, FrameWriter, StreamId};
+use mqvisor_boot_abi::streams::{self, FrameWriter, Record, StreamId};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -212,6 +212,12 @@ struct Proxy {
     stop_reason: GiveUp,
     /// Notifications against frames moved (a guest in a loop is stopped).
     storm: NotifyStorm,
+    /// A users and ACL change from `mqvisor serve` for the guest, not yet
+    /// in a frame (only the latest: each carries every table it changes).
+    auth_change: Option<Vec<u8>>,
+    /// The last one sent, sent again should the guest reset (it boots
+    /// from its configuration blob, which predates it).
+    auth_sent: Option<Vec<u8>>,
 }
 
 impl Proxy {
@@ -237,6 +243,8 @@ impl Proxy {
             last: Counters::default(),
             stop_reason: config.stop_reason,
             storm: NotifyStorm::new("network", "frames"),
+            auth_change: None,
+            auth_sent: None,
         })
     }
 
@@ -258,6 +266,9 @@ impl Proxy {
                 arrived = self.clients_in.arrived() => {
                     for arrival in arrived {
                         self.accept(arrival);
+                    }
+                    if let Some(change) = self.clients_in.take_auth_change() {
+                        self.auth_change = Some(change);
                     }
                 }
                 Some(woken) = self.woken_rx.recv() => {
@@ -375,6 +386,9 @@ impl Proxy {
                 // A reset guest has lost its streams: so have their clients.
                 self.streams.reset_all();
                 self.building.len = 0;
+                if self.auth_change.is_none() {
+                    self.auth_change = self.auth_sent.clone();
+                }
                 self.act();
             }
             if visit.active && !self.streams.link_up() {
@@ -410,6 +424,15 @@ impl Proxy {
     /// from streams in turn, while the link has room. True if any was built.
     fn fill_frames(&mut self) -> bool {
         let mut built = false;
+        if let Some(change) = self.auth_change.take() {
+            // At most MAX_AUTH_LEN bytes: a fresh frame always has room.
+            if !self.building.with_frame(&mut self.link, |frame| usize::from(frame.control(Record::Auth(&change)))) {
+                self.auth_change = Some(change);
+                return built;
+            }
+            self.auth_sent = Some(change);
+            built = true;
+        }
         while let Some(record) = self.streams.next_control() {
             if !self.building.with_frame(&mut self.link, |frame| usize::from(frame.control(record))) {
                 return built;

@@ -446,7 +446,8 @@ impl Streams {
                     Some(stats) => self.counters.set_service(stats),
                     None => self.counters.bad_records += 1,
                 },
-                Ok(Record::Open(_)) => self.counters.bad_records += 1,
+                // Host-to-guest records: a guest never sends them.
+                Ok(Record::Open(_) | Record::Auth(_)) => self.counters.bad_records += 1,
                 Err(_) => {
                     self.counters.bad_frames += 1;
                     break;

@@ -48,8 +48,8 @@ pub fn run(info: &BootInfo) -> ! {
                     echo.window.credited(n);
                 }
             }
-            // The VMM never sends these.
-            Record::Stats(_) => {}
+            // The VMM never sends Stats; Auth is not echo's (it has no users).
+            Record::Stats(_) | Record::Auth(_) => {}
         });
         let mut done = Vec::new();
         for (&id, echo) in echoes.iter_mut() {

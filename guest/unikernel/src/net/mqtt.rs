@@ -6,7 +6,10 @@
 //! records within each stream's window (what does not fit stays in the core,
 //! which then queues or drops per its limits), the core's close requests
 //! into `Close` records, and time into `tick`. The configuration comes from
-//! the blob the VMM writes.
+//! the blob the VMM writes; a live change of the password and ACL tables
+//! comes as an `Auth` record, checked as that blob is
+//! (`config_blob::read_auth`) and swapped into the broker whole, or
+//! refused whole (said on the console, never a stop).
 
 use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::format;
@@ -138,6 +141,13 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
                     window.credited(n);
                 }
             }
+            Record::Auth(bytes) => match config_blob::read_auth(bytes) {
+                Ok(update) => {
+                    let ended = broker.update_auth(update, now);
+                    crate::println!("mqtt: users and ACL changed; {ended} connections of removed users ended");
+                }
+                Err(e) => crate::println!("mqtt: refused a users and ACL change from the VMM: {e}"),
+            },
             // The VMM never sends these.
             Record::Stats(_) => {}
         });
