@@ -118,6 +118,10 @@ pub enum TenantAction {
     Remove { name: String },
     /// Restart a tenant's VM now
     Restart { name: String },
+    /// What a tenant used, for billing: messages and bytes in and out,
+    /// connection-seconds, peak connections, state file bytes (kept across
+    /// its restarts and the daemon's)
+    Usage { name: String },
 }
 
 #[derive(clap::Args)]

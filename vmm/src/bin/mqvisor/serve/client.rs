@@ -21,7 +21,8 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
     if let TenantAction::Show { name }
     | TenantAction::Add { name, .. }
     | TenantAction::Remove { name }
-    | TenantAction::Restart { name } = &args.action
+    | TenantAction::Restart { name }
+    | TenantAction::Usage { name } = &args.action
         && !super::config::valid_tenant_name(name)
     {
         eprintln!("mqvisor: {}", super::config::ServeConfigError::TenantName(name.clone()));
@@ -42,6 +43,7 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
         }
         TenantAction::Remove { name } => (Method::DELETE, format!("/tenants/{name}"), String::new()),
         TenantAction::Restart { name } => (Method::POST, format!("/tenants/{name}/restart"), String::new()),
+        TenantAction::Usage { name } => (Method::GET, format!("/tenants/{name}/usage"), String::new()),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -64,6 +66,9 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
             .unwrap_or(text);
         eprintln!("mqvisor: {message}");
         return ExitCode::FAILURE;
+    }
+    if let TenantAction::Usage { .. } = &args.action {
+        return print_usage(&text, args.json);
     }
     let views: Option<Vec<super::control::TenantView>> = match &args.action {
         TenantAction::List => serde_json::from_str(&text).ok(),
@@ -96,6 +101,29 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
         None if status == StatusCode::CREATED => println!("added"),
         None => println!("done"),
     }
+    ExitCode::SUCCESS
+}
+
+/// `tenant usage`: the daemon's JSON, or one figure a line.
+fn print_usage(text: &str, json: bool) -> ExitCode {
+    if json {
+        print!("{text}");
+        return ExitCode::SUCCESS;
+    }
+    let Ok(u) = serde_json::from_str::<super::usage::Usage>(text) else {
+        eprintln!("mqvisor: the daemon's answer is no usage record: {text}");
+        return ExitCode::FAILURE;
+    };
+    println!("tenant              {}", u.tenant);
+    println!("since               {}", super::usage::rfc3339(u.since));
+    println!("messages in         {}", u.messages_in);
+    println!("messages out        {}", u.messages_out);
+    println!("bytes in            {}", u.bytes_in);
+    println!("bytes out           {}", u.bytes_out);
+    println!("connection-seconds  {:.1}", u.connection_seconds);
+    println!("peak connections    {}", u.peak_connections);
+    println!("state bytes         {}", u.state_bytes);
+    println!("state byte-seconds  {:.0}", u.state_byte_seconds);
     ExitCode::SUCCESS
 }
 

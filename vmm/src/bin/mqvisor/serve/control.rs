@@ -13,6 +13,7 @@
 //! | `PUT /tenants/NAME` (body: its TOML table) | add it (kept in `state_dir`) |
 //! | `DELETE /tenants/NAME` | stop and remove it (kept in `state_dir`) |
 //! | `POST /tenants/NAME/restart` | restart its VM |
+//! | `GET /tenants/NAME/usage` | what it used, for billing ([`super::usage`]) |
 
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -34,6 +35,7 @@ use mqvisor::net::metrics::{Counters, Kind};
 
 use super::config::{ServeConfigError, valid_tenant_name};
 use super::front::FrontStats;
+use super::usage::Usage;
 
 /// Largest request body (a tenant's TOML table).
 const MAX_BODY: usize = 64 * 1024;
@@ -80,6 +82,10 @@ pub struct TenantView {
     /// Seconds from spawning each of its VMs to the guest's link being up.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub boot_seconds: Vec<f64>,
+    /// What it used since counting began, for billing: kept across its
+    /// restarts and the daemon's.
+    #[serde(default)]
+    pub usage: Usage,
 }
 
 impl TenantView {
@@ -102,6 +108,7 @@ impl TenantView {
             pss_bytes: 0,
             state_bytes: 0,
             boot_seconds: Vec::new(),
+            usage: Usage { tenant: name.to_string(), ..Usage::default() },
         }
     }
 }
@@ -169,6 +176,13 @@ async fn handle(request: Request<Incoming>, commands: mpsc::UnboundedSender<Comm
         (Method::GET, ["tenants", name]) => match ask(&commands, Command::List).await {
             Some(list) => match list.into_iter().find(|t| t.name == *name) {
                 Some(tenant) => json(&tenant),
+                None => error(StatusCode::NOT_FOUND, &format!("no tenant {name:?}")),
+            },
+            None => gone(),
+        },
+        (Method::GET, ["tenants", name, "usage"]) => match ask(&commands, Command::List).await {
+            Some(list) => match list.into_iter().find(|t| t.name == *name) {
+                Some(tenant) => json(&tenant.usage),
                 None => error(StatusCode::NOT_FOUND, &format!("no tenant {name:?}")),
             },
             None => gone(),
@@ -253,6 +267,30 @@ const TENANT_SERIES: &[Series<TenantView>] = &[
     }),
 ];
 
+/// A tenant's usage for billing (`mqvisor_tenant_usage_*`): kept across
+/// its restarts and the daemon's, so its counters never go back to 0.
+const USAGE_SERIES: &[Series<Usage>] = &[
+    ("usage_messages_in", "PUBLISH packets from the tenant's clients, for billing", Kind::Counter, |u| u.messages_in),
+    ("usage_messages_out", "PUBLISH packets to the tenant's clients, for billing", Kind::Counter, |u| u.messages_out),
+    ("usage_bytes_in", "Bytes read from the tenant's clients, for billing", Kind::Counter, |u| u.bytes_in),
+    ("usage_bytes_out", "Bytes written to the tenant's clients, for billing", Kind::Counter, |u| u.bytes_out),
+    ("usage_peak_connections", "The most clients the tenant had connected at once", Kind::Gauge, |u| {
+        u.peak_connections
+    }),
+];
+
+/// The same in seconds, not whole (name, help, value).
+type SecondsSeries = (&'static str, &'static str, fn(&Usage) -> f64);
+
+const USAGE_SECONDS: &[SecondsSeries] = &[
+    ("usage_connection_seconds", "The tenant's client connections times the seconds they were open", |u| {
+        u.connection_seconds
+    }),
+    ("usage_state_byte_seconds", "The tenant's state file's bytes times the seconds they were kept", |u| {
+        u.state_byte_seconds
+    }),
+];
+
 /// A gauge of the shared front (no labels): name, help, value.
 type FrontGauge = (&'static str, &'static str, fn(&FrontStats) -> u64);
 
@@ -318,6 +356,16 @@ pub fn metrics_text(tenants: &[TenantView], front: FrontStats) -> String {
     for counter in Counters::TABLE {
         let values = tenants.iter().map(|t| (label(t), (counter.get)(&t.counters)));
         register(registry, (counter.name, counter.help, counter.kind), values);
+    }
+    for &(name, help, kind, get) in USAGE_SERIES {
+        register(registry, (name, help, kind), tenants.iter().map(|t| (label(t), get(&t.usage))));
+    }
+    for &(name, help, get) in USAGE_SECONDS {
+        let family = Family::<Labels, Counter<f64, std::sync::atomic::AtomicU64>>::default();
+        for t in tenants {
+            family.get_or_create(&label(t)).inc_by(get(&t.usage));
+        }
+        registry.register(name, help, family);
     }
     let boot = Family::<Labels, Histogram>::new_with_constructor(|| {
         Histogram::new([0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0])
@@ -420,6 +468,15 @@ mod tests {
             pss_bytes: 4096,
             state_bytes: 8192,
             boot_seconds: vec![0.004, 0.012],
+            usage: Usage {
+                tenant: "acme".into(),
+                messages_in: 105,
+                bytes_out: 2020,
+                connection_seconds: 12.5,
+                peak_connections: 40,
+                since: 1,
+                ..Usage::default()
+            },
         };
         let front = FrontStats {
             pending_clients: 2,
@@ -446,6 +503,12 @@ mod tests {
         assert!(text.contains("mqvisor_tenant_silent_clients_dropped_total{tenant=\"acme\"} 12"), "{text}");
         assert!(text.contains("mqvisor_tenant_disk_io_errors_total{tenant=\"acme\"} 13"), "{text}");
         assert!(text.contains("mqvisor_tenant_disk_ring_faults_total{tenant=\"acme\"} 14"), "{text}");
+        // Usage for billing, kept across restarts.
+        assert!(text.contains("mqvisor_tenant_usage_messages_in_total{tenant=\"acme\"} 105"), "{text}");
+        assert!(text.contains("mqvisor_tenant_usage_bytes_out_total{tenant=\"acme\"} 2020"), "{text}");
+        assert!(text.contains("mqvisor_tenant_usage_connection_seconds_total{tenant=\"acme\"} 12.5"), "{text}");
+        assert!(text.contains("mqvisor_tenant_usage_peak_connections{tenant=\"acme\"} 40"), "{text}");
+        assert!(text.contains("mqvisor_tenant_usage_state_byte_seconds_total{tenant=\"acme\"} 0.0"), "{text}");
         // Every counter of the VM, each once.
         for counter in Counters::TABLE {
             assert_eq!(text.matches(&format!("# HELP mqvisor_tenant_{} ", counter.name)).count(), 1, "{text}");

@@ -19,6 +19,7 @@ pub mod directory;
 pub mod failed;
 pub mod front;
 pub mod tenant;
+pub mod usage;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -138,6 +139,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let state_error = |source| ServeError::State { path: config.state_dir.clone(), source };
     std::fs::create_dir_all(&config.state_dir).map_err(state_error)?;
     let changes = Changes::new(&config.state_dir).map_err(state_error)?;
+    let usage_writer = usage::Writer::start(&config.state_dir).map_err(state_error)?;
     // Tenants whose settings fail are not served; the others are.
     let mut failed = std::mem::take(&mut config.failed);
     changes
@@ -247,6 +249,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let mut interrupt = signal(SignalKind::interrupt()).map_err(ServeError::Runtime)?;
     let mut hangup = signal(SignalKind::hangup()).map_err(ServeError::Runtime)?;
     let mut idle_check = tokio::time::interval(Duration::from_secs(1));
+    let mut usage_save = tokio::time::interval(usage::SAVE_EVERY);
     loop {
         let next_restart = tenants.values().filter_map(|t| t.restart_at).min();
         let restart_delay = next_restart.map(|t| t.saturating_duration_since(std::time::Instant::now()));
@@ -264,6 +267,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     tenant.stop_if_idle();
                 }
             }
+            _ = usage_save.tick() => save_usage(&tenants, &usage_writer),
             Some(r) = routed.recv() => {
                 if let Some(tenant) = tenants.get_mut(&r.tenant) {
                     tenant.hand(r.client, r.first_bytes, &exe, &exited_tx);
@@ -279,7 +283,10 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
             Some(command) = commands.recv() => match command {
                 Command::List(reply) => {
                     let mut views: Vec<_> = tenants.values().map(Tenant::view).collect();
-                    views.extend(failed.iter().map(|(name, f)| control::TenantView::failed(name, &f.reason)));
+                    views.extend(failed.iter().map(|(name, f)| control::TenantView {
+                        usage: usage::peek(&config.state_dir, name),
+                        ..control::TenantView::failed(name, &f.reason)
+                    }));
                     views.sort_by(|a, b| a.name.cmp(&b.name));
                     let _ = reply.send(views);
                 }
@@ -295,12 +302,14 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     let removed = match tenants.remove(&name) {
                         None if failed.remove(&name).is_some() => {
                             failed::remove_files(&config.state_dir, &name);
+                            usage_writer.retire(&name, None);
                             directory.remove(&name);
                             tracing::info!(tenant = %name, "removed");
                             changes.remove(&name).map_err(|e| format!("keeping the removal: {e}"))
                         }
                         None => Err(format!("no tenant {name:?}")),
                         Some(tenant) => {
+                            usage_writer.retire(&name, tenant.usage_record());
                             tenant.remove();
                             directory.remove(&name);
                             tracing::info!(tenant = %name, "removed");
@@ -344,11 +353,23 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     // Let the tenants close their clients cleanly before the daemon goes
     // (their processes die with it otherwise).
     tokio::time::sleep(Duration::from_millis(200)).await;
+    save_usage(&tenants, &usage_writer);
+    usage_writer.finish();
     let releases: Vec<_> = tenants.into_values().map(|t| tokio::spawn(t.release_group())).collect();
     for release in releases {
         let _ = release.await;
     }
     Ok(())
+}
+
+/// Has every tenant's usage that changed written (`usage::SAVE_EVERY`, and
+/// at a clean stop).
+fn save_usage(tenants: &BTreeMap<String, Tenant>, writer: &usage::Writer) {
+    for (name, tenant) in tenants {
+        if let Some(record) = tenant.usage_changes() {
+            writer.save(name, record);
+        }
+    }
 }
 
 /// Adds tenant `name` from its TOML `table` while serving, and keeps it.

@@ -26,6 +26,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use super::config::TenantConfig;
 use super::control::TenantView;
 use super::front::FirstBytes;
+use super::usage::{self, Baseline, Ledger};
 
 /// The descriptor number the handoff socket has in the tenant's process.
 const HANDOFF_FD: i32 = 3;
@@ -99,6 +100,8 @@ pub struct Tenant {
     boot_seconds: Arc<Mutex<Vec<f64>>>,
     /// Since when its VM has had no clients (for `idle_stop_after`).
     idle_since: Option<Instant>,
+    /// What it used, for billing (`usage`), counted from its processes' reports.
+    usage: usage::Shared,
 }
 
 impl Tenant {
@@ -148,6 +151,7 @@ impl Tenant {
             load: Arc::default(),
             boot_seconds: Arc::default(),
             idle_since: None,
+            usage: Arc::new(Mutex::new(Ledger::load(state_dir, name))),
         })
     }
 
@@ -161,6 +165,25 @@ impl Tenant {
             (Some(_), Ok(load)) => *load,
             _ => Counters::default(),
         }
+    }
+
+    /// Disk blocks its state file uses, bytes (0 without one).
+    fn state_bytes(&self) -> u64 {
+        std::fs::metadata(&self.state_file).map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+    }
+
+    /// Its usage's file text if it changed since last asked, its state
+    /// file's size sampled first (every `usage::SAVE_EVERY`).
+    pub fn usage_changes(&self) -> Option<Vec<u8>> {
+        let bytes = self.state_bytes();
+        let mut ledger = self.usage.lock().ok()?;
+        ledger.state(bytes, Instant::now());
+        ledger.changes()
+    }
+
+    /// Its usage's file text (its last record, when it is removed).
+    pub fn usage_record(&self) -> Option<Vec<u8>> {
+        self.usage.lock().ok().map(|ledger| ledger.record())
     }
 
     /// How the control plane shows it.
@@ -187,8 +210,12 @@ impl Tenant {
             pss_bytes: self.pid().and_then(crate::procfs::pss_kib).map_or(0, |kib| kib * 1024),
             cpu_throttled_periods: usage.throttled_periods,
             memory_limit_kills: usage.oom_kills,
-            state_bytes: std::fs::metadata(&self.state_file)
-                .map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512),
+            state_bytes: self.state_bytes(),
+            usage: self
+                .usage
+                .lock()
+                .map(|ledger| usage::Usage { state_bytes: self.state_bytes(), ..ledger.usage().clone() })
+                .unwrap_or_default(),
         }
     }
 
@@ -329,7 +356,8 @@ impl Tenant {
             .map_err(std::io::Error::from)?;
         *self.load.lock().map_err(|_| std::io::Error::other("load lock poisoned"))? = Counters::default();
         let booted = (Instant::now(), self.boot_seconds.clone());
-        tokio::spawn(link(ours, queue, self.load.clone(), booted, self.returned.clone()));
+        let usage = (self.usage.clone(), Baseline::new(Instant::now()));
+        tokio::spawn(link(ours, queue, self.load.clone(), booted, self.returned.clone(), usage));
         let (tenant, exited) = (self.name.clone(), exited.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -517,13 +545,15 @@ impl Returned {
 /// socket by SCM_RIGHTS and the bytes already read, as one datagram; waits
 /// while the process's queue is full) and keeps the load it reports. Ends
 /// when the process is gone, giving back the clients it could not hand
-/// over (the one it was sending and the rest of its queue).
+/// over (the one it was sending and the rest of its queue). Each report is
+/// counted in the tenant's usage against this process's own baseline.
 async fn link(
     socket: AsyncFd<UnixDatagram>,
     mut queue: mpsc::Receiver<(TcpStream, FirstBytes)>,
     load: Arc<Mutex<Counters>>,
     (started, boot_seconds): (Instant, Arc<Mutex<Vec<f64>>>),
     returned: Returned,
+    (usage, mut baseline): (usage::Shared, Baseline),
 ) {
     let mut report = [0u8; Counters::REPORT_LEN + 1];
     let mut first = true;
@@ -549,6 +579,9 @@ async fn link(
                         Ok(len) => {
                             if let (Some(now), Ok(mut load)) = (Counters::from_report(&report[..len]), load.lock()) {
                                 *load = now;
+                                if let Ok(mut usage) = usage.lock() {
+                                    usage.report(&mut baseline, &now, Instant::now());
+                                }
                                 if std::mem::take(&mut first)
                                     && let Ok(mut boots) = boot_seconds.lock()
                                     && boots.len() < MAX_BOOT_SAMPLES
