@@ -798,6 +798,9 @@ fn metrics_say_their_format_and_a_prometheus_parser_reads_them() {
         "counter mqvisor_tenant_boots_total tenant=alpha 1",
         "histogram mqvisor_tenant_boot_seconds_count tenant=alpha 1",
         "counter mqvisor_front_clients_dropped_total reason=byte_budget 0",
+        "counter mqvisor_tenant_usage_messages_in_total tenant=beta 0",
+        "counter mqvisor_tenant_usage_connection_seconds_total tenant=beta 0",
+        "gauge mqvisor_tenant_usage_peak_connections tenant=beta 0",
     ] {
         assert!(samples.lines().any(|l| l == sample), "no {sample:?} in:\n{samples}");
     }
@@ -1599,4 +1602,109 @@ sys.exit(0 if got == bytes([0x20, 2, 0, 0]) else 1)
 "#;
     let out = std::process::Command::new("python3").args(["-c", script, &tls.to_string(), &ca]).output().unwrap();
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn usage_for_billing_only_grows_across_a_kill_and_a_daemon_restart() {
+    if !kvm_available("usage_for_billing_only_grows_across_a_kill_and_a_daemon_restart") {
+        return;
+    }
+    let mut daemon = Daemon::start("usage", "[tenants.alpha]\n[tenants.beta]\n", &[]);
+    let usage = |daemon: &Daemon, tenant: &str| -> serde_json::Value {
+        let (ok, json, err) = daemon.tenant(&["usage", tenant, "--json"]);
+        assert!(ok, "tenant usage {tenant}: {err}");
+        serde_json::from_str(&json).unwrap()
+    };
+    let figure = |u: &serde_json::Value, name: &str| u[name].as_u64().unwrap_or_else(|| panic!("no {name} in {u}"));
+    // Waits until alpha has counted `n` messages in, each reading no lower than the one before.
+    let seen = std::cell::RefCell::new(Vec::<serde_json::Value>::new());
+    let counted = |daemon: &Daemon, n: u64| -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = usage(daemon, "alpha");
+            if let Some(before) = seen.borrow().last() {
+                for name in ["messages_in", "messages_out", "bytes_in", "bytes_out", "peak_connections"] {
+                    assert!(figure(&now, name) >= figure(before, name), "{name} went back: {before} then {now}");
+                }
+                let seconds = |u: &serde_json::Value| u["connection_seconds"].as_f64().unwrap();
+                assert!(seconds(&now) >= seconds(before), "connection_seconds went back: {before} then {now}");
+                assert_eq!(now["since"], before["since"], "counting began again");
+            }
+            seen.borrow_mut().push(now.clone());
+            if figure(&now, "messages_in") >= n || Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    // `n` QoS 1 messages through alpha: each in once and out once.
+    let exchange = |daemon: &Daemon, id: &str, n: u16| {
+        let mut subscriber = connected(daemon, &format!("{id}-sub"), "alpha:");
+        subscriber.write_all(&subscribe("meter/#", 0, 1)).unwrap();
+        assert_eq!(read_packet(&mut subscriber).0, 0x90, "SUBACK");
+        let mut publisher = connected(daemon, &format!("{id}-pub"), "alpha:");
+        for i in 1..=n {
+            publisher.write_all(&publish("meter/t", b"21.5", 1, i, false)).unwrap();
+            assert_eq!(read_packet(&mut publisher).0, 0x40, "PUBACK");
+        }
+        for _ in 0..n {
+            assert_eq!(read_packet(&mut subscriber).0, 0x30, "PUBLISH");
+        }
+        // Connected for a while, so connection-seconds count.
+        std::thread::sleep(Duration::from_millis(1500));
+        (subscriber, publisher)
+    };
+    let first = usage(&daemon, "alpha");
+    assert_eq!((figure(&first, "messages_in"), figure(&first, "peak_connections")), (0, 0), "{first}");
+    assert!(figure(&first, "since") > 1_700_000_000, "{first}");
+    let clients = exchange(&daemon, "a", 50);
+    let u = counted(&daemon, 50);
+    assert_eq!((figure(&u, "messages_in"), figure(&u, "messages_out")), (50, 50), "{u}");
+    assert!(figure(&u, "bytes_in") > 50 * 10 && figure(&u, "bytes_out") > 50 * 10, "{u}");
+    assert_eq!(figure(&u, "peak_connections"), 2, "{u}");
+    assert!(u["connection_seconds"].as_f64().unwrap() > 0.5, "{u}");
+    assert!(figure(&u, "state_bytes") > 0, "{u}");
+    // Another tenant's usage shows none of it; an unknown one is no one's.
+    let beta = usage(&daemon, "beta");
+    assert_eq!((figure(&beta, "messages_in"), figure(&beta, "bytes_in"), figure(&beta, "peak_connections")), (0, 0, 0));
+    assert_eq!(daemon.http("GET", "/tenants/nope/usage", "").0, 404);
+    assert_eq!(daemon.http("GET", "/tenants/alpha/usage/beta", "").0, 404);
+    let (ok, _, err) = daemon.tenant(&["usage", "nope"]);
+    assert!(!ok && err.contains("no tenant \"nope\""), "{err}");
+    let (ok, table, err) = daemon.tenant(&["usage", "alpha"]);
+    assert!(ok && table.contains("messages in         50"), "{table}{err}");
+    // kill -9: the next process counts from 0, the ledger goes on from 50.
+    // SAFETY: kill(2) with a pid the daemon reported for its own child.
+    unsafe { libc::kill(daemon.pid_of("alpha"), libc::SIGKILL) };
+    drop(clients);
+    daemon.wait_for(&["crashed", "tenant=alpha"]);
+    let _clients = exchange(&daemon, "b", 30);
+    let u = counted(&daemon, 80);
+    assert_eq!((figure(&u, "messages_in"), figure(&u, "messages_out")), (80, 80), "{u}");
+    assert!(daemon.log_has("restarted"), "alpha's second process");
+    let page = daemon.metrics();
+    assert!(page.contains("mqvisor_tenant_usage_messages_in_total{tenant=\"alpha\"} 80"), "{page}");
+    assert!(page.contains("mqvisor_tenant_usage_messages_in_total{tenant=\"beta\"} 0"), "{page}");
+    // A restarted daemon keeps it (a clean stop writes it).
+    daemon.stop();
+    let file = daemon.dir.join("state/usage/alpha.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    let restarted = Daemon::spawn(daemon.dir.clone());
+    let kept = usage(&restarted, "alpha");
+    assert_eq!((figure(&kept, "messages_in"), figure(&kept, "messages_out")), (80, 80), "{kept}");
+    assert_eq!(kept["since"], first["since"], "{kept}");
+    assert!(kept["connection_seconds"].as_f64() >= u["connection_seconds"].as_f64(), "{kept}");
+    // Removed: its last record is kept for billing, its file goes.
+    let (ok, _, err) = restarted.tenant(&["remove", "alpha"]);
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while file.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!file.exists(), "alpha's usage outlived it");
+    let removed: Vec<_> = std::fs::read_dir(daemon.dir.join("state/usage/removed")).unwrap().flatten().collect();
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    let record: serde_json::Value = serde_json::from_slice(&std::fs::read(removed[0].path()).unwrap()).unwrap();
+    assert_eq!(record["usage"]["messages_in"], 80, "{record}");
 }
