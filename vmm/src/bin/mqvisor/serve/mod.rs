@@ -302,14 +302,14 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     let removed = match tenants.remove(&name) {
                         None if failed.remove(&name).is_some() => {
                             failed::remove_files(&config.state_dir, &name);
-                            usage_writer.retire(&name, None);
+                            let _ = usage_writer.retire(&name, None).await;
                             directory.remove(&name);
                             tracing::info!(tenant = %name, "removed");
                             changes.remove(&name).map_err(|e| format!("keeping the removal: {e}"))
                         }
                         None => Err(format!("no tenant {name:?}")),
                         Some(tenant) => {
-                            usage_writer.retire(&name, tenant.usage_record());
+                            let _ = usage_writer.retire(&name, tenant.usage_record()).await;
                             tenant.remove();
                             directory.remove(&name);
                             tracing::info!(tenant = %name, "removed");

@@ -189,6 +189,7 @@ impl Tenant {
     /// How the control plane shows it.
     pub fn view(&self) -> TenantView {
         let load = self.load();
+        let state_bytes = self.state_bytes();
         let usage = self.group.as_ref().map(Group::usage).unwrap_or_default();
         let state = match self.state {
             State::Stopped => "stopped",
@@ -210,11 +211,11 @@ impl Tenant {
             pss_bytes: self.pid().and_then(crate::procfs::pss_kib).map_or(0, |kib| kib * 1024),
             cpu_throttled_periods: usage.throttled_periods,
             memory_limit_kills: usage.oom_kills,
-            state_bytes: self.state_bytes(),
+            state_bytes,
             usage: self
                 .usage
                 .lock()
-                .map(|ledger| usage::Usage { state_bytes: self.state_bytes(), ..ledger.usage().clone() })
+                .map(|ledger| usage::Usage { state_bytes, ..ledger.usage().clone() })
                 .unwrap_or_default(),
         }
     }

@@ -241,8 +241,8 @@ enum Job {
     /// Write a tenant's file.
     Save { tenant: String, record: Vec<u8> },
     /// A removed tenant: its last record (or its file as it is) goes to
-    /// `removed/`, and its file goes.
-    Retire { tenant: String, record: Option<Vec<u8>> },
+    /// `removed/`, and its file goes; then `done`.
+    Retire { tenant: String, record: Option<Vec<u8>>, done: tokio::sync::oneshot::Sender<()> },
 }
 
 /// Writes usage files on a thread of its own, in the order given.
@@ -271,9 +271,13 @@ impl Writer {
     }
 
     /// Keeps removed `tenant`'s last `record` (or its file as it is, without
-    /// one) under `removed/`, and removes its file.
-    pub fn retire(&self, tenant: &str, record: Option<Vec<u8>>) {
-        self.send(Job::Retire { tenant: tenant.to_string(), record });
+    /// one) under `removed/`, and removes its file, after what was given
+    /// before. Answers when done (or the writer has gone), so that a tenant
+    /// added again under the same name never reads the old file.
+    pub fn retire(&self, tenant: &str, record: Option<Vec<u8>>) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.send(Job::Retire { tenant: tenant.to_string(), record, done });
+        answer
     }
 
     fn send(&self, job: Job) {
@@ -301,7 +305,7 @@ fn write_all(dir: &Path, queue: &mpsc::Receiver<Job>) {
                 let written = write_atomically(&dir.join(format!("{tenant}.json")), &record);
                 (tenant, written)
             }
-            Job::Retire { tenant, record } => {
+            Job::Retire { tenant, record, done } => {
                 let file = dir.join(format!("{tenant}.json"));
                 let kept = dir.join("removed").join(format!("{tenant}-{}.json", unix_now()));
                 let written = match record {
@@ -311,6 +315,7 @@ fn write_all(dir: &Path, queue: &mpsc::Receiver<Job>) {
                         other => other,
                     },
                 };
+                let _ = done.send(());
                 (tenant, written)
             }
         };
@@ -439,8 +444,7 @@ mod tests {
         assert_eq!(globex.usage().messages_in, 0);
         // Removed: its last record is kept for billing, its file goes.
         let writer = Writer::start(&dir).unwrap();
-        writer.retire("acme", Some(ledger.record()));
-        writer.finish();
+        assert_eq!(writer.retire("acme", Some(ledger.record())).blocking_recv(), Ok(()));
         assert!(!path.exists());
         let removed: Vec<_> = std::fs::read_dir(dir.join("usage/removed")).unwrap().flatten().collect();
         assert_eq!(removed.len(), 1);
@@ -448,6 +452,7 @@ mod tests {
         assert_eq!(parse(&kept, "acme").unwrap(), *ledger.usage());
         // Added again under the same name: counted from 0.
         assert_eq!(Ledger::load(&dir, "acme").usage().messages_in, 0);
+        writer.finish();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
