@@ -122,6 +122,57 @@ pub enum TenantAction {
     /// connection-seconds, peak connections, state file bytes (kept across
     /// its restarts and the daemon's)
     Usage { name: String },
+    /// A tenant's users: list, add (or change a password), remove. A
+    /// change applies to its running VM at once: a removed user's
+    /// connections end, nobody else's. Kept in STATE_DIR/tenants/NAME.passwd
+    /// (mosquitto_passwd's format); refused for a tenant with a password_file
+    /// of its own
+    #[command(subcommand)]
+    User(UserAction),
+    /// A tenant's ACL (Mosquitto's ACL text): show, set from a file or
+    /// stdin, remove. A change applies to its running VM at once, from the
+    /// next PUBLISH, SUBSCRIBE and delivery on. Kept in
+    /// STATE_DIR/tenants/NAME.acl; refused for a tenant with an acl_file of
+    /// its own
+    #[command(subcommand)]
+    Acl(AclAction),
+}
+
+#[derive(Subcommand)]
+pub enum UserAction {
+    /// The tenant's user names (never their password hashes)
+    List { name: String },
+    /// Add USER to tenant NAME, or give USER a new password. The password
+    /// is asked for on the terminal (not echoed, twice), or read from the
+    /// first line of stdin with --password-stdin; never an argument, which
+    /// other users of the host could read
+    Add {
+        name: String,
+        /// 1 to 64 of A-Z, a-z, 0-9, '.', '_', '-' and '@'; clients connect
+        /// as NAME:USER on the shared port
+        user: String,
+        /// Read the password from the first line of stdin (for scripts)
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Remove USER from tenant NAME: their open connections end (MQTT 5:
+    /// DISCONNECT 0x98 Administrative action)
+    Remove { name: String, user: String },
+}
+
+#[derive(Subcommand)]
+pub enum AclAction {
+    /// Print the tenant's ACL
+    Show { name: String },
+    /// Replace the tenant's ACL with FILE's text (stdin without FILE);
+    /// a malformed ACL is refused, naming its line
+    Set {
+        name: String,
+        /// A Mosquitto ACL file (`user`, `topic [read|write|readwrite|deny]`, `pattern` lines)
+        file: Option<PathBuf>,
+    },
+    /// Remove the tenant's ACL: every client may use every topic again
+    Remove { name: String },
 }
 
 #[derive(clap::Args)]

@@ -44,6 +44,7 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
         TenantAction::Remove { name } => (Method::DELETE, format!("/tenants/{name}"), String::new()),
         TenantAction::Restart { name } => (Method::POST, format!("/tenants/{name}/restart"), String::new()),
         TenantAction::Usage { name } => (Method::GET, format!("/tenants/{name}/usage"), String::new()),
+        TenantAction::User(_) | TenantAction::Acl(_) => return super::users_client::command(&args),
     };
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,

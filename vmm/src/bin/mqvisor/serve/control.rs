@@ -13,6 +13,14 @@
 //! | `PUT /tenants/NAME` (body: its TOML table) | add it (kept in `state_dir`) |
 //! | `DELETE /tenants/NAME` | stop and remove it (kept in `state_dir`) |
 //! | `POST /tenants/NAME/restart` | restart its VM |
+//! | `GET /tenants/NAME/users` | JSON array of its user names (never their hashes) |
+//! | `PUT /tenants/NAME/users/USER` (body: `{"password": "..."}`) | add the user or set their password, live |
+//! | `DELETE /tenants/NAME/users/USER` | remove the user; their connections end, live |
+//! | `GET /tenants/NAME/acl` | its ACL, Mosquitto's text |
+//! | `PUT /tenants/NAME/acl` (body: the ACL text) | replace its ACL, live |
+//! | `DELETE /tenants/NAME/acl` | no ACL: every topic open, live |
+//!
+//! Users and ACL requests are [`super::users`]'s to answer.
 //! | `GET /tenants/NAME/usage` | what it used, for billing ([`super::usage`]) |
 
 use std::convert::Infallible;
@@ -36,6 +44,7 @@ use mqvisor::net::metrics::{Counters, Kind};
 use super::config::{ServeConfigError, valid_tenant_name};
 use super::front::FrontStats;
 use super::usage::Usage;
+use super::users;
 
 /// Largest request body (a tenant's TOML table).
 const MAX_BODY: usize = 64 * 1024;
@@ -116,9 +125,25 @@ impl TenantView {
 /// What a request asks of the daemon.
 pub enum Command {
     List(oneshot::Sender<Vec<TenantView>>),
-    Add { name: String, table: String, reply: oneshot::Sender<Result<(), String>> },
-    Remove { name: String, reply: oneshot::Sender<Result<(), String>> },
-    Restart { name: String, reply: oneshot::Sender<Result<(), String>> },
+    Add {
+        name: String,
+        table: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Remove {
+        name: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Restart {
+        name: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// A users or ACL request (`super::users`).
+    Auth {
+        name: String,
+        request: users::Request,
+        reply: oneshot::Sender<Result<users::Answer, users::Refused>>,
+    },
 }
 
 fn respond(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -206,8 +231,69 @@ async fn handle(request: Request<Incoming>, commands: mpsc::UnboundedSender<Comm
             let name = name.to_string();
             done(ask(&commands, |reply| Command::Restart { name, reply }).await, StatusCode::NO_CONTENT)
         }
+        (method, ["tenants", name, "users" | "acl", rest @ ..]) => {
+            let (name, what) = (name.to_string(), parts[2]);
+            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            auth(method, name, what, &rest, request.into_body(), &commands).await
+        }
         _ => error(StatusCode::NOT_FOUND, &format!("no such request: {} {path}", request.method())),
     }
+}
+
+/// A users or ACL request (`what`: `users` or `acl`, `rest` the path after
+/// it), its body bounded by what one live change carries.
+async fn auth(
+    method: Method,
+    name: String,
+    what: &str,
+    rest: &[String],
+    body: Incoming,
+    commands: &mpsc::UnboundedSender<Command>,
+) -> Response<Full<Bytes>> {
+    let body = match Limited::new(body, users::MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            let most = users::MAX_BODY / 1024;
+            return error(StatusCode::PAYLOAD_TOO_LARGE, &format!("the body must be at most {most} KiB"));
+        }
+    };
+    let request = match (method, what, rest) {
+        (Method::GET, "users", []) => users::Request::ListUsers,
+        (Method::PUT, "users", [user]) => {
+            match users::check_user_name(user).and_then(|()| users::password_from_body(&body)) {
+                Ok(password) => users::Request::PutUser { user: user.clone(), password },
+                Err(refused) => return refused_answer(refused),
+            }
+        }
+        (Method::DELETE, "users", [user]) => match users::check_user_name(user) {
+            Ok(()) => users::Request::DeleteUser { user: user.clone() },
+            Err(refused) => return refused_answer(refused),
+        },
+        (Method::GET, "acl", []) => users::Request::GetAcl,
+        (Method::PUT, "acl", []) => match String::from_utf8(body.to_vec()) {
+            Ok(text) => users::Request::PutAcl { text },
+            Err(_) => return error(StatusCode::BAD_REQUEST, "the ACL must be UTF-8 text"),
+        },
+        (Method::DELETE, "acl", []) => users::Request::DeleteAcl,
+        (method, _, _) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                &format!("no such request: {method} /tenants/{name}/{what}/{}", rest.join("/")),
+            );
+        }
+    };
+    match ask(commands, |reply| Command::Auth { name, request, reply }).await {
+        Some(Ok(users::Answer::Users(names))) => json(&names),
+        Some(Ok(users::Answer::Acl(text))) => respond(StatusCode::OK, text),
+        Some(Ok(users::Answer::Created)) => respond(StatusCode::CREATED, String::new()),
+        Some(Ok(users::Answer::Done)) => respond(StatusCode::NO_CONTENT, String::new()),
+        Some(Err(refused)) => refused_answer(refused),
+        None => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is stopping"),
+    }
+}
+
+fn refused_answer(refused: users::Refused) -> Response<Full<Bytes>> {
+    error(StatusCode::from_u16(refused.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), &refused.message)
 }
 
 /// Serves the control API on `path` (replacing a stale socket file), to

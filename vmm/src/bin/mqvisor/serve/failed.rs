@@ -68,6 +68,7 @@ pub fn remove_files(state_dir: &Path, name: &str) {
     for file in tenant::files(state_dir, name) {
         let _ = std::fs::remove_file(file);
     }
+    super::users::remove_files(state_dir, name);
 }
 
 /// Tries failed tenant `name` again: its settings read and checked anew,

@@ -20,6 +20,8 @@ pub mod failed;
 pub mod front;
 pub mod tenant;
 pub mod usage;
+pub mod users;
+pub mod users_client;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -317,6 +319,17 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                         }
                     };
                     let _ = reply.send(removed);
+                }
+                Command::Auth { name, request, reply } => {
+                    // A failed tenant has no settings to check a change against.
+                    let answer = match tenants.get_mut(&name) {
+                        None if failed.contains_key(&name) => Err(users::Refused {
+                            status: 409,
+                            message: format!("tenant {name} is failed: fix its settings (tenant restart) first"),
+                        }),
+                        tenant => users::handle(tenant, &name, &config.state_dir, request),
+                    };
+                    let _ = reply.send(answer);
                 }
                 Command::Restart { name, reply } => {
                     let restarted = match tenants.get_mut(&name) {

@@ -63,6 +63,8 @@ struct Process {
     started: Instant,
     /// Clients for the handoff task.
     clients: mpsc::Sender<(TcpStream, FirstBytes)>,
+    /// Users and ACL changes for its VM (`auth_link`).
+    auth: mpsc::UnboundedSender<Vec<u8>>,
 }
 
 /// One tenant.
@@ -116,6 +118,8 @@ impl Tenant {
             .map_err(|e| format!("tenant {name}: resource limits: {e}"))?;
         config.run.state = (config.run.persistence != Persistence::Off).then(|| state_file.clone());
         config.run.cgroup = group.as_ref().map(|group| group.dirs.clone()).unwrap_or_default();
+        // The users and ACL the control API keeps for it, if it has any.
+        super::users::adopt(state_dir, name, &mut config.run.broker);
         // Tenants' settings and state (their messages) are the daemon's alone.
         let written = config.run.to_text().map_err(|e| format!("tenant {name}: {e}")).and_then(|text| {
             std::fs::create_dir_all(&dir)
@@ -350,6 +354,7 @@ impl Tenant {
         let mut child = command.spawn()?;
         drop(theirs);
         let pid = child.id().unwrap_or(0);
+        let auth = auth_link(ours.try_clone()?)?;
         let (clients, queue) = mpsc::channel(HANDOFF_QUEUE);
         // SAFETY: `UnixDatagram` owns its descriptor, keeps it open until
         // dropped and always returns the same one; the AsyncFd owns it.
@@ -372,7 +377,7 @@ impl Tenant {
             // As many as the queue holds: more could not have waited.
             let _ = clients.try_send(client);
         }
-        self.process = Some(Process { pid, started: Instant::now(), clients });
+        self.process = Some(Process { pid, started: Instant::now(), clients, auth });
         self.state = State::Running;
         self.restart_at = None;
         self.boots += 1;
@@ -466,6 +471,9 @@ impl Tenant {
         self.stop();
         let _ = std::fs::remove_file(&self.state_file);
         let _ = std::fs::remove_file(&self.settings_file);
+        if let Some(state_dir) = self.settings_file.parent().and_then(Path::parent) {
+            super::users::remove_files(state_dir, &self.name);
+        }
         tokio::spawn(self.release_group());
     }
 
@@ -488,6 +496,29 @@ impl Tenant {
     /// Its settings.
     pub fn config(&self) -> &TenantConfig {
         &self.config
+    }
+
+    /// Its users or ACL changed (`super::users`): its process's settings
+    /// name the files the next boot reads, and a running VM is sent
+    /// `change` (`config_blob::write_auth`) to apply at once, with no
+    /// restart. A process that is still starting gets it too, after it
+    /// read the files: applying it again changes nothing.
+    pub fn auth_changed(
+        &mut self,
+        password_file: Option<PathBuf>,
+        acl_file: Option<PathBuf>,
+        change: Vec<u8>,
+    ) -> Result<(), String> {
+        self.config.run.broker.password_file = password_file;
+        self.config.run.broker.acl_file = acl_file;
+        let text = self.config.run.to_text().map_err(|e| format!("tenant {}: {e}", self.name))?;
+        super::users::write_file(&self.settings_file, &text)
+            .map_err(|e| format!("{}: {e}", self.settings_file.display()))?;
+        if let Some(process) = &self.process {
+            // Its link task ends with the process; the next one boots from the files.
+            let _ = process.auth.send(change);
+        }
+        Ok(())
     }
 
     /// Has its process read its TLS files again (SIGHUP): new handshakes
@@ -598,6 +629,42 @@ async fn link(
             }
         }
     }
+}
+
+/// Starts the task that sends a tenant's process its users and ACL
+/// changes on `socket` (a second descriptor of its handoff socket), each
+/// one datagram of kind `AUTH_CHANGE` without a socket (the datagram of
+/// `mqvisor::net::ingress`). Changes that queue up while the socket is
+/// full go as the latest alone: each carries every table whole. Ends when
+/// the tenant dropped the sender (its process has gone).
+fn auth_link(socket: UnixDatagram) -> std::io::Result<mpsc::UnboundedSender<Vec<u8>>> {
+    // SAFETY: as for the handoff socket in `start`: the AsyncFd owns it.
+    let socket =
+        unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }.map_err(std::io::Error::from)?;
+    let (changes, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+    tokio::spawn(async move {
+        while let Some(mut change) = queue.recv().await {
+            while let Ok(later) = queue.try_recv() {
+                change = later;
+            }
+            let mut datagram = Vec::with_capacity(1 + change.len());
+            datagram.push(mqvisor::net::ingress::AUTH_CHANGE);
+            datagram.extend_from_slice(&change);
+            loop {
+                let Ok(mut guard) = socket.writable().await else { return };
+                match guard.try_io(|inner| inner.get_ref().send(&datagram)) {
+                    Ok(Ok(_)) => break,
+                    Ok(Err(e)) => {
+                        // Gone, most likely: the next process boots from the files.
+                        tracing::warn!("users and ACL change not sent to the tenant's process: {e}");
+                        break;
+                    }
+                    Err(_would_block) => continue,
+                }
+            }
+        }
+    });
+    Ok(changes)
 }
 
 /// Sends one client: its kind, then the bytes already read from it (the
