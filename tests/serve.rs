@@ -1685,15 +1685,37 @@ fn usage_for_billing_only_grows_across_a_kill_and_a_daemon_restart() {
     let page = daemon.metrics();
     assert!(page.contains("mqvisor_tenant_usage_messages_in_total{tenant=\"alpha\"} 80"), "{page}");
     assert!(page.contains("mqvisor_tenant_usage_messages_in_total{tenant=\"beta\"} 0"), "{page}");
-    // A restarted daemon keeps it (a clean stop writes it).
-    daemon.stop();
+    // A daemon killed with -9 loses at most what came after its last save
+    // (every 10 s): once the file holds the figures, they are kept.
     let file = daemon.dir.join("state/usage/alpha.json");
+    let saved = |n: u64| {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&text).is_ok_and(|r| r["usage"]["messages_in"] == n)
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !saved(80) {
+        assert!(Instant::now() < deadline, "alpha's usage file was not written within 15 s");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+    // SAFETY: kill(2) on our own child with a valid signal.
+    unsafe { libc::kill(daemon.child.id() as libc::pid_t, libc::SIGKILL) };
+    let _ = daemon.child.wait();
     let restarted = Daemon::spawn(daemon.dir.clone());
-    let kept = usage(&restarted, "alpha");
+    let kept = counted(&restarted, 80);
     assert_eq!((figure(&kept, "messages_in"), figure(&kept, "messages_out")), (80, 80), "{kept}");
     assert_eq!(kept["since"], first["since"], "{kept}");
+    // More through the restarted daemon, then a clean stop: it writes them.
+    let clients = exchange(&restarted, "c", 20);
+    let u = counted(&restarted, 100);
+    assert_eq!(figure(&u, "messages_in"), 100, "{u}");
+    drop(clients);
+    let mut restarted = restarted;
+    restarted.stop();
+    let restarted = Daemon::spawn(daemon.dir.clone());
+    let kept = usage(&restarted, "alpha");
+    assert_eq!((figure(&kept, "messages_in"), figure(&kept, "messages_out")), (100, 100), "{kept}");
     assert!(kept["connection_seconds"].as_f64() >= u["connection_seconds"].as_f64(), "{kept}");
     // Removed: its last record is kept for billing, its file goes.
     let (ok, _, err) = restarted.tenant(&["remove", "alpha"]);
@@ -1706,5 +1728,5 @@ fn usage_for_billing_only_grows_across_a_kill_and_a_daemon_restart() {
     let removed: Vec<_> = std::fs::read_dir(daemon.dir.join("state/usage/removed")).unwrap().flatten().collect();
     assert_eq!(removed.len(), 1, "{removed:?}");
     let record: serde_json::Value = serde_json::from_slice(&std::fs::read(removed[0].path()).unwrap()).unwrap();
-    assert_eq!(record["usage"]["messages_in"], 80, "{record}");
+    assert_eq!(record["usage"]["messages_in"], 100, "{record}");
 }
