@@ -35,6 +35,7 @@ use crate::net::{
     ingress::{HandoffEdge, Ingress, ListenOn},
     metrics::Counters,
     proxy::{self, NetThread, ProxyConfig},
+    quota::Quotas,
     tls::ServerTls,
 };
 use crate::privileges;
@@ -77,6 +78,8 @@ pub struct VmConfig {
     pub state: Option<StateDisk>,
     /// Listeners beside the service's plain one (TLS), or instead of it.
     pub edge: Edge,
+    /// The tenant's rate quotas, enforced by the proxy (`net::quota`).
+    pub quotas: Quotas,
 }
 
 /// Listeners of a VM beyond the service's plain `listen` address (not used
@@ -268,6 +271,7 @@ impl Network {
         mem: &GuestMemoryMmap,
         ingress: Ingress,
         max_connections: usize,
+        quotas: Quotas,
         wake: Arc<EventFd>,
         vm_exits: Arc<AtomicU64>,
         give_up: GiveUp,
@@ -292,6 +296,7 @@ impl Network {
             vm_exits,
             stop_reason: give_up,
             disk: disk.clone(),
+            quotas,
         })
         .map_err(VmmError::Thread)?;
         let mut bus = MmioBus::default();
@@ -411,7 +416,16 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
         (Service::Demo, _) | (_, None) => (None, MmioBus::default()),
         (_, Some(ingress)) => {
             let (network, bus) =
-                Network::start(&vm, &mem, ingress, max_connections, wake.clone(), exit_count.clone(), give_up.clone())?;
+                Network::start(
+                &vm,
+                &mem,
+                ingress,
+                max_connections,
+                config.quotas,
+                wake.clone(),
+                exit_count.clone(),
+                give_up.clone(),
+            )?;
             info.service = if matches!(config.service, Service::Echo { .. }) { service::ECHO } else { service::MQTT };
             info.net = net::guest_net_config();
             info.devices[0] = DeviceDescriptor {
@@ -427,7 +441,8 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
 
     let disk = match (config.state, network.is_some()) {
         (Some(state), true) => {
-            let (disk, window) = Disk::start(&vm, &mem, state.file, wake.clone(), give_up.clone())?;
+            let sync = state.persistence == Persistence::Sync;
+            let (disk, window) = Disk::start(&vm, &mem, state.file, sync, (wake.clone(), give_up.clone()))?;
             bus.insert(window.base, window.size, disk.transport.clone());
             if let Some(network) = &network {
                 let _ = network.disk.set(disk.transport.clone());
@@ -489,25 +504,49 @@ fn reload_tls(listeners: &[Arc<ServerTls>]) {
     }
 }
 
+/// `file` opened again, for reading and writing with `O_DSYNC`: the same
+/// file (through its descriptor, so a rename meanwhile changes nothing),
+/// each write durable when it returns.
+fn reopen_write_through(file: &std::fs::File) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(format!("/proc/self/fd/{}", file.as_raw_fd()))
+}
+
 /// The state half of a VM: the virtio-blk device over the state file and
 /// its worker thread.
 struct Disk {
     transport: Arc<Mutex<MmioTransport<BlockDevice>>>,
     thread: BlockThread,
+    /// The file as opened and locked (one VM per file), kept open for the
+    /// VM's life when the device works on a write-through reopening of it.
+    _locked: Option<std::fs::File>,
 }
 
 impl Disk {
     /// Creates the device in the second device page, registers its queue
-    /// notification with KVM and starts its worker.
+    /// notification with KVM and starts its worker. With `sync`
+    /// persistence the device writes through (see `BlockDevice`): every
+    /// commit waits for its flush anyway, and one request costs one VM
+    /// exit where a write and a FLUSH cost two.
     fn start(
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         file: std::fs::File,
-        wake: Arc<EventFd>,
-        give_up: GiveUp,
+        sync: bool,
+        (wake, give_up): (Arc<EventFd>, GiveUp),
     ) -> Result<(Self, DeviceDescriptor), VmmError> {
         let base = layout::DEVICE_WINDOW + layout::DEVICE_SIZE;
-        let device = BlockDevice::new(file, "mqvisor-state").map_err(VmmError::StateFile)?;
+        let (device, locked) = match sync.then(|| reopen_write_through(&file)) {
+            Some(Ok(through)) => (BlockDevice::new(through, "mqvisor-state", true), Some(file)),
+            // No /proc to reopen through, say: FLUSH requests, as in `batch`.
+            _ => (BlockDevice::new(file, "mqvisor-state", false), None),
+        };
+        let device = device.map_err(VmmError::StateFile)?;
         let transport = MmioTransport::new(device, mem.clone()).map_err(VmmError::Thread)?;
         let event = transport.queue_event(0).ok_or(VmmError::NoQueueEvent)?;
         let addr = IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY_OFFSET);
@@ -515,7 +554,7 @@ impl Disk {
         let transport = Arc::new(Mutex::new(transport));
         let thread = BlockThread::spawn(transport.clone(), wake, give_up).map_err(VmmError::Thread)?;
         let window = DeviceDescriptor { base, size: layout::DEVICE_SIZE, kind: device_kind::VIRTIO_BLK, reserved: 0 };
-        Ok((Disk { transport, thread }, window))
+        Ok((Disk { transport, thread, _locked: locked }, window))
     }
 
     fn stop(self) -> DiskCounters {
@@ -621,6 +660,7 @@ mod tests {
             config_blob,
             handoff: None,
             edge: Edge::default(),
+            quotas: Quotas::default(),
             run_as: None,
             state: None,
         }
