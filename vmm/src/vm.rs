@@ -265,13 +265,13 @@ struct Network {
 
 impl Network {
     /// Creates the virtio-net device, binds the tenant listener, registers the
-    /// queue notifications with KVM and starts the net thread.
+    /// queue notifications with KVM and starts the net thread, which carries
+    /// at most the given connections within the tenant's quotas.
     fn start(
         vm: &VmFd,
         mem: &GuestMemoryMmap,
         ingress: Ingress,
-        max_connections: usize,
-        quotas: Quotas,
+        (max_connections, quotas): (usize, Quotas),
         wake: Arc<EventFd>,
         vm_exits: Arc<AtomicU64>,
         give_up: GiveUp,
@@ -415,13 +415,11 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let (network, mut bus) = match (config.service, ingress) {
         (Service::Demo, _) | (_, None) => (None, MmioBus::default()),
         (_, Some(ingress)) => {
-            let (network, bus) =
-                Network::start(
+            let (network, bus) = Network::start(
                 &vm,
                 &mem,
                 ingress,
-                max_connections,
-                config.quotas,
+                (max_connections, config.quotas),
                 wake.clone(),
                 exit_count.clone(),
                 give_up.clone(),

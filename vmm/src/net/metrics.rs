@@ -93,6 +93,17 @@ counters! {
     disk_ring_faults: Counter "disk_ring_faults" "Times the guest's block driver broke a ring";
     refused_handshakes: Counter "refused_handshakes"
         "TLS clients refused at once because too many TLS handshakes were in flight in the tenant's process";
+    throttled_read_us: Counter "throttled_read_us"
+        "Microseconds clients were not read because a quota's tokens ran out, summed over clients";
+    throttled_write_us: Counter "throttled_write_us"
+        "Microseconds clients were not written to because the egress quota's tokens ran out, summed over clients";
+    throttled_bytes_in: Counter "throttled_bytes_in" "Bytes from clients that went to the guest only after waiting for a quota";
+    throttled_bytes_out: Counter "throttled_bytes_out"
+        "Bytes to clients written only after waiting for the egress quota";
+    throttled_publishes: Counter "throttled_publishes"
+        "PUBLISH packets held back in the VMM for a publish-rate token or their turn";
+    throttled_connections: Counter "throttled_connections"
+        "New client connections that waited for the connection-rate quota";
 }
 
 impl Counters {

@@ -10,6 +10,7 @@
 //! - [`streams`]: every decision about a stream (windows, credit, linger,
 //!   shedding, the connection limit), without I/O;
 //! - [`proxy`]: the net thread, doing the I/O those decisions ask for;
+//! - [`quota`]: the tenant's rate quotas (token buckets, the PUBLISH framer);
 //! - [`link`]: the frame queues between the proxy and the virtio-net device;
 //! - [`metrics`]: the VM's counters, from the proxy to `--stats` and the daemon;
 //! - [`paced`]: paced reads and socket settings for the host-native broker.
@@ -23,6 +24,7 @@ pub mod link;
 pub mod metrics;
 pub mod paced;
 pub mod proxy;
+pub mod quota;
 pub mod streams;
 pub mod tls;
 pub mod transport;

@@ -9,10 +9,13 @@
 //! straight to the client; every bound and every decision about a stream
 //! is the stream logic's. An idle stream costs its client, a small struct
 //! and one parked task. When the VM stops, every client sees a clean
-//! close. This thread never touches the vCPU; the device handler wakes a
-//! parked guest after giving it frames.
+//! close. With quotas set, it gives the stream logic the time, bounds
+//! reads and writes by what it allows, and keeps new clients beyond the
+//! connection rate waiting (not taking more from the ingress meanwhile).
+//! This thread never touches the vCPU; the device handler wakes a parked
+//! guest after giving it frames.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::ErrorKind;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,6 +32,7 @@ use super::ingress::{Arrival, Clients, Ingress, REPORT_EVERY, watch_fd};
 use super::link::FrameLink;
 use super::metrics::Counters;
 use super::paced::sleep_or_forever;
+use super::quota::Quotas;
 use super::streams::{Action, Flushed, Limits, Streams, Turn};
 use super::transport::ClientTransport;
 use super::{GUEST_MAC, HOST_MAC, MAX_FRAME};
@@ -72,6 +76,8 @@ pub struct ProxyConfig {
     pub disk: Arc<OnceLock<Arc<Mutex<MmioTransport<BlockDevice>>>>>,
     /// Where the proxy says why the VM must stop (see `vcpu::VcpuContext`).
     pub stop_reason: GiveUp,
+    /// The tenant's rate quotas (none set: nothing is limited).
+    pub quotas: Quotas,
 }
 
 /// Stops the net thread (closing every client cleanly) and waits for it.
@@ -218,6 +224,11 @@ struct Proxy {
     /// The last one sent, sent again should the guest reset (it boots
     /// from its configuration blob, which predates it).
     auth_sent: Option<Vec<u8>>,
+    /// Clients that arrived beyond the connection rate, waiting for its
+    /// tokens (nothing more is taken from the ingress meanwhile).
+    pending: VecDeque<Arrival>,
+    /// When the first of `pending` may be taken.
+    pending_until: Option<Instant>,
 }
 
 impl Proxy {
@@ -226,6 +237,8 @@ impl Proxy {
         let (rx_event, tx_event) = device.queue_events()?;
         let (woken_tx, woken_rx) = mpsc::unbounded_channel();
         let limits = Limits { max_connections: config.max_connections, out_budget: out_budget(), linger: CLOSE_LINGER };
+        let mut streams = Streams::new(limits);
+        streams.set_quotas(config.quotas, Instant::now());
         Ok(Proxy {
             device,
             net: config.transport,
@@ -235,7 +248,7 @@ impl Proxy {
             tx_event: watch_fd(tx_event)?,
             link: FrameLink::default(),
             building: Building { buf: vec![0u8; MAX_FRAME], len: 0 },
-            streams: Streams::new(limits),
+            streams,
             clients: HashMap::new(),
             woken_tx,
             woken_rx,
@@ -245,6 +258,8 @@ impl Proxy {
             storm: NotifyStorm::new("network", "frames"),
             auth_change: None,
             auth_sent: None,
+            pending: VecDeque::new(),
+            pending_until: None,
         })
     }
 
@@ -259,19 +274,31 @@ impl Proxy {
         let mut report = tokio::time::interval(REPORT_EVERY);
         loop {
             self.pump();
-            let linger = self.streams.poll_timeout().map(|end| end.saturating_duration_since(Instant::now()));
+            let due = self.streams.poll_timeout().into_iter().chain(self.pending_until).min();
+            let linger = due.map(|end| end.saturating_duration_since(Instant::now()));
             tokio::select! {
                 _ = &mut stop => break,
                 _ = report.tick(), if self.clients_in.reports() => self.report_load(),
-                arrived = self.clients_in.arrived() => {
+                arrived = self.clients_in.arrived(), if self.pending.is_empty() => {
+                    self.tick();
                     for arrival in arrived {
-                        self.accept(arrival);
+                        if !self.pending.is_empty() {
+                            self.streams.connection_waits();
+                            self.pending.push_back(arrival);
+                        } else if self.streams.take_connection().is_ok() {
+                            self.accept(arrival);
+                        } else {
+                            self.streams.connection_waits();
+                            self.pending.push_back(arrival);
+                        }
                     }
+                    self.accept_pending();
                     if let Some(change) = self.clients_in.take_auth_change() {
                         self.auth_change = Some(change);
                     }
                 }
                 Some(woken) = self.woken_rx.recv() => {
+                    self.tick();
                     self.on_woken(woken);
                     while let Ok(woken) = self.woken_rx.try_recv() {
                         self.on_woken(woken);
@@ -297,12 +324,43 @@ impl Proxy {
                         clients.get(&id).map_or(0, |c| c.transport.bytes_acked())
                     });
                     self.act();
+                    self.accept_pending();
                 }
             }
         }
         self.streams.close_all();
         self.act();
         self.counters()
+    }
+
+    /// Gives the quotas the time, when any are set.
+    fn tick(&mut self) {
+        if self.streams.limited() {
+            self.streams.tick(Instant::now());
+        }
+    }
+
+    /// Takes the clients that waited for the connection rate, as its
+    /// tokens allow; says when the next may be taken.
+    fn accept_pending(&mut self) {
+        self.pending_until = None;
+        if self.pending.is_empty() {
+            return;
+        }
+        self.tick();
+        while !self.pending.is_empty() {
+            match self.streams.take_connection() {
+                Ok(()) => {
+                    if let Some(arrival) = self.pending.pop_front() {
+                        self.accept(arrival);
+                    }
+                }
+                Err(at) => {
+                    self.pending_until = Some(at);
+                    return;
+                }
+            }
+        }
     }
 
     fn accept(&mut self, (transport, first_bytes): Arrival) {
@@ -355,7 +413,12 @@ impl Proxy {
     /// Writes what the client takes of what waits for it.
     fn flush(&mut self, id: StreamId) {
         let Some(client) = self.clients.get(&id) else { return };
-        let out = self.streams.out(id);
+        let out = self.streams.out_allowed(id);
+        if out.is_empty() && !self.streams.out(id).is_empty() {
+            // The egress quota's tokens ran out: the guest's bytes wait.
+            self.streams.write_throttled(id);
+            return;
+        }
         let mut written = 0;
         let mut how = Flushed::All;
         while written < out.len() {
@@ -381,6 +444,7 @@ impl Proxy {
     /// Does all the work there is, until nothing moves.
     fn pump(&mut self) {
         loop {
+            self.tick();
             let visit = self.device.process(&mut self.link);
             if visit.reset {
                 // A reset guest has lost its streams: so have their clients.
@@ -479,13 +543,20 @@ impl Proxy {
                     return Some(true);
                 };
                 let transport = &client.transport;
+                let streams = &mut self.streams;
+                let limited = streams.limited();
                 let mut outcome = Ok(0);
+                let mut admitted = 0;
                 let room = self.building.with_frame(&mut self.link, |frame| {
                     if frame.data_room() == 0 {
                         return 0; // A full frame: take a fresh one.
                     }
-                    outcome = transport.try_read(frame.data_slot(max));
-                    frame.commit_data(id, *outcome.as_ref().unwrap_or(&0));
+                    let slot = frame.data_slot(max);
+                    outcome = transport.try_read(slot);
+                    let read = *outcome.as_ref().unwrap_or(&0);
+                    // With quotas, what has no token yet waits in the stream.
+                    admitted = if limited { streams.admit_read(id, &slot[..read]) } else { read };
+                    frame.commit_data(id, admitted);
                     1
                 });
                 if !room {
@@ -493,7 +564,7 @@ impl Proxy {
                     return None;
                 }
                 match outcome {
-                    Ok(n) if n > 0 => self.streams.client_read(id, n),
+                    Ok(n) if n > 0 => self.streams.client_read(id, admitted),
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         self.streams.client_blocked(id);
                         return Some(false);

@@ -30,6 +30,11 @@
 //! call [`Streams::shed`] once the guest's frames are taken; wake at
 //! [`Streams::poll_timeout`] for [`Streams::handle_timeout`]. Nothing a
 //! guest writes is trusted: what breaks the protocol is counted.
+//!
+//! With quotas set ([`Streams::set_quotas`], `net::quota`), a client whose
+//! tokens ran out is not read (or not written) until its bucket refills:
+//! it waits in a timer queue, in the order it began to wait, and the time
+//! is given by [`Streams::tick`] (never read here).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -37,6 +42,7 @@ use std::time::{Duration, Instant};
 use mqvisor_boot_abi::streams::{self, Record, ServiceStats, StreamId, Window};
 
 use super::metrics::Counters;
+use super::quota::{ClientQuota, Limiter, Quotas, Throttled};
 
 /// The bounds a [`Streams`] keeps.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +108,8 @@ enum Reading {
     Queued,
     /// Readable, but the guest's window is shut.
     Stalled,
+    /// Waiting for a quota's tokens (in `waits`).
+    Throttled,
     /// The client finished or failed; nothing more goes to the guest.
     Done,
 }
@@ -130,6 +138,19 @@ struct Stream {
     /// When the client finished sending, while the guest has not closed
     /// (its key in `ending`).
     ended: Option<Instant>,
+    /// Its part of the quotas, when any are set.
+    quota: Option<ClientQuota>,
+    /// Since when writing to it waits for the egress bucket (in `waits`).
+    write_waits: Option<Instant>,
+}
+
+/// What a stream in [`Streams::waits`] waits for tokens to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Be read, since the time given.
+    Read(Instant),
+    /// Be written.
+    Write,
 }
 
 /// Every stream of one VM's link, host side.
@@ -163,6 +184,12 @@ pub struct Streams {
     dropping: usize,
     next_id: StreamId,
     counters: Counters,
+    /// The tenant's quotas, when any are set.
+    limiter: Option<Limiter>,
+    /// Streams waiting for tokens, by when they may go on, in the order
+    /// they began to wait (the number).
+    waits: BTreeMap<(Instant, u64), (StreamId, Wait)>,
+    wait_seq: u64,
 }
 
 impl Streams {
@@ -182,6 +209,128 @@ impl Streams {
             dropping: 0,
             next_id: 1,
             counters: Counters::default(),
+            limiter: None,
+            waits: BTreeMap::new(),
+            wait_seq: 0,
+        }
+    }
+
+    /// Enforces `quotas` from `now` on (none: nothing is limited).
+    pub fn set_quotas(&mut self, quotas: Quotas, now: Instant) {
+        self.limiter = Limiter::new(quotas, now);
+    }
+
+    /// True when quotas are set: the I/O around must [`Streams::tick`].
+    pub fn limited(&self) -> bool {
+        self.limiter.is_some()
+    }
+
+    /// The time now, for the quotas' buckets.
+    pub fn tick(&mut self, now: Instant) {
+        if let Some(limiter) = &mut self.limiter {
+            limiter.tick(now);
+        }
+    }
+
+    /// A new client may be taken now (`Ok`, its token taken), or from the
+    /// time given.
+    pub fn take_connection(&mut self) -> Result<(), Instant> {
+        self.limiter.as_mut().map_or(Ok(()), Limiter::take_connection)
+    }
+
+    /// A new client waits for the connection rate (counted).
+    pub fn connection_waits(&mut self) {
+        self.counters.throttled_connections += 1;
+    }
+
+    fn wait(&mut self, at: Instant, id: StreamId, wait: Wait) {
+        self.wait_seq += 1;
+        self.waits.insert((at, self.wait_seq), (id, wait));
+    }
+
+    /// The stream may not be read now: it waits for its tokens.
+    fn throttle_read(&mut self, id: StreamId) {
+        let (Some(limiter), Some(stream)) = (&self.limiter, self.streams.get_mut(&id)) else { return };
+        let Some(quota) = &mut stream.quota else { return };
+        stream.reading = Reading::Throttled;
+        let at = limiter.read_ready_at(quota);
+        let now = limiter.now();
+        self.wait(at, id, Wait::Read(now));
+    }
+
+    fn count_throttled(&mut self, moved: Throttled, read: bool) {
+        if read {
+            self.counters.throttled_bytes_in += moved.bytes;
+        } else {
+            self.counters.throttled_bytes_out += moved.bytes;
+        }
+        self.counters.throttled_publishes += moved.publishes;
+    }
+
+    /// Of the `bytes` a read took from the client, those that may go to
+    /// the guest now (their tokens taken); the rest wait here for their
+    /// turn, ahead of anything read later. All of them without quotas.
+    pub fn admit_read(&mut self, id: StreamId, bytes: &[u8]) -> usize {
+        let (Some(limiter), Some(stream)) = (&mut self.limiter, self.streams.get_mut(&id)) else {
+            return bytes.len();
+        };
+        let Some(quota) = &mut stream.quota else { return bytes.len() };
+        let k = limiter.allowance(quota, bytes);
+        let moved = limiter.consume(quota, &bytes[..k], bytes.len() - k);
+        if k < bytes.len() {
+            stream.first_bytes.extend_from_slice(&bytes[k..]);
+        }
+        self.count_throttled(moved, true);
+        k
+    }
+
+    /// The guest's bytes that may be written to the client now: what
+    /// [`Streams::out`] holds, within the egress quota.
+    pub fn out_allowed(&self, id: StreamId) -> &[u8] {
+        let out = self.out(id);
+        match &self.limiter {
+            None => out,
+            Some(limiter) => &out[..out.len().min(limiter.write_max())],
+        }
+    }
+
+    /// Nothing may be written to the client now: it waits for tokens.
+    pub fn write_throttled(&mut self, id: StreamId) {
+        let (Some(limiter), Some(stream)) = (&self.limiter, self.streams.get_mut(&id)) else { return };
+        let Some(quota) = &mut stream.quota else { return };
+        if stream.write_waits.is_some() {
+            return;
+        }
+        let now = limiter.now();
+        stream.write_waits = Some(now);
+        let at = limiter.write_ready_at(quota);
+        self.wait(at, id, Wait::Write);
+    }
+
+    /// Streams whose tokens are due go on: readers back in the read turns,
+    /// writers flushed, in the order they began to wait.
+    fn resume(&mut self, now: Instant) {
+        while let Some(entry) = self.waits.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let (id, wait) = entry.remove();
+            let Some(stream) = self.streams.get_mut(&id) else { continue };
+            match wait {
+                Wait::Read(since) => {
+                    if stream.reading == Reading::Throttled {
+                        self.counters.throttled_read_us += micros(now.saturating_duration_since(since));
+                        stream.reading = Reading::Queued;
+                        self.read_queue.push_back(id);
+                    }
+                }
+                Wait::Write => {
+                    if let Some(since) = stream.write_waits.take() {
+                        self.counters.throttled_write_us += micros(now.saturating_duration_since(since));
+                        self.actions.push_back(Action::Flush(id));
+                    }
+                }
+            }
         }
     }
 
@@ -252,6 +401,8 @@ impl Streams {
             dropped: false,
             lingering: false,
             ended: None,
+            quota: self.limiter.as_ref().map(Limiter::client),
+            write_waits: None,
         };
         self.streams.insert(id, stream);
         self.unanswered.insert(id);
@@ -293,6 +444,22 @@ impl Streams {
             stream.reading = Reading::Stalled;
             return Some(Turn::Skip);
         }
+        if let (Some(limiter), Some(quota)) = (&self.limiter, &mut stream.quota) {
+            let max = if stream.first_bytes.is_empty() {
+                room.min(limiter.read_max())
+            } else {
+                let len = stream.first_bytes.len().min(room);
+                limiter.allowance(quota, &stream.first_bytes[..len])
+            };
+            if max == 0 {
+                self.throttle_read(id);
+                return Some(Turn::Skip);
+            }
+            if !stream.first_bytes.is_empty() {
+                return Some(Turn::First { id, len: max });
+            }
+            return Some(Turn::Client { id, max });
+        }
         if !stream.first_bytes.is_empty() {
             // What was read before the handover goes first.
             return Some(Turn::First { id, len: stream.first_bytes.len().min(room) });
@@ -314,6 +481,12 @@ impl Streams {
     pub fn first_sent(&mut self, id: StreamId, n: usize) {
         let Some(stream) = self.streams.get_mut(&id) else { return };
         let n = n.min(stream.first_bytes.len());
+        if let (Some(limiter), Some(quota)) = (&mut self.limiter, &mut stream.quota) {
+            let held = stream.first_bytes.len() - n;
+            let moved = limiter.consume(quota, &stream.first_bytes[..n], held);
+            self.counters.throttled_bytes_in += moved.bytes;
+            self.counters.throttled_publishes += moved.publishes;
+        }
         stream.first_bytes.drain(..n);
         if stream.first_bytes.is_empty() {
             stream.first_bytes = Vec::new();
@@ -375,12 +548,19 @@ impl Streams {
         stream.out.drain(..written);
         self.out_total -= written;
         self.counters.bytes_out += written as u64;
+        let mut wait_for_tokens = false;
+        if let (Some(limiter), Some(quota)) = (&mut self.limiter, &mut stream.quota) {
+            let moved = limiter.wrote(quota, written);
+            self.counters.throttled_bytes_out += moved.bytes;
+            wait_for_tokens = how == Flushed::All && !stream.out.is_empty();
+        }
         if stream.out.is_empty() && stream.out.capacity() > 0 {
             // An idle stream keeps no buffer.
             stream.out = Vec::new();
         }
         self.consumed(id, written);
         match how {
+            Flushed::All if wait_for_tokens => self.write_throttled(id),
             Flushed::All => {}
             Flushed::Blocked => self.actions.push_back(Action::WatchWrite(id)),
             Flushed::Failed => self.fail(id),
@@ -583,12 +763,18 @@ impl Streams {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let lingering = self.lingering.front().map(|&(since, _, _)| since);
         let ending = self.ending.first_key_value().map(|(&(since, _), _)| since);
-        lingering.into_iter().chain(ending).min().map(|since| since + self.limits.linger)
+        let linger = lingering.into_iter().chain(ending).min().map(|since| since + self.limits.linger);
+        let tokens = self.waits.first_key_value().map(|(&(at, _), _)| at);
+        linger.into_iter().chain(tokens).min()
     }
 
     /// Resets the clients that took none of their last bytes in time;
     /// `acked` says what a client has acknowledged now.
     pub fn handle_timeout(&mut self, now: Instant, mut acked: impl FnMut(StreamId) -> u64) {
+        if self.limiter.is_some() {
+            self.tick(now);
+            self.resume(now);
+        }
         let linger = self.limits.linger;
         while let Some(&(since, id, before)) = self.lingering.front() {
             if now < since + linger {
@@ -675,6 +861,10 @@ impl Streams {
             self.actions.push_back(Action::Forget(id));
         }
     }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

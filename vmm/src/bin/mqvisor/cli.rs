@@ -10,6 +10,7 @@ use mqvisor::state::Persistence;
 use mqvisor::vm;
 
 use crate::edge::{EdgeFlags, Listen};
+use crate::quotas::QuotaFlags;
 use crate::settings::BrokerFlags;
 
 /// Guest RAM of a tenant VM unless told otherwise, MiB.
@@ -220,6 +221,8 @@ pub struct RunArgs {
     pub listen: Listen,
     #[command(flatten)]
     pub edge: EdgeFlags,
+    #[command(flatten)]
+    pub quotas: QuotaFlags,
     /// Print VM exit and network counters to stderr when the VM ends
     #[arg(long)]
     pub stats: bool,

@@ -16,6 +16,7 @@ mod cli;
 mod edge;
 mod fd_limit;
 mod procfs;
+mod quotas;
 mod run;
 mod serve;
 mod settings;

@@ -14,6 +14,7 @@ use mqvisor::vm::{self, RunReport, Service, VmConfig};
 use crate::cli::{RunArgs, ServiceKind};
 use crate::edge::{self, Listen};
 use crate::fd_limit;
+use crate::quotas::{self, QuotaFlags};
 use crate::settings::TenantRun;
 
 /// Exit code when the VM could not be started (bad input, no KVM, ...).
@@ -89,7 +90,15 @@ fn prepare(mut args: RunArgs) -> Result<Prepared, Refusal> {
             std::fs::read(path).map_err(|e| Refusal::setup(format!("cannot read image {}: {e}", path.display())))?
         }
     };
-    let (settings, edge_keys) = args.broker.resolve_taking(edge::CONFIG_KEYS).map_err(Refusal::setup)?;
+    let not_broker: Vec<&str> = edge::CONFIG_KEYS.iter().chain(quotas::CONFIG_KEYS).copied().collect();
+    let (settings, mut edge_keys) = args.broker.resolve_taking(&not_broker).map_err(Refusal::setup)?;
+    let mut quota_keys = toml::Table::new();
+    for key in quotas::CONFIG_KEYS {
+        if let Some(value) = edge_keys.remove(*key) {
+            quota_keys.insert((*key).to_string(), value);
+        }
+    }
+    let quotas = args.quotas.resolve(quota_keys).map_err(Refusal::setup)?;
     let base = args.broker.config.as_deref().and_then(std::path::Path::parent).unwrap_or(std::path::Path::new(""));
     let max_packet = settings.config.max_packet_size;
     let edge = if args.handoff_fd.is_some() {
@@ -116,6 +125,7 @@ fn prepare(mut args: RunArgs) -> Result<Prepared, Refusal> {
         run_as,
         handoff,
         edge,
+        quotas,
         config_blob: if args.service == ServiceKind::Mqtt { settings.config_blob() } else { Vec::new() },
         image,
         memory_mib: args.memory,
@@ -199,6 +209,7 @@ impl RunArgs {
         self.edge.tls_key = tenant.tls_key;
         self.edge.tls_client_ca = tenant.tls_client_ca;
         self.edge.tls_identity_as_user = tenant.tls_identity_as_user;
+        self.quotas = QuotaFlags::of(tenant.quotas);
         self.edge.tls_named =
             tenant.tls_own.map(|own| mqvisor::net::tls::NamedCert { names: own.names, cert: own.cert, key: own.key });
     }
@@ -373,6 +384,17 @@ fn print_stats(report: &RunReport) {
         );
         if let Some(fault) = &report.last_ring_fault {
             eprint!(" (last: {fault})");
+        }
+        if net.throttled_read_us + net.throttled_write_us + net.throttled_connections > 0 {
+            eprint!(
+                ", throttled: reads {} us, writes {} us, bytes in {}, bytes out {}, publishes {}, connections {}",
+                net.throttled_read_us,
+                net.throttled_write_us,
+                net.throttled_bytes_in,
+                net.throttled_bytes_out,
+                net.throttled_publishes,
+                net.throttled_connections
+            );
         }
     }
     if let Some(disk) = &report.disk {

@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+use mqvisor::net::quota::Quotas;
 use mqvisor::state::Persistence;
 use mqvisor_boot_abi::config_blob;
 use mqvisor_broker::auth::{Acl, FileError, PasswordFile};
@@ -167,6 +168,10 @@ pub struct TenantRun {
     /// its own host names; `tls_cert` (the provider's) serves the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_own: Option<OwnCert>,
+    /// Its rate quotas (`[quotas]`, the `mqvisor run` flags of the same
+    /// names), enforced by its VMM's proxy.
+    #[serde(default, skip_serializing_if = "Quotas::is_unlimited")]
+    pub quotas: Quotas,
 }
 
 /// A tenant's own certificate and the host names it is served for.
@@ -370,6 +375,7 @@ mod tests {
             tls_client_ca: None,
             tls_identity_as_user: false,
             tls_own: None,
+            quotas: Quotas { max_publish_rate: 2000, ..Quotas::default() },
         };
         let text = tenant.to_text().unwrap();
         // Settings not given are not written.
@@ -380,6 +386,7 @@ mod tests {
         assert_eq!(back.broker.max_connections, Some(7));
         assert_eq!((back.tls_cert, back.tls_key), (tenant.tls_cert, tenant.tls_key));
         assert!(back.tls_client_ca.is_none() && !back.tls_identity_as_user);
+        assert_eq!(back.quotas, tenant.quotas);
         std::fs::write(&path, "memory = 64\npersistence = \"sync\"\nswap = 1\n[broker]\n").unwrap();
         let err = TenantRun::read(&path).unwrap_err().to_string();
         assert!(err.starts_with("tenant settings") && err.contains("swap"), "{err}");

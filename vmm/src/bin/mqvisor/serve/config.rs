@@ -59,6 +59,7 @@ use mqvisor::cgroup::Limits;
 use mqvisor::state::Persistence;
 use mqvisor::vm::Service;
 
+use crate::quotas::QuotaFlags;
 use crate::settings::{BrokerFlags, OwnCert, TenantRun};
 
 /// Largest configuration file accepted.
@@ -134,6 +135,7 @@ pub struct TenantTable {
     persistence: Option<Persistence>,
     limits: Limits,
     tls: TlsTable,
+    quotas: QuotaFlags,
     broker: BrokerFlags,
 }
 
@@ -246,6 +248,7 @@ impl TenantTable {
         };
         limits.validate().map_err(|e| format!("{context}: {e}"))?;
         let tls = TlsTable::parse(&mut table, base, context)?;
+        let quotas = QuotaFlags::take_from(&mut table, context)?;
         if let Some(name) = &user {
             mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
         }
@@ -253,7 +256,7 @@ impl TenantTable {
             table.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))?;
         broker.password_file = broker.password_file.map(|p| absolute(base, p));
         broker.acl_file = broker.acl_file.map(|p| absolute(base, p));
-        Ok(TenantTable { memory, listen, idle_stop_after, user, persistence, limits, tls, broker })
+        Ok(TenantTable { memory, listen, idle_stop_after, user, persistence, limits, tls, quotas, broker })
     }
 
     /// A tenant from its TOML `table` (paths relative to `base`), over
@@ -309,6 +312,7 @@ impl TenantTable {
                 tls_key: key,
                 tls_own,
                 tls_client_ca: tls.client_ca,
+                quotas: own.quotas.over(&self.quotas).resolve(toml::Table::new())?,
                 broker,
             },
         })
