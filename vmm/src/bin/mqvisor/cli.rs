@@ -426,7 +426,8 @@ pub enum BenchCommand {
         #[arg(long, value_enum, default_value = "both")]
         clients: MqttClients,
         /// `five`: the five shapes above; `topologies`: 1->1, 10->1 and 1->100 at QoS 0/1/2 with p50/p99
-        /// latency, own client only, against Mosquitto, the runner and a VM
+        /// latency, own client only, against Mosquitto, the runner and a VM; `quotas`: QoS 0 1->1
+        /// through a VM without quotas and one with quotas far above the load
         #[arg(long, value_enum, default_value = "five")]
         shapes: MqttShapes,
     },
@@ -445,6 +446,9 @@ pub enum MqttClients {
 pub enum MqttShapes {
     Five,
     Topologies,
+    /// QoS 0 1->1 through a VM with no quota set beside one with quotas
+    /// set far above the load: what the rate limiter costs
+    Quotas,
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {

@@ -446,6 +446,7 @@ pub fn mqtt(exe: &Path, o: &Options) -> Result<(), String> {
             Err("--shapes topologies is measured with the own client only (--clients own)".into())
         }
         (MqttShapes::Topologies, _) => topologies(exe, o.scale, o.include_vm, o.memory_mib),
+        (MqttShapes::Quotas, _) => quotas(exe, o.scale, o.memory_mib),
         (MqttShapes::Five, clients) => five(exe, o, clients),
     }
 }
@@ -493,6 +494,49 @@ fn topologies(exe: &Path, scale: f64, include_vm: bool, memory_mib: u32) -> Resu
             );
         }
     }
+    Ok(())
+}
+
+/// Quotas far above any load this machine makes: every limit is checked,
+/// none is ever reached.
+const HIGH_QUOTAS: [&str; 10] = [
+    "--max-publish-rate",
+    "100000000",
+    "--max-client-publish-rate",
+    "100000000",
+    "--max-ingress-bytes-rate",
+    "1000000000000",
+    "--max-egress-bytes-rate",
+    "1000000000000",
+    "--max-connection-rate",
+    "1000000",
+];
+
+/// `--shapes quotas`: QoS 0 1->1 (the own client) through a VM without
+/// quotas and one with [`HIGH_QUOTAS`], alternating, best of three each:
+/// the rate limiter's cost when it limits nothing.
+fn quotas(exe: &Path, scale: f64, memory_mib: u32) -> Result<(), String> {
+    let memory = memory_mib.to_string();
+    let queue = QUEUE.to_string();
+    let base = ["run", "--service", "mqtt", "--memory", &memory, "--max-queued-messages", &queue];
+    let shape =
+        Shape { publishers: 1, subscribers: 1, qos: QoS::AtMostOnce, messages: scaled(200_000, scale), durable: false };
+    let unlimited = start_mqvisor(exe, "no quota", &base)?;
+    let limited = start_mqvisor(exe, "high quotas", &[&base[..], &HIGH_QUOTAS].concat())?;
+    let (mut best_none, mut best_high) = (0.0f64, 0.0f64);
+    for round in 1..=3 {
+        eprintln!("bench mqtt: quotas, round {round} of 3 ...");
+        best_none = best_none.max(run_shape(unlimited.addr, shape)?.delivered_per_s);
+        best_high = best_high.max(run_shape(limited.addr, shape)?.delivered_per_s);
+    }
+    println!(
+        "Rate limiter's cost: QoS 0 1->1, {} 100-byte messages through a tenant VM, best of 3 (own client)",
+        shape.messages
+    );
+    println!("{:<40} {:>11}", "tenant VM", "msg/s");
+    println!("{:<40} {:>11.0}", "no quota set", best_none);
+    println!("{:<40} {:>11.0}", "every quota set, far above the load", best_high);
+    println!("{:<40} {:>10.1}%", "cost of the limiter", (1.0 - best_high / best_none) * 100.0);
     Ok(())
 }
 
