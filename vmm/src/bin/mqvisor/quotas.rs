@@ -77,12 +77,13 @@ impl QuotaFlags {
         let mut quotas = toml::Table::new();
         for key in CONFIG_KEYS {
             if let Some(value) = table.remove(*key) {
+                if value.as_integer().is_none_or(|n| n < 0) {
+                    return Err(format!("{context}: {key} must be a number per second (0: no limit)"));
+                }
                 quotas.insert((*key).to_string(), value);
             }
         }
-        quotas.try_into().map_err(|e: toml::de::Error| {
-            format!("{context}: {} (a quota is a number per second, 0 for no limit)", e.message())
-        })
+        quotas.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))
     }
 
     /// The flags that give `quotas` (a `serve` tenant's).

@@ -556,6 +556,23 @@ mod tests {
     }
 
     #[test]
+    fn quotas_come_from_defaults_and_tenants_and_reach_the_tenant_process() {
+        let c = load(
+            "state_dir = \"state\"\n[defaults]\nmax_publish_rate = 2000\nmax_connection_rate = 50\n\
+             [tenants.acme]\nmax_publish_rate = 100\nmax_client_publish_rate = 10\n\
+             [tenants.globex]\nmax_egress_bytes_rate = 0\n[tenants.bad]\nmax_publish_rate = -1\n",
+        )
+        .unwrap();
+        let acme = c.tenants["acme"].run.quotas;
+        assert_eq!((acme.max_publish_rate, acme.max_client_publish_rate, acme.max_connection_rate), (100, 10, 50));
+        let globex = c.tenants["globex"].run.quotas;
+        assert_eq!((globex.max_publish_rate, globex.max_egress_bytes_rate), (2000, 0));
+        assert!(c.failed["bad"].reason.contains("max_publish_rate"), "{}", c.failed["bad"].reason);
+        // Not the broker's: its settings never see them.
+        assert_eq!(c.tenants["acme"].run.broker.max_connections, None);
+    }
+
+    #[test]
     fn mistakes_are_named() {
         let err = |text: &str| load(text).unwrap_err().to_string();
         assert!(err("listen = \"x\"\nstate_dir = \"s\"").contains("listen must be an address"));
