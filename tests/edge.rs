@@ -558,48 +558,6 @@ fn a_client_hello_sent_a_byte_at_a_time_still_gets_its_connack() {
     }
     let pki = Pki::make("bytewise");
     let vm = start(&tls_args(&pki, &[]));
-    let script = r#"
-import socket, ssl, sys, time
-port, ca = int(sys.argv[1]), sys.argv[2]
-ctx = ssl.create_default_context(cafile=ca)
-inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-tls = ctx.wrap_bio(inc, out, server_hostname="localhost")
-s = socket.create_connection(("127.0.0.1", port))
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-s.settimeout(10)
-def pump():
-    data = out.read()
-    if data:
-        s.sendall(data)
-try:
-    tls.do_handshake()
-except ssl.SSLWantReadError:
-    pass
-hello = out.read()
-for b in hello:
-    s.send(bytes([b]))
-    time.sleep(0.0005)
-while True:
-    try:
-        tls.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        pump()
-        inc.write(s.recv(65536))
-pump()
-tls.write(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))
-pump()
-got = b""
-while len(got) < 4:
-    try:
-        got += tls.read(4 - len(got))
-    except ssl.SSLWantReadError:
-        pump()
-        inc.write(s.recv(65536))
-print(got.hex(), len(hello))
-sys.exit(0 if got == bytes([0x20, 2, 0, 0]) else 1)
-"#;
-    let out =
-        Command::new("python3").args(["-c", script, &vm.tls.port().to_string(), &pki.path("ca.pem")]).output().unwrap();
+    let out = common::tls_connect_a_byte_at_a_time(vm.tls.port(), &pki.path("ca.pem"), "localhost");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }

@@ -4,170 +4,15 @@
 
 mod common;
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::daemon::{Daemon, free_port};
 use common::wire::{connect_as, publish, read_packet, subscribe, try_read_packet};
 use common::{kvm_available, mqvisor};
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A running daemon with its log lines.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    log: Arc<Mutex<Vec<String>>>,
-    dir: PathBuf,
-}
-
-impl Daemon {
-    /// Writes `tenants` (TOML tables after `[defaults]`) into a fresh
-    /// configuration and starts `mqvisor serve` on a free port.
-    fn start(name: &str, tenants: &str, files: &[(&str, &str)]) -> Daemon {
-        Daemon::spawn(Daemon::configure(name, tenants, files))
-    }
-
-    /// The directory of a fresh configuration with `tenants` and `files`.
-    fn configure(name: &str, tenants: &str, files: &[(&str, &str)]) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("mqvisor-serve-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (file, text) in files {
-            std::fs::write(dir.join(file), text).unwrap();
-        }
-        let config = dir.join("serve.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "listen = \"127.0.0.1:0\"\nstate_dir = \"state\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
-                 [defaults]\nmemory = 64\nmax_connections = 100\n{tenants}",
-                free_port()
-            ),
-        )
-        .unwrap();
-        dir
-    }
-
-    /// Starts `mqvisor serve` on `dir/serve.toml` and waits until it listens.
-    fn spawn(dir: PathBuf) -> Daemon {
-        Daemon::spawn_with_descriptors(dir, None)
-    }
-
-    /// As `spawn`, with the daemon's descriptor limit (soft and hard) set.
-    fn spawn_with_descriptors(dir: PathBuf, descriptors: Option<u64>) -> Daemon {
-        let mut command = mqvisor();
-        if let Some(n) = descriptors {
-            common::limit_child(&mut command, libc::RLIMIT_NOFILE, n, Some(n));
-        }
-        Daemon::spawn_command(dir, command)
-    }
-
-    /// As `spawn`, the daemon being `command` (`mqvisor`, as some user).
-    fn spawn_command(dir: PathBuf, mut command: std::process::Command) -> Daemon {
-        let config = dir.join("serve.toml");
-        command.arg("serve").arg("--config").arg(&config).stdout(Stdio::null()).stderr(Stdio::piped());
-        let mut child = command.spawn().expect("spawning mqvisor serve");
-        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr: SocketAddr = loop {
-            let line = lines.next().expect("mqvisor serve ended before listening").unwrap();
-            if let Some(addr) = line.strip_prefix("mqvisor: serve listening on ") {
-                break addr.parse().unwrap();
-            }
-        };
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in lines.map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Daemon { child, addr, log, dir }
-    }
-
-    /// Waits for a log line containing every one of `needles`.
-    fn wait_for(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(line) = self.log.lock().unwrap().iter().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return line.clone();
-            }
-            assert!(Instant::now() < deadline, "no log line with {needles:?}: {:?}", self.log.lock().unwrap());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn pid_of(&self, tenant: &str) -> i32 {
-        let line = self.wait_for(&["booted", &format!("tenant={tenant} ")]);
-        let pid = line.split("pid=").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
-        pid.parse().unwrap()
-    }
-
-    /// `mqvisor tenant ARGS` against this daemon: exit success and stdout.
-    fn tenant(&self, args: &[&str]) -> (bool, String, String) {
-        let out = mqvisor()
-            .arg("tenant")
-            .args(args)
-            .arg("--socket")
-            .arg(self.dir.join("state/control.sock"))
-            .output()
-            .unwrap();
-        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-        (out.status.success(), text(&out.stdout), text(&out.stderr))
-    }
-
-    /// The tenants as `mqvisor tenant list --json` shows them.
-    fn list(&self) -> Vec<serde_json::Value> {
-        let (ok, json, err) = self.tenant(&["list", "--json"]);
-        assert!(ok, "tenant list failed: {err}");
-        serde_json::from_str::<Vec<serde_json::Value>>(&json).unwrap()
-    }
-
-    /// The daemon's `GET /metrics` page.
-    fn metrics(&self) -> String {
-        let config = std::fs::read_to_string(self.dir.join("serve.toml")).unwrap();
-        let line = config.lines().find(|l| l.starts_with("metrics_listen")).unwrap();
-        let port = line.split("127.0.0.1:").nth(1).and_then(|r| r.split('"').next()).unwrap().to_string();
-        let mut http = TcpStream::connect(format!("127.0.0.1:{port}")).unwrap();
-        http.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-        let mut page = String::new();
-        std::io::Read::read_to_string(&mut http, &mut page).unwrap();
-        page
-    }
-
-    /// The value of the series `name` on the metrics page.
-    fn metric(&self, name: &str) -> u64 {
-        let page = self.metrics();
-        page.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in {page}"))
-    }
-
-    fn log_has(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-}
-
-impl Daemon {
-    /// Stops the daemon (SIGTERM) and waits for it.
-    fn stop(&mut self) {
-        // SAFETY: kill(2) on our own child with a valid signal.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Connects with `username` (and `password`) and returns the CONNACK's
 /// session-present flag and return code, with the stream.
@@ -577,43 +422,6 @@ fn the_control_socket_and_the_tenants_files_are_the_daemons_users_alone() {
 
 /// mosquitto_passwd -b: user alice, password "secret" (PBKDF2-SHA512).
 const ALICE_SECRET: &str = "alice:$7$101$I2p5Zn01wKWpDT/6$Xfrt09y66vDIbzjDKZm//zHX5CnCeyUL2m7oLqWo+O7daXQsRMOUzYbQgWIsXftfoU+v2Zqp6y9DOvqO80ferg==\n";
-
-impl Daemon {
-    /// One request to the control socket, as curl would send it: the status
-    /// and the body.
-    fn http(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut socket = std::os::unix::net::UnixStream::connect(self.dir.join("state/control.sock")).unwrap();
-        let length = body.len();
-        write!(socket, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n")
-            .unwrap();
-        socket.write_all(body.as_bytes()).unwrap();
-        let mut answer = String::new();
-        std::io::Read::read_to_string(&mut socket, &mut answer).unwrap();
-        let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        (status, answer.split_once("\r\n\r\n").map_or(String::new(), |(_, body)| body.to_string()))
-    }
-
-    /// The tenant `name` as `mqvisor tenant show NAME --json` shows it.
-    fn show(&self, name: &str) -> serde_json::Value {
-        let (ok, json, err) = self.tenant(&["show", name, "--json"]);
-        assert!(ok, "tenant show {name} failed: {err}");
-        serde_json::from_str(&json).unwrap()
-    }
-
-    /// The tenants' names, sorted.
-    fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.list().iter().map(|t| t["name"].as_str().unwrap().to_string()).collect();
-        names.sort();
-        names
-    }
-
-    /// The `GET /metrics` response's header and body.
-    fn metrics_response(&self) -> (String, String) {
-        let page = self.metrics();
-        let (head, body) = page.split_once("\r\n\r\n").expect("an HTTP response");
-        (head.to_string(), body.to_string())
-    }
-}
 
 /// A v3.1.1 CONNECT to `addr`, retried while the port is not bound yet:
 /// the CONNACK's return code.
@@ -1560,47 +1368,7 @@ fn a_tenant_s_own_client_ca_holds_on_every_shared_port_and_a_hello_sent_a_byte_a
 
     // A ClientHello written a byte at a time still reaches globex, which
     // answers its CONNECT.
-    let script = r#"
-import socket, ssl, sys, time
-port, ca = int(sys.argv[1]), sys.argv[2]
-ctx = ssl.create_default_context(cafile=ca)
-inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
-tls = ctx.wrap_bio(inc, out, server_hostname="globex.mq.test")
-s = socket.create_connection(("127.0.0.1", port))
-s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-s.settimeout(10)
-def pump():
-    data = out.read()
-    if data:
-        s.sendall(data)
-try:
-    tls.do_handshake()
-except ssl.SSLWantReadError:
-    pass
-for b in out.read():
-    s.send(bytes([b]))
-    time.sleep(0.0005)
-while True:
-    try:
-        tls.do_handshake()
-        break
-    except ssl.SSLWantReadError:
-        pump()
-        inc.write(s.recv(65536))
-pump()
-tls.write(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))
-pump()
-got = b""
-while len(got) < 4:
-    try:
-        got += tls.read(4 - len(got))
-    except ssl.SSLWantReadError:
-        pump()
-        inc.write(s.recv(65536))
-print(got.hex())
-sys.exit(0 if got == bytes([0x20, 2, 0, 0]) else 1)
-"#;
-    let out = std::process::Command::new("python3").args(["-c", script, &tls.to_string(), &ca]).output().unwrap();
+    let out = common::tls_connect_a_byte_at_a_time(tls, &ca, "globex.mq.test");
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
 

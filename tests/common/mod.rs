@@ -2,6 +2,7 @@
 //! and deciding what to do when this machine has no KVM.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod daemon;
 pub mod pki;
 pub mod wire;
 
@@ -256,4 +257,53 @@ pub fn limit_child(command: &mut Command, resource: libc::__rlimit_resource_t, s
             Ok(())
         });
     }
+}
+
+/// Python's `ssl` module doing a TLS handshake with `server_name` whose
+/// ClientHello goes out one byte per write (what a proxy that reads only the
+/// hello must reassemble), then an MQTT CONNECT: success when the CONNACK
+/// accepts it.
+pub fn tls_connect_a_byte_at_a_time(port: u16, ca: &str, server_name: &str) -> Output {
+    const SCRIPT: &str = r#"
+import socket, ssl, sys, time
+port, ca, name = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+ctx = ssl.create_default_context(cafile=ca)
+inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+tls = ctx.wrap_bio(inc, out, server_hostname=name)
+s = socket.create_connection(("127.0.0.1", port))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.settimeout(10)
+def pump():
+    data = out.read()
+    if data:
+        s.sendall(data)
+try:
+    tls.do_handshake()
+except ssl.SSLWantReadError:
+    pass
+hello = out.read()
+for b in hello:
+    s.send(bytes([b]))
+    time.sleep(0.0005)
+while True:
+    try:
+        tls.do_handshake()
+        break
+    except ssl.SSLWantReadError:
+        pump()
+        inc.write(s.recv(65536))
+pump()
+tls.write(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))
+pump()
+got = b""
+while len(got) < 4:
+    try:
+        got += tls.read(4 - len(got))
+    except ssl.SSLWantReadError:
+        pump()
+        inc.write(s.recv(65536))
+print(got.hex(), len(hello))
+sys.exit(0 if got == bytes([0x20, 2, 0, 0]) else 1)
+"#;
+    Command::new("python3").args(["-c", SCRIPT, &port.to_string(), ca, server_name]).output().expect("running python3")
 }
