@@ -1498,3 +1498,49 @@ fn usage_for_billing_only_grows_across_a_kill_and_a_daemon_restart() {
     let record: serde_json::Value = serde_json::from_slice(&std::fs::read(removed[0].path()).unwrap()).unwrap();
     assert_eq!(record["usage"]["messages_in"], 100, "{record}");
 }
+
+/// Reads `count` PUBLISH packets from `stream`.
+fn receive(stream: &mut TcpStream, count: usize) {
+    for i in 0..count {
+        let (kind, _) = try_read_packet(stream).unwrap_or_else(|e| panic!("message {i} of {count}: {e}"));
+        assert_eq!(kind & 0xF0, 0x30, "PUBLISH");
+    }
+}
+
+#[test]
+fn a_publish_rate_set_in_serves_config_holds_that_tenant_back_and_no_other() {
+    if !kvm_available("a_publish_rate_set_in_serves_config_holds_that_tenant_back_and_no_other") {
+        return;
+    }
+    // [defaults] set the quota; globex's own key lifts it.
+    let daemon = Daemon::start(
+        "quotas",
+        "max_publish_rate = 500\n[tenants.acme]\n[tenants.globex]\nmax_publish_rate = 0\n",
+        &[],
+    );
+    const MESSAGES: usize = 1500;
+    let burst: Vec<u8> = (0..MESSAGES).flat_map(|i| publish("t", format!("{i}").as_bytes(), 0, 0, false)).collect();
+    let mut took = Vec::new();
+    for tenant in ["acme", "globex"] {
+        let mut reader = connected(&daemon, "reader", &format!("{tenant}:reader"));
+        reader.write_all(&subscribe("t", 0, 1)).unwrap();
+        assert_eq!(read_packet(&mut reader).0, 0x90, "SUBACK");
+        let mut writer = connected(&daemon, "writer", &format!("{tenant}:writer"));
+        let started = Instant::now();
+        writer.write_all(&burst).unwrap();
+        receive(&mut reader, MESSAGES);
+        took.push(started.elapsed());
+    }
+    eprintln!("{MESSAGES} QoS 0 messages: acme (500/s) {:?}, globex (no quota) {:?}", took[0], took[1]);
+    // 3 s of tokens but the first 100 ms burst: every message, none early.
+    assert!(took[0] >= Duration::from_millis(2700), "acme was not held to 500/s: {:?}", took[0]);
+    // Counted for acme alone (the load report comes once a second).
+    let series = |tenant: &str| format!("mqvisor_tenant_throttled_publishes_total{{tenant=\"{tenant}\"}}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while daemon.metric(&series("acme")) == 0 {
+        assert!(Instant::now() < deadline, "acme's throttled publishes never counted");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(daemon.metric(&series("globex")), 0, "globex has no quota");
+    assert!(took[1] < took[0], "globex was held back too: {took:?}");
+}
