@@ -558,3 +558,52 @@ fn at_the_connection_limit_a_new_client_displaces_one_that_never_spoke() {
     let (_, stderr) = vm.stop();
     assert!(stderr.contains("silent clients dropped 20"), "{stderr}");
 }
+
+#[test]
+fn a_subscriber_that_reads_slowly_under_a_flood_costs_drops_not_the_tenant() {
+    if !kvm_available("a_subscriber_that_reads_slowly_under_a_flood_costs_drops_not_the_tenant") {
+        return;
+    }
+    // A subscriber that keeps reading, but slower than a publisher of small
+    // QoS 0 messages sends: its output is refilled as fast as it is taken
+    // and never empties. This once kept every byte ever sent to it in the
+    // guest until one allocation failed and the whole tenant stopped.
+    let vm = RunningVm::start(&["--timeout", "120", "--stats", "--max-queued-messages", "100000"]);
+    let mut subscriber = mqtt_connect(&vm, "slow-reader").unwrap();
+    subscriber.write_all(&[0x82, 11, 0, 1, 0, 6, b'f', b'l', b'o', b'o', b'd', b'/', 0]).unwrap();
+    assert_eq!(read_packet(&mut subscriber).0, 0x90);
+    let reader = subscriber.try_clone().unwrap();
+    let slow = std::thread::spawn(move || {
+        let mut reader = reader;
+        reader.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total = 0u64;
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            total += n as u64;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        total
+    });
+    let mut packet = vec![0x30];
+    remaining_length(2 + 6 + 100, &mut packet);
+    packet.extend_from_slice(&[0, 6]);
+    packet.extend_from_slice(b"flood/");
+    packet.extend_from_slice(&[b'm'; 100]);
+    let burst = packet.repeat(10_000);
+    let mut publisher = mqtt_connect(&vm, "firehose").unwrap();
+    // 2,000,000 messages, 216 MB: more than the guest's RAM.
+    for _ in 0..200 {
+        publisher.write_all(&burst).unwrap();
+    }
+    ping(&mut publisher);
+    let read = slow.join().unwrap();
+    eprintln!("the slow subscriber read {} MB of the 216 MB flood", read / 1_000_000);
+    assert!(read > 0);
+    // The tenant still serves: the subscriber's own connection, and a new client.
+    ping(&mut subscriber);
+    let mut late = mqtt_connect(&vm, "late").unwrap();
+    ping(&mut late);
+    let (_, stats) = vm.stop();
+    eprintln!("{stats}");
+    assert!(!stats.contains("panicked"), "{stats}");
+}

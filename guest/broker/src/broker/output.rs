@@ -15,6 +15,10 @@ use crate::packet::{self, Packet, Payload, Version};
 /// Payloads at least this long are referenced, not copied.
 const SHARE_FROM: usize = 4096;
 
+/// Taken bytes at the front of the tail past which they are dropped (once
+/// they are also at least half of it): see [`Output::consume`].
+const COMPACT_FROM: usize = 16 * 1024;
+
 enum Segment {
     Bytes(Vec<u8>),
     Shared(Payload),
@@ -90,6 +94,16 @@ impl Output {
                 self.tail = Vec::new();
                 self.taken = 0;
             }
+            None if self.taken >= COMPACT_FROM && self.taken * 2 >= self.tail.len() => {
+                // A consumer that keeps up only in part (a window at a
+                // time) never empties the tail while the broker refills
+                // it: without this, the tail would keep every byte ever
+                // sent on the connection and grow until the heap ran out.
+                // Moving the untaken bytes (no more than were taken) keeps
+                // the tail within twice its untaken bytes, amortized O(1).
+                self.tail.drain(..self.taken);
+                self.taken = 0;
+            }
             _ => {}
         }
     }
@@ -142,6 +156,31 @@ mod tests {
         assert_eq!(drain(&mut out, 1000), expected);
         assert!(out.segments.is_empty() && out.front().is_empty());
         assert_eq!(out.tail.capacity(), 0, "an emptied output keeps no buffer");
+    }
+
+    #[test]
+    fn a_consumer_that_never_catches_up_holds_no_more_than_it_is_owed() {
+        // The broker refills the output whenever its untaken bytes fall
+        // below a bound; the consumer takes part of them each time. The
+        // tail must not keep what was taken.
+        let mut expected = Vec::new();
+        let mut got = Vec::new();
+        let mut out = Output::default();
+        let mut most = 0;
+        for _ in 0..20_000 {
+            while out.len() < 8 * 1024 {
+                packet::encode(&publish(&[5u8; 100]), Version::V3_1_1, &mut expected);
+                out.push(&publish(&[5u8; 100]), Version::V3_1_1);
+            }
+            let n = out.front().len().min(3000);
+            got.extend_from_slice(&out.front()[..n]);
+            out.consume(n);
+            most = most.max(out.tail.capacity());
+        }
+        assert!(expected.len() > 50 << 20, "{} bytes went through", expected.len());
+        assert!(most <= 64 * 1024, "the tail grew to {most} bytes");
+        got.extend(drain(&mut out, 1000));
+        assert_eq!(got, expected);
     }
 
     #[test]
