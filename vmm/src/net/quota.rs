@@ -39,6 +39,10 @@ pub const HELD_MAX: usize = 16 * 1024;
 /// Type nibble of an MQTT PUBLISH packet's first byte.
 const PUBLISH: u8 = 3;
 
+/// The fewest bytes the framer counts as a PUBLISH: a fixed header whose
+/// remaining length is 0.
+const SMALLEST_PUBLISH: usize = 2;
+
 /// A tenant's quotas, per second; 0 is no limit.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -252,13 +256,27 @@ impl Limiter {
         self.quotas.max_publish_rate > 0 || self.quotas.max_client_publish_rate > 0
     }
 
-    /// Most bytes a read turn may take from the client now; 0: it waits.
-    pub fn read_max(&self) -> usize {
-        let mut max = usize::MAX;
+    /// PUBLISH tokens `client` may use in one read turn now.
+    fn publish_tokens(&self, client: &ClientQuota) -> u64 {
+        let tenant = self.publish.map_or(u64::MAX, |b| b.available().min(b.quantum()));
+        tenant.min(client.publish.map_or(u64::MAX, |b| b.available()))
+    }
+
+    /// Most bytes a read turn may take from the client now, at most `room`;
+    /// 0: it waits.
+    pub fn read_max(&self, client: &ClientQuota, room: usize) -> usize {
+        let mut max = room;
         if let Some(ingress) = &self.ingress {
             max = max.min(to_usize(ingress.available().min(ingress.quantum())));
         }
-        if self.counts_publishes() {
+        // What follows a PUBLISH without a token waits in the VMM, so a
+        // read takes at most HELD_MAX bytes, unless the tokens there cover
+        // every PUBLISH that many bytes could hold: then nothing can wait,
+        // and the read is as large as one without quotas (smaller reads
+        // made three times the frames to the guest).
+        if self.counts_publishes()
+            && self.publish_tokens(client) < u64::try_from(max / SMALLEST_PUBLISH).unwrap_or(u64::MAX)
+        {
             max = max.min(HELD_MAX);
         }
         max
@@ -271,10 +289,9 @@ impl Limiter {
         if let Some(bucket) = &mut client.publish {
             bucket.refill(self.now);
         }
-        let mut len = bytes.len().min(self.read_max());
+        let mut len = self.read_max(client, bytes.len());
         if self.counts_publishes() {
-            let mut left = self.publish.map_or(u64::MAX, |b| b.available().min(b.quantum()));
-            left = left.min(client.publish.map_or(u64::MAX, |b| b.available()));
+            let mut left = self.publish_tokens(client);
             let mut framer = client.framer;
             len = framer.scan(&bytes[..len], || {
                 let ok = left > 0;
@@ -524,6 +541,25 @@ mod tests {
     }
 
     #[test]
+    fn a_read_holds_back_at_most_held_max_unless_every_publish_it_could_hold_has_a_token() {
+        let t0 = Instant::now();
+        let room = 256 * 1024;
+        // 10,000,000 a second: a quarter of the burst covers a whole read.
+        let plenty = Quotas { max_publish_rate: 10_000_000, max_client_publish_rate: 10_000_000, ..Quotas::default() };
+        let limiter = Limiter::new(plenty, t0).unwrap();
+        assert_eq!(limiter.read_max(&limiter.client(), room), room);
+        // 2,000 a second: 50 tokens a turn, fewer than 256 KiB could hold.
+        for few in [
+            Quotas { max_publish_rate: 2000, ..Quotas::default() },
+            Quotas { max_client_publish_rate: 2000, ..Quotas::default() },
+        ] {
+            let limiter = Limiter::new(few, t0).unwrap();
+            assert_eq!(limiter.read_max(&limiter.client(), room), HELD_MAX, "{few:?}");
+            assert_eq!(limiter.read_max(&limiter.client(), 100), 100, "{few:?}");
+        }
+    }
+
+    #[test]
     fn bytes_and_connections_wait_for_their_tokens() {
         let t0 = Instant::now();
         let quotas = Quotas {
@@ -534,10 +570,10 @@ mod tests {
         };
         let mut limiter = Limiter::new(quotas, t0).unwrap();
         let mut client = limiter.client();
-        assert_eq!(limiter.read_max(), 250, "a quarter of the 1000 bytes' burst");
+        assert_eq!(limiter.read_max(&client, 1000), 250, "a quarter of the 1000 bytes' burst");
         assert_eq!(limiter.allowance(&mut client, &[0u8; 400]), 250);
         limiter.consume(&mut client, &[0u8; 1000], 0);
-        assert_eq!(limiter.read_max(), 0);
+        assert_eq!(limiter.read_max(&client, 1000), 0);
         assert_eq!(limiter.read_ready_at(&mut client), t0 + Duration::from_millis(25));
         assert_eq!(limiter.write_max(), 25);
         limiter.wrote(&mut client, 100);

@@ -446,7 +446,7 @@ impl Streams {
         }
         if let (Some(limiter), Some(quota)) = (&self.limiter, &mut stream.quota) {
             let max = if stream.first_bytes.is_empty() {
-                room.min(limiter.read_max())
+                limiter.read_max(quota, room)
             } else {
                 let len = stream.first_bytes.len().min(room);
                 limiter.allowance(quota, &stream.first_bytes[..len])

@@ -413,7 +413,7 @@ pub enum BenchCommand {
     /// VM side by side in one run, with the VM's exits per message.
     Mqtt {
         /// Multiplies the message counts (1.0: 1->1 50k QoS 0, 10k QoS 1, 5k QoS 2; 1->20 5k QoS 0, 1k QoS 1;
-        /// topologies: 100k QoS 0, 20k QoS 1, 10k QoS 2 per topology)
+        /// topologies: 100k QoS 0, 20k QoS 1, 10k QoS 2 per topology; quotas: 2M QoS 0 1->1, about a second each)
         #[arg(long, default_value_t = 1.0)]
         scale: f64,
         /// Leave out the tenant VM

@@ -519,8 +519,13 @@ fn quotas(exe: &Path, scale: f64, memory_mib: u32) -> Result<(), String> {
     let memory = memory_mib.to_string();
     let queue = QUEUE.to_string();
     let base = ["run", "--service", "mqtt", "--memory", &memory, "--max-queued-messages", &queue];
-    let shape =
-        Shape { publishers: 1, subscribers: 1, qos: QoS::AtMostOnce, messages: scaled(200_000, scale), durable: false };
+    let shape = Shape {
+        publishers: 1,
+        subscribers: 1,
+        qos: QoS::AtMostOnce,
+        messages: scaled(2_000_000, scale),
+        durable: false,
+    };
     let unlimited = start_mqvisor(exe, "no quota", &base)?;
     let limited = start_mqvisor(exe, "high quotas", &[&base[..], &HIGH_QUOTAS].concat())?;
     let (mut best_none, mut best_high) = (0.0f64, 0.0f64);
