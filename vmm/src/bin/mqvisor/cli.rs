@@ -334,7 +334,8 @@ pub enum BenchCommand {
     },
     /// What durable state costs: QoS 1 1->1 and 10->1 to durable subscribers
     /// with --persistence sync, batch and off beside Mosquitto with and
-    /// without persistence, flushes per message, then the restart time and
+    /// without persistence, flushes per message, unpaced and again at 80% of
+    /// Mosquitto's rate (where latencies compare), then the restart time and
     /// state file size with N retained messages beside Mosquitto's.
     State {
         /// Multiplies the message counts (1.0: 20k QoS 1 messages per topology)

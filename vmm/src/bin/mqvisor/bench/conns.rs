@@ -115,7 +115,8 @@ fn measure(target: &Target, idle: usize, churn: usize, large: usize) -> Result<F
         held.push(connect(target.addr, &format!("idle-{i}"))?.1);
     }
     let after = pss_kib(pid)?;
-    let shape = Shape { publishers: 1, subscribers: 1, qos: QoS::AtLeastOnce, messages: 20_000, durable: false };
+    let shape =
+        Shape { publishers: 1, subscribers: 1, qos: QoS::AtLeastOnce, messages: 20_000, durable: false, rate: None };
     let busy_beside_idle_per_s = run_shape(target.addr, shape)?.delivered_per_s;
     drop(held);
     thread::sleep(std::time::Duration::from_millis(500));

@@ -54,6 +54,25 @@ pub struct Shape {
     /// Subscribers keep their session (clean session 0, a fresh client id
     /// per run), so a broker that persists has something to persist.
     pub durable: bool,
+    /// Messages per second offered by all publishers together, each on a
+    /// schedule; `None`: as fast as each publisher's window allows. A
+    /// latency compares brokers only at the same offered rate: unpaced,
+    /// the one that takes publishes faster than its subscriber drains
+    /// them shows its backlog as latency.
+    pub rate: Option<f64>,
+}
+
+/// Sleeps until the `seq`th message of a publisher sending one every
+/// `every` since `started` is due (no sleep when it is already late, so a
+/// publisher behind its schedule catches up in a burst).
+fn wait_turn(every: Option<Duration>, started: Instant, seq: usize) {
+    if let Some(every) = every {
+        let due = started + every.mul_f64(seq as f64);
+        let now = Instant::now();
+        if due > now {
+            thread::sleep(due - now);
+        }
+    }
 }
 
 /// What one shape achieved against one target.
@@ -274,9 +293,15 @@ fn publish_all(
             payload: Payload::from(payload),
         })
     };
+    let every = shape.rate.map(|rate| Duration::from_secs_f64(shape.publishers as f64 / rate));
+    let started = Instant::now();
     if shape.qos == QoS::AtMostOnce {
         let mut w = BufWriter::with_capacity(64 * 1024, stream);
         for seq in 0..shape.messages {
+            if every.is_some() {
+                w.flush().map_err(io_err)?;
+                wait_turn(every, started, seq);
+            }
             w.write_all(&encode(&template(None, seq))).map_err(io_err)?;
         }
         w.flush().map_err(io_err)?;
@@ -316,6 +341,7 @@ fn publish_all(
         Ok(())
     });
     for seq in 0..shape.messages {
+        wait_turn(every, started, seq);
         permits_tx.send(()).map_err(|_| "acknowledgement reader ended")?;
         let id = u16::try_from(seq % 65_535 + 1).unwrap_or(1);
         let bytes = encode(&template(Some(id), seq));
@@ -415,9 +441,30 @@ pub fn shapes(scale: f64) -> Vec<Shape> {
             QoS::AtLeastOnce => 20_000,
             QoS::ExactlyOnce => 10_000,
         };
-        out.push(Shape { publishers: 1, subscribers: 1, qos, messages: scaled(per, scale), durable: false });
-        out.push(Shape { publishers: 10, subscribers: 1, qos, messages: scaled(per / 10, scale), durable: false });
-        out.push(Shape { publishers: 1, subscribers: 100, qos, messages: scaled(per / 100, scale), durable: false });
+        out.push(Shape {
+            publishers: 1,
+            subscribers: 1,
+            qos,
+            messages: scaled(per, scale),
+            durable: false,
+            rate: None,
+        });
+        out.push(Shape {
+            publishers: 10,
+            subscribers: 1,
+            qos,
+            messages: scaled(per / 10, scale),
+            durable: false,
+            rate: None,
+        });
+        out.push(Shape {
+            publishers: 1,
+            subscribers: 100,
+            qos,
+            messages: scaled(per / 100, scale),
+            durable: false,
+            rate: None,
+        });
     }
     out
 }
@@ -525,6 +572,7 @@ fn quotas(exe: &Path, scale: f64, memory_mib: u32) -> Result<(), String> {
         qos: QoS::AtMostOnce,
         messages: scaled(2_000_000, scale),
         durable: false,
+        rate: None,
     };
     let unlimited = start_mqvisor(exe, "no quota", &base)?;
     let limited = start_mqvisor(exe, "high quotas", &[&base[..], &HIGH_QUOTAS].concat())?;
@@ -795,6 +843,7 @@ fn measure(setup: &Setup, server: Server, kind: Kind, case: Case) -> Result<Cell
                     qos: case.qos,
                     messages: case.messages,
                     durable: false,
+                    rate: None,
                 };
                 let f = run_shape(addr, shape)?;
                 let cpu = before.zip(rusage_seconds(libc::RUSAGE_SELF)).map(|(a, b)| b - a);

@@ -146,7 +146,7 @@ pub fn serve(exe: &Path, tenants: usize, messages: usize) -> Result<(), String> 
     drop(daemon);
 
     // (c) QoS 1 1->1: Mosquitto, mqvisor run directly, through the shared port.
-    let shape = Shape { publishers: 1, subscribers: 1, qos: QoS::AtLeastOnce, messages, durable: false };
+    let shape = Shape { publishers: 1, subscribers: 1, qos: QoS::AtLeastOnce, messages, durable: false, rate: None };
     let mosquitto = start_mosquitto("")?;
     let anchor = run_shape(mosquitto.addr, shape)?.delivered_per_s;
     drop(mosquitto);
