@@ -224,8 +224,38 @@ fn create_memory(vm: &VmFd, memory_mib: u32) -> Result<GuestMemoryMmap, VmmError
         // caller keeps alive for as long as the VM (`Vm` holds both and drops
         // the VM fd first); the slot is new and does not overlap another.
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+        advise_huge_pages(host, region.memory_size);
     }
     Ok(mem)
+}
+
+/// Guest-physical memory below this stays in 4 KiB pages: the image, the
+/// rings, the stacks and the start of the heap, which is all an idle
+/// tenant touches, cost the host only the pages written. The heap is
+/// handed out front to back, so only a tenant whose heap grew past this
+/// (many clients, a large recovered state) reaches the rest.
+const HUGE_PAGES_FROM: u64 = 16 << 20;
+
+/// Asks the kernel to back guest RAM above [`HUGE_PAGES_FROM`] with
+/// transparent huge pages. Under a nested hypervisor every first touch of a
+/// 4 KiB page is an exit; a 2 MiB page is one for 512 of them (recovering
+/// 1,000,000 retained messages took 1.8 s in 4 KiB pages, 0.5 s so). KVM
+/// maps 2 MiB pages only where host and guest addresses agree modulo 2 MiB,
+/// which the kernel's alignment of large anonymous mappings gives for an
+/// even number of MiB. Best effort: without THP the guest is only slower.
+fn advise_huge_pages(host: *mut u8, size: u64) {
+    let (Ok(from), Ok(size)) = (usize::try_from(HUGE_PAGES_FROM), usize::try_from(size)) else { return };
+    if size <= from {
+        return;
+    }
+    // SAFETY: [host + from, host + size) lies inside the live mapping of
+    // guest RAM (`size` is its length) and starts on a page boundary (16 MiB
+    // past a page-aligned mapping); MADV_HUGEPAGE changes only how the
+    // kernel backs the range, never its contents or protection.
+    let done = unsafe { libc::madvise(host.add(from).cast(), size - from, libc::MADV_HUGEPAGE) };
+    if done != 0 {
+        tracing::debug!("madvise(MADV_HUGEPAGE) on guest RAM: {}", std::io::Error::last_os_error());
+    }
 }
 
 /// Reads the guest TSC (0 if KVM will not say): lets the guest time its start.
