@@ -57,6 +57,7 @@ impl GiveUp {
         if let Ok(mut given) = self.0.lock() {
             given.get_or_insert(reason);
         }
+        crate::vcpu::ring_supervisor();
     }
 
     /// The reason given, if any.
