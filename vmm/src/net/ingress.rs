@@ -6,8 +6,9 @@
 //! one datagram carrying its socket (SCM_RIGHTS) and the bytes the daemon
 //! already read from it. On the same socket the VM sends its load report:
 //! its [`Counters`] as [`Counters::to_report`] encodes them, every
-//! [`REPORT_EVERY`] and once when its guest's link is up (the daemon times
-//! boots by that). Never trusts a datagram: one without a socket is no
+//! [`REPORT_EVERY`] while anything happens, every [`REPORT_IDLE_EVERY`]
+//! while nothing does, and once when its guest's link is up (the daemon
+//! times boots by that). Never trusts a datagram: one without a socket is no
 //! client.
 //!
 //! # The handoff datagram
@@ -66,8 +67,14 @@ pub const AUTH_CHANGE: u8 = 0x80;
 pub const MAX_HANDOFF_BYTES: usize = 256 * 1024;
 
 /// How often a VM fed by `mqvisor serve` reports its load back on the
-/// handoff socket.
+/// handoff socket while anything happens in it.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// How often it reports while nothing happens (no client, guest or timer
+/// event since the last report): the daemon's figures stay current (and
+/// connection-seconds are counted) within this, and an idle tenant wakes up
+/// once in it instead of every second.
+pub const REPORT_IDLE_EVERY: Duration = Duration::from_secs(10);
 
 /// A client as it arrives: its transport and the bytes read from it before.
 pub type Arrival = (Arc<dyn ClientTransport>, Vec<u8>);

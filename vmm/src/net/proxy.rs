@@ -28,7 +28,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::ingress::{Arrival, Clients, Ingress, REPORT_EVERY, watch_fd};
+use super::ingress::{Arrival, Clients, Ingress, REPORT_EVERY, REPORT_IDLE_EVERY, watch_fd};
 use super::link::FrameLink;
 use super::metrics::Counters;
 use super::paced::sleep_or_forever;
@@ -271,14 +271,27 @@ impl Proxy {
 
     /// Serves until `stop`; returns what it counted.
     async fn run(mut self, mut stop: oneshot::Receiver<()>) -> Counters {
-        let mut report = tokio::time::interval(REPORT_EVERY);
+        // A report is due REPORT_EVERY after the last one when anything
+        // happened since, and only every REPORT_IDLE_EVERY when nothing did:
+        // an idle tenant does not wake up every second for it.
+        let mut reported_at = Instant::now();
+        let mut active = true;
         loop {
             self.pump();
             let due = self.streams.poll_timeout().into_iter().chain(self.pending_until).min();
             let linger = due.map(|end| end.saturating_duration_since(Instant::now()));
+            let report_in = self.clients_in.reports().then(|| {
+                let every = if active { REPORT_EVERY } else { REPORT_IDLE_EVERY };
+                (reported_at + every).saturating_duration_since(Instant::now())
+            });
             tokio::select! {
                 _ = &mut stop => break,
-                _ = report.tick(), if self.clients_in.reports() => self.report_load(),
+                () = sleep_or_forever(report_in) => {
+                    self.report_load();
+                    reported_at = Instant::now();
+                    active = false;
+                    continue;
+                }
                 arrived = self.clients_in.arrived(), if self.pending.is_empty() => {
                     self.tick();
                     for arrival in arrived {
@@ -327,6 +340,7 @@ impl Proxy {
                     self.accept_pending();
                 }
             }
+            active = true;
         }
         self.streams.close_all();
         self.act();
