@@ -15,7 +15,8 @@
 //! order they are given.
 //!
 //! Files: `STATE_DIR/usage/NAME.json` (mode 0600, its folder 0700), written
-//! whole to a temporary file, synced and renamed over the old one, every
+//! whole to a temporary file, synced and renamed over the old one (a round
+//! of saves with one sync of the file system and one of the folder), every
 //! [`SAVE_EVERY`] and at a clean stop, so a crash never leaves a torn file
 //! and a daemon crash loses at most that interval. A file that cannot be
 //! used (damaged, of another format, another tenant's) is logged once, set
@@ -295,40 +296,101 @@ impl Writer {
     }
 }
 
-/// The writer thread: each job in turn. A file that cannot be written is
-/// logged once (until it can again); its ledger is still counted in memory.
+/// The writer thread: each job in turn, the saves queued together written
+/// as one batch. A file that cannot be written is logged once (until it
+/// can again); its ledger is still counted in memory.
 fn write_all(dir: &Path, queue: &mpsc::Receiver<Job>) {
     let mut failing = BTreeSet::new();
-    while let Ok(job) = queue.recv() {
-        let (tenant, written) = match job {
-            Job::Save { tenant, record } => {
-                let written = write_atomically(&dir.join(format!("{tenant}.json")), &record);
-                (tenant, written)
+    let mut said = |tenant: String, written: std::io::Result<()>| match written {
+        Ok(()) => {
+            failing.remove(&tenant);
+        }
+        Err(e) => {
+            if failing.insert(tenant.clone()) {
+                tracing::error!(tenant = %tenant, dir = %dir.display(), "cannot write its usage: {e}");
             }
-            Job::Retire { tenant, record, done } => {
-                let file = dir.join(format!("{tenant}.json"));
-                let kept = dir.join("removed").join(format!("{tenant}-{}.json", unix_now()));
-                let written = match record {
-                    Some(record) => write_atomically(&kept, &record).and_then(|()| remove_if_there(&file)),
-                    None => match std::fs::rename(&file, &kept) {
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                        other => other,
-                    },
-                };
-                let _ = done.send(());
-                (tenant, written)
-            }
-        };
-        match written {
-            Ok(()) => {
-                failing.remove(&tenant);
-            }
-            Err(e) => {
-                if failing.insert(tenant.clone()) {
-                    tracing::error!(tenant = %tenant, dir = %dir.display(), "cannot write its usage: {e}");
+        }
+    };
+    while let Ok(first) = queue.recv() {
+        let mut saves = Vec::new();
+        for job in std::iter::once(first).chain(std::iter::from_fn(|| queue.try_recv().ok())) {
+            match job {
+                Job::Save { tenant, record } => saves.push((tenant, record)),
+                Job::Retire { tenant, record, done } => {
+                    // What was given before it is written first.
+                    for (tenant, written) in save_all(dir, std::mem::take(&mut saves)) {
+                        said(tenant, written);
+                    }
+                    let file = dir.join(format!("{tenant}.json"));
+                    let kept = dir.join("removed").join(format!("{tenant}-{}.json", unix_now()));
+                    let written = match record {
+                        Some(record) => write_atomically(&kept, &record).and_then(|()| remove_if_there(&file)),
+                        None => match std::fs::rename(&file, &kept) {
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                            other => other,
+                        },
+                    };
+                    let _ = done.send(());
+                    said(tenant, written);
                 }
             }
         }
+        for (tenant, written) in save_all(dir, saves) {
+            said(tenant, written);
+        }
+    }
+}
+
+/// Writes each tenant's record as [`write_atomically`] would, but with one
+/// sync of the file system for all the temporary files and one of the
+/// folder for all the renames: two waits for the disk per save round, where
+/// a sync per file and per rename made a host of 1,000 connected tenants
+/// spend a core's tenth on it.
+fn save_all(dir: &Path, saves: Vec<(String, Vec<u8>)>) -> Vec<(String, std::io::Result<()>)> {
+    if saves.is_empty() {
+        return Vec::new();
+    }
+    let written: Vec<_> = saves
+        .into_iter()
+        .map(|(tenant, record)| {
+            let path = dir.join(format!("{tenant}.json"));
+            let written = write_temporary(&path, &record).map(|temporary| (temporary, path));
+            (tenant, written)
+        })
+        .collect();
+    let synced = sync_file_system(dir);
+    let renamed: Vec<_> = written
+        .into_iter()
+        .map(|(tenant, written)| {
+            let renamed = written.and_then(|(temporary, path)| match &synced {
+                Ok(()) => std::fs::rename(&temporary, &path),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+            (tenant, renamed)
+        })
+        .collect();
+    let folder = std::fs::File::open(dir).and_then(|folder| folder.sync_all());
+    renamed
+        .into_iter()
+        .map(|(tenant, renamed)| {
+            let done = renamed.and_then(|()| match &folder {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            });
+            (tenant, done)
+        })
+        .collect()
+}
+
+/// Syncs the file system `dir` is on (syncfs(2)): every temporary file of a
+/// batch reaches the disk with one wait.
+fn sync_file_system(dir: &Path) -> std::io::Result<()> {
+    let folder = std::fs::File::open(dir)?;
+    // SAFETY: syncfs on a descriptor this function owns for the call.
+    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&folder)) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -343,17 +405,23 @@ fn remove_if_there(path: &Path) -> std::io::Result<()> {
 /// and renames it over `path`: `path` is the old text or the new, never a
 /// torn one.
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let temporary = path.with_extension("json.tmp");
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
+    let temporary = write_temporary(path, bytes)?;
+    std::fs::File::open(&temporary)?.sync_all()?;
     std::fs::rename(&temporary, path)?;
     if let Some(dir) = path.parent() {
         // The rename itself, on disk.
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
+}
+
+/// Writes `bytes` to the temporary file beside `path` (mode 0600), not
+/// synced; returns its path.
+fn write_temporary(path: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    let temporary = path.with_extension("json.tmp");
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temporary)?;
+    file.write_all(bytes)?;
+    Ok(temporary)
 }
 
 #[cfg(test)]
