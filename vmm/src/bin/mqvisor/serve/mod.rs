@@ -366,6 +366,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     // Let the tenants close their clients cleanly before the daemon goes
     // (their processes die with it otherwise).
     tokio::time::sleep(Duration::from_millis(200)).await;
+    usage::stopping();
     save_usage(&tenants, &usage_writer);
     usage_writer.finish();
     let releases: Vec<_> = tenants.into_values().map(|t| tokio::spawn(t.release_group())).collect();
