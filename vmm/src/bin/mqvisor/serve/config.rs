@@ -87,6 +87,8 @@ pub struct ServeConfig {
     pub failed: BTreeMap<String, FailedTenant>,
     /// What tenants added while serving start from.
     pub defaults: TenantTable,
+    /// One node of a fleet on etcd (`[cluster]`), if it is one.
+    pub cluster: Option<super::cluster::ClusterConfig>,
 }
 
 /// A tenant whose settings could not be used at start: listed, refused to
@@ -476,10 +478,21 @@ impl ServeConfig {
             Some(toml::Value::Table(t)) => t,
             Some(_) => return Err(syntax("tenants must be tables, [tenants.NAME]".into())),
         };
+        let cluster = match root.remove("cluster") {
+            None => None,
+            Some(toml::Value::Table(t)) => Some(super::cluster::ClusterConfig::parse(t, listen).map_err(syntax)?),
+            Some(_) => return Err(syntax("[cluster] must be a table".into())),
+        };
+        if cluster.is_some() && !tables.is_empty() {
+            return Err(syntax(
+                "with [cluster], tenants are kept in etcd (mqvisor tenant add on any node), not in [tenants.NAME]"
+                    .into(),
+            ));
+        }
         if let Some(key) = root.keys().next() {
             return Err(syntax(format!(
                 "unknown key {key:?} (expected listen, listen_tls, listen_ws, listen_wss, tls_domain, state_dir, \
-                 control_socket, metrics_listen, defaults, tenants)"
+                 control_socket, metrics_listen, defaults, tenants, cluster)"
             )));
         }
         let mut tenants = BTreeMap::new();
@@ -514,6 +527,7 @@ impl ServeConfig {
             tenants,
             failed,
             defaults,
+            cluster,
         })
     }
 }

@@ -95,6 +95,10 @@ pub struct TenantView {
     /// restarts and the daemon's.
     #[serde(default)]
     pub usage: Usage,
+    /// In a fleet (`[cluster]`): the node that owns it, null while none
+    /// does. Absent outside a fleet.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub node: Option<Option<String>>,
 }
 
 impl TenantView {
@@ -118,6 +122,7 @@ impl TenantView {
             state_bytes: 0,
             boot_seconds: Vec::new(),
             usage: Usage { tenant: name.to_string(), ..Usage::default() },
+            node: None,
         }
     }
 }
@@ -563,6 +568,7 @@ mod tests {
                 since: 1,
                 ..Usage::default()
             },
+            node: None,
         };
         let front = FrontStats {
             pending_clients: 2,

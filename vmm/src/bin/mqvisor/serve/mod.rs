@@ -13,11 +13,15 @@
 //! alone holds the tenant's TLS key.
 
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod directory;
+pub mod etcd;
 pub mod failed;
 pub mod front;
+pub mod proxy_header;
+pub mod relay;
 pub mod tenant;
 pub mod usage;
 pub mod users;
@@ -29,7 +33,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use config::{Again, FailedTenant, ServeConfig, TenantConfig, TenantTable, valid_tenant_name};
 use control::Command;
@@ -144,9 +148,11 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let usage_writer = usage::Writer::start(&config.state_dir).map_err(state_error)?;
     // Tenants whose settings fail are not served; the others are.
     let mut failed = std::mem::take(&mut config.failed);
-    changes
-        .apply(&mut config.tenants, &mut failed, &config.defaults)
-        .map_err(|e| ServeError::State { path: config.state_dir.clone(), source: std::io::Error::other(e) })?;
+    if config.cluster.is_none() {
+        changes
+            .apply(&mut config.tenants, &mut failed, &config.defaults)
+            .map_err(|e| ServeError::State { path: config.state_dir.clone(), source: std::io::Error::other(e) })?;
+    }
     let mut tenants = BTreeMap::new();
     for (name, tenant) in &config.tenants {
         match Tenant::new(name, tenant.clone(), &config.state_dir) {
@@ -211,8 +217,43 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let shared = bind(config.listen).await?;
     tracing::info!(listen = %shared.local_addr().map_err(ServeError::Runtime)?, tenants = tenants.len(), "serving");
     eprintln!("mqvisor: serve listening on {}", shared.local_addr().map_err(ServeError::Runtime)?);
+    // A fleet on etcd: the lease's keeper and the fleet's loop, and the
+    // relay port other nodes send this node's tenants' clients to.
+    let (to_daemon_tx, mut to_daemon) = mpsc::unbounded_channel::<cluster::ToDaemon>();
+    let (lease_tx, lease) = watch::channel::<Option<i64>>(None);
+    let mut fleet: Option<mpsc::UnboundedSender<cluster::Request>> = None;
+    let steering = config.cluster.as_ref().map(|_| cluster::Steering::default());
+    if let (Some(cluster_config), Some(steering)) = (&config.cluster, &steering) {
+        let etcd = etcd::Etcd::new(&cluster_config.etcd).map_err(|e| {
+            ServeError::Config(config::ServeConfigError::Syntax { path: "[cluster]".into(), message: e })
+        })?;
+        let (requests_tx, requests) = mpsc::unbounded_channel();
+        tokio::spawn(cluster::keep_lease(etcd.clone(), cluster_config.clone(), lease_tx, to_daemon_tx.clone()));
+        tokio::spawn(cluster::sync(
+            etcd,
+            cluster_config.clone(),
+            config.defaults.clone(),
+            config.state_dir.clone(),
+            lease.clone(),
+            to_daemon_tx.clone(),
+            requests,
+            steering.clone(),
+            directory.clone(),
+        ));
+        let relay = bind(cluster_config.relay_listen).await?;
+        tracing::info!(node = %cluster_config.node, relay = %cluster_config.relay_listen, "fleet node");
+        tokio::spawn(accept_loop(relay, Port::Relay, directory.clone(), routed_tx.clone(), pending.clone(), None));
+        fleet = Some(requests_tx);
+    }
     let accept = |listener, port| {
-        tokio::spawn(accept_loop(listener, port, directory.clone(), routed_tx.clone(), pending.clone()))
+        tokio::spawn(accept_loop(
+            listener,
+            port,
+            directory.clone(),
+            routed_tx.clone(),
+            pending.clone(),
+            steering.clone(),
+        ))
     };
     accept(shared, Port::Mqtt(None));
     for (addr, port, what) in [
@@ -273,7 +314,8 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
             Some(r) = routed.recv() => {
                 if let Some(tenant) = tenants.get_mut(&r.tenant) {
                     tenant.hand(r.client, r.first_bytes, &exe, &exited_tx);
-                } else if failed.contains_key(&r.tenant) {
+                } else if failed.contains_key(&r.tenant) || fleet.is_some() {
+                    // In a fleet: not run here (yet, or any more).
                     failed::refuse(r.client, r.first_bytes);
                 }
             }
@@ -282,8 +324,45 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     tenant.on_exit(e.pid, &e.status, &exe, &exited_tx);
                 }
             }
-            Some(command) = commands.recv() => match command {
-                Command::List(reply) => {
+            Some(message) = to_daemon.recv() => match message {
+                cluster::ToDaemon::Own { name, table, lease: owned_under, reply } => {
+                    let owned = if *lease.borrow() != Some(owned_under) {
+                        Err("the lease it was claimed under is gone".to_string())
+                    } else {
+                        // What an earlier ownership of it left here is not
+                        // its state now: another node may have run it since.
+                        let [_, state_file] = tenant::files(&config.state_dir, &name);
+                        let _ = std::fs::rename(&state_file, state_file.with_extension("state.previous"));
+                        directory.remove(&name);
+                        let base = config.state_dir.clone();
+                        add_tenant(&mut tenants, &name, &table, &config, None, &base, &directory)
+                    };
+                    if owned.is_err() {
+                        let _ = directory.insert(&name, directory::Reach::Plain, &[]);
+                    }
+                    let _ = reply.send(owned);
+                }
+                cluster::ToDaemon::Disown { name } => {
+                    if let Some(mut tenant) = tenants.remove(&name) {
+                        tenant.stop();
+                        tokio::spawn(tenant.release_group());
+                        directory.remove(&name);
+                        let _ = directory.insert(&name, directory::Reach::Plain, &[]);
+                        tracing::info!(tenant = %name, "no longer run here");
+                    }
+                }
+                cluster::ToDaemon::Fence => {
+                    for (name, mut tenant) in std::mem::take(&mut tenants) {
+                        tenant.kill();
+                        tokio::spawn(tenant.release_group());
+                        directory.remove(&name);
+                        let _ = directory.insert(&name, directory::Reach::Plain, &[]);
+                    }
+                }
+            },
+            Some(command) = commands.recv() => match (command, &fleet) {
+                (command, Some(requests)) => fleet_command(command, requests, &mut tenants, &exe, &exited_tx),
+                (Command::List(reply), None) => {
                     let mut views: Vec<_> = tenants.values().map(Tenant::view).collect();
                     views.extend(failed.iter().map(|(name, f)| control::TenantView {
                         usage: usage::peek(&config.state_dir, name),
@@ -292,15 +371,15 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     views.sort_by(|a, b| a.name.cmp(&b.name));
                     let _ = reply.send(views);
                 }
-                Command::Add { name, table, reply } => {
+                (Command::Add { name, table, reply }, None) => {
                     let added = if failed.contains_key(&name) {
                         Err(format!("tenant {name:?} exists"))
                     } else {
-                        add_tenant(&mut tenants, &name, &table, &config, &changes, &directory)
+                        add_tenant(&mut tenants, &name, &table, &config, Some(&changes), &changes.added, &directory)
                     };
                     let _ = reply.send(added);
                 }
-                Command::Remove { name, reply } => {
+                (Command::Remove { name, reply }, None) => {
                     let removed = match tenants.remove(&name) {
                         None if failed.remove(&name).is_some() => {
                             failed::remove_files(&config.state_dir, &name);
@@ -320,7 +399,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     };
                     let _ = reply.send(removed);
                 }
-                Command::Auth { name, request, reply } => {
+                (Command::Auth { name, request, reply }, None) => {
                     // A failed tenant has no settings to check a change against.
                     let answer = match tenants.get_mut(&name) {
                         None if failed.contains_key(&name) => Err(users::Refused {
@@ -331,7 +410,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     };
                     let _ = reply.send(answer);
                 }
-                Command::Restart { name, reply } => {
+                (Command::Restart { name, reply }, None) => {
                     let restarted = match tenants.get_mut(&name) {
                         None if failed.contains_key(&name) => {
                             match failed::start(&name, &mut failed, &config.defaults, &config.state_dir, &directory).await {
@@ -376,6 +455,44 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     Ok(())
 }
 
+/// A control API request in a fleet: tenants are added, removed and listed
+/// in etcd by the fleet's loop; a restart is for the node that runs it.
+fn fleet_command(
+    command: Command,
+    requests: &mpsc::UnboundedSender<cluster::Request>,
+    tenants: &mut BTreeMap<String, Tenant>,
+    exe: &Path,
+    exited_tx: &mpsc::UnboundedSender<Exited>,
+) {
+    match command {
+        Command::List(reply) => {
+            let views: Vec<_> = tenants.values().map(Tenant::view).collect();
+            let _ = requests.send(cluster::Request::List { local: views, reply });
+        }
+        Command::Add { name, table, reply } => {
+            let _ = requests.send(cluster::Request::Add { name, table, reply });
+        }
+        Command::Remove { name, reply } => {
+            let _ = requests.send(cluster::Request::Remove { name, reply });
+        }
+        Command::Auth { reply, .. } => {
+            let _ = reply.send(Err(users::Refused {
+                status: 409,
+                message: "users and ACLs through the control API are not available in a fleet yet: \
+                          use password_file and acl_file in the tenant's table"
+                    .into(),
+            }));
+        }
+        Command::Restart { name, reply } => {
+            let restarted = match tenants.get_mut(&name) {
+                Some(tenant) => tenant.restart(exe, exited_tx).map_err(|e| e.to_string()),
+                None => Err(format!("no tenant {name:?} runs on this node: ask its node")),
+            };
+            let _ = reply.send(restarted);
+        }
+    }
+}
+
 /// Has every tenant's usage that changed written (`usage::SAVE_EVERY`, and
 /// at a clean stop).
 fn save_usage(tenants: &BTreeMap<String, Tenant>, writer: &usage::Writer) {
@@ -392,7 +509,8 @@ fn add_tenant(
     name: &str,
     table: &str,
     config: &ServeConfig,
-    changes: &Changes,
+    changes: Option<&Changes>,
+    base: &Path,
     directory: &Directory,
 ) -> Result<(), String> {
     if !valid_tenant_name(name) {
@@ -402,15 +520,19 @@ fn add_tenant(
         return Err(format!("tenant {name:?} exists"));
     }
     let parsed: toml::Table = toml::from_str(table).map_err(|e| format!("tenant {name}: {}", e.message()))?;
-    let tenant_config = config.defaults.added(parsed, &changes.added).map_err(|e| format!("tenant {name}: {e}"))?;
+    let tenant_config = config.defaults.added(parsed, base).map_err(|e| format!("tenant {name}: {e}"))?;
     if tenant_config.listen.is_some() {
         return Err(format!("tenant {name}: a port of its own can only be set in the configuration file"));
     }
     let tenant = Tenant::new(name, tenant_config, &config.state_dir)?;
-    let kept = directory
-        .enter(name, tenant.config())
-        .map_err(|e| format!("tenant {name}: {e}"))
-        .and_then(|()| changes.add(name, table).map_err(|e| format!("keeping the tenant: {e}")));
+    let kept =
+        directory.enter(name, tenant.config()).map_err(|e| format!("tenant {name}: {e}")).and_then(
+            |()| match changes {
+                // In a fleet, etcd keeps it.
+                None => Ok(()),
+                Some(changes) => changes.add(name, table).map_err(|e| format!("keeping the tenant: {e}")),
+            },
+        );
     if let Err(e) = kept {
         directory.remove(name);
         tokio::spawn(tenant.release_group());
@@ -432,6 +554,9 @@ enum Port {
     Ws,
     /// MQTT over secure WebSockets: by SNI.
     Wss,
+    /// A fleet's relay port: plain MQTT from another node, after a PROXY
+    /// protocol v2 header; routed to a tenant run here, never onwards.
+    Relay,
 }
 
 /// Accepts clients on one port and routes each from its own task, so a slow
@@ -442,6 +567,7 @@ async fn accept_loop(
     directory: Directory,
     routed: mpsc::UnboundedSender<Routed>,
     pending: Pending,
+    steering: Option<cluster::Steering>,
 ) {
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
@@ -450,12 +576,22 @@ async fn accept_loop(
             continue;
         };
         let (port, directory, routed, waiting) = (port.clone(), directory.clone(), routed.clone(), pending.clone());
+        let steering = steering.clone();
         let id = pending.admit();
         // Runs only once this loop awaits again (one thread), after `started`.
         let task = tokio::spawn(async move {
             let _ = client.set_nodelay(true);
+            if matches!(port, Port::Relay) {
+                match relay::read_header(&mut client, front::FIRST_PACKET_DEADLINE).await {
+                    Some(header) => tracing::debug!(?header, "relayed client"),
+                    None => {
+                        waiting.done(id);
+                        return;
+                    }
+                }
+            }
             let expect = match port {
-                Port::Mqtt(_) => Expect::Connect,
+                Port::Mqtt(_) | Port::Relay => Expect::Connect,
                 Port::Tls => Expect::ClientHello { ws: false },
                 Port::Wss => Expect::ClientHello { ws: true },
                 Port::Ws => Expect::Upgrade,
@@ -464,17 +600,27 @@ async fn accept_loop(
             waiting.done(id);
             let Some(mut bytes) = first else { return };
             let tenant = match &port {
-                Port::Mqtt(own) => match front::route(&bytes, own.as_deref(), |t| directory.has(t)) {
-                    Route::Tenant { tenant, first_bytes } => {
-                        bytes.replace(first_bytes);
-                        Ok(tenant)
+                Port::Mqtt(_) | Port::Relay => {
+                    let own = if let Port::Mqtt(own) = &port { own.as_deref() } else { None };
+                    match front::route(&bytes, own, |t| directory.has(t)) {
+                        Route::Tenant { tenant, first_bytes } => {
+                            // In a fleet, a tenant owned elsewhere: its owner
+                            // gets the client's bytes as the client sent them.
+                            if let Some(cluster::Place::There(owner)) = steering.as_ref().and_then(|s| s.place(&tenant))
+                            {
+                                relay::relay(client, bytes, owner).await;
+                                return;
+                            }
+                            bytes.replace(first_bytes);
+                            Ok(tenant)
+                        }
+                        Route::Refuse { reply } => Err(reply),
+                        Route::Drop => {
+                            front::dropped_not_mqtt();
+                            return;
+                        }
                     }
-                    Route::Refuse { reply } => Err(reply),
-                    Route::Drop => {
-                        front::dropped_not_mqtt();
-                        return;
-                    }
-                },
+                }
                 Port::Tls | Port::Wss => front::route_hello(&bytes, &directory),
                 Port::Ws => front::route_upgrade(&bytes, &directory),
             };

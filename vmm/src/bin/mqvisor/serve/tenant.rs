@@ -221,6 +221,7 @@ impl Tenant {
                 .lock()
                 .map(|ledger| usage::Usage { state_bytes, ..ledger.usage().clone() })
                 .unwrap_or_default(),
+            node: None,
         }
     }
 
@@ -535,6 +536,21 @@ impl Tenant {
     }
 
     /// Stops the process (SIGTERM: its clients see a clean close).
+    /// Kills its process at once (SIGKILL, no grace): a fleet node that
+    /// may lose its lease must not run the tenant a moment longer
+    /// (`super::cluster`'s fencing).
+    pub fn kill(&mut self) {
+        if let Some(process) = self.process.take()
+            && let Ok(pid) = libc::pid_t::try_from(process.pid)
+        {
+            // SAFETY: kill(2) on our own child with a valid signal.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            self.stopping = Some(process.pid);
+            tracing::warn!(tenant = %self.name, pid = process.pid, "killed (fenced)");
+        }
+        self.state = State::Stopped;
+    }
+
     pub fn stop(&mut self) {
         if let Some(process) = self.process.take()
             && let Ok(pid) = libc::pid_t::try_from(process.pid)

@@ -1,0 +1,627 @@
+//! One node of a fleet on etcd (`[cluster]` in serve's configuration):
+//! tenants are defined in etcd, each owned by exactly one live node, and
+//! every node's front takes any tenant's clients, relaying those of a
+//! tenant owned elsewhere to its owner.
+//!
+//! Keys (values in parentheses):
+//! - `/mqvisor/nodes/NODE` (JSON: advertise address, capacity), under this
+//!   node's lease;
+//! - `/mqvisor/tenants/NAME` (the tenant's TOML table, as `PUT
+//!   /tenants/NAME` takes it), no lease: a tenant outlives every node;
+//! - `/mqvisor/owners/NAME` (the owner's node name), created under the
+//!   owner's lease in a transaction that succeeds only if the key is absent,
+//!   so one node at a time owns a tenant and ownership ends with its lease.
+//!
+//! Owns the lease ([`keep_lease`]), the decisions of which tenants this
+//! node runs and where the others live ([`sync`]), and the answers to the
+//! control API's tenant requests in a fleet. Never starts or stops a
+//! process itself: it tells the daemon's loop ([`ToDaemon`]), which owns the
+//! tenants.
+//!
+//! Fencing, the timing argument. The lease has a TTL of [`LEASE_TTL`]; it is
+//! renewed every TTL/3. etcd sets a renewed lease to expire TTL after it
+//! *receives* the renewal, which is after this node *sent* it; so, on this
+//! node's clock, the lease lives until at least `sent + TTL`, where `sent`
+//! is when the last renewal that was answered was sent (clock rates differ
+//! by far less than the margin over a few seconds). This node stops every
+//! tenant it runs (SIGKILL, no grace) at `sent + TTL - FENCE_MARGIN`
+//! without a newer answered renewal: [`FENCE_MARGIN`] (2 s) before etcd can
+//! delete its owner keys, and so before any other node can claim them. A
+//! node that lost etcd therefore never runs a tenant another node may also
+//! be running. Leader changes in etcd only lengthen leases. What this does
+//! not cover: the daemon's one thread stalled for longer than the margin
+//! (the fence is late by the stall), and a node whose clock jumps.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::config::{TenantTable, valid_tenant_name};
+use super::control::TenantView;
+use super::directory::{Directory, Reach};
+use super::etcd::{Etcd, Kv};
+
+/// The lease's time to live, seconds.
+pub const LEASE_TTL: u64 = 6;
+/// Renewals, every TTL/3.
+const RENEW_EVERY: Duration = Duration::from_secs(LEASE_TTL / 3);
+/// Tenants are stopped this long before the lease can expire in etcd.
+pub const FENCE_MARGIN: Duration = Duration::from_secs(2);
+/// How often the tenants, owners and nodes are read again.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// A tenant with no owner for this long is claimed by any node with room,
+/// not only by the one its placement picks (which may be unable to).
+const CLAIM_ANYWAY_AFTER: Duration = Duration::from_secs(3);
+/// A tenant this node could not start is left to other nodes this long.
+const RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Tenants a node takes unless its `capacity` says otherwise.
+const DEFAULT_CAPACITY: u32 = 1000;
+
+const NODES: &str = "/mqvisor/nodes/";
+const TENANTS: &str = "/mqvisor/tenants/";
+const OWNERS: &str = "/mqvisor/owners/";
+
+/// Connections relayed to another node, and the bytes copied both ways.
+pub static RELAYED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+pub static RELAYED_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// `[cluster]`, checked.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// etcd's endpoints, `http://HOST:PORT`.
+    pub etcd: Vec<String>,
+    /// This node's name, unique in the fleet.
+    pub node: String,
+    /// Where other nodes reach this node's relay port.
+    pub advertise: SocketAddr,
+    /// Where the relay port listens (default: `advertise`).
+    pub relay_listen: SocketAddr,
+    /// Tenants this node takes at most.
+    pub capacity: u32,
+}
+
+impl ClusterConfig {
+    /// `[cluster]`'s keys; `listen` is the shared port, which the relay
+    /// port must not be.
+    pub fn parse(mut table: toml::Table, listen: SocketAddr) -> Result<ClusterConfig, String> {
+        let etcd = match table.remove("etcd") {
+            Some(toml::Value::Array(list)) if !list.is_empty() => list
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .ok_or("[cluster] etcd must be a list of \"http://HOST:PORT\"")?,
+            _ => return Err("[cluster] etcd is required: a list like [\"http://10.0.0.1:2379\"]".into()),
+        };
+        Etcd::new(&etcd).map_err(|e| format!("[cluster] etcd: {e}"))?;
+        let node = match table.remove("node") {
+            Some(toml::Value::String(n)) if valid_tenant_name(&n) => n,
+            _ => return Err("[cluster] node is required: this node's name, 1 to 64 of a-z, 0-9, '-' and '_'".into()),
+        };
+        let address = |table: &mut toml::Table, key: &str| match table.remove(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_str()
+                .and_then(|s| s.parse::<SocketAddr>().ok())
+                .map(Some)
+                .ok_or_else(|| format!("[cluster] {key} must be an address like \"10.0.0.1:1884\"")),
+        };
+        let advertise = address(&mut table, "advertise")?
+            .ok_or("[cluster] advertise is required: where other nodes reach this node's relay port, \"ADDR:PORT\"")?;
+        if advertise.ip().is_unspecified() || advertise.port() == 0 {
+            return Err("[cluster] advertise must be an address other nodes can reach, with a port".into());
+        }
+        let relay_listen = address(&mut table, "relay_listen")?.unwrap_or(advertise);
+        if relay_listen == listen || advertise == listen {
+            return Err("[cluster] the relay port must not be the shared port (listen): relayed clients \
+                        arrive with a PROXY header, which only the relay port takes"
+                .into());
+        }
+        let capacity = match table.remove("capacity") {
+            None => DEFAULT_CAPACITY,
+            Some(v) => v
+                .as_integer()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|&n| n > 0)
+                .ok_or("[cluster] capacity must be a positive number of tenants")?,
+        };
+        if let Some(key) = table.keys().next() {
+            return Err(format!(
+                "[cluster]: unknown key {key:?} (expected etcd, node, advertise, relay_listen, capacity)"
+            ));
+        }
+        Ok(ClusterConfig { etcd, node, advertise, relay_listen, capacity })
+    }
+}
+
+/// Where the front sends a tenant's clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// This node runs it.
+    Here,
+    /// Another node does: relay to its relay port.
+    There(SocketAddr),
+    /// No node does yet: the client is told the server is unavailable.
+    Nowhere,
+}
+
+/// Every tenant of the fleet and where it lives, read by the accept tasks.
+#[derive(Clone, Default)]
+pub struct Steering(Arc<RwLock<BTreeMap<String, Place>>>);
+
+impl Steering {
+    /// Where `tenant`'s clients go (`None`: no such tenant in the fleet).
+    pub fn place(&self, tenant: &str) -> Option<Place> {
+        self.0.read().ok()?.get(tenant).copied()
+    }
+
+    fn set(&self, places: BTreeMap<String, Place>) {
+        if let Ok(mut table) = self.0.write() {
+            *table = places;
+        }
+    }
+}
+
+/// What the cluster asks of the daemon's loop.
+pub enum ToDaemon {
+    /// Run `name` (its TOML `table`): this node owns it under `lease`. The
+    /// loop refuses when the lease is no longer the current one.
+    Own { name: String, table: String, lease: i64, reply: oneshot::Sender<Result<(), String>> },
+    /// Stop running `name`: removed, or owned elsewhere now.
+    Disown { name: String },
+    /// The lease is lost or about to be: stop every tenant now.
+    Fence,
+}
+
+/// The control API's tenant requests, in a fleet.
+pub enum Request {
+    Add {
+        name: String,
+        table: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Remove {
+        name: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// The fleet's tenants, `local` (this node's own views) among them.
+    List {
+        local: Vec<TenantView>,
+        reply: oneshot::Sender<Vec<TenantView>>,
+    },
+}
+
+/// The lease as the daemon's loop and [`sync`] see it: its id while it is
+/// safe to run tenants under it.
+pub type Lease = watch::Receiver<Option<i64>>;
+
+/// Keeps this node registered under a lease, renewing it every TTL/3, and
+/// fences (see the module doc) when renewals stop being answered; then
+/// registers again under a new lease.
+pub async fn keep_lease(
+    etcd: Etcd,
+    config: ClusterConfig,
+    lease: watch::Sender<Option<i64>>,
+    daemon: mpsc::UnboundedSender<ToDaemon>,
+) {
+    let registration = serde_json::json!({
+        "advertise": config.advertise.to_string(),
+        "capacity": config.capacity,
+    })
+    .to_string();
+    let ttl = Duration::from_secs(LEASE_TTL);
+    loop {
+        let sent = Instant::now();
+        let id = match etcd.grant(LEASE_TTL).await {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, "no lease: retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let key = format!("{NODES}{}", config.node);
+        if let Err(e) = etcd.put(&key, registration.as_bytes(), id).await {
+            tracing::warn!(error = %e, "cannot register this node: retrying");
+            let _ = etcd.revoke(id).await;
+            continue;
+        }
+        tracing::info!(node = %config.node, lease = id, "registered in etcd");
+        let _ = lease.send(Some(id));
+        let mut renewed = sent;
+        loop {
+            let fence_at = renewed + ttl - FENCE_MARGIN;
+            let next = (renewed + RENEW_EVERY).min(fence_at);
+            tokio::time::sleep_until(next.into()).await;
+            if Instant::now() >= fence_at {
+                break;
+            }
+            let sent = Instant::now();
+            let answered = tokio::time::timeout(fence_at.saturating_duration_since(sent), etcd.keepalive(id)).await;
+            match answered {
+                Ok(Ok(left)) if left > 0 => renewed = sent,
+                Ok(Ok(_)) => {
+                    tracing::warn!(lease = id, "the lease has expired in etcd");
+                    break;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "lease renewal failed");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(_) => {}
+            }
+        }
+        // Said before the daemon stops them: from here no new tenant starts
+        // under this lease.
+        let _ = lease.send(None);
+        let _ = daemon.send(ToDaemon::Fence);
+        tracing::warn!(node = %config.node, lease = id, "lease lost: every tenant here stopped (fenced)");
+        let _ = tokio::time::timeout(Duration::from_secs(1), etcd.revoke(id)).await;
+    }
+}
+
+/// What [`sync`] last read from etcd.
+#[derive(Default)]
+struct Snapshot {
+    tenants: BTreeMap<String, Vec<u8>>,
+    owners: BTreeMap<String, Kv>,
+    /// Each node's relay address and capacity.
+    nodes: BTreeMap<String, (SocketAddr, u32)>,
+}
+
+fn strip<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
+    key.strip_prefix(prefix).filter(|n| valid_tenant_name(n))
+}
+
+async fn read(etcd: &Etcd) -> Result<Snapshot, super::etcd::EtcdError> {
+    let mut snapshot = Snapshot::default();
+    for kv in etcd.range(TENANTS, true).await? {
+        if let Some(name) = strip(&kv.key, TENANTS) {
+            snapshot.tenants.insert(name.to_string(), kv.value);
+        }
+    }
+    for kv in etcd.range(OWNERS, true).await? {
+        if let Some(name) = strip(&kv.key, OWNERS) {
+            snapshot.owners.insert(name.to_string(), kv);
+        }
+    }
+    for kv in etcd.range(NODES, true).await? {
+        let Some(name) = strip(&kv.key, NODES) else { continue };
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(&kv.value) else { continue };
+        let advertise = value.get("advertise").and_then(|a| a.as_str()).and_then(|a| a.parse().ok());
+        let capacity = value.get("capacity").and_then(serde_json::Value::as_u64);
+        if let (Some(advertise), Some(capacity)) = (advertise, capacity) {
+            snapshot.nodes.insert(name.to_string(), (advertise, u32::try_from(capacity).unwrap_or(u32::MAX)));
+        }
+    }
+    Ok(snapshot)
+}
+
+/// FNV-1a, 64 bits: the same on every node and every build (std's hasher
+/// promises neither).
+fn fnv(parts: &[&str]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325_u64;
+    for part in parts {
+        for &b in part.as_bytes().iter().chain(&[0xff]) {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    // FNV mixes its last bytes poorly: a finalizer (MurmurHash3's).
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    hash
+}
+
+/// The node that should own `tenant`: weighted rendezvous hashing, each
+/// node weighted by its free capacity (`free`, nodes with none left out).
+/// Every node computes the same answer from the same snapshot.
+fn placement<'a>(tenant: &str, free: impl Iterator<Item = (&'a str, u32)>) -> Option<&'a str> {
+    free.filter(|&(_, room)| room > 0)
+        .map(|(node, room)| {
+            // A uniform number in (0, 1) from the hash: -room / ln(u) is the
+            // score of weighted rendezvous hashing (largest wins).
+            let u = ((fnv(&[node, tenant]) >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+            (node, -f64::from(room) / u.ln())
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(node, _)| node)
+}
+
+/// The fleet's loop on this node: reads tenants, owners and nodes every
+/// [`SYNC_EVERY`], claims the unowned tenants placement gives this node,
+/// has the daemon run the ones it owns and drop the others, and keeps the
+/// front's [`Steering`] and [`Directory`] up to date. Answers the control
+/// API's requests in between.
+#[allow(clippy::too_many_arguments)]
+pub async fn sync(
+    etcd: Etcd,
+    config: ClusterConfig,
+    defaults: TenantTable,
+    base: PathBuf,
+    lease: Lease,
+    daemon: mpsc::UnboundedSender<ToDaemon>,
+    mut requests: mpsc::UnboundedReceiver<Request>,
+    steering: Steering,
+    directory: Directory,
+) {
+    let me = config.node.as_str();
+    // Tenants the daemon runs for this node, with the owner key's revision.
+    let mut running: BTreeMap<String, i64> = BTreeMap::new();
+    let mut unowned_since: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut cannot: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut snapshot = Snapshot::default();
+    let mut tick = tokio::time::interval(SYNC_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(request) = requests.recv() => {
+                answer(request, &etcd, &defaults, &base, &snapshot, me).await;
+                // A change is acted on at once, not at the next tick.
+            }
+        }
+        let current = *lease.borrow();
+        snapshot = match read(&etcd).await {
+            Ok(snapshot) => snapshot,
+            Err(e) => {
+                // The tenants run on while the lease holds: its keeper fences.
+                tracing::warn!(error = %e, "cannot read the fleet from etcd");
+                continue;
+            }
+        };
+        if current.is_none() {
+            // Fenced: the daemon dropped every tenant.
+            running.clear();
+        }
+        let mut free: BTreeMap<&str, u32> = snapshot.nodes.iter().map(|(n, &(_, cap))| (n.as_str(), cap)).collect();
+        for owner in snapshot.owners.values() {
+            if let Some(room) = std::str::from_utf8(&owner.value).ok().and_then(|n| free.get_mut(n)) {
+                *room = room.saturating_sub(1);
+            }
+        }
+        let now = Instant::now();
+        cannot.retain(|_, since| now.duration_since(*since) < RETRY_AFTER);
+        let mut places = BTreeMap::new();
+        for (name, table) in &snapshot.tenants {
+            let owner = snapshot.owners.get(name);
+            let mine = owner.is_some_and(|kv| kv.value == me.as_bytes() && Some(kv.lease) == current);
+            if !mine && running.remove(name).is_some() {
+                let _ = daemon.send(ToDaemon::Disown { name: name.clone() });
+            }
+            let place = match (owner, current) {
+                (Some(kv), Some(id)) if mine => {
+                    if !running.contains_key(name) {
+                        match own(&daemon, name, table, id).await {
+                            Ok(()) => {
+                                running.insert(name.clone(), kv.create_revision);
+                            }
+                            Err(e) => {
+                                tracing::warn!(tenant = %name, error = %e, "cannot run it here: left to others");
+                                cannot.insert(name.clone(), now);
+                                let _ = etcd.delete_if(&format!("{OWNERS}{name}"), kv.create_revision).await;
+                            }
+                        }
+                    }
+                    if running.contains_key(name) { Place::Here } else { Place::Nowhere }
+                }
+                (Some(kv), _) => {
+                    unowned_since.remove(name);
+                    let node = std::str::from_utf8(&kv.value).unwrap_or("");
+                    match snapshot.nodes.get(node) {
+                        Some(&(advertise, _)) if node != me => Place::There(advertise),
+                        _ => Place::Nowhere,
+                    }
+                }
+                (None, lease_now) => {
+                    let since = *unowned_since.entry(name.clone()).or_insert(now);
+                    let picked = placement(name, free.iter().map(|(&n, &room)| (n, room))) == Some(me);
+                    let anyway =
+                        now.duration_since(since) >= CLAIM_ANYWAY_AFTER && free.get(me).is_some_and(|&room| room > 0);
+                    match lease_now {
+                        Some(id) if (picked || anyway) && !cannot.contains_key(name) => {
+                            claim(&etcd, &daemon, name, table, id, me, &mut running, &mut cannot).await
+                        }
+                        _ => Place::Nowhere,
+                    }
+                }
+            };
+            if place != Place::Nowhere {
+                unowned_since.remove(name);
+            }
+            places.insert(name.clone(), place);
+        }
+        // Removed from the fleet: stopped here, its owner key let go.
+        let removed: Vec<String> = running.keys().filter(|n| !snapshot.tenants.contains_key(*n)).cloned().collect();
+        for name in removed {
+            if let Some(revision) = running.remove(&name) {
+                let _ = daemon.send(ToDaemon::Disown { name: name.clone() });
+                let _ = etcd.delete_if(&format!("{OWNERS}{name}"), revision).await;
+            }
+        }
+        unowned_since.retain(|name, _| snapshot.tenants.contains_key(name));
+        // The front knows every tenant of the fleet (those run here are
+        // entered with their own settings by the daemon's loop).
+        let before: BTreeSet<String> = steering.0.read().map(|t| t.keys().cloned().collect()).unwrap_or_default();
+        for gone in before.iter().filter(|n| !places.contains_key(*n)) {
+            directory.remove(gone);
+        }
+        for (name, place) in &places {
+            if *place != Place::Here {
+                let _ = directory.insert(name, Reach::Plain, &[]);
+            }
+        }
+        steering.set(places);
+    }
+}
+
+/// Claims `name` under `lease`; runs it here when the claim wins.
+#[allow(clippy::too_many_arguments)]
+async fn claim(
+    etcd: &Etcd,
+    daemon: &mpsc::UnboundedSender<ToDaemon>,
+    name: &str,
+    table: &[u8],
+    lease: i64,
+    me: &str,
+    running: &mut BTreeMap<String, i64>,
+    cannot: &mut BTreeMap<String, Instant>,
+) -> Place {
+    let key = format!("{OWNERS}{name}");
+    match etcd.create(&key, me.as_bytes(), lease).await {
+        Ok((true, _)) => {}
+        Ok((false, _)) => return Place::Nowhere,
+        Err(e) => {
+            tracing::warn!(tenant = %name, error = %e, "claim failed");
+            return Place::Nowhere;
+        }
+    }
+    // The revision is read back for a removal that must not delete a
+    // later owner's key.
+    let revision = match etcd.range(&key, false).await {
+        Ok(kvs) => kvs.into_iter().find(|kv| kv.lease == lease).map_or(0, |kv| kv.create_revision),
+        Err(_) => 0,
+    };
+    tracing::info!(tenant = %name, lease, revision, "claimed");
+    match own(daemon, name, table, lease).await {
+        Ok(()) => {
+            running.insert(name.to_string(), revision);
+            Place::Here
+        }
+        Err(e) => {
+            tracing::warn!(tenant = %name, error = %e, "cannot run it here: left to others");
+            cannot.insert(name.to_string(), Instant::now());
+            let _ = etcd.delete_if(&key, revision).await;
+            Place::Nowhere
+        }
+    }
+}
+
+async fn own(daemon: &mpsc::UnboundedSender<ToDaemon>, name: &str, table: &[u8], lease: i64) -> Result<(), String> {
+    let table = String::from_utf8(table.to_vec()).map_err(|_| "its table in etcd is not UTF-8".to_string())?;
+    let (reply, answer) = oneshot::channel();
+    daemon
+        .send(ToDaemon::Own { name: name.to_string(), table, lease, reply })
+        .map_err(|_| "the daemon is stopping".to_string())?;
+    answer.await.map_err(|_| "the daemon is stopping".to_string())?
+}
+
+/// Answers one control API request from etcd.
+async fn answer(
+    request: Request,
+    etcd: &Etcd,
+    defaults: &TenantTable,
+    base: &std::path::Path,
+    snapshot: &Snapshot,
+    me: &str,
+) {
+    match request {
+        Request::Add { name, table, reply } => {
+            let added = async {
+                if !valid_tenant_name(&name) {
+                    return Err(format!("tenant name {name:?}: use 1 to 64 of a-z, 0-9, '-' and '_'"));
+                }
+                // Checked here as every node would check it: a table no node
+                // can run never enters the fleet.
+                let parsed: toml::Table =
+                    toml::from_str(&table).map_err(|e| format!("tenant {name}: {}", e.message()))?;
+                let tenant = defaults.added(parsed, base).map_err(|e| format!("tenant {name}: {e}"))?;
+                if tenant.listen.is_some() {
+                    return Err(format!("tenant {name}: a port of its own is not available in a fleet"));
+                }
+                match etcd.create(&format!("{TENANTS}{name}"), table.as_bytes(), 0).await {
+                    Ok((true, _)) => {
+                        tracing::info!(tenant = %name, "added to the fleet");
+                        Ok(())
+                    }
+                    Ok((false, _)) => Err(format!("tenant {name:?} exists")),
+                    Err(e) => Err(format!("tenant {name}: {e}")),
+                }
+            }
+            .await;
+            let _ = reply.send(added);
+        }
+        Request::Remove { name, reply } => {
+            let removed = match etcd.delete(&format!("{TENANTS}{name}")).await {
+                Ok(true) => {
+                    tracing::info!(tenant = %name, "removed from the fleet");
+                    Ok(())
+                }
+                Ok(false) => Err(format!("no tenant {name:?}")),
+                Err(e) => Err(format!("tenant {name}: {e}")),
+            };
+            let _ = reply.send(removed);
+        }
+        Request::List { local, reply } => {
+            let mut local: BTreeMap<String, TenantView> = local.into_iter().map(|v| (v.name.clone(), v)).collect();
+            let views = snapshot
+                .tenants
+                .keys()
+                .map(|name| {
+                    let owner = snapshot.owners.get(name).and_then(|kv| String::from_utf8(kv.value.clone()).ok());
+                    match local.remove(name) {
+                        Some(view) => TenantView { node: Some(Some(me.to_string())), ..view },
+                        None => TenantView {
+                            state: if owner.is_some() { "elsewhere" } else { "unplaced" }.into(),
+                            error: None,
+                            node: Some(owner),
+                            ..TenantView::failed(name, "")
+                        },
+                    }
+                })
+                .collect();
+            let _ = reply.send(views);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ClusterConfig, String> {
+        ClusterConfig::parse(toml::from_str(text).unwrap(), "127.0.0.1:1883".parse().unwrap())
+    }
+
+    #[test]
+    fn cluster_keys_are_checked_and_named() {
+        let c = parse("etcd = [\"http://127.0.0.1:2379\"]\nnode = \"h1\"\nadvertise = \"10.0.0.1:1884\"\n").unwrap();
+        assert_eq!((c.node.as_str(), c.relay_listen, c.capacity), ("h1", c.advertise, DEFAULT_CAPACITY));
+        let err = |text: &str| parse(text).unwrap_err();
+        assert!(err("node = \"h1\"\nadvertise = \"10.0.0.1:1\"").contains("etcd is required"));
+        assert!(err("etcd = [\"https://e:1\"]\nnode = \"h1\"\nadvertise = \"10.0.0.1:1\"").contains("only http://"));
+        assert!(
+            err("etcd = [\"http://e:1\"]\nnode = \"H 1\"\nadvertise = \"10.0.0.1:1\"").contains("node is required")
+        );
+        assert!(err("etcd = [\"http://e:1\"]\nnode = \"h1\"").contains("advertise is required"));
+        assert!(err("etcd = [\"http://e:1\"]\nnode = \"h1\"\nadvertise = \"0.0.0.0:1\"").contains("can reach"));
+        assert!(err("etcd = [\"http://e:1\"]\nnode = \"h1\"\nadvertise = \"127.0.0.1:1883\"").contains("shared port"));
+        let extra = "etcd = [\"http://e:1\"]\nnode = \"h1\"\nadvertise = \"10.0.0.1:1\"\ncapacity = 0";
+        assert!(err(extra).contains("capacity must be"));
+        let unknown = "etcd = [\"http://e:1\"]\nnode = \"h1\"\nadvertise = \"10.0.0.1:1\"\nnodes = 1";
+        assert!(err(unknown).contains("unknown key \"nodes\""));
+    }
+
+    #[test]
+    fn placement_is_spread_by_free_capacity_and_skips_full_nodes() {
+        let mut counts = BTreeMap::<&str, u32>::new();
+        for i in 0..3000 {
+            let tenant = format!("t{i}");
+            let node = placement(&tenant, [("a", 100), ("b", 100), ("c", 200), ("full", 0)].into_iter()).unwrap();
+            *counts.entry(node).or_default() += 1;
+        }
+        assert_eq!(counts.get("full"), None);
+        // c has twice the room of a and b: about half the tenants.
+        let c = counts["c"];
+        assert!((1300..1700).contains(&c), "{counts:?}");
+        assert!(counts["a"] > 600 && counts["b"] > 600, "{counts:?}");
+        // The same answer on every node, and no node when none has room.
+        assert_eq!(placement("x", [("a", 1), ("b", 1)].into_iter()), placement("x", [("b", 1), ("a", 1)].into_iter()));
+        assert_eq!(placement("x", [("a", 0)].into_iter()), None);
+    }
+}

@@ -1,0 +1,168 @@
+//! The PROXY protocol version 2 header (HAProxy's `proxy-protocol.txt`,
+//! section 2.2): the binary header a relaying node writes before a client's
+//! bytes so that the owning node knows the client's real address.
+//!
+//! Owns encoding and checking that header, sans I/O: [`encode`] for TCP
+//! over IPv4 or IPv6, [`parse`] from the bytes read so far. Never reads a
+//! socket, and never accepts a header longer than [`MAX_HEADER`]: the
+//! length comes from the network.
+
+use std::net::{IpAddr, SocketAddr};
+
+/// The 12 bytes every version 2 header starts with.
+pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+/// The fixed part: signature, version and command, family, length.
+pub const FIXED: usize = 16;
+/// Offsets in the fixed part.
+const VERSION_COMMAND: usize = 12;
+const FAMILY: usize = 13;
+const LENGTH: usize = 14;
+/// Version 2, command PROXY (a relayed connection) or LOCAL (a health check).
+const V2_PROXY: u8 = 0x21;
+const V2_LOCAL: u8 = 0x20;
+/// TCP over IPv4 and over IPv6.
+const TCP4: u8 = 0x11;
+const TCP6: u8 = 0x21;
+/// Address block lengths for TCP over IPv4 and IPv6.
+const ADDRESSES4: usize = 12;
+const ADDRESSES6: usize = 36;
+/// The longest header accepted: the fixed part and the longest address
+/// block of the specification (216 bytes, UNIX addresses), TLVs included.
+pub const MAX_HEADER: usize = FIXED + 216;
+
+/// What a header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// A relayed connection: the client's address and the one it reached.
+    Proxy { source: SocketAddr, destination: SocketAddr },
+    /// No client behind it (a health check) or a family not carried here.
+    Local,
+}
+
+/// Why bytes are no header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("not a PROXY protocol v2 header")]
+    NotV2,
+    #[error("a PROXY v2 header of {0} bytes (at most {MAX_HEADER})")]
+    TooLong(usize),
+    #[error("a PROXY v2 address block too short for its family")]
+    Short,
+}
+
+/// The header for a client at `source` that reached `destination`; both of
+/// one family (an IPv4 address in IPv6 form is written as IPv4).
+pub fn encode(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let (source, destination) = (canonical(source), canonical(destination));
+    let mut out = SIGNATURE.to_vec();
+    match (source.ip(), destination.ip()) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            out.extend_from_slice(&[V2_PROXY, TCP4]);
+            out.extend_from_slice(&u16::try_from(ADDRESSES4).unwrap_or(0).to_be_bytes());
+            out.extend_from_slice(&s.octets());
+            out.extend_from_slice(&d.octets());
+        }
+        (s, d) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            out.extend_from_slice(&[V2_PROXY, TCP6]);
+            out.extend_from_slice(&u16::try_from(ADDRESSES6).unwrap_or(0).to_be_bytes());
+            out.extend_from_slice(&v6(s).octets());
+            out.extend_from_slice(&v6(d).octets());
+        }
+    }
+    out.extend_from_slice(&source.port().to_be_bytes());
+    out.extend_from_slice(&destination.port().to_be_bytes());
+    out
+}
+
+/// How long the whole header is, from its fixed part (`bytes` holding at
+/// least [`FIXED`] bytes): checked against [`MAX_HEADER`] before anything
+/// more is read.
+pub fn length(bytes: &[u8]) -> Result<usize, HeaderError> {
+    let fixed = bytes.get(..FIXED).ok_or(HeaderError::NotV2)?;
+    if fixed[..SIGNATURE.len()] != SIGNATURE || !matches!(fixed[VERSION_COMMAND], V2_PROXY | V2_LOCAL) {
+        return Err(HeaderError::NotV2);
+    }
+    let total = FIXED + usize::from(u16::from_be_bytes([fixed[LENGTH], fixed[LENGTH + 1]]));
+    if total > MAX_HEADER {
+        return Err(HeaderError::TooLong(total));
+    }
+    Ok(total)
+}
+
+/// The header in `bytes` (exactly the [`length`] it announces).
+pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
+    let total = length(bytes)?;
+    let block = bytes.get(FIXED..total).ok_or(HeaderError::Short)?;
+    if bytes[VERSION_COMMAND] == V2_LOCAL {
+        return Ok(Header::Local);
+    }
+    let port = |at: usize| u16::from_be_bytes([block[at], block[at + 1]]);
+    match bytes[FAMILY] {
+        TCP4 if block.len() >= ADDRESSES4 => {
+            let ip = |at: usize| IpAddr::from([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+            Ok(Header::Proxy { source: SocketAddr::new(ip(0), port(8)), destination: SocketAddr::new(ip(4), port(10)) })
+        }
+        TCP6 if block.len() >= ADDRESSES6 => {
+            let ip = |at: usize| {
+                let mut octets = [0u8; 16];
+                octets.copy_from_slice(&block[at..at + 16]);
+                IpAddr::from(octets).to_canonical()
+            };
+            Ok(Header::Proxy {
+                source: SocketAddr::new(ip(0), port(32)),
+                destination: SocketAddr::new(ip(16), port(34)),
+            })
+        }
+        TCP4 | TCP6 => Err(HeaderError::Short),
+        // UDP, UNIX or unspecified: nothing this daemon relays.
+        _ => Ok(Header::Local),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn golden_ipv4_header() {
+        let source: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let destination: SocketAddr = "198.51.100.2:1883".parse().unwrap();
+        let bytes = encode(source, destination);
+        let mut golden = SIGNATURE.to_vec();
+        golden.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0x07, 0x5b]);
+        assert_eq!(bytes, golden);
+        assert_eq!(length(&bytes), Ok(28));
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination }));
+    }
+
+    #[test]
+    fn ipv6_round_trips_and_mixed_families_are_ipv6() {
+        let source: SocketAddr = "[2001:db8::1]:40000".parse().unwrap();
+        let destination: SocketAddr = "10.0.0.1:1883".parse().unwrap();
+        let bytes = encode(source, destination);
+        assert_eq!(bytes.len(), FIXED + ADDRESSES6);
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination }));
+    }
+
+    #[test]
+    fn bad_headers_are_refused_before_their_length_is_trusted() {
+        assert_eq!(length(b"MQTT"), Err(HeaderError::NotV2));
+        let mut bytes = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap());
+        bytes[LENGTH] = 0xff;
+        assert_eq!(length(&bytes), Err(HeaderError::TooLong(FIXED + 0xff0c)));
+        let mut short = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap());
+        short[LENGTH + 1] = 4;
+        assert_eq!(parse(&short[..FIXED + 4]), Err(HeaderError::Short));
+        let mut v1 = short.clone();
+        v1[VERSION_COMMAND] = 0x11;
+        assert_eq!(length(&v1), Err(HeaderError::NotV2));
+        let mut local = SIGNATURE.to_vec();
+        local.extend_from_slice(&[0x20, 0x00, 0, 0]);
+        assert_eq!(parse(&local), Ok(Header::Local));
+    }
+}

@@ -1,0 +1,72 @@
+//! Relayed connections between the nodes of a fleet (`super::cluster`):
+//! a node whose front took a client of a tenant owned elsewhere connects
+//! to the owner's relay port, writes a PROXY protocol v2 header
+//! ([`super::proxy_header`]) and the client's first bytes as the client
+//! sent them, then copies bytes both ways until either side closes. The
+//! owner's relay port reads that header before the CONNECT and routes the
+//! client as its shared port would, to a tenant it runs, never onwards.
+//!
+//! Owns those two ends. Never relays a connection that arrived relayed (no
+//! loops between nodes whose views of the owners differ for a moment), and
+//! never reads more than [`super::proxy_header::MAX_HEADER`] bytes of header.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::cluster::{RELAYED_BYTES, RELAYED_CONNECTIONS};
+use super::front::FirstBytes;
+use super::proxy_header::{self, Header};
+
+/// How long connecting to the owner may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Relays `client`, whose `first` bytes the front read, to the owner's
+/// relay port `owner`; returns when either side has closed.
+pub async fn relay(mut client: TcpStream, first: FirstBytes, owner: SocketAddr) {
+    let header = match (client.peer_addr(), client.local_addr()) {
+        (Ok(source), Ok(destination)) => proxy_header::encode(source, destination),
+        _ => return,
+    };
+    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(owner)).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(e)) => {
+            tracing::warn!(owner = %owner, error = %e, "cannot relay to the tenant's owner");
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(owner = %owner, "cannot relay to the tenant's owner: no answer");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    let mut opening = header;
+    opening.extend_from_slice(&first);
+    drop(first);
+    if upstream.write_all(&opening).await.is_err() {
+        return;
+    }
+    RELAYED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+    let copied = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    if let Ok((up, down)) = copied {
+        RELAYED_BYTES.fetch_add(up.saturating_add(down), Ordering::Relaxed);
+    }
+}
+
+/// Reads the PROXY v2 header a relaying node sent first on the relay port,
+/// within `deadline`; `None` (the connection to be closed) for anything
+/// else.
+pub async fn read_header(stream: &mut TcpStream, deadline: Duration) -> Option<Header> {
+    let read = async {
+        let mut bytes = vec![0u8; proxy_header::FIXED];
+        stream.read_exact(&mut bytes).await.ok()?;
+        let total = proxy_header::length(&bytes).ok()?;
+        bytes.resize(total, 0);
+        stream.read_exact(&mut bytes[proxy_header::FIXED..]).await.ok()?;
+        proxy_header::parse(&bytes).ok()
+    };
+    tokio::time::timeout(deadline, read).await.ok().flatten()
+}
