@@ -150,6 +150,11 @@ impl Daemon {
     /// Stops the daemon (SIGTERM) and waits for it; its files stay until
     /// it is dropped.
     pub fn stop(&mut self) {
+        // Already waited for (killed by the test): its pid may be another
+        // process's by now.
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
         // SAFETY: kill(2) on our own child with a valid signal.
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
         let _ = self.child.wait();

@@ -1,0 +1,358 @@
+//! End-to-end tests of a fleet: `mqvisor serve` nodes sharing one etcd
+//! (`[cluster]`). A real etcd (Debian's `etcd-server`) started here on free
+//! ports with a data directory of its own, three real daemons on 127.0.0.2,
+//! .3 and .4 with the same port number, real VMs.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::daemon::{Daemon, free_port};
+use common::wire::{connect_as, publish, read_packet, subscribe, try_read_packet};
+use common::{kvm_available, tool_available};
+
+const ETCD: &str = "/usr/bin/etcd";
+
+/// An etcd of this test's own, killed (its own pid) and its data removed
+/// when dropped.
+struct Etcd {
+    child: Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl Etcd {
+    fn start(name: &str) -> Etcd {
+        let dir = std::env::temp_dir().join(format!("mqvisor-fleet-etcd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new(ETCD)
+            .args(["--name", "fleet", "--data-dir"])
+            .arg(dir.join("data"))
+            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("fleet={peer_url}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .spawn()
+            .expect("spawning etcd");
+        let etcd = Etcd { child, dir, url };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while etcd.post("/v3/kv/range", "{\"key\":\"AA==\"}").is_none() {
+            assert!(Instant::now() < deadline, "etcd did not answer within 20 s");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        etcd
+    }
+
+    /// One request to etcd's JSON gateway: the answer's body.
+    fn post(&self, path: &str, body: &str) -> Option<String> {
+        let addr = self.url.trim_start_matches("http://");
+        let mut http = TcpStream::connect(addr).ok()?;
+        http.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let length = body.len();
+        write!(
+            http,
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {length}\r\n\r\n{body}"
+        )
+        .ok()?;
+        let mut answer = String::new();
+        http.read_to_string(&mut answer).ok()?;
+        answer.starts_with("HTTP/1.1 200").then(|| answer.split_once("\r\n\r\n").map(|(_, b)| b.to_string()))?
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Node `i` (1 to 3) of a fleet on `etcd`: its shared port `port` on
+/// 127.0.0.(i+1), its relay port `relay` there.
+fn node(test: &str, i: u8, port: u16, relay: u16, etcd: &str) -> Daemon {
+    // Short: the control socket's path must fit in a unix socket address.
+    let dir = std::env::temp_dir().join(format!("mqvisor-fleet-{}-{i}-{}", &test[..4], std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let host = format!("127.0.0.{}", i + 1);
+    std::fs::write(
+        dir.join("serve.toml"),
+        format!(
+            "listen = \"{host}:{port}\"\nstate_dir = \"state\"\n\
+             [defaults]\nmemory = 64\nmax_connections = 100\n\
+             [cluster]\netcd = [\"{etcd}\"]\nnode = \"n{i}\"\nadvertise = \"{host}:{relay}\"\n",
+        ),
+    )
+    .unwrap();
+    Daemon::spawn(dir)
+}
+
+/// Etcd and three nodes, or `None` (said loudly) where they cannot run.
+fn fleet(test: &str) -> Option<(Etcd, Vec<Daemon>)> {
+    if !kvm_available(test) || !tool_available(test, "etcd (Debian's etcd-server)", &format!("test -x {ETCD}")) {
+        return None;
+    }
+    let etcd = Etcd::start(test);
+    let (port, relay) = (free_port(), free_port());
+    let nodes = (1..=3).map(|i| node(test, i, port, relay, &etcd.url)).collect();
+    Some((etcd, nodes))
+}
+
+/// A TCP forwarder to etcd that the test can cut: one node's way to etcd,
+/// so that this node alone loses it (a partition) while the others keep it.
+struct Link {
+    url: String,
+    cut: Arc<AtomicBool>,
+}
+
+impl Link {
+    fn to(etcd: &Etcd) -> Link {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let target = etcd.url.trim_start_matches("http://").to_string();
+        let cut = Arc::new(AtomicBool::new(false));
+        let cutting = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                if cutting.load(Ordering::Relaxed) {
+                    continue; // dropped: closed unanswered
+                }
+                let Ok(upstream) = TcpStream::connect(&target) else { continue };
+                let cutting = cutting.clone();
+                for (mut from, mut to) in
+                    [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)]
+                {
+                    let cutting = cutting.clone();
+                    std::thread::spawn(move || {
+                        let mut buffer = [0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buffer) {
+                            if n == 0 || cutting.load(Ordering::Relaxed) || to.write_all(&buffer[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Link { url, cut }
+    }
+}
+
+/// True while process `pid` exists and is no zombie.
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')))
+}
+
+/// Connects to `addr` as `user` until the CONNACK accepts (a tenant being
+/// placed is refused as unavailable meanwhile), within `within`.
+fn connect_until(addr: SocketAddr, client_id: &str, user: &str, within: Duration) -> TcpStream {
+    let deadline = Instant::now() + within;
+    loop {
+        let attempt = (|| {
+            let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+            stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            stream.write_all(&connect_as(4, client_id, true, Some(user), None)).ok()?;
+            let (kind, body) = try_read_packet(&mut stream).ok()?;
+            (kind == 0x20 && body.get(1) == Some(&0)).then_some(stream)
+        })();
+        if let Some(stream) = attempt {
+            return stream;
+        }
+        assert!(Instant::now() < deadline, "{user} not served through {addr} within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Subscribes to `topic` and returns the first message's payload (a
+/// retained one comes at once), if one comes within 5 s.
+fn first_message(stream: &mut TcpStream, topic: &str) -> Option<Vec<u8>> {
+    stream.write_all(&subscribe(topic, 0, 1)).unwrap();
+    assert_eq!(read_packet(stream).0, 0x90, "SUBACK");
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    try_read_packet(stream).ok().map(|(_, body)| {
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        body[2 + topic_len..].to_vec()
+    })
+}
+
+/// The node that owns `tenant`, as node `asked` lists it, once one does.
+fn owner(asked: &Daemon, tenant: &str, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let list = asked.list();
+        if let Some(node) = list.iter().find(|t| t["name"] == tenant).and_then(|t| t["node"].as_str()) {
+            return node.to_string();
+        }
+        assert!(Instant::now() < deadline, "no owner of {tenant} within {within:?}: {list:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Tenant `tenant`'s processes across the fleet: (node, pid) for each node
+/// that runs one.
+fn processes(nodes: &[Daemon], tenant: &str) -> Vec<(String, u64)> {
+    nodes
+        .iter()
+        .flat_map(|n| n.list())
+        .filter(|t| t["name"] == tenant)
+        .filter_map(|t| Some((t["node"].as_str()?.to_string(), t["pid"].as_u64()?)))
+        .collect()
+}
+
+#[test]
+fn a_tenant_added_on_one_node_is_served_through_all_by_one_broker() {
+    let test = "a_tenant_added_on_one_node_is_served_through_all_by_one_broker";
+    let Some((_etcd, nodes)) = fleet(test) else { return };
+    let (ok, _, err) = nodes[0].tenant(&["add", "acme"]);
+    assert!(ok, "tenant add through node 1: {err}");
+    let (ok, _, err) = nodes[1].tenant(&["add", "acme"]);
+    assert!(!ok && err.contains("exists"), "a second add through node 2: {err}");
+    let owned_by = owner(&nodes[1], "acme", Duration::from_secs(10));
+    // Every node lists it, with the same owner.
+    for n in &nodes {
+        assert_eq!(owner(n, "acme", Duration::from_secs(5)), owned_by);
+    }
+    let started = Instant::now();
+    let mut publisher = connect_until(nodes[2].addr, "pub", "acme:p", Duration::from_secs(15));
+    publisher.write_all(&publish("fleet/news", b"through node 3", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut publisher).0, 0x40, "PUBACK");
+    let mut reader = connect_until(nodes[1].addr, "sub", "acme:s", Duration::from_secs(15));
+    assert_eq!(first_message(&mut reader, "fleet/news").as_deref(), Some(&b"through node 3"[..]));
+    let mut third = connect_until(nodes[0].addr, "sub1", "acme:s", Duration::from_secs(15));
+    assert_eq!(first_message(&mut third, "fleet/news").as_deref(), Some(&b"through node 3"[..]));
+    eprintln!("{test}: retained message through node 3, read through nodes 2 and 1, in {:?}", started.elapsed());
+    // One broker: one process in the whole fleet, on its owner.
+    let running = processes(&nodes, "acme");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_eq!(running[0].0, owned_by);
+    // Removed through another node: gone from every node, its clients refused.
+    let (ok, _, err) = nodes[1].tenant(&["remove", "acme"]);
+    assert!(ok, "tenant remove through node 2: {err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while nodes.iter().any(|n| n.list().iter().any(|t| t["name"] == "acme")) {
+        assert!(Instant::now() < deadline, "acme still listed 10 s after its removal");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut late = TcpStream::connect(nodes[0].addr).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    late.write_all(&connect_as(4, "late", true, Some("acme:x"), None)).unwrap();
+    let (kind, body) = read_packet(&mut late);
+    assert_eq!((kind, body[1]), (0x20, 4), "a removed tenant's client: bad user name or password");
+}
+
+#[test]
+fn kill_9_of_the_owner_brings_the_tenant_back_through_a_survivor() {
+    let test = "kill_9_of_the_owner_brings_the_tenant_back_through_a_survivor";
+    let Some((_etcd, mut nodes)) = fleet(test) else { return };
+    let (ok, _, err) = nodes[0].tenant(&["add", "globex"]);
+    assert!(ok, "tenant add: {err}");
+    let owned_by = owner(&nodes[0], "globex", Duration::from_secs(10));
+    let dead = usize::from(owned_by.trim_start_matches('n').parse::<u8>().unwrap()) - 1;
+    let survivor = (dead + 1) % 3;
+    let mut client = connect_until(nodes[survivor].addr, "c", "globex:c", Duration::from_secs(15));
+    client.write_all(&publish("t", b"x", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK before the kill");
+    // kill -9 of the owner's daemon (its tenant's process dies with it).
+    nodes[dead].child.kill().unwrap();
+    let _ = nodes[dead].child.wait();
+    let killed = Instant::now();
+    // Its client, relayed, loses the connection.
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(matches!(client.read(&mut byte), Ok(0) | Err(_)), "the relayed client outlived its broker");
+    let mut back = connect_until(nodes[survivor].addr, "c", "globex:c", Duration::from_secs(15));
+    back.write_all(&publish("t", b"y", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut back).0, 0x40, "PUBACK after the move");
+    let moved = killed.elapsed();
+    eprintln!("{test}: served again through a survivor {moved:?} after kill -9 of its owner");
+    assert!(moved < Duration::from_secs(15), "{moved:?}");
+    let alive: Vec<Daemon> = nodes.drain(..).enumerate().filter(|(i, _)| *i != dead).map(|(_, n)| n).collect();
+    let running = processes(&alive, "globex");
+    assert_eq!(running.len(), 1, "one process among the survivors: {running:?}");
+    assert_ne!(running[0].0, owned_by);
+}
+
+#[test]
+fn a_node_cut_off_from_etcd_stops_its_tenant_before_another_node_starts_it() {
+    let test = "a_node_cut_off_from_etcd_stops_its_tenant_before_another_node_starts_it";
+    if !kvm_available(test) || !tool_available(test, "etcd (Debian's etcd-server)", &format!("test -x {ETCD}")) {
+        return;
+    }
+    let etcd = Etcd::start("cut");
+    let links: Vec<Link> = (0..3).map(|_| Link::to(&etcd)).collect();
+    let (port, relay) = (free_port(), free_port());
+    let nodes: Vec<Daemon> = (1..=3).map(|i| node(test, i, port, relay, &links[usize::from(i) - 1].url)).collect();
+    let (ok, _, err) = nodes[0].tenant(&["add", "initech"]);
+    assert!(ok, "tenant add: {err}");
+    let owned_by = owner(&nodes[0], "initech", Duration::from_secs(10));
+    let cut = usize::from(owned_by.trim_start_matches('n').parse::<u8>().unwrap()) - 1;
+    let other = (cut + 1) % 3;
+    let mut client = connect_until(nodes[other].addr, "c", "initech:c", Duration::from_secs(15));
+    client.write_all(&publish("t", b"x", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK before the cut");
+    let running = processes(&nodes, "initech");
+    assert_eq!(running.len(), 1, "{running:?}");
+    let first_pid = running[0].1;
+    // The owner alone loses etcd.
+    links[cut].cut.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    let (mut first_gone, mut second_up) = (None, None);
+    let others: Vec<&Daemon> = nodes.iter().enumerate().filter(|(i, _)| *i != cut).map(|(_, n)| n).collect();
+    while second_up.is_none() {
+        assert!(started.elapsed() < Duration::from_secs(30), "no survivor ran initech within 30 s of the cut");
+        let first = alive(first_pid);
+        if !first && first_gone.is_none() {
+            first_gone = Some(started.elapsed());
+        }
+        // Booted on a client's arrival: one keeps trying through a survivor.
+        let _ = std::thread::spawn({
+            let addr = others[0].addr;
+            move || {
+                let mut stream = TcpStream::connect(addr).ok()?;
+                stream.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+                stream.write_all(&connect_as(4, "probe", true, Some("initech:p"), None)).ok()?;
+                try_read_packet(&mut stream).ok()
+            }
+        });
+        let second: Vec<u64> = processes(&nodes[..], "initech")
+            .into_iter()
+            .filter(|(node, pid)| *node != owned_by && alive(*pid))
+            .map(|(_, pid)| pid)
+            .collect();
+        assert!(!first || second.is_empty(), "two nodes ran initech at once: {first_pid} and {second:?}");
+        if !second.is_empty() {
+            second_up = Some(started.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (gone, up) = (first_gone.unwrap(), second_up.unwrap());
+    eprintln!("{test}: the cut-off owner's tenant stopped {gone:?} after the cut, a survivor ran it {up:?} after");
+    // Fenced before its lease (6 s) could expire, the lease renewed at most
+    // 2 s before the cut.
+    assert!(gone < Duration::from_secs(6), "{gone:?}");
+    assert!(gone < up);
+    drop(others);
+    // Healed: the node that was cut off serves it again, relaying to its owner.
+    links[cut].cut.store(false, Ordering::Relaxed);
+    let mut back = connect_until(nodes[cut].addr, "back", "initech:b", Duration::from_secs(15));
+    back.write_all(&publish("t", b"y", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut back).0, 0x40, "PUBACK through the healed node");
+    let running = processes(&nodes, "initech");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_ne!(running[0].0, owned_by);
+}
