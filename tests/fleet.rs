@@ -90,9 +90,10 @@ fn node(test: &str, i: u8, port: u16, relay: u16, etcd: &str) -> Daemon {
     std::fs::write(
         dir.join("serve.toml"),
         format!(
-            "listen = \"{host}:{port}\"\nstate_dir = \"state\"\n\
+            "listen = \"{host}:{port}\"\nstate_dir = \"state\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
              [defaults]\nmemory = 64\nmax_connections = 100\n\
              [cluster]\netcd = [\"{etcd}\"]\nnode = \"n{i}\"\nadvertise = \"{host}:{relay}\"\n",
+            free_port()
         ),
     )
     .unwrap();
@@ -240,6 +241,17 @@ fn a_tenant_added_on_one_node_is_served_through_all_by_one_broker() {
     let running = processes(&nodes, "acme");
     assert_eq!(running.len(), 1, "{running:?}");
     assert_eq!(running[0].0, owned_by);
+    // Two of the three clients came through a node that does not own it:
+    // relayed. Each node's page shows the tenants it runs, and only those.
+    let mut relayed = 0;
+    for (i, n) in nodes.iter().enumerate() {
+        let node = format!("n{}", i + 1);
+        relayed += n.metric(&format!("mqvisor_fleet_relayed_connections_total{{node=\"{node}\"}}"));
+        let owned = n.metric(&format!("mqvisor_fleet_tenants_owned{{node=\"{node}\"}}"));
+        assert_eq!(owned, u64::from(node == owned_by), "{node}");
+        assert_eq!(n.metrics().contains("mqvisor_tenant_up{tenant=\"acme\"} 1"), node == owned_by, "{node}");
+    }
+    assert_eq!(relayed, 2);
     // Removed through another node: gone from every node, its clients refused.
     let (ok, _, err) = nodes[1].tenant(&["remove", "acme"]);
     assert!(ok, "tenant remove through node 2: {err}");

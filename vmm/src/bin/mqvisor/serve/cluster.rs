@@ -35,8 +35,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -66,9 +66,29 @@ const NODES: &str = "/mqvisor/nodes/";
 const TENANTS: &str = "/mqvisor/tenants/";
 const OWNERS: &str = "/mqvisor/owners/";
 
-/// Connections relayed to another node, and the bytes copied both ways.
+/// Connections relayed to another node, and the bytes copied both ways
+/// (counted when a relayed connection ends).
 pub static RELAYED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 pub static RELAYED_BYTES: AtomicU64 = AtomicU64::new(0);
+/// This node's name, once it is a node of a fleet.
+static NODE: OnceLock<String> = OnceLock::new();
+
+/// This node's figures in a fleet, for `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetStats {
+    pub node: String,
+    pub relayed_connections: u64,
+    pub relayed_bytes: u64,
+}
+
+/// This node's figures, if it is a node of a fleet.
+pub fn stats() -> Option<FleetStats> {
+    Some(FleetStats {
+        node: NODE.get()?.clone(),
+        relayed_connections: RELAYED_CONNECTIONS.load(Ordering::Relaxed),
+        relayed_bytes: RELAYED_BYTES.load(Ordering::Relaxed),
+    })
+}
 
 /// `[cluster]`, checked.
 #[derive(Debug, Clone)]
@@ -351,6 +371,7 @@ pub async fn sync(
     directory: Directory,
 ) {
     let me = config.node.as_str();
+    let _ = NODE.set(config.node.clone());
     // Tenants the daemon runs for this node, with the owner key's revision.
     let mut running: BTreeMap<String, i64> = BTreeMap::new();
     let mut unowned_since: BTreeMap<String, Instant> = BTreeMap::new();

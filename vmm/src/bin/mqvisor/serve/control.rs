@@ -41,6 +41,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use mqvisor::net::metrics::{Counters, Kind};
 
+use super::cluster::FleetStats;
 use super::config::{ServeConfigError, valid_tenant_name};
 use super::front::FrontStats;
 use super::usage::Usage;
@@ -436,8 +437,18 @@ fn register(
 }
 
 /// The Prometheus text for `tenants`, every series labelled `tenant`, and
-/// for the shared front (`mqvisor_front_*`), which belongs to no tenant.
-pub fn metrics_text(tenants: &[TenantView], front: FrontStats) -> String {
+/// for the shared front (`mqvisor_front_*`), which belongs to no tenant;
+/// in a fleet, for this node (`mqvisor_fleet_*`, labelled `node`), and for
+/// the tenants run on this node only (another node shows its own).
+pub fn metrics_text(tenants: &[TenantView], front: FrontStats, fleet: Option<FleetStats>) -> String {
+    let here: Vec<TenantView>;
+    let tenants = match &fleet {
+        None => tenants,
+        Some(fleet) => {
+            here = tenants.iter().filter(|t| t.node == Some(Some(fleet.node.clone()))).cloned().collect();
+            &here[..]
+        }
+    };
     let mut root = Registry::with_prefix("mqvisor");
     let registry = root.sub_registry_with_prefix("tenant");
     let label = |t: &TenantView| vec![("tenant".to_string(), t.name.clone())];
@@ -485,6 +496,21 @@ pub fn metrics_text(tenants: &[TenantView], front: FrontStats) -> String {
         ),
         drops,
     );
+    if let Some(fleet) = fleet {
+        let fleet_registry = root.sub_registry_with_prefix("fleet");
+        let node = || std::iter::once(vec![("node".to_string(), fleet.node.clone())]);
+        let owned = u64::try_from(tenants.len()).unwrap_or(u64::MAX);
+        register(
+            fleet_registry,
+            ("tenants_owned", "Tenants this node owns and runs", Kind::Gauge),
+            node().map(|l| (l, owned)),
+        );
+        let relayed = ("relayed_connections", "Clients relayed to the node that owns their tenant", Kind::Counter);
+        register(fleet_registry, relayed, node().map(|l| (l, fleet.relayed_connections)));
+        let bytes =
+            ("relayed_bytes", "Bytes copied both ways for relayed clients, counted as each ends", Kind::Counter);
+        register(fleet_registry, bytes, node().map(|l| (l, fleet.relayed_bytes)));
+    }
     let mut text = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut text, &root);
     text
@@ -505,7 +531,7 @@ pub fn serve_metrics(listener: TcpListener, commands: mpsc::UnboundedSender<Comm
                         }
                         Ok(match ask(&commands, Command::List).await {
                             Some(list) => {
-                                let text = metrics_text(&list, super::front::stats());
+                                let text = metrics_text(&list, super::front::stats(), super::cluster::stats());
                                 let format = if text.ends_with("# EOF\n") { OPENMETRICS } else { PROMETHEUS_TEXT };
                                 let mut response = respond(StatusCode::OK, text);
                                 response.headers_mut().insert(
@@ -581,7 +607,7 @@ mod tests {
             refused_unknown_server_name: 8,
             ..FrontStats::default()
         };
-        let text = metrics_text(&[tenant], front);
+        let text = metrics_text(&[tenant], front, None);
         assert!(text.contains("mqvisor_tenant_up{tenant=\"acme\"} 1"), "{text}");
         assert!(text.contains("mqvisor_tenant_failed{tenant=\"acme\"} 0"), "{text}");
         assert!(text.contains("mqvisor_tenant_connections{tenant=\"acme\"} 3"), "{text}");
