@@ -368,3 +368,80 @@ fn a_node_cut_off_from_etcd_stops_its_tenant_before_another_node_starts_it() {
     assert_eq!(running.len(), 1, "{running:?}");
     assert_ne!(running[0].0, owned_by);
 }
+
+/// `mqvisor node ARGS --json` through `daemon`'s control socket: success,
+/// stdout, stderr.
+fn node_command(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
+    let out = common::mqvisor()
+        .arg("node")
+        .args(args)
+        .arg("--socket")
+        .arg(daemon.dir.join("state/control.sock"))
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn a_drained_node_hands_its_tenants_to_the_others_and_takes_none() {
+    let test = "a_drained_node_hands_its_tenants_to_the_others_and_takes_none";
+    let Some((_etcd, nodes)) = fleet(test) else { return };
+    let tenants = ["t1", "t2", "t3", "t4", "t5", "t6"];
+    for t in tenants {
+        let (ok, _, err) = nodes[0].tenant(&["add", t]);
+        assert!(ok, "tenant add {t}: {err}");
+    }
+    let owners: Vec<String> = tenants.iter().map(|t| owner(&nodes[0], t, Duration::from_secs(10))).collect();
+    // The node that owns t1 is drained, through another node.
+    let drained = owners[0].clone();
+    let i = usize::from(drained.trim_start_matches('n').parse::<u8>().unwrap()) - 1;
+    let asked = &nodes[(i + 1) % 3];
+    let mut client = connect_until(nodes[i].addr, "c", "t1:c", Duration::from_secs(15));
+    client.write_all(&publish("t", b"x", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK before the drain");
+    let (ok, _, err) = node_command(asked, &["drain", "nobody"]);
+    assert!(!ok && err.contains("no node \"nobody\""), "{err}");
+    let (ok, _, err) = node_command(asked, &["drain", &drained]);
+    assert!(ok, "node drain {drained}: {err}");
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(15);
+    loop {
+        let (ok, json, err) = node_command(asked, &["list", "--json"]);
+        assert!(ok, "node list: {err}");
+        let list: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+        assert_eq!(list.len(), 3, "{list:?}");
+        let mine = list.iter().find(|n| n["name"] == drained.as_str()).unwrap();
+        assert_eq!(mine["drained"], true);
+        let placed: Vec<String> = tenants.iter().map(|t| owner(asked, t, Duration::from_secs(10))).collect();
+        if mine["tenants"] == 0 && placed.iter().all(|o| *o != drained) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{drained} still owns tenants 15 s after its drain: {list:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "{test}: {} tenants moved off {drained} in {:?}",
+        owners.iter().filter(|o| **o == drained).count(),
+        started.elapsed()
+    );
+    // Its client was disconnected; through the drained node it is served
+    // again, relayed to the new owner.
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(matches!(client.read(&mut byte), Ok(0) | Err(_)), "the client outlived the drain");
+    let mut back = connect_until(nodes[i].addr, "c", "t1:c", Duration::from_secs(15));
+    back.write_all(&publish("t", b"y", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut back).0, 0x40, "PUBACK through the drained node");
+    assert!(processes(&nodes, "t1").iter().all(|(node, _)| *node != drained));
+    // A tenant added now is placed elsewhere too.
+    let (ok, _, err) = nodes[i].tenant(&["add", "t7"]);
+    assert!(ok, "tenant add t7: {err}");
+    assert_ne!(owner(asked, "t7", Duration::from_secs(10)), drained);
+    let (ok, table, _) = node_command(asked, &["list"]);
+    assert!(ok && table.contains("DRAINED") && table.contains(&drained), "{table}");
+    let (ok, _, err) = node_command(asked, &["undrain", &drained]);
+    assert!(ok, "node undrain: {err}");
+    let (ok, _, err) = node_command(asked, &["undrain", &drained]);
+    assert!(!ok && err.contains("is drained"), "{err}");
+}

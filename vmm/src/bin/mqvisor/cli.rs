@@ -66,6 +66,9 @@ pub enum Commands {
     Serve(ServeArgs),
     /// Look at and change the tenants of a running `mqvisor serve`.
     Tenant(TenantArgs),
+    /// The nodes of a fleet (`mqvisor serve` with `[cluster]`): list them,
+    /// drain one (its tenants move to the others) or take it back.
+    Node(NodeArgs),
     /// Check a state file (`run --state`) without booting: what a VM would
     /// recover from it, or where it is damaged.
     #[command(after_help = "Exit status: 0 when the state can be recovered (a torn last batch, which was never \
@@ -100,6 +103,35 @@ pub struct TenantArgs {
     pub json: bool,
     #[command(subcommand)]
     pub action: TenantAction,
+}
+
+#[derive(clap::Args)]
+pub struct NodeArgs {
+    /// The control socket of any node of the fleet
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "MQVISOR_SOCKET",
+        default_value = "/var/lib/mqvisor/control.sock",
+        global = true
+    )]
+    pub socket: PathBuf,
+    /// Print the daemon's JSON answer instead of a table
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: NodeAction,
+}
+
+#[derive(Subcommand)]
+pub enum NodeAction {
+    /// Every live node: its relay address, capacity, tenants owned, whether it is drained
+    List,
+    /// Move a node's tenants to the others and place none there (for
+    /// maintenance); kept in etcd until `undrain`
+    Drain { node: String },
+    /// Place tenants on a drained node again
+    Undrain { node: String },
 }
 
 #[derive(Subcommand)]

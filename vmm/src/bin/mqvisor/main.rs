@@ -30,6 +30,7 @@ fn main() -> ExitCode {
     match cli.command {
         Commands::Run(args) => run::run(*args),
         Commands::Tenant(args) => serve::client::tenant_command(args),
+        Commands::Node(args) => serve::client::node_command(args),
         Commands::StateCheck { path } => state_check::state_check(&path),
         Commands::Serve(args) => {
             tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();

@@ -12,7 +12,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixStream;
 
-use crate::cli::{TenantAction, TenantArgs};
+use crate::cli::{NodeAction, NodeArgs, TenantAction, TenantArgs};
 
 /// `mqvisor tenant ...`: one request to the daemon's control socket.
 pub fn tenant_command(args: TenantArgs) -> ExitCode {
@@ -79,17 +79,38 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
     match views {
         Some(_) if args.json => print!("{text}"),
         Some(views) => {
+            // In a fleet, which node owns each (figures are the owner's).
+            let fleet = views.iter().any(|t| t.node.is_some());
+            let node_of = |t: &super::control::TenantView| match &t.node {
+                Some(Some(node)) => format!(" {node}"),
+                Some(None) => " -".to_string(),
+                None => String::new(),
+            };
             println!(
-                "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}",
-                "TENANT", "STATE", "PID", "CONNECTIONS", "MEMORY", "PSS", "BOOTS"
+                "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}{}",
+                "TENANT",
+                "STATE",
+                "PID",
+                "CONNECTIONS",
+                "MEMORY",
+                "PSS",
+                "BOOTS",
+                if fleet { " NODE" } else { "" }
             );
             for t in &views {
                 let pid = t.pid.map_or_else(|| "-".to_string(), |p| p.to_string());
                 let pss = format!("{:.1} MiB", t.pss_bytes as f64 / f64::from(1 << 20));
                 let memory = if t.memory_mib > 0 { format!("{} MiB", t.memory_mib) } else { "-".into() };
                 println!(
-                    "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}",
-                    t.name, t.state, pid, t.counters.connections, memory, pss, t.boots
+                    "{:<24} {:<8} {:>8} {:>11} {:>8} {:>10} {:>6}{}",
+                    t.name,
+                    t.state,
+                    pid,
+                    t.counters.connections,
+                    memory,
+                    pss,
+                    t.boots,
+                    node_of(t)
                 );
             }
             // Why a failed tenant is not served.
@@ -101,6 +122,59 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
         }
         None if status == StatusCode::CREATED => println!("added"),
         None => println!("done"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `mqvisor node ...`: one request to a fleet node's control socket.
+pub fn node_command(args: NodeArgs) -> ExitCode {
+    if let NodeAction::Drain { node } | NodeAction::Undrain { node } = &args.action
+        && !super::config::valid_tenant_name(node)
+    {
+        eprintln!("mqvisor: node name {node:?}: use 1 to 64 of a-z, 0-9, '-' and '_'");
+        return ExitCode::FAILURE;
+    }
+    let (method, path) = match &args.action {
+        NodeAction::List => (Method::GET, "/nodes".to_string()),
+        NodeAction::Drain { node } => (Method::POST, format!("/nodes/{node}/drain")),
+        NodeAction::Undrain { node } => (Method::DELETE, format!("/nodes/{node}/drain")),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (status, text) = match runtime.block_on(request(&args.socket, method, &path, String::new())) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(text);
+        eprintln!("mqvisor: {message}");
+        return ExitCode::FAILURE;
+    }
+    match (&args.action, serde_json::from_str::<Vec<super::cluster::NodeView>>(&text)) {
+        (NodeAction::List, _) if args.json => print!("{text}"),
+        (NodeAction::List, Ok(nodes)) => {
+            println!("{:<24} {:<22} {:>8} {:>8} {:>8}", "NODE", "ADVERTISE", "CAPACITY", "TENANTS", "DRAINED");
+            for n in &nodes {
+                let drained = if n.drained { "yes" } else { "no" };
+                println!("{:<24} {:<22} {:>8} {:>8} {:>8}", n.name, n.advertise, n.capacity, n.tenants, drained);
+            }
+        }
+        (NodeAction::List, Err(e)) => {
+            eprintln!("mqvisor: the daemon's answer is no node list ({e}): {text}");
+            return ExitCode::FAILURE;
+        }
+        _ => println!("done"),
     }
     ExitCode::SUCCESS
 }

@@ -65,6 +65,8 @@ const DEFAULT_CAPACITY: u32 = 1000;
 const NODES: &str = "/mqvisor/nodes/";
 const TENANTS: &str = "/mqvisor/tenants/";
 const OWNERS: &str = "/mqvisor/owners/";
+/// `/mqvisor/drain/NODE`: NODE is drained (no lease: it stays until undrained).
+const DRAIN: &str = "/mqvisor/drain/";
 
 /// Connections relayed to another node, and the bytes copied both ways
 /// (counted when a relayed connection ends).
@@ -213,6 +215,30 @@ pub enum Request {
         local: Vec<TenantView>,
         reply: oneshot::Sender<Vec<TenantView>>,
     },
+    Node {
+        request: NodeRequest,
+        reply: oneshot::Sender<Result<Vec<NodeView>, String>>,
+    },
+}
+
+/// What `mqvisor node` asks.
+pub enum NodeRequest {
+    List,
+    /// Move the node's tenants away and place none there.
+    Drain(String),
+    /// Place tenants there again.
+    Undrain(String),
+}
+
+/// One live node as `mqvisor node list` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub advertise: String,
+    pub capacity: u32,
+    /// Tenants it owns.
+    pub tenants: u32,
+    pub drained: bool,
 }
 
 /// The lease as the daemon's loop and [`sync`] see it: its id while it is
@@ -291,6 +317,8 @@ struct Snapshot {
     owners: BTreeMap<String, Kv>,
     /// Each node's relay address and capacity.
     nodes: BTreeMap<String, (SocketAddr, u32)>,
+    /// Drained nodes.
+    drained: BTreeSet<String>,
 }
 
 fn strip<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
@@ -307,6 +335,11 @@ async fn read(etcd: &Etcd) -> Result<Snapshot, super::etcd::EtcdError> {
     for kv in etcd.range(OWNERS, true).await? {
         if let Some(name) = strip(&kv.key, OWNERS) {
             snapshot.owners.insert(name.to_string(), kv);
+        }
+    }
+    for kv in etcd.range(DRAIN, true).await? {
+        if let Some(name) = strip(&kv.key, DRAIN) {
+            snapshot.drained.insert(name.to_string());
         }
     }
     for kv in etcd.range(NODES, true).await? {
@@ -400,7 +433,12 @@ pub async fn sync(
             // Fenced: the daemon dropped every tenant.
             running.clear();
         }
-        let mut free: BTreeMap<&str, u32> = snapshot.nodes.iter().map(|(n, &(_, cap))| (n.as_str(), cap)).collect();
+        // A drained node has no room: nothing is placed there.
+        let mut free: BTreeMap<&str, u32> = snapshot
+            .nodes
+            .iter()
+            .map(|(n, &(_, cap))| (n.as_str(), if snapshot.drained.contains(n) { 0 } else { cap }))
+            .collect();
         for owner in snapshot.owners.values() {
             if let Some(room) = std::str::from_utf8(&owner.value).ok().and_then(|n| free.get_mut(n)) {
                 *room = room.saturating_sub(1);
@@ -457,12 +495,19 @@ pub async fn sync(
             }
             places.insert(name.clone(), place);
         }
-        // Removed from the fleet: stopped here, its owner key let go.
-        let removed: Vec<String> = running.keys().filter(|n| !snapshot.tenants.contains_key(*n)).cloned().collect();
+        // Removed from the fleet, or this node drained: stopped here, its
+        // owner key let go (to another node, when it is drained).
+        let drained = snapshot.drained.contains(me);
+        let removed: Vec<String> =
+            running.keys().filter(|n| drained || !snapshot.tenants.contains_key(*n)).cloned().collect();
         for name in removed {
             if let Some(revision) = running.remove(&name) {
                 let _ = daemon.send(ToDaemon::Disown { name: name.clone() });
                 let _ = etcd.delete_if(&format!("{OWNERS}{name}"), revision).await;
+                if drained {
+                    tracing::info!(tenant = %name, "drained: left to the other nodes");
+                    places.insert(name.clone(), Place::Nowhere);
+                }
             }
         }
         unowned_since.retain(|name, _| snapshot.tenants.contains_key(name));
@@ -577,6 +622,48 @@ async fn answer(
                 Err(e) => Err(format!("tenant {name}: {e}")),
             };
             let _ = reply.send(removed);
+        }
+        Request::Node { request, reply } => {
+            let answer = match request {
+                NodeRequest::List => {
+                    let mut owned: BTreeMap<&str, u32> = BTreeMap::new();
+                    for kv in snapshot.owners.values() {
+                        if let Ok(node) = std::str::from_utf8(&kv.value) {
+                            *owned.entry(node).or_default() += 1;
+                        }
+                    }
+                    Ok(snapshot
+                        .nodes
+                        .iter()
+                        .map(|(name, &(advertise, capacity))| NodeView {
+                            name: name.clone(),
+                            advertise: advertise.to_string(),
+                            capacity,
+                            tenants: owned.get(name.as_str()).copied().unwrap_or(0),
+                            drained: snapshot.drained.contains(name),
+                        })
+                        .collect())
+                }
+                NodeRequest::Drain(node) if !snapshot.nodes.contains_key(&node) => {
+                    Err(format!("no node {node:?} is registered in the fleet"))
+                }
+                NodeRequest::Drain(node) => match etcd.put(&format!("{DRAIN}{node}"), b"", 0).await {
+                    Ok(()) => {
+                        tracing::info!(node = %node, "drained");
+                        Ok(Vec::new())
+                    }
+                    Err(e) => Err(format!("node {node}: {e}")),
+                },
+                NodeRequest::Undrain(node) => match etcd.delete(&format!("{DRAIN}{node}")).await {
+                    Ok(true) => {
+                        tracing::info!(node = %node, "undrained");
+                        Ok(Vec::new())
+                    }
+                    Ok(false) => Err(format!("no node {node:?} is drained")),
+                    Err(e) => Err(format!("node {node}: {e}")),
+                },
+            };
+            let _ = reply.send(answer);
         }
         Request::List { local, reply } => {
             let mut local: BTreeMap<String, TenantView> = local.into_iter().map(|v| (v.name.clone(), v)).collect();

@@ -20,6 +20,10 @@
 //! | `PUT /tenants/NAME/acl` (body: the ACL text) | replace its ACL, live |
 //! | `DELETE /tenants/NAME/acl` | no ACL: every topic open, live |
 //!
+//! | `GET /nodes` | a fleet's live nodes (`[cluster]` only) |
+//! | `POST /nodes/NODE/drain` | move NODE's tenants away, place none there |
+//! | `DELETE /nodes/NODE/drain` | place tenants on NODE again |
+//!
 //! Users and ACL requests are [`super::users`]'s to answer.
 //! | `GET /tenants/NAME/usage` | what it used, for billing ([`super::usage`]) |
 
@@ -144,6 +148,11 @@ pub enum Command {
         name: String,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// A fleet's nodes: list, drain, undrain (`super::cluster`).
+    Node {
+        request: super::cluster::NodeRequest,
+        reply: oneshot::Sender<Result<Vec<super::cluster::NodeView>, String>>,
+    },
     /// A users or ACL request (`super::users`).
     Auth {
         name: String,
@@ -236,6 +245,21 @@ async fn handle(request: Request<Incoming>, commands: mpsc::UnboundedSender<Comm
         (Method::POST, ["tenants", name, "restart"]) => {
             let name = name.to_string();
             done(ask(&commands, |reply| Command::Restart { name, reply }).await, StatusCode::NO_CONTENT)
+        }
+        (method @ (Method::GET | Method::POST | Method::DELETE), ["nodes", rest @ ..]) => {
+            use super::cluster::NodeRequest;
+            let request = match (method, rest) {
+                (Method::GET, []) => NodeRequest::List,
+                (Method::POST, [node, "drain"]) if valid_tenant_name(node) => NodeRequest::Drain(node.to_string()),
+                (Method::DELETE, [node, "drain"]) if valid_tenant_name(node) => NodeRequest::Undrain(node.to_string()),
+                _ => return error(StatusCode::NOT_FOUND, &format!("no such request: {path}")),
+            };
+            match ask(&commands, |reply| Command::Node { request, reply }).await {
+                Some(Ok(nodes)) => json(&nodes),
+                Some(Err(e)) if e.starts_with("no node") => error(StatusCode::NOT_FOUND, &e),
+                Some(Err(e)) => error(StatusCode::CONFLICT, &e),
+                None => gone(),
+            }
         }
         (method, ["tenants", name, "users" | "acl", rest @ ..]) => {
             let (name, what) = (name.to_string(), parts[2]);

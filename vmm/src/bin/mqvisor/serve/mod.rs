@@ -399,6 +399,9 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     };
                     let _ = reply.send(removed);
                 }
+                (Command::Node { reply, .. }, None) => {
+                    let _ = reply.send(Err("this daemon is not a node of a fleet (no [cluster] in its configuration)".into()));
+                }
                 (Command::Auth { name, request, reply }, None) => {
                     // A failed tenant has no settings to check a change against.
                     let answer = match tenants.get_mut(&name) {
@@ -474,6 +477,9 @@ fn fleet_command(
         }
         Command::Remove { name, reply } => {
             let _ = requests.send(cluster::Request::Remove { name, reply });
+        }
+        Command::Node { request, reply } => {
+            let _ = requests.send(cluster::Request::Node { request, reply });
         }
         Command::Auth { reply, .. } => {
             let _ = reply.send(Err(users::Refused {
