@@ -445,3 +445,102 @@ fn a_drained_node_hands_its_tenants_to_the_others_and_takes_none() {
     let (ok, _, err) = node_command(asked, &["undrain", &drained]);
     assert!(!ok && err.contains("is drained"), "{err}");
 }
+
+const HAPROXY: &str = "/usr/sbin/haproxy";
+
+/// HAProxy running deploy/haproxy.cfg with this test's addresses, killed
+/// (its own pid) when dropped.
+struct Haproxy {
+    child: Child,
+    addr: SocketAddr,
+    config: PathBuf,
+}
+
+impl Haproxy {
+    fn start(test: &str, nodes: &[Daemon]) -> Haproxy {
+        let shipped = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/haproxy.cfg")).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut servers = 0;
+        let config: String = shipped
+            .lines()
+            .map(|line| {
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    ["bind", _] => format!("    bind {addr}"),
+                    ["server", name, _, rest @ ..] => {
+                        servers += 1;
+                        format!("    server {name} {} {}", nodes[servers - 1].addr, rest.join(" "))
+                    }
+                    _ => line.to_string(),
+                }
+            })
+            .map(|line| line + "\n")
+            .collect();
+        assert_eq!(servers, nodes.len(), "deploy/haproxy.cfg names one server per node");
+        let path =
+            std::env::temp_dir().join(format!("mqvisor-fleet-{}-{}.haproxy.cfg", &test[..4], std::process::id()));
+        std::fs::write(&path, config).unwrap();
+        let child = Command::new(HAPROXY)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning haproxy");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "haproxy did not listen on {addr} within 10 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Haproxy { child, addr, config: path }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+#[test]
+fn behind_haproxy_any_node_serves_and_a_lost_node_is_routed_around() {
+    let test = "behind_haproxy_any_node_serves_and_a_lost_node_is_routed_around";
+    let Some((_etcd, mut nodes)) = fleet(test) else { return };
+    if !tool_available(test, "HAProxy (Debian's haproxy)", &format!("test -x {HAPROXY}")) {
+        return;
+    }
+    let haproxy = Haproxy::start(test, &nodes);
+    let (ok, _, err) = nodes[0].tenant(&["add", "hooli"]);
+    assert!(ok, "tenant add: {err}");
+    let owned_by = owner(&nodes[0], "hooli", Duration::from_secs(10));
+    let mut publisher = connect_until(haproxy.addr, "pub", "hooli:p", Duration::from_secs(15));
+    publisher.write_all(&publish("lb/news", b"through haproxy", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut publisher).0, 0x40, "PUBACK");
+    // Six clients, spread by HAProxy over the three nodes, all see it.
+    let mut readers: Vec<TcpStream> =
+        (0..6).map(|i| connect_until(haproxy.addr, &format!("r{i}"), "hooli:r", Duration::from_secs(15))).collect();
+    for reader in &mut readers {
+        assert_eq!(first_message(reader, "lb/news").as_deref(), Some(&b"through haproxy"[..]));
+    }
+    let relayed: u64 = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.metric(&format!("mqvisor_fleet_relayed_connections_total{{node=\"n{}\"}}", i + 1)))
+        .sum();
+    assert!(relayed >= 2, "HAProxy spread 7 clients and only {relayed} were relayed");
+    // kill -9 of the owner: through HAProxy the tenant is served again.
+    let dead = usize::from(owned_by.trim_start_matches('n').parse::<u8>().unwrap()) - 1;
+    nodes[dead].child.kill().unwrap();
+    let _ = nodes[dead].child.wait();
+    let killed = Instant::now();
+    let mut back = connect_until(haproxy.addr, "back", "hooli:b", Duration::from_secs(15));
+    back.write_all(&publish("lb/news", b"after", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut back).0, 0x40, "PUBACK after the kill");
+    eprintln!("{test}: served through HAProxy again {:?} after kill -9 of the owner", killed.elapsed());
+    let survivors: Vec<Daemon> = nodes.drain(..).enumerate().filter(|(i, _)| *i != dead).map(|(_, n)| n).collect();
+    let running = processes(&survivors, "hooli");
+    assert_eq!(running.len(), 1, "{running:?}");
+}
