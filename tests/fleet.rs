@@ -25,6 +25,7 @@ struct Etcd {
     child: Child,
     dir: PathBuf,
     url: String,
+    peer_url: String,
 }
 
 impl Etcd {
@@ -35,23 +36,44 @@ impl Etcd {
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new(ETCD)
+        let child = Etcd::spawn(&dir, &url, &peer_url);
+        let etcd = Etcd { child, dir, url, peer_url };
+        etcd.wait_answer();
+        etcd
+    }
+
+    fn spawn(dir: &std::path::Path, url: &str, peer_url: &str) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("etcd.log")).unwrap();
+        Command::new(ETCD)
             .args(["--name", "fleet", "--data-dir"])
             .arg(dir.join("data"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--listen-client-urls", url, "--advertise-client-urls", url])
+            .args(["--listen-peer-urls", peer_url, "--initial-advertise-peer-urls", peer_url])
             .args(["--initial-cluster", &format!("fleet={peer_url}")])
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("etcd.log")).unwrap())
+            .stderr(log)
             .spawn()
-            .expect("spawning etcd");
-        let etcd = Etcd { child, dir, url };
+            .expect("spawning etcd")
+    }
+
+    fn wait_answer(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
-        while etcd.post("/v3/kv/range", "{\"key\":\"AA==\"}").is_none() {
+        while self.post("/v3/kv/range", "{\"key\":\"AA==\"}").is_none() {
             assert!(Instant::now() < deadline, "etcd did not answer within 20 s");
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
-        etcd
+    }
+
+    /// kill -9 of etcd.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on its data and ports, and waits until it answers.
+    fn start_again(&mut self) {
+        self.child = Etcd::spawn(&self.dir, &self.url, &self.peer_url);
+        self.wait_answer();
     }
 
     /// One request to etcd's JSON gateway: the answer's body.
@@ -543,4 +565,81 @@ fn behind_haproxy_any_node_serves_and_a_lost_node_is_routed_around() {
     let survivors: Vec<Daemon> = nodes.drain(..).enumerate().filter(|(i, _)| *i != dead).map(|(_, n)| n).collect();
     let running = processes(&survivors, "hooli");
     assert_eq!(running.len(), 1, "{running:?}");
+}
+
+/// Publishes QoS 1 messages on `stream` until `stop`, each acknowledged
+/// within 5 s; returns how many were, or the error that ended it.
+fn publish_until(mut stream: TcpStream, stop: Arc<AtomicBool>) -> Result<u32, String> {
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut acknowledged = 0u32;
+    let mut id = 0u16;
+    while !stop.load(Ordering::Relaxed) {
+        id = id.wrapping_add(1).max(1);
+        stream.write_all(&publish("load", b"m", 1, id, false)).map_err(|e| format!("after {acknowledged}: {e}"))?;
+        let (kind, _) = try_read_packet(&mut stream).map_err(|e| format!("after {acknowledged}: {e}"))?;
+        if kind != 0x40 {
+            return Err(format!("after {acknowledged}: packet {kind:#x}, not a PUBACK"));
+        }
+        acknowledged += 1;
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(acknowledged)
+}
+
+#[test]
+fn etcd_restarted_under_load_disturbs_nothing_and_a_long_outage_fences_then_recovers() {
+    let test = "etcd_restarted_under_load_disturbs_nothing_and_a_long_outage_fences_then_recovers";
+    let Some((mut etcd, nodes)) = fleet(test) else { return };
+    let (ok, _, err) = nodes[0].tenant(&["add", "umbrella"]);
+    assert!(ok, "tenant add: {err}");
+    let owned_by = owner(&nodes[0], "umbrella", Duration::from_secs(10));
+    // One client straight on the owner, one relayed by each other node.
+    let streams: Vec<TcpStream> =
+        (0..3).map(|i| connect_until(nodes[i].addr, &format!("p{i}"), "umbrella:p", Duration::from_secs(15))).collect();
+    let pid = processes(&nodes, "umbrella")[0].1;
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = streams
+        .into_iter()
+        .map(|s| {
+            let stop = stop.clone();
+            std::thread::spawn(move || publish_until(s, stop))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    // A restart that is over well within the fencing time (4 s): nothing
+    // is fenced, no client notices.
+    let restart = Instant::now();
+    etcd.kill();
+    etcd.start_again();
+    let took = restart.elapsed();
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    let counts: Vec<u32> = publishers.into_iter().map(|p| p.join().unwrap().unwrap()).collect();
+    eprintln!("{test}: etcd down {took:?}; QoS 1 messages acknowledged meanwhile per client: {counts:?}");
+    assert!(took < Duration::from_secs(3), "etcd took {took:?} to restart: the test needs it under 3 s");
+    assert!(counts.iter().all(|&n| n > 50), "{counts:?}");
+    let running = processes(&nodes, "umbrella");
+    assert_eq!(running, vec![(owned_by.clone(), pid)], "the tenant was not restarted or moved");
+    // An outage past the fencing time: every node stops its tenants, and
+    // once etcd is back the tenant is served again.
+    let mut client = connect_until(nodes[1].addr, "c", "umbrella:c", Duration::from_secs(15));
+    let down = Instant::now();
+    etcd.kill();
+    client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut byte = [0u8; 1];
+    assert!(matches!(client.read(&mut byte), Ok(0) | Err(_)), "a client outlived its fenced tenant");
+    let fenced = down.elapsed();
+    assert!(!alive(pid), "the tenant's process outlived the fence");
+    assert!(fenced < Duration::from_secs(6), "fenced {fenced:?} after etcd went");
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(down.elapsed()));
+    let back = Instant::now();
+    etcd.start_again();
+    let mut again = connect_until(nodes[2].addr, "again", "umbrella:a", Duration::from_secs(20));
+    again.write_all(&publish("t", b"x", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut again).0, 0x40, "PUBACK after etcd came back");
+    eprintln!(
+        "{test}: etcd gone: tenant fenced after {fenced:?}; etcd back after 8 s: served again {:?} later",
+        back.elapsed()
+    );
+    assert_eq!(processes(&nodes, "umbrella").len(), 1);
 }

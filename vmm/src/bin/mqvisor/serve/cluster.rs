@@ -260,6 +260,11 @@ pub async fn keep_lease(
     })
     .to_string();
     let ttl = Duration::from_secs(LEASE_TTL);
+    // A lease given up (fenced) but not yet revoked: etcd being out of
+    // reach is what fences, and an etcd that comes back from a restart
+    // gives every lease a full TTL again, which would keep this node's old
+    // owner keys (and so its tenants, unserved) another TTL.
+    let mut previous: Option<i64> = None;
     loop {
         let sent = Instant::now();
         let id = match etcd.grant(LEASE_TTL).await {
@@ -277,6 +282,12 @@ pub async fn keep_lease(
             continue;
         }
         tracing::info!(node = %config.node, lease = id, "registered in etcd");
+        if let Some(old) = previous.take()
+            && let Err(e) = etcd.revoke(old).await
+        {
+            // Its keys go when it expires, a TTL from now at most.
+            tracing::warn!(lease = old, error = %e, "cannot revoke the lease given up");
+        }
         let _ = lease.send(Some(id));
         let mut renewed = sent;
         loop {
@@ -306,7 +317,9 @@ pub async fn keep_lease(
         let _ = lease.send(None);
         let _ = daemon.send(ToDaemon::Fence);
         tracing::warn!(node = %config.node, lease = id, "lease lost: every tenant here stopped (fenced)");
-        let _ = tokio::time::timeout(Duration::from_secs(1), etcd.revoke(id)).await;
+        if !matches!(tokio::time::timeout(Duration::from_secs(1), etcd.revoke(id)).await, Ok(Ok(()))) {
+            previous = Some(id);
+        }
     }
 }
 
