@@ -187,6 +187,22 @@ fn covers(rule: &str, sub: &str) -> bool {
     }
 }
 
+/// Why `filter` is no MQTT topic filter: `#` must be a whole level and the
+/// last one, `+` a whole level (MQTT 4.7.1). A `#` in the middle would
+/// otherwise match everything after it, granting more than the line says.
+fn malformed_filter(filter: &str) -> Option<&'static str> {
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        if level.contains('#') && (level != "#" || levels.peek().is_some()) {
+            return Some("`#` may only be a whole level, and the last");
+        }
+        if level.contains('+') && level != "+" {
+            return Some("`+` may only be a whole level");
+        }
+    }
+    None
+}
+
 impl Acl {
     /// Parses a Mosquitto ACL file (the subset described in the module docs).
     pub fn parse(text: &str) -> Result<Acl, FileError> {
@@ -217,11 +233,20 @@ impl Acl {
                         Some(("write", f)) => (Access::Write, f),
                         Some(("readwrite", f)) => (Access::ReadWrite, f),
                         Some(("deny", f)) => (Access::Deny, f),
-                        _ => (Access::ReadWrite, rest),
+                        // A typo such as `raed` would otherwise become part
+                        // of a filter that matches nothing (Mosquitto
+                        // refuses it too).
+                        Some((word, _)) => {
+                            return Err(err(format!("unknown access `{word}`: use read, write, readwrite or deny")));
+                        }
+                        None => (Access::ReadWrite, rest),
                     };
                     let filter = filter.trim();
                     if filter.is_empty() {
                         return Err(err(format!("`{keyword}` needs a topic filter")));
+                    }
+                    if let Some(why) = malformed_filter(filter) {
+                        return Err(err(format!("topic filter `{filter}`: {why}")));
                     }
                     let rule = Rule { access, filter: filter.to_string() };
                     match (keyword, current) {
@@ -371,5 +396,20 @@ carol:$6$kzh82Fxp04vs5MHw$Af9HpxJnHhSz4amwiN5oS21VmWmPTe7Z+VTzQ3TavvJyTxL6J8VhKL
         assert_eq!(Acl::parse("user\n").unwrap_err().line, 1);
         assert_eq!(Acl::parse("topic read a\nbogus x\n").unwrap_err().line, 2);
         assert_eq!(Acl::parse("topic read\n").unwrap_err().line, 1);
+        // A `#` mid-filter (it would match everything after it) and stray
+        // wildcards are refused, as Mosquitto refuses them.
+        for bad in ["a/+/#/c", "a/#/b", "a/b#", "q+/x", "#/x"] {
+            let e = Acl::parse(&format!("user alice\ntopic readwrite {bad}\n")).unwrap_err();
+            assert_eq!(e.line, 2, "{bad}");
+            assert!(e.why.contains(bad), "{bad}: {}", e.why);
+        }
+        for good in ["#", "a/#", "+/+/c", "+", "users/%u/#"] {
+            assert!(Acl::parse(&format!("topic {good}\n")).is_ok(), "{good}");
+            assert!(Acl::parse(&format!("pattern read {good}\n")).is_ok(), "{good}");
+        }
+        assert!(Acl::parse("topic read a b/c\n").is_ok(), "a filter may hold a space");
+        // An unknown access word is a typo, not a filter.
+        let e = Acl::parse("topic raed x/#\n").unwrap_err();
+        assert!(e.why.contains("unknown access `raed`"), "{}", e.why);
     }
 }
