@@ -1544,3 +1544,44 @@ fn a_publish_rate_set_in_serves_config_holds_that_tenant_back_and_no_other() {
     assert_eq!(daemon.metric(&series("globex")), 0, "globex has no quota");
     assert!(took[1] < took[0], "globex was held back too: {took:?}");
 }
+
+#[test]
+fn connection_seconds_are_the_time_clients_were_connected_and_a_short_burst_is_the_peak() {
+    if !kvm_available("connection_seconds_are_the_time_clients_were_connected_and_a_short_burst_is_the_peak") {
+        return;
+    }
+    let daemon = Daemon::start("connected-time", "[tenants.beta]\n", &[]);
+    let usage = || -> serde_json::Value {
+        let (ok, json, err) = daemon.tenant(&["usage", "beta", "--json"]);
+        assert!(ok, "{err}");
+        serde_json::from_str(&json).unwrap()
+    };
+    // Booted by one client that leaves at once; then 3 s with nobody.
+    drop(connected(&daemon, "boot", "beta:"));
+    std::thread::sleep(Duration::from_secs(3));
+    // Ten clients for one second: about 10 connection-seconds, where a
+    // count sampled at each report charged the quiet gap too (about 40).
+    let held = Instant::now();
+    let ten: Vec<_> = (0..10).map(|i| connected(&daemon, &format!("c{i}"), "beta:")).collect();
+    std::thread::sleep(Duration::from_secs(1));
+    drop(ten);
+    let held = held.elapsed().as_secs_f64();
+    // Thirty clients for 200 ms, less than a report's interval.
+    let thirty: Vec<_> = (0..30).map(|i| connected(&daemon, &format!("b{i}"), "beta:")).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    drop(thirty);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let u = loop {
+        let u = usage();
+        if u["peak_connections"].as_u64() == Some(30) || Instant::now() > deadline {
+            break u;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(u["peak_connections"], 30, "{u}");
+    let seconds = u["connection_seconds"].as_f64().unwrap();
+    eprintln!("10 clients for {held:.2} s and 30 for 0.2 s: {seconds:.2} connection-seconds");
+    // Plus the burst (6), and slack for the time connecting and closing
+    // take on a loaded machine; charging the quiet gap made it 40 or more.
+    assert!(seconds >= 10.0 * 0.9 && seconds <= 10.0 * held + 6.0 + 6.0, "{u}");
+}

@@ -66,6 +66,9 @@ macro_rules! counters {
 
 counters! {
     connections: Gauge "connections" "Client connections carried into the VM";
+    peak_connections: Gauge "peak_connections" "Most client connections carried into the VM at once since it started";
+    connection_ms: Counter "connection_milliseconds"
+        "Milliseconds clients were connected, summed over clients (connection-seconds for billing)";
     bytes_in: Counter "client_bytes_in" "Bytes read from clients";
     bytes_out: Counter "client_bytes_out" "Bytes written to clients";
     messages_in: Counter "messages_in" "PUBLISH packets from clients";

@@ -201,6 +201,11 @@ impl Building {
 
 struct Proxy {
     device: NetEventHandler,
+    /// Clients connected at `connected_at`, and the sum of their connected
+    /// time so far, in microseconds (see [`Proxy::count_connected_time`]).
+    connected: (u64, Instant, u128),
+    /// The most clients connected at once.
+    peak_connections: u64,
     net: Arc<Mutex<MmioTransport<NetDevice>>>,
     disk: Arc<OnceLock<Arc<Mutex<MmioTransport<BlockDevice>>>>>,
     clients_in: Clients,
@@ -241,6 +246,8 @@ impl Proxy {
         streams.set_quotas(config.quotas, Instant::now());
         Ok(Proxy {
             device,
+            connected: (0, Instant::now(), 0),
+            peak_connections: 0,
             net: config.transport,
             disk: config.disk,
             clients_in: Clients::new(config.ingress)?,
@@ -485,6 +492,21 @@ impl Proxy {
                 break;
             }
         }
+        self.count_connected_time();
+    }
+
+    /// Adds the time since the last call times the clients connected then:
+    /// the count changes only while the loop works (and this runs at the end
+    /// of each turn), so between two calls it held, and the sum is exact
+    /// within a turn of the loop, where a count sampled once a report
+    /// charged a whole quiet gap at the newest count.
+    fn count_connected_time(&mut self) {
+        let now = Instant::now();
+        let (count, since, total) = self.connected;
+        let total = total + u128::from(count) * now.saturating_duration_since(since).as_micros();
+        let count = self.streams.counters().connections;
+        self.peak_connections = self.peak_connections.max(count);
+        self.connected = (count, now, total);
     }
 
     /// Acts on every record the guest sent. True if there were frames.
@@ -593,7 +615,10 @@ impl Proxy {
 
     /// The VM's counters now: the streams', the devices', the vCPU's.
     fn counters(&mut self) -> Counters {
+        self.count_connected_time();
         let mut counters = self.streams.counters();
+        counters.peak_connections = self.peak_connections;
+        counters.connection_ms = u64::try_from(self.connected.2 / 1000).unwrap_or(u64::MAX);
         counters.vm_exits = self.vm_exits.load(Ordering::Relaxed);
         counters.refused_handshakes = self.clients_in.refused_handshakes();
         if let Ok(net) = self.net.lock() {

@@ -363,7 +363,7 @@ impl Tenant {
             .map_err(std::io::Error::from)?;
         *self.load.lock().map_err(|_| std::io::Error::other("load lock poisoned"))? = Counters::default();
         let booted = (Instant::now(), self.boot_seconds.clone());
-        let usage = (self.usage.clone(), Baseline::new(Instant::now()));
+        let usage = (self.usage.clone(), Baseline::default());
         tokio::spawn(link(ours, queue, self.load.clone(), booted, self.returned.clone(), usage));
         let (tenant, exited) = (self.name.clone(), exited.clone());
         tokio::spawn(async move {
@@ -628,7 +628,7 @@ async fn link(
                             if let (Some(now), Ok(mut load)) = (Counters::from_report(&report[..len]), load.lock()) {
                                 *load = now;
                                 if let Ok(mut usage) = usage.lock() {
-                                    usage.report(&mut baseline, &now, Instant::now());
+                                    usage.report(&mut baseline, &now);
                                 }
                                 if std::mem::take(&mut first)
                                     && let Ok(mut boots) = boot_seconds.lock()

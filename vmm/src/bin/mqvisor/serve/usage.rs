@@ -94,17 +94,11 @@ struct Record {
     usage: Usage,
 }
 
-/// One process's last report, against which its next one is counted.
+/// One process's last report, against which its next one is counted (a
+/// new process's counters begin at 0: `Baseline::default()`).
+#[derive(Default)]
 pub struct Baseline {
     last: Counters,
-    at: Instant,
-}
-
-impl Baseline {
-    /// A process started at `at`: its counters begin at 0.
-    pub fn new(at: Instant) -> Baseline {
-        Baseline { last: Counters::default(), at }
-    }
 }
 
 /// A tenant's usage as counted so far (see the module doc).
@@ -156,10 +150,10 @@ impl Ledger {
         Ledger::new(tenant, unix_now())
     }
 
-    /// Counts a report `now` of the process whose baseline is `process`,
-    /// received at `at`: what grew since its previous report, its
-    /// connections for the time since then, and its peak.
-    pub fn report(&mut self, process: &mut Baseline, now: &Counters, at: Instant) {
+    /// Counts a report `now` of the process whose baseline is `process`:
+    /// what grew since its previous report (connected time included), and
+    /// its peak.
+    pub fn report(&mut self, process: &mut Baseline, now: &Counters) {
         let last = process.last;
         let usage = &mut self.usage;
         for (total, now, last) in [
@@ -173,13 +167,15 @@ impl Ledger {
             *total = total.saturating_add(grown);
             self.changed |= grown > 0;
         }
-        let seconds = at.saturating_duration_since(process.at).as_secs_f64();
-        let accrued = now.connections as f64 * seconds;
+        // Connected time as the process summed it, exactly (a count
+        // sampled at each report charged a quiet gap at the newest count).
+        let accrued = now.connection_ms.saturating_sub(last.connection_ms) as f64 / 1000.0;
         usage.connection_seconds += accrued;
         self.accrued |= accrued > 0.0;
-        self.changed |= now.connections > usage.peak_connections;
-        usage.peak_connections = usage.peak_connections.max(now.connections);
-        *process = Baseline { last: *now, at };
+        let peak = now.peak_connections.max(now.connections);
+        self.changed |= peak > usage.peak_connections;
+        usage.peak_connections = usage.peak_connections.max(peak);
+        *process = Baseline { last: *now };
     }
 
     /// Samples its state file's size, `bytes` at `at`, counting the bytes
@@ -466,13 +462,15 @@ fn write_temporary(path: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
 mod tests {
     use super::*;
 
-    fn counters(messages: u64, bytes: u64, connections: u64) -> Counters {
+    /// A report: `connected_s` is the connected time the process summed.
+    fn counters(messages: u64, bytes: u64, connections: u64, connected_s: u64) -> Counters {
         Counters {
             messages_in: messages,
             messages_out: 2 * messages,
             bytes_in: bytes,
             bytes_out: 2 * bytes,
             connections,
+            connection_ms: connected_s * 1000,
             ..Counters::default()
         }
     }
@@ -485,29 +483,27 @@ mod tests {
 
     #[test]
     fn a_new_process_starts_a_new_baseline_and_nothing_goes_backwards() {
-        let start = Instant::now();
-        let at = |s: u64| start + Duration::from_secs(s);
         let mut ledger = Ledger::new("acme", 1000);
-        let mut first = Baseline::new(start);
-        ledger.report(&mut first, &counters(10, 100, 2), at(1));
-        ledger.report(&mut first, &counters(15, 150, 4), at(2));
+        let mut first = Baseline::default();
+        ledger.report(&mut first, &counters(10, 100, 2, 2));
+        ledger.report(&mut first, &counters(15, 150, 4, 6));
         let u = ledger.usage().clone();
         assert_eq!((u.messages_in, u.messages_out, u.bytes_in, u.bytes_out), (15, 30, 150, 300));
         assert_eq!((u.connection_seconds, u.peak_connections), (6.0, 4));
         // The process is killed; the next one counts from 0 again.
-        let mut second = Baseline::new(at(3));
-        ledger.report(&mut second, &counters(3, 30, 1), at(4));
+        let mut second = Baseline::default();
+        ledger.report(&mut second, &counters(3, 30, 1, 1));
         let u = ledger.usage().clone();
         assert_eq!((u.messages_in, u.messages_out, u.bytes_in, u.bytes_out), (18, 36, 180, 360));
         assert_eq!((u.connection_seconds, u.peak_connections), (7.0, 4));
         // A late report of the first process adds only what it grew by.
-        ledger.report(&mut first, &counters(16, 160, 0), at(4));
+        ledger.report(&mut first, &counters(16, 160, 0, 6));
         assert_eq!(ledger.usage().messages_in, 19);
         // A figure lower than the same process's last one adds nothing,
         // and is the baseline of the next.
-        ledger.report(&mut second, &counters(1, 10, 1), at(5));
+        ledger.report(&mut second, &counters(1, 10, 1, 1));
         assert_eq!((ledger.usage().messages_in, ledger.usage().bytes_in), (19, 190));
-        ledger.report(&mut second, &counters(2, 20, 1), at(6));
+        ledger.report(&mut second, &counters(2, 20, 1, 2));
         assert_eq!((ledger.usage().messages_in, ledger.usage().bytes_in), (20, 200));
         assert_eq!(ledger.usage().peak_connections, 4, "the peak never comes down");
         assert_eq!(ledger.usage().since, 1000);
@@ -529,7 +525,7 @@ mod tests {
         let dir = scratch("round-trip");
         let start = Instant::now();
         let mut ledger = Ledger::new("acme", 1234);
-        ledger.report(&mut Baseline::new(start), &counters(7, 70, 3), start + Duration::from_millis(1500));
+        ledger.report(&mut Baseline::default(), &Counters { connection_ms: 4500, ..counters(7, 70, 3, 0) });
         ledger.state(512, start);
         let writer = Writer::start(&dir).unwrap();
         writer.save("acme", ledger.changes().unwrap());
@@ -564,22 +560,21 @@ mod tests {
 
     #[test]
     fn accrued_time_alone_is_written_once_a_minute_and_counted_figures_every_round() {
-        let start = Instant::now();
         let mut ledger = Ledger::new("acme", 1234);
-        let mut process = Baseline::new(start);
-        ledger.report(&mut process, &counters(1, 10, 1), start);
+        let mut process = Baseline::default();
+        ledger.report(&mut process, &counters(1, 10, 1, 0));
         assert!(ledger.changes().is_some(), "new figures");
         // A connected client and nothing else: only connection-seconds grow.
-        ledger.report(&mut process, &counters(1, 10, 1), start + Duration::from_secs(10));
+        ledger.report(&mut process, &counters(1, 10, 1, 10));
         assert!(ledger.changes().is_none(), "written less than SAVE_IDLE_EVERY ago");
         assert_eq!(ledger.usage().connection_seconds, 10.0, "counted all the same");
         // A message: written at once, accrued time with it.
-        ledger.report(&mut process, &counters(2, 20, 1), start + Duration::from_secs(11));
+        ledger.report(&mut process, &counters(2, 20, 1, 11));
         let record = ledger.changes().expect("a counted figure changed");
         assert_eq!(parse(&record, "acme").unwrap().connection_seconds, 11.0);
         // Written a minute ago: accrued time alone is due.
         ledger.saved_at = Some(Instant::now() - SAVE_IDLE_EVERY);
-        ledger.report(&mut process, &counters(2, 20, 1), start + Duration::from_secs(12));
+        ledger.report(&mut process, &counters(2, 20, 1, 12));
         assert!(ledger.changes().is_some());
         assert!(ledger.changes().is_none(), "nothing new since");
     }
