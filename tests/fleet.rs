@@ -104,16 +104,23 @@ impl Drop for Etcd {
 /// Node `i` (1 to 3) of a fleet on `etcd`: its shared port `port` on
 /// 127.0.0.(i+1), its relay port `relay` there.
 fn node(test: &str, i: u8, port: u16, relay: u16, etcd: &str) -> Daemon {
+    node_with(test, i, port, relay, etcd, "", "")
+}
+
+/// As [`node`], with more top-level keys (`{host}` standing for the
+/// node's address) and more `[defaults]`.
+fn node_with(test: &str, i: u8, port: u16, relay: u16, etcd: &str, top: &str, defaults: &str) -> Daemon {
     // Short: the control socket's path must fit in a unix socket address.
     let dir = std::env::temp_dir().join(format!("mqvisor-fleet-{}-{i}-{}", &test[..4], std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let host = format!("127.0.0.{}", i + 1);
+    let top = top.replace("{host}", &host);
     std::fs::write(
         dir.join("serve.toml"),
         format!(
-            "listen = \"{host}:{port}\"\nstate_dir = \"state\"\nmetrics_listen = \"127.0.0.1:{}\"\n\
-             [defaults]\nmemory = 64\nmax_connections = 100\n\
+            "listen = \"{host}:{port}\"\nstate_dir = \"state\"\nmetrics_listen = \"127.0.0.1:{}\"\n{top}\
+             [defaults]\nmemory = 64\nmax_connections = 100\n{defaults}\
              [cluster]\netcd = [\"{etcd}\"]\nnode = \"n{i}\"\nadvertise = \"{host}:{relay}\"\n",
             free_port()
         ),
@@ -642,4 +649,138 @@ fn etcd_restarted_under_load_disturbs_nothing_and_a_long_outage_fences_then_reco
         back.elapsed()
     );
     assert_eq!(processes(&nodes, "umbrella").len(), 1);
+}
+
+/// Reads one MQTT packet from any stream (TLS, WebSocket): its first byte
+/// and its body.
+fn read_from(stream: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut first = [0u8; 1];
+    stream.read_exact(&mut first)?;
+    let (mut len, mut shift) = (0usize, 0);
+    loop {
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte)?;
+        len |= usize::from(byte[0] & 0x7f) << shift;
+        shift += 7;
+        if byte[0] & 0x80 == 0 {
+            break;
+        }
+    }
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body)?;
+    Ok((first[0], body))
+}
+
+/// MQTT over TLS to `addr` with SNI `name`, trusting the CA in `ca`.
+fn tls_client(addr: SocketAddr, name: &str, ca: &str) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(mqvisor::net::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server_name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    let connection = rustls::ClientConnection::new(Arc::new(config), server_name).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    rustls::StreamOwned::new(connection, tcp)
+}
+
+/// MQTT over WebSockets to `addr` with `Host: host`: each packet one
+/// binary message.
+struct Ws(tungstenite::WebSocket<TcpStream>, Vec<u8>);
+
+impl Ws {
+    fn connect(addr: SocketAddr, host: &str) -> Ws {
+        use tungstenite::client::IntoClientRequest;
+        let tcp = TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut request = format!("ws://{host}/mqtt").into_client_request().unwrap();
+        request.headers_mut().insert("Sec-WebSocket-Protocol", tungstenite::http::HeaderValue::from_static("mqtt"));
+        let (ws, _) = tungstenite::client::client(request, tcp).expect("WebSocket handshake");
+        Ws(ws, Vec::new())
+    }
+
+    fn send(&mut self, packet: Vec<u8>) {
+        self.0.send(tungstenite::Message::Binary(packet.into())).unwrap();
+    }
+}
+
+impl Read for Ws {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.1.is_empty() {
+            match self.0.read().map_err(std::io::Error::other)? {
+                tungstenite::Message::Binary(data) => self.1.extend_from_slice(&data),
+                tungstenite::Message::Close(_) => return Ok(0),
+                _ => {}
+            }
+        }
+        let n = out.len().min(self.1.len());
+        out[..n].copy_from_slice(&self.1[..n]);
+        self.1.drain(..n);
+        Ok(n)
+    }
+}
+
+#[test]
+fn tls_and_websocket_clients_are_relayed_to_their_tenants_owner() {
+    let test = "tls_and_websocket_clients_are_relayed_to_their_tenants_owner";
+    if !kvm_available(test)
+        || !tool_available(test, "etcd (Debian's etcd-server)", &format!("test -x {ETCD}"))
+        || !tool_available(test, common::pki::OPENSSL, common::pki::OPENSSL_PROBE)
+    {
+        return;
+    }
+    let pki = common::pki::Pki::make("fleet-tls");
+    pki.server("wildcard", "DNS:*.mq.test");
+    let etcd = Etcd::start("tls");
+    let (port, relay, tls, ws) = (free_port(), free_port(), free_port(), free_port());
+    let top = format!("listen_tls = \"{{host}}:{tls}\"\nlisten_ws = \"{{host}}:{ws}\"\ntls_domain = \"mq.test\"\n");
+    let defaults = format!("tls_cert = \"{}\"\ntls_key = \"{}\"\n", pki.path("wildcard.pem"), pki.path("wildcard.key"));
+    let nodes: Vec<Daemon> = (1..=3).map(|i| node_with(test, i, port, relay, &etcd.url, &top, &defaults)).collect();
+    let (ok, _, err) = nodes[0].tenant(&["add", "acme"]);
+    assert!(ok, "tenant add: {err}");
+    let owned_by = owner(&nodes[0], "acme", Duration::from_secs(10));
+    let owner_index = usize::from(owned_by.trim_start_matches('n').parse::<u8>().unwrap()) - 1;
+    let (a, b) = ((owner_index + 1) % 3, (owner_index + 2) % 3);
+    let at = |i: usize, port: u16| SocketAddr::new(nodes[i].addr.ip(), port);
+    // A TLS client through one node that does not own acme, by SNI (no
+    // prefix): the handshake is completed by acme's process on its owner.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut publisher = loop {
+        let mut client = tls_client(at(a, tls), "acme.mq.test", &pki.path("ca.pem"));
+        let accepted = client
+            .write_all(&connect_as(4, "tls-pub", true, Some("u"), None))
+            .and_then(|()| read_from(&mut client))
+            .is_ok_and(|(kind, body)| kind == 0x20 && body[1] == 0);
+        if accepted {
+            break client;
+        }
+        assert!(Instant::now() < deadline, "acme not served over TLS through node {}", a + 1);
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    publisher.write_all(&publish("edge/news", b"over tls, relayed", 1, 1, true)).unwrap();
+    assert_eq!(read_from(&mut publisher).unwrap().0, 0x40, "PUBACK over TLS");
+    // A WebSocket client through the other one, by Host.
+    let mut reader = Ws::connect(at(b, ws), "acme.mq.test");
+    reader.send(connect_as(4, "ws-sub", true, Some("u"), None));
+    let (kind, body) = read_from(&mut reader).unwrap();
+    assert_eq!((kind, body[1]), (0x20, 0), "CONNACK over WebSockets");
+    reader.send(subscribe("edge/news", 0, 1));
+    assert_eq!(read_from(&mut reader).unwrap().0, 0x90, "SUBACK");
+    let (kind, body) = read_from(&mut reader).unwrap();
+    assert_eq!(kind & 0xf0, 0x30, "the retained PUBLISH");
+    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    assert_eq!(&body[2 + topic_len..], b"over tls, relayed");
+    let relayed =
+        |i: usize| nodes[i].metric(&format!("mqvisor_fleet_relayed_connections_total{{node=\"n{}\"}}", i + 1));
+    assert!(relayed(a) >= 1 && relayed(b) >= 1, "{} {}", relayed(a), relayed(b));
+    assert_eq!(processes(&nodes, "acme").len(), 1);
+    // An unknown name is still refused by the node the client reached.
+    let mut stranger = tls_client(at(a, tls), "nobody.mq.test", &pki.path("ca.pem"));
+    assert!(stranger.write_all(b"x").and_then(|()| read_from(&mut stranger)).is_err());
 }

@@ -41,7 +41,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::config::{TenantTable, valid_tenant_name};
+use super::config::{TenantConfig, TenantTable, valid_tenant_name};
 use super::control::TenantView;
 use super::directory::{Directory, Reach};
 use super::etcd::{Etcd, Kv};
@@ -423,6 +423,11 @@ pub async fn sync(
     let mut unowned_since: BTreeMap<String, Instant> = BTreeMap::new();
     let mut cannot: BTreeMap<String, Instant> = BTreeMap::new();
     let mut snapshot = Snapshot::default();
+    // Each tenant's settings as read from its table (and the table they
+    // were read from): what the front needs of a tenant run elsewhere to
+    // route its TLS and WebSocket clients (a certificate or not, its own
+    // host names). Read again only when the table changes.
+    let mut settings: BTreeMap<String, (Vec<u8>, Option<TenantConfig>)> = BTreeMap::new();
     let mut tick = tokio::time::interval(SYNC_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -530,8 +535,25 @@ pub async fn sync(
         for gone in before.iter().filter(|n| !places.contains_key(*n)) {
             directory.remove(gone);
         }
+        settings.retain(|name, _| snapshot.tenants.contains_key(name));
         for (name, place) in &places {
-            if *place != Place::Here {
+            if *place == Place::Here {
+                continue;
+            }
+            let Some(table) = snapshot.tenants.get(name) else { continue };
+            if settings.get(name).is_none_or(|(read, _)| read != table) {
+                let config = std::str::from_utf8(table)
+                    .ok()
+                    .and_then(|text| toml::from_str::<toml::Table>(text).ok())
+                    .and_then(|parsed| defaults.added(parsed, &base).ok());
+                settings.insert(name.clone(), (table.clone(), config));
+            }
+            let entered = match settings.get(name) {
+                Some((_, Some(config))) => directory.enter(name, config),
+                _ => Err(String::new()),
+            };
+            if entered.is_err() {
+                // Known, so that its clients are told it is unavailable.
                 let _ = directory.insert(name, Reach::Plain, &[]);
             }
         }

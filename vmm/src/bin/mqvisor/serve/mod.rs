@@ -39,6 +39,7 @@ use config::{Again, FailedTenant, ServeConfig, TenantConfig, TenantTable, valid_
 use control::Command;
 use directory::Directory;
 use front::{Expect, FirstBytes, Pending, Route};
+use mqvisor::net::ingress::Handed;
 use tenant::{Exited, Tenant};
 
 /// A client the front has routed.
@@ -581,20 +582,36 @@ async fn accept_loop(
             tokio::time::sleep(Duration::from_millis(10)).await;
             continue;
         };
-        let (port, directory, routed, waiting) = (port.clone(), directory.clone(), routed.clone(), pending.clone());
+        let (mut port, directory, routed, waiting) = (port.clone(), directory.clone(), routed.clone(), pending.clone());
         let steering = steering.clone();
         let id = pending.admit();
         // Runs only once this loop awaits again (one thread), after `started`.
         let task = tokio::spawn(async move {
             let _ = client.set_nodelay(true);
             if matches!(port, Port::Relay) {
-                match relay::read_header(&mut client, front::FIRST_PACKET_DEADLINE).await {
-                    Some(header) => tracing::debug!(?header, "relayed client"),
+                // Relayed by another node: routed as this node's port for
+                // what the client speaks would (the accept loop of the
+                // relay port has no steering: never relayed again).
+                let handed = match relay::read_header(&mut client, front::FIRST_PACKET_DEADLINE).await {
+                    Some(header) => {
+                        tracing::debug!(?header, "relayed client");
+                        match header {
+                            proxy_header::Header::Proxy { handed: Some(byte), .. } => Handed::from_byte(byte),
+                            _ => Some(Handed::Mqtt),
+                        }
+                    }
+                    None => None,
+                };
+                port = match handed {
+                    Some(Handed::Mqtt) => Port::Relay,
+                    Some(Handed::Tls) => Port::Tls,
+                    Some(Handed::Ws) => Port::Ws,
+                    Some(Handed::Wss) => Port::Wss,
                     None => {
                         waiting.done(id);
                         return;
                     }
-                }
+                };
             }
             let expect = match port {
                 Port::Mqtt(_) | Port::Relay => Expect::Connect,
@@ -605,19 +622,25 @@ async fn accept_loop(
             let first = front::read_first(&mut client, expect).await;
             waiting.done(id);
             let Some(mut bytes) = first else { return };
+            // In a fleet, where a tenant owned by another node is relayed.
+            let owner = |tenant: &str| match steering.as_ref().and_then(|s| s.place(tenant)) {
+                Some(cluster::Place::There(owner)) => Some(owner),
+                _ => None,
+            };
+            // Decided once for a CONNECT, whose rewriting depends on it.
+            let mut decided: Option<Option<std::net::SocketAddr>> = None;
             let tenant = match &port {
                 Port::Mqtt(_) | Port::Relay => {
                     let own = if let Port::Mqtt(own) = &port { own.as_deref() } else { None };
                     match front::route(&bytes, own, |t| directory.has(t)) {
                         Route::Tenant { tenant, first_bytes } => {
-                            // In a fleet, a tenant owned elsewhere: its owner
-                            // gets the client's bytes as the client sent them.
-                            if let Some(cluster::Place::There(owner)) = steering.as_ref().and_then(|s| s.place(&tenant))
-                            {
-                                relay::relay(client, bytes, owner).await;
-                                return;
+                            // A tenant owned elsewhere gets the CONNECT as
+                            // the client sent it (relayed below).
+                            let to = owner(&tenant);
+                            if to.is_none() {
+                                bytes.replace(first_bytes);
                             }
-                            bytes.replace(first_bytes);
+                            decided = Some(to);
                             Ok(tenant)
                         }
                         Route::Refuse { reply } => Err(reply),
@@ -632,6 +655,10 @@ async fn accept_loop(
             };
             match tenant {
                 Ok(tenant) => {
+                    if let Some(owner) = decided.unwrap_or_else(|| owner(&tenant)) {
+                        relay::relay(client, bytes, owner).await;
+                        return;
+                    }
                     let _ = routed.send(Routed { tenant, client, first_bytes: bytes });
                 }
                 Err(reply) => front::answer(&mut client, &reply).await,

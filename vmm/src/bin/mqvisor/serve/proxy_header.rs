@@ -3,9 +3,12 @@
 //! bytes so that the owning node knows the client's real address.
 //!
 //! Owns encoding and checking that header, sans I/O: [`encode`] for TCP
-//! over IPv4 or IPv6, [`parse`] from the bytes read so far. Never reads a
-//! socket, and never accepts a header longer than [`MAX_HEADER`]: the
-//! length comes from the network.
+//! over IPv4 or IPv6, [`parse`] from the bytes read so far. One TLV of
+//! mqvisor's own ([`TLV_HANDED`], in the range the specification leaves to
+//! applications, section 2.2.7) says what the client speaks: plain MQTT,
+//! TLS, WebSockets. Never reads a socket, and never accepts a header
+//! longer than [`MAX_HEADER`]: the length comes from the network; a TLV
+//! that runs past the header is refused, not read.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -26,6 +29,12 @@ const TCP6: u8 = 0x21;
 /// Address block lengths for TCP over IPv4 and IPv6.
 const ADDRESSES4: usize = 12;
 const ADDRESSES6: usize = 36;
+/// mqvisor's TLV: one byte, what the client speaks
+/// (`mqvisor::net::ingress::Handed::to_byte`). 0xE0 is `PP2_TYPE_MIN_CUSTOM`.
+pub const TLV_HANDED: u8 = 0xE0;
+/// A TLV's type and length, before its value.
+const TLV_HEAD: usize = 3;
+
 /// The longest header accepted: the fixed part and the longest address
 /// block of the specification (216 bytes, UNIX addresses), TLVs included.
 pub const MAX_HEADER: usize = FIXED + 216;
@@ -33,8 +42,9 @@ pub const MAX_HEADER: usize = FIXED + 216;
 /// What a header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Header {
-    /// A relayed connection: the client's address and the one it reached.
-    Proxy { source: SocketAddr, destination: SocketAddr },
+    /// A relayed connection: the client's address, the one it reached,
+    /// and what it speaks ([`TLV_HANDED`], if sent).
+    Proxy { source: SocketAddr, destination: SocketAddr, handed: Option<u8> },
     /// No client behind it (a health check) or a family not carried here.
     Local,
 }
@@ -48,18 +58,22 @@ pub enum HeaderError {
     TooLong(usize),
     #[error("a PROXY v2 address block too short for its family")]
     Short,
+    #[error("a PROXY v2 TLV that runs past the header")]
+    Tlv,
 }
 
 /// The header for a client at `source` that reached `destination`; both of
-/// one family (an IPv4 address in IPv6 form is written as IPv4).
-pub fn encode(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+/// one family (an IPv4 address in IPv6 form is written as IPv4); `handed`,
+/// what it speaks, as a [`TLV_HANDED`].
+pub fn encode(source: SocketAddr, destination: SocketAddr, handed: Option<u8>) -> Vec<u8> {
+    let tlvs = if handed.is_some() { TLV_HEAD + 1 } else { 0 };
     let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let (source, destination) = (canonical(source), canonical(destination));
     let mut out = SIGNATURE.to_vec();
     match (source.ip(), destination.ip()) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             out.extend_from_slice(&[V2_PROXY, TCP4]);
-            out.extend_from_slice(&u16::try_from(ADDRESSES4).unwrap_or(0).to_be_bytes());
+            out.extend_from_slice(&u16::try_from(ADDRESSES4 + tlvs).unwrap_or(0).to_be_bytes());
             out.extend_from_slice(&s.octets());
             out.extend_from_slice(&d.octets());
         }
@@ -69,14 +83,33 @@ pub fn encode(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
                 IpAddr::V6(v6) => v6,
             };
             out.extend_from_slice(&[V2_PROXY, TCP6]);
-            out.extend_from_slice(&u16::try_from(ADDRESSES6).unwrap_or(0).to_be_bytes());
+            out.extend_from_slice(&u16::try_from(ADDRESSES6 + tlvs).unwrap_or(0).to_be_bytes());
             out.extend_from_slice(&v6(s).octets());
             out.extend_from_slice(&v6(d).octets());
         }
     }
     out.extend_from_slice(&source.port().to_be_bytes());
     out.extend_from_slice(&destination.port().to_be_bytes());
+    if let Some(byte) = handed {
+        out.extend_from_slice(&[TLV_HANDED, 0, 1, byte]);
+    }
     out
+}
+
+/// The value of mqvisor's [`TLV_HANDED`] among `tlvs` (the bytes after the
+/// addresses), if there; a TLV running past them is an error.
+fn handed(mut tlvs: &[u8]) -> Result<Option<u8>, HeaderError> {
+    let mut found = None;
+    while !tlvs.is_empty() {
+        let head = tlvs.get(..TLV_HEAD).ok_or(HeaderError::Tlv)?;
+        let len = usize::from(u16::from_be_bytes([head[1], head[2]]));
+        let value = tlvs.get(TLV_HEAD..TLV_HEAD + len).ok_or(HeaderError::Tlv)?;
+        if head[0] == TLV_HANDED && len == 1 {
+            found = Some(value[0]);
+        }
+        tlvs = &tlvs[TLV_HEAD + len..];
+    }
+    Ok(found)
 }
 
 /// How long the whole header is, from its fixed part (`bytes` holding at
@@ -105,7 +138,11 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
     match bytes[FAMILY] {
         TCP4 if block.len() >= ADDRESSES4 => {
             let ip = |at: usize| IpAddr::from([block[at], block[at + 1], block[at + 2], block[at + 3]]);
-            Ok(Header::Proxy { source: SocketAddr::new(ip(0), port(8)), destination: SocketAddr::new(ip(4), port(10)) })
+            Ok(Header::Proxy {
+                source: SocketAddr::new(ip(0), port(8)),
+                destination: SocketAddr::new(ip(4), port(10)),
+                handed: handed(&block[ADDRESSES4..])?,
+            })
         }
         TCP6 if block.len() >= ADDRESSES6 => {
             let ip = |at: usize| {
@@ -116,6 +153,7 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
             Ok(Header::Proxy {
                 source: SocketAddr::new(ip(0), port(32)),
                 destination: SocketAddr::new(ip(16), port(34)),
+                handed: handed(&block[ADDRESSES6..])?,
             })
         }
         TCP4 | TCP6 => Err(HeaderError::Short),
@@ -132,35 +170,45 @@ mod tests {
     fn golden_ipv4_header() {
         let source: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         let destination: SocketAddr = "198.51.100.2:1883".parse().unwrap();
-        let bytes = encode(source, destination);
+        let bytes = encode(source, destination, None);
         let mut golden = SIGNATURE.to_vec();
         golden.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0x07, 0x5b]);
         assert_eq!(bytes, golden);
         assert_eq!(length(&bytes), Ok(28));
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination }));
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: None }));
+        // With what the client speaks: one TLV more, counted in the length.
+        let bytes = encode(source, destination, Some(3));
+        golden[15] = 16;
+        golden.extend_from_slice(&[0xe0, 0, 1, 3]);
+        assert_eq!(bytes, golden);
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(3) }));
     }
 
     #[test]
     fn ipv6_round_trips_and_mixed_families_are_ipv6() {
         let source: SocketAddr = "[2001:db8::1]:40000".parse().unwrap();
         let destination: SocketAddr = "10.0.0.1:1883".parse().unwrap();
-        let bytes = encode(source, destination);
-        assert_eq!(bytes.len(), FIXED + ADDRESSES6);
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination }));
+        let bytes = encode(source, destination, Some(1));
+        assert_eq!(bytes.len(), FIXED + ADDRESSES6 + 4);
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(1) }));
     }
 
     #[test]
     fn bad_headers_are_refused_before_their_length_is_trusted() {
         assert_eq!(length(b"MQTT"), Err(HeaderError::NotV2));
-        let mut bytes = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap());
+        let mut bytes = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), None);
         bytes[LENGTH] = 0xff;
         assert_eq!(length(&bytes), Err(HeaderError::TooLong(FIXED + 0xff0c)));
-        let mut short = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap());
+        let mut short = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), None);
         short[LENGTH + 1] = 4;
         assert_eq!(parse(&short[..FIXED + 4]), Err(HeaderError::Short));
         let mut v1 = short.clone();
         v1[VERSION_COMMAND] = 0x11;
         assert_eq!(length(&v1), Err(HeaderError::NotV2));
+        // A TLV whose length runs past the header.
+        let mut tlv = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), Some(0));
+        tlv[FIXED + ADDRESSES4 + 2] = 9;
+        assert_eq!(parse(&tlv), Err(HeaderError::Tlv));
         let mut local = SIGNATURE.to_vec();
         local.extend_from_slice(&[0x20, 0x00, 0, 0]);
         assert_eq!(parse(&local), Ok(Header::Local));

@@ -1,10 +1,14 @@
 //! Relayed connections between the nodes of a fleet (`super::cluster`):
 //! a node whose front took a client of a tenant owned elsewhere connects
 //! to the owner's relay port, writes a PROXY protocol v2 header
-//! ([`super::proxy_header`]) and the client's first bytes as the client
-//! sent them, then copies bytes both ways until either side closes. The
-//! owner's relay port reads that header before the CONNECT and routes the
-//! client as its shared port would, to a tenant it runs, never onwards.
+//! ([`super::proxy_header`], saying what the client speaks: MQTT, TLS,
+//! WebSockets) and the client's first bytes as the client sent them (the
+//! CONNECT, the ClientHello, the upgrade request), then copies bytes both
+//! ways until either side closes. The owner's relay port reads that header
+//! first and routes the client as its own port for that protocol would, to
+//! a tenant it runs, never onwards. A TLS client's handshake is completed
+//! by the tenant's process on the owner: the relaying node sees ciphertext
+//! only.
 //!
 //! Owns those two ends. Never relays a connection that arrived relayed (no
 //! loops between nodes whose views of the owners differ for a moment), and
@@ -28,7 +32,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// relay port `owner`; returns when either side has closed.
 pub async fn relay(mut client: TcpStream, first: FirstBytes, owner: SocketAddr) {
     let header = match (client.peer_addr(), client.local_addr()) {
-        (Ok(source), Ok(destination)) => proxy_header::encode(source, destination),
+        (Ok(source), Ok(destination)) => proxy_header::encode(source, destination, Some(first.kind().to_byte())),
         _ => return,
     };
     let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(owner)).await {
