@@ -784,3 +784,71 @@ fn tls_and_websocket_clients_are_relayed_to_their_tenants_owner() {
     let mut stranger = tls_client(at(a, tls), "nobody.mq.test", &pki.path("ca.pem"));
     assert!(stranger.write_all(b"x").and_then(|()| read_from(&mut stranger)).is_err());
 }
+
+/// The retained message on `topic` of `tenant` as a client through
+/// `daemon` reads it (`None`: none within 5 s).
+fn retained(daemon: &Daemon, tenant: &str, topic: &str) -> Option<Vec<u8>> {
+    let mut reader = connect_until(daemon.addr, "reader", &format!("{tenant}:r"), Duration::from_secs(15));
+    first_message(&mut reader, topic)
+}
+
+fn publish_retained(daemon: &Daemon, tenant: &str, topic: &str, payload: &[u8]) {
+    let mut publisher = connect_until(daemon.addr, "writer", &format!("{tenant}:w"), Duration::from_secs(15));
+    publisher.write_all(&publish(topic, payload, 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut publisher).0, 0x40, "PUBACK");
+}
+
+fn index(node: &str) -> usize {
+    usize::from(node.trim_start_matches('n').parse::<u8>().unwrap()) - 1
+}
+
+#[test]
+fn a_node_keeps_the_state_of_a_tenant_only_if_no_other_node_ran_it_since() {
+    let test = "a_node_keeps_the_state_of_a_tenant_only_if_no_other_node_ran_it_since";
+    let Some((_etcd, mut nodes)) = fleet(test) else { return };
+    let mut retired = Vec::new();
+    let (ok, _, err) = nodes[0].tenant(&["add", "wonka"]);
+    assert!(ok, "tenant add: {err}");
+    let o = index(&owner(&nodes[0], "wonka", Duration::from_secs(10)));
+    publish_retained(&nodes[o], "wonka", "s", b"v1 on its first owner");
+    // Its owner stopped cleanly: its lease is revoked, another node takes
+    // the tenant at once, without the state (not carried over).
+    nodes[o].stop();
+    let stopped = Instant::now();
+    let s = (0..3).find(|&i| i != o).unwrap();
+    let mut client = connect_until(nodes[s].addr, "c", "wonka:c", Duration::from_secs(15));
+    eprintln!("{test}: served through a survivor {:?} after a clean stop of its owner", stopped.elapsed());
+    drop(client.write_all(&[0xe0, 0]));
+    let s = index(&owner(&nodes[s], "wonka", Duration::from_secs(5)));
+    assert_ne!(s, o);
+    let t = 3 - o - s;
+    assert_eq!(retained(&nodes[s], "wonka", "s"), None, "state is not carried to another node");
+    publish_retained(&nodes[s], "wonka", "s", b"v2 on the second");
+    // The first owner back; the third drained; the second killed: the
+    // first owner takes the tenant again, and must not serve v1, which
+    // the second node's run has made stale.
+    let dir = nodes[o].dir.clone();
+    retired.push(std::mem::replace(&mut nodes[o], Daemon::spawn(dir)));
+    let (ok, _, err) = node_command(&nodes[t], &["drain", &format!("n{}", t + 1)]);
+    assert!(ok, "drain: {err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node_command(&nodes[t], &["list", "--json"]).1.contains(&format!("\"n{}\"", o + 1)) {
+        assert!(Instant::now() < deadline, "node {} did not register again", o + 1);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nodes[s].child.kill().unwrap();
+    let _ = nodes[s].child.wait();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while owner(&nodes[o], "wonka", Duration::from_secs(15)) != format!("n{}", o + 1) {
+        assert!(Instant::now() < deadline, "node {} did not take wonka back", o + 1);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(retained(&nodes[o], "wonka", "s"), None, "a node served its stale state");
+    assert!(nodes[o].dir.join("state/tenants/wonka.state.previous").exists(), "the stale state kept aside");
+    // Restarted while nobody else could take it, it keeps its own state.
+    publish_retained(&nodes[o], "wonka", "s", b"v3 on the first again");
+    nodes[o].stop();
+    let dir = nodes[o].dir.clone();
+    retired.push(std::mem::replace(&mut nodes[o], Daemon::spawn(dir)));
+    assert_eq!(retained(&nodes[o], "wonka", "s").as_deref(), Some(&b"v3 on the first again"[..]));
+}

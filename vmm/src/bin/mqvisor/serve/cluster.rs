@@ -67,6 +67,11 @@ const TENANTS: &str = "/mqvisor/tenants/";
 const OWNERS: &str = "/mqvisor/owners/";
 /// `/mqvisor/drain/NODE`: NODE is drained (no lease: it stays until undrained).
 const DRAIN: &str = "/mqvisor/drain/";
+/// `/mqvisor/last/NAME`: the node that last ran tenant NAME (no lease). A
+/// node that claims NAME keeps the state file it has of it only if that
+/// node is itself: otherwise another node ran NAME since, and the file is
+/// stale.
+const LAST: &str = "/mqvisor/last/";
 
 /// Connections relayed to another node, and the bytes copied both ways
 /// (counted when a relayed connection ends).
@@ -192,9 +197,11 @@ impl Steering {
 pub enum ToDaemon {
     /// Run `name` (its TOML `table`): this node owns it under `lease`. The
     /// loop refuses when the lease is no longer the current one.
-    Own { name: String, table: String, lease: i64, reply: oneshot::Sender<Result<(), String>> },
+    /// Its state file here is kept when `keep_state`, moved aside otherwise.
+    Own { name: String, table: String, lease: i64, keep_state: bool, reply: oneshot::Sender<Result<(), String>> },
     /// Stop running `name`: removed, or owned elsewhere now.
-    Disown { name: String },
+    /// When `removed` (from the fleet), its files here go too.
+    Disown { name: String, removed: bool },
     /// The lease is lost or about to be: stop every tenant now.
     Fence,
 }
@@ -469,12 +476,12 @@ pub async fn sync(
             let owner = snapshot.owners.get(name);
             let mine = owner.is_some_and(|kv| kv.value == me.as_bytes() && Some(kv.lease) == current);
             if !mine && running.remove(name).is_some() {
-                let _ = daemon.send(ToDaemon::Disown { name: name.clone() });
+                let _ = daemon.send(ToDaemon::Disown { name: name.clone(), removed: false });
             }
             let place = match (owner, current) {
                 (Some(kv), Some(id)) if mine => {
                     if !running.contains_key(name) {
-                        match own(&daemon, name, table, id).await {
+                        match own(&etcd, &daemon, name, table, id, me).await {
                             Ok(()) => {
                                 running.insert(name.clone(), kv.create_revision);
                             }
@@ -520,7 +527,8 @@ pub async fn sync(
             running.keys().filter(|n| drained || !snapshot.tenants.contains_key(*n)).cloned().collect();
         for name in removed {
             if let Some(revision) = running.remove(&name) {
-                let _ = daemon.send(ToDaemon::Disown { name: name.clone() });
+                let removed = !snapshot.tenants.contains_key(&name);
+                let _ = daemon.send(ToDaemon::Disown { name: name.clone(), removed });
                 let _ = etcd.delete_if(&format!("{OWNERS}{name}"), revision).await;
                 if drained {
                     tracing::info!(tenant = %name, "drained: left to the other nodes");
@@ -589,7 +597,7 @@ async fn claim(
         Err(_) => 0,
     };
     tracing::info!(tenant = %name, lease, revision, "claimed");
-    match own(daemon, name, table, lease).await {
+    match own(etcd, daemon, name, table, lease, me).await {
         Ok(()) => {
             running.insert(name.to_string(), revision);
             Place::Here
@@ -603,11 +611,29 @@ async fn claim(
     }
 }
 
-async fn own(daemon: &mpsc::UnboundedSender<ToDaemon>, name: &str, table: &[u8], lease: i64) -> Result<(), String> {
+/// Has the daemon run `name` (owned under `lease`), keeping the state file
+/// this node has of it only if this node was the last to run it
+/// ([`LAST`]).
+async fn own(
+    etcd: &Etcd,
+    daemon: &mpsc::UnboundedSender<ToDaemon>,
+    name: &str,
+    table: &[u8],
+    lease: i64,
+    me: &str,
+) -> Result<(), String> {
     let table = String::from_utf8(table.to_vec()).map_err(|_| "its table in etcd is not UTF-8".to_string())?;
+    let last = format!("{LAST}{name}");
+    let keep_state =
+        etcd.range(&last, false).await.map_err(|e| e.to_string())?.first().is_some_and(|kv| kv.value == me.as_bytes());
+    if !keep_state {
+        // Said before it runs here: a node that ran it before must not take
+        // its own old state for the latest once this one has run it.
+        etcd.put(&last, me.as_bytes(), 0).await.map_err(|e| e.to_string())?;
+    }
     let (reply, answer) = oneshot::channel();
     daemon
-        .send(ToDaemon::Own { name: name.to_string(), table, lease, reply })
+        .send(ToDaemon::Own { name: name.to_string(), table, lease, keep_state, reply })
         .map_err(|_| "the daemon is stopping".to_string())?;
     answer.await.map_err(|_| "the daemon is stopping".to_string())?
 }
@@ -651,6 +677,8 @@ async fn answer(
             let removed = match etcd.delete(&format!("{TENANTS}{name}")).await {
                 Ok(true) => {
                     tracing::info!(tenant = %name, "removed from the fleet");
+                    // Added again later, it starts empty wherever it lands.
+                    let _ = etcd.delete(&format!("{LAST}{name}")).await;
                     Ok(())
                 }
                 Ok(false) => Err(format!("no tenant {name:?}")),

@@ -223,12 +223,14 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let (to_daemon_tx, mut to_daemon) = mpsc::unbounded_channel::<cluster::ToDaemon>();
     let (lease_tx, lease) = watch::channel::<Option<i64>>(None);
     let mut fleet: Option<mpsc::UnboundedSender<cluster::Request>> = None;
+    let mut fleet_etcd: Option<etcd::Etcd> = None;
     let steering = config.cluster.as_ref().map(|_| cluster::Steering::default());
     if let (Some(cluster_config), Some(steering)) = (&config.cluster, &steering) {
         let etcd = etcd::Etcd::new(&cluster_config.etcd).map_err(|e| {
             ServeError::Config(config::ServeConfigError::Syntax { path: "[cluster]".into(), message: e })
         })?;
         let (requests_tx, requests) = mpsc::unbounded_channel();
+        let etcd_for_stop = etcd.clone();
         tokio::spawn(cluster::keep_lease(etcd.clone(), cluster_config.clone(), lease_tx, to_daemon_tx.clone()));
         tokio::spawn(cluster::sync(
             etcd,
@@ -245,6 +247,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
         tracing::info!(node = %cluster_config.node, relay = %cluster_config.relay_listen, "fleet node");
         tokio::spawn(accept_loop(relay, Port::Relay, directory.clone(), routed_tx.clone(), pending.clone(), None));
         fleet = Some(requests_tx);
+        fleet_etcd = Some(etcd_for_stop);
     }
     let accept = |listener, port| {
         tokio::spawn(accept_loop(
@@ -326,14 +329,16 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                 }
             }
             Some(message) = to_daemon.recv() => match message {
-                cluster::ToDaemon::Own { name, table, lease: owned_under, reply } => {
+                cluster::ToDaemon::Own { name, table, lease: owned_under, keep_state, reply } => {
                     let owned = if *lease.borrow() != Some(owned_under) {
                         Err("the lease it was claimed under is gone".to_string())
                     } else {
-                        // What an earlier ownership of it left here is not
-                        // its state now: another node may have run it since.
-                        let [_, state_file] = tenant::files(&config.state_dir, &name);
-                        let _ = std::fs::rename(&state_file, state_file.with_extension("state.previous"));
+                        if !keep_state {
+                            // Another node ran it since this one last did:
+                            // what is here is not its state now.
+                            let [_, state_file] = tenant::files(&config.state_dir, &name);
+                            let _ = std::fs::rename(&state_file, state_file.with_extension("state.previous"));
+                        }
                         directory.remove(&name);
                         let base = config.state_dir.clone();
                         add_tenant(&mut tenants, &name, &table, &config, None, &base, &directory)
@@ -343,12 +348,19 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     }
                     let _ = reply.send(owned);
                 }
-                cluster::ToDaemon::Disown { name } => {
+                cluster::ToDaemon::Disown { name, removed } => {
                     if let Some(mut tenant) = tenants.remove(&name) {
-                        tenant.stop();
-                        tokio::spawn(tenant.release_group());
+                        if removed {
+                            let _ = usage_writer.retire(&name, tenant.usage_record()).await;
+                            tenant.remove();
+                        } else {
+                            tenant.stop();
+                            tokio::spawn(tenant.release_group());
+                        }
                         directory.remove(&name);
-                        let _ = directory.insert(&name, directory::Reach::Plain, &[]);
+                        if !removed {
+                            let _ = directory.insert(&name, directory::Reach::Plain, &[]);
+                        }
                         tracing::info!(tenant = %name, "no longer run here");
                     }
                 }
@@ -455,6 +467,12 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let releases: Vec<_> = tenants.into_values().map(|t| tokio::spawn(t.release_group())).collect();
     for release in releases {
         let _ = release.await;
+    }
+    // A fleet node's tenants are stopped: its lease goes now, so that the
+    // others take them at once, not a TTL from now.
+    let held = *lease.borrow();
+    if let (Some(etcd), Some(id)) = (&fleet_etcd, held) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), etcd.revoke(id)).await;
     }
     Ok(())
 }
