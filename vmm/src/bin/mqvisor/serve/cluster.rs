@@ -10,7 +10,10 @@
 //!   /tenants/NAME` takes it), no lease: a tenant outlives every node;
 //! - `/mqvisor/owners/NAME` (the owner's node name), created under the
 //!   owner's lease in a transaction that succeeds only if the key is absent,
-//!   so one node at a time owns a tenant and ownership ends with its lease.
+//!   so one node at a time owns a tenant and ownership ends with its lease;
+//! - `/mqvisor/last/NAME` (the node that last ran it), no lease: whether a
+//!   node's own state file of NAME is still its latest state;
+//! - `/mqvisor/drain/NODE` (empty), no lease: NODE takes no tenant.
 //!
 //! Owns the lease ([`keep_lease`]), the decisions of which tenants this
 //! node runs and where the others live ([`sync`]), and the answers to the
