@@ -1585,3 +1585,24 @@ fn connection_seconds_are_the_time_clients_were_connected_and_a_short_burst_is_t
     // take on a loaded machine; charging the quiet gap made it 40 or more.
     assert!(seconds >= 10.0 * 0.9 && seconds <= 10.0 * held + 6.0 + 6.0, "{u}");
 }
+
+#[test]
+fn usage_counts_what_a_tenant_did_just_before_a_clean_stop() {
+    if !kvm_available("usage_counts_what_a_tenant_did_just_before_a_clean_stop") {
+        return;
+    }
+    let mut daemon = Daemon::start("usage-stop", "[tenants.gamma]\n", &[]);
+    // 100 QoS 1 messages acknowledged, then SIGTERM at once.
+    let mut publisher = connected(&daemon, "p", "gamma:");
+    for i in 1..=100 {
+        publisher.write_all(&publish("t", b"x", 1, i, false)).unwrap();
+        assert_eq!(read_packet(&mut publisher).0, 0x40, "PUBACK");
+    }
+    daemon.stop();
+    let restarted = Daemon::spawn(daemon.dir.clone());
+    let (ok, json, err) = restarted.tenant(&["usage", "gamma", "--json"]);
+    assert!(ok, "{err}");
+    let u: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(u["messages_in"], 100, "{u}");
+    assert!(u["bytes_in"].as_u64().unwrap() > 100 * 8, "{u}");
+}

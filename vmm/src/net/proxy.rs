@@ -351,6 +351,9 @@ impl Proxy {
         }
         self.streams.close_all();
         self.act();
+        // A last report: what the tenant did since the one before counts
+        // for billing when it is stopped (serve waits for it).
+        self.report_load();
         self.counters()
     }
 

@@ -196,6 +196,12 @@ impl Link {
         self.write(|frame| frame.data(id, bytes))
     }
 
+    /// True when a frame with records is being built (it leaves at the
+    /// next [`Link::flush`]).
+    pub fn frame_pending(&self) -> bool {
+        self.building_len > streams::ETHERNET_HEADER_LEN
+    }
+
     /// Tells the VMM the service's counters (dropped when there is no room:
     /// the next report carries them again).
     pub fn send_stats(&mut self, stats: ServiceStats) {

@@ -40,8 +40,11 @@ pub fn read_config(info: &BootInfo) -> Result<Config, String> {
     config_blob::read(blob).map_err(|e| format!("{e}"))
 }
 
-/// How often the broker's counters go to the VMM (for the operator's metrics).
-const STATS_EVERY_MS: u64 = 1000;
+/// How often, at most, the broker's counters go to the VMM (for the
+/// operator's metrics and usage for billing), and only when they changed:
+/// what a tenant stopped cleanly did in its last moments is counted to
+/// within this.
+const STATS_EVERY_MS: u64 = 100;
 
 /// The broker's clock: Unix time in milliseconds (the VMM's wall clock at
 /// boot plus the TSC since), so times kept in the state log (message
@@ -81,18 +84,13 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
     // the VMM no longer does either for a client it dropped to make room.
     let mut ending: BTreeSet<StreamId> = BTreeSet::new();
     crate::println!("mqtt: serving MQTT, up to {max_connections} connections");
-    // The counters go to the VMM at most once a second, and only when they
-    // changed: an idle tenant never wakes up for them.
+    // The counters go to the VMM only when they changed (an idle tenant
+    // never wakes up for them): in any frame that leaves anyway, and in one
+    // of their own at most every STATS_EVERY_MS.
     let mut reported = ServiceStats::default();
     let mut next_report = 0;
     loop {
         let now = now_ms(boot_ms);
-        let stats = service_stats(&broker);
-        if stats != reported && now >= next_report {
-            link.send_stats(stats);
-            reported = stats;
-            next_report = now + STATS_EVERY_MS;
-        }
         // Refuse what would hold more before the heap runs out, never after.
         let to_come = max_connections.saturating_sub(windows.len()) as u64;
         // The state log's buffers (a batch, a recovery read) come from the
@@ -188,6 +186,12 @@ pub fn run(info: &BootInfo, mut config: Config) -> ! {
                 0
             }
         });
+        let stats = service_stats(&broker);
+        if stats != reported && (link.frame_pending() || now >= next_report) {
+            link.send_stats(stats);
+            reported = stats;
+            next_report = now + STATS_EVERY_MS;
+        }
         link.flush();
         if !moved {
             let report = (service_stats(&broker) != reported).then_some(next_report);

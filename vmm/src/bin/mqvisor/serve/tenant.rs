@@ -589,6 +589,9 @@ impl Returned {
     }
 }
 
+/// How long a stopped process's last load report is waited for.
+const LAST_REPORT_WAIT: Duration = Duration::from_secs(1);
+
 /// The link to a tenant's process: hands each queued client over (its
 /// socket by SCM_RIGHTS and the bytes already read, as one datagram; waits
 /// while the process's queue is full) and keeps the load it reports. Ends
@@ -605,10 +608,18 @@ async fn link(
 ) {
     let mut report = [0u8; Counters::REPORT_LEN + 1];
     let mut first = true;
+    // Once the tenant drops the queue (it stops the process), the process's
+    // last report is still read, for a while: it counts for billing.
+    let mut last_report_until = None;
     loop {
+        let linger = last_report_until.map(|until: Instant| until.saturating_duration_since(Instant::now()));
         tokio::select! {
-            client = queue.recv() => {
-                let Some((client, bytes)) = client else { return };
+            () = mqvisor::net::paced::sleep_or_forever(linger) => return,
+            client = queue.recv(), if last_report_until.is_none() => {
+                let Some((client, bytes)) = client else {
+                    last_report_until = Some(Instant::now() + LAST_REPORT_WAIT);
+                    continue;
+                };
                 if !send_client(&socket, &client, bytes.kind(), &bytes).await {
                     // The process has gone: no client more is taken here
                     // (the tenant keeps new ones for the next process).
