@@ -129,7 +129,7 @@ impl Ledger {
     /// yet, or one that cannot be used: logged and set aside).
     pub fn load(state_dir: &Path, tenant: &str) -> Ledger {
         let path = file(state_dir, tenant);
-        let why = match std::fs::read(&path) {
+        let why = match read_file(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ledger::new(tenant, unix_now()),
             Err(e) => e.to_string(),
             Ok(bytes) => match parse(&bytes, tenant) {
@@ -141,7 +141,7 @@ impl Ledger {
         };
         // Set aside, so that the next save does not write over what the
         // operator may want to look at.
-        let aside = path.with_extension("json.damaged");
+        let aside = unused(path.with_extension("json.damaged"));
         let kept = match std::fs::rename(&path, &aside) {
             Ok(()) => format!("set aside as {}", aside.display()),
             Err(e) => format!("not set aside ({e})"),
@@ -238,10 +238,42 @@ fn parse(bytes: &[u8], tenant: &str) -> Result<Usage, String> {
 /// served, whose file is kept as it is): zeros when there is none or it
 /// cannot be used.
 pub fn peek(state_dir: &Path, tenant: &str) -> Usage {
-    std::fs::read(file(state_dir, tenant))
+    read_file(&file(state_dir, tenant))
         .ok()
         .and_then(|bytes| parse(&bytes, tenant).ok())
         .unwrap_or_else(|| Usage { tenant: tenant.to_string(), ..Usage::default() })
+}
+
+/// Most bytes a usage file may hold (one is a few hundred).
+const MAX_FILE: u64 = 64 * 1024;
+
+/// A usage file's bytes: a regular file, not followed through a symbolic
+/// link, opened without blocking (a FIFO put there would hang the daemon's
+/// start), at most [`MAX_FILE`] bytes.
+fn read_file(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_FILE {
+        return Err(std::io::Error::other(format!("larger than {MAX_FILE} bytes")));
+    }
+    Ok(bytes)
+}
+
+/// `path`, or `path.1`, `path.2`, … : the first that does not exist, so a
+/// file set aside or kept never replaces one kept before.
+fn unused(path: PathBuf) -> PathBuf {
+    if std::fs::symlink_metadata(&path).is_err() {
+        return path;
+    }
+    (1u32..)
+        .map(|n| PathBuf::from(format!("{}.{n}", path.display())))
+        .find(|p| std::fs::symlink_metadata(p).is_err())
+        .unwrap_or(path)
 }
 
 /// `tenant`'s usage file in `state_dir`.
@@ -356,7 +388,7 @@ fn write_all(dir: &Path, queue: &mpsc::Receiver<Job>) {
                         said(tenant, written);
                     }
                     let file = dir.join(format!("{tenant}.json"));
-                    let kept = dir.join("removed").join(format!("{tenant}-{}.json", unix_now()));
+                    let kept = unused(dir.join("removed").join(format!("{tenant}-{}.json", unix_now())));
                     let written = match record {
                         Some(record) => write_atomically(&kept, &record).and_then(|()| remove_if_there(&file)),
                         None => match std::fs::rename(&file, &kept) {
@@ -585,19 +617,40 @@ mod tests {
         let writer = Writer::start(&dir).unwrap();
         writer.finish();
         let path = file(&dir, "acme");
-        for damaged in [
+        for (n, damaged) in [
             &b"{\"format\": 1, \"usage\": {\"tenant\": \"acme\", \"messages_in\": 12"[..],
             b"{\"format\": 9, \"usage\": {\"tenant\": \"acme\"}}",
             b"{\"format\": 1, \"usage\": {\"tenant\": \"acme\", \"connection_seconds\": -1.0}}",
             b"\0\0\0\0",
-        ] {
+        ]
+        .into_iter()
+        .enumerate()
+        {
             std::fs::write(&path, damaged).unwrap();
             let ledger = Ledger::load(&dir, "acme");
             assert_eq!(ledger.usage().messages_in, 0);
             assert!(ledger.usage().since > 0);
             assert!(!path.exists(), "the damaged file is not written over");
-            assert_eq!(std::fs::read(path.with_extension("json.damaged")).unwrap(), damaged);
+            // Each set aside beside the ones before, none replaced.
+            let aside = match n {
+                0 => path.with_extension("json.damaged"),
+                n => path.with_extension(format!("json.damaged.{n}")),
+            };
+            assert_eq!(std::fs::read(aside).unwrap(), damaged);
         }
+        // A FIFO where the file should be: set aside too, never waited on.
+        let fifo = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path this test owns.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        assert_eq!(Ledger::load(&dir, "acme").usage().messages_in, 0);
+        assert!(!path.exists());
+        // Two removals of a tenant in the same second keep two records.
+        let writer = Writer::start(&dir).unwrap();
+        for _ in 0..2 {
+            assert_eq!(writer.retire("acme", Some(Ledger::new("acme", 1).record())).blocking_recv(), Ok(()));
+        }
+        writer.finish();
+        assert_eq!(std::fs::read_dir(dir.join("usage/removed")).unwrap().count(), 2);
         let _ = std::fs::remove_dir_all(&dir);
     }
 
