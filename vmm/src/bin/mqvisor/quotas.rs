@@ -78,7 +78,9 @@ impl QuotaFlags {
         for key in CONFIG_KEYS {
             if let Some(value) = table.remove(*key) {
                 if value.as_integer().is_none_or(|n| n < 0) {
-                    return Err(format!("{context}: {key} must be a number per second (0: no limit)"));
+                    return Err(format!(
+                        "{context}: {key} must be a whole number of at least 0, per second (0: no limit), not {value}"
+                    ));
                 }
                 quotas.insert((*key).to_string(), value);
             }

@@ -218,6 +218,23 @@ fn absolute(base: &Path, p: PathBuf) -> PathBuf {
     std::path::absolute(base.join(&p)).unwrap_or(p)
 }
 
+/// The keys of a tenant table that are neither the broker's nor quotas.
+const TENANT_KEYS: &[&str] = &[
+    "memory",
+    "listen",
+    "idle_stop_after",
+    "user",
+    "persistence",
+    "cpus",
+    "memory_limit",
+    "pids_limit",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "tls_identity_as_user",
+    "tls_names",
+];
+
 impl TenantTable {
     /// The keys of `table` (paths relative to `base`); errors begin with
     /// `context`.
@@ -254,8 +271,17 @@ impl TenantTable {
         if let Some(name) = &user {
             mqvisor::privileges::RunAs::lookup(name).map_err(|e| format!("{context}: {e}"))?;
         }
-        let mut broker: BrokerFlags =
-            table.try_into().map_err(|e: toml::de::Error| format!("{context}: {}", e.message()))?;
+        let mut broker: BrokerFlags = table.try_into().map_err(|e: toml::de::Error| {
+            // The broker's keys are what serde lists; the tenant's own were
+            // taken out above, so a misspelt one of those is named here.
+            let message = e.message();
+            if message.contains("unknown field") {
+                let own: Vec<&str> = TENANT_KEYS.iter().chain(crate::quotas::CONFIG_KEYS).copied().collect();
+                format!("{context}: {message}, or one of the tenant's own: {}", own.join(", "))
+            } else {
+                format!("{context}: {message}")
+            }
+        })?;
         broker.password_file = broker.password_file.map(|p| absolute(base, p));
         broker.acl_file = broker.acl_file.map(|p| absolute(base, p));
         Ok(TenantTable { memory, listen, idle_stop_after, user, persistence, limits, tls, quotas, broker })
