@@ -37,6 +37,9 @@ fn every_users_and_acl_request_is_answered_or_refused_saying_why() {
     assert_eq!(daemon.put_user("acme", "alice", "s3cret").0, 201);
     assert_eq!(daemon.put_user("acme", "alice", "n3w").0, 204);
     assert_eq!(daemon.put_user("acme", "dev-01.x_y@acme", "pw").0, 201);
+    // Percent-encoded, as encodeURIComponent sends it: the same user.
+    assert_eq!(daemon.put_user("acme", "dev-01.x_y%40acme", "pw2").0, 204);
+    assert_eq!(daemon.put_user("acme", "bad%zz", "pw").0, 400);
     assert_eq!(daemon.users("acme"), ["alice", "dev-01.x_y@acme"]);
     // Bad names, empty or missing passwords, bodies that are not the JSON.
     for bad in ["acme:alice", "a%20b", "%23x", "a+b", &"x".repeat(65)] {

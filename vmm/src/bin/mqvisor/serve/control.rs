@@ -187,6 +187,28 @@ async fn ask<T>(
     answer.await.ok()
 }
 
+/// `segment` with its `%XX` escapes decoded; `None` for a malformed escape
+/// or bytes that are not UTF-8.
+fn percent_decoded(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 async fn handle(request: Request<Incoming>, commands: mpsc::UnboundedSender<Command>) -> Response<Full<Bytes>> {
     // Taken as sent: a query, a trailing or doubled '/' or an escaped
     // character would make another tenant's name out of it (`victim?keep`
@@ -263,7 +285,11 @@ async fn handle(request: Request<Incoming>, commands: mpsc::UnboundedSender<Comm
         }
         (method, ["tenants", name, "users" | "acl", rest @ ..]) => {
             let (name, what) = (name.to_string(), parts[2]);
-            let rest: Vec<String> = rest.iter().map(|s| s.to_string()).collect();
+            // A user name is percent-decoded (`encodeURIComponent` sends
+            // `@` as `%40`); what it decodes to is checked as any user name.
+            let Some(rest) = rest.iter().map(|s| percent_decoded(s)).collect::<Option<Vec<String>>>() else {
+                return error(StatusCode::BAD_REQUEST, &format!("a malformed %-escape in {path}"));
+            };
             auth(method, name, what, &rest, request.into_body(), &commands).await
         }
         _ => error(StatusCode::NOT_FOUND, &format!("no such request: {} {path}", request.method())),
@@ -578,6 +604,16 @@ pub fn serve_metrics(listener: TcpListener, commands: mpsc::UnboundedSender<Comm
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_names_in_paths_are_percent_decoded_and_bad_escapes_refused() {
+        assert_eq!(percent_decoded("dev%40acme").as_deref(), Some("dev@acme"));
+        assert_eq!(percent_decoded("plain").as_deref(), Some("plain"));
+        assert_eq!(percent_decoded("%2Fx").as_deref(), Some("/x"), "decoded, then refused as a user name");
+        for bad in ["%", "%4", "%zz", "%ff", "%+1"] {
+            assert_eq!(percent_decoded(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn metrics_label_every_series_with_its_tenant() {
