@@ -656,26 +656,6 @@ fn etcd_restarted_under_load_disturbs_nothing_and_a_long_outage_fences_then_reco
     assert_eq!(processes(&nodes, "umbrella").len(), 1);
 }
 
-/// Reads one MQTT packet from any stream (TLS, WebSocket): its first byte
-/// and its body.
-fn read_from(stream: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut first = [0u8; 1];
-    stream.read_exact(&mut first)?;
-    let (mut len, mut shift) = (0usize, 0);
-    loop {
-        let mut byte = [0u8; 1];
-        stream.read_exact(&mut byte)?;
-        len |= usize::from(byte[0] & 0x7f) << shift;
-        shift += 7;
-        if byte[0] & 0x80 == 0 {
-            break;
-        }
-    }
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body)?;
-    Ok((first[0], body))
-}
-
 /// MQTT over TLS to `addr` with SNI `name`, trusting the CA in `ca`.
 fn tls_client(addr: SocketAddr, name: &str, ca: &str) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
     use rustls::pki_types::pem::PemObject;
@@ -760,7 +740,7 @@ fn tls_and_websocket_clients_are_relayed_to_their_tenants_owner() {
         let mut client = tls_client(at(a, tls), "acme.mq.test", &pki.path("ca.pem"));
         let accepted = client
             .write_all(&connect_as(4, "tls-pub", true, Some("u"), None))
-            .and_then(|()| read_from(&mut client))
+            .and_then(|()| try_read_packet(&mut client))
             .is_ok_and(|(kind, body)| kind == 0x20 && body[1] == 0);
         if accepted {
             break client;
@@ -769,15 +749,15 @@ fn tls_and_websocket_clients_are_relayed_to_their_tenants_owner() {
         std::thread::sleep(Duration::from_millis(200));
     };
     publisher.write_all(&publish("edge/news", b"over tls, relayed", 1, 1, true)).unwrap();
-    assert_eq!(read_from(&mut publisher).unwrap().0, 0x40, "PUBACK over TLS");
+    assert_eq!(try_read_packet(&mut publisher).unwrap().0, 0x40, "PUBACK over TLS");
     // A WebSocket client through the other one, by Host.
     let mut reader = Ws::connect(at(b, ws), "acme.mq.test");
     reader.send(connect_as(4, "ws-sub", true, Some("u"), None));
-    let (kind, body) = read_from(&mut reader).unwrap();
+    let (kind, body) = try_read_packet(&mut reader).unwrap();
     assert_eq!((kind, body[1]), (0x20, 0), "CONNACK over WebSockets");
     reader.send(subscribe("edge/news", 0, 1));
-    assert_eq!(read_from(&mut reader).unwrap().0, 0x90, "SUBACK");
-    let (kind, body) = read_from(&mut reader).unwrap();
+    assert_eq!(try_read_packet(&mut reader).unwrap().0, 0x90, "SUBACK");
+    let (kind, body) = try_read_packet(&mut reader).unwrap();
     assert_eq!(kind & 0xf0, 0x30, "the retained PUBLISH");
     let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
     assert_eq!(&body[2 + topic_len..], b"over tls, relayed");
@@ -787,7 +767,7 @@ fn tls_and_websocket_clients_are_relayed_to_their_tenants_owner() {
     assert_eq!(processes(&nodes, "acme").len(), 1);
     // An unknown name is still refused by the node the client reached.
     let mut stranger = tls_client(at(a, tls), "nobody.mq.test", &pki.path("ca.pem"));
-    assert!(stranger.write_all(b"x").and_then(|()| read_from(&mut stranger)).is_err());
+    assert!(stranger.write_all(b"x").and_then(|()| try_read_packet(&mut stranger)).is_err());
 }
 
 /// The retained message on `topic` of `tenant` as a client through

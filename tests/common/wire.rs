@@ -99,8 +99,9 @@ pub fn read_packet(stream: &mut TcpStream) -> (u8, Vec<u8>) {
     try_read_packet(stream).expect("reading a packet")
 }
 
-/// Reads one MQTT packet, or the error that ended the connection.
-pub fn try_read_packet(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+/// Reads one MQTT packet from any stream (TCP, TLS, WebSocket), or the
+/// error that ended the connection.
+pub fn try_read_packet(stream: &mut impl Read) -> std::io::Result<(u8, Vec<u8>)> {
     let mut first = [0u8; 1];
     stream.read_exact(&mut first)?;
     let (mut len, mut shift) = (0usize, 0);
