@@ -46,28 +46,7 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
         TenantAction::Usage { name } => (Method::GET, format!("/tenants/{name}/usage"), String::new()),
         TenantAction::User(_) | TenantAction::Acl(_) => return super::users_client::command(&args),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("mqvisor: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let (status, text) = match runtime.block_on(request(&args.socket, method, &path, body)) {
-        Ok(answer) => answer,
-        Err(e) => {
-            eprintln!("mqvisor: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if !status.is_success() {
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or(text);
-        eprintln!("mqvisor: {message}");
-        return ExitCode::FAILURE;
-    }
+    let Some((status, text)) = answer(&args.socket, method, &path, body) else { return ExitCode::FAILURE };
     if let TenantAction::Usage { .. } = &args.action {
         return print_usage(&text, args.json);
     }
@@ -126,6 +105,35 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The daemon's answer to one request (its status and body), when it
+/// succeeded; otherwise the error (the daemon's own message when it gave
+/// one) is said on stderr.
+fn answer(socket: &Path, method: Method, path: &str, body: String) -> Option<(StatusCode, String)> {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return None;
+        }
+    };
+    let (status, text) = match runtime.block_on(request(socket, method, path, body)) {
+        Ok(answer) => answer,
+        Err(e) => {
+            eprintln!("mqvisor: {e}");
+            return None;
+        }
+    };
+    if !status.is_success() {
+        let message = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or(text);
+        eprintln!("mqvisor: {message}");
+        return None;
+    }
+    Some((status, text))
+}
+
 /// `mqvisor node ...`: one request to a fleet node's control socket.
 pub fn node_command(args: NodeArgs) -> ExitCode {
     if let NodeAction::Drain { node } | NodeAction::Undrain { node } = &args.action
@@ -139,28 +147,7 @@ pub fn node_command(args: NodeArgs) -> ExitCode {
         NodeAction::Drain { node } => (Method::POST, format!("/nodes/{node}/drain")),
         NodeAction::Undrain { node } => (Method::DELETE, format!("/nodes/{node}/drain")),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("mqvisor: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let (status, text) = match runtime.block_on(request(&args.socket, method, &path, String::new())) {
-        Ok(answer) => answer,
-        Err(e) => {
-            eprintln!("mqvisor: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if !status.is_success() {
-        let message = serde_json::from_str::<serde_json::Value>(&text)
-            .ok()
-            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
-            .unwrap_or(text);
-        eprintln!("mqvisor: {message}");
-        return ExitCode::FAILURE;
-    }
+    let Some((_, text)) = answer(&args.socket, method, &path, String::new()) else { return ExitCode::FAILURE };
     match (&args.action, serde_json::from_str::<Vec<super::cluster::NodeView>>(&text)) {
         (NodeAction::List, _) if args.json => print!("{text}"),
         (NodeAction::List, Ok(nodes)) => {
