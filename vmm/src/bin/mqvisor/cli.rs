@@ -364,6 +364,24 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(100..=10_000_000))]
         messages: u32,
     },
+    /// A fleet of three `mqvisor serve` nodes on one etcd, all on this host
+    /// (127.0.0.2, .3, .4, one port): QoS 1 1->1 throughput and round trips to
+    /// a tenant through its owning node and relayed through another, then
+    /// kill -9 of one node and the time until each of its tenants answers a
+    /// CONNECT through a survivor.
+    #[command(after_help = "Needs etcd at /usr/bin/etcd (Debian's etcd-server) and KVM. Prints figures and \
+                            ratios relayed/direct; never judges them.")]
+    Fleet {
+        /// Tenants spread over the three nodes for the node-loss measurement, each booted by one client
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(3..=3000))]
+        tenants: u32,
+        /// QoS 1 messages per throughput run
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(100..=10_000_000))]
+        messages: u32,
+        /// QoS 1 round trips per path
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
+        samples: u32,
+    },
     /// What durable state costs: QoS 1 1->1 and 10->1 to durable subscribers
     /// with --persistence sync, batch and off beside Mosquitto with and
     /// without persistence, flushes per message, unpaced and again at 80% of

@@ -5,6 +5,7 @@ pub mod boot;
 pub mod conns;
 pub mod echo;
 pub mod edge;
+pub mod fleet;
 pub mod hostile;
 pub mod mosquitto_clients;
 pub mod mqtt;
@@ -38,6 +39,14 @@ pub fn run(bench: BenchCommand) -> ExitCode {
                 BenchCommand::Hostile { image, rounds, samples } => {
                     let image = image.unwrap_or_else(|| PathBuf::from(env!("MQVISOR_HOSTILE_IMAGE")));
                     hostile::hostile(&exe, &image, rounds as usize, samples as usize)
+                }
+                BenchCommand::Fleet { tenants, messages, samples } => {
+                    let options = fleet::Options {
+                        tenants: tenants as usize,
+                        messages: messages as usize,
+                        samples: samples as usize,
+                    };
+                    fleet::fleet(&exe, &options)
                 }
                 BenchCommand::Serve { tenants, messages } => serve::serve(&exe, tenants as usize, messages as usize),
                 BenchCommand::State { scale, retained, memory } => {
