@@ -397,8 +397,11 @@ fn relay(exe: &Path, fleet: &Fleet, o: &Options) -> Result<(), String> {
     let owner = fleet.index(&owners["relayed"])?;
     let other = (owner + 1) % fleet.nodes.len();
     let (direct, relayed) = (fleet.nodes[owner].addr, fleet.nodes[other].addr);
-    // Boot it before measuring.
+    // Boot it before measuring, and wait until the relaying node knows its
+    // owner (each node reads the owners from etcd once a second; until then
+    // it answers "server unavailable").
     drop(connect_until(direct, "bench-boot", "relayed:", Duration::from_secs(20))?);
+    drop(connect_until(relayed, "bench-boot", "relayed:", Duration::from_secs(20))?);
     let shape = Shape {
         publishers: 1,
         subscribers: 1,
