@@ -107,11 +107,21 @@ fn node(test: &str, i: u8, port: u16, relay: u16, etcd: &str) -> Daemon {
     node_with(test, i, port, relay, etcd, "", "")
 }
 
+/// A short name for `test` in paths: a unix socket's path must stay short,
+/// and tests of one binary run in one process (`cargo test`), so the pid
+/// alone does not keep them apart.
+fn short(test: &str) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    test.hash(&mut hasher);
+    format!("{:08x}", hasher.finish() & 0xffff_ffff)
+}
+
 /// As [`node`], with more top-level keys (`{host}` standing for the
 /// node's address) and more `[defaults]`.
 fn node_with(test: &str, i: u8, port: u16, relay: u16, etcd: &str, top: &str, defaults: &str) -> Daemon {
     // Short: the control socket's path must fit in a unix socket address.
-    let dir = std::env::temp_dir().join(format!("mqvisor-fleet-{}-{i}-{}", &test[..4], std::process::id()));
+    let dir = std::env::temp_dir().join(format!("mqvisor-fleet-{}-{i}-{}", short(test), std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let host = format!("127.0.0.{}", i + 1);
@@ -507,7 +517,7 @@ impl Haproxy {
             .collect();
         assert_eq!(servers, nodes.len(), "deploy/haproxy.cfg names one server per node");
         let path =
-            std::env::temp_dir().join(format!("mqvisor-fleet-{}-{}.haproxy.cfg", &test[..4], std::process::id()));
+            std::env::temp_dir().join(format!("mqvisor-fleet-{}-{}.haproxy.cfg", short(test), std::process::id()));
         std::fs::write(&path, config).unwrap();
         let child = Command::new(HAPROXY)
             .arg("-db")
