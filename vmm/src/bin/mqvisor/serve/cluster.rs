@@ -275,6 +275,8 @@ pub async fn keep_lease(
     // gives every lease a full TTL again, which would keep this node's old
     // owner keys (and so its tenants, unserved) another TTL.
     let mut previous: Option<i64> = None;
+    // The other lease holding this node's name, once said.
+    let mut said_held_by = None;
     loop {
         let sent = Instant::now();
         let id = match etcd.grant(LEASE_TTL).await {
@@ -286,10 +288,35 @@ pub async fn keep_lease(
             }
         };
         let key = format!("{NODES}{}", config.node);
-        if let Err(e) = etcd.put(&key, registration.as_bytes(), id).await {
-            tracing::warn!(error = %e, "cannot register this node: retrying");
-            let _ = etcd.revoke(id).await;
-            continue;
+        if let Some(old) = previous
+            && etcd.revoke(old).await.is_ok()
+        {
+            previous = None;
+        }
+        // Created only where no live lease holds the name: a second node
+        // given the same name must not take over the first one's key (its
+        // tenants would become unreachable through every other node).
+        match etcd.create(&key, registration.as_bytes(), id).await {
+            Ok((true, _)) => {}
+            Ok((false, holder)) => {
+                let _ = etcd.revoke(id).await;
+                let holder = holder.map_or(0, |kv| kv.lease);
+                if Some(holder) != previous && said_held_by.replace(holder) != Some(holder) {
+                    tracing::error!(
+                        node = %config.node,
+                        lease = holder,
+                        "another node of this name is registered (or this node's previous run, until its lease \
+                         expires): this node serves no tenant until the name is free"
+                    );
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register this node: retrying");
+                let _ = etcd.revoke(id).await;
+                continue;
+            }
         }
         tracing::info!(node = %config.node, lease = id, "registered in etcd");
         if let Some(old) = previous.take()
@@ -512,7 +539,16 @@ pub async fn sync(
                         now.duration_since(since) >= CLAIM_ANYWAY_AFTER && free.get(me).is_some_and(|&room| room > 0);
                     match lease_now {
                         Some(id) if (picked || anyway) && !cannot.contains_key(name) => {
-                            claim(&etcd, &daemon, name, table, id, me, &mut running, &mut cannot).await
+                            let place = claim(&etcd, &daemon, name, table, id, me, &mut running, &mut cannot).await;
+                            if place == Place::Here
+                                && let Some(room) = free.get_mut(me)
+                            {
+                                // Room taken within this pass, so a pass
+                                // that sees many unowned tenants keeps to
+                                // `capacity`.
+                                *room = room.saturating_sub(1);
+                            }
+                            place
                         }
                         _ => Place::Nowhere,
                     }
