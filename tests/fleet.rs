@@ -847,3 +847,30 @@ fn a_node_keeps_the_state_of_a_tenant_only_if_no_other_node_ran_it_since() {
     retired.push(std::mem::replace(&mut nodes[o], Daemon::spawn(dir)));
     assert_eq!(retained(&nodes[o], "wonka", "s").as_deref(), Some(&b"v3 on the first again"[..]));
 }
+
+#[test]
+fn a_tenant_removed_and_added_again_at_once_starts_afresh() {
+    let test = "a_tenant_removed_and_added_again_at_once_starts_afresh";
+    let Some((_etcd, nodes)) = fleet(test) else { return };
+    let (ok, _, err) = nodes[0].tenant(&["add", "reuse"]);
+    assert!(ok, "{err}");
+    let owned_by = owner(&nodes[0], "reuse", Duration::from_secs(10));
+    let mut first = connect_until(nodes[1].addr, "a", "reuse:a", Duration::from_secs(15));
+    first.write_all(&publish("secret", b"the old tenant's", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut first).0, 0x40, "PUBACK");
+    let old = processes(&nodes, "reuse");
+    // Removed and added again faster than a node reads etcd (once a second).
+    let (ok, _, err) = nodes[2].tenant(&["remove", "reuse"]);
+    assert!(ok, "{err}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, _, err) = nodes[2].tenant(&["add", "reuse"]);
+    assert!(ok, "{err}");
+    // Two reads of etcd later, the old process is gone and nothing of the
+    // old tenant is served.
+    std::thread::sleep(Duration::from_millis(2500));
+    let mut reader = connect_until(nodes[0].addr, "b", "reuse:b", Duration::from_secs(15));
+    assert_eq!(first_message(&mut reader, "secret"), None, "the new tenant got the old one's retained message");
+    let now = processes(&nodes, "reuse");
+    assert_eq!(now.len(), 1, "{now:?}");
+    assert!(!old.contains(&now[0]), "the old process ({old:?}) still runs: {now:?} (owner was {owned_by})");
+}

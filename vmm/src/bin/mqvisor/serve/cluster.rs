@@ -364,6 +364,9 @@ pub async fn keep_lease(
 #[derive(Default)]
 struct Snapshot {
     tenants: BTreeMap<String, Vec<u8>>,
+    /// The revision that created each tenant's key: a tenant removed and
+    /// added again has a new one.
+    created: BTreeMap<String, i64>,
     owners: BTreeMap<String, Kv>,
     /// Each node's relay address and capacity.
     nodes: BTreeMap<String, (SocketAddr, u32)>,
@@ -379,6 +382,7 @@ async fn read(etcd: &Etcd) -> Result<Snapshot, super::etcd::EtcdError> {
     let mut snapshot = Snapshot::default();
     for kv in etcd.range(TENANTS, true).await? {
         if let Some(name) = strip(&kv.key, TENANTS) {
+            snapshot.created.insert(name.to_string(), kv.create_revision);
             snapshot.tenants.insert(name.to_string(), kv.value);
         }
     }
@@ -457,6 +461,9 @@ pub async fn sync(
     let _ = NODE.set(config.node.clone());
     // Tenants the daemon runs for this node, with the owner key's revision.
     let mut running: BTreeMap<String, i64> = BTreeMap::new();
+    // The revision that created the key of each tenant run here, when it
+    // began to run here.
+    let mut started_as: BTreeMap<String, i64> = BTreeMap::new();
     let mut unowned_since: BTreeMap<String, Instant> = BTreeMap::new();
     let mut cannot: BTreeMap<String, Instant> = BTreeMap::new();
     let mut snapshot = Snapshot::default();
@@ -505,6 +512,18 @@ pub async fn sync(
         for (name, table) in &snapshot.tenants {
             let owner = snapshot.owners.get(name);
             let mine = owner.is_some_and(|kv| kv.value == me.as_bytes() && Some(kv.lease) == current);
+            let created = snapshot.created.get(name).copied().unwrap_or(0);
+            if started_as.get(name).is_some_and(|&was| was != created) && running.remove(name).is_some() {
+                // Removed and added again between two reads: what runs here
+                // (its process, its state, its settings) is the old
+                // tenant's. Stopped and its files deleted; run afresh from
+                // the next pass.
+                tracing::info!(tenant = %name, "added again: its old process and files go");
+                let _ = daemon.send(ToDaemon::Disown { name: name.clone(), removed: true });
+                started_as.remove(name);
+                places.insert(name.clone(), Place::Nowhere);
+                continue;
+            }
             if !mine && running.remove(name).is_some() {
                 let _ = daemon.send(ToDaemon::Disown { name: name.clone(), removed: false });
             }
@@ -557,8 +576,12 @@ pub async fn sync(
             if place != Place::Nowhere {
                 unowned_since.remove(name);
             }
+            if running.contains_key(name) {
+                started_as.entry(name.clone()).or_insert(created);
+            }
             places.insert(name.clone(), place);
         }
+        started_as.retain(|name, _| running.contains_key(name));
         // Removed from the fleet, or this node drained: stopped here, its
         // owner key let go (to another node, when it is drained).
         let drained = snapshot.drained.contains(me);
