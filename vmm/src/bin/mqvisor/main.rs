@@ -29,9 +29,18 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Commands::Run(args) => run::run(*args),
-        Commands::Tenant(args) => serve::client::tenant_command(args),
-        Commands::Node(args) => serve::client::node_command(args),
-        Commands::StateCheck { path } => state_check::state_check(&path),
+        Commands::Tenant(args) => {
+            die_on_closed_stdout();
+            serve::client::tenant_command(args)
+        }
+        Commands::Node(args) => {
+            die_on_closed_stdout();
+            serve::client::node_command(args)
+        }
+        Commands::StateCheck { path } => {
+            die_on_closed_stdout();
+            state_check::state_check(&path)
+        }
         Commands::Serve(args) => {
             tracing_subscriber::fmt().with_writer(std::io::stderr).with_target(false).init();
             let exe = match std::env::current_exe() {
@@ -68,4 +77,14 @@ fn main() -> ExitCode {
         }
         Commands::Bench(command) => bench::run(command),
     }
+}
+
+/// For commands that only print: a reader that stops early (`| head`)
+/// ends the process quietly, as it ends `ls`, instead of a panic on the
+/// broken pipe (Rust ignores SIGPIPE, so `println!` would fail). Never for
+/// `run` or `serve`, whose sockets must see EPIPE as an error.
+fn die_on_closed_stdout() {
+    // SAFETY: signal(2) with a valid signal and the default disposition,
+    // before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
