@@ -14,7 +14,7 @@
 //! removes its directories. Prints figures; never judges them.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -129,26 +129,9 @@ impl Node {
             ),
         )
         .map_err(io_err)?;
-        let mut child = Command::new(exe)
-            .args(["serve", "--config"])
-            .arg(dir.join("serve.toml"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting mqvisor serve: {e}"))?;
-        let stderr = child.stderr.take().ok_or("no stderr")?;
-        let mut node = Node { name, child, addr: SocketAddr::from(([127, 0, 0, i + 1], port)), dir, killed: false };
-        let mut lines = BufReader::new(stderr).lines();
-        loop {
-            let line = lines.next().ok_or(format!("{}: mqvisor serve ended before listening", node.name))?;
-            let line = line.map_err(io_err)?;
-            if let Some(addr) = line.strip_prefix("mqvisor: serve listening on ") {
-                node.addr = addr.parse().map_err(io_err)?;
-                break;
-            }
-        }
-        // Keep draining its log so it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let (child, addr) =
+            super::serve::spawn_serve(exe, &dir.join("serve.toml")).map_err(|e| format!("{name}: {e}"))?;
+        let node = Node { name, child, addr, dir, killed: false };
         Ok(node)
     }
 

@@ -39,7 +39,6 @@ impl Drop for Daemon {
 }
 
 fn start_daemon(exe: &Path, tenants: usize, memory_mib: u32) -> Result<Daemon, String> {
-    use std::io::BufRead;
     let dir = std::env::temp_dir().join(format!("mqvisor-bench-serve-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(io_err)?;
@@ -50,24 +49,45 @@ fn start_daemon(exe: &Path, tenants: usize, memory_mib: u32) -> Result<Daemon, S
         config.push_str(&format!("[tenants.t{i}]\n"));
     }
     std::fs::write(dir.join("serve.toml"), config).map_err(io_err)?;
+    let (child, addr) = spawn_serve(exe, &dir.join("serve.toml"))?;
+    Ok(Daemon { child, addr, dir })
+}
+
+/// `mqvisor serve --config CONFIG`, once it says where it listens; its log
+/// is drained from then on, so it never blocks on a full pipe. A daemon
+/// that ends or says nothing of the kind is killed and its error given.
+pub(super) fn spawn_serve(exe: &Path, config: &Path) -> Result<(Child, SocketAddr), String> {
+    use std::io::BufRead;
     let mut child = Command::new(exe)
         .args(["serve", "--config"])
-        .arg(dir.join("serve.toml"))
+        .arg(config)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting mqvisor serve: {e}"))?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().ok_or("mqvisor serve ended before listening")?.map_err(io_err)?;
-        if let Some(addr) = line.strip_prefix("mqvisor: serve listening on ") {
-            break addr.parse().map_err(io_err)?;
+    let mut lines = BufReader::new(child.stderr.take().ok_or("no stderr")?).lines();
+    let listening = loop {
+        let Some(line) = lines.next() else { break Err("mqvisor serve ended before listening".to_string()) };
+        match line.map_err(io_err) {
+            Ok(line) => {
+                if let Some(addr) = line.strip_prefix("mqvisor: serve listening on ") {
+                    break addr.parse().map_err(io_err);
+                }
+            }
+            Err(e) => break Err(e),
         }
     };
-    // Keep draining its log so it never blocks on a full pipe.
-    std::thread::spawn(move || lines.for_each(drop));
-    Ok(Daemon { child, addr, dir })
+    match listening {
+        Ok(addr) => {
+            std::thread::spawn(move || lines.for_each(drop));
+            Ok((child, addr))
+        }
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(e)
+        }
+    }
 }
 
 /// `MemAvailable` of this host, KiB.
