@@ -529,19 +529,12 @@ pub async fn sync(
             }
             let place = match (owner, current) {
                 (Some(kv), Some(id)) if mine => {
-                    if !running.contains_key(name) {
-                        match own(&etcd, &daemon, name, table, id, me).await {
-                            Ok(()) => {
-                                running.insert(name.clone(), kv.create_revision);
-                            }
-                            Err(e) => {
-                                tracing::warn!(tenant = %name, error = %e, "cannot run it here: left to others");
-                                cannot.insert(name.clone(), now);
-                                let _ = etcd.delete_if(&format!("{OWNERS}{name}"), kv.create_revision).await;
-                            }
-                        }
+                    if running.contains_key(name) {
+                        Place::Here
+                    } else {
+                        let owned = (id, kv.create_revision);
+                        run_here(&etcd, &daemon, name, table, owned, me, &mut running, &mut cannot).await
                     }
-                    if running.contains_key(name) { Place::Here } else { Place::Nowhere }
                 }
                 (Some(kv), _) => {
                     unowned_since.remove(name);
@@ -659,6 +652,23 @@ async fn claim(
         Err(_) => 0,
     };
     tracing::info!(tenant = %name, lease, revision, "claimed");
+    run_here(etcd, daemon, name, table, (lease, revision), me, running, cannot).await
+}
+
+/// Runs `name`, owned here (`owned`: the lease and the owner key's
+/// revision); one that cannot run here has its owner key let go and is
+/// left to others for a while.
+#[allow(clippy::too_many_arguments)]
+async fn run_here(
+    etcd: &Etcd,
+    daemon: &mpsc::UnboundedSender<ToDaemon>,
+    name: &str,
+    table: &[u8],
+    (lease, revision): (i64, i64),
+    me: &str,
+    running: &mut BTreeMap<String, i64>,
+    cannot: &mut BTreeMap<String, Instant>,
+) -> Place {
     match own(etcd, daemon, name, table, lease, me).await {
         Ok(()) => {
             running.insert(name.to_string(), revision);
@@ -667,7 +677,7 @@ async fn claim(
         Err(e) => {
             tracing::warn!(tenant = %name, error = %e, "cannot run it here: left to others");
             cannot.insert(name.to_string(), Instant::now());
-            let _ = etcd.delete_if(&key, revision).await;
+            let _ = etcd.delete_if(&format!("{OWNERS}{name}"), revision).await;
             Place::Nowhere
         }
     }
