@@ -408,20 +408,6 @@ fn a_node_cut_off_from_etcd_stops_its_tenant_before_another_node_starts_it() {
     assert_ne!(running[0].0, owned_by);
 }
 
-/// `mqvisor node ARGS --json` through `daemon`'s control socket: success,
-/// stdout, stderr.
-fn node_command(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let out = common::mqvisor()
-        .arg("node")
-        .args(args)
-        .arg("--socket")
-        .arg(daemon.dir.join("state/control.sock"))
-        .output()
-        .unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    (out.status.success(), text(&out.stdout), text(&out.stderr))
-}
-
 #[test]
 fn a_drained_node_hands_its_tenants_to_the_others_and_takes_none() {
     let test = "a_drained_node_hands_its_tenants_to_the_others_and_takes_none";
@@ -439,14 +425,14 @@ fn a_drained_node_hands_its_tenants_to_the_others_and_takes_none() {
     let mut client = connect_until(nodes[i].addr, "c", "t1:c", Duration::from_secs(15));
     client.write_all(&publish("t", b"x", 1, 1, false)).unwrap();
     assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK before the drain");
-    let (ok, _, err) = node_command(asked, &["drain", "nobody"]);
+    let (ok, _, err) = asked.ask("node", &["drain", "nobody"]);
     assert!(!ok && err.contains("no node \"nobody\""), "{err}");
-    let (ok, _, err) = node_command(asked, &["drain", &drained]);
+    let (ok, _, err) = asked.ask("node", &["drain", &drained]);
     assert!(ok, "node drain {drained}: {err}");
     let started = Instant::now();
     let deadline = started + Duration::from_secs(15);
     loop {
-        let (ok, json, err) = node_command(asked, &["list", "--json"]);
+        let (ok, json, err) = asked.ask("node", &["list", "--json"]);
         assert!(ok, "node list: {err}");
         let list: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
         assert_eq!(list.len(), 3, "{list:?}");
@@ -477,11 +463,11 @@ fn a_drained_node_hands_its_tenants_to_the_others_and_takes_none() {
     let (ok, _, err) = nodes[i].tenant(&["add", "t7"]);
     assert!(ok, "tenant add t7: {err}");
     assert_ne!(owner(asked, "t7", Duration::from_secs(10)), drained);
-    let (ok, table, _) = node_command(asked, &["list"]);
+    let (ok, table, _) = asked.ask("node", &["list"]);
     assert!(ok && table.contains("DRAINED") && table.contains(&drained), "{table}");
-    let (ok, _, err) = node_command(asked, &["undrain", &drained]);
+    let (ok, _, err) = asked.ask("node", &["undrain", &drained]);
     assert!(ok, "node undrain: {err}");
-    let (ok, _, err) = node_command(asked, &["undrain", &drained]);
+    let (ok, _, err) = asked.ask("node", &["undrain", &drained]);
     assert!(!ok && err.contains("is drained"), "{err}");
 }
 
@@ -824,10 +810,10 @@ fn a_node_keeps_the_state_of_a_tenant_only_if_no_other_node_ran_it_since() {
     // the second node's run has made stale.
     let dir = nodes[o].dir.clone();
     retired.push(std::mem::replace(&mut nodes[o], Daemon::spawn(dir)));
-    let (ok, _, err) = node_command(&nodes[t], &["drain", &format!("n{}", t + 1)]);
+    let (ok, _, err) = nodes[t].ask("node", &["drain", &format!("n{}", t + 1)]);
     assert!(ok, "drain: {err}");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !node_command(&nodes[t], &["list", "--json"]).1.contains(&format!("\"n{}\"", o + 1)) {
+    while !nodes[t].ask("node", &["list", "--json"]).1.contains(&format!("\"n{}\"", o + 1)) {
         assert!(Instant::now() < deadline, "node {} did not register again", o + 1);
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -103,10 +103,16 @@ impl Daemon {
         pid.parse().unwrap()
     }
 
-    /// `mqvisor tenant ARGS` against this daemon: exit success and stdout.
+    /// `mqvisor tenant ARGS` against this daemon: success, stdout, stderr.
     pub fn tenant(&self, args: &[&str]) -> (bool, String, String) {
+        self.ask("tenant", args)
+    }
+
+    /// `mqvisor COMMAND ARGS` (`tenant`, `node`) through this daemon's
+    /// control socket: success, stdout, stderr.
+    pub fn ask(&self, command: &str, args: &[&str]) -> (bool, String, String) {
         let out = super::mqvisor()
-            .arg("tenant")
+            .arg(command)
             .args(args)
             .arg("--socket")
             .arg(self.dir.join("state/control.sock"))

@@ -535,30 +535,30 @@ impl Tenant {
         }
     }
 
-    /// Stops the process (SIGTERM: its clients see a clean close).
     /// Kills its process at once (SIGKILL, no grace): a fleet node that
     /// may lose its lease must not run the tenant a moment longer
     /// (`super::cluster`'s fencing).
     pub fn kill(&mut self) {
-        if let Some(process) = self.process.take()
-            && let Ok(pid) = libc::pid_t::try_from(process.pid)
-        {
-            // SAFETY: kill(2) on our own child with a valid signal.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            self.stopping = Some(process.pid);
-            tracing::warn!(tenant = %self.name, pid = process.pid, "killed (fenced)");
-        }
-        self.state = State::Stopped;
+        self.end_process(libc::SIGKILL);
     }
 
+    /// Stops the process (SIGTERM: its clients see a clean close).
     pub fn stop(&mut self) {
+        self.end_process(libc::SIGTERM);
+    }
+
+    fn end_process(&mut self, signal: libc::c_int) {
         if let Some(process) = self.process.take()
             && let Ok(pid) = libc::pid_t::try_from(process.pid)
         {
             // SAFETY: kill(2) on our own child with a valid signal.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
+            unsafe { libc::kill(pid, signal) };
             self.stopping = Some(process.pid);
-            tracing::info!(tenant = %self.name, pid = process.pid, "stopped");
+            if signal == libc::SIGKILL {
+                tracing::warn!(tenant = %self.name, pid = process.pid, "killed (fenced)");
+            } else {
+                tracing::info!(tenant = %self.name, pid = process.pid, "stopped");
+            }
         }
         self.state = State::Stopped;
     }
