@@ -283,17 +283,22 @@ impl Proxy {
         // an idle tenant does not wake up every second for it.
         let mut reported_at = Instant::now();
         let mut active = true;
+        let report_timer = tokio::time::sleep(REPORT_EVERY);
+        tokio::pin!(report_timer);
         loop {
             self.pump();
             let due = self.streams.poll_timeout().into_iter().chain(self.pending_until).min();
             let linger = due.map(|end| end.saturating_duration_since(Instant::now()));
-            let report_in = self.clients_in.reports().then(|| {
-                let every = if active { REPORT_EVERY } else { REPORT_IDLE_EVERY };
-                (reported_at + every).saturating_duration_since(Instant::now())
-            });
+            // One timer, moved only when the due time moves: the loop turns
+            // once per event, and a fresh timer each turn cost the hot path.
+            let every = if active { REPORT_EVERY } else { REPORT_IDLE_EVERY };
+            let report_due = tokio::time::Instant::from_std(reported_at + every);
+            if report_timer.deadline() != report_due {
+                report_timer.as_mut().reset(report_due);
+            }
             tokio::select! {
                 _ = &mut stop => break,
-                () = sleep_or_forever(report_in) => {
+                () = &mut report_timer, if self.clients_in.reports() => {
                     self.report_load();
                     reported_at = Instant::now();
                     active = false;
@@ -507,7 +512,7 @@ impl Proxy {
         let now = Instant::now();
         let (count, since, total) = self.connected;
         let total = total + u128::from(count) * now.saturating_duration_since(since).as_micros();
-        let count = self.streams.counters().connections;
+        let count = self.streams.connections();
         self.peak_connections = self.peak_connections.max(count);
         self.connected = (count, now, total);
     }

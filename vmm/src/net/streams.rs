@@ -342,7 +342,12 @@ impl Streams {
     /// What the streams counted: clients, bytes, drops, the guest's faults
     /// on the link and its service's last report.
     pub fn counters(&self) -> Counters {
-        Counters { connections: self.streams.len() as u64, ..self.counters }
+        Counters { connections: self.connections(), ..self.counters }
+    }
+
+    /// Client connections carried now.
+    pub fn connections(&self) -> u64 {
+        self.streams.len() as u64
     }
 
     /// True once the guest's link is up.
