@@ -860,3 +860,64 @@ fn a_tenant_removed_and_added_again_at_once_starts_afresh() {
     assert_eq!(now.len(), 1, "{now:?}");
     assert!(!old.contains(&now[0]), "the old process ({old:?}) still runs: {now:?} (owner was {owned_by})");
 }
+
+#[test]
+fn a_stopped_owner_daemon_cannot_keep_its_tenant_answering_past_its_lease() {
+    let test = "a_stopped_owner_daemon_cannot_keep_its_tenant_answering_past_its_lease";
+    let Some((_etcd, nodes)) = fleet(test) else { return };
+    let (ok, _, err) = nodes[0].tenant(&["add", "umbrella"]);
+    assert!(ok, "tenant add: {err}");
+    let owned_by = index(&owner(&nodes[0], "umbrella", Duration::from_secs(10)));
+    // Connected through its owner: the client's socket is the tenant
+    // process's now, which a stopped daemon does not stop.
+    let mut client = connect_until(nodes[owned_by].addr, "c", "umbrella:c", Duration::from_secs(15));
+    client.write_all(&publish("t", b"0", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK before the pause");
+    let pid = nodes[owned_by].pid("umbrella").expect("the owner runs umbrella");
+    let daemon = nodes[owned_by].child.id();
+    assert!(Command::new("kill").args(["-STOP", &daemon.to_string()]).status().unwrap().success());
+    let stopped = Instant::now();
+    // The client goes on publishing. The paused daemon renews nothing, so
+    // its lease can expire 6 s (the TTL) after the pause at the earliest:
+    // no acknowledgement may come after that, and the connection must end.
+    client.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let (mut last_ack, mut ended, mut id) = (Duration::ZERO, None, 1u16);
+    while ended.is_none() && stopped.elapsed() < Duration::from_secs(20) {
+        id = id % 1000 + 1;
+        if client.write_all(&publish("t", b"m", 1, id, false)).is_err() {
+            ended = Some(stopped.elapsed());
+            break;
+        }
+        match try_read_packet(&mut client) {
+            Ok((0x40, _)) => last_ack = stopped.elapsed(),
+            Ok(other) => panic!("unexpected packet {other:?}"),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => ended = Some(stopped.elapsed()),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let gone = loop {
+        if !alive(pid) {
+            break stopped.elapsed();
+        }
+        assert!(stopped.elapsed() < Duration::from_secs(20), "the tenant's process outlived its lease by 14 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("{test}: last PUBACK {last_ack:?} after the pause, connection ended {ended:?}, process gone {gone:?}");
+    let ended = ended.expect("the connection to the fenced tenant never ended");
+    assert!(last_ack < Duration::from_secs(6), "acknowledged {last_ack:?} after the pause: past the lease");
+    assert!(ended < Duration::from_secs(6), "served {ended:?} after the pause: past the lease");
+    assert!(gone < Duration::from_secs(6), "the process ran {gone:?} after the pause: past the lease");
+    // A survivor takes it over, and the resumed daemon, fenced, runs it no more.
+    let survivor = (owned_by + 1) % 3;
+    let mut back = connect_until(nodes[survivor].addr, "b", "umbrella:b", Duration::from_secs(20));
+    back.write_all(&publish("t", b"y", 1, 1, false)).unwrap();
+    assert_eq!(read_packet(&mut back).0, 0x40, "PUBACK through a survivor");
+    assert!(Command::new("kill").args(["-CONT", &daemon.to_string()]).status().unwrap().success());
+    std::thread::sleep(Duration::from_secs(3));
+    let running = processes(&nodes, "umbrella");
+    assert_eq!(running.len(), 1, "{running:?}");
+    assert_ne!(index(&running[0].0), owned_by, "{running:?}");
+    back.write_all(&publish("t", b"z", 1, 2, false)).unwrap();
+    assert_eq!(read_packet(&mut back).0, 0x40, "PUBACK after the resumed daemon fenced");
+}

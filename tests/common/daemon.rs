@@ -161,8 +161,12 @@ impl Daemon {
         if let Ok(Some(_)) = self.child.try_wait() {
             return;
         }
-        // SAFETY: kill(2) on our own child with a valid signal.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        // SAFETY: kill(2) on our own child with valid signals. SIGCONT: a
+        // test that stopped it (SIGSTOP) and failed must not wait forever.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGCONT);
+        }
         let _ = self.child.wait();
     }
 

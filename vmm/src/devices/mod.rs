@@ -44,6 +44,13 @@ pub enum StopReason {
         done: u64,
         work: &'static str,
     },
+    /// The fence deadline of a tenant's process in a fleet passed (see
+    /// `net::fence`): its node may have lost the tenant.
+    #[error(
+        "fenced: this node's lease was not renewed in time, so another node may own the tenant now; no client is \
+         served past the deadline"
+    )]
+    Fenced,
 }
 
 /// Where a VM's device threads say why the VM must stop: the first reason

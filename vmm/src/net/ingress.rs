@@ -23,6 +23,7 @@
 //! | 2      | MQTT over WebSockets  | raw bytes, from its HTTP upgrade request on |
 //! | 3      | MQTT over secure WebSockets | raw TLS bytes, from its ClientHello on |
 //! | 0x80   | no client: a change of the tenant's users and ACL ([`AUTH_CHANGE`]), sent without a socket | `config_blob::write_auth` bytes, at most `config_blob::MAX_AUTH_LEN` |
+//! | 0x81   | no client: the fence deadline ([`fence::FENCE`](super::fence::FENCE)), sent without a socket | the deadline, `CLOCK_MONOTONIC` nanoseconds, 8 bytes little-endian |
 //!
 //! A users and ACL change carries every table the daemon manages for the
 //! tenant, whole, so only the latest one matters: the proxy keeps the
@@ -45,12 +46,13 @@ use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpListener, TcpStream};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::fence;
 use super::metrics::Counters;
 use super::tls::ServerTls;
 use super::tls::hello::alert_record;
@@ -275,6 +277,8 @@ pub struct Clients {
     said_unserved: bool,
     /// The latest users and ACL change from `mqvisor serve`, not yet taken.
     auth_change: Option<Vec<u8>>,
+    /// The latest fence deadline from `mqvisor serve` (see `fence`).
+    fence: Option<Instant>,
 }
 
 enum From {
@@ -303,7 +307,7 @@ impl Clients {
             ),
             Ingress::Handoff(socket, edge) => From::Handoff(watch_fd(socket)?, edge),
         };
-        Ok(Clients { from, handshakes, refused_handshakes: 0, said_unserved: false, auth_change: None })
+        Ok(Clients { from, handshakes, refused_handshakes: 0, said_unserved: false, auth_change: None, fence: None })
     }
 
     /// TLS clients refused so far: too many handshakes were in flight.
@@ -352,9 +356,12 @@ impl Clients {
                 self.make(socket, on.serve(), Vec::new()).into_iter().collect()
             }
             From::Handoff(socket, edge) => match handed_over(socket).await {
-                Ok((handed, auth)) => {
+                Ok(Received { clients: handed, auth, fence }) => {
                     if auth.is_some() {
                         self.auth_change = auth;
+                    }
+                    if fence.is_some() {
+                        self.fence = fence;
                     }
                     let edge = edge.clone();
                     let mut arrived = Vec::with_capacity(handed.len());
@@ -393,6 +400,12 @@ impl Clients {
         self.auth_change.take()
     }
 
+    /// The moment past which no client may be served (see `fence`): the
+    /// latest deadline `mqvisor serve` sent, if it sent one.
+    pub fn fence(&self) -> Option<Instant> {
+        self.fence
+    }
+
     /// True when the clients come from `mqvisor serve`, which wants reports.
     pub fn reports(&self) -> bool {
         matches!(self.from, From::Handoff(..))
@@ -411,36 +424,48 @@ impl Clients {
 /// no byte at all) and the bytes read before the handoff.
 type HandedOver = (TcpStream, Option<Handed>, Vec<u8>);
 
+/// What the datagrams waiting on the handoff socket carried.
+#[derive(Default)]
+struct Received {
+    clients: Vec<HandedOver>,
+    /// The latest users and ACL change among them.
+    auth: Option<Vec<u8>>,
+    /// The latest fence deadline among them.
+    fence: Option<Instant>,
+}
+
 /// Every client waiting on the handoff socket, and the latest users and
-/// ACL change among the datagrams.
-async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<(Vec<HandedOver>, Option<Vec<u8>>)> {
+/// ACL change and fence deadline among the datagrams.
+async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<Received> {
     let mut guard = handoff.readable().await?;
-    let mut clients = Vec::new();
-    let mut auth = None;
+    let mut received = Received::default();
     // The kind byte, then the bytes.
     let mut buf = vec![0u8; 1 + MAX_HANDOFF_BYTES];
     loop {
-        let received = guard.try_io(|inner| {
+        let datagram = guard.try_io(|inner| {
             inner.get_ref().recv_with_fd(&mut buf).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
         });
-        match received {
+        match datagram {
             Ok(Ok((len, Some(file)))) => {
                 let socket = std::net::TcpStream::from(std::os::fd::OwnedFd::from(file));
                 socket.set_nonblocking(true)?;
                 let kind = buf.first().filter(|_| len > 0).and_then(|&byte| Handed::from_byte(byte));
                 let bytes = buf.get(1..len).unwrap_or_default().to_vec();
-                clients.push((TcpStream::from_std(socket)?, kind, bytes));
+                received.clients.push((TcpStream::from_std(socket)?, kind, bytes));
             }
             // A datagram without a socket is not a client: a users and ACL
-            // change (bounded, as the guest will check again), or nothing.
+            // change (bounded, as the guest will check again), a fence
+            // deadline, or nothing.
             Ok(Ok((len, None))) => {
                 if len > 1 && buf[0] == AUTH_CHANGE && len - 1 <= mqvisor_boot_abi::config_blob::MAX_AUTH_LEN {
-                    auth = Some(buf[1..len].to_vec());
+                    received.auth = Some(buf[1..len].to_vec());
+                } else if let Some(at) = fence::deadline(&buf[..len]) {
+                    received.fence = Some(at);
                 }
             }
             Ok(Err(e)) => return Err(e),
             // Would block: every waiting client is taken.
-            Err(_) => return Ok((clients, auth)),
+            Err(_) => return Ok(received),
         }
     }
 }
@@ -521,6 +546,27 @@ mod tests {
             assert!(next(&mut clients).await.is_empty());
             assert_eq!(clients.take_auth_change(), None);
             assert_eq!(sent_with_socket.read(&mut [0u8; 8]).unwrap(), 0);
+        });
+    }
+
+    #[test]
+    fn a_fence_deadline_is_kept_latest_first_and_never_a_client() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async {
+            let (daemon, process) = UnixDatagram::pair().unwrap();
+            process.set_nonblocking(true).unwrap();
+            let mut clients = Clients::new(Ingress::Handoff(process, HandoffEdge::default())).unwrap();
+            assert_eq!(clients.fence(), None, "no deadline before serve sends one");
+            let later = Instant::now() + Duration::from_secs(4);
+            daemon.send(&fence::datagram(Instant::now() + Duration::from_secs(2))).unwrap();
+            daemon.send(&fence::datagram(later)).unwrap();
+            // Cut short: no deadline, and not the one before it undone.
+            daemon.send(&fence::datagram(Instant::now())[..5]).unwrap();
+            let _plain = hand_over(&daemon, &[Handed::Mqtt.to_byte()]);
+            assert_eq!(next(&mut clients).await.len(), 1);
+            let kept = clients.fence().unwrap();
+            assert!(kept.max(later) - kept.min(later) < Duration::from_millis(5), "{kept:?} vs {later:?}");
+            assert_eq!(clients.take_auth_change(), None);
         });
     }
 

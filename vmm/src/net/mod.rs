@@ -5,6 +5,8 @@
 //!
 //! - [`ingress`]: where clients come from (a listener, or `mqvisor serve`'s
 //!   handoff socket) and the load report back to the daemon;
+//! - [`fence`]: the deadline past which a tenant's process in a fleet serves
+//!   no client (its node may have lost the tenant);
 //! - [`transport`]: the seam through which the proxy reads and writes a
 //!   client (plain TCP today);
 //! - [`streams`]: every decision about a stream (windows, credit, linger,
@@ -19,6 +21,7 @@
 //! process and its guest, and carries records in Ethernet frames, never an
 //! IP packet. Its two MAC addresses are fixed (each VM has its own link).
 
+pub mod fence;
 pub mod ingress;
 pub mod link;
 pub mod metrics;

@@ -36,11 +36,11 @@ use super::quota::Quotas;
 use super::streams::{Action, Flushed, Limits, Streams, Turn};
 use super::transport::ClientTransport;
 use super::{GUEST_MAC, HOST_MAC, MAX_FRAME};
-use crate::devices::GiveUp;
 use crate::devices::virtio::block::BlockDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::{NetDevice, NetEventHandler};
 use crate::devices::virtio::storm::NotifyStorm;
+use crate::devices::{GiveUp, StopReason};
 
 /// Guest bytes waiting for slow clients, all streams together, before the
 /// client furthest behind is reset.
@@ -234,6 +234,8 @@ struct Proxy {
     pending: VecDeque<Arrival>,
     /// When the first of `pending` may be taken.
     pending_until: Option<Instant>,
+    /// The fence deadline passed (see `net::fence`): no client is served.
+    fenced: bool,
 }
 
 impl Proxy {
@@ -267,6 +269,7 @@ impl Proxy {
             auth_sent: None,
             pending: VecDeque::new(),
             pending_until: None,
+            fenced: false,
         })
     }
 
@@ -286,8 +289,15 @@ impl Proxy {
         let report_timer = tokio::time::sleep(REPORT_EVERY);
         tokio::pin!(report_timer);
         loop {
+            if self.fenced() {
+                // Nothing more reaches any client: what waits for them is
+                // dropped with them, unsent, and no report goes out.
+                self.clients.clear();
+                return self.counters();
+            }
             self.pump();
-            let due = self.streams.poll_timeout().into_iter().chain(self.pending_until).min();
+            let due = self.streams.poll_timeout().into_iter().chain(self.pending_until).chain(self.clients_in.fence());
+            let due = due.min();
             let linger = due.map(|end| end.saturating_duration_since(Instant::now()));
             // One timer, moved only when the due time moves: the loop turns
             // once per event, and a fresh timer each turn cost the hot path.
@@ -439,8 +449,23 @@ impl Proxy {
         }
     }
 
+    /// True once the fence deadline `mqvisor serve` sent has passed; the
+    /// first time, asks for the VM to stop. Checked before every write to
+    /// a client, so that a process that was stopped past its deadline
+    /// (and so may have been replaced on another node) answers no one.
+    fn fenced(&mut self) -> bool {
+        if !self.fenced && self.clients_in.fence().is_some_and(|at| Instant::now() >= at) {
+            self.fenced = true;
+            self.stop_reason.give_up(StopReason::Fenced);
+        }
+        self.fenced
+    }
+
     /// Writes what the client takes of what waits for it.
     fn flush(&mut self, id: StreamId) {
+        if self.fenced() {
+            return;
+        }
         let Some(client) = self.clients.get(&id) else { return };
         let out = self.streams.out_allowed(id);
         if out.is_empty() && !self.streams.out(id).is_empty() {

@@ -34,6 +34,17 @@
 //! be running. Leader changes in etcd only lengthen leases. What this does
 //! not cover: the daemon's one thread stalled for longer than the margin
 //! (the fence is late by the stall), and a node whose clock jumps.
+//!
+//! The daemon is not the only one to fence: each renewal also gives every
+//! tenant process of this node the same deadline ([`fence_deadlines`], sent
+//! as a `net::fence` datagram), past which the process itself writes
+//! nothing more to any client and stops its VM. A daemon that is stopped
+//! (SIGSTOP) or stalled while its tenants run on therefore cannot leave them
+//! serving, and acknowledging, past the moment another node may claim them.
+//! The deadline is a time on the host's monotonic clock, which every
+//! process of the host shares: a process that reads it late (stopped,
+//! busy) still stops on time, and one stopped past it answers no one once
+//! it runs again, as it checks the deadline before every write.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -82,6 +93,14 @@ pub static RELAYED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 pub static RELAYED_BYTES: AtomicU64 = AtomicU64::new(0);
 /// This node's name, once it is a node of a fleet.
 static NODE: OnceLock<String> = OnceLock::new();
+/// When this node fences next (see the module doc), for its tenants'
+/// processes, which fence themselves at the same moment (`net::fence`).
+static FENCE_AT: OnceLock<watch::Sender<Option<Instant>>> = OnceLock::new();
+
+/// When this node fences next, as it changes, if it is a node of a fleet.
+pub fn fence_deadlines() -> Option<watch::Receiver<Option<Instant>>> {
+    FENCE_AT.get().map(watch::Sender::subscribe)
+}
 
 /// This node's figures in a fleet, for `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -319,6 +338,9 @@ pub async fn keep_lease(
             }
         }
         tracing::info!(node = %config.node, lease = id, "registered in etcd");
+        let deadlines = FENCE_AT.get_or_init(|| watch::channel(None).0);
+        // Before the lease is said: every tenant started under it has a deadline.
+        deadlines.send_replace(Some(sent + ttl - FENCE_MARGIN));
         if let Some(old) = previous.take()
             && let Err(e) = etcd.revoke(old).await
         {
@@ -337,7 +359,10 @@ pub async fn keep_lease(
             let sent = Instant::now();
             let answered = tokio::time::timeout(fence_at.saturating_duration_since(sent), etcd.keepalive(id)).await;
             match answered {
-                Ok(Ok(left)) if left > 0 => renewed = sent,
+                Ok(Ok(left)) if left > 0 => {
+                    renewed = sent;
+                    deadlines.send_replace(Some(renewed + ttl - FENCE_MARGIN));
+                }
                 Ok(Ok(_)) => {
                     tracing::warn!(lease = id, "the lease has expired in etcd");
                     break;

@@ -14,13 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mqvisor::cgroup::Group;
+use mqvisor::net::fence;
 use mqvisor::net::ingress::Handed;
 use mqvisor::net::metrics::Counters;
 use mqvisor::state::Persistence;
 use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::config::TenantConfig;
@@ -63,7 +64,7 @@ struct Process {
     started: Instant,
     /// Clients for the handoff task.
     clients: mpsc::Sender<(TcpStream, FirstBytes)>,
-    /// Users and ACL changes for its VM (`auth_link`).
+    /// Users and ACL changes for its VM (`control_link`).
     auth: mpsc::UnboundedSender<Vec<u8>>,
 }
 
@@ -355,7 +356,7 @@ impl Tenant {
         let mut child = command.spawn()?;
         drop(theirs);
         let pid = child.id().unwrap_or(0);
-        let auth = auth_link(ours.try_clone()?)?;
+        let auth = control_link(ours.try_clone()?, super::cluster::fence_deadlines())?;
         let (clients, queue) = mpsc::channel(HANDOFF_QUEUE);
         // SAFETY: `UnixDatagram` owns its descriptor, keeps it open until
         // dropped and always returns the same one; the AsyncFd owns it.
@@ -658,40 +659,78 @@ async fn link(
     }
 }
 
-/// Starts the task that sends a tenant's process its users and ACL
-/// changes on `socket` (a second descriptor of its handoff socket), each
-/// one datagram of kind `AUTH_CHANGE` without a socket (the datagram of
-/// `mqvisor::net::ingress`). Changes that queue up while the socket is
-/// full go as the latest alone: each carries every table whole. Ends when
-/// the tenant dropped the sender (its process has gone).
-fn auth_link(socket: UnixDatagram) -> std::io::Result<mpsc::UnboundedSender<Vec<u8>>> {
+/// Starts the task that sends a tenant's process what is not a client, on
+/// `socket` (a second descriptor of its handoff socket), each one datagram
+/// without a socket (the datagrams of `mqvisor::net::ingress`): its users
+/// and ACL changes (`AUTH_CHANGE`), and in a fleet the node's fence
+/// deadline (`FENCE`) each time it moves, the first one at once. Users and
+/// ACL changes that queue up while the socket is full go as the latest
+/// alone: each carries every table whole. Ends when the tenant dropped the
+/// sender (its process has gone).
+fn control_link(
+    socket: UnixDatagram,
+    mut fence: Option<watch::Receiver<Option<Instant>>>,
+) -> std::io::Result<mpsc::UnboundedSender<Vec<u8>>> {
     // SAFETY: as for the handoff socket in `start`: the AsyncFd owns it.
     let socket =
         unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }.map_err(std::io::Error::from)?;
     let (changes, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
     tokio::spawn(async move {
-        while let Some(mut change) = queue.recv().await {
-            while let Ok(later) = queue.try_recv() {
-                change = later;
-            }
-            let mut datagram = Vec::with_capacity(1 + change.len());
-            datagram.push(mqvisor::net::ingress::AUTH_CHANGE);
-            datagram.extend_from_slice(&change);
-            loop {
-                let Ok(mut guard) = socket.writable().await else { return };
-                match guard.try_io(|inner| inner.get_ref().send(&datagram)) {
-                    Ok(Ok(_)) => break,
-                    Ok(Err(e)) => {
-                        // Gone, most likely: the next process boots from the files.
-                        tracing::warn!("users and ACL change not sent to the tenant's process: {e}");
-                        break;
-                    }
-                    Err(_would_block) => continue,
+        if let Some(at) = fence.as_mut().and_then(|f| *f.borrow_and_update())
+            && !send_datagram(&socket, &fence::datagram(at)).await
+        {
+            return;
+        }
+        loop {
+            let fence_moved = async {
+                match fence.as_mut() {
+                    Some(f) => f.changed().await.is_ok(),
+                    None => std::future::pending().await,
                 }
+            };
+            let datagram = tokio::select! {
+                change = queue.recv() => {
+                    let Some(mut change) = change else { return };
+                    while let Ok(later) = queue.try_recv() {
+                        change = later;
+                    }
+                    let mut datagram = Vec::with_capacity(1 + change.len());
+                    datagram.push(mqvisor::net::ingress::AUTH_CHANGE);
+                    datagram.extend_from_slice(&change);
+                    datagram
+                }
+                moved = fence_moved => {
+                    let at = fence.as_mut().filter(|_| moved).and_then(|f| *f.borrow_and_update());
+                    match at {
+                        Some(at) => fence::datagram(at).to_vec(),
+                        None => {
+                            // The node's lease keeper has gone: the deadline stands.
+                            fence = None;
+                            continue;
+                        }
+                    }
+                }
+            };
+            if !send_datagram(&socket, &datagram).await {
+                // Gone, most likely: the next process boots from the files.
+                tracing::warn!("a users and ACL change or a fence deadline not sent to the tenant's process");
+                return;
             }
         }
     });
     Ok(changes)
+}
+
+/// Sends `datagram` without a socket; false once the process is gone.
+async fn send_datagram(socket: &AsyncFd<UnixDatagram>, datagram: &[u8]) -> bool {
+    loop {
+        let Ok(mut guard) = socket.writable().await else { return false };
+        match guard.try_io(|inner| inner.get_ref().send(datagram)) {
+            Ok(Ok(_)) => return true,
+            Ok(Err(_)) => return false,
+            Err(_would_block) => continue,
+        }
+    }
 }
 
 /// Sends one client: its kind, then the bytes already read from it (the
