@@ -291,6 +291,29 @@ fn a_tenant_added_on_one_node_is_served_through_all_by_one_broker() {
         assert_eq!(n.metrics().contains("mqvisor_tenant_up{tenant=\"acme\"} 1"), node == owned_by, "{node}");
     }
     assert_eq!(relayed, 2);
+    // The owner's relay port takes no one without the fleet's relay key:
+    // neither a PROXY header without it nor one with a wrong key.
+    let (status, body) = nodes[0].http("GET", "/nodes", b"");
+    assert_eq!(status, 200, "{body}");
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let relay: SocketAddr =
+        listed.iter().find(|n| n["name"] == owned_by.as_str()).unwrap()["advertise"].as_str().unwrap().parse().unwrap();
+    let owner_node = &nodes[index(&owned_by)];
+    let refused_before = owner_node.metric(&format!("mqvisor_fleet_relay_refused_total{{node=\"{owned_by}\"}}"));
+    for key in [None, Some([0u8; 32])] {
+        let mut stranger = TcpStream::connect(relay).unwrap();
+        stranger.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        stranger.write_all(&proxy_v2_header(key)).unwrap();
+        stranger.write_all(&connect_as(4, "stranger", true, Some("acme:x"), None)).unwrap();
+        let mut byte = [0u8; 1];
+        let answer = stranger.read(&mut byte);
+        assert!(
+            matches!(&answer, Ok(0)) || matches!(&answer, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "a relayed connection with key {key:?} was not closed: {answer:?}"
+        );
+    }
+    let refused = owner_node.metric(&format!("mqvisor_fleet_relay_refused_total{{node=\"{owned_by}\"}}"));
+    assert_eq!(refused - refused_before, 2);
     // Removed through another node: gone from every node, its clients refused.
     let (ok, _, err) = nodes[1].tenant(&["remove", "acme"]);
     assert!(ok, "tenant remove through node 2: {err}");
@@ -777,6 +800,20 @@ fn publish_retained(daemon: &Daemon, tenant: &str, topic: &str, payload: &[u8]) 
     let mut publisher = connect_until(daemon.addr, "writer", &format!("{tenant}:w"), Duration::from_secs(15));
     publisher.write_all(&publish(topic, payload, 1, 1, true)).unwrap();
     assert_eq!(read_packet(&mut publisher).0, 0x40, "PUBACK");
+}
+
+/// A PROXY v2 header for a plain MQTT client at 192.0.2.1 that reached
+/// 198.51.100.2, with `key` as mqvisor's relay key TLV if given.
+fn proxy_v2_header(key: Option<[u8; 32]>) -> Vec<u8> {
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    let tlvs = if key.is_some() { 35 } else { 0 };
+    header.extend_from_slice(&[0x21, 0x11, 0, 12 + tlvs]);
+    header.extend_from_slice(&[192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0x07, 0x5b]);
+    if let Some(key) = key {
+        header.extend_from_slice(&[0xe1, 0, 32]);
+        header.extend_from_slice(&key);
+    }
+    header
 }
 
 fn index(node: &str) -> usize {

@@ -13,7 +13,10 @@
 //!   so one node at a time owns a tenant and ownership ends with its lease;
 //! - `/mqvisor/last/NAME` (the node that last ran it), no lease: whether a
 //!   node's own state file of NAME is still its latest state;
-//! - `/mqvisor/drain/NODE` (empty), no lease: NODE takes no tenant.
+//! - `/mqvisor/drain/NODE` (empty), no lease: NODE takes no tenant;
+//! - `/mqvisor/relay-key` (32 random bytes, hex), no lease: made by the
+//!   first node, read by every node; a relayed connection carries it in
+//!   its PROXY header, and the relay port closes one without it.
 //!
 //! Owns the lease ([`keep_lease`]), the decisions of which tenants this
 //! node runs and where the others live ([`sync`]), and the answers to the
@@ -59,6 +62,7 @@ use super::config::{TenantConfig, TenantTable, valid_tenant_name};
 use super::control::TenantView;
 use super::directory::{Directory, Reach};
 use super::etcd::{Etcd, Kv};
+use super::proxy_header::RelayKey;
 
 /// The lease's time to live, seconds.
 pub const LEASE_TTL: u64 = 6;
@@ -86,11 +90,16 @@ const DRAIN: &str = "/mqvisor/drain/";
 /// node is itself: otherwise another node ran NAME since, and the file is
 /// stale.
 const LAST: &str = "/mqvisor/last/";
+const RELAY_KEY_PATH: &str = "/mqvisor/relay-key";
 
 /// Connections relayed to another node, and the bytes copied both ways
 /// (counted when a relayed connection ends).
 pub static RELAYED_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 pub static RELAYED_BYTES: AtomicU64 = AtomicU64::new(0);
+/// Connections to the relay port closed without the relay key.
+pub static RELAY_REFUSED: AtomicU64 = AtomicU64::new(0);
+/// The fleet's relay key, once read from etcd (`/mqvisor/relay-key`).
+static RELAY_KEY: OnceLock<RelayKey> = OnceLock::new();
 /// This node's name, once it is a node of a fleet.
 static NODE: OnceLock<String> = OnceLock::new();
 /// When this node fences next (see the module doc), for its tenants'
@@ -108,6 +117,7 @@ pub struct FleetStats {
     pub node: String,
     pub relayed_connections: u64,
     pub relayed_bytes: u64,
+    pub relay_refused: u64,
 }
 
 /// This node's figures, if it is a node of a fleet.
@@ -116,7 +126,62 @@ pub fn stats() -> Option<FleetStats> {
         node: NODE.get()?.clone(),
         relayed_connections: RELAYED_CONNECTIONS.load(Ordering::Relaxed),
         relayed_bytes: RELAYED_BYTES.load(Ordering::Relaxed),
+        relay_refused: RELAY_REFUSED.load(Ordering::Relaxed),
     })
+}
+
+/// The fleet's relay key, once this node has read it (until then it
+/// neither relays nor takes relayed connections).
+pub fn relay_key() -> Option<&'static RelayKey> {
+    RELAY_KEY.get()
+}
+
+/// Reads the fleet's relay key from etcd, making it first if no node has:
+/// retried until etcd answers.
+async fn read_relay_key(etcd: &Etcd) -> RelayKey {
+    loop {
+        let mut fresh = [0u8; 32];
+        let made = std::fs::File::open("/dev/urandom")
+            .and_then(|mut random| std::io::Read::read_exact(&mut random, &mut fresh))
+            .map(|()| hex(&fresh));
+        let answer = match made {
+            Ok(text) => etcd.create(RELAY_KEY_PATH, text.as_bytes(), 0).await.map_err(|e| e.to_string()),
+            Err(e) => Err(format!("no random bytes for a relay key: {e}")),
+        };
+        let text = match answer {
+            Ok((true, _)) => hex(&fresh).into_bytes(),
+            Ok((false, Some(held))) => held.value,
+            Ok((false, None)) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the fleet's relay key: retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        match unhex(&text) {
+            Some(key) => return key,
+            None => {
+                tracing::error!("{RELAY_KEY_PATH} in etcd is not 64 hexadecimal digits: no relaying until it is");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &[u8]) -> Option<RelayKey> {
+    let text = std::str::from_utf8(text).ok()?.trim();
+    let mut key = [0u8; 32];
+    if text.len() != 2 * key.len() {
+        return None;
+    }
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(key)
 }
 
 /// `[cluster]`, checked.
@@ -484,6 +549,7 @@ pub async fn sync(
 ) {
     let me = config.node.as_str();
     let _ = NODE.set(config.node.clone());
+    let _ = RELAY_KEY.set(read_relay_key(&etcd).await);
     // Tenants the daemon runs for this node, with the owner key's revision.
     let mut running: BTreeMap<String, i64> = BTreeMap::new();
     // The revision that created the key of each tenant run here, when it

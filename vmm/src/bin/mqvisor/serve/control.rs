@@ -560,6 +560,9 @@ pub fn metrics_text(tenants: &[TenantView], front: FrontStats, fleet: Option<Fle
         let bytes =
             ("relayed_bytes", "Bytes copied both ways for relayed clients, counted as each ends", Kind::Counter);
         register(fleet_registry, bytes, node().map(|l| (l, fleet.relayed_bytes)));
+        let refused =
+            ("relay_refused", "Connections to the relay port closed for want of the fleet's relay key", Kind::Counter);
+        register(fleet_registry, refused, node().map(|l| (l, fleet.relay_refused)));
     }
     let mut text = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut text, &root);

@@ -611,13 +611,8 @@ async fn accept_loop(
                 // what the client speaks would (the accept loop of the
                 // relay port has no steering: never relayed again).
                 let handed = match relay::read_header(&mut client, front::FIRST_PACKET_DEADLINE).await {
-                    Some(header) => {
-                        tracing::debug!(?header, "relayed client");
-                        match header {
-                            proxy_header::Header::Proxy { handed: Some(byte), .. } => Handed::from_byte(byte),
-                            _ => Some(Handed::Mqtt),
-                        }
-                    }
+                    Some(Some(byte)) => Handed::from_byte(byte),
+                    Some(None) => Some(Handed::Mqtt),
                     None => None,
                 };
                 port = match handed {

@@ -6,7 +6,8 @@
 //! over IPv4 or IPv6, [`parse`] from the bytes read so far. One TLV of
 //! mqvisor's own ([`TLV_HANDED`], in the range the specification leaves to
 //! applications, section 2.2.7) says what the client speaks: plain MQTT,
-//! TLS, WebSockets. Never reads a socket, and never accepts a header
+//! TLS, WebSockets; another ([`TLV_RELAY_KEY`]) carries the fleet's relay
+//! key, without which the relay port takes no one. Never reads a socket, and never accepts a header
 //! longer than [`MAX_HEADER`]: the length comes from the network; a TLV
 //! that runs past the header is refused, not read.
 
@@ -32,6 +33,12 @@ const ADDRESSES6: usize = 36;
 /// mqvisor's TLV: one byte, what the client speaks
 /// (`mqvisor::net::ingress::Handed::to_byte`). 0xE0 is `PP2_TYPE_MIN_CUSTOM`.
 pub const TLV_HANDED: u8 = 0xE0;
+/// mqvisor's TLV: the fleet's relay key ([`RelayKey`]), the proof that a
+/// relayed connection comes from a node of the fleet.
+pub const TLV_RELAY_KEY: u8 = 0xE1;
+/// The fleet's relay key: random bytes every node reads from etcd.
+pub type RelayKey = [u8; 32];
+
 /// A TLV's type and length, before its value.
 const TLV_HEAD: usize = 3;
 
@@ -40,13 +47,30 @@ const TLV_HEAD: usize = 3;
 pub const MAX_HEADER: usize = FIXED + 216;
 
 /// What a header says.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Header {
     /// A relayed connection: the client's address, the one it reached,
-    /// and what it speaks ([`TLV_HANDED`], if sent).
-    Proxy { source: SocketAddr, destination: SocketAddr, handed: Option<u8> },
+    /// what it speaks ([`TLV_HANDED`], if sent) and the relay key it
+    /// carries ([`TLV_RELAY_KEY`], if sent).
+    Proxy { source: SocketAddr, destination: SocketAddr, handed: Option<u8>, key: Option<RelayKey> },
     /// No client behind it (a health check) or a family not carried here.
     Local,
+}
+
+/// Never the key: a header may be logged.
+impl std::fmt::Debug for Header {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Header::Proxy { source, destination, handed, key } => f
+                .debug_struct("Proxy")
+                .field("source", source)
+                .field("destination", destination)
+                .field("handed", handed)
+                .field("key", &key.map(|_| "(given)"))
+                .finish(),
+            Header::Local => f.write_str("Local"),
+        }
+    }
 }
 
 /// Why bytes are no header.
@@ -64,9 +88,9 @@ pub enum HeaderError {
 
 /// The header for a client at `source` that reached `destination`; both of
 /// one family (an IPv4 address in IPv6 form is written as IPv4); `handed`,
-/// what it speaks, as a [`TLV_HANDED`].
-pub fn encode(source: SocketAddr, destination: SocketAddr, handed: Option<u8>) -> Vec<u8> {
-    let tlvs = if handed.is_some() { TLV_HEAD + 1 } else { 0 };
+/// what it speaks, as a [`TLV_HANDED`]; `key`, as a [`TLV_RELAY_KEY`].
+pub fn encode(source: SocketAddr, destination: SocketAddr, handed: Option<u8>, key: Option<&RelayKey>) -> Vec<u8> {
+    let tlvs = handed.map_or(0, |_| TLV_HEAD + 1) + key.map_or(0, |k| TLV_HEAD + k.len());
     let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let (source, destination) = (canonical(source), canonical(destination));
     let mut out = SIGNATURE.to_vec();
@@ -93,23 +117,31 @@ pub fn encode(source: SocketAddr, destination: SocketAddr, handed: Option<u8>) -
     if let Some(byte) = handed {
         out.extend_from_slice(&[TLV_HANDED, 0, 1, byte]);
     }
+    if let Some(key) = key {
+        out.push(TLV_RELAY_KEY);
+        out.extend_from_slice(&u16::try_from(key.len()).unwrap_or(0).to_be_bytes());
+        out.extend_from_slice(key);
+    }
     out
 }
 
-/// The value of mqvisor's [`TLV_HANDED`] among `tlvs` (the bytes after the
-/// addresses), if there; a TLV running past them is an error.
-fn handed(mut tlvs: &[u8]) -> Result<Option<u8>, HeaderError> {
-    let mut found = None;
+/// The values of mqvisor's [`TLV_HANDED`] and [`TLV_RELAY_KEY`] among
+/// `tlvs` (the bytes after the addresses), if there; a TLV running past
+/// them is an error.
+fn mqvisor_tlvs(mut tlvs: &[u8]) -> Result<(Option<u8>, Option<RelayKey>), HeaderError> {
+    let (mut handed, mut key) = (None, None);
     while !tlvs.is_empty() {
         let head = tlvs.get(..TLV_HEAD).ok_or(HeaderError::Tlv)?;
         let len = usize::from(u16::from_be_bytes([head[1], head[2]]));
         let value = tlvs.get(TLV_HEAD..TLV_HEAD + len).ok_or(HeaderError::Tlv)?;
-        if head[0] == TLV_HANDED && len == 1 {
-            found = Some(value[0]);
+        match head[0] {
+            TLV_HANDED if len == 1 => handed = Some(value[0]),
+            TLV_RELAY_KEY => key = RelayKey::try_from(value).ok(),
+            _ => {}
         }
         tlvs = &tlvs[TLV_HEAD + len..];
     }
-    Ok(found)
+    Ok((handed, key))
 }
 
 /// How long the whole header is, from its fixed part (`bytes` holding at
@@ -138,10 +170,12 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
     match bytes[FAMILY] {
         TCP4 if block.len() >= ADDRESSES4 => {
             let ip = |at: usize| IpAddr::from([block[at], block[at + 1], block[at + 2], block[at + 3]]);
+            let (handed, key) = mqvisor_tlvs(&block[ADDRESSES4..])?;
             Ok(Header::Proxy {
                 source: SocketAddr::new(ip(0), port(8)),
                 destination: SocketAddr::new(ip(4), port(10)),
-                handed: handed(&block[ADDRESSES4..])?,
+                handed,
+                key,
             })
         }
         TCP6 if block.len() >= ADDRESSES6 => {
@@ -150,10 +184,12 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
                 octets.copy_from_slice(&block[at..at + 16]);
                 IpAddr::from(octets).to_canonical()
             };
+            let (handed, key) = mqvisor_tlvs(&block[ADDRESSES6..])?;
             Ok(Header::Proxy {
                 source: SocketAddr::new(ip(0), port(32)),
                 destination: SocketAddr::new(ip(16), port(34)),
-                handed: handed(&block[ADDRESSES6..])?,
+                handed,
+                key,
             })
         }
         TCP4 | TCP6 => Err(HeaderError::Short),
@@ -170,43 +206,62 @@ mod tests {
     fn golden_ipv4_header() {
         let source: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         let destination: SocketAddr = "198.51.100.2:1883".parse().unwrap();
-        let bytes = encode(source, destination, None);
+        let bytes = encode(source, destination, None, None);
         let mut golden = SIGNATURE.to_vec();
         golden.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0x07, 0x5b]);
         assert_eq!(bytes, golden);
         assert_eq!(length(&bytes), Ok(28));
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: None }));
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: None, key: None }));
         // With what the client speaks: one TLV more, counted in the length.
-        let bytes = encode(source, destination, Some(3));
+        let bytes = encode(source, destination, Some(3), None);
         golden[15] = 16;
         golden.extend_from_slice(&[0xe0, 0, 1, 3]);
         assert_eq!(bytes, golden);
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(3) }));
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(3), key: None }));
+        // And the relay key: 35 bytes more.
+        let key = [7u8; 32];
+        let bytes = encode(source, destination, Some(3), Some(&key));
+        golden[15] = 16 + 35;
+        golden.extend_from_slice(&[0xe1, 0, 32]);
+        golden.extend_from_slice(&key);
+        assert_eq!(bytes, golden);
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(3), key: Some(key) }));
+        assert!(!format!("{:?}", parse(&bytes).unwrap()).contains("7, 7"), "a logged header shows no key");
+    }
+
+    #[test]
+    fn a_relay_key_of_another_length_is_no_key() {
+        let (source, destination) = ("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap());
+        let mut bytes = encode(source, destination, None, None);
+        bytes[LENGTH + 1] += 3 + 31;
+        bytes.extend_from_slice(&[0xe1, 0, 31]);
+        bytes.extend_from_slice(&[7u8; 31]);
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: None, key: None }));
     }
 
     #[test]
     fn ipv6_round_trips_and_mixed_families_are_ipv6() {
         let source: SocketAddr = "[2001:db8::1]:40000".parse().unwrap();
         let destination: SocketAddr = "10.0.0.1:1883".parse().unwrap();
-        let bytes = encode(source, destination, Some(1));
+        let bytes = encode(source, destination, Some(1), None);
         assert_eq!(bytes.len(), FIXED + ADDRESSES6 + 4);
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(1) }));
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(1), key: None }));
     }
 
     #[test]
     fn bad_headers_are_refused_before_their_length_is_trusted() {
         assert_eq!(length(b"MQTT"), Err(HeaderError::NotV2));
-        let mut bytes = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), None);
+        let mut bytes = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), None, None);
         bytes[LENGTH] = 0xff;
         assert_eq!(length(&bytes), Err(HeaderError::TooLong(FIXED + 0xff0c)));
-        let mut short = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), None);
+        let mut short = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), None, None);
         short[LENGTH + 1] = 4;
         assert_eq!(parse(&short[..FIXED + 4]), Err(HeaderError::Short));
         let mut v1 = short.clone();
         v1[VERSION_COMMAND] = 0x11;
         assert_eq!(length(&v1), Err(HeaderError::NotV2));
         // A TLV whose length runs past the header.
-        let mut tlv = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), Some(0));
+        let mut tlv = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), Some(0), None);
         tlv[FIXED + ADDRESSES4 + 2] = 9;
         assert_eq!(parse(&tlv), Err(HeaderError::Tlv));
         let mut local = SIGNATURE.to_vec();

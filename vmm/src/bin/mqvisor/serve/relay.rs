@@ -10,6 +10,10 @@
 //! by the tenant's process on the owner: the relaying node sees ciphertext
 //! only.
 //!
+//! The relay port takes only a header that carries the fleet's relay key
+//! ([`super::cluster::relay_key`]): whoever else reaches it is closed
+//! before a byte of theirs is routed.
+//!
 //! Owns those two ends. Never relays a connection that arrived relayed (no
 //! loops between nodes whose views of the owners differ for a moment), and
 //! never reads more than [`super::proxy_header::MAX_HEADER`] bytes of header.
@@ -21,9 +25,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::cluster::{RELAYED_BYTES, RELAYED_CONNECTIONS};
+use super::cluster::{RELAY_REFUSED, RELAYED_BYTES, RELAYED_CONNECTIONS, relay_key};
 use super::front::FirstBytes;
-use super::proxy_header::{self, Header};
+use super::proxy_header::{self, Header, RelayKey};
 
 /// How long connecting to the owner may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -31,8 +35,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Relays `client`, whose `first` bytes the front read, to the owner's
 /// relay port `owner`; returns when either side has closed.
 pub async fn relay(mut client: TcpStream, first: FirstBytes, owner: SocketAddr) {
+    let Some(key) = relay_key() else { return };
     let header = match (client.peer_addr(), client.local_addr()) {
-        (Ok(source), Ok(destination)) => proxy_header::encode(source, destination, Some(first.kind().to_byte())),
+        (Ok(source), Ok(destination)) => {
+            proxy_header::encode(source, destination, Some(first.kind().to_byte()), Some(key))
+        }
         _ => return,
     };
     let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(owner)).await {
@@ -61,9 +68,28 @@ pub async fn relay(mut client: TcpStream, first: FirstBytes, owner: SocketAddr) 
 }
 
 /// Reads the PROXY v2 header a relaying node sent first on the relay port,
-/// within `deadline`; `None` (the connection to be closed) for anything
-/// else.
-pub async fn read_header(stream: &mut TcpStream, deadline: Duration) -> Option<Header> {
+/// within `deadline`, and returns what the client speaks (`None`: not
+/// said); the outer `None` (the connection to be closed) for anything but
+/// a relayed connection with the fleet's relay key, which is counted.
+pub async fn read_header(stream: &mut TcpStream, deadline: Duration) -> Option<Option<u8>> {
+    let header = read_any_header(stream, deadline).await;
+    match (header, relay_key()) {
+        (Some(Header::Proxy { handed, key: Some(given), .. }), Some(key)) if same_key(&given, key) => Some(handed),
+        _ => {
+            RELAY_REFUSED.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(?header, "relay port: closed, no relay key");
+            None
+        }
+    }
+}
+
+/// Compares in time independent of where the keys differ.
+fn same_key(a: &RelayKey, b: &RelayKey) -> bool {
+    a.iter().zip(b).fold(0u8, |differ, (x, y)| differ | (x ^ y)) == 0
+}
+
+/// Any PROXY v2 header, read within `deadline`.
+async fn read_any_header(stream: &mut TcpStream, deadline: Duration) -> Option<Header> {
     let read = async {
         let mut bytes = vec![0u8; proxy_header::FIXED];
         stream.read_exact(&mut bytes).await.ok()?;
