@@ -201,12 +201,17 @@ fn alive(pid: u64) -> bool {
 /// Connects to `addr` as `user` until the CONNACK accepts (a tenant being
 /// placed is refused as unavailable meanwhile), within `within`.
 fn connect_until(addr: SocketAddr, client_id: &str, user: &str, within: Duration) -> TcpStream {
+    connect_session_until(addr, client_id, user, true, within)
+}
+
+/// As [`connect_until`], with a clean session or not.
+fn connect_session_until(addr: SocketAddr, client_id: &str, user: &str, clean: bool, within: Duration) -> TcpStream {
     let deadline = Instant::now() + within;
     loop {
         let attempt = (|| {
             let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
             stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-            stream.write_all(&connect_as(4, client_id, true, Some(user), None)).ok()?;
+            stream.write_all(&connect_as(4, client_id, clean, Some(user), None)).ok()?;
             let (kind, body) = try_read_packet(&mut stream).ok()?;
             (kind == 0x20 && body.get(1) == Some(&0)).then_some(stream)
         })();
@@ -829,8 +834,8 @@ fn a_node_keeps_the_state_of_a_tenant_only_if_no_other_node_ran_it_since() {
     assert!(ok, "tenant add: {err}");
     let o = index(&owner(&nodes[0], "wonka", Duration::from_secs(10)));
     publish_retained(&nodes[o], "wonka", "s", b"v1 on its first owner");
-    // Its owner stopped cleanly: its lease is revoked, another node takes
-    // the tenant at once, without the state (not carried over).
+    // Its owner stopped cleanly: its lease is revoked, and its standby
+    // takes the tenant at once, with the state it mirrored.
     nodes[o].stop();
     let stopped = Instant::now();
     let s = (0..3).find(|&i| i != o).unwrap();
@@ -840,11 +845,12 @@ fn a_node_keeps_the_state_of_a_tenant_only_if_no_other_node_ran_it_since() {
     let s = index(&owner(&nodes[s], "wonka", Duration::from_secs(5)));
     assert_ne!(s, o);
     let t = 3 - o - s;
-    assert_eq!(retained(&nodes[s], "wonka", "s"), None, "state is not carried to another node");
+    assert_eq!(retained(&nodes[s], "wonka", "s").as_deref(), Some(&b"v1 on its first owner"[..]), "not carried over");
     publish_retained(&nodes[s], "wonka", "s", b"v2 on the second");
-    // The first owner back; the third drained; the second killed: the
-    // first owner takes the tenant again, and must not serve v1, which
-    // the second node's run has made stale.
+    // The first owner back; the third (the second's standby) drained; the
+    // second killed: the first owner takes the tenant again, without a
+    // copy, and must not serve v1, which the second node's run has made
+    // stale.
     let dir = nodes[o].dir.clone();
     retired.push(std::mem::replace(&mut nodes[o], Daemon::spawn(dir)));
     let (ok, _, err) = nodes[t].ask("node", &["drain", &format!("n{}", t + 1)]);
@@ -957,4 +963,86 @@ fn a_stopped_owner_daemon_cannot_keep_its_tenant_answering_past_its_lease() {
     assert_ne!(index(&running[0].0), owned_by, "{running:?}");
     back.write_all(&publish("t", b"z", 1, 2, false)).unwrap();
     assert_eq!(read_packet(&mut back).0, 0x40, "PUBACK after the resumed daemon fenced");
+}
+
+#[test]
+fn kill_9_of_the_owner_loses_nothing_acknowledged_its_standby_takes_over() {
+    let test = "kill_9_of_the_owner_loses_nothing_acknowledged_its_standby_takes_over";
+    if !kvm_available(test) || !tool_available(test, "etcd (Debian's etcd-server)", &format!("test -x {ETCD}")) {
+        return;
+    }
+    let etcd = Etcd::start(test);
+    let (port, relay) = (free_port(), free_port());
+    // A session queue that holds all 2,000 (the default holds 1,000).
+    let queue = "max_queued_messages = 4000\n";
+    let mut nodes: Vec<Daemon> = (1..=3).map(|i| node_with(test, i, port, relay, &etcd.url, "", queue)).collect();
+    let (ok, _, err) = nodes[0].tenant(&["add", "hooli"]);
+    assert!(ok, "tenant add: {err}");
+    let owned_by = index(&owner(&nodes[0], "hooli", Duration::from_secs(10)));
+    let survivor = (owned_by + 1) % 3;
+    // A durable subscriber, gone for now: its session keeps its messages.
+    let mut subscriber = connect_session_until(nodes[survivor].addr, "sub", "hooli:s", false, Duration::from_secs(15));
+    subscriber.write_all(&subscribe("jobs/#", 1, 1)).unwrap();
+    assert_eq!(read_packet(&mut subscriber).0, 0x90, "SUBACK");
+    drop(subscriber);
+    // Its standby has a whole copy once the first process started.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let standby = loop {
+        if let Some(i) = (0..3).find(|&i| i != owned_by && nodes[i].log_has("standby copy whole")) {
+            break i;
+        }
+        assert!(Instant::now() < deadline, "no node became hooli's standby within 10 s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut publisher = connect_until(nodes[survivor].addr, "pub", "hooli:p", Duration::from_secs(15));
+    publisher.write_all(&publish("jobs/latest", b"retained", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut publisher).0, 0x40, "PUBACK of the retained message");
+    const MESSAGES: u16 = 2000;
+    for batch in (1..=MESSAGES).collect::<Vec<_>>().chunks(100) {
+        let mut packets = Vec::new();
+        for &id in batch {
+            packets.extend_from_slice(&publish("jobs/n", &id.to_be_bytes(), 1, id, false));
+        }
+        publisher.write_all(&packets).unwrap();
+        for _ in batch {
+            assert_eq!(read_packet(&mut publisher).0, 0x40, "PUBACK");
+        }
+    }
+    // kill -9 of the owner's daemon: its tenant's process dies with it.
+    nodes[owned_by].child.kill().unwrap();
+    let _ = nodes[owned_by].child.wait();
+    let killed = Instant::now();
+    let mut back = connect_session_until(nodes[survivor].addr, "sub", "hooli:s", false, Duration::from_secs(20));
+    let moved = killed.elapsed();
+    back.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut retained = 0;
+    while seen.len() < usize::from(MESSAGES) + retained {
+        let (kind, body) = match try_read_packet(&mut back) {
+            Ok(packet) => packet,
+            Err(e) => panic!("{} of {MESSAGES} delivered after the failover, then: {e}", seen.len() - retained),
+        };
+        assert_eq!(kind & 0xf0, 0x30, "a PUBLISH");
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let topic = &body[2..2 + topic_len];
+        let id = [body[2 + topic_len], body[3 + topic_len]];
+        let payload = &body[4 + topic_len..];
+        back.write_all(&[0x40, 2, id[0], id[1]]).unwrap();
+        if topic == b"jobs/latest" {
+            retained = 1;
+            seen.insert(u16::MAX);
+        } else {
+            seen.insert(u16::from_be_bytes([payload[0], payload[1]]));
+        }
+    }
+    let delivered = seen.len() - retained;
+    let mut reader = connect_until(nodes[survivor].addr, "reader", "hooli:r", Duration::from_secs(5));
+    let latest = first_message(&mut reader, "jobs/latest");
+    eprintln!("{test}: served again {moved:?} after kill -9 of its owner; {delivered} of {MESSAGES} delivered");
+    assert_eq!(delivered, usize::from(MESSAGES), "acknowledged messages lost");
+    assert_eq!(latest.as_deref(), Some(&b"retained"[..]), "the retained message was lost");
+    assert!(nodes[standby].log_has("taken over from its standby copy"), "the standby did not take it over");
+    let alive: Vec<Daemon> = nodes.drain(..).enumerate().filter(|(i, _)| *i != owned_by).map(|(_, n)| n).collect();
+    let running = processes(&alive, "hooli");
+    assert_eq!(running.len(), 1, "{running:?}");
 }

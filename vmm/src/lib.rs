@@ -10,7 +10,7 @@
 //! [`net`] is the host end of the virtual link: the proxy that carries each
 //! client into the guest as a stream of records in Ethernet frames (no
 //! TCP/IP on the link); [`state`] reads and lays out state files on the
-//! host; [`vcpu`] runs the vCPU and turns every exit into an outcome; [`vm`]
+//! host; [`replica`] mirrors a state file to a standby node; [`vcpu`] runs the vCPU and turns every exit into an outcome; [`vm`]
 //! puts a VM together. Around them: [`seccomp`] filters each thread,
 //! [`privileges`] gives up root, [`cgroup`] holds a VMM process to its
 //! resource limits. The boot ABI shared with the guest is the
@@ -27,6 +27,7 @@ pub mod image;
 pub mod net;
 pub mod paravirt;
 pub mod privileges;
+pub mod replica;
 pub mod seccomp;
 pub mod state;
 pub mod vcpu;

@@ -24,7 +24,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::arch::{self, ArchError};
-use crate::devices::virtio::block::{BlockDevice, BlockMetrics, BlockThread};
+use crate::devices::virtio::block::{BlockDevice, BlockMetrics, BlockThread, Standby};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::net as net_device;
 use crate::devices::virtio::net::{NetDevice, RingFault};
@@ -103,6 +103,8 @@ pub struct StateDisk {
     pub persistence: Persistence,
     /// For batch persistence: the flush interval.
     pub batch_ms: u32,
+    /// The standby node that gets every write too (see `replica`), if any.
+    pub standby: Option<Standby>,
 }
 
 /// What the guest runs, and what the host provides for it.
@@ -470,7 +472,8 @@ pub fn run(config: VmConfig) -> Result<RunReport, VmmError> {
     let disk = match (config.state, network.is_some()) {
         (Some(state), true) => {
             let sync = state.persistence == Persistence::Sync;
-            let (disk, window) = Disk::start(&vm, &mem, state.file, sync, (wake.clone(), give_up.clone()))?;
+            let (disk, window) =
+                Disk::start(&vm, &mem, (state.file, state.standby), sync, (wake.clone(), give_up.clone()))?;
             bus.insert(window.base, window.size, disk.transport.clone());
             if let Some(network) = &network {
                 let _ = network.disk.set(disk.transport.clone());
@@ -564,7 +567,7 @@ impl Disk {
     fn start(
         vm: &VmFd,
         mem: &GuestMemoryMmap,
-        file: std::fs::File,
+        (file, standby): (std::fs::File, Option<Standby>),
         sync: bool,
         (wake, give_up): (Arc<EventFd>, GiveUp),
     ) -> Result<(Self, DeviceDescriptor), VmmError> {
@@ -574,7 +577,10 @@ impl Disk {
             // No /proc to reopen through, say: FLUSH requests, as in `batch`.
             _ => (BlockDevice::new(file, "mqvisor-state", false), None),
         };
-        let device = device.map_err(VmmError::StateFile)?;
+        let mut device = device.map_err(VmmError::StateFile)?;
+        if let Some(standby) = standby {
+            device = device.with_standby(standby);
+        }
         let transport = MmioTransport::new(device, mem.clone()).map_err(VmmError::Thread)?;
         let event = transport.queue_event(0).ok_or(VmmError::NoQueueEvent)?;
         let addr = IoEventAddress::Mmio(base + mmio::QUEUE_NOTIFY_OFFSET);

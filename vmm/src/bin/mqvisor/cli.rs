@@ -255,6 +255,10 @@ pub struct RunArgs {
     pub edge: EdgeFlags,
     #[command(flatten)]
     pub quotas: QuotaFlags,
+    /// A fleet's standby for the state, and whether writes wait for it
+    /// (from `--tenant-settings` only: `mqvisor serve` sets them).
+    #[arg(skip)]
+    pub standby: Option<(crate::settings::StandbyTarget, bool)>,
     /// Print VM exit and network counters to stderr when the VM ends
     #[arg(long)]
     pub stats: bool,

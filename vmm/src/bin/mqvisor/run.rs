@@ -16,6 +16,11 @@ use crate::edge::{self, Listen};
 use crate::fd_limit;
 use crate::quotas::{self, QuotaFlags};
 use crate::settings::TenantRun;
+use mqvisor::devices::virtio::block::Standby;
+use mqvisor::replica::Mirror;
+
+/// How long reaching the standby may take before the VM boots without it.
+const STANDBY_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Exit code when the VM could not be started (bad input, no KVM, ...).
 pub const EXIT_SETUP_FAILED: u8 = 125;
@@ -210,6 +215,7 @@ impl RunArgs {
         self.edge.tls_client_ca = tenant.tls_client_ca;
         self.edge.tls_identity_as_user = tenant.tls_identity_as_user;
         self.quotas = QuotaFlags::of(tenant.quotas);
+        self.standby = tenant.standby.map(|target| (target, tenant.standby_required));
         self.edge.tls_named =
             tenant.tls_own.map(|own| mqvisor::net::tls::NamedCert { names: own.names, cert: own.cert, key: own.key });
     }
@@ -324,7 +330,40 @@ fn open_state(args: &RunArgs, max_packet_size: u64) -> Result<Option<vm::StateDi
             }
         }
     }
-    Ok(Some(vm::StateDisk { file: held.file, persistence: mode, batch_ms: args.persistence_interval }))
+    let standby = args.standby.as_ref().map(|(target, required)| mirror_to(target, *required, &held.file));
+    Ok(Some(vm::StateDisk { file: held.file, persistence: mode, batch_ms: args.persistence_interval, standby }))
+}
+
+/// Starts mirroring the state `file` to the fleet's standby `target`
+/// (`mqvisor::replica`) before the guest boots: its present contents
+/// first, then every write. A standby out of reach is said; the disk then
+/// fails every write when the standby is `required`, and does without it
+/// otherwise.
+fn mirror_to(target: &crate::settings::StandbyTarget, required: bool, file: &std::fs::File) -> Standby {
+    use crate::serve::proxy_header::{ReplicaOf, Tlvs, encode};
+    let started = std::time::Instant::now();
+    let mirror = (|| -> Result<Mirror, String> {
+        let key = crate::serve::cluster::unhex(target.key.as_bytes()).ok_or("the relay key is not 64 hex digits")?;
+        let socket = std::net::TcpStream::connect_timeout(&target.address, STANDBY_CONNECT_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let replica = ReplicaOf { epoch: target.epoch, tenant: target.tenant.clone() };
+        let tlvs = Tlvs { handed: None, key: Some(key), replica: Some(replica) };
+        let header = encode(socket.local_addr().map_err(|e| e.to_string())?, target.address, &tlvs);
+        std::io::Write::write_all(&mut &socket, &header).map_err(|e| e.to_string())?;
+        Mirror::start(socket, file).map_err(|e| e.to_string())
+    })();
+    match &mirror {
+        Ok(_) => eprintln!(
+            "mqvisor: state mirrored to the standby at {} (copy made in {} ms)",
+            target.address,
+            started.elapsed().as_millis()
+        ),
+        Err(e) => {
+            let then = if required { "every write to the state fails" } else { "going on without one" };
+            eprintln!("mqvisor: no standby at {}: {e}; {then}", target.address);
+        }
+    }
+    Standby { mirror: mirror.ok(), required }
 }
 
 /// The unix datagram socket `mqvisor serve` left open as descriptor `fd`.

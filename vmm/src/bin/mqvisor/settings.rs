@@ -172,6 +172,28 @@ pub struct TenantRun {
     /// names), enforced by its VMM's proxy.
     #[serde(default, skip_serializing_if = "Quotas::is_unlimited")]
     pub quotas: Quotas,
+    /// In a fleet: the node its state is mirrored to (set by the daemon
+    /// when this node owns it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyTarget>,
+    /// In a fleet: whether writes to its state wait for a standby that is
+    /// gone (`standby = "required"`) or go on without one (`"preferred"`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub standby_required: bool,
+}
+
+/// Where a tenant's process mirrors its state (`mqvisor::replica`).
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyTarget {
+    /// The standby node's relay port.
+    pub address: std::net::SocketAddr,
+    /// The tenant, as the standby names its copy.
+    pub tenant: String,
+    /// The etcd revision of this node's claim on the tenant.
+    pub epoch: u64,
+    /// The fleet's relay key, hexadecimal.
+    pub key: String,
 }
 
 /// A tenant's own certificate and the host names it is served for.
@@ -376,6 +398,13 @@ mod tests {
             tls_identity_as_user: false,
             tls_own: None,
             quotas: Quotas { max_publish_rate: 2000, ..Quotas::default() },
+            standby: Some(StandbyTarget {
+                address: "10.0.0.3:1884".parse().unwrap(),
+                tenant: "acme".into(),
+                epoch: 42,
+                key: "ab".repeat(32),
+            }),
+            standby_required: true,
         };
         let text = tenant.to_text().unwrap();
         // Settings not given are not written.
@@ -386,6 +415,7 @@ mod tests {
         assert_eq!(back.broker.max_connections, Some(7));
         assert_eq!((back.tls_cert, back.tls_key), (tenant.tls_cert, tenant.tls_key));
         assert!(back.tls_client_ca.is_none() && !back.tls_identity_as_user);
+        assert_eq!((&back.standby, back.standby_required), (&tenant.standby, true));
         assert_eq!(back.quotas, tenant.quotas);
         std::fs::write(&path, "memory = 64\npersistence = \"sync\"\nswap = 1\n[broker]\n").unwrap();
         let err = TenantRun::read(&path).unwrap_err().to_string();

@@ -14,6 +14,10 @@
 //! - `/mqvisor/last/NAME` (the node that last ran it), no lease: whether a
 //!   node's own state file of NAME is still its latest state;
 //! - `/mqvisor/drain/NODE` (empty), no lease: NODE takes no tenant;
+//! - `/mqvisor/standby/NAME` (`NODE EPOCH`), no lease: the node the owner
+//!   of NAME under claim revision EPOCH mirrors its state to; once the
+//!   owner is gone, that node claims NAME first and boots it from its copy
+//!   if the copy is whole and of that epoch (`super::standby`);
 //! - `/mqvisor/relay-key` (32 random bytes, hex), no lease: made by the
 //!   first node, read by every node; a relayed connection carries it in
 //!   its PROXY header, and the relay port closes one without it.
@@ -63,6 +67,7 @@ use super::control::TenantView;
 use super::directory::{Directory, Reach};
 use super::etcd::{Etcd, Kv};
 use super::proxy_header::RelayKey;
+use crate::settings::StandbyTarget;
 
 /// The lease's time to live, seconds.
 pub const LEASE_TTL: u64 = 6;
@@ -91,6 +96,7 @@ const DRAIN: &str = "/mqvisor/drain/";
 /// stale.
 const LAST: &str = "/mqvisor/last/";
 const RELAY_KEY_PATH: &str = "/mqvisor/relay-key";
+const STANDBY: &str = "/mqvisor/standby/";
 
 /// Connections relayed to another node, and the bytes copied both ways
 /// (counted when a relayed connection ends).
@@ -168,11 +174,13 @@ async fn read_relay_key(etcd: &Etcd) -> RelayKey {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// `bytes` in lower-case hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn unhex(text: &[u8]) -> Option<RelayKey> {
+/// The relay key written as [`hex`] writes it.
+pub fn unhex(text: &[u8]) -> Option<RelayKey> {
     let text = std::str::from_utf8(text).ok()?.trim();
     let mut key = [0u8; 32];
     if text.len() != 2 * key.len() {
@@ -284,13 +292,33 @@ impl Steering {
 pub enum ToDaemon {
     /// Run `name` (its TOML `table`): this node owns it under `lease`. The
     /// loop refuses when the lease is no longer the current one.
-    /// Its state file here is kept when `keep_state`, moved aside otherwise.
-    Own { name: String, table: String, lease: i64, keep_state: bool, reply: oneshot::Sender<Result<(), String>> },
+    /// Its state comes from `state`; its processes mirror their state to
+    /// `standby`, if one is given.
+    Own {
+        name: String,
+        table: String,
+        lease: i64,
+        state: StateFrom,
+        standby: Option<StandbyTarget>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// Stop running `name`: removed, or owned elsewhere now.
     /// When `removed` (from the fleet), its files here go too.
     Disown { name: String, removed: bool },
     /// The lease is lost or about to be: stop every tenant now.
     Fence,
+}
+
+/// Where a tenant claimed by this node gets its state from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFrom {
+    /// The state file this node has: it was the last to run the tenant.
+    Kept,
+    /// This node's standby copy, whole and of the last owner's epoch (this).
+    Copy(u64),
+    /// Nothing: another node ran it since this one last did, and left no
+    /// copy here (what this node has is moved aside).
+    Fresh,
 }
 
 /// The control API's tenant requests, in a fleet.
@@ -462,6 +490,8 @@ struct Snapshot {
     nodes: BTreeMap<String, (SocketAddr, u32)>,
     /// Drained nodes.
     drained: BTreeSet<String>,
+    /// Each tenant's standby node and the epoch it stands by for.
+    standbys: BTreeMap<String, (String, u64)>,
 }
 
 fn strip<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
@@ -479,6 +509,15 @@ async fn read(etcd: &Etcd) -> Result<Snapshot, super::etcd::EtcdError> {
     for kv in etcd.range(OWNERS, true).await? {
         if let Some(name) = strip(&kv.key, OWNERS) {
             snapshot.owners.insert(name.to_string(), kv);
+        }
+    }
+    for kv in etcd.range(STANDBY, true).await? {
+        let Some(name) = strip(&kv.key, STANDBY) else { continue };
+        let value = String::from_utf8_lossy(&kv.value).into_owned();
+        if let Some((node, epoch)) = value.split_once(' ')
+            && let Ok(epoch) = epoch.parse()
+        {
+            snapshot.standbys.insert(name.to_string(), (node.to_string(), epoch));
         }
     }
     for kv in etcd.range(DRAIN, true).await? {
@@ -624,7 +663,8 @@ pub async fn sync(
                         Place::Here
                     } else {
                         let owned = (id, kv.create_revision);
-                        run_here(&etcd, &daemon, name, table, owned, me, &mut running, &mut cannot).await
+                        let here = Here::of(name, me, &base, &snapshot, &free);
+                        run_here(&etcd, &daemon, name, table, owned, &here, &mut running, &mut cannot).await
                     }
                 }
                 (Some(kv), _) => {
@@ -637,12 +677,21 @@ pub async fn sync(
                 }
                 (None, lease_now) => {
                     let since = *unowned_since.entry(name.clone()).or_insert(now);
-                    let picked = placement(name, free.iter().map(|(&n, &room)| (n, room))) == Some(me);
+                    // The tenant's standby, alive and with room, claims it
+                    // first (it has its state); otherwise placement picks.
+                    let standby = snapshot.standbys.get(name).map(|(node, _)| node.as_str()).filter(|node| {
+                        snapshot.nodes.contains_key(*node) && free.get(node).is_some_and(|&room| room > 0)
+                    });
+                    let picked = match standby {
+                        Some(node) => node == me,
+                        None => placement(name, free.iter().map(|(&n, &room)| (n, room))) == Some(me),
+                    };
                     let anyway =
                         now.duration_since(since) >= CLAIM_ANYWAY_AFTER && free.get(me).is_some_and(|&room| room > 0);
                     match lease_now {
                         Some(id) if (picked || anyway) && !cannot.contains_key(name) => {
-                            let place = claim(&etcd, &daemon, name, table, id, me, &mut running, &mut cannot).await;
+                            let here = Here::of(name, me, &base, &snapshot, &free);
+                            let place = claim(&etcd, &daemon, name, table, id, &here, &mut running, &mut cannot).await;
                             if place == Place::Here
                                 && let Some(room) = free.get_mut(me)
                             {
@@ -723,12 +772,12 @@ async fn claim(
     name: &str,
     table: &[u8],
     lease: i64,
-    me: &str,
+    here: &Here<'_>,
     running: &mut BTreeMap<String, i64>,
     cannot: &mut BTreeMap<String, Instant>,
 ) -> Place {
     let key = format!("{OWNERS}{name}");
-    match etcd.create(&key, me.as_bytes(), lease).await {
+    match etcd.create(&key, here.me.as_bytes(), lease).await {
         Ok((true, _)) => {}
         Ok((false, _)) => return Place::Nowhere,
         Err(e) => {
@@ -743,7 +792,48 @@ async fn claim(
         Err(_) => 0,
     };
     tracing::info!(tenant = %name, lease, revision, "claimed");
-    run_here(etcd, daemon, name, table, (lease, revision), me, running, cannot).await
+    run_here(etcd, daemon, name, table, (lease, revision), here, running, cannot).await
+}
+
+/// This node, as the claim of one tenant sees it.
+struct Here<'a> {
+    me: &'a str,
+    state_dir: &'a std::path::Path,
+    /// The node to mirror the tenant's state to, and its relay address.
+    standby: Option<(&'a str, SocketAddr)>,
+    /// The epoch this node stands by for, if it is the tenant's standby.
+    stood_by: Option<u64>,
+}
+
+impl<'a> Here<'a> {
+    fn of(
+        tenant: &str,
+        me: &'a str,
+        state_dir: &'a std::path::Path,
+        snapshot: &'a Snapshot,
+        free: &BTreeMap<&str, u32>,
+    ) -> Here<'a> {
+        Here {
+            me,
+            state_dir,
+            standby: standby_for(tenant, me, &snapshot.nodes, free),
+            stood_by: snapshot.standbys.get(tenant).filter(|(node, _)| node == me).map(|&(_, epoch)| epoch),
+        }
+    }
+}
+
+/// The node a tenant owned by `me` mirrors its state to: placement among
+/// the other nodes with room.
+fn standby_for<'a>(
+    tenant: &str,
+    me: &str,
+    nodes: &'a BTreeMap<String, (SocketAddr, u32)>,
+    free: &BTreeMap<&str, u32>,
+) -> Option<(&'a str, SocketAddr)> {
+    let others =
+        nodes.iter().filter(|(n, _)| *n != me).map(|(n, _)| (n.as_str(), free.get(n.as_str()).copied().unwrap_or(0)));
+    let node = placement(tenant, others)?;
+    nodes.get_key_value(node).map(|(n, &(advertise, _))| (n.as_str(), advertise))
 }
 
 /// Runs `name`, owned here (`owned`: the lease and the owner key's
@@ -756,11 +846,11 @@ async fn run_here(
     name: &str,
     table: &[u8],
     (lease, revision): (i64, i64),
-    me: &str,
+    here: &Here<'_>,
     running: &mut BTreeMap<String, i64>,
     cannot: &mut BTreeMap<String, Instant>,
 ) -> Place {
-    match own(etcd, daemon, name, table, lease, me).await {
+    match own(etcd, daemon, name, table, (lease, revision), here).await {
         Ok(()) => {
             running.insert(name.to_string(), revision);
             Place::Here
@@ -774,29 +864,51 @@ async fn run_here(
     }
 }
 
-/// Has the daemon run `name` (owned under `lease`), keeping the state file
-/// this node has of it only if this node was the last to run it
-/// ([`LAST`]).
+/// Has the daemon run `name` (owned under `(lease, epoch)`), from the state
+/// file this node has of it if this node was the last to run it
+/// ([`LAST`]), else from this node's standby copy if it is whole and of the
+/// last owner's epoch, else from nothing; its processes mirror their state
+/// to `here.standby`, if there is one.
 async fn own(
     etcd: &Etcd,
     daemon: &mpsc::UnboundedSender<ToDaemon>,
     name: &str,
     table: &[u8],
-    lease: i64,
-    me: &str,
+    (lease, epoch): (i64, i64),
+    here: &Here<'_>,
 ) -> Result<(), String> {
     let table = String::from_utf8(table.to_vec()).map_err(|_| "its table in etcd is not UTF-8".to_string())?;
+    let me = here.me;
     let last = format!("{LAST}{name}");
-    let keep_state =
+    let kept =
         etcd.range(&last, false).await.map_err(|e| e.to_string())?.first().is_some_and(|kv| kv.value == me.as_bytes());
-    if !keep_state {
+    let copy = here.stood_by.filter(|_| !kept).and_then(|stood_by| {
+        let whole = super::standby::whole(here.state_dir, name);
+        if whole != Some(stood_by) {
+            tracing::warn!(tenant = %name, epoch = stood_by, copy = ?whole, "this node's standby copy is not whole for that epoch: starting without it");
+        }
+        (whole == Some(stood_by)).then_some(StateFrom::Copy(stood_by))
+    });
+    let state = if kept { StateFrom::Kept } else { copy.unwrap_or(StateFrom::Fresh) };
+    if !kept {
         // Said before it runs here: a node that ran it before must not take
         // its own old state for the latest once this one has run it.
         etcd.put(&last, me.as_bytes(), 0).await.map_err(|e| e.to_string())?;
     }
+    let standby = match (here.standby, relay_key().map(|key| hex(key))) {
+        (Some((node, address)), Some(key)) => {
+            // Said before the first process runs: should this node go, that
+            // node claims the tenant first.
+            let value = format!("{node} {epoch}");
+            etcd.put(&format!("{STANDBY}{name}"), value.as_bytes(), 0).await.map_err(|e| e.to_string())?;
+            let epoch = u64::try_from(epoch).unwrap_or(0);
+            Some(StandbyTarget { address, tenant: name.to_string(), epoch, key })
+        }
+        _ => None,
+    };
     let (reply, answer) = oneshot::channel();
     daemon
-        .send(ToDaemon::Own { name: name.to_string(), table, lease, keep_state, reply })
+        .send(ToDaemon::Own { name: name.to_string(), table, lease, state, standby, reply })
         .map_err(|_| "the daemon is stopping".to_string())?;
     answer.await.map_err(|_| "the daemon is stopping".to_string())?
 }

@@ -20,6 +20,7 @@
 //! password_file = "acme.passwd"
 //! idle_stop_after = 600         # stop its VM after 10 idle minutes
 //! persistence = "sync"          # or "batch", or "off" (state in RAM only)
+//! standby = "preferred"         # in a fleet: or "required" (see the README)
 //! cpus = 0.5                    # limits of its VMM process (cgroups)
 //! memory_limit = 128            # MiB, guest RAM included
 //! pids_limit = 16
@@ -135,6 +136,8 @@ pub struct TenantTable {
     idle_stop_after: Option<std::time::Duration>,
     user: Option<String>,
     persistence: Option<Persistence>,
+    /// `standby = "required"` (true) or `"preferred"` (false).
+    standby_required: Option<bool>,
     limits: Limits,
     tls: TlsTable,
     quotas: QuotaFlags,
@@ -225,6 +228,7 @@ const TENANT_KEYS: &[&str] = &[
     "idle_stop_after",
     "user",
     "persistence",
+    "standby",
     "cpus",
     "memory_limit",
     "pids_limit",
@@ -254,6 +258,12 @@ impl TenantTable {
         let persistence = take(&mut table, "persistence", context, "\"sync\", \"batch\" or \"off\"", |v| {
             v.as_str().and_then(Persistence::from_name)
         })?;
+        let standby_required =
+            take(&mut table, "standby", context, "\"required\" or \"preferred\"", |v| match v.as_str() {
+                Some("required") => Some(true),
+                Some("preferred") => Some(false),
+                _ => None,
+            })?;
         let limits = Limits {
             cpus: take(&mut table, "cpus", context, "a number of CPUs like 0.5", |v| {
                 v.as_float().or_else(|| v.as_integer().map(|n| n as f64))
@@ -284,7 +294,18 @@ impl TenantTable {
         })?;
         broker.password_file = broker.password_file.map(|p| absolute(base, p));
         broker.acl_file = broker.acl_file.map(|p| absolute(base, p));
-        Ok(TenantTable { memory, listen, idle_stop_after, user, persistence, limits, tls, quotas, broker })
+        Ok(TenantTable {
+            memory,
+            listen,
+            idle_stop_after,
+            user,
+            persistence,
+            standby_required,
+            limits,
+            tls,
+            quotas,
+            broker,
+        })
     }
 
     /// A tenant from its TOML `table` (paths relative to `base`), over
@@ -342,6 +363,8 @@ impl TenantTable {
                 tls_client_ca: tls.client_ca,
                 quotas: own.quotas.over(&self.quotas).resolve(toml::Table::new())?,
                 broker,
+                standby: None,
+                standby_required: own.standby_required.or(self.standby_required).unwrap_or(false),
             },
         })
     }

@@ -22,6 +22,7 @@ pub mod failed;
 pub mod front;
 pub mod proxy_header;
 pub mod relay;
+pub mod standby;
 pub mod tenant;
 pub mod usage;
 pub mod users;
@@ -243,6 +244,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
             steering.clone(),
             directory.clone(),
         ));
+        standby::keep_copies_in(&config.state_dir);
         let relay = bind(cluster_config.relay_listen).await?;
         tracing::info!(node = %cluster_config.node, relay = %cluster_config.relay_listen, "fleet node");
         tokio::spawn(accept_loop(relay, Port::Relay, directory.clone(), routed_tx.clone(), pending.clone(), None));
@@ -329,20 +331,35 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                 }
             }
             Some(message) = to_daemon.recv() => match message {
-                cluster::ToDaemon::Own { name, table, lease: owned_under, keep_state, reply } => {
+                cluster::ToDaemon::Own { name, table, lease: owned_under, state, standby, reply } => {
                     let owned = if *lease.borrow() != Some(owned_under) {
                         Err("the lease it was claimed under is gone".to_string())
                     } else {
-                        if !keep_state {
+                        let [_, state_file] = tenant::files(&config.state_dir, &name);
+                        if state != cluster::StateFrom::Kept {
                             // Another node ran it since this one last did:
                             // what is here is not its state now.
-                            let [_, state_file] = tenant::files(&config.state_dir, &name);
                             let _ = std::fs::rename(&state_file, state_file.with_extension("state.previous"));
                         }
+                        let copied = match state {
+                            cluster::StateFrom::Copy(epoch) => {
+                                standby::take(&config.state_dir, &name, epoch, &state_file)
+                                    .map_err(|e| format!("cannot take the standby copy: {e}"))
+                            }
+                            _ => Ok(()),
+                        };
                         directory.remove(&name);
                         let base = config.state_dir.clone();
-                        add_tenant(&mut tenants, &name, &table, &config, None, &base, &directory)
+                        copied
+                            .and_then(|()| add_tenant(&mut tenants, &name, &table, &config, None, &base, &directory))
+                            .and_then(|()| match tenants.get_mut(&name) {
+                                Some(tenant) => tenant.set_standby(standby),
+                                None => Ok(()),
+                            })
                     };
+                    if matches!(state, cluster::StateFrom::Copy(_)) && owned.is_ok() {
+                        tracing::info!(tenant = %name, "taken over from its standby copy here");
+                    }
                     if owned.is_err() {
                         let _ = directory.insert(&name, directory::Reach::Plain, &[]);
                     }
@@ -611,8 +628,13 @@ async fn accept_loop(
                 // what the client speaks would (the accept loop of the
                 // relay port has no steering: never relayed again).
                 let handed = match relay::read_header(&mut client, front::FIRST_PACKET_DEADLINE).await {
-                    Some(Some(byte)) => Handed::from_byte(byte),
-                    Some(None) => Some(Handed::Mqtt),
+                    Some(relay::Relayed::Client(Some(byte))) => Handed::from_byte(byte),
+                    Some(relay::Relayed::Client(None)) => Some(Handed::Mqtt),
+                    Some(relay::Relayed::Replica(of)) => {
+                        waiting.done(id);
+                        standby::accept(client, of);
+                        return;
+                    }
                     None => None,
                 };
                 port = match handed {

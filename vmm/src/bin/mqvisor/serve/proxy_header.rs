@@ -7,7 +7,9 @@
 //! mqvisor's own ([`TLV_HANDED`], in the range the specification leaves to
 //! applications, section 2.2.7) says what the client speaks: plain MQTT,
 //! TLS, WebSockets; another ([`TLV_RELAY_KEY`]) carries the fleet's relay
-//! key, without which the relay port takes no one. Never reads a socket, and never accepts a header
+//! key, without which the relay port takes no one; a third
+//! ([`TLV_REPLICA`]) says the connection is no client but a tenant's state
+//! shipped to its standby (`mqvisor::replica`). Never reads a socket, and never accepts a header
 //! longer than [`MAX_HEADER`]: the length comes from the network; a TLV
 //! that runs past the header is refused, not read.
 
@@ -38,6 +40,40 @@ pub const TLV_HANDED: u8 = 0xE0;
 pub const TLV_RELAY_KEY: u8 = 0xE1;
 /// The fleet's relay key: random bytes every node reads from etcd.
 pub type RelayKey = [u8; 32];
+/// mqvisor's TLV: the connection ships tenant state to its standby; the
+/// value is the owner's epoch (8 bytes, little-endian) and the tenant's name.
+pub const TLV_REPLICA: u8 = 0xE2;
+
+/// Whose state a replica connection ships, and under which ownership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaOf {
+    /// The etcd revision that created the owner's claim: a newer owner's
+    /// shipments have a larger one.
+    pub epoch: u64,
+    pub tenant: String,
+}
+
+/// mqvisor's TLVs in a header.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Tlvs {
+    /// What the client speaks ([`TLV_HANDED`]).
+    pub handed: Option<u8>,
+    /// The fleet's relay key ([`TLV_RELAY_KEY`]).
+    pub key: Option<RelayKey>,
+    /// A replica connection ([`TLV_REPLICA`]).
+    pub replica: Option<ReplicaOf>,
+}
+
+/// Never the key: a header may be logged.
+impl std::fmt::Debug for Tlvs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tlvs")
+            .field("handed", &self.handed)
+            .field("key", &self.key.map(|_| "(given)"))
+            .field("replica", &self.replica)
+            .finish()
+    }
+}
 
 /// A TLV's type and length, before its value.
 const TLV_HEAD: usize = 3;
@@ -47,30 +83,13 @@ const TLV_HEAD: usize = 3;
 pub const MAX_HEADER: usize = FIXED + 216;
 
 /// What a header says.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Header {
     /// A relayed connection: the client's address, the one it reached,
-    /// what it speaks ([`TLV_HANDED`], if sent) and the relay key it
-    /// carries ([`TLV_RELAY_KEY`], if sent).
-    Proxy { source: SocketAddr, destination: SocketAddr, handed: Option<u8>, key: Option<RelayKey> },
+    /// and mqvisor's TLVs.
+    Proxy { source: SocketAddr, destination: SocketAddr, tlvs: Tlvs },
     /// No client behind it (a health check) or a family not carried here.
     Local,
-}
-
-/// Never the key: a header may be logged.
-impl std::fmt::Debug for Header {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Header::Proxy { source, destination, handed, key } => f
-                .debug_struct("Proxy")
-                .field("source", source)
-                .field("destination", destination)
-                .field("handed", handed)
-                .field("key", &key.map(|_| "(given)"))
-                .finish(),
-            Header::Local => f.write_str("Local"),
-        }
-    }
 }
 
 /// Why bytes are no header.
@@ -87,10 +106,27 @@ pub enum HeaderError {
 }
 
 /// The header for a client at `source` that reached `destination`; both of
-/// one family (an IPv4 address in IPv6 form is written as IPv4); `handed`,
-/// what it speaks, as a [`TLV_HANDED`]; `key`, as a [`TLV_RELAY_KEY`].
-pub fn encode(source: SocketAddr, destination: SocketAddr, handed: Option<u8>, key: Option<&RelayKey>) -> Vec<u8> {
-    let tlvs = handed.map_or(0, |_| TLV_HEAD + 1) + key.map_or(0, |k| TLV_HEAD + k.len());
+/// one family (an IPv4 address in IPv6 form is written as IPv4), with
+/// `tlvs`.
+pub fn encode(source: SocketAddr, destination: SocketAddr, tlvs: &Tlvs) -> Vec<u8> {
+    let mut tlv_bytes = Vec::new();
+    let mut tlv = |kind: u8, value: &[u8]| {
+        tlv_bytes.push(kind);
+        tlv_bytes.extend_from_slice(&u16::try_from(value.len()).unwrap_or(0).to_be_bytes());
+        tlv_bytes.extend_from_slice(value);
+    };
+    if let Some(byte) = tlvs.handed {
+        tlv(TLV_HANDED, &[byte]);
+    }
+    if let Some(key) = &tlvs.key {
+        tlv(TLV_RELAY_KEY, key);
+    }
+    if let Some(replica) = &tlvs.replica {
+        let mut value = replica.epoch.to_le_bytes().to_vec();
+        value.extend_from_slice(replica.tenant.as_bytes());
+        tlv(TLV_REPLICA, &value);
+    }
+    let tlvs = tlv_bytes.len();
     let canonical = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
     let (source, destination) = (canonical(source), canonical(destination));
     let mut out = SIGNATURE.to_vec();
@@ -114,34 +150,34 @@ pub fn encode(source: SocketAddr, destination: SocketAddr, handed: Option<u8>, k
     }
     out.extend_from_slice(&source.port().to_be_bytes());
     out.extend_from_slice(&destination.port().to_be_bytes());
-    if let Some(byte) = handed {
-        out.extend_from_slice(&[TLV_HANDED, 0, 1, byte]);
-    }
-    if let Some(key) = key {
-        out.push(TLV_RELAY_KEY);
-        out.extend_from_slice(&u16::try_from(key.len()).unwrap_or(0).to_be_bytes());
-        out.extend_from_slice(key);
-    }
+    out.extend_from_slice(&tlv_bytes);
     out
 }
 
-/// The values of mqvisor's [`TLV_HANDED`] and [`TLV_RELAY_KEY`] among
-/// `tlvs` (the bytes after the addresses), if there; a TLV running past
-/// them is an error.
-fn mqvisor_tlvs(mut tlvs: &[u8]) -> Result<(Option<u8>, Option<RelayKey>), HeaderError> {
-    let (mut handed, mut key) = (None, None);
+/// mqvisor's TLVs among `tlvs` (the bytes after the addresses); a TLV
+/// running past them is an error, one of ours of the wrong shape is
+/// ignored.
+fn mqvisor_tlvs(mut tlvs: &[u8]) -> Result<Tlvs, HeaderError> {
+    let mut found = Tlvs::default();
     while !tlvs.is_empty() {
         let head = tlvs.get(..TLV_HEAD).ok_or(HeaderError::Tlv)?;
         let len = usize::from(u16::from_be_bytes([head[1], head[2]]));
         let value = tlvs.get(TLV_HEAD..TLV_HEAD + len).ok_or(HeaderError::Tlv)?;
         match head[0] {
-            TLV_HANDED if len == 1 => handed = Some(value[0]),
-            TLV_RELAY_KEY => key = RelayKey::try_from(value).ok(),
+            TLV_HANDED if len == 1 => found.handed = Some(value[0]),
+            TLV_RELAY_KEY => found.key = RelayKey::try_from(value).ok(),
+            TLV_REPLICA if len > 8 => {
+                let (epoch, tenant) = value.split_at(8);
+                found.replica = std::str::from_utf8(tenant).ok().map(|tenant| ReplicaOf {
+                    epoch: u64::from_le_bytes(epoch.try_into().unwrap_or_default()),
+                    tenant: tenant.to_string(),
+                });
+            }
             _ => {}
         }
         tlvs = &tlvs[TLV_HEAD + len..];
     }
-    Ok((handed, key))
+    Ok(found)
 }
 
 /// How long the whole header is, from its fixed part (`bytes` holding at
@@ -170,12 +206,10 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
     match bytes[FAMILY] {
         TCP4 if block.len() >= ADDRESSES4 => {
             let ip = |at: usize| IpAddr::from([block[at], block[at + 1], block[at + 2], block[at + 3]]);
-            let (handed, key) = mqvisor_tlvs(&block[ADDRESSES4..])?;
             Ok(Header::Proxy {
                 source: SocketAddr::new(ip(0), port(8)),
                 destination: SocketAddr::new(ip(4), port(10)),
-                handed,
-                key,
+                tlvs: mqvisor_tlvs(&block[ADDRESSES4..])?,
             })
         }
         TCP6 if block.len() >= ADDRESSES6 => {
@@ -184,12 +218,10 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
                 octets.copy_from_slice(&block[at..at + 16]);
                 IpAddr::from(octets).to_canonical()
             };
-            let (handed, key) = mqvisor_tlvs(&block[ADDRESSES6..])?;
             Ok(Header::Proxy {
                 source: SocketAddr::new(ip(0), port(32)),
                 destination: SocketAddr::new(ip(16), port(34)),
-                handed,
-                key,
+                tlvs: mqvisor_tlvs(&block[ADDRESSES6..])?,
             })
         }
         TCP4 | TCP6 => Err(HeaderError::Short),
@@ -202,66 +234,81 @@ pub fn parse(bytes: &[u8]) -> Result<Header, HeaderError> {
 mod tests {
     use super::*;
 
+    fn handed(byte: u8) -> Tlvs {
+        Tlvs { handed: Some(byte), ..Tlvs::default() }
+    }
+
     #[test]
     fn golden_ipv4_header() {
         let source: SocketAddr = "192.0.2.1:5000".parse().unwrap();
         let destination: SocketAddr = "198.51.100.2:1883".parse().unwrap();
-        let bytes = encode(source, destination, None, None);
+        let bytes = encode(source, destination, &Tlvs::default());
         let mut golden = SIGNATURE.to_vec();
         golden.extend_from_slice(&[0x21, 0x11, 0, 12, 192, 0, 2, 1, 198, 51, 100, 2, 0x13, 0x88, 0x07, 0x5b]);
         assert_eq!(bytes, golden);
         assert_eq!(length(&bytes), Ok(28));
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: None, key: None }));
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, tlvs: Tlvs::default() }));
         // With what the client speaks: one TLV more, counted in the length.
-        let bytes = encode(source, destination, Some(3), None);
+        let bytes = encode(source, destination, &handed(3));
         golden[15] = 16;
         golden.extend_from_slice(&[0xe0, 0, 1, 3]);
         assert_eq!(bytes, golden);
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(3), key: None }));
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, tlvs: handed(3) }));
         // And the relay key: 35 bytes more.
         let key = [7u8; 32];
-        let bytes = encode(source, destination, Some(3), Some(&key));
+        let bytes = encode(source, destination, &Tlvs { key: Some(key), ..handed(3) });
         golden[15] = 16 + 35;
         golden.extend_from_slice(&[0xe1, 0, 32]);
         golden.extend_from_slice(&key);
         assert_eq!(bytes, golden);
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(3), key: Some(key) }));
+        assert_eq!(
+            parse(&bytes),
+            Ok(Header::Proxy { source, destination, tlvs: Tlvs { key: Some(key), ..handed(3) } })
+        );
         assert!(!format!("{:?}", parse(&bytes).unwrap()).contains("7, 7"), "a logged header shows no key");
+    }
+
+    #[test]
+    fn a_replica_header_round_trips() {
+        let (source, destination) = ("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap());
+        let replica = ReplicaOf { epoch: 1234, tenant: "acme".into() };
+        let tlvs = Tlvs { handed: None, key: Some([1; 32]), replica: Some(replica) };
+        assert_eq!(parse(&encode(source, destination, &tlvs)), Ok(Header::Proxy { source, destination, tlvs }));
     }
 
     #[test]
     fn a_relay_key_of_another_length_is_no_key() {
         let (source, destination) = ("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap());
-        let mut bytes = encode(source, destination, None, None);
+        let mut bytes = encode(source, destination, &Tlvs::default());
         bytes[LENGTH + 1] += 3 + 31;
         bytes.extend_from_slice(&[0xe1, 0, 31]);
         bytes.extend_from_slice(&[7u8; 31]);
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: None, key: None }));
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, tlvs: Tlvs::default() }));
     }
 
     #[test]
     fn ipv6_round_trips_and_mixed_families_are_ipv6() {
         let source: SocketAddr = "[2001:db8::1]:40000".parse().unwrap();
         let destination: SocketAddr = "10.0.0.1:1883".parse().unwrap();
-        let bytes = encode(source, destination, Some(1), None);
+        let bytes = encode(source, destination, &handed(1));
         assert_eq!(bytes.len(), FIXED + ADDRESSES6 + 4);
-        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, handed: Some(1), key: None }));
+        assert_eq!(parse(&bytes), Ok(Header::Proxy { source, destination, tlvs: handed(1) }));
     }
 
     #[test]
     fn bad_headers_are_refused_before_their_length_is_trusted() {
         assert_eq!(length(b"MQTT"), Err(HeaderError::NotV2));
-        let mut bytes = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), None, None);
+        let mut bytes = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), &Tlvs::default());
         bytes[LENGTH] = 0xff;
         assert_eq!(length(&bytes), Err(HeaderError::TooLong(FIXED + 0xff0c)));
-        let mut short = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), None, None);
+        let mut short = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), &Tlvs::default());
         short[LENGTH + 1] = 4;
         assert_eq!(parse(&short[..FIXED + 4]), Err(HeaderError::Short));
         let mut v1 = short.clone();
         v1[VERSION_COMMAND] = 0x11;
         assert_eq!(length(&v1), Err(HeaderError::NotV2));
         // A TLV whose length runs past the header.
-        let mut tlv = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), Some(0), None);
+        let mut tlv = encode("1.2.3.4:1".parse().unwrap(), "5.6.7.8:2".parse().unwrap(), &handed(0));
         tlv[FIXED + ADDRESSES4 + 2] = 9;
         assert_eq!(parse(&tlv), Err(HeaderError::Tlv));
         let mut local = SIGNATURE.to_vec();

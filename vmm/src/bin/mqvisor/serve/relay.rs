@@ -27,7 +27,7 @@ use tokio::net::TcpStream;
 
 use super::cluster::{RELAY_REFUSED, RELAYED_BYTES, RELAYED_CONNECTIONS, relay_key};
 use super::front::FirstBytes;
-use super::proxy_header::{self, Header, RelayKey};
+use super::proxy_header::{self, Header, RelayKey, ReplicaOf, Tlvs};
 
 /// How long connecting to the owner may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -38,7 +38,8 @@ pub async fn relay(mut client: TcpStream, first: FirstBytes, owner: SocketAddr) 
     let Some(key) = relay_key() else { return };
     let header = match (client.peer_addr(), client.local_addr()) {
         (Ok(source), Ok(destination)) => {
-            proxy_header::encode(source, destination, Some(first.kind().to_byte()), Some(key))
+            let tlvs = Tlvs { handed: Some(first.kind().to_byte()), key: Some(*key), replica: None };
+            proxy_header::encode(source, destination, &tlvs)
         }
         _ => return,
     };
@@ -67,15 +68,26 @@ pub async fn relay(mut client: TcpStream, first: FirstBytes, owner: SocketAddr) 
     }
 }
 
+/// What came to the relay port.
+pub enum Relayed {
+    /// A client, speaking this (`None`: not said).
+    Client(Option<u8>),
+    /// A tenant's state, shipped to this node as its standby.
+    Replica(ReplicaOf),
+}
+
 /// Reads the PROXY v2 header a relaying node sent first on the relay port,
-/// within `deadline`, and returns what the client speaks (`None`: not
-/// said); the outer `None` (the connection to be closed) for anything but
-/// a relayed connection with the fleet's relay key, which is counted.
-pub async fn read_header(stream: &mut TcpStream, deadline: Duration) -> Option<Option<u8>> {
+/// within `deadline`; `None` (the connection to be closed) for anything but
+/// a header with the fleet's relay key, which is counted.
+pub async fn read_header(stream: &mut TcpStream, deadline: Duration) -> Option<Relayed> {
     let header = read_any_header(stream, deadline).await;
     match (header, relay_key()) {
-        (Some(Header::Proxy { handed, key: Some(given), .. }), Some(key)) if same_key(&given, key) => Some(handed),
-        _ => {
+        (Some(Header::Proxy { tlvs: Tlvs { key: Some(given), handed, replica }, .. }), Some(key))
+            if same_key(&given, key) =>
+        {
+            Some(replica.map_or(Relayed::Client(handed), Relayed::Replica))
+        }
+        (header, _) => {
             RELAY_REFUSED.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(?header, "relay port: closed, no relay key");
             None

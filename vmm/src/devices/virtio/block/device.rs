@@ -9,7 +9,11 @@
 //! `fdatasync`. Over a write-through file (opened `O_DSYNC`) the device
 //! offers no FLUSH: each write is durable when it completes (virtio 1.2
 //! 5.2.5.1, write-through without VIRTIO_BLK_F_FLUSH), so a durable commit
-//! is one request and one notification, not two. A request that breaks a rule gets status IOERR (or, with no
+//! is one request and one notification, not two. With a standby
+//! ([`Standby`]), every write is also shipped to it (`crate::replica`) and
+//! completes only once the standby has it durable too; a standby that is
+//! lost fails every later write when it is required, and is said once and
+//! done without when it is only preferred. A request that breaks a rule gets status IOERR (or, with no
 //! room for a status, a used length of 0) and is counted; an avail ring
 //! that runs past the queue is a [`RingFault`] and the device needs a reset.
 //! It never panics and never touches guest memory outside guest RAM.
@@ -23,6 +27,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::{BlockMetrics, DEVICE_ID, MAX_TRANSFER, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH};
 use crate::devices::virtio::{ActivateError, RingFault, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes};
+use crate::replica::Mirror;
 
 /// Request types (5.2.6).
 mod request {
@@ -58,6 +63,17 @@ pub struct BlockDevice {
     io_error_reported: bool,
     /// `file` was opened `O_DSYNC`: no FLUSH offered, every write durable.
     write_through: bool,
+    /// The standby node that must have every write too, if any.
+    standby: Option<Standby>,
+}
+
+/// A state disk's standby: the mirror to it while it lasts, and whether
+/// writes may complete without it.
+pub struct Standby {
+    pub mirror: Option<Mirror>,
+    /// Without the mirror, writes fail (the guest refuses what it cannot
+    /// make durable); otherwise they complete on the local disk alone.
+    pub required: bool,
 }
 
 /// How a request broke the rules.
@@ -90,7 +106,50 @@ impl BlockDevice {
             metrics: BlockMetrics::default(),
             io_error_reported: false,
             write_through,
+            standby: None,
         })
+    }
+
+    /// Every write from now on is mirrored to `standby` as well.
+    pub fn with_standby(mut self, standby: Standby) -> Self {
+        self.standby = Some(standby);
+        self
+    }
+
+    /// Ships a write to the standby before it is made here.
+    fn ship(&mut self, offset: u64, data: &[u8]) {
+        let Some(standby) = self.standby.as_mut() else { return };
+        if let Some(mirror) = standby.mirror.as_mut()
+            && let Err(e) = mirror.ship(offset, data)
+        {
+            self.lose_standby(&e);
+        }
+    }
+
+    /// The status of a write made here, once the standby has it (or has
+    /// been lost).
+    fn mirrored(&mut self, offset: u64, data: &[u8]) -> u8 {
+        let Some(standby) = self.standby.as_mut() else { return status::OK };
+        match standby.mirror.as_mut().map(|mirror| mirror.wait_durable(offset, data)) {
+            Some(Ok(())) => return status::OK,
+            Some(Err(e)) => self.lose_standby(&e),
+            None => {}
+        }
+        if self.standby.as_ref().is_some_and(|s| s.required) {
+            BlockMetrics::bump(&self.metrics.io_errors, 1);
+            status::IOERR
+        } else {
+            status::OK
+        }
+    }
+
+    /// The mirror failed: said once, never used again.
+    fn lose_standby(&mut self, error: &std::io::Error) {
+        let Some(standby) = self.standby.as_mut() else { return };
+        if standby.mirror.take().is_some() {
+            let then = if standby.required { "every write fails from now on" } else { "going on without it" };
+            eprintln!("mqvisor: state disk: the standby is lost ({error}): {then}");
+        }
     }
 
     pub fn metrics(&self) -> &BlockMetrics {
@@ -190,6 +249,8 @@ impl BlockDevice {
                 let offset = self.range(sector, len)?;
                 let mut data = vec![0u8; len];
                 reader.read_exact(&mut data).map_err(|_| Malformed::Memory)?;
+                // Shipped first: the standby writes while this disk does.
+                self.ship(offset, &data);
                 let code = match self.file.write_all_at(&data, offset) {
                     Ok(()) => {
                         BlockMetrics::bump(&self.metrics.writes, 1);
@@ -202,6 +263,9 @@ impl BlockDevice {
                     }
                     Err(e) => self.io_failed("write", &e),
                 };
+                // Always waited for: the standby answers every shipment.
+                let mirrored = self.mirrored(offset, &data);
+                let code = if code == status::OK { mirrored } else { code };
                 finish(chain, mem, code)
             }
             request::FLUSH => {
@@ -366,6 +430,54 @@ mod tests {
         let used = (0..served).map(|i| queue.used().ring().ref_at(i).unwrap().load().len()).collect();
         let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
         (device, used, status)
+    }
+
+    /// A mirror of `file` to a standby that takes the snapshot, then goes.
+    fn vanishing_standby(file: &File) -> Mirror {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let owner = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut standby, _) = listener.accept().unwrap();
+        let gone = std::thread::spawn(move || {
+            let mut len = [0u8; 8];
+            standby.read_exact(&mut len).unwrap();
+            loop {
+                let mut head = [0u8; crate::replica::HEAD_LEN];
+                standby.read_exact(&mut head).unwrap();
+                let head = crate::replica::ShipmentHead::decode(&head);
+                let mut data = vec![0u8; head.len as usize];
+                standby.read_exact(&mut data).unwrap();
+                standby.write_all(&[crate::replica::ACK_DURABLE]).unwrap();
+                if head.flags & crate::replica::WHOLE != 0 {
+                    return; // and the standby is gone
+                }
+            }
+        });
+        let mirror = Mirror::start(owner, file).unwrap();
+        gone.join().unwrap();
+        mirror
+    }
+
+    #[test]
+    fn a_lost_standby_fails_writes_only_when_it_is_required() {
+        let mem = memory();
+        let file = file();
+        header(&mem, request::OUT, 0);
+        let write = [desc(HEADER, 16, NEXT, 1), desc(DATA, 512, NEXT, 2), desc(STATUS, 1, WRITE, 0)];
+        for required in [true, false] {
+            let queue = MockSplitQueue::create(&mem, GuestAddress(0), 16);
+            queue.add_desc_chains(&write, 0).unwrap();
+            let mirror = Some(vanishing_standby(&file));
+            let mut device = BlockDevice::new(file.try_clone().unwrap(), "test-disk", false)
+                .unwrap()
+                .with_standby(Standby { mirror, required });
+            device.activate(vec![queue.create_queue::<Queue>().unwrap()], VIRTIO_F_VERSION_1, mem.clone()).unwrap();
+            assert_eq!(device.process_queue().unwrap(), 1);
+            let status = mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap();
+            let want = if required { status::IOERR } else { status::OK };
+            assert_eq!(status, want, "required: {required}");
+            assert!(device.standby.as_ref().unwrap().mirror.is_none(), "the lost mirror is dropped");
+        }
     }
 
     fn header(mem: &GuestMemoryMmap, kind: u32, sector: u64) {

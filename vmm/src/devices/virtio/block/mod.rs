@@ -13,7 +13,7 @@ pub mod event_handler;
 pub mod metrics;
 pub mod worker;
 
-pub use device::BlockDevice;
+pub use device::{BlockDevice, Standby};
 pub use event_handler::BlockEventHandler;
 pub use metrics::BlockMetrics;
 pub use worker::BlockThread;
