@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, free_port};
-use common::wire::{connect_as, publish, read_packet, subscribe, try_read_packet};
+use common::wire::{connect_as, puback_code, publish, publish_v5, read_packet, subscribe, try_read_packet};
 use common::{kvm_available, tool_available};
 
 const ETCD: &str = "/usr/bin/etcd";
@@ -1045,4 +1045,93 @@ fn kill_9_of_the_owner_loses_nothing_acknowledged_its_standby_takes_over() {
     let alive: Vec<Daemon> = nodes.drain(..).enumerate().filter(|(i, _)| *i != owned_by).map(|(_, n)| n).collect();
     let running = processes(&alive, "hooli");
     assert_eq!(running.len(), 1, "{running:?}");
+}
+
+/// The node whose log says it holds a whole copy of `tenant`, once one does.
+fn standby_of(nodes: &[Daemon], tenant: &str, within: Duration) -> usize {
+    let deadline = Instant::now() + within;
+    let line = format!("standby copy whole tenant={tenant} ");
+    loop {
+        if let Some(i) = nodes.iter().position(|n| n.log_has(&line)) {
+            return i;
+        }
+        assert!(Instant::now() < deadline, "no node became {tenant}'s standby within {within:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_lost_standby_leaves_a_preferred_tenant_acknowledging_and_a_required_one_refusing() {
+    let test = "a_lost_standby_leaves_a_preferred_tenant_acknowledging_and_a_required_one_refusing";
+    for required in [false, true] {
+        let Some((_etcd, mut nodes)) = fleet(&format!("{test}-{required}")) else { return };
+        let settings = nodes[0].dir.join("tenant.toml");
+        std::fs::write(&settings, if required { "standby = \"required\"\n" } else { "" }).unwrap();
+        let (ok, _, err) = nodes[0].tenant(&["add", "vandelay", "--settings", settings.to_str().unwrap()]);
+        assert!(ok, "tenant add: {err}");
+        let o = index(&owner(&nodes[0], "vandelay", Duration::from_secs(10)));
+        // Through its owner: the standby's loss cuts no relayed connection.
+        let mut client = TcpStream::connect(nodes[o].addr).unwrap();
+        client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        client.write_all(&connect_as(5, "c", true, Some("vandelay:c"), None)).unwrap();
+        let (kind, body) = read_packet(&mut client);
+        assert_eq!((kind, body[1]), (0x20, 0), "CONNACK");
+        let s = standby_of(&nodes, "vandelay", Duration::from_secs(10));
+        assert_ne!(s, o, "its own standby");
+        client.write_all(&publish_v5("t", b"before", 1, 1, false)).unwrap();
+        let (kind, body) = read_packet(&mut client);
+        // 0x10, no matching subscribers, is a success.
+        assert_eq!((kind, puback_code(&body) < 0x80), (0x40, true), "PUBACK with its standby: {body:?}");
+        nodes[s].child.kill().unwrap();
+        let _ = nodes[s].child.wait();
+        let connect = |id: &str| {
+            let mut client = TcpStream::connect(nodes[o].addr).unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            client.write_all(&connect_as(5, id, true, Some("vandelay:c"), None)).unwrap();
+            let (kind, body) = read_packet(&mut client);
+            assert_eq!((kind, body[1]), (0x20, 0), "CONNACK");
+            client
+        };
+        if required {
+            // The write that found the standby gone failed: its publish is
+            // never acknowledged (the connection ends as lost, and the
+            // client sends it again); from then on durable publishes are
+            // refused, as when the disk fails.
+            client.write_all(&publish_v5("t", b"after", 1, 2, true)).unwrap();
+            let answer = try_read_packet(&mut client);
+            assert!(!matches!(answer, Ok((0x40, _))), "acknowledged without its required standby: {answer:?}");
+            let mut again = connect("again");
+            again.write_all(&publish_v5("t", b"after", 1, 3, true)).unwrap();
+            let (kind, body) = read_packet(&mut again);
+            eprintln!("{test}: required: the publish after the loss {answer:?}, the next one {kind:#x} {body:?}");
+            assert_eq!((kind, puback_code(&body)), (0x40, 0x97), "PUBACK 0x97 (quota exceeded)");
+        } else {
+            let mut codes = Vec::new();
+            for id in 2..=4 {
+                client.write_all(&publish_v5("t", b"after", 1, id, true)).unwrap();
+                let (kind, body) = read_packet(&mut client);
+                assert_eq!(kind, 0x40, "PUBACK");
+                codes.push(puback_code(&body));
+            }
+            eprintln!("{test}: preferred: PUBACK reasons after the standby's loss {codes:?}");
+            assert!(codes.iter().all(|&code| code < 0x80), "acknowledged without a standby: {codes:?}");
+        }
+        // The tenant still serves: QoS 0 flows either way.
+        let mut light = connect("light");
+        light.write_all(&subscribe_v5_qos0("q")).unwrap();
+        assert_eq!(read_packet(&mut light).0, 0x90, "SUBACK");
+        light.write_all(&publish_v5("q", b"light", 0, 0, false)).unwrap();
+        assert_eq!(read_packet(&mut light).0, 0x30, "the QoS 0 message back");
+    }
+}
+
+/// A v5 SUBSCRIBE to `filter` at QoS 0, packet id 9, no properties.
+fn subscribe_v5_qos0(filter: &str) -> Vec<u8> {
+    let mut body = vec![0, 9, 0];
+    body.extend_from_slice(&u16::try_from(filter.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(filter.as_bytes());
+    body.push(0);
+    let mut packet = vec![0x82, u8::try_from(body.len()).unwrap()];
+    packet.extend_from_slice(&body);
+    packet
 }

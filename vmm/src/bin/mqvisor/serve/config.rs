@@ -136,8 +136,9 @@ pub struct TenantTable {
     idle_stop_after: Option<std::time::Duration>,
     user: Option<String>,
     persistence: Option<Persistence>,
-    /// `standby = "required"` (true) or `"preferred"` (false).
-    standby_required: Option<bool>,
+    /// `standby`: whether its state is mirrored in a fleet, and whether
+    /// writes wait for the mirror.
+    standby: Option<Standby>,
     limits: Limits,
     tls: TlsTable,
     quotas: QuotaFlags,
@@ -258,10 +259,11 @@ impl TenantTable {
         let persistence = take(&mut table, "persistence", context, "\"sync\", \"batch\" or \"off\"", |v| {
             v.as_str().and_then(Persistence::from_name)
         })?;
-        let standby_required =
-            take(&mut table, "standby", context, "\"required\" or \"preferred\"", |v| match v.as_str() {
-                Some("required") => Some(true),
-                Some("preferred") => Some(false),
+        let standby =
+            take(&mut table, "standby", context, "\"required\", \"preferred\" or \"off\"", |v| match v.as_str() {
+                Some("required") => Some(Standby::Required),
+                Some("preferred") => Some(Standby::Preferred),
+                Some("off") => Some(Standby::Off),
                 _ => None,
             })?;
         let limits = Limits {
@@ -294,18 +296,7 @@ impl TenantTable {
         })?;
         broker.password_file = broker.password_file.map(|p| absolute(base, p));
         broker.acl_file = broker.acl_file.map(|p| absolute(base, p));
-        Ok(TenantTable {
-            memory,
-            listen,
-            idle_stop_after,
-            user,
-            persistence,
-            standby_required,
-            limits,
-            tls,
-            quotas,
-            broker,
-        })
+        Ok(TenantTable { memory, listen, idle_stop_after, user, persistence, standby, limits, tls, quotas, broker })
     }
 
     /// A tenant from its TOML `table` (paths relative to `base`), over
@@ -331,6 +322,7 @@ impl TenantTable {
         // Checked now: a bad tenant fails where it is declared, naming itself.
         let settings = broker.resolve().map_err(|e| e.to_string())?;
         let memory = own.memory.or(self.memory).unwrap_or(DEFAULT_MEMORY_MIB);
+        let standby = own.standby.or(self.standby).unwrap_or_default();
         // What its `mqvisor run` checks at start: settings that can never
         // boot are refused here, not found out by a crash loop.
         let service = Service::Mqtt {
@@ -350,6 +342,7 @@ impl TenantTable {
             tls_names: tls.names.unwrap_or_default(),
             idle_stop_after: own.idle_stop_after.or(self.idle_stop_after),
             limits,
+            mirrored: standby != Standby::Off,
             run: TenantRun {
                 memory,
                 user: own.user.or_else(|| self.user.clone()),
@@ -364,7 +357,7 @@ impl TenantTable {
                 quotas: own.quotas.over(&self.quotas).resolve(toml::Table::new())?,
                 broker,
                 standby: None,
-                standby_required: own.standby_required.or(self.standby_required).unwrap_or(false),
+                standby_required: standby == Standby::Required,
             },
         })
     }
@@ -420,10 +413,27 @@ pub struct TenantConfig {
     pub idle_stop_after: Option<std::time::Duration>,
     /// Its VMM process's CPU, memory and task limits (a cgroup each).
     pub limits: Limits,
+    /// In a fleet, its state is mirrored to a standby (`standby` is not
+    /// `"off"`).
+    pub mirrored: bool,
     /// Its process's settings: guest memory, user, persistence (`sync` by
     /// default, its state file in `state_dir`) and broker settings, paths
     /// absolute, checked.
     pub run: TenantRun,
+}
+
+/// A tenant's `standby` key: in a fleet, whether its state is mirrored
+/// to another node, and whether its writes wait for that node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Standby {
+    /// Mirrored; without a standby, writes fail (durable publishes are
+    /// refused).
+    Required,
+    /// Mirrored when a standby is reachable; otherwise not.
+    #[default]
+    Preferred,
+    /// Never mirrored.
+    Off,
 }
 
 /// Why the configuration cannot be used.
@@ -659,6 +669,7 @@ mod tests {
         assert!(failed("memory = 0").contains("memory must be"));
         assert!(failed("idle_stop_after = -1").contains("idle_stop_after must be"));
         assert!(failed("persistence = \"always\"").contains("persistence must be \"sync\", \"batch\" or \"off\""));
+        assert!(failed("standby = \"always\"").contains("standby must be \"required\", \"preferred\" or \"off\""));
         assert!(failed("password_file = \"missing\"").contains("missing"));
         assert!(failed("cpus = 0").contains("cpus must be between"));
         assert!(failed("cpus = \"half\"").contains("cpus must be a number"));

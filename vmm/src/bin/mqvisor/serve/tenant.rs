@@ -167,7 +167,7 @@ impl Tenant {
     /// In a fleet: its processes from the next one on mirror its state to
     /// `standby` (`mqvisor::replica`); its settings file is written again.
     pub fn set_standby(&mut self, standby: Option<crate::settings::StandbyTarget>) -> Result<(), String> {
-        self.config.run.standby = standby;
+        self.config.run.standby = standby.filter(|_| self.config.mirrored);
         let text = self.config.run.to_text().map_err(|e| format!("tenant {}: {e}", self.name))?;
         std::fs::write(&self.settings_file, text).map_err(|e| format!("{}: {e}", self.settings_file.display()))
     }
