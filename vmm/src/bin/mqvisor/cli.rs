@@ -370,9 +370,10 @@ pub enum BenchCommand {
     },
     /// A fleet of three `mqvisor serve` nodes on one etcd, all on this host
     /// (127.0.0.2, .3, .4, one port): QoS 1 1->1 throughput and round trips to
-    /// a tenant through its owning node and relayed through another, then
-    /// kill -9 of one node and the time until each of its tenants answers a
-    /// CONNECT through a survivor.
+    /// a tenant through its owning node and relayed through another; durable
+    /// QoS 1 with and without a standby; failovers in a row from the
+    /// standby's copy; then kill -9 of one node and the time until each of
+    /// its tenants answers a CONNECT through a survivor.
     #[command(after_help = "Needs etcd at /usr/bin/etcd (Debian's etcd-server) and KVM. Prints figures and \
                             ratios relayed/direct; never judges them.")]
     Fleet {
@@ -385,6 +386,9 @@ pub enum BenchCommand {
         /// QoS 1 round trips per path
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(10..=1_000_000))]
         samples: u32,
+        /// Failovers in a row (kill -9 of the owner, the standby takes over), 0 for none
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1000))]
+        kills: u32,
     },
     /// What durable state costs: QoS 1 1->1 and 10->1 to durable subscribers
     /// with --persistence sync, batch and off beside Mosquitto with and

@@ -10,8 +10,16 @@
 //! client through its owner, then `kill -9` of one node's daemon and, for
 //! each of its tenants, the time from the kill to a CONNACK through a
 //! surviving node (every tenant's client retrying in parallel, as clients
-//! reconnecting after a loss do). Kills only the processes it started;
-//! removes its directories. Prints figures; never judges them.
+//! reconnecting after a loss do); (c) what mirroring a tenant's state to
+//! its standby costs: durable QoS 1 1->1 (`persistence = "sync"`, a
+//! subscriber keeping its session) to a tenant with a standby beside one
+//! with `standby = "off"`, through each one's owner; (d) failovers: a
+//! retained message published, then `kill -9` of the owner's daemon, the
+//! time to a CONNACK through a survivor that also reads back that message
+//! (the standby's copy), the killed node restarted and the new owner's
+//! standby whole again before the next kill, `--kills` times. Kills only
+//! the processes it started; removes its directories. Prints figures;
+//! never judges them.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, Read, Write};
@@ -40,6 +48,8 @@ pub struct Options {
     pub messages: usize,
     /// Round trips per path.
     pub samples: usize,
+    /// Failovers in a row.
+    pub kills: usize,
 }
 
 /// An etcd of the benchmark's own: killed (its own pid) and its data
@@ -208,7 +218,9 @@ impl Drop for Node {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 
@@ -228,6 +240,8 @@ struct Fleet {
     nodes: Vec<Node>,
     _etcd: Etcd,
     _scratch: Scratch,
+    /// The shared port, the relay port and etcd's URL, to start a node again.
+    ports: (u16, u16, String),
 }
 
 impl Fleet {
@@ -242,22 +256,40 @@ impl Fleet {
         for i in 1..=NODES {
             nodes.push(Node::start(exe, &dir, i, port, relay, &etcd.url)?);
         }
-        let fleet = Fleet { nodes, _etcd: etcd, _scratch: scratch };
+        let url = etcd.url.clone();
+        let fleet = Fleet { nodes, _etcd: etcd, _scratch: scratch, ports: (port, relay, url) };
         // Every node registered before any tenant is placed.
+        fleet.all_registered(exe, 0)?;
+        Ok(fleet)
+    }
+
+    /// Waits until node `asked` lists every node as registered.
+    fn all_registered(&self, exe: &Path, asked: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let json = fleet.nodes[0].ask(exe, &["node", "--json", "list"])?;
+            let json = self.nodes[asked].ask(exe, &["node", "--json", "list"])?;
             let value: serde_json::Value = serde_json::from_str(&json).map_err(io_err)?;
             let live = value.as_array().or_else(|| value["nodes"].as_array()).map_or(0, Vec::len);
             if live == usize::from(NODES) {
-                break;
+                return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(format!("only {live} of {NODES} nodes registered within 20 s: {json}"));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
-        Ok(fleet)
+    }
+
+    /// Starts node `i` (0-based) again, in its own directory, after a kill.
+    fn restart(&mut self, exe: &Path, i: usize) -> Result<(), String> {
+        let (port, relay, url) = self.ports.clone();
+        let scratch = self.nodes[i].dir.parent().ok_or("no scratch directory")?.to_path_buf();
+        let number = u8::try_from(i + 1).map_err(io_err)?;
+        let node = Node::start(exe, &scratch, number, port, relay, &url)?;
+        // The old one's directory is the new one's: not removed on drop.
+        let mut old = std::mem::replace(&mut self.nodes[i], node);
+        old.dir = PathBuf::new();
+        Ok(())
     }
 
     fn index(&self, node: &str) -> Result<usize, String> {
@@ -559,6 +591,164 @@ pub fn fleet(exe: &Path, o: &Options) -> Result<(), String> {
     let mut fleet = Fleet::start(exe)?;
     println!("Fleet benchmark: etcd and {NODES} mqvisor serve nodes (127.0.0.2, .3, .4, one port), all on this host");
     relay(exe, &fleet, o)?;
+    standby_cost(exe, &fleet, o)?;
+    failovers(exe, &mut fleet, o)?;
     loss(exe, &mut fleet, o)?;
+    Ok(())
+}
+
+/// Adds tenant `name` with the TOML `settings`, through node 0.
+fn add_with(exe: &Path, fleet: &Fleet, name: &str, settings: &str) -> Result<(), String> {
+    let file = fleet.nodes[0].dir.join(format!("{name}.toml"));
+    std::fs::write(&file, settings).map_err(io_err)?;
+    let file = file.to_str().ok_or("a path that is not UTF-8")?.to_string();
+    fleet.nodes[0].ask(exe, &["tenant", "add", name, "--settings", &file]).map(drop)
+}
+
+/// (c): durable QoS 1 1->1 to a tenant whose state is mirrored to a
+/// standby, beside one whose state is not.
+fn standby_cost(exe: &Path, fleet: &Fleet, o: &Options) -> Result<(), String> {
+    add_with(exe, fleet, "mirrored", "")?;
+    add_with(exe, fleet, "single", "standby = \"off\"\n")?;
+    let names = ["mirrored".to_string(), "single".to_string()];
+    let owners = fleet.owners_of(exe, 0, &names, Duration::from_secs(20))?;
+    let mut addrs = Vec::new();
+    for name in &names {
+        let addr = fleet.nodes[fleet.index(&owners[name])?].addr;
+        drop(connect_until(addr, "bench-boot", &format!("{name}:"), Duration::from_secs(20))?);
+        addrs.push(addr);
+    }
+    let shape =
+        Shape { publishers: 1, subscribers: 1, qos: QoS::AtLeastOnce, messages: o.messages, durable: true, rate: None };
+    let (mut mirrored, mut single) = (0f64, 0f64);
+    for _ in 0..2 {
+        mirrored = mirrored.max(run_shape_as(addrs[0], shape, Some("mirrored:"))?.delivered_per_s);
+        single = single.max(run_shape_as(addrs[1], shape, Some("single:"))?.delivered_per_s);
+    }
+    println!(
+        "State mirrored to a standby: durable QoS 1 1->1 (persistence sync, the subscriber keeps its session), {} \
+         messages of 100 bytes, best of two, each through its owner:",
+        o.messages
+    );
+    println!("  standby off ({})       {single:>9.0} msg/s  1.00x", owners["single"]);
+    println!("  with a standby ({})    {mirrored:>9.0} msg/s  {:.2}x", owners["mirrored"], mirrored / single);
+    for name in &names {
+        fleet.nodes[0].ask(exe, &["tenant", "remove", name])?;
+    }
+    Ok(())
+}
+
+/// Publishes `payload` retained on `topic` as `user` through `addr`, and
+/// waits for its PUBACK.
+fn publish_retained(addr: SocketAddr, user: &str, topic: &str, payload: &[u8]) -> Result<(), String> {
+    let stream = connect_until(addr, "bench-writer", user, Duration::from_secs(20))?;
+    let publish = Publish {
+        dup: false,
+        qos: QoS::AtLeastOnce,
+        retain: true,
+        topic: topic.into(),
+        packet_id: Some(1),
+        properties: Default::default(),
+        payload: Payload::from(payload.to_vec()),
+    };
+    (&stream).write_all(&encode(&Packet::Publish(publish))).map_err(io_err)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(io_err)?);
+    match read_packet(&mut reader, &mut Vec::new()).map_err(io_err)? {
+        Packet::Puback(_) => Ok(()),
+        other => Err(format!("no PUBACK for the retained message: {other:?}")),
+    }
+}
+
+/// The retained message on `topic` as `user` reads it through `addr`.
+fn read_retained(addr: SocketAddr, user: &str, topic: &str) -> Result<Option<Vec<u8>>, String> {
+    let stream = connect_until(addr, "bench-reader", user, Duration::from_secs(2))?;
+    let subscribe = Subscribe {
+        packet_id: 1,
+        properties: Properties::default(),
+        filters: vec![(
+            topic.into(),
+            SubscriptionOptions {
+                qos: QoS::AtMostOnce,
+                no_local: false,
+                retain_as_published: false,
+                retain_handling: 0,
+            },
+        )],
+    };
+    (&stream).write_all(&encode(&Packet::Subscribe(subscribe))).map_err(io_err)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).map_err(io_err)?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(io_err)?);
+    loop {
+        match read_packet(&mut reader, &mut Vec::new()) {
+            Ok(Packet::Publish(p)) => return Ok(Some(p.payload.to_vec())),
+            Ok(_) => continue,
+            Err(_) => return Ok(None),
+        }
+    }
+}
+
+/// (d): failovers in a row, each from the standby's copy.
+fn failovers(exe: &Path, fleet: &mut Fleet, o: &Options) -> Result<(), String> {
+    if o.kills == 0 {
+        return Ok(());
+    }
+    let user = "failover:";
+    fleet.nodes[0].ask(exe, &["tenant", "add", "failover"])?;
+    let mut times = Vec::with_capacity(o.kills);
+    let mut lost = 0;
+    for round in 0..o.kills {
+        let owners = fleet.owners_of(exe, 0, &["failover".to_string()], Duration::from_secs(30))?;
+        let owner = fleet.index(&owners["failover"])?;
+        let others: Vec<usize> = (0..fleet.nodes.len()).filter(|&i| i != owner).collect();
+        let payload = format!("round {round}");
+        publish_retained(fleet.nodes[owner].addr, user, "latest", payload.as_bytes())?;
+        // The owner's standby holds a whole copy before the kill: its
+        // copy's epoch file is newer than the owner's claim.
+        let claimed = std::time::SystemTime::now();
+        let whole = |i: usize| {
+            let epoch = fleet.nodes[i].dir.join("state/replicas/failover.epoch");
+            std::fs::metadata(epoch).and_then(|m| m.modified()).is_ok_and(|t| t + Duration::from_secs(60) > claimed)
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !others.iter().any(|&i| whole(i)) {
+            if Instant::now() > deadline {
+                return Err(format!("round {round}: no standby copy of the tenant within 20 s"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        fleet.nodes[owner].kill()?;
+        let killed = Instant::now();
+        let survivor = fleet.nodes[others[round % others.len()]].addr;
+        let read = loop {
+            if let Ok(Some(read)) = read_retained(survivor, user, "latest") {
+                break read;
+            }
+            if killed.elapsed() > Duration::from_secs(60) {
+                return Err(format!("round {round}: not served again within 60 s of the kill"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        times.push(killed.elapsed().as_secs_f64());
+        if read != payload.as_bytes() {
+            lost += 1;
+        }
+        fleet.restart(exe, owner)?;
+        fleet.all_registered(exe, owner)?;
+    }
+    times.sort_by(f64::total_cmp);
+    println!(
+        "Failovers: {} kills in a row of the owner's daemon (kill -9), each after its standby's copy was whole; \
+         from the kill to a CONNACK through a survivor that reads the last retained message back:",
+        o.kills
+    );
+    println!(
+        "  p50 {:.2} s  p99 {:.2} s  max {:.2} s (lease TTL {} s); last retained message lost in {lost} of {}",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99),
+        times.last().copied().unwrap_or(f64::NAN),
+        crate::serve::cluster::LEASE_TTL,
+        o.kills
+    );
+    fleet.nodes[0].ask(exe, &["tenant", "remove", "failover"])?;
     Ok(())
 }

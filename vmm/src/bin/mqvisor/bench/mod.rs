@@ -40,11 +40,12 @@ pub fn run(bench: BenchCommand) -> ExitCode {
                     let image = image.unwrap_or_else(|| PathBuf::from(env!("MQVISOR_HOSTILE_IMAGE")));
                     hostile::hostile(&exe, &image, rounds as usize, samples as usize)
                 }
-                BenchCommand::Fleet { tenants, messages, samples } => {
+                BenchCommand::Fleet { tenants, messages, samples, kills } => {
                     let options = fleet::Options {
                         tenants: tenants as usize,
                         messages: messages as usize,
                         samples: samples as usize,
+                        kills: kills as usize,
                     };
                     fleet::fleet(&exe, &options)
                 }
