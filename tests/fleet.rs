@@ -1135,3 +1135,76 @@ fn subscribe_v5_qos0(filter: &str) -> Vec<u8> {
     packet.extend_from_slice(&body);
     packet
 }
+
+/// Publishes QoS 1 messages `ids` (their id as payload) on `jobs/n`, each
+/// acknowledged, in batches of 100.
+fn publish_acknowledged(publisher: &mut TcpStream, ids: std::ops::RangeInclusive<u16>) {
+    for batch in ids.collect::<Vec<_>>().chunks(100) {
+        let mut packets = Vec::new();
+        for &id in batch {
+            packets.extend_from_slice(&publish("jobs/n", &id.to_be_bytes(), 1, id, false));
+        }
+        publisher.write_all(&packets).unwrap();
+        for _ in batch {
+            assert_eq!(read_packet(publisher).0, 0x40, "PUBACK");
+        }
+    }
+}
+
+/// The ids of the `count` messages on `jobs/n` a resumed session gets
+/// (each acknowledged), or how many came before the stream ended.
+fn delivered(session: &mut TcpStream, count: usize) -> Result<std::collections::BTreeSet<u16>, usize> {
+    session.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < count {
+        let Ok((kind, body)) = try_read_packet(session) else { return Err(seen.len()) };
+        assert_eq!(kind & 0xf0, 0x30, "a PUBLISH");
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let id = [body[2 + topic_len], body[3 + topic_len]];
+        session.write_all(&[0x40, 2, id[0], id[1]]).unwrap();
+        let payload = &body[4 + topic_len..];
+        seen.insert(u16::from_be_bytes([payload[0], payload[1]]));
+    }
+    Ok(seen)
+}
+
+#[test]
+fn a_lost_standby_is_replaced_and_caught_up_then_the_owner_is_lost_and_nothing_is() {
+    let test = "a_lost_standby_is_replaced_and_caught_up_then_the_owner_is_lost_and_nothing_is";
+    if !kvm_available(test) || !tool_available(test, "etcd (Debian's etcd-server)", &format!("test -x {ETCD}")) {
+        return;
+    }
+    let etcd = Etcd::start(test);
+    let (port, relay) = (free_port(), free_port());
+    let queue = "max_queued_messages = 4000\n";
+    let mut nodes: Vec<Daemon> = (1..=3).map(|i| node_with(test, i, port, relay, &etcd.url, "", queue)).collect();
+    let (ok, _, err) = nodes[0].tenant(&["add", "pied"]);
+    assert!(ok, "tenant add: {err}");
+    let o = index(&owner(&nodes[0], "pied", Duration::from_secs(10)));
+    let mut subscriber = connect_session_until(nodes[o].addr, "sub", "pied:s", false, Duration::from_secs(15));
+    subscriber.write_all(&subscribe("jobs/#", 1, 1)).unwrap();
+    assert_eq!(read_packet(&mut subscriber).0, 0x90, "SUBACK");
+    drop(subscriber);
+    let first = standby_of(&nodes, "pied", Duration::from_secs(10));
+    let third = 3 - o - first;
+    let mut publisher = connect_until(nodes[o].addr, "pub", "pied:p", Duration::from_secs(15));
+    publish_acknowledged(&mut publisher, 1..=500);
+    // The standby lost: the third node becomes the standby and catches up.
+    nodes[first].child.kill().unwrap();
+    let _ = nodes[first].child.wait();
+    let lost = Instant::now();
+    let again = standby_of(&nodes[third..=third], "pied", Duration::from_secs(20));
+    eprintln!("{test}: a new standby's copy whole {:?} after the first standby's loss", lost.elapsed());
+    assert_eq!(again, 0);
+    publish_acknowledged(&mut publisher, 501..=1000);
+    drop(publisher);
+    // Then the owner lost: the new standby takes over with everything.
+    nodes[o].child.kill().unwrap();
+    let _ = nodes[o].child.wait();
+    let mut back = connect_session_until(nodes[third].addr, "sub", "pied:s", false, Duration::from_secs(20));
+    match delivered(&mut back, 1000) {
+        Ok(seen) => assert_eq!(seen, (1..=1000).collect(), "acknowledged messages lost"),
+        Err(n) => panic!("{n} of 1000 acknowledged messages delivered after both losses"),
+    }
+    assert!(nodes[third].log_has("taken over from its standby copy"), "the new standby did not take it over");
+}

@@ -88,6 +88,16 @@ impl ShipmentHead {
 /// How long the standby may take to answer before the mirror is lost.
 pub const ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The socket options of a connection to the standby: blocking, answers
+/// awaited at most [`ANSWER_TIMEOUT`], no Nagle delay. Set by whoever makes
+/// the connection (they stay with the socket when it is handed over).
+pub fn set_options(socket: &TcpStream) -> std::io::Result<()> {
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    socket.set_write_timeout(Some(ANSWER_TIMEOUT))?;
+    socket.set_nodelay(true)
+}
+
 /// The owner's end of a mirror: a blocking connection to the standby,
 /// kept as a `File` so that it is read and written with `read(2)` and
 /// `write(2)`, which the state disk's thread may call (see `seccomp`).
@@ -96,15 +106,19 @@ pub struct Mirror {
 }
 
 impl Mirror {
-    /// Starts mirroring `file` over `socket` (whose PROXY header is sent):
-    /// sends its length and its present contents, and returns once the
-    /// standby has said its copy is whole and durable.
-    pub fn start(socket: TcpStream, file: &File) -> std::io::Result<Mirror> {
-        socket.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-        socket.set_write_timeout(Some(ANSWER_TIMEOUT))?;
-        socket.set_nodelay(true)?;
-        let mut socket = File::from(std::os::fd::OwnedFd::from(socket));
-        let len = file.metadata()?.len();
+    /// Gives a connection to the standby the socket options a mirror
+    /// needs (where `setsockopt` may be called: not on the state disk's
+    /// thread), and makes it a `File`.
+    pub fn prepare(socket: TcpStream) -> std::io::Result<File> {
+        set_options(&socket)?;
+        Ok(File::from(std::os::fd::OwnedFd::from(socket)))
+    }
+
+    /// Starts mirroring `file`, `len` bytes long, over `socket` (made by
+    /// [`Mirror::prepare`], its PROXY header sent): sends the length and
+    /// the file's present data, and returns once the standby has said its
+    /// copy is whole and durable.
+    pub fn start(mut socket: File, file: &File, len: u64) -> std::io::Result<Mirror> {
         socket.write_all(&len.to_le_bytes())?;
         let mut mirror = Mirror { socket };
         let mut chunk = vec![0u8; CHUNK];
@@ -246,7 +260,7 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let owner = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let standby = standby(listener.accept().unwrap().0, copy.unwrap());
-        let mut mirror = Mirror::start(owner, &file).unwrap();
+        let mut mirror = Mirror::start(Mirror::prepare(owner).unwrap(), &file, 3 * CHUNK as u64).unwrap();
         mirror.ship(512, b"after").unwrap();
         file.write_all_at(b"after", 512).unwrap();
         mirror.wait_durable(512, b"after").unwrap();

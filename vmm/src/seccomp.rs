@@ -78,9 +78,11 @@ const COMMON: &[libc::c_long] = &[
 ];
 
 /// Calls of the block worker beyond the common ones: file I/O at offsets,
-/// `fdatasync` for FLUSH, and waiting on its eventfds.
+/// `fdatasync` for FLUSH, waiting on its eventfds, and `lseek` to find the
+/// state file's data when it sends it whole to a new standby (its socket is
+/// read and written with `read`/`write`).
 const BLOCK: &[libc::c_long] =
-    &[libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fdatasync, libc::SYS_poll, libc::SYS_ppoll];
+    &[libc::SYS_pread64, libc::SYS_pwrite64, libc::SYS_fdatasync, libc::SYS_poll, libc::SYS_ppoll, libc::SYS_lseek];
 
 /// Calls of the network proxy's thread beyond the common ones.
 const NET: &[libc::c_long] = &[

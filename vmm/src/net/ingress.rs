@@ -24,6 +24,7 @@
 //! | 3      | MQTT over secure WebSockets | raw TLS bytes, from its ClientHello on |
 //! | 0x80   | no client: a change of the tenant's users and ACL ([`AUTH_CHANGE`]), sent without a socket | `config_blob::write_auth` bytes, at most `config_blob::MAX_AUTH_LEN` |
 //! | 0x81   | no client: the fence deadline ([`fence::FENCE`](super::fence::FENCE)), sent without a socket | the deadline, `CLOCK_MONOTONIC` nanoseconds, 8 bytes little-endian |
+//! | 0x82   | no client: a connection to a new standby for the state ([`STANDBY_OFFER`]), its PROXY header sent | nothing |
 //!
 //! A users and ACL change carries every table the daemon manages for the
 //! tenant, whole, so only the latest one matters: the proxy keeps the
@@ -64,6 +65,11 @@ use super::websocket::WsLimits;
 /// Byte 0 of a datagram that carries a change of the tenant's users and
 /// ACL rather than a client (see the module doc).
 pub const AUTH_CHANGE: u8 = 0x80;
+
+/// Byte 0 of a datagram whose socket is no client but a connection to a
+/// new standby node for the tenant's state (`crate::replica`), for the
+/// state disk.
+pub const STANDBY_OFFER: u8 = 0x82;
 
 /// Largest datagram of bytes handed over with a client.
 pub const MAX_HANDOFF_BYTES: usize = 256 * 1024;
@@ -279,6 +285,8 @@ pub struct Clients {
     auth_change: Option<Vec<u8>>,
     /// The latest fence deadline from `mqvisor serve` (see `fence`).
     fence: Option<Instant>,
+    /// The latest connection to a new standby, not yet taken.
+    standby_offer: Option<std::fs::File>,
 }
 
 enum From {
@@ -307,7 +315,15 @@ impl Clients {
             ),
             Ingress::Handoff(socket, edge) => From::Handoff(watch_fd(socket)?, edge),
         };
-        Ok(Clients { from, handshakes, refused_handshakes: 0, said_unserved: false, auth_change: None, fence: None })
+        Ok(Clients {
+            from,
+            handshakes,
+            refused_handshakes: 0,
+            said_unserved: false,
+            auth_change: None,
+            fence: None,
+            standby_offer: None,
+        })
     }
 
     /// TLS clients refused so far: too many handshakes were in flight.
@@ -356,12 +372,15 @@ impl Clients {
                 self.make(socket, on.serve(), Vec::new()).into_iter().collect()
             }
             From::Handoff(socket, edge) => match handed_over(socket).await {
-                Ok(Received { clients: handed, auth, fence }) => {
+                Ok(Received { clients: handed, auth, fence, standby }) => {
                     if auth.is_some() {
                         self.auth_change = auth;
                     }
                     if fence.is_some() {
                         self.fence = fence;
+                    }
+                    if standby.is_some() {
+                        self.standby_offer = standby;
                     }
                     let edge = edge.clone();
                     let mut arrived = Vec::with_capacity(handed.len());
@@ -400,6 +419,11 @@ impl Clients {
         self.auth_change.take()
     }
 
+    /// The connection to a new standby `mqvisor serve` sent, once.
+    pub fn take_standby_offer(&mut self) -> Option<std::fs::File> {
+        self.standby_offer.take()
+    }
+
     /// The moment past which no client may be served (see `fence`): the
     /// latest deadline `mqvisor serve` sent, if it sent one.
     pub fn fence(&self) -> Option<Instant> {
@@ -432,6 +456,8 @@ struct Received {
     auth: Option<Vec<u8>>,
     /// The latest fence deadline among them.
     fence: Option<Instant>,
+    /// The latest connection to a new standby among them.
+    standby: Option<std::fs::File>,
 }
 
 /// Every client waiting on the handoff socket, and the latest users and
@@ -446,6 +472,7 @@ async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<Receive
             inner.get_ref().recv_with_fd(&mut buf).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
         });
         match datagram {
+            Ok(Ok((1, Some(file)))) if buf[0] == STANDBY_OFFER => received.standby = Some(file),
             Ok(Ok((len, Some(file)))) => {
                 let socket = std::net::TcpStream::from(std::os::fd::OwnedFd::from(file));
                 socket.set_nonblocking(true)?;

@@ -331,6 +331,9 @@ impl Proxy {
                     if let Some(change) = self.clients_in.take_auth_change() {
                         self.auth_change = Some(change);
                     }
+                    if let Some(socket) = self.clients_in.take_standby_offer() {
+                        self.offer_standby(socket);
+                    }
                 }
                 Some(woken) = self.woken_rx.recv() => {
                     self.tick();
@@ -370,6 +373,17 @@ impl Proxy {
         // for billing when it is stopped (serve waits for it).
         self.report_load();
         self.counters()
+    }
+
+    /// Hands a connection to a new standby to the state disk and wakes its
+    /// thread, which sends the file's data before the next request.
+    fn offer_standby(&self, socket: std::fs::File) {
+        let Some(disk) = self.disk.get() else { return };
+        let Ok(mut disk) = disk.lock() else { return };
+        disk.device_mut().offer_standby(socket);
+        if let Some(wake) = disk.queue_event(0) {
+            let _ = wake.write(1);
+        }
     }
 
     /// Gives the quotas the time, when any are set.

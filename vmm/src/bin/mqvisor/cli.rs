@@ -255,10 +255,12 @@ pub struct RunArgs {
     pub edge: EdgeFlags,
     #[command(flatten)]
     pub quotas: QuotaFlags,
-    /// A fleet's standby for the state, and whether writes wait for it
+    /// A fleet's standby for the state, and whether writes wait for one
     /// (from `--tenant-settings` only: `mqvisor serve` sets them).
     #[arg(skip)]
-    pub standby: Option<(crate::settings::StandbyTarget, bool)>,
+    pub standby: Option<crate::settings::StandbyTarget>,
+    #[arg(skip)]
+    pub standby_required: bool,
     /// Print VM exit and network counters to stderr when the VM ends
     #[arg(long)]
     pub stats: bool,

@@ -215,7 +215,8 @@ impl RunArgs {
         self.edge.tls_client_ca = tenant.tls_client_ca;
         self.edge.tls_identity_as_user = tenant.tls_identity_as_user;
         self.quotas = QuotaFlags::of(tenant.quotas);
-        self.standby = tenant.standby.map(|target| (target, tenant.standby_required));
+        self.standby = tenant.standby;
+        self.standby_required = tenant.standby_required;
         self.edge.tls_named =
             tenant.tls_own.map(|own| mqvisor::net::tls::NamedCert { names: own.names, cert: own.cert, key: own.key });
     }
@@ -330,7 +331,12 @@ fn open_state(args: &RunArgs, max_packet_size: u64) -> Result<Option<vm::StateDi
             }
         }
     }
-    let standby = args.standby.as_ref().map(|(target, required)| mirror_to(target, *required, &held.file));
+    let standby = match (&args.standby, args.standby_required) {
+        (Some(target), required) => Some(mirror_to(target, required, &held.file)),
+        // Every write fails until `mqvisor serve` offers a standby.
+        (None, true) => Some(Standby { mirror: None, required: true }),
+        (None, false) => None,
+    };
     Ok(Some(vm::StateDisk { file: held.file, persistence: mode, batch_ms: args.persistence_interval, standby }))
 }
 
@@ -350,7 +356,8 @@ fn mirror_to(target: &crate::settings::StandbyTarget, required: bool, file: &std
         let tlvs = Tlvs { handed: None, key: Some(key), replica: Some(replica) };
         let header = encode(socket.local_addr().map_err(|e| e.to_string())?, target.address, &tlvs);
         std::io::Write::write_all(&mut &socket, &header).map_err(|e| e.to_string())?;
-        Mirror::start(socket, file).map_err(|e| e.to_string())
+        let len = file.metadata().map_err(|e| e.to_string())?.len();
+        Mirror::start(Mirror::prepare(socket).map_err(|e| e.to_string())?, file, len).map_err(|e| e.to_string())
     })();
     match &mirror {
         Ok(_) => eprintln!(

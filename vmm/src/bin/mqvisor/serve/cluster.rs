@@ -302,6 +302,9 @@ pub enum ToDaemon {
         standby: Option<StandbyTarget>,
         reply: oneshot::Sender<Result<(), String>>,
     },
+    /// Hand `name`'s process `connection` to a new standby (`target`), and
+    /// mirror its next processes there too.
+    Standby { name: String, target: StandbyTarget, connection: std::net::TcpStream },
     /// Stop running `name`: removed, or owned elsewhere now.
     /// When `removed` (from the fleet), its files here go too.
     Disown { name: String, removed: bool },
@@ -492,6 +495,8 @@ struct Snapshot {
     drained: BTreeSet<String>,
     /// Each tenant's standby node and the epoch it stands by for.
     standbys: BTreeMap<String, (String, u64)>,
+    /// Each node's lease: a node that restarted has a new one.
+    leases: BTreeMap<String, i64>,
 }
 
 fn strip<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
@@ -530,6 +535,7 @@ async fn read(etcd: &Etcd) -> Result<Snapshot, super::etcd::EtcdError> {
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(&kv.value) else { continue };
         let advertise = value.get("advertise").and_then(|a| a.as_str()).and_then(|a| a.parse().ok());
         let capacity = value.get("capacity").and_then(serde_json::Value::as_u64);
+        snapshot.leases.insert(name.to_string(), kv.lease);
         if let (Some(advertise), Some(capacity)) = (advertise, capacity) {
             snapshot.nodes.insert(name.to_string(), (advertise, u32::try_from(capacity).unwrap_or(u32::MAX)));
         }
@@ -595,6 +601,9 @@ pub async fn sync(
     // began to run here.
     let mut started_as: BTreeMap<String, i64> = BTreeMap::new();
     let mut unowned_since: BTreeMap<String, Instant> = BTreeMap::new();
+    // The standby of each tenant run here, with that node's lease when it
+    // was chosen (none: no other node had room).
+    let mut standing: BTreeMap<String, Option<(String, i64)>> = BTreeMap::new();
     let mut cannot: BTreeMap<String, Instant> = BTreeMap::new();
     let mut snapshot = Snapshot::default();
     // Each tenant's settings as read from its table (and the table they
@@ -664,7 +673,10 @@ pub async fn sync(
                     } else {
                         let owned = (id, kv.create_revision);
                         let here = Here::of(name, me, &base, &snapshot, &free);
-                        run_here(&etcd, &daemon, name, table, owned, &here, &mut running, &mut cannot).await
+                        let place =
+                            run_here(&etcd, &daemon, name, table, owned, &here, &mut running, &mut cannot).await;
+                        standing.insert(name.clone(), here.standby_node(&snapshot));
+                        place
                     }
                 }
                 (Some(kv), _) => {
@@ -692,6 +704,7 @@ pub async fn sync(
                         Some(id) if (picked || anyway) && !cannot.contains_key(name) => {
                             let here = Here::of(name, me, &base, &snapshot, &free);
                             let place = claim(&etcd, &daemon, name, table, id, &here, &mut running, &mut cannot).await;
+                            standing.insert(name.clone(), here.standby_node(&snapshot));
                             if place == Place::Here
                                 && let Some(room) = free.get_mut(me)
                             {
@@ -715,6 +728,24 @@ pub async fn sync(
             places.insert(name.clone(), place);
         }
         started_as.retain(|name, _| running.contains_key(name));
+        standing.retain(|name, _| running.contains_key(name));
+        // A standby that is gone (or came back as a new run of its node,
+        // without the copy's latest writes) is replaced: the tenant's
+        // process is handed a connection to another node, which it sends
+        // its state to whole, then every write.
+        for (name, standby) in standing.iter_mut() {
+            let alive = standby.as_ref().is_some_and(|(node, lease)| snapshot.leases.get(node) == Some(lease));
+            let Some(&epoch) = running.get(name).filter(|_| !alive) else { continue };
+            let Some((node, address)) = standby_for(name, me, &snapshot.nodes, &free) else { continue };
+            match replace_standby(&etcd, name, (node, address), epoch).await {
+                Ok((target, connection)) => {
+                    tracing::info!(tenant = %name, standby = node, "a new standby");
+                    let _ = daemon.send(ToDaemon::Standby { name: name.clone(), target, connection });
+                    *standby = snapshot.leases.get(node).map(|&lease| (node.to_string(), lease));
+                }
+                Err(e) => tracing::warn!(tenant = %name, standby = node, "cannot reach the new standby: {e}"),
+            }
+        }
         // Removed from the fleet, or this node drained: stopped here, its
         // owner key let go (to another node, when it is drained).
         let drained = snapshot.drained.contains(me);
@@ -806,6 +837,12 @@ struct Here<'a> {
 }
 
 impl<'a> Here<'a> {
+    /// The standby chosen and its node's lease now.
+    fn standby_node(&self, snapshot: &Snapshot) -> Option<(String, i64)> {
+        let (node, _) = self.standby?;
+        Some((node.to_string(), *snapshot.leases.get(node)?))
+    }
+
     fn of(
         tenant: &str,
         me: &'a str,
@@ -820,6 +857,38 @@ impl<'a> Here<'a> {
             stood_by: snapshot.standbys.get(tenant).filter(|(node, _)| node == me).map(|&(_, epoch)| epoch),
         }
     }
+}
+
+/// Names `node` (at `address`) the standby of `tenant` owned under
+/// `epoch`, and connects to it: the PROXY header sent, the socket ready
+/// for the tenant's state disk.
+async fn replace_standby(
+    etcd: &Etcd,
+    tenant: &str,
+    (node, address): (&str, SocketAddr),
+    epoch: i64,
+) -> Result<(StandbyTarget, std::net::TcpStream), String> {
+    use tokio::io::AsyncWriteExt;
+
+    use super::proxy_header::{ReplicaOf, Tlvs, encode};
+    let key = relay_key().ok_or("the relay key is not read yet")?;
+    let epoch = u64::try_from(epoch).map_err(|e| e.to_string())?;
+    let connect = tokio::net::TcpStream::connect(address);
+    let mut stream = match tokio::time::timeout(Duration::from_secs(3), connect).await {
+        Ok(connected) => connected.map_err(|e| e.to_string())?,
+        Err(_) => return Err("no answer within 3 s".into()),
+    };
+    let tlvs = Tlvs { handed: None, key: Some(*key), replica: Some(ReplicaOf { epoch, tenant: tenant.to_string() }) };
+    let header = encode(stream.local_addr().map_err(|e| e.to_string())?, address, &tlvs);
+    stream.write_all(&header).await.map_err(|e| e.to_string())?;
+    let stream = stream.into_std().map_err(|e| e.to_string())?;
+    mqvisor::replica::set_options(&stream).map_err(|e| e.to_string())?;
+    // Said before the process mirrors there: should this node go, that
+    // node claims the tenant first.
+    let value = format!("{node} {epoch}");
+    etcd.put(&format!("{STANDBY}{tenant}"), value.as_bytes(), 0).await.map_err(|e| e.to_string())?;
+    let target = StandbyTarget { address, tenant: tenant.to_string(), epoch, key: hex(key) };
+    Ok((target, stream))
 }
 
 /// The node a tenant owned by `me` mirrors its state to: placement among

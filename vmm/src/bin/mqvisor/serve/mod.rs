@@ -365,6 +365,14 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                     }
                     let _ = reply.send(owned);
                 }
+                cluster::ToDaemon::Standby { name, target, connection } => {
+                    if let Some(tenant) = tenants.get_mut(&name) {
+                        if let Err(e) = tenant.set_standby(Some(target)) {
+                            tracing::warn!(tenant = %name, "{e}");
+                        }
+                        tenant.offer_standby(connection);
+                    }
+                }
                 cluster::ToDaemon::Disown { name, removed } => {
                     if let Some(mut tenant) = tenants.remove(&name) {
                         if removed {

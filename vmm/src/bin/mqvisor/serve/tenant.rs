@@ -64,8 +64,9 @@ struct Process {
     started: Instant,
     /// Clients for the handoff task.
     clients: mpsc::Sender<(TcpStream, FirstBytes)>,
-    /// Users and ACL changes for its VM (`control_link`).
-    auth: mpsc::UnboundedSender<Vec<u8>>,
+    /// Users and ACL changes for its VM, and connections to a new standby
+    /// for its state (`control_link`).
+    control: Control,
 }
 
 /// One tenant.
@@ -162,6 +163,16 @@ impl Tenant {
 
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(|p| p.pid)
+    }
+
+    /// In a fleet: hands its running process `connection` to a new standby
+    /// (its PROXY header sent), which its state disk mirrors to from then
+    /// on; false when it has no process (its next one reads the settings).
+    pub fn offer_standby(&self, connection: std::net::TcpStream) -> bool {
+        match &self.process {
+            Some(process) if self.config.mirrored => process.control.standby.send(connection).is_ok(),
+            _ => false,
+        }
     }
 
     /// In a fleet: its processes from the next one on mirror its state to
@@ -364,7 +375,7 @@ impl Tenant {
         let mut child = command.spawn()?;
         drop(theirs);
         let pid = child.id().unwrap_or(0);
-        let auth = control_link(ours.try_clone()?, super::cluster::fence_deadlines())?;
+        let control = control_link(ours.try_clone()?, super::cluster::fence_deadlines())?;
         let (clients, queue) = mpsc::channel(HANDOFF_QUEUE);
         // SAFETY: `UnixDatagram` owns its descriptor, keeps it open until
         // dropped and always returns the same one; the AsyncFd owns it.
@@ -387,7 +398,7 @@ impl Tenant {
             // As many as the queue holds: more could not have waited.
             let _ = clients.try_send(client);
         }
-        self.process = Some(Process { pid, started: Instant::now(), clients, auth });
+        self.process = Some(Process { pid, started: Instant::now(), clients, control });
         self.state = State::Running;
         self.restart_at = None;
         self.boots += 1;
@@ -526,7 +537,7 @@ impl Tenant {
             .map_err(|e| format!("{}: {e}", self.settings_file.display()))?;
         if let Some(process) = &self.process {
             // Its link task ends with the process; the next one boots from the files.
-            let _ = process.auth.send(change);
+            let _ = process.control.auth.send(change);
         }
         Ok(())
     }
@@ -675,14 +686,12 @@ async fn link(
 /// ACL changes that queue up while the socket is full go as the latest
 /// alone: each carries every table whole. Ends when the tenant dropped the
 /// sender (its process has gone).
-fn control_link(
-    socket: UnixDatagram,
-    mut fence: Option<watch::Receiver<Option<Instant>>>,
-) -> std::io::Result<mpsc::UnboundedSender<Vec<u8>>> {
+fn control_link(socket: UnixDatagram, mut fence: Option<watch::Receiver<Option<Instant>>>) -> std::io::Result<Control> {
     // SAFETY: as for the handoff socket in `start`: the AsyncFd owns it.
     let socket =
         unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }.map_err(std::io::Error::from)?;
     let (changes, mut queue) = mpsc::unbounded_channel::<Vec<u8>>();
+    let (standby, mut standbys) = mpsc::unbounded_channel::<std::net::TcpStream>();
     tokio::spawn(async move {
         if let Some(at) = fence.as_mut().and_then(|f| *f.borrow_and_update())
             && !send_datagram(&socket, &fence::datagram(at)).await
@@ -707,6 +716,14 @@ fn control_link(
                     datagram.extend_from_slice(&change);
                     datagram
                 }
+                Some(connection) = standbys.recv() => {
+                    let offer = [mqvisor::net::ingress::STANDBY_OFFER];
+                    if !send_datagram_with(&socket, &offer, Some(connection.as_raw_fd())).await {
+                        tracing::warn!("a new standby not handed to the tenant's process");
+                        return;
+                    }
+                    continue;
+                }
                 moved = fence_moved => {
                     let at = fence.as_mut().filter(|_| moved).and_then(|f| *f.borrow_and_update());
                     match at {
@@ -726,14 +743,34 @@ fn control_link(
             }
         }
     });
-    Ok(changes)
+    Ok(Control { auth: changes, standby })
+}
+
+/// What [`control_link`] sends a tenant's process.
+struct Control {
+    /// Users and ACL changes (each carries every table whole).
+    auth: mpsc::UnboundedSender<Vec<u8>>,
+    /// Connections to a new standby, their PROXY header sent.
+    standby: mpsc::UnboundedSender<std::net::TcpStream>,
 }
 
 /// Sends `datagram` without a socket; false once the process is gone.
 async fn send_datagram(socket: &AsyncFd<UnixDatagram>, datagram: &[u8]) -> bool {
+    send_datagram_with(socket, datagram, None).await
+}
+
+/// Sends `datagram` with the descriptor `fd`, if given; false once the
+/// process is gone.
+async fn send_datagram_with(socket: &AsyncFd<UnixDatagram>, datagram: &[u8], fd: Option<i32>) -> bool {
     loop {
         let Ok(mut guard) = socket.writable().await else { return false };
-        match guard.try_io(|inner| inner.get_ref().send(datagram)) {
+        let sent = guard.try_io(|inner| match fd {
+            Some(fd) => {
+                inner.get_ref().send_with_fd(datagram, fd).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            }
+            None => inner.get_ref().send(datagram),
+        });
+        match sent {
             Ok(Ok(_)) => return true,
             Ok(Err(_)) => return false,
             Err(_would_block) => continue,

@@ -65,6 +65,9 @@ pub struct BlockDevice {
     write_through: bool,
     /// The standby node that must have every write too, if any.
     standby: Option<Standby>,
+    /// A connection to a new standby, offered while the VM runs (see
+    /// [`BlockDevice::offer_standby`]), not yet taken.
+    offered: Option<File>,
 }
 
 /// A state disk's standby: the mirror to it while it lasts, and whether
@@ -107,7 +110,34 @@ impl BlockDevice {
             io_error_reported: false,
             write_through,
             standby: None,
+            offered: None,
         })
+    }
+
+    /// A connection to a new standby (made by `Mirror::prepare`, its PROXY
+    /// header sent), replacing the one there was: taken before the next
+    /// request is served (the state disk's thread is woken for it), when
+    /// the file's data is sent whole first. Until then writes go on as
+    /// before.
+    pub fn offer_standby(&mut self, socket: File) {
+        self.offered = Some(socket);
+    }
+
+    /// Starts mirroring to the standby offered, if one was.
+    fn take_offered_standby(&mut self) {
+        let Some(socket) = self.offered.take() else { return };
+        let started = std::time::Instant::now();
+        match Mirror::start(socket, &self.file, self.sectors * SECTOR_SIZE) {
+            Ok(mirror) => {
+                let standby = self.standby.get_or_insert(Standby { mirror: None, required: false });
+                standby.mirror = Some(mirror);
+                eprintln!(
+                    "mqvisor: state mirrored to a new standby (copy made in {} ms)",
+                    started.elapsed().as_millis()
+                );
+            }
+            Err(e) => eprintln!("mqvisor: state disk: the new standby is lost ({e})"),
+        }
     }
 
     /// Every write from now on is mirrored to `standby` as well.
@@ -167,6 +197,7 @@ impl BlockDevice {
 
     /// Serves every request the guest has made available; returns how many.
     pub fn process_queue(&mut self) -> Result<usize, RingFault> {
+        self.take_offered_standby();
         let Some(mut active) = self.active.take() else { return Ok(0) };
         let result = self.serve(&mut active);
         self.active = Some(active);
@@ -453,7 +484,7 @@ mod tests {
                 }
             }
         });
-        let mirror = Mirror::start(owner, file).unwrap();
+        let mirror = Mirror::start(Mirror::prepare(owner).unwrap(), file, DISK).unwrap();
         gone.join().unwrap();
         mirror
     }
