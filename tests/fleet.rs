@@ -1198,6 +1198,19 @@ fn a_lost_standby_is_replaced_and_caught_up_then_the_owner_is_lost_and_nothing_i
     assert_eq!(again, 0);
     publish_acknowledged(&mut publisher, 501..=1000);
     drop(publisher);
+    // The owner says so: mirrored, its writes reaching the standby.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let metrics = nodes[o].metrics();
+        let mirrored = metrics.contains("mqvisor_tenant_standby_mirrored{tenant=\"pied\"} 1");
+        if mirrored && nodes[o].metric("mqvisor_tenant_standby_writes_total{tenant=\"pied\"}") > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no mirrored standby in the owner's metrics: {metrics}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let shown = nodes[o].show("pied");
+    assert_eq!(shown["standby_mirrored"], 1, "{shown}");
     // Then the owner lost: the new standby takes over with everything.
     nodes[o].child.kill().unwrap();
     let _ = nodes[o].child.wait();

@@ -94,6 +94,10 @@ counters! {
         "Requests of the guest's block driver refused for breaking the protocol";
     disk_io_errors: Counter "disk_io_errors" "Requests of the state disk that the host file failed";
     disk_ring_faults: Counter "disk_ring_faults" "Times the guest's block driver broke a ring";
+    standby_mirrored: Gauge "standby_mirrored"
+        "1 while every write of the state disk also reaches a standby node whose copy is whole (in a fleet), else 0";
+    standby_writes: Counter "standby_writes" "Writes of the state disk made durable on the standby node too";
+    standby_losses: Counter "standby_losses" "Times the connection to the standby node failed";
     refused_handshakes: Counter "refused_handshakes"
         "TLS clients refused at once because too many TLS handshakes were in flight in the tenant's process";
     throttled_read_us: Counter "throttled_read_us"
@@ -144,6 +148,9 @@ impl Counters {
         self.disk_refused_requests = get(&m.malformed);
         self.disk_io_errors = get(&m.io_errors);
         self.disk_ring_faults = get(&m.ring_faults);
+        self.standby_mirrored = get(&m.standby_whole);
+        self.standby_writes = get(&m.standby_writes);
+        self.standby_losses = get(&m.standby_losses);
     }
 
     /// Takes the block device's counters from `other`.
@@ -151,6 +158,9 @@ impl Counters {
         self.disk_refused_requests = other.disk_refused_requests;
         self.disk_io_errors = other.disk_io_errors;
         self.disk_ring_faults = other.disk_ring_faults;
+        self.standby_mirrored = other.standby_mirrored;
+        self.standby_writes = other.standby_writes;
+        self.standby_losses = other.standby_losses;
     }
 
     /// The load report: every counter in [`Counters::TABLE`]'s order.

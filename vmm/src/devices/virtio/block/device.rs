@@ -131,6 +131,7 @@ impl BlockDevice {
             Ok(mirror) => {
                 let standby = self.standby.get_or_insert(Standby { mirror: None, required: false });
                 standby.mirror = Some(mirror);
+                BlockMetrics::set(&self.metrics.standby_whole, 1);
                 eprintln!(
                     "mqvisor: state mirrored to a new standby (copy made in {} ms)",
                     started.elapsed().as_millis()
@@ -142,6 +143,7 @@ impl BlockDevice {
 
     /// Every write from now on is mirrored to `standby` as well.
     pub fn with_standby(mut self, standby: Standby) -> Self {
+        BlockMetrics::set(&self.metrics.standby_whole, u64::from(standby.mirror.is_some()));
         self.standby = Some(standby);
         self
     }
@@ -161,7 +163,10 @@ impl BlockDevice {
     fn mirrored(&mut self, offset: u64, data: &[u8]) -> u8 {
         let Some(standby) = self.standby.as_mut() else { return status::OK };
         match standby.mirror.as_mut().map(|mirror| mirror.wait_durable(offset, data)) {
-            Some(Ok(())) => return status::OK,
+            Some(Ok(())) => {
+                BlockMetrics::bump(&self.metrics.standby_writes, 1);
+                return status::OK;
+            }
             Some(Err(e)) => self.lose_standby(&e),
             None => {}
         }
@@ -177,6 +182,8 @@ impl BlockDevice {
     fn lose_standby(&mut self, error: &std::io::Error) {
         let Some(standby) = self.standby.as_mut() else { return };
         if standby.mirror.take().is_some() {
+            BlockMetrics::set(&self.metrics.standby_whole, 0);
+            BlockMetrics::bump(&self.metrics.standby_losses, 1);
             let then = if standby.required { "every write fails from now on" } else { "going on without it" };
             eprintln!("mqvisor: state disk: the standby is lost ({error}): {then}");
         }
@@ -508,6 +515,12 @@ mod tests {
             let want = if required { status::IOERR } else { status::OK };
             assert_eq!(status, want, "required: {required}");
             assert!(device.standby.as_ref().unwrap().mirror.is_none(), "the lost mirror is dropped");
+            let m = device.metrics();
+            assert_eq!(
+                [BlockMetrics::get(&m.standby_whole), BlockMetrics::get(&m.standby_losses)],
+                [0, 1],
+                "counted as lost"
+            );
         }
     }
 

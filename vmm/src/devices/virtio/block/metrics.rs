@@ -18,12 +18,22 @@ pub struct BlockMetrics {
     pub io_errors: AtomicU64,
     /// Times the driver broke the ring protocol (device needs reset).
     pub ring_faults: AtomicU64,
+    /// 1 while every write reaches a standby whose copy is whole, else 0.
+    pub standby_whole: AtomicU64,
+    /// Writes made durable on the standby too.
+    pub standby_writes: AtomicU64,
+    /// Times the connection to a standby failed.
+    pub standby_losses: AtomicU64,
 }
 
 impl BlockMetrics {
     /// A counter's current value.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn set(counter: &AtomicU64, value: u64) {
+        counter.store(value, Ordering::Relaxed);
     }
 
     pub(super) fn bump(counter: &AtomicU64, by: u64) {
