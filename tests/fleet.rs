@@ -141,14 +141,23 @@ fn node_with(test: &str, i: u8, port: u16, relay: u16, etcd: &str, top: &str, de
 
 /// Etcd and three nodes, or `None` (said loudly) where they cannot run.
 fn fleet(test: &str) -> Option<(Etcd, Vec<Daemon>)> {
+    fleet_with(test, "")
+}
+
+/// As [`fleet`], with more `[defaults]` on every node.
+fn fleet_with(test: &str, defaults: &str) -> Option<(Etcd, Vec<Daemon>)> {
     if !kvm_available(test) || !tool_available(test, "etcd (Debian's etcd-server)", &format!("test -x {ETCD}")) {
         return None;
     }
     let etcd = Etcd::start(test);
     let (port, relay) = (free_port(), free_port());
-    let nodes = (1..=3).map(|i| node(test, i, port, relay, &etcd.url)).collect();
+    let nodes = (1..=3).map(|i| node_with(test, i, port, relay, &etcd.url, "", defaults)).collect();
     Some((etcd, nodes))
 }
+
+/// A session queue that holds every message the failover tests send (the
+/// default holds 1,000).
+const BIG_QUEUE: &str = "max_queued_messages = 4000\n";
 
 /// A TCP forwarder to etcd that the test can cut: one node's way to etcd,
 /// so that this node alone loses it (a partition) while the others keep it.
@@ -968,14 +977,7 @@ fn a_stopped_owner_daemon_cannot_keep_its_tenant_answering_past_its_lease() {
 #[test]
 fn kill_9_of_the_owner_loses_nothing_acknowledged_its_standby_takes_over() {
     let test = "kill_9_of_the_owner_loses_nothing_acknowledged_its_standby_takes_over";
-    if !kvm_available(test) || !tool_available(test, "etcd (Debian's etcd-server)", &format!("test -x {ETCD}")) {
-        return;
-    }
-    let etcd = Etcd::start(test);
-    let (port, relay) = (free_port(), free_port());
-    // A session queue that holds all 2,000 (the default holds 1,000).
-    let queue = "max_queued_messages = 4000\n";
-    let mut nodes: Vec<Daemon> = (1..=3).map(|i| node_with(test, i, port, relay, &etcd.url, "", queue)).collect();
+    let Some((_etcd, mut nodes)) = fleet_with(test, BIG_QUEUE) else { return };
     let (ok, _, err) = nodes[0].tenant(&["add", "hooli"]);
     assert!(ok, "tenant add: {err}");
     let owned_by = index(&owner(&nodes[0], "hooli", Duration::from_secs(10)));
@@ -1187,13 +1189,7 @@ fn delivered(session: &mut TcpStream, count: usize) -> Result<std::collections::
 #[test]
 fn a_lost_standby_is_replaced_and_caught_up_then_the_owner_is_lost_and_nothing_is() {
     let test = "a_lost_standby_is_replaced_and_caught_up_then_the_owner_is_lost_and_nothing_is";
-    if !kvm_available(test) || !tool_available(test, "etcd (Debian's etcd-server)", &format!("test -x {ETCD}")) {
-        return;
-    }
-    let etcd = Etcd::start(test);
-    let (port, relay) = (free_port(), free_port());
-    let queue = "max_queued_messages = 4000\n";
-    let mut nodes: Vec<Daemon> = (1..=3).map(|i| node_with(test, i, port, relay, &etcd.url, "", queue)).collect();
+    let Some((_etcd, mut nodes)) = fleet_with(test, BIG_QUEUE) else { return };
     let (ok, _, err) = nodes[0].tenant(&["add", "pied"]);
     assert!(ok, "tenant add: {err}");
     let o = index(&owner(&nodes[0], "pied", Duration::from_secs(10)));
@@ -1236,4 +1232,24 @@ fn a_lost_standby_is_replaced_and_caught_up_then_the_owner_is_lost_and_nothing_i
         Err(n) => panic!("{n} of 1000 acknowledged messages delivered after both losses"),
     }
     assert!(nodes[third].log_has("taken over from its standby copy"), "the new standby did not take it over");
+}
+
+#[test]
+fn a_removed_tenants_standby_copy_is_deleted() {
+    let test = "a_removed_tenants_standby_copy_is_deleted";
+    let Some((_etcd, nodes)) = fleet(test) else { return };
+    let (ok, _, err) = nodes[0].tenant(&["add", "hooli-xyz"]);
+    assert!(ok, "{err}");
+    let o = index(&owner(&nodes[0], "hooli-xyz", Duration::from_secs(10)));
+    publish_retained(&nodes[o], "hooli-xyz", "secret", b"a customer's data");
+    let s = standby_of(&nodes, "hooli-xyz", Duration::from_secs(10));
+    let copy = nodes[s].dir.join("state/replicas/hooli-xyz.state");
+    assert!(copy.exists(), "no copy at {}", copy.display());
+    let (ok, _, err) = nodes[0].tenant(&["remove", "hooli-xyz"]);
+    assert!(ok, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while copy.exists() {
+        assert!(Instant::now() < deadline, "the standby still keeps a removed tenant's copy 10 s later");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

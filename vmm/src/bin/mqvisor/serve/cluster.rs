@@ -499,6 +499,18 @@ struct Snapshot {
     leases: BTreeMap<String, i64>,
 }
 
+impl Snapshot {
+    /// The standby of `tenant` and the epoch it stands by for, if that
+    /// epoch is of this tenant: a claim made after its key was created (a
+    /// tenant removed and added again under the same name is another
+    /// tenant, whose state must never come from the old one's copy).
+    fn standby(&self, tenant: &str) -> Option<(&str, u64)> {
+        let (node, epoch) = self.standbys.get(tenant)?;
+        let created = u64::try_from(*self.created.get(tenant)?).ok()?;
+        (*epoch > created).then_some((node.as_str(), *epoch))
+    }
+}
+
 fn strip<'a>(key: &'a str, prefix: &str) -> Option<&'a str> {
     key.strip_prefix(prefix).filter(|n| valid_tenant_name(n))
 }
@@ -604,6 +616,8 @@ pub async fn sync(
     // The standby of each tenant run here, with that node's lease when it
     // was chosen (none: no other node had room).
     let mut standing: BTreeMap<String, Option<(String, i64)>> = BTreeMap::new();
+    // Tenants with a copy here that the last read did not list.
+    let mut copies_gone: BTreeSet<String> = BTreeSet::new();
     let mut cannot: BTreeMap<String, Instant> = BTreeMap::new();
     let mut snapshot = Snapshot::default();
     // Each tenant's settings as read from its table (and the table they
@@ -691,7 +705,7 @@ pub async fn sync(
                     let since = *unowned_since.entry(name.clone()).or_insert(now);
                     // The tenant's standby, alive and with room, claims it
                     // first (it has its state); otherwise placement picks.
-                    let standby = snapshot.standbys.get(name).map(|(node, _)| node.as_str()).filter(|node| {
+                    let standby = snapshot.standby(name).map(|(node, _)| node).filter(|node| {
                         snapshot.nodes.contains_key(*node) && free.get(node).is_some_and(|&room| room > 0)
                     });
                     let picked = match standby {
@@ -763,6 +777,15 @@ pub async fn sync(
             }
         }
         unowned_since.retain(|name, _| snapshot.tenants.contains_key(name));
+        // Copies kept here of tenants gone from the fleet (in two reads in
+        // a row: one read may predate a tenant just added) are deleted.
+        let gone: BTreeSet<String> =
+            super::standby::copies(&base).into_iter().filter(|name| !snapshot.tenants.contains_key(name)).collect();
+        for name in gone.intersection(&copies_gone) {
+            tracing::info!(tenant = %name, "removed from the fleet: its standby copy here deleted");
+            super::standby::delete(&base, name);
+        }
+        copies_gone = gone;
         // The front knows every tenant of the fleet (those run here are
         // entered with their own settings by the daemon's loop).
         let before: BTreeSet<String> = steering.0.read().map(|t| t.keys().cloned().collect()).unwrap_or_default();
@@ -854,7 +877,7 @@ impl<'a> Here<'a> {
             me,
             state_dir,
             standby: standby_for(tenant, me, &snapshot.nodes, free),
-            stood_by: snapshot.standbys.get(tenant).filter(|(node, _)| node == me).map(|&(_, epoch)| epoch),
+            stood_by: snapshot.standby(tenant).filter(|(node, _)| *node == me).map(|(_, epoch)| epoch),
         }
     }
 }
@@ -1021,8 +1044,10 @@ async fn answer(
             let removed = match etcd.delete(&format!("{TENANTS}{name}")).await {
                 Ok(true) => {
                     tracing::info!(tenant = %name, "removed from the fleet");
-                    // Added again later, it starts empty wherever it lands.
+                    // Added again later, it starts empty wherever it lands
+                    // (and its standbys drop their copies).
                     let _ = etcd.delete(&format!("{LAST}{name}")).await;
+                    let _ = etcd.delete(&format!("{STANDBY}{name}")).await;
                     Ok(())
                 }
                 Ok(false) => Err(format!("no tenant {name:?}")),

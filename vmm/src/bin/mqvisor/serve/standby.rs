@@ -77,6 +77,30 @@ pub fn whole(state_dir: &Path, tenant: &str) -> Option<u64> {
     dir.join(format!("{tenant}.state")).is_file().then_some(epoch)
 }
 
+/// The tenants this node keeps a copy of (whole or being made).
+pub fn copies(state_dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir(state_dir)) else { return Vec::new() };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().into_string().ok()?;
+            let (tenant, _) = name.rsplit_once('.')?;
+            valid_tenant_name(tenant).then(|| tenant.to_string())
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Deletes every copy of `tenant` kept here (a tenant removed from the
+/// fleet: its messages must not outlive it on another node's disk).
+pub fn delete(state_dir: &Path, tenant: &str) {
+    let dir = dir(state_dir);
+    for extension in ["epoch", "state", "new"] {
+        let _ = std::fs::remove_file(dir.join(format!("{tenant}.{extension}")));
+    }
+}
+
 /// Moves the whole copy of `tenant` (of epoch `epoch`) to `state_file`,
 /// where the tenant's process will boot from it. From then on, no shipment
 /// of that epoch or an older one is written here.
