@@ -391,7 +391,7 @@ fn a_node_cut_off_from_etcd_stops_its_tenant_before_another_node_starts_it() {
     let cut = usize::from(owned_by.trim_start_matches('n').parse::<u8>().unwrap()) - 1;
     let other = (cut + 1) % 3;
     let mut client = connect_until(nodes[other].addr, "c", "initech:c", Duration::from_secs(15));
-    client.write_all(&publish("t", b"x", 1, 1, false)).unwrap();
+    client.write_all(&publish("t", b"acknowledged before the cut", 1, 1, true)).unwrap();
     assert_eq!(read_packet(&mut client).0, 0x40, "PUBACK before the cut");
     let running = processes(&nodes, "initech");
     assert_eq!(running.len(), 1, "{running:?}");
@@ -438,11 +438,14 @@ fn a_node_cut_off_from_etcd_stops_its_tenant_before_another_node_starts_it() {
     // Healed: the node that was cut off serves it again, relaying to its owner.
     links[cut].cut.store(false, Ordering::Relaxed);
     let mut back = connect_until(nodes[cut].addr, "back", "initech:b", Duration::from_secs(15));
-    back.write_all(&publish("t", b"y", 1, 1, false)).unwrap();
+    back.write_all(&publish("u", b"y", 1, 1, false)).unwrap();
     assert_eq!(read_packet(&mut back).0, 0x40, "PUBACK through the healed node");
     let running = processes(&nodes, "initech");
     assert_eq!(running.len(), 1, "{running:?}");
     assert_ne!(running[0].0, owned_by);
+    // Its state moved with it: what the cut-off owner acknowledged is there.
+    let kept = retained(&nodes[cut], "initech", "t");
+    assert_eq!(kept.as_deref(), Some(&b"acknowledged before the cut"[..]), "lost across the partition");
 }
 
 #[test]

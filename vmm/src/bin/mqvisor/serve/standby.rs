@@ -204,3 +204,69 @@ fn is_newest(newest: &Mutex<u64>, epoch: u64) -> bool {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    /// A replica connection of `tenant` at `epoch`, served on a thread.
+    fn connect(state_dir: &Path, tenant: &str, epoch: u64) -> TcpStream {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let owner = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        owner.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        let (socket, _) = listener.accept().unwrap();
+        let (of, state_dir) = (ReplicaOf { epoch, tenant: tenant.into() }, state_dir.to_path_buf());
+        std::thread::spawn(move || receive(socket, of, &state_dir));
+        owner
+    }
+
+    /// Ships `data` at `offset` with `flags`; returns the answer.
+    fn ship(owner: &mut TcpStream, offset: u64, data: &[u8], flags: u8) -> u8 {
+        let len = u32::try_from(data.len()).unwrap();
+        let crc = crc32c(data);
+        owner.write_all(&ShipmentHead { offset, len, crc, flags }.encode()).unwrap();
+        owner.write_all(data).unwrap();
+        let mut answer = [0u8; 1];
+        owner.read_exact(&mut answer).unwrap();
+        answer[0]
+    }
+
+    #[test]
+    fn an_older_owner_is_refused_a_damaged_shipment_is_asked_again_and_a_taken_copy_gets_nothing() {
+        let state_dir = std::env::temp_dir().join(format!("mqvisor-standby-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&state_dir);
+        let mut owner = connect(&state_dir, "acme", 10);
+        owner.write_all(&8192u64.to_le_bytes()).unwrap();
+        assert_eq!(ship(&mut owner, 512, b"first", 0), ACK_DURABLE);
+        // A CRC that does not match: asked again, nothing written.
+        owner.write_all(&ShipmentHead { offset: 0, len: 3, crc: 1, flags: DURABLE }.encode()).unwrap();
+        owner.write_all(b"bad").unwrap();
+        let mut answer = [0u8; 1];
+        owner.read_exact(&mut answer).unwrap();
+        assert_eq!(answer[0], ACK_DAMAGED);
+        assert_eq!(whole(&state_dir, "acme"), None, "not whole before its snapshot ends");
+        assert_eq!(ship(&mut owner, 0, &[], WHOLE | DURABLE), ACK_DURABLE);
+        assert_eq!(whole(&state_dir, "acme"), Some(10));
+        let copy = std::fs::read(dir(&state_dir).join("acme.state")).unwrap();
+        assert_eq!((copy.len(), &copy[512..517], &copy[..3]), (8192, &b"first"[..], &[0u8; 3][..]));
+        // An older owner's connection is refused at once.
+        let mut stale = connect(&state_dir, "acme", 9);
+        stale.read_exact(&mut answer).unwrap();
+        assert_eq!(answer[0], ACK_REFUSED);
+        // A shipment outside the file ends the connection.
+        let mut other = connect(&state_dir, "other", 1);
+        other.write_all(&4096u64.to_le_bytes()).unwrap();
+        assert_eq!(ship(&mut other, 4096, &[1; 512], DURABLE), ACK_REFUSED);
+        // Taken over: the owner's later writes land nowhere.
+        let live = state_dir.join("live.state");
+        take(&state_dir, "acme", 10, &live).unwrap();
+        assert_eq!(ship(&mut owner, 1024, b"late", DURABLE), ACK_REFUSED);
+        assert_eq!(&std::fs::read(&live).unwrap()[1024..1028], &[0u8; 4]);
+        assert_eq!(copies(&state_dir), vec!["other".to_string()]);
+        delete(&state_dir, "other");
+        assert!(copies(&state_dir).is_empty());
+        let _ = std::fs::remove_dir_all(&state_dir);
+    }
+}
