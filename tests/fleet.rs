@@ -1204,14 +1204,18 @@ fn a_lost_standby_is_replaced_and_caught_up_then_the_owner_is_lost_and_nothing_i
     let third = 3 - o - first;
     let mut publisher = connect_until(nodes[o].addr, "pub", "pied:p", Duration::from_secs(15));
     publish_acknowledged(&mut publisher, 1..=500);
-    // The standby lost: the third node becomes the standby and catches up.
+    // The standby lost, while the owner goes on acknowledging (its copy
+    // is stale from the first write on): the third node becomes the
+    // standby and catches up.
     nodes[first].child.kill().unwrap();
     let _ = nodes[first].child.wait();
     let lost = Instant::now();
+    publish_acknowledged(&mut publisher, 501..=1000);
     let again = standby_of(&nodes[third..=third], "pied", Duration::from_secs(20));
     eprintln!("{test}: a new standby's copy whole {:?} after the first standby's loss", lost.elapsed());
     assert_eq!(again, 0);
-    publish_acknowledged(&mut publisher, 501..=1000);
+    assert!(nodes[o].log_has("its standby is lost"), "the owner did not retire the stale copy");
+    publish_acknowledged(&mut publisher, 1001..=1500);
     drop(publisher);
     // The owner says so: mirrored, its writes reaching the standby.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -1230,9 +1234,9 @@ fn a_lost_standby_is_replaced_and_caught_up_then_the_owner_is_lost_and_nothing_i
     nodes[o].child.kill().unwrap();
     let _ = nodes[o].child.wait();
     let mut back = connect_session_until(nodes[third].addr, "sub", "pied:s", false, Duration::from_secs(20));
-    match delivered(&mut back, 1000) {
-        Ok(seen) => assert_eq!(seen, (1..=1000).collect(), "acknowledged messages lost"),
-        Err(n) => panic!("{n} of 1000 acknowledged messages delivered after both losses"),
+    match delivered(&mut back, 1500) {
+        Ok(seen) => assert_eq!(seen, (1..=1500).collect(), "acknowledged messages lost"),
+        Err(n) => panic!("{n} of 1500 acknowledged messages delivered after both losses"),
     }
     assert!(nodes[third].log_has("taken over from its standby copy"), "the new standby did not take it over");
 }

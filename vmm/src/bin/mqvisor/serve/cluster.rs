@@ -106,6 +106,17 @@ pub static RELAYED_BYTES: AtomicU64 = AtomicU64::new(0);
 pub static RELAY_REFUSED: AtomicU64 = AtomicU64::new(0);
 /// The fleet's relay key, once read from etcd (`/mqvisor/relay-key`).
 static RELAY_KEY: OnceLock<RelayKey> = OnceLock::new();
+/// Tenants run here whose process lost its standby since the last pass.
+static MIRRORS_LOST: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+
+/// Tenant `name`'s process lost its standby: at the next pass its standby
+/// key is deleted (that copy misses what comes next, and must never be
+/// booted) and another standby is chosen.
+pub fn mirror_lost(name: &str) {
+    if let Ok(mut lost) = MIRRORS_LOST.lock() {
+        lost.insert(name.to_string());
+    }
+}
 /// This node's name, once it is a node of a fleet.
 static NODE: OnceLock<String> = OnceLock::new();
 /// When this node fences next (see the module doc), for its tenants'
@@ -217,12 +228,14 @@ impl ClusterConfig {
                 .map(|v| v.as_str().map(str::to_string))
                 .collect::<Option<Vec<_>>>()
                 .ok_or("[cluster] etcd must be a list of \"http://HOST:PORT\"")?,
-            _ => return Err("[cluster] etcd is required: a list like [\"http://10.0.0.1:2379\"]".into()),
+            None => return Err("[cluster] etcd is required: a list like [\"http://10.0.0.1:2379\"]".into()),
+            Some(_) => return Err("[cluster] etcd must be a non-empty list like [\"http://10.0.0.1:2379\"]".into()),
         };
         Etcd::new(&etcd).map_err(|e| format!("[cluster] etcd: {e}"))?;
         let node = match table.remove("node") {
             Some(toml::Value::String(n)) if valid_tenant_name(&n) => n,
-            _ => return Err("[cluster] node is required: this node's name, 1 to 64 of a-z, 0-9, '-' and '_'".into()),
+            None => return Err("[cluster] node is required: this node's name, 1 to 64 of a-z, 0-9, '-' and '_'".into()),
+            Some(_) => return Err("[cluster] node must be 1 to 64 of a-z, 0-9, '-' and '_'".into()),
         };
         let address = |table: &mut toml::Table, key: &str| match table.remove(key) {
             None => Ok(None),
@@ -686,7 +699,7 @@ pub async fn sync(
                         Place::Here
                     } else {
                         let owned = (id, kv.create_revision);
-                        let here = Here::of(name, me, &base, &snapshot, &free);
+                        let here = Here::of(name, (me, &base, &defaults), &snapshot, &free);
                         let place =
                             run_here(&etcd, &daemon, name, table, owned, &here, &mut running, &mut cannot).await;
                         standing.insert(name.clone(), here.standby_node(&snapshot));
@@ -716,7 +729,7 @@ pub async fn sync(
                         now.duration_since(since) >= CLAIM_ANYWAY_AFTER && free.get(me).is_some_and(|&room| room > 0);
                     match lease_now {
                         Some(id) if (picked || anyway) && !cannot.contains_key(name) => {
-                            let here = Here::of(name, me, &base, &snapshot, &free);
+                            let here = Here::of(name, (me, &base, &defaults), &snapshot, &free);
                             let place = claim(&etcd, &daemon, name, table, id, &here, &mut running, &mut cannot).await;
                             standing.insert(name.clone(), here.standby_node(&snapshot));
                             if place == Place::Here
@@ -743,6 +756,14 @@ pub async fn sync(
         }
         started_as.retain(|name, _| running.contains_key(name));
         standing.retain(|name, _| running.contains_key(name));
+        let lost = MIRRORS_LOST.lock().map(|mut lost| std::mem::take(&mut *lost)).unwrap_or_default();
+        for name in lost.iter().filter(|name| running.contains_key(*name)) {
+            tracing::warn!(tenant = %name, "its standby is lost: that copy is stale from now on");
+            if let Err(e) = etcd.delete(&format!("{STANDBY}{name}")).await {
+                tracing::warn!(tenant = %name, error = %e, "cannot retire its standby key");
+            }
+            standing.insert(name.clone(), None);
+        }
         // A standby that is gone (or came back as a new run of its node,
         // without the copy's latest writes) is replaced: the tenant's
         // process is handed a connection to another node, which it sends
@@ -750,6 +771,10 @@ pub async fn sync(
         for (name, standby) in standing.iter_mut() {
             let alive = standby.as_ref().is_some_and(|(node, lease)| snapshot.leases.get(node) == Some(lease));
             let Some(&epoch) = running.get(name).filter(|_| !alive) else { continue };
+            let table = snapshot.tenants.get(name).and_then(|t| std::str::from_utf8(t).ok());
+            if !defaults.mirrored(&table.and_then(|t| toml::from_str(t).ok()).unwrap_or_default()) {
+                continue;
+            }
             let Some((node, address)) = standby_for(name, me, &snapshot.nodes, &free) else { continue };
             match replace_standby(&etcd, name, (node, address), epoch).await {
                 Ok((target, connection)) => {
@@ -857,6 +882,8 @@ struct Here<'a> {
     standby: Option<(&'a str, SocketAddr)>,
     /// The epoch this node stands by for, if it is the tenant's standby.
     stood_by: Option<u64>,
+    /// Serve's `[defaults]`: whether tenants are mirrored unless they say.
+    defaults: &'a TenantTable,
 }
 
 impl<'a> Here<'a> {
@@ -868,14 +895,14 @@ impl<'a> Here<'a> {
 
     fn of(
         tenant: &str,
-        me: &'a str,
-        state_dir: &'a std::path::Path,
+        (me, state_dir, defaults): (&'a str, &'a std::path::Path, &'a TenantTable),
         snapshot: &'a Snapshot,
         free: &BTreeMap<&str, u32>,
     ) -> Here<'a> {
         Here {
             me,
             state_dir,
+            defaults,
             standby: standby_for(tenant, me, &snapshot.nodes, free),
             stood_by: snapshot.standby(tenant).filter(|(node, _)| *node == me).map(|(_, epoch)| epoch),
         }
@@ -987,7 +1014,9 @@ async fn own(
         // its own old state for the latest once this one has run it.
         etcd.put(&last, me.as_bytes(), 0).await.map_err(|e| e.to_string())?;
     }
-    let standby = match (here.standby, relay_key().map(|key| hex(key))) {
+    let parsed: toml::Table = toml::from_str(&table).unwrap_or_default();
+    let mirrored = here.defaults.mirrored(&parsed);
+    let standby = match (here.standby.filter(|_| mirrored), relay_key().map(|key| hex(key))) {
         (Some((node, address)), Some(key)) => {
             // Said before the first process runs: should this node go, that
             // node claims the tenant first.

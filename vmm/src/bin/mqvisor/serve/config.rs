@@ -299,6 +299,15 @@ impl TenantTable {
         Ok(TenantTable { memory, listen, idle_stop_after, user, persistence, standby, limits, tls, quotas, broker })
     }
 
+    /// Whether a tenant of `table` (its own TOML table) over these
+    /// defaults has its state mirrored in a fleet (`standby` not "off").
+    pub fn mirrored(&self, table: &toml::Table) -> bool {
+        match table.get("standby").and_then(toml::Value::as_str) {
+            Some(own) => own != "off",
+            None => self.standby != Some(Standby::Off),
+        }
+    }
+
     /// A tenant from its TOML `table` (paths relative to `base`), over
     /// these defaults, checked.
     pub fn tenant(&self, table: toml::Table, base: &Path) -> Result<TenantConfig, String> {
@@ -323,6 +332,13 @@ impl TenantTable {
         let settings = broker.resolve().map_err(|e| e.to_string())?;
         let memory = own.memory.or(self.memory).unwrap_or(DEFAULT_MEMORY_MIB);
         let standby = own.standby.or(self.standby).unwrap_or_default();
+        if standby == Standby::Required && own.persistence.or(self.persistence) == Some(Persistence::Off) {
+            return Err(
+                "standby = \"required\" needs persistence \"sync\" or \"batch\": with \"off\" there is no state \
+                        to mirror"
+                    .to_string(),
+            );
+        }
         // What its `mqvisor run` checks at start: settings that can never
         // boot are refused here, not found out by a crash loop.
         let service = Service::Mqtt {
@@ -670,6 +686,7 @@ mod tests {
         assert!(failed("idle_stop_after = -1").contains("idle_stop_after must be"));
         assert!(failed("persistence = \"always\"").contains("persistence must be \"sync\", \"batch\" or \"off\""));
         assert!(failed("standby = \"always\"").contains("standby must be \"required\", \"preferred\" or \"off\""));
+        assert!(failed("standby = \"required\"\npersistence = \"off\"").contains("no state to mirror"));
         assert!(failed("password_file = \"missing\"").contains("missing"));
         assert!(failed("cpus = 0").contains("cpus must be between"));
         assert!(failed("cpus = \"half\"").contains("cpus must be a number"));

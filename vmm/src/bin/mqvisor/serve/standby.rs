@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -147,7 +147,10 @@ fn copy(mut socket: std::net::TcpStream, of: &ReplicaOf, state_dir: &Path) -> st
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
     let (new, copy_path) = (dir.join(format!("{}.new", of.tenant)), dir.join(format!("{}.state", of.tenant)));
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&new)?;
+    // The owner starts over: the copy there was misses what it
+    // acknowledged since its mirror broke, and is whole no more.
+    let _ = std::fs::remove_file(dir.join(format!("{}.epoch", of.tenant)));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(&new)?;
     file.set_len(len)?;
     let mut data = vec![0u8; MAX_SHIPMENT];
     loop {

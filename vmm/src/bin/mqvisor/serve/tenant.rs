@@ -384,7 +384,7 @@ impl Tenant {
         *self.load.lock().map_err(|_| std::io::Error::other("load lock poisoned"))? = Counters::default();
         let booted = (Instant::now(), self.boot_seconds.clone());
         let usage = (self.usage.clone(), Baseline::default());
-        tokio::spawn(link(ours, queue, self.load.clone(), booted, self.returned.clone(), usage));
+        tokio::spawn(link(self.name.clone(), ours, queue, self.load.clone(), booted, self.returned.clone(), usage));
         let (tenant, exited) = (self.name.clone(), exited.clone());
         tokio::spawn(async move {
             let status = child.wait().await;
@@ -619,6 +619,7 @@ const LAST_REPORT_WAIT: Duration = Duration::from_secs(1);
 /// over (the one it was sending and the rest of its queue). Each report is
 /// counted in the tenant's usage against this process's own baseline.
 async fn link(
+    tenant: String,
     socket: AsyncFd<UnixDatagram>,
     mut queue: mpsc::Receiver<(TcpStream, FirstBytes)>,
     load: Arc<Mutex<Counters>>,
@@ -657,6 +658,10 @@ async fn link(
                     match received {
                         Ok(len) => {
                             if let (Some(now), Ok(mut load)) = (Counters::from_report(&report[..len]), load.lock()) {
+                                if now.standby_losses > load.standby_losses {
+                                    // Its standby's copy is stale from here on.
+                                    super::cluster::mirror_lost(&tenant);
+                                }
                                 *load = now;
                                 if let Ok(mut usage) = usage.lock() {
                                     usage.report(&mut baseline, &now);
