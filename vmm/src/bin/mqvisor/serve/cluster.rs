@@ -1165,8 +1165,10 @@ mod tests {
         assert!(err("node = \"h1\"\nadvertise = \"10.0.0.1:1\"").contains("etcd is required"));
         assert!(err("etcd = [\"https://e:1\"]\nnode = \"h1\"\nadvertise = \"10.0.0.1:1\"").contains("only http://"));
         assert!(
-            err("etcd = [\"http://e:1\"]\nnode = \"H 1\"\nadvertise = \"10.0.0.1:1\"").contains("node is required")
+            err("etcd = [\"http://e:1\"]\nnode = \"H 1\"\nadvertise = \"10.0.0.1:1\"").contains("node must be 1 to 64")
         );
+        assert!(err("etcd = [\"http://e:1\"]\nadvertise = \"10.0.0.1:1\"").contains("node is required"));
+        assert!(err("etcd = \"http://e:1\"\nnode = \"h1\"\nadvertise = \"10.0.0.1:1\"").contains("non-empty list"));
         assert!(err("etcd = [\"http://e:1\"]\nnode = \"h1\"").contains("advertise is required"));
         assert!(err("etcd = [\"http://e:1\"]\nnode = \"h1\"\nadvertise = \"0.0.0.0:1\"").contains("can reach"));
         assert!(err("etcd = [\"http://e:1\"]\nnode = \"h1\"\nadvertise = \"127.0.0.1:1883\"").contains("shared port"));
