@@ -3,10 +3,12 @@
 //! and keeps a byte-for-byte copy in `STATE_DIR/replicas/NAME.state`.
 //!
 //! A connection's copy is written to `NAME.new` until its snapshot is whole,
-//! then renamed over `NAME.state` (with its epoch in `NAME.epoch`), so a
-//! copy that was whole stays whole while a later owner's snapshot is under
-//! way. Every shipment flagged durable is `fdatasync`ed before it is
-//! answered: the owner's guest hears "written" only then.
+//! then renamed over `NAME.state`, and only then is its epoch written to
+//! `NAME.epoch` (what makes a copy whole). A new connection removes the
+//! epoch first: the owner starts over because its mirror broke, so the
+//! copy there misses what it acknowledged since. Every shipment flagged
+//! durable is `fdatasync`ed before it is answered: the owner's guest hears
+//! "written" only then.
 //!
 //! Owns the copies and the newest epoch seen per tenant. Never writes a
 //! shipment of an epoch older than the newest that reached this node (a
