@@ -914,6 +914,23 @@ fn a_tenant_removed_and_added_again_at_once_starts_afresh() {
     let now = processes(&nodes, "reuse");
     assert_eq!(now.len(), 1, "{now:?}");
     assert!(!old.contains(&now[0]), "the old process ({old:?}) still runs: {now:?} (owner was {owned_by})");
+    // The new tenant's own state is mirrored under a claim of its own: it
+    // survives its owner's loss.
+    let o = index(&owner(&nodes[0], "reuse", Duration::from_secs(10)));
+    publish_retained(&nodes[o], "reuse", "fresh", b"the new tenant's");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(nodes[o].metrics().contains("mqvisor_tenant_standby_mirrored{tenant=\"reuse\"} 1")
+        && nodes[o].metric("mqvisor_tenant_standby_writes_total{tenant=\"reuse\"}") > 0)
+    {
+        assert!(Instant::now() < deadline, "the new tenant has no whole standby copy");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut nodes = nodes;
+    nodes[o].child.kill().unwrap();
+    let _ = nodes[o].child.wait();
+    let survivor = (o + 1) % 3;
+    let kept = retained(&nodes[survivor], "reuse", "fresh");
+    assert_eq!(kept.as_deref(), Some(&b"the new tenant's"[..]), "the re-added tenant's state was lost");
 }
 
 #[test]
@@ -1259,4 +1276,26 @@ fn a_removed_tenants_standby_copy_is_deleted() {
         assert!(Instant::now() < deadline, "the standby still keeps a removed tenant's copy 10 s later");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_tenant_taken_over_reaches_its_next_standby_before_any_client_comes() {
+    let test = "a_tenant_taken_over_reaches_its_next_standby_before_any_client_comes";
+    let Some((_etcd, mut nodes)) = fleet(test) else { return };
+    let (ok, _, err) = nodes[0].tenant(&["add", "dormant"]);
+    assert!(ok, "{err}");
+    let o = index(&owner(&nodes[0], "dormant", Duration::from_secs(10)));
+    publish_retained(&nodes[o], "dormant", "kept", b"acknowledged once");
+    let s = standby_of(&nodes, "dormant", Duration::from_secs(10));
+    let t = 3 - o - s;
+    nodes[o].child.kill().unwrap();
+    let _ = nodes[o].child.wait();
+    // No client comes: the standby takes it over and its state reaches the
+    // third node all the same.
+    let next = standby_of(&nodes[t..=t], "dormant", Duration::from_secs(30));
+    assert_eq!(next, 0);
+    nodes[s].child.kill().unwrap();
+    let _ = nodes[s].child.wait();
+    let kept = retained(&nodes[t], "dormant", "kept");
+    assert_eq!(kept.as_deref(), Some(&b"acknowledged once"[..]), "lost with two owners in turn");
 }

@@ -694,6 +694,14 @@ pub async fn sync(
                 let _ = daemon.send(ToDaemon::Disown { name: name.clone(), removed: false });
             }
             let place = match (owner, current) {
+                (Some(kv), _) if mine && kv.create_revision < created => {
+                    // A claim of the tenant that was removed before this one
+                    // was added under its name: let go, claimed afresh (its
+                    // epoch must be this tenant's, or its standby's copy
+                    // would never be booted).
+                    let _ = etcd.delete_if(&format!("{OWNERS}{name}"), kv.create_revision).await;
+                    Place::Nowhere
+                }
                 (Some(kv), Some(id)) if mine => {
                     if running.contains_key(name) {
                         Place::Here

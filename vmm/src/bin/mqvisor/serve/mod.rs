@@ -353,7 +353,17 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                         copied
                             .and_then(|()| add_tenant(&mut tenants, &name, &table, &config, None, &base, &directory))
                             .and_then(|()| match tenants.get_mut(&name) {
-                                Some(tenant) => tenant.set_standby(standby),
+                                Some(tenant) => {
+                                    let mirrored = standby.is_some() && tenant.mirrored();
+                                    tenant.set_standby(standby)?;
+                                    // Its state reaches its standby now, not
+                                    // on its first client: its owner may go
+                                    // before any client comes.
+                                    if mirrored {
+                                        tenant.boot_now(&exe, &exited_tx);
+                                    }
+                                    Ok(())
+                                }
                                 None => Ok(()),
                             })
                     };
@@ -370,7 +380,11 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                         if let Err(e) = tenant.set_standby(Some(target)) {
                             tracing::warn!(tenant = %name, "{e}");
                         }
-                        tenant.offer_standby(connection);
+                        if !tenant.offer_standby(connection) && tenant.mirrored() {
+                            // No process to hand it to: one boots, and sends
+                            // its state to that standby itself.
+                            tenant.boot_now(&exe, &exited_tx);
+                        }
                     }
                 }
                 cluster::ToDaemon::Disown { name, removed } => {

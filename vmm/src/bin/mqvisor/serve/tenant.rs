@@ -165,6 +165,19 @@ impl Tenant {
         self.process.as_ref().map(|p| p.pid)
     }
 
+    /// Boots its process now if it has none (in a fleet: so that its state
+    /// reaches a new standby without waiting for a client).
+    pub fn boot_now(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) {
+        if self.process.is_none() && self.stopping.is_none() && self.restart_at.is_none() {
+            self.boot(exe, exited);
+        }
+    }
+
+    /// Whether its state is mirrored in a fleet (and so worth booting for).
+    pub fn mirrored(&self) -> bool {
+        self.config.mirrored && self.config.run.persistence != mqvisor::state::Persistence::Off
+    }
+
     /// In a fleet: hands its running process `connection` to a new standby
     /// (its PROXY header sent), which its state disk mirrors to from then
     /// on; false when it has no process (its next one reads the settings).
