@@ -87,9 +87,11 @@ pub enum Commands {
     Bench(BenchCommand),
 }
 
+/// How `mqvisor tenant` and `mqvisor node` reach a daemon and answer.
 #[derive(clap::Args)]
-pub struct TenantArgs {
-    /// The daemon's control socket (its `control_socket`, by default STATE_DIR/control.sock)
+pub struct ControlArgs {
+    /// The daemon's control socket (its `control_socket`, by default
+    /// STATE_DIR/control.sock; in a fleet, any node's)
     #[arg(
         long,
         value_name = "PATH",
@@ -101,24 +103,20 @@ pub struct TenantArgs {
     /// Print the daemon's JSON answer instead of a table
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct TenantArgs {
+    #[command(flatten)]
+    pub control: ControlArgs,
     #[command(subcommand)]
     pub action: TenantAction,
 }
 
 #[derive(clap::Args)]
 pub struct NodeArgs {
-    /// The control socket of any node of the fleet
-    #[arg(
-        long,
-        value_name = "PATH",
-        env = "MQVISOR_SOCKET",
-        default_value = "/var/lib/mqvisor/control.sock",
-        global = true
-    )]
-    pub socket: PathBuf,
-    /// Print the daemon's JSON answer instead of a table
-    #[arg(long, global = true)]
-    pub json: bool,
+    #[command(flatten)]
+    pub control: ControlArgs,
     #[command(subcommand)]
     pub action: NodeAction,
 }

@@ -19,9 +19,6 @@ use crate::settings::TenantRun;
 use mqvisor::devices::virtio::block::Standby;
 use mqvisor::replica::Mirror;
 
-/// How long reaching the standby may take before the VM boots without it.
-const STANDBY_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
-
 /// Exit code when the VM could not be started (bad input, no KVM, ...).
 pub const EXIT_SETUP_FAILED: u8 = 125;
 /// Exit code when the guest crashed (fault, triple fault, unexpected exit).
@@ -346,16 +343,9 @@ fn open_state(args: &RunArgs, max_packet_size: u64) -> Result<Option<vm::StateDi
 /// fails every write when the standby is `required`, and does without it
 /// otherwise.
 fn mirror_to(target: &crate::settings::StandbyTarget, required: bool, file: &std::fs::File) -> Standby {
-    use crate::serve::proxy_header::{ReplicaOf, Tlvs, encode};
     let started = std::time::Instant::now();
     let mirror = (|| -> Result<Mirror, String> {
-        let key = crate::serve::cluster::unhex(target.key.as_bytes()).ok_or("the relay key is not 64 hex digits")?;
-        let socket = std::net::TcpStream::connect_timeout(&target.address, STANDBY_CONNECT_TIMEOUT)
-            .map_err(|e| e.to_string())?;
-        let replica = ReplicaOf { epoch: target.epoch, tenant: target.tenant.clone() };
-        let tlvs = Tlvs { handed: None, key: Some(key), replica: Some(replica) };
-        let header = encode(socket.local_addr().map_err(|e| e.to_string())?, target.address, &tlvs);
-        std::io::Write::write_all(&mut &socket, &header).map_err(|e| e.to_string())?;
+        let socket = crate::serve::relay::connect_replica(target)?;
         let len = file.metadata().map_err(|e| e.to_string())?.len();
         Mirror::start(Mirror::prepare(socket).map_err(|e| e.to_string())?, file, len).map_err(|e| e.to_string())
     })();

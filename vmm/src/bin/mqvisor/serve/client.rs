@@ -46,9 +46,9 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
         TenantAction::Usage { name } => (Method::GET, format!("/tenants/{name}/usage"), String::new()),
         TenantAction::User(_) | TenantAction::Acl(_) => return super::users_client::command(&args),
     };
-    let Some((status, text)) = answer(&args.socket, method, &path, body) else { return ExitCode::FAILURE };
+    let Some((status, text)) = answer(&args.control.socket, method, &path, body) else { return ExitCode::FAILURE };
     if let TenantAction::Usage { .. } = &args.action {
-        return print_usage(&text, args.json);
+        return print_usage(&text, args.control.json);
     }
     let views: Option<Vec<super::control::TenantView>> = match &args.action {
         TenantAction::List => serde_json::from_str(&text).ok(),
@@ -56,7 +56,7 @@ pub fn tenant_command(args: TenantArgs) -> ExitCode {
         _ => None,
     };
     match views {
-        Some(_) if args.json => print!("{text}"),
+        Some(_) if args.control.json => print!("{text}"),
         Some(views) => {
             // In a fleet, which node owns each (figures are the owner's).
             let fleet = views.iter().any(|t| t.node.is_some());
@@ -147,9 +147,9 @@ pub fn node_command(args: NodeArgs) -> ExitCode {
         NodeAction::Drain { node } => (Method::POST, format!("/nodes/{node}/drain")),
         NodeAction::Undrain { node } => (Method::DELETE, format!("/nodes/{node}/drain")),
     };
-    let Some((_, text)) = answer(&args.socket, method, &path, String::new()) else { return ExitCode::FAILURE };
+    let Some((_, text)) = answer(&args.control.socket, method, &path, String::new()) else { return ExitCode::FAILURE };
     match (&args.action, serde_json::from_str::<Vec<super::cluster::NodeView>>(&text)) {
-        (NodeAction::List, _) if args.json => print!("{text}"),
+        (NodeAction::List, _) if args.control.json => print!("{text}"),
         (NodeAction::List, Ok(nodes)) => {
             println!("{:<24} {:<22} {:>8} {:>8} {:>8}", "NODE", "ADVERTISE", "CAPACITY", "TENANTS", "DRAINED");
             for n in &nodes {

@@ -926,26 +926,17 @@ async fn replace_standby(
     (node, address): (&str, SocketAddr),
     epoch: i64,
 ) -> Result<(StandbyTarget, std::net::TcpStream), String> {
-    use tokio::io::AsyncWriteExt;
-
-    use super::proxy_header::{ReplicaOf, Tlvs, encode};
-    let key = relay_key().ok_or("the relay key is not read yet")?;
+    let key = hex(relay_key().ok_or("the relay key is not read yet")?);
     let epoch = u64::try_from(epoch).map_err(|e| e.to_string())?;
-    let connect = tokio::net::TcpStream::connect(address);
-    let mut stream = match tokio::time::timeout(Duration::from_secs(3), connect).await {
-        Ok(connected) => connected.map_err(|e| e.to_string())?,
-        Err(_) => return Err("no answer within 3 s".into()),
-    };
-    let tlvs = Tlvs { handed: None, key: Some(*key), replica: Some(ReplicaOf { epoch, tenant: tenant.to_string() }) };
-    let header = encode(stream.local_addr().map_err(|e| e.to_string())?, address, &tlvs);
-    stream.write_all(&header).await.map_err(|e| e.to_string())?;
-    let stream = stream.into_std().map_err(|e| e.to_string())?;
-    mqvisor::replica::set_options(&stream).map_err(|e| e.to_string())?;
+    let target = StandbyTarget { address, tenant: tenant.to_string(), epoch, key };
+    let connecting = target.clone();
+    let stream = tokio::task::spawn_blocking(move || super::relay::connect_replica(&connecting))
+        .await
+        .map_err(|e| e.to_string())??;
     // Said before the process mirrors there: should this node go, that
     // node claims the tenant first.
     let value = format!("{node} {epoch}");
     etcd.put(&format!("{STANDBY}{tenant}"), value.as_bytes(), 0).await.map_err(|e| e.to_string())?;
-    let target = StandbyTarget { address, tenant: tenant.to_string(), epoch, key: hex(key) };
     Ok((target, stream))
 }
 

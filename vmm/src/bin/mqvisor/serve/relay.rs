@@ -14,7 +14,8 @@
 //! ([`super::cluster::relay_key`]): whoever else reaches it is closed
 //! before a byte of theirs is routed.
 //!
-//! Owns those two ends. Never relays a connection that arrived relayed (no
+//! Owns those two ends, and the owner's end of a replica connection
+//! ([`connect_replica`]), which shares the header and the key. Never relays a connection that arrived relayed (no
 //! loops between nodes whose views of the owners differ for a moment), and
 //! never reads more than [`super::proxy_header::MAX_HEADER`] bytes of header.
 
@@ -66,6 +67,22 @@ pub async fn relay(mut client: TcpStream, first: FirstBytes, owner: SocketAddr) 
     if let Ok((up, down)) = copied {
         RELAYED_BYTES.fetch_add(up.saturating_add(down), Ordering::Relaxed);
     }
+}
+
+/// Connects to the standby `target` names for a tenant's state (blocking,
+/// at most [`CONNECT_TIMEOUT`]): the PROXY header with the relay key and
+/// the replica TLV sent, the socket options a mirror needs set
+/// (`mqvisor::replica`). The tenant's process calls this when it starts,
+/// the daemon when it replaces a lost standby.
+pub fn connect_replica(target: &crate::settings::StandbyTarget) -> Result<std::net::TcpStream, String> {
+    let key = super::cluster::unhex(target.key.as_bytes()).ok_or("the relay key is not 64 hex digits")?;
+    let socket = std::net::TcpStream::connect_timeout(&target.address, CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
+    let replica = ReplicaOf { epoch: target.epoch, tenant: target.tenant.clone() };
+    let tlvs = Tlvs { handed: None, key: Some(key), replica: Some(replica) };
+    let header = proxy_header::encode(socket.local_addr().map_err(|e| e.to_string())?, target.address, &tlvs);
+    std::io::Write::write_all(&mut &socket, &header).map_err(|e| e.to_string())?;
+    mqvisor::replica::set_options(&socket).map_err(|e| e.to_string())?;
+    Ok(socket)
 }
 
 /// What came to the relay port.

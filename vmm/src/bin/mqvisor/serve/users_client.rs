@@ -71,7 +71,7 @@ fn ask(args: &TenantArgs) -> Result<(), String> {
         _ => return Err("not a user or ACL command".into()),
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let (status, text) = runtime.block_on(super::client::request(&args.socket, method, &path, body))?;
+    let (status, text) = runtime.block_on(super::client::request(&args.control.socket, method, &path, body))?;
     if !status.is_success() {
         let message = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
@@ -80,7 +80,7 @@ fn ask(args: &TenantArgs) -> Result<(), String> {
         return Err(message);
     }
     match &args.action {
-        TenantAction::User(UserAction::List { .. }) if args.json => print!("{text}"),
+        TenantAction::User(UserAction::List { .. }) if args.control.json => print!("{text}"),
         TenantAction::User(UserAction::List { .. }) => {
             let names: Vec<String> = serde_json::from_str(&text).map_err(|e| format!("the daemon's answer: {e}"))?;
             for user in names {
