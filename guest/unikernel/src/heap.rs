@@ -189,6 +189,33 @@ pub fn init(info: &BootInfo) -> Result<usize, HeapError> {
     Ok(end - start)
 }
 
+/// `len` bytes, at the start of whole pages, that nothing in the guest has touched, for
+/// a buffer kept for the VM's whole life (the network's RX buffers and its
+/// frame being built). They are zero as the VMM mapped them, so no byte is
+/// written here: a page costs the host, and the guest an exit, only when
+/// something first lands on it (a calloc'd buffer is cleared at once, every
+/// page of it). `None` when the heap cannot spare them.
+pub fn untouched_zeroed(len: usize) -> Option<&'static mut [u8]> {
+    let page = virtio_drivers::PAGE_SIZE;
+    let pages = len.checked_next_multiple_of(page)?;
+    let start = HEAP.with(|d| {
+        // Taken from where dlmalloc would ask next: its next segment then
+        // starts past these pages, which it handles as a new segment.
+        let region = d.allocator();
+        let start = region.next.load(Ordering::Relaxed).checked_next_multiple_of(page)?;
+        let end = start.checked_add(pages).filter(|&end| start != 0 && end <= region.end.load(Ordering::Relaxed))?;
+        region.next.store(end, Ordering::Relaxed);
+        Some(start)
+    })?;
+    HEAP.in_use.fetch_add(pages, Ordering::Relaxed);
+    // SAFETY: [start, start + pages) lies in the heap range `init` took from
+    // boot-info (RAM the VMM reserves for the heap and never writes), was
+    // never handed out before (the region only moves forward) and never will
+    // be again, so this is the only reference to it, for ever. Guest RAM
+    // starts zeroed, and nothing wrote these bytes, so they are initialised.
+    Some(unsafe { core::slice::from_raw_parts_mut(start as *mut u8, len) })
+}
+
 /// Bytes of the heap not in use, allocator overhead counted.
 pub fn free_bytes() -> usize {
     let used = HEAP.in_use.load(Ordering::Relaxed) + HEAP.live.load(Ordering::Relaxed) * CHUNK_OVERHEAD;

@@ -4,15 +4,17 @@
 //! Owns the RX buffers posted to the device and the TX buffers in flight
 //! (each sized to its frame, freed once the device is done with it).
 //! RX buffers start few and grow in batches when a burst of frames drains
-//! them all: every RX buffer is touched memory the host pays for, and an
-//! idle tenant needs few (8 frames of 64 KiB, not 64).
+//! them all, and are pages nothing has touched yet (`heap::untouched_zeroed`):
+//! a page of one costs the host, and the guest an exit, only once a frame
+//! reaches it, so an idle tenant pays for the few pages its frames used, not
+//! for 8 frames of 64 KiB, and a boot does not spend an exit on each page.
 //! Nothing here waits for the device: transmits are queued and reclaimed
 //! later, so a burst of frames costs at most one notification (the device
 //! suppresses the rest with EVENT_IDX). Buffers are heap boxes whose
-//! addresses never change while the device holds them.
+//! addresses never change while the device holds them; RX buffers live as
+//! long as the VM.
 
 use alloc::boxed::Box;
-use alloc::vec;
 use alloc::vec::Vec;
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::MmioTransport;
@@ -32,7 +34,7 @@ type Driver = VirtIONetRaw<GuestHal, EventIdxTransport<MmioTransport<'static>>, 
 struct Inner {
     driver: Driver,
     /// RX buffers the device holds, by token.
-    rx_posted: Vec<Option<Box<[u8]>>>,
+    rx_posted: Vec<Option<&'static mut [u8]>>,
     /// RX buffers this driver owns (posted, or being read).
     rx_count: usize,
     /// Frames received since the RX queue was last found empty.
@@ -45,10 +47,10 @@ struct Inner {
 }
 
 impl Inner {
-    fn post_rx(&mut self, mut buf: Box<[u8]>) {
-        // SAFETY: the box is stored in `rx_posted` under the returned token
+    fn post_rx(&mut self, buf: &'static mut [u8]) {
+        // SAFETY: the buffer is stored in `rx_posted` under the returned token
         // and not touched until `receive_complete` hands it back.
-        match unsafe { self.driver.receive_begin(&mut buf) } {
+        match unsafe { self.driver.receive_begin(&mut *buf) } {
             Ok(token) => {
                 if let Some(slot) = self.rx_posted.get_mut(usize::from(token)) {
                     *slot = Some(buf);
@@ -64,9 +66,13 @@ impl Inner {
     fn grow_rx(&mut self) {
         let add = RX_BATCH.min(QUEUE_SIZE - self.rx_count);
         for _ in 0..add {
-            self.post_rx(vec![0u8; self.buf_len].into_boxed_slice());
+            let Some(buf) = crate::heap::untouched_zeroed(self.buf_len) else {
+                // No heap to spare: the buffers posted already keep serving.
+                break;
+            };
+            self.post_rx(buf);
+            self.rx_count += 1;
         }
-        self.rx_count += add;
     }
 
     fn reclaim_tx(&mut self) {
@@ -129,12 +135,12 @@ impl VirtioNet {
             // This burst used every buffer: the VMM may be holding more.
             inner.grow_rx();
         }
-        let Some(mut buf) = inner.rx_posted.get_mut(usize::from(token)).and_then(Option::take) else {
+        let Some(buf) = inner.rx_posted.get_mut(usize::from(token)).and_then(Option::take) else {
             inner.failed = true;
             return None;
         };
         // SAFETY: the same buffer as given to receive_begin for this token.
-        let lengths = unsafe { inner.driver.receive_complete(token, &mut buf) };
+        let lengths = unsafe { inner.driver.receive_complete(token, &mut *buf) };
         let result = match lengths {
             Ok((start, len)) if start.checked_add(len).is_some_and(|end| end <= buf.len()) => {
                 Some(f(&buf[start..start + len]))

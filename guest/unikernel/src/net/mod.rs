@@ -13,7 +13,6 @@ pub mod hal;
 pub mod mqtt;
 mod notify;
 
-use alloc::boxed::Box;
 use alloc::vec::Vec;
 use core::ptr::NonNull;
 
@@ -44,10 +43,11 @@ pub struct Link {
     device: VirtioNet,
     guest_mac: [u8; 6],
     host_mac: [u8; 6],
-    /// The frame being built (one frame's room, allocated once; a frame
+    /// The frame being built (one frame's room, for the VM's life, of
+    /// untouched pages: only those frames reach cost anything; a frame
     /// leaves as a copy of what was written, so a small frame holds little
     /// memory while the device has it).
-    building: Box<[u8]>,
+    building: &'static mut [u8],
     /// Bytes of `building` written; 0 when no frame is started.
     building_len: usize,
     /// Control records that found no room; sent before anything else.
@@ -93,11 +93,12 @@ impl Link {
             .map_err(|_| "virtio-net device refused initialisation")?;
         let net: &NetConfig = &info.net;
         let max_frame = usize::from(net.mtu) + streams::ETHERNET_HEADER_LEN;
+        let building = crate::heap::untouched_zeroed(max_frame).ok_or("no heap for the frame being built")?;
         Ok(Link {
             device: VirtioNet::new(driver, max_frame),
             guest_mac: net.guest_mac,
             host_mac: net.host_mac,
-            building: alloc::vec![0u8; max_frame].into_boxed_slice(),
+            building,
             building_len: 0,
             held: Vec::new(),
             tx_full: false,
