@@ -153,9 +153,9 @@ impl Link {
     fn write(&mut self, mut write: impl FnMut(&mut FrameWriter<'_>) -> usize) -> usize {
         for _ in 0..2 {
             let mut frame = if self.building_len == 0 {
-                FrameWriter::new(&mut self.building, self.host_mac, self.guest_mac)
+                FrameWriter::new(self.building, self.host_mac, self.guest_mac)
             } else {
-                FrameWriter::resume(&mut self.building, self.building_len)
+                FrameWriter::resume(self.building, self.building_len)
             };
             let written = write(&mut frame);
             let empty = frame.is_empty();
