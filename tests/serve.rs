@@ -1606,3 +1606,77 @@ fn usage_counts_what_a_tenant_did_just_before_a_clean_stop() {
     assert_eq!(u["messages_in"], 100, "{u}");
     assert!(u["bytes_in"].as_u64().unwrap() > 100 * 8, "{u}");
 }
+
+/// The daemon's children waiting as its spare (`--tenant-settings-from-handoff`
+/// in their command line, and no tenant's pid).
+fn spares(daemon: &Daemon) -> Vec<u32> {
+    let daemon_pid = daemon.child.id().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        // The parent pid is the second field after the command name's ')'.
+        let parent = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1).map(str::to_string));
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if parent.as_deref() == Some(daemon_pid.as_str())
+            && String::from_utf8_lossy(&cmdline).contains("--tenant-settings-from-handoff")
+        {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// The spares that are not (yet) any tenant's process, once there is one.
+fn waiting_spare(daemon: &Daemon) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tenants: Vec<u64> = daemon.list().iter().filter_map(|t| t["pid"].as_u64()).collect();
+        let waiting: Vec<u32> = spares(daemon).into_iter().filter(|p| !tenants.contains(&u64::from(*p))).collect();
+        if let [spare] = waiting[..] {
+            return spare;
+        }
+        assert!(waiting.len() <= 1, "more than one spare: {waiting:?}");
+        assert!(Instant::now() < deadline, "no spare process within 10 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_cold_tenant_takes_the_spare_process_and_one_that_died_is_replaced() {
+    let test = "a_cold_tenant_takes_the_spare_process_and_one_that_died_is_replaced";
+    if !kvm_available(test) {
+        return;
+    }
+    let daemon = Daemon::start("spare", "[tenants.alpha]\n[tenants.beta]\n[tenants.gamma]\n", &[]);
+    // Started with the daemon, before any client.
+    let spare = waiting_spare(&daemon);
+    let mut alpha = connected(&daemon, "a", "alpha:");
+    assert_eq!(daemon.pid_of("alpha"), spare as i32, "alpha did not run in the spare");
+    alpha.write_all(&publish("kept", b"alpha's", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut alpha).0, 0x40, "PUBACK");
+    // Another spare replaces it, and the next cold tenant gets that one,
+    // with nothing of alpha's.
+    let next = waiting_spare(&daemon);
+    assert_ne!(next, spare);
+    let mut beta = connected(&daemon, "b", "beta:");
+    assert_eq!(daemon.pid_of("beta"), next as i32, "beta did not run in the new spare");
+    assert_eq!(first_message(&mut beta, "kept", Duration::from_millis(500)), None, "beta saw alpha's retained message");
+    // A spare killed before use: the next cold tenant starts its own process.
+    let doomed = waiting_spare(&daemon);
+    // SAFETY: kill(2) on a child of the daemon this test started.
+    unsafe { libc::kill(doomed as i32, libc::SIGKILL) };
+    std::thread::sleep(Duration::from_millis(200));
+    let mut gamma = connected(&daemon, "g", "gamma:");
+    assert_ne!(daemon.pid_of("gamma"), doomed as i32);
+    gamma.write_all(&publish("kept", b"gamma's", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut gamma).0, 0x40, "PUBACK from gamma's own process");
+    waiting_spare(&daemon);
+    // Each tenant's process reads its own settings file: alpha's state is
+    // its own, back after a restart in a spare.
+    drop(alpha);
+    let (ok, _, err) = daemon.tenant(&["restart", "alpha"]);
+    assert!(ok, "restart alpha: {err}");
+    let mut again = connected(&daemon, "a2", "alpha:");
+    assert_eq!(first_message(&mut again, "kept", Duration::from_secs(5)).as_deref(), Some(&b"alpha's"[..]));
+}

@@ -25,6 +25,7 @@
 //! | 0x80   | no client: a change of the tenant's users and ACL ([`AUTH_CHANGE`]), sent without a socket | `config_blob::write_auth` bytes, at most `config_blob::MAX_AUTH_LEN` |
 //! | 0x81   | no client: the fence deadline ([`fence::FENCE`](super::fence::FENCE)), sent without a socket | the deadline, `CLOCK_MONOTONIC` nanoseconds, 8 bytes little-endian |
 //! | 0x82   | no client: a connection to a new standby for the state ([`STANDBY_OFFER`]), its PROXY header sent | nothing |
+//! | 0x83   | no client: the tenant a spare process is to run ([`ASSIGN_TENANT`]), the first datagram a spare is sent and read before its VM exists | the path of the tenant's settings file |
 //!
 //! A users and ACL change carries every table the daemon manages for the
 //! tenant, whole, so only the latest one matters: the proxy keeps the
@@ -70,6 +71,11 @@ pub const AUTH_CHANGE: u8 = 0x80;
 /// new standby node for the tenant's state (`crate::replica`), for the
 /// state disk.
 pub const STANDBY_OFFER: u8 = 0x82;
+
+/// Byte 0 of the first datagram a spare process (`mqvisor run
+/// --tenant-settings-from-handoff`) is sent: the path of the settings file
+/// of the tenant it is to run. Read before the VM exists, never after.
+pub const ASSIGN_TENANT: u8 = 0x83;
 
 /// Largest datagram of bytes handed over with a client.
 pub const MAX_HANDOFF_BYTES: usize = 256 * 1024;

@@ -321,6 +321,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "PATH", hide = true,
           conflicts_with_all = ["memory", "user", "persistence", "state", "cgroup", "config", "cpus", "memory_limit", "pids_limit"])]
     pub tenant_settings: Option<PathBuf>,
+    /// Start, then wait on the handoff socket for the path of the settings
+    /// file of the tenant to run: `mqvisor serve`'s spare process (internal)
+    #[arg(long, hide = true, requires = "handoff_fd", conflicts_with = "tenant_settings")]
+    pub tenant_settings_from_handoff: bool,
     #[command(flatten)]
     pub broker: BrokerFlags,
 }

@@ -78,11 +78,17 @@ pub fn run(args: RunArgs) -> ExitCode {
 }
 
 /// Everything before the VM boots, in order: inherited descriptors closed,
-/// a `serve` tenant's settings taken, the image read, the broker settings
-/// resolved, the handoff socket and the user checked, the control group
+/// the handoff socket checked, a `serve` tenant's settings taken (a spare
+/// waits for them first), the image read, the broker settings
+/// resolved, the user checked, the control group
 /// entered, the state file opened and locked.
 fn prepare(mut args: RunArgs) -> Result<Prepared, Refusal> {
     close_inherited(args.handoff_fd);
+    let handoff =
+        args.handoff_fd.map(handoff_socket).transpose().map_err(|e| Refusal::setup(format!("--handoff-fd: {e}")))?;
+    if let (true, Some(socket)) = (args.tenant_settings_from_handoff, &handoff) {
+        args.tenant_settings = Some(crate::serve::spare::await_assignment(socket).map_err(Refusal::setup)?);
+    }
     if let Some(path) = &args.tenant_settings {
         args.take_tenant(TenantRun::read(path).map_err(Refusal::setup)?);
     }
@@ -114,8 +120,6 @@ fn prepare(mut args: RunArgs) -> Result<Prepared, Refusal> {
         // No plain listener is bound: the address is not used.
         Listen::None => std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
     };
-    let handoff =
-        args.handoff_fd.map(handoff_socket).transpose().map_err(|e| Refusal::setup(format!("--handoff-fd: {e}")))?;
     let run_as = args.user.as_deref().map(mqvisor::privileges::RunAs::lookup).transpose().map_err(Refusal::setup)?;
     let departure = enter_cgroup(&args).map_err(Refusal::setup)?;
     let state = open_state(&args, settings.config.max_packet_size as u64)?;

@@ -22,6 +22,7 @@ pub mod failed;
 pub mod front;
 pub mod proxy_header;
 pub mod relay;
+pub mod spare;
 pub mod standby;
 pub mod tenant;
 pub mod usage;
@@ -219,6 +220,8 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     let shared = bind(config.listen).await?;
     tracing::info!(listen = %shared.local_addr().map_err(ServeError::Runtime)?, tenants = tenants.len(), "serving");
     eprintln!("mqvisor: serve listening on {}", shared.local_addr().map_err(ServeError::Runtime)?);
+    // The first cold tenant then starts without waiting for a process.
+    spare::keep_spare(&exe);
     // A fleet on etcd: the lease's keeper and the fleet's loop, and the
     // relay port other nodes send this node's tenants' clients to.
     let (to_daemon_tx, mut to_daemon) = mpsc::unbounded_channel::<cluster::ToDaemon>();

@@ -9,7 +9,6 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,8 +28,6 @@ use super::control::TenantView;
 use super::front::FirstBytes;
 use super::usage::{self, Baseline, Ledger};
 
-/// The descriptor number the handoff socket has in the tenant's process.
-const HANDOFF_FD: i32 = 3;
 /// Clients waiting to be handed to one tenant, at most; more are closed.
 const HANDOFF_QUEUE: usize = 4096;
 /// First wait before restarting a crashed tenant; doubles up to the maximum.
@@ -358,35 +355,7 @@ impl Tenant {
     }
 
     fn start(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) -> std::io::Result<()> {
-        let (ours, theirs) = UnixDatagram::pair()?;
-        ours.set_nonblocking(true)?;
-        let their_fd = theirs.as_raw_fd();
-        let mut command = tokio::process::Command::new(exe);
-        command
-            .arg("run")
-            .args(["--handoff-fd", &HANDOFF_FD.to_string()])
-            .arg("--tenant-settings")
-            .arg(&self.settings_file);
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::inherit()).kill_on_drop(true);
-        // SAFETY: between fork and exec this runs only async-signal-safe
-        // calls (dup2, fcntl, prctl) on descriptors of the child itself.
-        unsafe {
-            command.pre_exec(move || {
-                if their_fd == HANDOFF_FD {
-                    // Already in place: only keep it across exec.
-                    if libc::fcntl(HANDOFF_FD, libc::F_SETFD, 0) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                } else if libc::dup2(their_fd, HANDOFF_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The tenant ends with the daemon, never outlives it.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
-        let mut child = command.spawn()?;
-        drop(theirs);
+        let super::spare::Started { mut child, socket: ours } = super::spare::start_tenant(exe, &self.settings_file)?;
         let pid = child.id().unwrap_or(0);
         let control = control_link(ours.try_clone()?, super::cluster::fence_deadlines())?;
         let (clients, queue) = mpsc::channel(HANDOFF_QUEUE);
