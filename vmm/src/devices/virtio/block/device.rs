@@ -9,7 +9,8 @@
 //! `fdatasync`. Over a write-through file (opened `O_DSYNC`) the device
 //! offers no FLUSH: each write is durable when it completes (virtio 1.2
 //! 5.2.5.1, write-through without VIRTIO_BLK_F_FLUSH), so a durable commit
-//! is one request and one notification, not two. With a standby
+//! is one request and one notification, not two, and the worker makes the
+//! blocks past each write ready for the next ones ([`super::ahead`]). With a standby
 //! ([`Standby`]), every write is also shipped to it (`crate::replica`) and
 //! completes only once the standby has it durable too; a standby that is
 //! lost fails every later write when it is required, and is said once and
@@ -25,6 +26,7 @@ use std::os::unix::fs::FileExt;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+use super::ahead::Ahead;
 use super::{BlockMetrics, DEVICE_ID, MAX_TRANSFER, QUEUE_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_FLUSH};
 use crate::devices::virtio::{ActivateError, RingFault, VIRTIO_F_VERSION_1, VirtioDevice, read_config_bytes};
 use crate::replica::Mirror;
@@ -68,6 +70,8 @@ pub struct BlockDevice {
     /// A connection to a new standby, offered while the VM runs (see
     /// [`BlockDevice::offer_standby`]), not yet taken.
     offered: Option<File>,
+    /// The blocks made ready past the last write (write-through only).
+    ahead: Ahead,
 }
 
 /// A state disk's standby: the mirror to it while it lasts, and whether
@@ -111,6 +115,7 @@ impl BlockDevice {
             write_through,
             standby: None,
             offered: None,
+            ahead: Ahead::default(),
         })
     }
 
@@ -187,6 +192,13 @@ impl BlockDevice {
             let then = if standby.required { "every write fails from now on" } else { "going on without it" };
             eprintln!("mqvisor: state disk: the standby is lost ({error}): {then}");
         }
+    }
+
+    /// Makes the next chunk past the last write ready (see [`Ahead`]);
+    /// true if there was one, so the worker asks again while the guest
+    /// waits for nothing.
+    pub fn prepare_ahead(&mut self) -> bool {
+        self.write_through && self.ahead.prepare_next(&self.file, self.sectors * SECTOR_SIZE)
     }
 
     pub fn metrics(&self) -> &BlockMetrics {
@@ -296,6 +308,7 @@ impl BlockDevice {
                         if self.write_through {
                             // Durable on return: as many flushes as a FLUSH would have made.
                             BlockMetrics::bump(&self.metrics.flushes, 1);
+                            self.ahead.wrote(offset, offset + len as u64);
                         }
                         status::OK
                     }

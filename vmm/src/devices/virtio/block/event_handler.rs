@@ -40,6 +40,13 @@ impl BlockEventHandler {
         transport.add_notifications(notifications);
         Some(serve_all(&mut transport))
     }
+
+    /// Makes the next chunk past the guest's last write ready; true if
+    /// there was one (`BlockDevice::prepare_ahead`), `None` once the lock is
+    /// poisoned.
+    pub fn prepare_ahead(&self) -> Option<bool> {
+        Some(self.transport.lock().ok()?.device_mut().prepare_ahead())
+    }
 }
 
 /// Serves every request available, re-arming notifications until none

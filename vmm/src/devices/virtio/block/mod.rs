@@ -1,6 +1,7 @@
 //! virtio-blk (virtio 1.2, section 5.2) over one host file, in the net
 //! device's shape: [`device`] is the device model (request validation and
-//! the file I/O it maps to), [`metrics`] its counters, [`event_handler`]
+//! the file I/O it maps to), [`ahead`] the blocks it makes ready past the
+//! log's writes, [`metrics`] its counters, [`event_handler`]
 //! what one queue notification leads to under one lock, and [`worker`] the
 //! thread that runs it, so host I/O never happens on the vCPU thread.
 //!
@@ -8,6 +9,7 @@
 //! folder trusts the guest: every request is checked for direction, length
 //! and sector range before the file is touched.
 
+pub mod ahead;
 pub mod device;
 pub mod event_handler;
 pub mod metrics;
