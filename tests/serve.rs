@@ -1680,3 +1680,38 @@ fn a_cold_tenant_takes_the_spare_process_and_one_that_died_is_replaced() {
     let mut again = connected(&daemon, "a2", "alpha:");
     assert_eq!(first_message(&mut again, "kept", Duration::from_secs(5)).as_deref(), Some(&b"alpha's"[..]));
 }
+
+#[test]
+fn a_spare_of_a_replaced_binary_is_not_used() {
+    let test = "a_spare_of_a_replaced_binary_is_not_used";
+    if !kvm_available(test) {
+        return;
+    }
+    // The daemon runs from a copy of the binary, which is then upgraded in
+    // place (a new file renamed over it), as a package manager does.
+    let dir = Daemon::configure("spare-upgrade", "[tenants.alpha]\n", &[]);
+    let exe = dir.join("mqvisor");
+    std::fs::copy(env!("CARGO_BIN_EXE_mqvisor"), &exe).unwrap();
+    let daemon = Daemon::spawn_command(dir.clone(), std::process::Command::new(&exe));
+    let old_spare = waiting_spare(&daemon);
+    std::fs::copy(env!("CARGO_BIN_EXE_mqvisor"), dir.join("mqvisor.new")).unwrap();
+    std::fs::rename(dir.join("mqvisor.new"), &exe).unwrap();
+    let _alpha = connected(&daemon, "a", "alpha:");
+    let pid = daemon.pid_of("alpha");
+    assert_ne!(pid, old_spare as i32, "alpha ran in the spare of the replaced binary");
+    let running = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    assert!(!running.to_string_lossy().ends_with("(deleted)"), "alpha runs the replaced binary: {running:?}");
+    // The old spare is gone, and the next one runs the new binary.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{old_spare}/exe")).exists() {
+        let stat = std::fs::read_to_string(format!("/proc/{old_spare}/stat")).unwrap_or_default();
+        if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old spare {old_spare} still runs");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let new_spare = waiting_spare(&daemon);
+    let running = std::fs::read_link(format!("/proc/{new_spare}/exe")).unwrap();
+    assert!(!running.to_string_lossy().ends_with("(deleted)"), "the new spare runs the replaced binary");
+}

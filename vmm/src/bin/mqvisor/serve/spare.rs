@@ -30,6 +30,33 @@ const HANDOFF_FD: i32 = 3;
 pub struct Started {
     pub child: tokio::process::Child,
     pub socket: UnixDatagram,
+    /// The executable it was started from, as it was then.
+    exe: Option<Executable>,
+}
+
+/// Which file an executable path named, and when it last changed: a spare
+/// started before the binary was replaced (an upgrade) is not used, so
+/// every tenant booted after the upgrade runs the new binary, as it would
+/// without a spare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Executable {
+    device: u64,
+    inode: u64,
+    modified: i64,
+    modified_ns: i64,
+}
+
+impl Executable {
+    fn of(path: &Path) -> Option<Executable> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Executable {
+            device: meta.dev(),
+            inode: meta.ino(),
+            modified: meta.mtime(),
+            modified_ns: meta.mtime_nsec(),
+        })
+    }
 }
 
 thread_local! {
@@ -42,6 +69,8 @@ thread_local! {
 /// new spare is started once the daemon's loop comes back to it.
 pub fn start_tenant(exe: &Path, settings: &Path) -> std::io::Result<Started> {
     let spare = SPARE.with(|spare| spare.borrow_mut().take());
+    let current = Executable::of(exe);
+    let spare = spare.filter(|spare| spare.exe.is_some() && spare.exe == current);
     let started = match spare.and_then(|spare| assign(spare, settings)) {
         Some(started) => started,
         None => start(exe, Some(settings))?,
@@ -67,7 +96,8 @@ pub fn keep_spare(exe: &Path) {
 }
 
 /// Sends the spare its tenant's settings; `None` if it has gone (then it
-/// is reaped and dropped here, and the tenant starts its own).
+/// is reaped and dropped here, and the tenant starts its own). A spare not
+/// used (gone, or of a replaced binary) is killed as it is dropped.
 fn assign(mut spare: Started, settings: &Path) -> Option<Started> {
     if !matches!(spare.child.try_wait(), Ok(None)) {
         return None;
@@ -110,9 +140,10 @@ fn start(exe: &Path, settings: Option<&Path>) -> std::io::Result<Started> {
             Ok(())
         });
     }
+    let exe_then = Executable::of(exe);
     let child = command.spawn()?;
     drop(theirs);
-    Ok(Started { child, socket: ours })
+    Ok(Started { child, socket: ours, exe: exe_then })
 }
 
 /// The settings file a spare was assigned, from the first datagram on its

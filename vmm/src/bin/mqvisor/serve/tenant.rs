@@ -355,7 +355,8 @@ impl Tenant {
     }
 
     fn start(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) -> std::io::Result<()> {
-        let super::spare::Started { mut child, socket: ours } = super::spare::start_tenant(exe, &self.settings_file)?;
+        let super::spare::Started { mut child, socket: ours, .. } =
+            super::spare::start_tenant(exe, &self.settings_file)?;
         let pid = child.id().unwrap_or(0);
         let control = control_link(ours.try_clone()?, super::cluster::fence_deadlines())?;
         let (clients, queue) = mpsc::channel(HANDOFF_QUEUE);
