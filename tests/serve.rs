@@ -330,6 +330,20 @@ fn a_tenant_process_runs_as_its_user() {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
     assert!(uid.split_whitespace().all(|u| u == "65534"), "tenant runs as {uid}");
+    // It still ends with its daemon, though becoming another user clears
+    // the parent-death signal.
+    let mut daemon = daemon;
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the tenant {pid} outlived its daemon's kill -9");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]

@@ -28,6 +28,8 @@ pub enum PrivilegeError {
     Step { step: &'static str, source: std::io::Error },
     #[error("privileges remain after dropping them: {0}")]
     Remain(String),
+    #[error("the parent process ended while privileges were being dropped")]
+    ParentGone,
 }
 
 impl RunAs {
@@ -65,6 +67,13 @@ pub fn drop_to(run_as: &RunAs) -> Result<(), PrivilegeError> {
     if uid != 0 {
         return Err(PrivilegeError::NotRoot(uid));
     }
+    // The kernel clears the parent-death signal when the credentials
+    // change: a tenant of `mqvisor serve` would then outlive its daemon.
+    let mut death_signal: libc::c_int = 0;
+    // SAFETY: PR_GET_PDEATHSIG writes one c_int through the live pointer;
+    // getppid has no preconditions.
+    let (got, parent) = unsafe { (libc::prctl(libc::PR_GET_PDEATHSIG, &raw mut death_signal), libc::getppid()) };
+    step("reading the parent-death signal", got)?;
     // SAFETY: each call below takes plain integers (or a null list of
     // groups with a zero count) and changes only this process's credentials.
     unsafe {
@@ -84,6 +93,13 @@ pub fn drop_to(run_as: &RunAs) -> Result<(), PrivilegeError> {
         // Leaving uid 0 clears the permitted and effective capabilities.
         step("setresuid", libc::setresuid(run_as.uid, run_as.uid, run_as.uid))?;
         step("no_new_privs", libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
+        if death_signal != 0 {
+            step("setting the parent-death signal again", libc::prctl(libc::PR_SET_PDEATHSIG, death_signal))?;
+            // A parent that died while the signal was cleared sent nothing.
+            if libc::getppid() != parent {
+                return Err(PrivilegeError::ParentGone);
+            }
+        }
     }
     check(run_as)
 }
