@@ -1676,11 +1676,16 @@ fn a_cold_tenant_takes_the_spare_process_and_one_that_died_is_replaced() {
     let mut beta = connected(&daemon, "b", "beta:");
     assert_eq!(daemon.pid_of("beta"), next as i32, "beta did not run in the new spare");
     assert_eq!(first_message(&mut beta, "kept", Duration::from_millis(500)), None, "beta saw alpha's retained message");
-    // A spare killed before use: the next cold tenant starts its own process.
+    // A spare killed before use is reaped and replaced with no tenant
+    // booting, and the next cold tenant never gets the dead one.
     let doomed = waiting_spare(&daemon);
     // SAFETY: kill(2) on a child of the daemon this test started.
     unsafe { libc::kill(doomed as i32, libc::SIGKILL) };
-    std::thread::sleep(Duration::from_millis(200));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{doomed}")).exists() || waiting_spare(&daemon) == doomed {
+        assert!(Instant::now() < deadline, "the killed spare {doomed} was not reaped and replaced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let mut gamma = connected(&daemon, "g", "gamma:");
     assert_ne!(daemon.pid_of("gamma"), doomed as i32);
     gamma.write_all(&publish("kept", b"gamma's", 1, 1, true)).unwrap();
@@ -1728,4 +1733,27 @@ fn a_spare_of_a_replaced_binary_is_not_used() {
     let new_spare = waiting_spare(&daemon);
     let running = std::fs::read_link(format!("/proc/{new_spare}/exe")).unwrap();
     assert!(!running.to_string_lossy().ends_with("(deleted)"), "the new spare runs the replaced binary");
+}
+
+#[test]
+fn a_restart_of_a_process_that_does_not_end_kills_it_and_boots_another() {
+    let test = "a_restart_of_a_process_that_does_not_end_kills_it_and_boots_another";
+    if !kvm_available(test) {
+        return;
+    }
+    let daemon = Daemon::start("hung", "[tenants.alpha]\n", &[]);
+    let mut first = connected(&daemon, "a", "alpha:");
+    first.write_all(&publish("kept", b"before", 1, 1, true)).unwrap();
+    assert_eq!(read_packet(&mut first).0, 0x40, "PUBACK");
+    let hung = daemon.pid_of("alpha");
+    // SAFETY: kill(2) on a tenant process of the daemon this test started.
+    unsafe { libc::kill(hung, libc::SIGSTOP) };
+    let (ok, _, err) = daemon.tenant(&["restart", "alpha"]);
+    assert!(ok, "restart: {err}");
+    daemon.wait_for(&["did not end after being stopped: killed", "tenant=alpha"]);
+    let started = Instant::now();
+    let mut again = connected(&daemon, "a2", "alpha:");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_ne!(daemon.pid("alpha"), u64::try_from(hung).ok());
+    assert_eq!(first_message(&mut again, "kept", Duration::from_secs(5)).as_deref(), Some(&b"before"[..]));
 }

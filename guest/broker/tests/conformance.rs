@@ -1206,6 +1206,44 @@ fn low_memory_refuses_publishes_and_subscriptions_with_quota_exceeded() {
 }
 
 #[test]
+fn low_memory_ends_connections_that_start_a_large_packet_and_keeps_small_ones() {
+    let mut net = Net::new();
+    net.connect(1, V5, "big5", true);
+    net.connect(2, V3, "big3", true);
+    net.connect(3, V5, "small", true);
+    net.connect(4, V5, "sub", true);
+    assert_eq!(net.subscribe(4, V5, "t/#", QoS::AtMostOnce), vec![0]);
+    net.broker.set_memory_low(true);
+    // The first bytes of a 200 KiB PUBLISH: refused before it is reserved.
+    let mut big = Vec::new();
+    packet::encode(&Packet::Publish(publish("t/big", &[7u8; 200 << 10], QoS::AtMostOnce, None)), V5, &mut big);
+    net.raw(1, &big[..100]);
+    assert!(matches!(net.recv(1, V5)[..], [Packet::Disconnect { code: reason::QUOTA_EXCEEDED, .. }]));
+    let mut big3 = Vec::new();
+    packet::encode(&Packet::Publish(publish("t/big", &[7u8; 200 << 10], QoS::AtMostOnce, None)), V3, &mut big3);
+    // Its length split from its type: refused once the length is known.
+    net.raw(2, &big3[..1]);
+    net.raw(2, &big3[1..100]);
+    assert!(net.recv(2, V3).is_empty(), "3.1.1 has no DISCONNECT from the server");
+    assert_eq!(net.broker.stats().quota_refusals, 2, "two connections ended");
+    // A small packet split in two is still read (and refused as any
+    // publish is while memory is low): its connection stays.
+    let mut small = Vec::new();
+    packet::encode(&Packet::Publish(publish("t/small", &[1u8; 1000], QoS::AtLeastOnce, Some(9))), V5, &mut small);
+    net.raw(3, &small[..10]);
+    net.raw(3, &small[10..]);
+    assert_eq!(puback_codes(&net.recv(3, V5)), vec![reason::QUOTA_EXCEEDED]);
+    // Memory back: a large packet is taken again.
+    net.broker.set_memory_low(false);
+    net.connect(5, V5, "big-again", true);
+    net.raw(5, &big[..100]);
+    net.raw(5, &big[100..]);
+    let got = publishes(&net.recv(4, V5));
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].payload.len(), 200 << 10);
+}
+
+#[test]
 fn packets_split_anywhere_or_batched_arrive_the_same() {
     // A burst of packets (one larger than a shared payload), cut at every
     // size from one byte up, and all at once.

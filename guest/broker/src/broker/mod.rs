@@ -67,13 +67,21 @@ pub enum Transmit<'a> {
 
 /// A buffer holding `rest`, the start of a packet, with room for the whole
 /// packet once its length is known (bounded by the maximum packet size,
-/// which `packet::frame` enforces before the body arrives).
-fn packet_start(rest: &[u8], max_packet_size: usize) -> Vec<u8> {
+/// which `packet::frame` enforces before the body arrives); `None` when the
+/// heap has no room for it.
+fn packet_start(rest: &[u8], max_packet_size: usize) -> Option<Vec<u8>> {
     let total = packet::announced_len(rest).unwrap_or(rest.len()).clamp(rest.len(), max_packet_size.max(rest.len()));
-    let mut inbuf = Vec::with_capacity(total);
+    let mut inbuf = Vec::new();
+    inbuf.try_reserve_exact(total).ok()?;
     inbuf.extend_from_slice(rest);
-    inbuf
+    Some(inbuf)
 }
+
+/// The largest packet a connection may start while memory is low: many
+/// clients each starting a packet of the maximum size at once would
+/// otherwise reserve more than the heap holds (each reserves its whole
+/// packet as soon as its length is known).
+const LOW_MEMORY_PACKET: usize = 64 << 10;
 
 /// Why a connection is being ended by the server.
 struct Refusal {
@@ -253,7 +261,9 @@ impl Broker {
                         // up to the end of the packet.
                         let need = match packet::announced_len(&partial) {
                             Some(len) => {
-                                partial.reserve_exact(len - partial.len());
+                                if !self.may_hold(len) || partial.try_reserve_exact(len - partial.len()).is_err() {
+                                    return self.no_room_for_packet(conn, connected, now);
+                                }
                                 len - partial.len()
                             }
                             None => 1,
@@ -270,9 +280,36 @@ impl Broker {
             }
         }
         let used = self.decode_packets(conn, rest, now);
-        let Some(c) = self.conns.get_mut(&conn) else { return };
+        let Some(c) = self.conns.get(&conn) else { return };
         if used < rest.len() && c.phase != Phase::Closing {
-            c.inbuf = packet_start(&rest[used..], self.config.max_packet_size);
+            let connected = matches!(c.phase, Phase::Connected(_));
+            let start = &rest[used..];
+            let buffer = packet::announced_len(start)
+                .is_none_or(|len| self.may_hold(len))
+                .then(|| packet_start(start, self.config.max_packet_size))
+                .flatten();
+            match (buffer, self.conns.get_mut(&conn)) {
+                (Some(buffer), Some(c)) => c.inbuf = buffer,
+                _ => self.no_room_for_packet(conn, connected, now),
+            }
+        }
+    }
+
+    /// False when memory is low and a packet of `len` bytes is more than a
+    /// connection may start then ([`LOW_MEMORY_PACKET`]).
+    fn may_hold(&self, len: usize) -> bool {
+        !self.memory_low || len <= LOW_MEMORY_PACKET
+    }
+
+    /// A connection started a packet the heap cannot hold now: it is ended
+    /// (v5: DISCONNECT 0x97, quota exceeded) and counted, where reserving
+    /// the packet would have ended the VM.
+    fn no_room_for_packet(&mut self, conn: ConnId, connected: bool, now: u64) {
+        self.stats.quota_refusals += 1;
+        if connected {
+            self.end_connection(conn, refuse(reason::QUOTA_EXCEEDED, "no memory for the packet"), now);
+        } else {
+            self.close(conn);
         }
     }
 

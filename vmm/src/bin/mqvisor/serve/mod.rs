@@ -318,6 +318,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
                 for tenant in tenants.values_mut() {
                     tenant.stop_if_idle();
                 }
+                spare::check(&exe);
             }
             _ = usage_save.tick() => save_usage(&tenants, &usage_writer),
             Some(r) = routed.recv() => {
@@ -500,6 +501,7 @@ async fn run(mut config: ServeConfig, exe: PathBuf, pending: Pending) -> Result<
     for tenant in tenants.values_mut() {
         tenant.stop();
     }
+    spare::discard().await;
     // Let the tenants close their clients cleanly before the daemon goes
     // (their processes die with it otherwise).
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -95,6 +95,31 @@ pub fn keep_spare(exe: &Path) {
     });
 }
 
+/// Replaces a spare that ended before it was used (its zombie reaped
+/// here); called every second.
+pub fn check(exe: &Path) {
+    let ended = SPARE.with(|spare| {
+        let mut spare = spare.borrow_mut();
+        let ended = spare.as_mut().is_some_and(|s| !matches!(s.child.try_wait(), Ok(None)));
+        if ended {
+            *spare = None;
+        }
+        ended
+    });
+    if ended {
+        tracing::warn!("the spare tenant process ended before it was used: starting another");
+        keep_spare(exe);
+    }
+}
+
+/// Kills the spare and waits for it: the daemon stops.
+pub async fn discard() {
+    if let Some(mut spare) = SPARE.with(|spare| spare.borrow_mut().take()) {
+        let _ = spare.child.start_kill();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), spare.child.wait()).await;
+    }
+}
+
 /// Sends the spare its tenant's settings; `None` if it has gone (then it
 /// is reaped and dropped here, and the tenant starts its own). A spare not
 /// used (gone, or of a replaced binary) is killed as it is dropped.

@@ -64,6 +64,8 @@ struct Process {
     /// Users and ACL changes for its VM, and connections to a new standby
     /// for its state (`control_link`).
     control: Control,
+    /// When its reaper kills it if it has not ended by then (set by a stop).
+    kill_at: watch::Sender<Option<Instant>>,
 }
 
 /// One tenant.
@@ -355,8 +357,7 @@ impl Tenant {
     }
 
     fn start(&mut self, exe: &Path, exited: &mpsc::UnboundedSender<Exited>) -> std::io::Result<()> {
-        let super::spare::Started { mut child, socket: ours, .. } =
-            super::spare::start_tenant(exe, &self.settings_file)?;
+        let super::spare::Started { child, socket: ours, .. } = super::spare::start_tenant(exe, &self.settings_file)?;
         let pid = child.id().unwrap_or(0);
         let control = control_link(ours.try_clone()?, super::cluster::fence_deadlines())?;
         let (clients, queue) = mpsc::channel(HANDOFF_QUEUE);
@@ -369,10 +370,10 @@ impl Tenant {
         let usage = (self.usage.clone(), Baseline::default());
         tokio::spawn(link(self.name.clone(), ours, queue, self.load.clone(), booted, self.returned.clone(), usage));
         let (tenant, exited) = (self.name.clone(), exited.clone());
-        tokio::spawn(async move {
-            let status = child.wait().await;
+        let (kill_at, deadline) = watch::channel(None);
+        tokio::spawn(reap(child, deadline, tenant.clone(), move |status| {
             let _ = exited.send(Exited { tenant, pid, status });
-        });
+        }));
         // The clients that waited for a process, in the order they came
         // (those an earlier process's link gave back first), go first.
         let mut earlier = self.returned.take();
@@ -381,7 +382,7 @@ impl Tenant {
             // As many as the queue holds: more could not have waited.
             let _ = clients.try_send(client);
         }
-        self.process = Some(Process { pid, started: Instant::now(), clients, control });
+        self.process = Some(Process { pid, started: Instant::now(), clients, control, kill_at });
         self.state = State::Running;
         self.restart_at = None;
         self.boots += 1;
@@ -556,6 +557,9 @@ impl Tenant {
         {
             // SAFETY: kill(2) on our own child with a valid signal.
             unsafe { libc::kill(pid, signal) };
+            // One that does not end (stopped, or hung) is killed: the tenant
+            // boots again only once it has gone.
+            let _ = process.kill_at.send(Some(Instant::now() + STOP_GRACE));
             self.stopping = Some(process.pid);
             if signal == libc::SIGKILL {
                 tracing::warn!(tenant = %self.name, pid = process.pid, "killed (fenced)");
@@ -565,6 +569,38 @@ impl Tenant {
         }
         self.state = State::Stopped;
     }
+}
+
+/// How long a stopped process may take to end before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Waits for a tenant's process `child` to end and tells `ended` how;
+/// kills it if it is still there at the deadline a stop sets.
+async fn reap(
+    mut child: tokio::process::Child,
+    mut deadline: watch::Receiver<Option<Instant>>,
+    tenant: String,
+    ended: impl FnOnce(std::io::Result<std::process::ExitStatus>),
+) {
+    let mut kill_at = None;
+    let mut watching = true;
+    let status = loop {
+        let left = kill_at.map(|at: Instant| at.saturating_duration_since(Instant::now()));
+        tokio::select! {
+            status = child.wait() => break status,
+            changed = deadline.changed(), if watching => match changed {
+                Ok(()) => kill_at = *deadline.borrow_and_update(),
+                // The tenant let the process go: the last deadline stands.
+                Err(_) => watching = false,
+            },
+            () = mqvisor::net::paced::sleep_or_forever(left), if kill_at.is_some() => {
+                tracing::warn!(%tenant, pid = child.id().unwrap_or(0), grace_s = STOP_GRACE.as_secs(), "did not end after being stopped: killed");
+                let _ = child.start_kill();
+                kill_at = None;
+            }
+        }
+    };
+    ended(status);
 }
 
 /// Tenant `name`'s files in `state_dir`: its process's settings
