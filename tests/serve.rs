@@ -335,13 +335,20 @@ fn a_tenant_process_runs_as_its_user() {
     let mut daemon = daemon;
     daemon.child.kill().unwrap();
     daemon.child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
+    assert!(ends_within(pid, Duration::from_secs(5)), "the tenant {pid} outlived its daemon's kill -9");
+}
+
+/// True once process `pid` has ended (gone, or a zombie) within `within`.
+fn ends_within(pid: i32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
     loop {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         if stat.is_empty() || stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
-            break;
+            return true;
         }
-        assert!(Instant::now() < deadline, "the tenant {pid} outlived its daemon's kill -9");
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -1721,15 +1728,7 @@ fn a_spare_of_a_replaced_binary_is_not_used() {
     let running = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
     assert!(!running.to_string_lossy().ends_with("(deleted)"), "alpha runs the replaced binary: {running:?}");
     // The old spare is gone, and the next one runs the new binary.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{old_spare}/exe")).exists() {
-        let stat = std::fs::read_to_string(format!("/proc/{old_spare}/stat")).unwrap_or_default();
-        if stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the old spare {old_spare} still runs");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(ends_within(old_spare as i32, Duration::from_secs(10)), "the old spare {old_spare} still runs");
     let new_spare = waiting_spare(&daemon);
     let running = std::fs::read_link(format!("/proc/{new_spare}/exe")).unwrap();
     assert!(!running.to_string_lossy().ends_with("(deleted)"), "the new spare runs the replaced binary");
