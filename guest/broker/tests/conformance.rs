@@ -1206,41 +1206,38 @@ fn low_memory_refuses_publishes_and_subscriptions_with_quota_exceeded() {
 }
 
 #[test]
-fn low_memory_ends_connections_that_start_a_large_packet_and_keeps_small_ones() {
+fn low_memory_bounds_the_packets_being_assembled_together() {
     let mut net = Net::new();
-    net.connect(1, V5, "big5", true);
-    net.connect(2, V3, "big3", true);
-    net.connect(3, V5, "small", true);
-    net.connect(4, V5, "sub", true);
-    assert_eq!(net.subscribe(4, V5, "t/#", QoS::AtMostOnce), vec![0]);
+    for (conn, id) in [(1, "first"), (2, "second5"), (4, "after")] {
+        net.connect(conn, V5, id, true);
+    }
+    net.connect(3, V3, "second3", true);
     net.broker.set_memory_low(true);
-    // The first bytes of a 200 KiB PUBLISH: refused before it is reserved.
-    let mut big = Vec::new();
-    packet::encode(&Packet::Publish(publish("t/big", &[7u8; 200 << 10], QoS::AtMostOnce, None)), V5, &mut big);
-    net.raw(1, &big[..100]);
-    assert!(matches!(net.recv(1, V5)[..], [Packet::Disconnect { code: reason::QUOTA_EXCEEDED, .. }]));
-    let mut big3 = Vec::new();
-    packet::encode(&Packet::Publish(publish("t/big", &[7u8; 200 << 10], QoS::AtMostOnce, None)), V3, &mut big3);
-    // Its length split from its type: refused once the length is known.
-    net.raw(2, &big3[..1]);
-    net.raw(2, &big3[1..100]);
-    assert!(net.recv(2, V3).is_empty(), "3.1.1 has no DISCONNECT from the server");
+    let big = |version| {
+        let mut bytes = Vec::new();
+        let publish = publish("t/big", &[7u8; 600 << 10], QoS::AtLeastOnce, Some(5));
+        packet::encode(&Packet::Publish(publish), version, &mut bytes);
+        bytes
+    };
+    let (big5, big3) = (big(V5), big(V3));
+    // One packet of 600 KiB fits in the room kept for one of the maximum
+    // size (1 MiB): it is read whole, and refused as every publish is now.
+    net.raw(1, &big5[..100]);
+    assert!(net.recv(1, V5).is_empty());
+    // A second one at the same time does not fit: its connection is ended
+    // before anything is reserved (once its length is known).
+    net.raw(2, &big5[..100]);
+    assert!(matches!(net.recv(2, V5)[..], [Packet::Disconnect { code: reason::QUOTA_EXCEEDED, .. }]));
+    net.raw(3, &big3[..1]);
+    net.raw(3, &big3[1..100]);
+    assert!(net.recv(3, V3).is_empty(), "3.1.1 has no DISCONNECT from the server");
     assert_eq!(net.broker.stats().quota_refusals, 2, "two connections ended");
-    // A small packet split in two is still read (and refused as any
-    // publish is while memory is low): its connection stays.
-    let mut small = Vec::new();
-    packet::encode(&Packet::Publish(publish("t/small", &[1u8; 1000], QoS::AtLeastOnce, Some(9))), V5, &mut small);
-    net.raw(3, &small[..10]);
-    net.raw(3, &small[10..]);
-    assert_eq!(puback_codes(&net.recv(3, V5)), vec![reason::QUOTA_EXCEEDED]);
-    // Memory back: a large packet is taken again.
-    net.broker.set_memory_low(false);
-    net.connect(5, V5, "big-again", true);
-    net.raw(5, &big[..100]);
-    net.raw(5, &big[100..]);
-    let got = publishes(&net.recv(4, V5));
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].payload.len(), 200 << 10);
+    net.raw(1, &big5[100..]);
+    assert_eq!(puback_codes(&net.recv(1, V5)), vec![reason::QUOTA_EXCEEDED]);
+    // With the first one done, another may start.
+    net.raw(4, &big5[..100]);
+    net.raw(4, &big5[100..]);
+    assert_eq!(puback_codes(&net.recv(4, V5)), vec![reason::QUOTA_EXCEEDED]);
 }
 
 #[test]

@@ -77,12 +77,6 @@ fn packet_start(rest: &[u8], max_packet_size: usize) -> Option<Vec<u8>> {
     Some(inbuf)
 }
 
-/// The largest packet a connection may start while memory is low: many
-/// clients each starting a packet of the maximum size at once would
-/// otherwise reserve more than the heap holds (each reserves its whole
-/// packet as soon as its length is known).
-const LOW_MEMORY_PACKET: usize = 64 << 10;
-
 /// Why a connection is being ended by the server.
 struct Refusal {
     code: u8,
@@ -295,15 +289,24 @@ impl Broker {
         }
     }
 
-    /// False when memory is low and a packet of `len` bytes is more than a
-    /// connection may start then ([`LOW_MEMORY_PACKET`]).
+    /// Whether a connection may start assembling a packet of `len` bytes.
+    /// Each reserves its whole packet once its length is known, so many
+    /// clients starting packets of the maximum size at once could reserve
+    /// more than the heap holds. The runner keeps room for one such packet
+    /// when it says memory is low; from then on, all the packets being
+    /// assembled together stay within it.
     fn may_hold(&self, len: usize) -> bool {
-        !self.memory_low || len <= LOW_MEMORY_PACKET
+        if !self.memory_low {
+            return true;
+        }
+        let assembling: usize = self.conns.values().map(|c| c.inbuf.capacity()).sum();
+        assembling.saturating_add(len) <= self.config.max_packet_size
     }
 
-    /// A connection started a packet the heap cannot hold now: it is ended
-    /// (v5: DISCONNECT 0x97, quota exceeded) and counted, where reserving
-    /// the packet would have ended the VM.
+    /// A connection started a packet the heap cannot hold now ([`Broker::may_hold`],
+    /// or the reservation failed): it is ended (v5: DISCONNECT 0x97, quota
+    /// exceeded) and counted, where reserving the packet could have ended
+    /// the VM.
     fn no_room_for_packet(&mut self, conn: ConnId, connected: bool, now: u64) {
         self.stats.quota_refusals += 1;
         if connected {
