@@ -64,8 +64,27 @@ struct Process {
     /// Users and ACL changes for its VM, and connections to a new standby
     /// for its state (`control_link`).
     control: Control,
-    /// When its reaper kills it if it has not ended by then (set by a stop).
-    kill_at: watch::Sender<Option<Instant>>,
+    /// When its reaper kills it if it has not booted, or ended after a
+    /// stop, by then.
+    kill_at: Arc<watch::Sender<Option<KillAt>>>,
+}
+
+/// A process's boot, for its link: when it started, where its boot time
+/// goes, and the deadline its first report clears.
+struct Booting {
+    started: Instant,
+    boot_seconds: Arc<Mutex<Vec<f64>>>,
+    kill_at: Arc<watch::Sender<Option<KillAt>>>,
+}
+
+/// Why and when a tenant's process is killed if it is still there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KillAt {
+    /// Its guest's link is not up by then (a hung start: a stopped spare,
+    /// say); cleared by its first report.
+    Boot(Instant),
+    /// It was stopped (SIGTERM) and has not ended by then.
+    Stop(Instant),
 }
 
 /// One tenant.
@@ -366,11 +385,16 @@ impl Tenant {
         let ours = unsafe { AsyncFd::register_with_interest(ours, Interest::READABLE | Interest::WRITABLE) }
             .map_err(std::io::Error::from)?;
         *self.load.lock().map_err(|_| std::io::Error::other("load lock poisoned"))? = Counters::default();
-        let booted = (Instant::now(), self.boot_seconds.clone());
+        // A process with a standby sends its state whole to it
+        // before its guest boots, which takes as long as the state is big.
+        let boot_deadline = self.config.run.standby.is_none().then(|| KillAt::Boot(Instant::now() + BOOT_DEADLINE));
+        let (kill_at, deadline) = watch::channel(boot_deadline);
+        let kill_at = Arc::new(kill_at);
+        let booted =
+            Booting { started: Instant::now(), boot_seconds: self.boot_seconds.clone(), kill_at: kill_at.clone() };
         let usage = (self.usage.clone(), Baseline::default());
         tokio::spawn(link(self.name.clone(), ours, queue, self.load.clone(), booted, self.returned.clone(), usage));
         let (tenant, exited) = (self.name.clone(), exited.clone());
-        let (kill_at, deadline) = watch::channel(None);
         tokio::spawn(reap(child, deadline, tenant.clone(), move |status| {
             let _ = exited.send(Exited { tenant, pid, status });
         }));
@@ -559,7 +583,7 @@ impl Tenant {
             unsafe { libc::kill(pid, signal) };
             // One that does not end (stopped, or hung) is killed: the tenant
             // boots again only once it has gone.
-            let _ = process.kill_at.send(Some(Instant::now() + STOP_GRACE));
+            let _ = process.kill_at.send(Some(KillAt::Stop(Instant::now() + STOP_GRACE)));
             self.stopping = Some(process.pid);
             if signal == libc::SIGKILL {
                 tracing::warn!(tenant = %self.name, pid = process.pid, "killed (fenced)");
@@ -573,19 +597,29 @@ impl Tenant {
 
 /// How long a stopped process may take to end before it is killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a new process may take to bring its guest's link up before it
+/// is killed, and the tenant restarted as after a crash. The guest brings
+/// its link up before it reads its state back, so a large state does not
+/// count; a process that first copies its state to a standby has no such
+/// deadline.
+const BOOT_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Waits for a tenant's process `child` to end and tells `ended` how;
-/// kills it if it is still there at the deadline a stop sets.
+/// kills it if it is still there at the deadline its tenant set
+/// ([`KillAt`]).
 async fn reap(
     mut child: tokio::process::Child,
-    mut deadline: watch::Receiver<Option<Instant>>,
+    mut deadline: watch::Receiver<Option<KillAt>>,
     tenant: String,
     ended: impl FnOnce(std::io::Result<std::process::ExitStatus>),
 ) {
-    let mut kill_at = None;
+    let mut kill_at = *deadline.borrow_and_update();
     let mut watching = true;
     let status = loop {
-        let left = kill_at.map(|at: Instant| at.saturating_duration_since(Instant::now()));
+        let at = kill_at.map(|k| match k {
+            KillAt::Boot(at) | KillAt::Stop(at) => at,
+        });
+        let left = at.map(|at| at.saturating_duration_since(Instant::now()));
         tokio::select! {
             status = child.wait() => break status,
             changed = deadline.changed(), if watching => match changed {
@@ -594,7 +628,11 @@ async fn reap(
                 Err(_) => watching = false,
             },
             () = mqvisor::net::paced::sleep_or_forever(left), if kill_at.is_some() => {
-                tracing::warn!(%tenant, pid = child.id().unwrap_or(0), grace_s = STOP_GRACE.as_secs(), "did not end after being stopped: killed");
+                let pid = child.id().unwrap_or(0);
+                match kill_at {
+                    Some(KillAt::Boot(_)) => tracing::warn!(%tenant, pid, deadline_s = BOOT_DEADLINE.as_secs(), "its guest did not come up: killed"),
+                    _ => tracing::warn!(%tenant, pid, grace_s = STOP_GRACE.as_secs(), "did not end after being stopped: killed"),
+                }
                 let _ = child.start_kill();
                 kill_at = None;
             }
@@ -642,7 +680,7 @@ async fn link(
     socket: AsyncFd<UnixDatagram>,
     mut queue: mpsc::Receiver<(TcpStream, FirstBytes)>,
     load: Arc<Mutex<Counters>>,
-    (started, boot_seconds): (Instant, Arc<Mutex<Vec<f64>>>),
+    Booting { started, boot_seconds, kill_at }: Booting,
     returned: Returned,
     (usage, mut baseline): (usage::Shared, Baseline),
 ) {
@@ -685,12 +723,21 @@ async fn link(
                                 if let Ok(mut usage) = usage.lock() {
                                     usage.report(&mut baseline, &now);
                                 }
-                                if std::mem::take(&mut first)
-                                    && let Ok(mut boots) = boot_seconds.lock()
-                                    && boots.len() < MAX_BOOT_SAMPLES
-                                {
-                                    // The first report comes when the guest's link is up.
-                                    boots.push(started.elapsed().as_secs_f64());
+                                if std::mem::take(&mut first) {
+                                    // The first report comes when the guest's link is up:
+                                    // booted, so no longer killed for not booting.
+                                    kill_at.send_if_modified(|at| {
+                                        let booting = matches!(at, Some(KillAt::Boot(_)));
+                                        if booting {
+                                            *at = None;
+                                        }
+                                        booting
+                                    });
+                                    if let Ok(mut boots) = boot_seconds.lock()
+                                        && boots.len() < MAX_BOOT_SAMPLES
+                                    {
+                                        boots.push(started.elapsed().as_secs_f64());
+                                    }
                                 }
                             }
                         }
@@ -822,5 +869,38 @@ async fn send_client(socket: &AsyncFd<UnixDatagram>, client: &TcpStream, kind: H
             Ok(Err(_)) => return false,
             Err(_would_block) => continue,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sleeper() -> tokio::process::Child {
+        tokio::process::Command::new("sleep").arg("30").kill_on_drop(true).spawn().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_process_past_its_deadline_is_killed_and_one_that_booted_is_not() {
+        use std::os::unix::process::ExitStatusExt;
+        // Not booted by its deadline: killed.
+        let (_kill_at, deadline) = watch::channel(Some(KillAt::Boot(Instant::now() + Duration::from_millis(50))));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let started = Instant::now();
+        reap(sleeper(), deadline, "t".into(), move |status| drop(tx.send(status))).await;
+        let status = rx.await.unwrap().unwrap();
+        assert_eq!(status.signal(), Some(libc::SIGKILL));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // Booted (the deadline cleared): it runs on, until a stop's deadline.
+        let (kill_at, deadline) = watch::channel(Some(KillAt::Boot(Instant::now() + Duration::from_millis(50))));
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        let reaper = tokio::spawn(reap(sleeper(), deadline, "t".into(), move |status| drop(tx.send(status))));
+        kill_at.send_replace(None);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "a booted process was killed");
+        kill_at.send_replace(Some(KillAt::Stop(Instant::now() + Duration::from_millis(50))));
+        drop(kill_at);
+        reaper.await.unwrap();
+        assert_eq!(rx.await.unwrap().unwrap().signal(), Some(libc::SIGKILL));
     }
 }
