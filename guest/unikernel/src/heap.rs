@@ -189,9 +189,9 @@ pub fn init(info: &BootInfo) -> Result<usize, HeapError> {
     Ok(end - start)
 }
 
-/// `len` bytes, at the start of whole pages, that nothing in the guest has touched, for
-/// a buffer kept for the VM's whole life (the network's RX buffers and its
-/// frame being built). They are zero as the VMM mapped them, so no byte is
+/// `len` bytes, at the start of whole pages that nothing in the guest has
+/// touched, for a buffer kept for the VM's whole life (the network's RX
+/// buffers and its frame being built). They are zero as the VMM mapped them, so no byte is
 /// written here: a page costs the host, and the guest an exit, only when
 /// something first lands on it (a calloc'd buffer is cleared at once, every
 /// page of it). `None` when the heap cannot spare them.
