@@ -87,6 +87,14 @@ enum KillAt {
     Stop(Instant),
 }
 
+impl KillAt {
+    fn at(self) -> Instant {
+        match self {
+            KillAt::Boot(at) | KillAt::Stop(at) => at,
+        }
+    }
+}
+
 /// One tenant.
 pub struct Tenant {
     pub name: String,
@@ -616,10 +624,7 @@ async fn reap(
     let mut kill_at = *deadline.borrow_and_update();
     let mut watching = true;
     let status = loop {
-        let at = kill_at.map(|k| match k {
-            KillAt::Boot(at) | KillAt::Stop(at) => at,
-        });
-        let left = at.map(|at| at.saturating_duration_since(Instant::now()));
+        let left = kill_at.map(|k| k.at().saturating_duration_since(Instant::now()));
         tokio::select! {
             status = child.wait() => break status,
             changed = deadline.changed(), if watching => match changed {

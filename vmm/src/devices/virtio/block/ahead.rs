@@ -8,9 +8,8 @@
 //! 85 µs onto blocks written before). So once the guest appends (a write
 //! that starts where the last one ended, as the log's batches do; not the
 //! file's header) the worker fills the next few 64 KiB chunks past it with
-//! zeros, one chunk at a time while
-//! the guest has no request waiting: the log's next commits then land on
-//! written blocks. A chunk is filled only when it is wholly a hole (it
+//! zeros, one chunk at a time while the guest has no request waiting: the
+//! log's next commits then land on written blocks. A chunk is filled only when it is wholly a hole (it
 //! reads as zeros already), so the file's content never changes, which is
 //! also why nothing of this is shipped to a standby.
 //!
@@ -24,9 +23,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 /// Bytes filled at once: one write per this many bytes of log.
-pub const CHUNK: u64 = 64 << 10;
+const CHUNK_LEN: usize = 64 << 10;
+pub const CHUNK: u64 = CHUNK_LEN as u64;
 /// How far past the last write blocks are kept ready.
 pub const AHEAD: u64 = 4 * CHUNK;
+
+/// What a chunk is filled with.
+static ZEROS: [u8; CHUNK_LEN] = [0; CHUNK_LEN];
 
 /// The chunks made ready past the guest's last write.
 #[derive(Debug, Default)]
@@ -70,8 +73,9 @@ impl Ahead {
         self.checked_to = end;
         match hole_until(file, start) {
             Ok(data_at) if data_at >= end => {
-                let zeros = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
-                if file.write_all_at(&zeros, start).is_err() {
+                // `end - start` is at most CHUNK.
+                let zeros = &ZEROS[..usize::try_from(end - start).unwrap_or(0)];
+                if file.write_all_at(zeros, start).is_err() {
                     // The write that failed left the chunk's content zeros
                     // or partly zeros: what it read as. Not tried again.
                     self.off = true;
