@@ -223,6 +223,7 @@ pub const ENTROPY_LEN: usize = 32;
 pub mod capacity;
 pub mod config_blob;
 pub mod streams;
+pub mod wait;
 
 impl Default for BootInfo {
     fn default() -> Self {

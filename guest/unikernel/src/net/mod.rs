@@ -17,6 +17,7 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 
 use mqvisor_boot_abi::streams::{self, FrameWriter, Record, ServiceStats, StreamId};
+use mqvisor_boot_abi::wait::PollWindow;
 use mqvisor_boot_abi::{BootInfo, NetConfig, device_kind};
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
@@ -29,13 +30,9 @@ pub const EXIT_NO_NETWORK: u32 = 3;
 /// How long to park when the TX queue was full: the VMM frees TX buffers
 /// without waking the guest.
 const TX_FULL_WAIT_NS: u64 = 200_000;
-/// How long to look for frames before parking, while traffic flows: a
-/// park and its wake-up cost two VM exits and a host thread's wake-up
-/// (about 60 µs under nested virtualization), where the next frame of a
-/// busy stream comes sooner than that.
-const POLL_BEFORE_PARK_NS: u64 = 30_000;
-/// Traffic flows when frames came this recently; an idle guest parks at
-/// once and costs nothing.
+/// Traffic flows when frames came this recently: only then does the guest
+/// look for frames before parking (see [`PollWindow`]); an idle guest
+/// parks at once and costs nothing.
 const BUSY_FOR_NS: u64 = 1_000_000;
 
 /// The guest's end of the link.
@@ -58,6 +55,8 @@ pub struct Link {
     bad_frames: u64,
     /// When frames last came from the VMM.
     last_rx: clock::Instant,
+    /// How long to look for frames before parking.
+    poll: PollWindow,
 }
 
 /// A record without bytes, kept when it found no room.
@@ -104,6 +103,7 @@ impl Link {
             tx_full: false,
             bad_frames: 0,
             last_rx: clock::Instant::START,
+            poll: PollWindow::default(),
         })
     }
 
@@ -258,10 +258,12 @@ impl Link {
             return;
         }
         let start = clock::now();
-        if start.ns_since(self.last_rx) < BUSY_FOR_NS {
-            let until = start.plus_ns(POLL_BEFORE_PARK_NS);
-            let deadline = deadline_us.map_or(until, |us| until.min(clock::Instant::START.plus_ns(us * 1000)));
-            while clock::now() < deadline {
+        let deadline = deadline_us.map(|us| clock::Instant::START.plus_ns(us.saturating_mul(1000)));
+        let looked = start.ns_since(self.last_rx) < BUSY_FOR_NS;
+        if looked {
+            let until = start.plus_ns(self.poll.ns());
+            let until = deadline.map_or(until, |d| until.min(d));
+            while clock::now() < until {
                 if self.device.has_rx() {
                     return;
                 }
@@ -274,5 +276,8 @@ impl Link {
             wait_ns = wait_ns.min(TX_FULL_WAIT_NS);
         }
         paravirt::wait_ns(wait_ns);
+        if looked {
+            self.poll.parked(clock::now().ns_since(start), self.device.has_rx());
+        }
     }
 }

@@ -1,0 +1,75 @@
+//! How long the guest looks for work before it parks on
+//! [`ports::WAIT`](crate::ports::WAIT): a park and its wake-up cost two VM
+//! exits and a host thread's wake-up (about 60 µs under nested
+//! virtualization), where the next frame of a busy stream often comes
+//! sooner than that.
+//!
+//! Owns the look's length, adapted as KVM adapts its halt polling. Never
+//! looks longer than [`POLL_MAX_NS`]; whether to look at all (only while
+//! traffic flows, so an idle tenant costs nothing) is the caller's.
+
+/// The shortest look.
+pub const POLL_MIN_NS: u64 = 30_000;
+/// The longest look: a client that answers at once (request and response,
+/// a publisher waiting for its PUBACK) comes back within a round trip of
+/// the host's TCP and its own code, 100–300 µs.
+pub const POLL_MAX_NS: u64 = 300_000;
+
+/// The length of the next look. A wait that a longer look would have
+/// covered (work came within [`POLL_MAX_NS`]) doubles it; a wait longer
+/// than that halves it. A tenant whose clients answer at once then never
+/// parks between their messages, and one with sparse traffic looks
+/// [`POLL_MIN_NS`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollWindow {
+    ns: u64,
+}
+
+impl Default for PollWindow {
+    fn default() -> Self {
+        PollWindow { ns: POLL_MIN_NS }
+    }
+}
+
+impl PollWindow {
+    /// How long to look before parking, in nanoseconds.
+    pub fn ns(&self) -> u64 {
+        self.ns
+    }
+
+    /// Learns from one wait that looked and then parked: it lasted
+    /// `waited_ns` in all and ended with work waiting or not.
+    pub fn parked(&mut self, waited_ns: u64, work: bool) {
+        if waited_ns > POLL_MAX_NS {
+            self.ns = (self.ns / 2).max(POLL_MIN_NS);
+        } else if work {
+            self.ns = (self.ns * 2).min(POLL_MAX_NS);
+        }
+        // Neither: a wake-up without work (a timer, or the VMM's note of
+        // frames the look already took) says nothing about the next one.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_look_grows_when_a_longer_one_would_have_served_and_shrinks_when_not() {
+        let mut poll = PollWindow::default();
+        poll.parked(120_000, true);
+        assert_eq!(poll.ns(), 2 * POLL_MIN_NS);
+        for _ in 0..10 {
+            poll.parked(200_000, true);
+        }
+        assert_eq!(poll.ns(), POLL_MAX_NS, "capped");
+        poll.parked(5_000, false);
+        assert_eq!(poll.ns(), POLL_MAX_NS, "a wake-up without work teaches nothing");
+        poll.parked(POLL_MAX_NS + 1, true);
+        assert_eq!(poll.ns(), POLL_MAX_NS / 2);
+        for _ in 0..10 {
+            poll.parked(10_000_000, false);
+        }
+        assert_eq!(poll.ns(), POLL_MIN_NS, "floored");
+    }
+}
