@@ -38,6 +38,8 @@ const BUSY_FOR_NS: u64 = 1_000_000;
 /// The guest's end of the link.
 pub struct Link {
     device: VirtioNet,
+    /// Whether the VMM wakes a parked guest for the next frame.
+    rx_wake: notify::RxWake,
     guest_mac: [u8; 6],
     host_mac: [u8; 6],
     /// The frame being built (one frame's room, for the VM's life, of
@@ -88,13 +90,14 @@ impl Link {
         // in the guest accesses it.
         let transport =
             unsafe { MmioTransport::new(header, size) }.map_err(|_| "virtio-net window is not a virtio-mmio device")?;
-        let driver = VirtIONetRaw::new(notify::EventIdxTransport::new(transport))
-            .map_err(|_| "virtio-net device refused initialisation")?;
+        let (transport, rx_wake) = notify::EventIdxTransport::new(transport);
+        let driver = VirtIONetRaw::new(transport).map_err(|_| "virtio-net device refused initialisation")?;
         let net: &NetConfig = &info.net;
         let max_frame = usize::from(net.mtu) + streams::ETHERNET_HEADER_LEN;
         let building = crate::heap::untouched_zeroed(max_frame).ok_or("no heap for the frame being built")?;
         Ok(Link {
             device: VirtioNet::new(driver, max_frame),
+            rx_wake,
             guest_mac: net.guest_mac,
             host_mac: net.host_mac,
             building,
@@ -261,6 +264,8 @@ impl Link {
         let deadline = deadline_us.map(|us| clock::Instant::START.plus_ns(us.saturating_mul(1000)));
         let looked = start.ns_since(self.last_rx) < BUSY_FOR_NS;
         if looked {
+            // Frames taken while looking need no wake-up (see `notify`).
+            self.rx_wake.quiet();
             let until = start.plus_ns(self.poll.ns());
             let until = deadline.map_or(until, |d| until.min(d));
             while clock::now() < until {
@@ -274,6 +279,10 @@ impl Link {
         let mut wait_ns = deadline_us.map_or(u64::MAX, |t| t.saturating_sub(now_us).saturating_mul(1000));
         if core::mem::take(&mut self.tx_full) || !self.held.is_empty() {
             wait_ns = wait_ns.min(TX_FULL_WAIT_NS);
+        }
+        self.rx_wake.arm();
+        if self.device.has_rx() {
+            return;
         }
         paravirt::wait_ns(wait_ns);
         if looked {

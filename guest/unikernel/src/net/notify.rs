@@ -9,7 +9,14 @@
 //! VM exit per frame sent and per RX buffer given back. This transport
 //! checks again, correctly, before the exit. Owns the last index notified
 //! per queue; never suppresses a notification the device asked for.
+//!
+//! The other way round, the device wakes a parked guest only when its used
+//! index crosses the driver's `used_event` ([`RxWake`]): while the guest
+//! looks for frames itself it asks not to be woken, so frames it takes
+//! while looking leave no wake-up behind to end its next park at once.
 
+use alloc::rc::Rc;
+use core::cell::Cell;
 use core::sync::atomic::{Ordering, fence};
 
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
@@ -20,6 +27,8 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 const RING_EVENT_IDX: u64 = 1 << 29;
 /// Queues tracked (virtio-net: RX and TX).
 const QUEUES: usize = 2;
+/// The queue whose used buffers wake the guest (virtio-net's RX).
+const RX_QUEUE: usize = 0;
 
 /// Where a queue's indices live in guest memory.
 #[derive(Clone, Copy)]
@@ -37,11 +46,60 @@ pub struct EventIdxTransport<T> {
     inner: T,
     event_idx: bool,
     rings: [Option<Rings>; QUEUES],
+    rx_wake: RxWake,
 }
 
 impl<T: Transport> EventIdxTransport<T> {
-    pub fn new(inner: T) -> Self {
-        EventIdxTransport { inner, event_idx: false, rings: [None; QUEUES] }
+    /// The transport, and the handle that asks for RX wake-ups or not once
+    /// the driver has set its queues up.
+    pub fn new(inner: T) -> (Self, RxWake) {
+        let rx_wake = RxWake(Rc::new(Cell::new(None)));
+        (EventIdxTransport { inner, event_idx: false, rings: [None; QUEUES], rx_wake: rx_wake.clone() }, rx_wake)
+    }
+}
+
+/// Where the RX queue's `used_event` (in the avail ring) and used `idx`
+/// live.
+#[derive(Clone, Copy)]
+struct RxIndices {
+    used_event: usize,
+    used_idx: usize,
+}
+
+/// Whether the device wakes the guest for the next RX frame. Without
+/// EVENT_IDX (or before the queue is set up) the device always wakes it,
+/// and both calls do nothing.
+#[derive(Clone)]
+pub struct RxWake(Rc<Cell<Option<RxIndices>>>);
+
+impl RxWake {
+    /// Asks not to be woken for frames that come from now on (the guest
+    /// looks for them itself). The driver asks again with each frame it
+    /// takes; [`RxWake::arm`] must come before any park.
+    pub fn quiet(&self) {
+        let Some(at) = self.0.get() else { return };
+        // SAFETY: both addresses lie in the RX queue's rings, which the
+        // driver allocated (identity-mapped, 2-byte aligned) and keeps until
+        // `queue_unset`; the device writes the used index, hence volatile.
+        unsafe {
+            let used = core::ptr::read_volatile(at.used_idx as *const u16);
+            // An index already passed: the device's next ones never cross it.
+            core::ptr::write_volatile(at.used_event as *mut u16, used.wrapping_sub(1));
+        }
+    }
+
+    /// Asks to be woken by the next frame. The caller looks for frames
+    /// once more afterwards: one the device added before it saw this wish
+    /// woke no one.
+    pub fn arm(&self) {
+        let Some(at) = self.0.get() else { return };
+        // SAFETY: as in `quiet`.
+        unsafe {
+            let used = core::ptr::read_volatile(at.used_idx as *const u16);
+            core::ptr::write_volatile(at.used_event as *mut u16, used);
+        }
+        // The wish is published before the caller reads the index again.
+        fence(Ordering::SeqCst);
     }
 }
 
@@ -126,11 +184,17 @@ impl<T: Transport> Transport for EventIdxTransport<T> {
             *slot = Some(Rings { avail_idx: driver + 2, avail_event: device + 4 + 8 * entries, checked: 0 });
         }
         self.inner.queue_set(queue, size, descriptors, driver_area, device_area);
+        if usize::from(queue) == RX_QUEUE && self.event_idx {
+            self.rx_wake.0.set(Some(RxIndices { used_event: driver + 4 + 2 * entries, used_idx: device + 2 }));
+        }
     }
 
     fn queue_unset(&mut self, queue: u16) {
         if let Some(slot) = self.rings.get_mut(usize::from(queue)) {
             *slot = None;
+        }
+        if usize::from(queue) == RX_QUEUE {
+            self.rx_wake.0.set(None);
         }
         self.inner.queue_unset(queue);
     }

@@ -143,6 +143,14 @@ impl NetDevice {
 
     /// Re-arms notifications for `queue`; true if buffers arrived meanwhile
     /// (then the worker must look again instead of sleeping).
+    /// Whether the RX frames just added must wake the driver: with
+    /// EVENT_IDX, only when the used index crossed its `used_event` (a
+    /// guest that looks for frames itself asks not to be woken).
+    pub fn rx_needs_wake(&mut self) -> Result<bool, RingFault> {
+        let Some(active) = self.active.as_mut() else { return Ok(false) };
+        active.rx.needs_notification(&active.mem).map_err(|e| fault(RX_QUEUE, e))
+    }
+
     pub fn enable_notification(&mut self, queue: usize) -> Result<bool, RingFault> {
         let Some(active) = self.active.as_mut() else { return Ok(false) };
         let q = if queue == RX_QUEUE { &mut active.rx } else { &mut active.tx };

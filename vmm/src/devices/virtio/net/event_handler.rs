@@ -7,7 +7,8 @@
 //! notifications stay off while the ring keeps yielding frames and are
 //! re-armed only by a look that finds it empty; RX notifications are armed
 //! only when the guest ran out of buffers. Never blocks; waking a parked
-//! guest is one eventfd write after frames were handed to it.
+//! guest is one eventfd write after frames were handed to it, when the
+//! guest asked for it (EVENT_IDX's `used_event`).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -103,6 +104,7 @@ impl NetEventHandler {
             } else {
                 device.push_rx_frames(backend.frames_to_guest())?
             };
+            let wake = n > 0 && device.rx_needs_wake()?;
             let more_buffers = if backend.frames_to_guest().is_empty() {
                 false
             } else {
@@ -110,13 +112,13 @@ impl NetEventHandler {
                 // the guest adds some (true: it already did).
                 device.enable_notification(RX_QUEUE)?
             };
-            Ok((tx_moved, n > 0, more_buffers))
+            Ok((tx_moved, n > 0, wake, more_buffers))
         });
         match rx {
-            Ok((tx_moved, delivered, more_buffers)) => {
+            Ok((tx_moved, delivered, wake, more_buffers)) => {
                 progress.moved |= tx_moved || delivered || more_buffers;
                 drop(transport);
-                if delivered {
+                if wake {
                     let _ = self.wake_guest.write(1);
                 }
             }
@@ -166,10 +168,17 @@ mod tests {
 
     /// An activated device over 1 MiB of guest memory.
     fn activated() -> (Arc<Mutex<MmioTransport<NetDevice>>>, GuestMemoryMmap) {
+        activated_with(0)
+    }
+
+    /// The same, with `features` (of the low 32) negotiated too.
+    fn activated_with(features: u32) -> (Arc<Mutex<MmioTransport<NetDevice>>>, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let mut t = MmioTransport::new(NetDevice::new([2, 0, 0, 0, 0, 1], 2048), mem.clone()).unwrap();
         let ad = status::ACKNOWLEDGE | status::DRIVER;
         write(&mut t, reg::STATUS, ad);
+        write(&mut t, reg::DRIVER_FEATURES_SEL, 0);
+        write(&mut t, reg::DRIVER_FEATURES, features);
         write(&mut t, reg::DRIVER_FEATURES_SEL, 1);
         write(&mut t, reg::DRIVER_FEATURES, u32::try_from(VIRTIO_F_VERSION_1 >> 32).unwrap());
         write(&mut t, reg::STATUS, ad | status::FEATURES_OK);
@@ -188,6 +197,41 @@ mod tests {
         write(&mut t, reg::STATUS, ad | status::FEATURES_OK | status::DRIVER_OK);
         assert!(t.is_activated(), "status {:#x}", t.status());
         (Arc::new(Mutex::new(t)), mem)
+    }
+
+    #[test]
+    fn a_guest_is_woken_for_frames_only_when_its_used_event_asks() {
+        use crate::devices::virtio::VIRTIO_F_RING_EVENT_IDX;
+        let (transport, mem) = activated_with(u32::try_from(VIRTIO_F_RING_EVENT_IDX).unwrap());
+        let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
+        let mut handler = NetEventHandler::new(transport, wake.clone());
+        let rx = QUEUE_AREAS[0];
+        let used_event = GuestAddress(rx + 0x1000 + 4 + 2 * u64::from(QUEUE_NUM));
+        // RX buffers 0..4, each a page, writable by the device.
+        for i in 0..4u64 {
+            let desc = rx + 16 * i;
+            mem.write_obj(0x8_0000 + 0x1000 * i, GuestAddress(desc)).unwrap();
+            mem.write_obj(0x1000u32, GuestAddress(desc + 8)).unwrap();
+            mem.write_obj(2u16, GuestAddress(desc + 12)).unwrap(); // VIRTQ_DESC_F_WRITE
+            mem.write_obj(u16::try_from(i).unwrap(), GuestAddress(rx + 0x1000 + 4 + 2 * i)).unwrap();
+        }
+        mem.write_obj(4u16, GuestAddress(rx + 0x1000 + AVAIL_IDX)).unwrap();
+        let mut link = Link(VecDeque::new(), VecDeque::new());
+        let mut deliver = |handler: &mut NetEventHandler| {
+            link.1.push_back(vec![0u8; 60]);
+            assert!(handler.process(&mut link).moved && link.1.is_empty());
+            wake.read().is_ok()
+        };
+        // The driver took nothing yet and waits for entry 0: woken.
+        mem.write_obj(0u16, used_event).unwrap();
+        assert!(deliver(&mut handler), "a parked guest is woken");
+        // It looks for frames itself (an index already passed): not woken.
+        mem.write_obj(u16::MAX, used_event).unwrap();
+        assert!(!deliver(&mut handler), "a guest that looks is not woken");
+        assert!(!deliver(&mut handler));
+        // It parks, asking for the next entry (3): woken again.
+        mem.write_obj(3u16, used_event).unwrap();
+        assert!(deliver(&mut handler), "a guest that parks again is woken");
     }
 
     #[test]
