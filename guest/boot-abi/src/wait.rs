@@ -6,7 +6,10 @@
 //!
 //! Owns the look's length, adapted as KVM adapts its halt polling. Never
 //! looks longer than [`POLL_MAX_NS`]; whether to look at all (only while
-//! traffic flows, so an idle tenant costs nothing) is the caller's.
+//! traffic flows, so an idle tenant costs nothing) is the caller's. A look
+//! takes a CPU that other threads of the host may want (the tenant's own
+//! net thread, its clients on the same machine): a look during which the
+//! guest lost its CPU ([`PREEMPTED_NS`]) ends, and the next ones are short.
 
 /// The shortest look.
 pub const POLL_MIN_NS: u64 = 30_000;
@@ -14,6 +17,11 @@ pub const POLL_MIN_NS: u64 = 30_000;
 /// a publisher waiting for its PUBACK) comes back within a round trip of
 /// the host's TCP and its own code, 100–300 µs.
 pub const POLL_MAX_NS: u64 = 300_000;
+
+/// A gap this long between two steps of a look means the host ran
+/// something else on the guest's CPU meanwhile: a step is a few
+/// nanoseconds, a host timer tick or an exit a few microseconds.
+pub const PREEMPTED_NS: u64 = 50_000;
 
 /// The length of the next look. A wait that a longer look would have
 /// covered (work came within [`POLL_MAX_NS`]) doubles it; a wait longer
@@ -48,6 +56,12 @@ impl PollWindow {
         // Neither: a wake-up without work (a timer, or the VMM's note of
         // frames the look already took) says nothing about the next one.
     }
+
+    /// Learns that a look lost its CPU to another thread: the host has no
+    /// CPU to spare for looking, so the next looks are the shortest.
+    pub fn preempted(&mut self) {
+        self.ns = POLL_MIN_NS;
+    }
 }
 
 #[cfg(test)]
@@ -71,5 +85,10 @@ mod tests {
             poll.parked(10_000_000, false);
         }
         assert_eq!(poll.ns(), POLL_MIN_NS, "floored");
+        for _ in 0..10 {
+            poll.parked(200_000, true);
+        }
+        poll.preempted();
+        assert_eq!(poll.ns(), POLL_MIN_NS, "a look that lost its CPU ends the long ones");
     }
 }

@@ -17,7 +17,7 @@ use alloc::vec::Vec;
 use core::ptr::NonNull;
 
 use mqvisor_boot_abi::streams::{self, FrameWriter, Record, ServiceStats, StreamId};
-use mqvisor_boot_abi::wait::PollWindow;
+use mqvisor_boot_abi::wait::{PREEMPTED_NS, PollWindow};
 use mqvisor_boot_abi::{BootInfo, NetConfig, device_kind};
 use virtio_drivers::device::net::VirtIONetRaw;
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
@@ -268,7 +268,17 @@ impl Link {
             self.rx_wake.quiet();
             let until = start.plus_ns(self.poll.ns());
             let until = deadline.map_or(until, |d| until.min(d));
-            while clock::now() < until {
+            let mut last = start;
+            loop {
+                let now = clock::now();
+                if now >= until {
+                    break;
+                }
+                if now.ns_since(last) > PREEMPTED_NS {
+                    self.poll.preempted();
+                    break;
+                }
+                last = now;
                 if self.device.has_rx() {
                     return;
                 }
