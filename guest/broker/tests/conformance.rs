@@ -1187,14 +1187,20 @@ fn low_memory_refuses_publishes_and_subscriptions_with_quota_exceeded() {
     net.broker.set_memory_low(true);
     net.publish(1, V5, publish("t/a", b"m", QoS::AtLeastOnce, Some(1)));
     assert_eq!(puback_codes(&net.recv(1, V5)), vec![reason::QUOTA_EXCEEDED]);
-    // 3.x has no refusal in PUBACK: acknowledged, dropped, counted.
+    // 3.x has no refusal in PUBACK: the connection ends unacknowledged (an
+    // acknowledged publish that was dropped would be a loss the client
+    // never learns of); its QoS 0 publish is dropped.
+    net.publish(2, V3, publish("t/q0", b"m", QoS::AtMostOnce, None));
+    assert!(net.recv(2, V3).is_empty());
+    assert!(net.closes().is_empty(), "QoS 0 needs no acknowledgement");
     net.publish(2, V3, publish("t/b", b"m", QoS::AtLeastOnce, Some(2)));
-    assert_eq!(net.recv(2, V3), vec![Packet::Puback(ack(2))]);
+    assert!(net.recv(2, V3).is_empty(), "no PUBACK for what was not taken");
+    assert_eq!(net.closes(), vec![2]);
     let retained = Publish { retain: true, ..publish("t/r", b"kept?", QoS::AtMostOnce, None) };
     net.publish(1, V5, retained);
     assert!(publishes(&net.recv(3, V5)).is_empty(), "nothing refused was delivered");
     assert_eq!(net.subscribe(3, V5, "other", QoS::AtMostOnce), vec![reason::QUOTA_EXCEEDED]);
-    assert_eq!(net.broker.stats().quota_refusals, 4);
+    assert_eq!(net.broker.stats().quota_refusals, 5);
     // Memory back: served again, and the refused retained message was never kept.
     net.broker.set_memory_low(false);
     net.publish(1, V5, publish("t/a", b"m", QoS::AtLeastOnce, Some(3)));

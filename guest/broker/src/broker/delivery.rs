@@ -66,6 +66,17 @@ impl Broker {
         }
         // Clients may not publish into the broker's own namespace.
         let allowed = !p.topic.starts_with("$SYS") && self.conn_allows(conn, Want::Publish, &p.topic);
+        // Low on memory, a 3.x client's QoS 1/2 publish could only be
+        // acknowledged and dropped, a loss it would never learn of: its
+        // connection ends unacknowledged instead, and it sends the publish
+        // again when it reconnects (a QoS 2 retransmission already taken is
+        // acknowledged again below).
+        let retransmission = p.qos == QoS::ExactlyOnce
+            && p.packet_id.is_some_and(|id| self.sessions.get(&key).is_some_and(|s| s.incoming_qos2.contains(&id)));
+        if self.memory_low && !v5 && allowed && p.qos != QoS::AtMostOnce && !retransmission {
+            self.stats.quota_refusals += 1;
+            return Err(refuse(reason::QUOTA_EXCEEDED, "memory low"));
+        }
         let quota = !self.memory_low
             && !undurable
             && (!p.retain || self.retained.fits(&p, self.config.max_retained_messages, self.config.max_retained_bytes));

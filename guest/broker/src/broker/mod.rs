@@ -171,7 +171,8 @@ impl Broker {
     }
 
     /// The runner's word on memory: while low, publishes are refused (v5
-    /// 0x97 Quota exceeded on PUBACK/PUBREC; 3.x acknowledged and dropped),
+    /// 0x97 Quota exceeded on PUBACK/PUBREC; 3.x QoS 1/2 end the connection
+    /// unacknowledged, QoS 0 is dropped),
     /// new subscriptions are refused, and nothing queued is encoded for a
     /// connection that still has output. Every refusal is counted.
     pub fn set_memory_low(&mut self, low: bool) {

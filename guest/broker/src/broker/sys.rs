@@ -22,7 +22,8 @@ pub struct Stats {
     pub connections_refused: u64,
     pub protocol_errors: u64,
     /// Publishes and subscriptions refused because memory ran low (v5:
-    /// reason code 0x97 Quota exceeded; 3.x: acknowledged and dropped).
+    /// reason code 0x97 Quota exceeded; 3.x: QoS 1/2 end the connection
+    /// unacknowledged, QoS 0 is dropped).
     pub quota_refusals: u64,
 }
 
