@@ -72,6 +72,7 @@ struct Process {
 /// A process's boot, for its link: when it started, where its boot time
 /// goes, and the deadline its first report clears.
 struct Booting {
+    pid: u32,
     started: Instant,
     boot_seconds: Arc<Mutex<Vec<f64>>>,
     kill_at: Arc<watch::Sender<Option<KillAt>>>,
@@ -399,7 +400,7 @@ impl Tenant {
         let (kill_at, deadline) = watch::channel(boot_deadline);
         let kill_at = Arc::new(kill_at);
         let booted =
-            Booting { started: Instant::now(), boot_seconds: self.boot_seconds.clone(), kill_at: kill_at.clone() };
+            Booting { pid, started: Instant::now(), boot_seconds: self.boot_seconds.clone(), kill_at: kill_at.clone() };
         let usage = (self.usage.clone(), Baseline::default());
         tokio::spawn(link(self.name.clone(), ours, queue, self.load.clone(), booted, self.returned.clone(), usage));
         let (tenant, exited) = (self.name.clone(), exited.clone());
@@ -418,7 +419,8 @@ impl Tenant {
         self.state = State::Running;
         self.restart_at = None;
         self.boots += 1;
-        tracing::info!(tenant = %self.name, pid, memory_mib = self.config.run.memory, "booted");
+        // "booted" comes with its guest's first report (see `link`).
+        tracing::info!(tenant = %self.name, pid, memory_mib = self.config.run.memory, "process started");
         Ok(())
     }
 
@@ -685,7 +687,7 @@ async fn link(
     socket: AsyncFd<UnixDatagram>,
     mut queue: mpsc::Receiver<(TcpStream, FirstBytes)>,
     load: Arc<Mutex<Counters>>,
-    Booting { started, boot_seconds, kill_at }: Booting,
+    Booting { pid, started, boot_seconds, kill_at }: Booting,
     returned: Returned,
     (usage, mut baseline): (usage::Shared, Baseline),
 ) {
@@ -738,10 +740,12 @@ async fn link(
                                         }
                                         booting
                                     });
+                                    let boot = started.elapsed();
+                                    tracing::info!(tenant = %tenant, pid, boot_ms = boot.as_millis(), "booted");
                                     if let Ok(mut boots) = boot_seconds.lock()
                                         && boots.len() < MAX_BOOT_SAMPLES
                                     {
-                                        boots.push(started.elapsed().as_secs_f64());
+                                        boots.push(boot.as_secs_f64());
                                     }
                                 }
                             }
