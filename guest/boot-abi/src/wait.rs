@@ -1,8 +1,8 @@
 //! How long the guest looks for work before it parks on
 //! [`ports::WAIT`](crate::ports::WAIT): a park and its wake-up cost two VM
-//! exits and a host thread's wake-up (about 60 µs under nested
-//! virtualization), where the next frame of a busy stream often comes
-//! sooner than that.
+//! exits and a host thread's wake-up (74–150 µs for the wake-up alone under
+//! nested virtualization, `docs/platform-notes.md`), where the next frame
+//! of a busy stream often comes sooner than that.
 //!
 //! Owns the look's length, adapted as KVM adapts its halt polling. Never
 //! looks longer than [`POLL_MAX_NS`]; whether to look at all (only while

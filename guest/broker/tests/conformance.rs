@@ -1184,7 +1184,14 @@ fn low_memory_refuses_publishes_and_subscriptions_with_quota_exceeded() {
     net.connect(2, V3, "pub3", true);
     net.connect(3, V5, "sub", true);
     assert_eq!(net.subscribe(3, V5, "t/#", QoS::AtLeastOnce), vec![1]);
+    // A QoS 2 publish taken before memory ran low, its PUBREC lost.
+    net.publish(2, V3, publish("t/2", b"m", QoS::ExactlyOnce, Some(9)));
+    assert_eq!(net.recv(2, V3), vec![Packet::Pubrec(ack(9))]);
+    assert_eq!(publishes(&net.recv(3, V5)).len(), 1);
     net.broker.set_memory_low(true);
+    // Its retransmission is acknowledged again, not refused.
+    net.publish(2, V3, Publish { dup: true, ..publish("t/2", b"m", QoS::ExactlyOnce, Some(9)) });
+    assert_eq!(net.recv(2, V3), vec![Packet::Pubrec(ack(9))]);
     net.publish(1, V5, publish("t/a", b"m", QoS::AtLeastOnce, Some(1)));
     assert_eq!(puback_codes(&net.recv(1, V5)), vec![reason::QUOTA_EXCEEDED]);
     // 3.x has no refusal in PUBACK: the connection ends unacknowledged (an
