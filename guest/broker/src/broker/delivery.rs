@@ -80,7 +80,7 @@ impl Broker {
         let quota = !self.memory_low
             && !undurable
             && (!p.retain || self.retained.fits(&p, self.config.max_retained_messages, self.config.max_retained_bytes));
-        if allowed && !quota {
+        if allowed && !quota && !retransmission {
             self.stats.quota_refusals += 1;
         }
         let session = self.sessions.get_mut(&key).ok_or(refuse(reason::UNSPECIFIED_ERROR, "no session"))?;
