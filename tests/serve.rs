@@ -1725,13 +1725,18 @@ fn a_spare_of_a_replaced_binary_is_not_used() {
     let _alpha = connected(&daemon, "a", "alpha:");
     let pid = daemon.pid_of("alpha");
     assert_ne!(pid, old_spare as i32, "alpha ran in the spare of the replaced binary");
-    let running = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
-    assert!(!running.to_string_lossy().ends_with("(deleted)"), "alpha runs the replaced binary: {running:?}");
+    assert!(runs_current_binary(pid), "alpha runs the replaced binary");
     // The old spare is gone, and the next one runs the new binary.
     assert!(ends_within(old_spare as i32, Duration::from_secs(10)), "the old spare {old_spare} still runs");
     let new_spare = waiting_spare(&daemon);
-    let running = std::fs::read_link(format!("/proc/{new_spare}/exe")).unwrap();
-    assert!(!running.to_string_lossy().ends_with("(deleted)"), "the new spare runs the replaced binary");
+    assert!(runs_current_binary(new_spare as i32), "the new spare runs the replaced binary");
+}
+
+/// Whether process `pid` runs the file its executable path names now, not
+/// one since replaced (which `/proc` shows as deleted).
+fn runs_current_binary(pid: i32) -> bool {
+    let running = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap();
+    !running.to_string_lossy().ends_with("(deleted)")
 }
 
 #[test]

@@ -399,8 +399,8 @@ impl Tenant {
         let boot_deadline = self.config.run.standby.is_none().then(|| KillAt::Boot(Instant::now() + BOOT_DEADLINE));
         let (kill_at, deadline) = watch::channel(boot_deadline);
         let kill_at = Arc::new(kill_at);
-        let booted =
-            Booting { pid, started: Instant::now(), boot_seconds: self.boot_seconds.clone(), kill_at: kill_at.clone() };
+        let started = Instant::now();
+        let booted = Booting { pid, started, boot_seconds: self.boot_seconds.clone(), kill_at: kill_at.clone() };
         let usage = (self.usage.clone(), Baseline::default());
         tokio::spawn(link(self.name.clone(), ours, queue, self.load.clone(), booted, self.returned.clone(), usage));
         let (tenant, exited) = (self.name.clone(), exited.clone());
@@ -415,7 +415,7 @@ impl Tenant {
             // As many as the queue holds: more could not have waited.
             let _ = clients.try_send(client);
         }
-        self.process = Some(Process { pid, started: Instant::now(), clients, control, kill_at });
+        self.process = Some(Process { pid, started, clients, control, kill_at });
         self.state = State::Running;
         self.restart_at = None;
         self.boots += 1;

@@ -9,9 +9,10 @@
 //! that starts where the last one ended, as the log's batches do; not the
 //! file's header) the worker fills the next few 64 KiB chunks past it with
 //! zeros, one chunk at a time while the guest has no request waiting: the
-//! log's next commits then land on written blocks. A chunk is filled only when it is wholly a hole (it
-//! reads as zeros already), so the file's content never changes, which is
-//! also why nothing of this is shipped to a standby.
+//! log's next commits then land on written blocks. A chunk is filled only
+//! when it is wholly a hole (it reads as zeros already), so the file's
+//! content never changes, which is also why nothing of this is shipped to
+//! a standby.
 //!
 //! Owns the window of chunks prepared past the last write. Must never write
 //! a byte the file did not already read as: anything it cannot tell is a
