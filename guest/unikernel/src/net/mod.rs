@@ -262,7 +262,7 @@ impl Link {
         }
         let start = clock::now();
         let deadline = deadline_us.map(|us| clock::Instant::START.plus_ns(us.saturating_mul(1000)));
-        let looked = start.ns_since(self.last_rx) < BUSY_FOR_NS;
+        let looked = start.ns_since(self.last_rx) < BUSY_FOR_NS && self.poll.looks();
         if looked {
             // Frames taken while looking need no wake-up (see `notify`).
             self.rx_wake.quiet();
@@ -280,6 +280,7 @@ impl Link {
                 }
                 last = now;
                 if self.device.has_rx() {
+                    self.poll.found(now.ns_since(start));
                     return;
                 }
                 core::hint::spin_loop();
