@@ -160,6 +160,7 @@ const FIELDS: &[Field] = &[
     number!(18, max_retained_messages: usize),
     number!(19, max_retained_bytes: usize),
     number!(20, max_sessions: usize),
+    number!(21, max_queued_bytes: usize),
     Field {
         tag: 17,
         get: |c| Some(u64::from(c.allow_anonymous)),
@@ -331,6 +332,7 @@ mod tests {
             max_connections: 7,
             max_packet_size: 4096,
             max_queued_messages: 9,
+            max_queued_bytes: 4321,
             max_inflight: 3,
             receive_maximum: 5,
             topic_limits: TopicLimits { max_len: 100, max_levels: 4 },

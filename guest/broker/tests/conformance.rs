@@ -700,6 +700,36 @@ fn offline_queue_is_bounded_and_drops_are_counted() {
 }
 
 #[test]
+fn offline_queue_is_bounded_in_bytes_and_a_lone_big_message_still_waits() {
+    let config = Config { max_queued_bytes: 250, sys_interval_ms: 0, ..Config::default() };
+    let mut net = Net::with(config);
+    net.connect(1, V3, "away", false);
+    net.subscribe(1, V3, "t", QoS::AtLeastOnce);
+    net.broker.closed(1, net.now);
+    net.connect(2, V3, "pub", true);
+    // Topic and payload: 101 bytes each, so two fit in 250 and the rest drop.
+    for i in 0..5u16 {
+        net.publish(2, V3, publish("t", &[b'a'; 100], QoS::AtLeastOnce, Some(i + 1)));
+    }
+    assert_eq!(net.broker.stats().messages_dropped, 3);
+    net.connect(3, V3, "away", false);
+    let got = publishes(&net.recv(3, V3));
+    assert_eq!(got.len(), 2);
+    for p in &got {
+        net.send(3, V3, &Packet::Puback(ack(p.packet_id.unwrap())));
+    }
+    net.broker.closed(3, net.now);
+    // Delivered messages leave the count: an empty queue takes a message
+    // bigger than the bound, and nothing after it.
+    net.publish(2, V3, publish("t", &[b'b'; 1000], QoS::AtLeastOnce, Some(10)));
+    net.publish(2, V3, publish("t", b"c", QoS::AtLeastOnce, Some(11)));
+    assert_eq!(net.broker.stats().messages_dropped, 4);
+    net.connect(4, V3, "away", false);
+    let got = publishes(&net.recv(4, V3));
+    assert_eq!(got.iter().map(|p| p.payload.len()).collect::<Vec<_>>(), [1000]);
+}
+
+#[test]
 fn inflight_window_limits_unacknowledged_messages() {
     let mut net = Net::with(Config { max_inflight: 2, sys_interval_ms: 0, ..Config::default() });
     net.connect(1, V3, "slow", true);

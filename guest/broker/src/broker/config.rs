@@ -25,6 +25,10 @@ pub struct Config {
     pub max_packet_size: usize,
     /// Messages queued per offline or slow session before new ones drop.
     pub max_queued_messages: usize,
+    /// Topic and payload bytes queued per offline or slow session before
+    /// new messages drop (a message alone in its queue is never dropped
+    /// for its size).
+    pub max_queued_bytes: usize,
     /// Outgoing QoS 1/2 messages unacknowledged per session.
     pub max_inflight: u16,
     /// Incoming QoS 1/2 messages a client may have unacknowledged (v5 Receive Maximum).
@@ -73,6 +77,7 @@ impl Default for Config {
             max_connections: 10_000,
             max_packet_size: 1 << 20,
             max_queued_messages: 1000,
+            max_queued_bytes: 16 << 20,
             max_inflight: 20,
             receive_maximum: 100,
             topic_limits: TopicLimits::default(),

@@ -207,7 +207,12 @@ impl Broker {
             self.stats.messages_dropped += 1;
             return;
         }
-        if session.queue.len() >= self.config.max_queued_messages {
+        // A message bigger than the byte bound still goes to an empty queue:
+        // the bound limits what waits, not what may be sent at all.
+        let bytes = p.topic.len() + p.payload.len();
+        if session.queue.len() >= self.config.max_queued_messages
+            || (session.queue.len() > 0 && session.queue.bytes() + bytes > self.config.max_queued_bytes)
+        {
             self.stats.messages_dropped += 1;
             return;
         }

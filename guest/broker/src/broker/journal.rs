@@ -196,8 +196,8 @@ impl Broker {
             (false, true) => {
                 session.persisted = true;
                 // Messages it already holds get numbers from now on.
-                for q in session.queue.iter_mut().filter(|q| q.publish.qos != QoS::AtMostOnce && q.seq == 0) {
-                    q.seq = session.next_seq;
+                for (_, seq) in session.queue.seqs_mut().filter(|(p, seq)| p.qos != QoS::AtMostOnce && **seq == 0) {
+                    *seq = session.next_seq;
                     session.next_seq += 1;
                 }
                 let mut records = Vec::new();

@@ -43,6 +43,62 @@ pub(super) struct Queued {
     pub(super) seq: u64,
 }
 
+impl Queued {
+    /// What it counts against `max_queued_bytes`: its topic and payload.
+    pub(super) fn bytes(&self) -> usize {
+        self.publish.topic.len() + self.publish.payload.len()
+    }
+}
+
+/// A session's queued messages, oldest first, with the sum of their
+/// [`Queued::bytes`] kept as they come and go.
+#[derive(Debug, Default)]
+pub(super) struct MessageQueue {
+    messages: VecDeque<Queued>,
+    bytes: usize,
+}
+
+impl MessageQueue {
+    pub(super) fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Topic and payload bytes of every queued message.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub(super) fn front(&self) -> Option<&Queued> {
+        self.messages.front()
+    }
+
+    pub(super) fn iter(&self) -> impl DoubleEndedIterator<Item = &Queued> + ExactSizeIterator {
+        self.messages.iter()
+    }
+
+    /// Each message's log number (nothing that changes its size).
+    pub(super) fn seqs_mut(&mut self) -> impl Iterator<Item = (&Publish, &mut u64)> {
+        self.messages.iter_mut().map(|q| (&q.publish, &mut q.seq))
+    }
+
+    pub(super) fn push_back(&mut self, queued: Queued) {
+        self.bytes += queued.bytes();
+        self.messages.push_back(queued);
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<Queued> {
+        let queued = self.messages.pop_front()?;
+        self.bytes -= queued.bytes();
+        Some(queued)
+    }
+
+    pub(super) fn remove(&mut self, at: usize) -> Option<Queued> {
+        let queued = self.messages.remove(at)?;
+        self.bytes -= queued.bytes();
+        Some(queued)
+    }
+}
+
 /// A subscription as its session keeps it, to log and restore it.
 pub(super) type Held = (SubscriptionOptions, Option<u32>);
 
@@ -62,7 +118,7 @@ pub(super) struct Session {
     pub(super) inflight: BTreeMap<u16, Outgoing>,
     /// QoS 2 packet ids received and not yet released by PUBREL.
     pub(super) incoming_qos2: BTreeSet<u16>,
-    pub(super) queue: VecDeque<Queued>,
+    pub(super) queue: MessageQueue,
     pub(super) will: Option<Will>,
     /// When a delayed will falls due, once the connection is gone.
     pub(super) will_at: Option<u64>,
@@ -110,7 +166,7 @@ impl Broker {
                 next_packet_id: 1,
                 inflight: BTreeMap::new(),
                 incoming_qos2: BTreeSet::new(),
-                queue: VecDeque::new(),
+                queue: MessageQueue::default(),
                 will: None,
                 will_at: None,
                 persisted: false,

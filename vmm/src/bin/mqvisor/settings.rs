@@ -45,6 +45,12 @@ pub struct BrokerFlags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_queued_messages: Option<usize>,
+    /// Bytes (topics and payloads) queued per offline or slow session before
+    /// new messages are dropped; a message alone in its queue is kept whatever
+    /// its size [default: 16777216]
+    #[arg(long, value_name = "BYTES")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_queued_bytes: Option<usize>,
     /// Unacknowledged QoS 1/2 messages in flight per session, at least 1 [default: 20]
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -303,6 +309,7 @@ impl BrokerFlags {
             max_connections: self.max_connections.unwrap_or(defaults.max_connections),
             max_packet_size: self.max_packet_size.map_or(defaults.max_packet_size, |v| v as usize),
             max_queued_messages: self.max_queued_messages.unwrap_or(defaults.max_queued_messages),
+            max_queued_bytes: self.max_queued_bytes.unwrap_or(defaults.max_queued_bytes),
             max_inflight: self.max_inflight.unwrap_or(defaults.max_inflight),
             max_sessions: self.max_sessions.unwrap_or(defaults.max_sessions),
             max_retained_messages: self.max_retained_messages.unwrap_or(defaults.max_retained_messages),
