@@ -244,11 +244,53 @@ fn persistent_connect_packet(client_id: &str) -> Vec<u8> {
 }
 
 #[test]
+fn an_offline_session_queue_stops_at_its_byte_bound() {
+    if !kvm_available("an_offline_session_queue_stops_at_its_byte_bound") {
+        return;
+    }
+    let vm = RunningVm::start(&["--timeout", "60", "--max-queued-bytes", "100000"]);
+    let mut sub = TcpStream::connect(vm.addr).unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sub.write_all(&persistent_connect_packet("bounded")).unwrap();
+    assert_eq!(read_packet(&mut sub).0, 0x20);
+    sub.write_all(&[0x82, 10, 0, 1, 0, 5, b'o', b'f', b'f', b'/', b'#', 1]).unwrap();
+    assert_eq!(read_packet(&mut sub).0, 0x90);
+    sub.write_all(&[0xe0, 0]).unwrap();
+    drop(sub);
+    // 30 messages of 10,000 bytes and a 5-byte topic: 9 fit in 100,000.
+    let mut publisher = mqtt5_connect(&vm, "bulk");
+    let payload = vec![b'b'; 10_000];
+    for i in 0..30u16 {
+        publisher.write_all(&wire::publish_v5(&format!("off/{:02}", i % 100), &payload, 1, i + 1, false)).unwrap();
+        let (kind, body) = read_packet(&mut publisher);
+        assert_eq!((kind, puback_code(&body)), (0x40, 0), "accepted (the drop is the subscriber's)");
+    }
+    let mut sub = TcpStream::connect(vm.addr).unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    sub.write_all(&persistent_connect_packet("bounded")).unwrap();
+    let (kind, body) = read_packet(&mut sub);
+    assert_eq!((kind, body[0]), (0x20, 1), "CONNACK with session present");
+    let mut topics = Vec::new();
+    // Until nothing more comes within the read timeout.
+    while let Ok((kind, body)) = wire::try_read_packet(&mut sub) {
+        assert_eq!(kind & 0xf0, 0x30, "PUBLISH");
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        topics.push(String::from_utf8_lossy(&body[2..2 + topic_len]).into_owned());
+        let id = [body[2 + topic_len], body[3 + topic_len]];
+        sub.write_all(&[0x40, 2, id[0], id[1]]).unwrap();
+    }
+    let first_nine: Vec<String> = (0..9).map(|i| format!("off/{i:02}")).collect();
+    assert_eq!(topics, first_nine, "the oldest messages that fit, and nothing after them");
+}
+
+#[test]
 fn an_offline_session_flood_is_bounded_and_what_was_kept_is_delivered() {
     if !kvm_available("an_offline_session_flood_is_bounded_and_what_was_kept_is_delivered") {
         return;
     }
-    let vm = RunningVm::start(&["--max-connections", "100", "--timeout", "120"]);
+    // The session's own byte bound (16 MiB) would stop the flood first: this
+    // test is about the tenant's memory.
+    let vm = RunningVm::start(&["--max-connections", "100", "--timeout", "120", "--max-queued-bytes", "1073741824"]);
     // A persistent subscriber of off/# at QoS 1 goes away.
     let mut sub = TcpStream::connect(vm.addr).unwrap();
     sub.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
