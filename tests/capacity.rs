@@ -243,20 +243,24 @@ fn persistent_connect_packet(client_id: &str) -> Vec<u8> {
     packet
 }
 
+/// A persistent subscriber `client_id` of off/# at QoS 1 goes away.
+fn subscribe_and_leave(vm: &RunningVm, client_id: &str) {
+    let mut sub = TcpStream::connect(vm.addr).unwrap();
+    sub.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    sub.write_all(&persistent_connect_packet(client_id)).unwrap();
+    assert_eq!(read_packet(&mut sub).0, 0x20);
+    sub.write_all(&[0x82, 10, 0, 1, 0, 5, b'o', b'f', b'f', b'/', b'#', 1]).unwrap();
+    assert_eq!(read_packet(&mut sub).0, 0x90);
+    sub.write_all(&[0xe0, 0]).unwrap();
+}
+
 #[test]
 fn an_offline_session_queue_stops_at_its_byte_bound() {
     if !kvm_available("an_offline_session_queue_stops_at_its_byte_bound") {
         return;
     }
     let vm = RunningVm::start(&["--timeout", "60", "--max-queued-bytes", "100000"]);
-    let mut sub = TcpStream::connect(vm.addr).unwrap();
-    sub.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    sub.write_all(&persistent_connect_packet("bounded")).unwrap();
-    assert_eq!(read_packet(&mut sub).0, 0x20);
-    sub.write_all(&[0x82, 10, 0, 1, 0, 5, b'o', b'f', b'f', b'/', b'#', 1]).unwrap();
-    assert_eq!(read_packet(&mut sub).0, 0x90);
-    sub.write_all(&[0xe0, 0]).unwrap();
-    drop(sub);
+    subscribe_and_leave(&vm, "bounded");
     // 30 messages of 10,000 bytes and a 5-byte topic: 9 fit in 100,000.
     let mut publisher = mqtt5_connect(&vm, "bulk");
     let payload = vec![b'b'; 10_000];
@@ -291,15 +295,7 @@ fn an_offline_session_flood_is_bounded_and_what_was_kept_is_delivered() {
     // The session's own byte bound (16 MiB) would stop the flood first: this
     // test is about the tenant's memory.
     let vm = RunningVm::start(&["--max-connections", "100", "--timeout", "120", "--max-queued-bytes", "1073741824"]);
-    // A persistent subscriber of off/# at QoS 1 goes away.
-    let mut sub = TcpStream::connect(vm.addr).unwrap();
-    sub.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    sub.write_all(&persistent_connect_packet("offline")).unwrap();
-    assert_eq!(read_packet(&mut sub).0, 0x20);
-    sub.write_all(&[0x82, 10, 0, 1, 0, 5, b'o', b'f', b'f', b'/', b'#', 1]).unwrap();
-    assert_eq!(read_packet(&mut sub).0, 0x90);
-    sub.write_all(&[0xe0, 0]).unwrap();
-    drop(sub);
+    subscribe_and_leave(&vm, "offline");
     // 100 KB messages for it, far more than 64 MiB holds.
     let mut publisher = mqtt5_connect(&vm, "flood");
     let payload = vec![b'q'; 100_000];
