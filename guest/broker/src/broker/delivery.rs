@@ -13,7 +13,7 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::journal::{STORE_FAILING, Unsettled};
-use super::session::{Awaiting, Outgoing, Queued};
+use super::session::{Awaiting, Outgoing, Queued, stored_bytes};
 use super::{Broker, ConnId, Refusal, reason, refuse};
 use crate::auth::Want;
 use crate::packet::{self, Ack, Packet, Publish, QoS, Version};
@@ -209,7 +209,7 @@ impl Broker {
         }
         // A message bigger than the byte bound still goes to an empty queue:
         // the bound limits what waits, not what may be sent at all.
-        let bytes = p.topic.len() + p.payload.len();
+        let bytes = stored_bytes(&p);
         if session.queue.len() >= self.config.max_queued_messages
             || (session.queue.len() > 0 && session.queue.bytes() + bytes > self.config.max_queued_bytes)
         {

@@ -8,7 +8,7 @@ use alloc::collections::BTreeMap;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-use super::session::Queued;
+use super::session::{Queued, stored_bytes};
 use crate::packet::Publish;
 
 #[derive(Default)]
@@ -16,10 +16,6 @@ pub(super) struct Retained {
     by_topic: BTreeMap<Arc<str>, Queued>,
     /// Topic and payload bytes of every stored message.
     bytes: usize,
-}
-
-fn size(p: &Publish) -> usize {
-    p.topic.len() + p.payload.len()
 }
 
 impl Retained {
@@ -34,12 +30,12 @@ impl Retained {
     /// Whether storing `p` keeps the store within `max_count` messages and
     /// `max_bytes` bytes (a deletion or a smaller replacement always does).
     pub(super) fn fits(&self, p: &Publish, max_count: usize, max_bytes: usize) -> bool {
-        let old = self.by_topic.get(&p.topic).map(|q| size(&q.publish));
-        if p.payload.is_empty() || old.is_some_and(|old| old >= size(p)) {
+        let old = self.by_topic.get(&p.topic).map(|q| stored_bytes(&q.publish));
+        if p.payload.is_empty() || old.is_some_and(|old| old >= stored_bytes(p)) {
             return true;
         }
         let count = self.by_topic.len() + usize::from(old.is_none());
-        count <= max_count && self.bytes - old.unwrap_or(0) + size(p) <= max_bytes
+        count <= max_count && self.bytes - old.unwrap_or(0) + stored_bytes(p) <= max_bytes
     }
 
     /// Stores `p` for its topic, or deletes the topic's message when the
@@ -47,15 +43,15 @@ impl Retained {
     pub(super) fn set(&mut self, p: &Publish, expires_at: Option<u64>) {
         if p.payload.is_empty() {
             if let Some(old) = self.by_topic.remove(&p.topic) {
-                self.bytes -= size(&old.publish);
+                self.bytes -= stored_bytes(&old.publish);
             }
             return;
         }
-        self.bytes += size(p);
+        self.bytes += stored_bytes(p);
         // One walk of the tree, not a removal and an insertion.
         let message = Queued { publish: p.clone(), expires_at, seq: 0 };
         if let Some(old) = self.by_topic.insert(p.topic.clone(), message) {
-            self.bytes -= size(&old.publish);
+            self.bytes -= stored_bytes(&old.publish);
         }
     }
 
@@ -68,13 +64,13 @@ impl Retained {
     pub(super) fn restore(&mut self, topic: Arc<str>, message: Option<Queued>) {
         let old = match message {
             Some(message) => {
-                self.bytes += size(&message.publish);
+                self.bytes += stored_bytes(&message.publish);
                 self.by_topic.insert(topic, message)
             }
             None => self.by_topic.remove(&topic),
         };
         if let Some(old) = old {
-            self.bytes -= size(&old.publish);
+            self.bytes -= stored_bytes(&old.publish);
         }
     }
 
@@ -98,7 +94,7 @@ impl Retained {
             .into_iter()
             .filter_map(|(topic, message)| {
                 let message = message?;
-                *bytes += size(&message.publish);
+                *bytes += stored_bytes(&message.publish);
                 Some((topic, message))
             })
             .collect();
@@ -110,7 +106,7 @@ impl Retained {
         self.by_topic.retain(|_, m| {
             let keep = m.expires_at.is_none_or(|t| now < t);
             if !keep {
-                *bytes -= size(&m.publish);
+                *bytes -= stored_bytes(&m.publish);
             }
             keep
         });

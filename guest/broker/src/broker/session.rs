@@ -43,10 +43,15 @@ pub(super) struct Queued {
     pub(super) seq: u64,
 }
 
+/// What a stored message counts against the byte bounds
+/// (`max_queued_bytes`, `max_retained_bytes`): its topic and payload.
+pub(super) fn stored_bytes(p: &Publish) -> usize {
+    p.topic.len() + p.payload.len()
+}
+
 impl Queued {
-    /// What it counts against `max_queued_bytes`: its topic and payload.
     pub(super) fn bytes(&self) -> usize {
-        self.publish.topic.len() + self.publish.payload.len()
+        stored_bytes(&self.publish)
     }
 }
 
