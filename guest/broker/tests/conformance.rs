@@ -730,6 +730,21 @@ fn offline_queue_is_bounded_in_bytes_and_a_lone_big_message_still_waits() {
 }
 
 #[test]
+fn a_byte_bound_of_zero_is_no_byte_bound() {
+    let mut net = Net::with(Config { max_queued_bytes: 0, sys_interval_ms: 0, ..Config::default() });
+    net.connect(1, V3, "away", false);
+    net.subscribe(1, V3, "t", QoS::AtLeastOnce);
+    net.broker.closed(1, net.now);
+    net.connect(2, V3, "pub", true);
+    for i in 0..10u16 {
+        net.publish(2, V3, publish("t", &[b'a'; 100], QoS::AtLeastOnce, Some(i + 1)));
+    }
+    assert_eq!(net.broker.stats().messages_dropped, 0);
+    net.connect(3, V3, "away", false);
+    assert_eq!(publishes(&net.recv(3, V3)).len(), 10);
+}
+
+#[test]
 fn inflight_window_limits_unacknowledged_messages() {
     let mut net = Net::with(Config { max_inflight: 2, sys_interval_ms: 0, ..Config::default() });
     net.connect(1, V3, "slow", true);

@@ -27,7 +27,7 @@ pub struct Config {
     pub max_queued_messages: usize,
     /// Topic and payload bytes queued per offline or slow session before
     /// new messages drop (a message alone in its queue is never dropped
-    /// for its size).
+    /// for its size); 0: no byte bound.
     pub max_queued_bytes: usize,
     /// Outgoing QoS 1/2 messages unacknowledged per session.
     pub max_inflight: u16,

@@ -208,11 +208,13 @@ impl Broker {
             return;
         }
         // A message bigger than the byte bound still goes to an empty queue:
-        // the bound limits what waits, not what may be sent at all.
-        let bytes = stored_bytes(&p);
-        if session.queue.len() >= self.config.max_queued_messages
-            || (session.queue.len() > 0 && session.queue.bytes() + bytes > self.config.max_queued_bytes)
-        {
+        // the bound limits what waits, not what may be sent at all. 0 is no
+        // byte bound, as in Mosquitto (a configuration carried over must
+        // not mean "one message").
+        let max_bytes = self.config.max_queued_bytes;
+        let over_bytes =
+            max_bytes != 0 && session.queue.len() > 0 && session.queue.bytes() + stored_bytes(&p) > max_bytes;
+        if session.queue.len() >= self.config.max_queued_messages || over_bytes {
             self.stats.messages_dropped += 1;
             return;
         }

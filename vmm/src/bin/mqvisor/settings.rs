@@ -47,7 +47,7 @@ pub struct BrokerFlags {
     pub max_queued_messages: Option<usize>,
     /// Bytes (topics and payloads) queued per offline or slow session before
     /// new messages are dropped; a message alone in its queue is kept whatever
-    /// its size [default: 16777216]
+    /// its size; 0: no byte bound, as in Mosquitto [default: 16777216]
     #[arg(long, value_name = "BYTES")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_queued_bytes: Option<usize>,
