@@ -297,7 +297,9 @@ pub struct Clients {
 
 enum From {
     Listen(Vec<(TcpListener, ListenOn)>),
-    Handoff(AsyncFd<UnixDatagram>, HandoffEdge),
+    /// The buffer datagrams are read into is kept: a fresh one per read
+    /// zeroed its 256 KiB for every client handed over.
+    Handoff(AsyncFd<UnixDatagram>, HandoffEdge, Box<[u8]>),
     /// The handoff socket failed: no more clients come.
     Closed,
 }
@@ -319,7 +321,10 @@ impl Clients {
                     .map(|l| Ok((TcpListener::from_std(l.socket)?, l.on)))
                     .collect::<std::io::Result<_>>()?,
             ),
-            Ingress::Handoff(socket, edge) => From::Handoff(watch_fd(socket)?, edge),
+            // Pages of it are only made when a datagram is that long.
+            Ingress::Handoff(socket, edge) => {
+                From::Handoff(watch_fd(socket)?, edge, vec![0u8; 1 + MAX_HANDOFF_BYTES].into_boxed_slice())
+            }
         };
         Ok(Clients {
             from,
@@ -377,7 +382,7 @@ impl Clients {
                 listeners.rotate_left(1);
                 self.make(socket, on.serve(), Vec::new()).into_iter().collect()
             }
-            From::Handoff(socket, edge) => match handed_over(socket).await {
+            From::Handoff(socket, edge, buf) => match handed_over(socket, buf).await {
                 Ok(Received { clients: handed, auth, fence, standby }) => {
                     if auth.is_some() {
                         self.auth_change = auth;
@@ -444,7 +449,7 @@ impl Clients {
     /// Tells `mqvisor serve` this VM's load (best effort: a full socket
     /// skips a report).
     pub fn report(&self, counters: &Counters) {
-        if let From::Handoff(socket, _) = &self.from {
+        if let From::Handoff(socket, ..) = &self.from {
             let _ = socket.get_ref().send(&counters.to_report());
         }
     }
@@ -468,14 +473,13 @@ struct Received {
 
 /// Every client waiting on the handoff socket, and the latest users and
 /// ACL change and fence deadline among the datagrams.
-async fn handed_over(handoff: &AsyncFd<UnixDatagram>) -> std::io::Result<Received> {
+/// `buf` holds a datagram: the kind byte, then the bytes.
+async fn handed_over(handoff: &AsyncFd<UnixDatagram>, buf: &mut [u8]) -> std::io::Result<Received> {
     let mut guard = handoff.readable().await?;
     let mut received = Received::default();
-    // The kind byte, then the bytes.
-    let mut buf = vec![0u8; 1 + MAX_HANDOFF_BYTES];
     loop {
         let datagram = guard.try_io(|inner| {
-            inner.get_ref().recv_with_fd(&mut buf).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+            inner.get_ref().recv_with_fd(buf).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
         });
         match datagram {
             Ok(Ok((1, Some(file)))) if buf[0] == STANDBY_OFFER => received.standby = Some(file),
