@@ -47,6 +47,7 @@ use std::os::fd::AsRawFd;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::paced::quick_ack;
@@ -99,11 +100,24 @@ impl ClientTransport for TcpClient {
     }
 
     fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.0.try_read(buf)?;
-        if n > 0 {
-            quick_ack(&self.0);
+        let mut n = 0;
+        let read = self.0.try_io(Interest::READABLE, || {
+            n = io::Read::read(&mut &*socket2::SockRef::from(&self.0), buf)?;
+            // A read shorter than `buf` emptied the socket, and epoll says
+            // when more comes (as tokio's own `poll_read` takes it): clearing
+            // the readiness now spares the read that would only learn
+            // `WouldBlock`, one syscall per wake-up of every client.
+            if n > 0 && n < buf.len() { Err(io::ErrorKind::WouldBlock.into()) } else { Ok(()) }
+        });
+        match read {
+            Err(e) if n == 0 => Err(e),
+            _ => {
+                if n > 0 {
+                    quick_ack(&self.0);
+                }
+                Ok(n)
+            }
         }
-        Ok(n)
     }
 
     fn try_write(&self, buf: &[u8]) -> io::Result<usize> {

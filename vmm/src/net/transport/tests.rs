@@ -229,3 +229,30 @@ fn more_than_an_upgrade_and_a_read_drops_the_websocket_client() {
         assert!(WsClient::with_received(Box::new(TcpClient::new(server_socket)), limits, &received).is_err());
     });
 }
+
+#[test]
+fn a_short_tcp_read_ends_the_readiness_and_the_next_bytes_bring_it_back() {
+    runtime().block_on(async {
+        let (mut socket, server_socket) = pair();
+        let client = TcpClient::new(server_socket);
+        socket.write_all(b"first").unwrap();
+        assert_eq!(read_some(&client, 5).await, b"first");
+        // The read was shorter than its buffer: the socket is empty, and
+        // the transport knows it without asking the kernel again.
+        assert!(!ready_now(&client));
+        let mut buf = [0u8; 64];
+        assert_eq!(client.try_read(&mut buf).unwrap_err().kind(), std::io::ErrorKind::WouldBlock);
+        // Bytes that come later make it ready again (no wake-up is lost).
+        socket.write_all(b"second").unwrap();
+        assert_eq!(read_some(&client, 6).await, b"second");
+        // A read that fills its buffer says nothing of what is left.
+        socket.write_all(&[7u8; 100]).unwrap();
+        std::future::poll_fn(|cx| client.poll_read_ready(cx)).await.unwrap();
+        let mut small = [0u8; 10];
+        while client.try_read(&mut small).is_err() {
+            std::future::poll_fn(|cx| client.poll_read_ready(cx)).await.unwrap();
+        }
+        assert!(ready_now(&client));
+        assert_eq!(read_some(&client, 90).await, vec![7u8; 90]);
+    });
+}
