@@ -1161,7 +1161,7 @@ fn a_will_outside_the_acl_is_refused_at_connect() {
 }
 
 #[test]
-fn exceeding_the_receive_maximum_ends_the_connection() {
+fn exceeding_the_receive_maximum_ends_the_connection_and_is_counted() {
     let mut net = Net::with(Config { receive_maximum: 2, sys_interval_ms: 0, ..Config::default() });
     net.connect(1, V5, "flood", true);
     for id in 1..=2 {
@@ -1171,6 +1171,21 @@ fn exceeding_the_receive_maximum_ends_the_connection() {
     net.publish(1, V5, publish("t", b"x", QoS::ExactlyOnce, Some(3)));
     assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::RECEIVE_MAXIMUM_EXCEEDED));
     assert_eq!(net.closes(), vec![1]);
+    assert_eq!(net.broker.stats().quota_refusals, 1);
+    // MQTT 3.1.1 has no Receive Maximum to tell: the connection just ends,
+    // and the count says why. A released one makes room again.
+    net.connect(2, V3, "flood311", true);
+    for id in 1..=2 {
+        net.publish(2, V3, publish("t", b"x", QoS::ExactlyOnce, Some(id)));
+    }
+    assert_eq!(net.recv(2, V3).len(), 2, "two PUBRECs");
+    net.send(2, V3, &Packet::Pubrel(ack(1)));
+    net.publish(2, V3, publish("t", b"x", QoS::ExactlyOnce, Some(3)));
+    assert_eq!(net.recv(2, V3).len(), 2, "PUBCOMP 1 and PUBREC 3");
+    net.publish(2, V3, publish("t", b"x", QoS::ExactlyOnce, Some(4)));
+    assert!(net.recv(2, V3).is_empty(), "nothing a 3.1.1 client could read");
+    assert_eq!(net.closes(), vec![2]);
+    assert_eq!(net.broker.stats().quota_refusals, 2);
 }
 
 #[test]

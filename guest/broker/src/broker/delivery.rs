@@ -102,6 +102,9 @@ impl Broker {
                     return Ok(());
                 }
                 if session.incoming_qos2.len() >= usize::from(self.config.receive_maximum) {
+                    // A 3.x client was told no limit: its connection ends
+                    // without a word, so the count is what says why.
+                    self.stats.quota_refusals += 1;
                     return Err(refuse(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
                 }
                 let delivered = if allowed && quota {

@@ -55,6 +55,14 @@ pub struct BrokerFlags {
     #[arg(long, value_name = "N")]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_inflight: Option<u16>,
+    /// Incoming QoS 2 messages a client may leave unreleased (no PUBREL yet),
+    /// at least 1; the MQTT 5 Receive Maximum. Past it a v5 client is
+    /// disconnected with 0x93 and a 3.x client's connection is closed (3.x
+    /// cannot be told the limit), counted in $SYS/broker/messages/refused
+    /// [default: 100]
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub receive_maximum: Option<u16>,
     /// Sessions kept at most, connected or offline; past it clients without a
     /// session are refused [default: 100000]
     #[arg(long, value_name = "N")]
@@ -311,6 +319,7 @@ impl BrokerFlags {
             max_queued_messages: self.max_queued_messages.unwrap_or(defaults.max_queued_messages),
             max_queued_bytes: self.max_queued_bytes.unwrap_or(defaults.max_queued_bytes),
             max_inflight: self.max_inflight.unwrap_or(defaults.max_inflight),
+            receive_maximum: self.receive_maximum.unwrap_or(defaults.receive_maximum),
             max_sessions: self.max_sessions.unwrap_or(defaults.max_sessions),
             max_retained_messages: self.max_retained_messages.unwrap_or(defaults.max_retained_messages),
             max_retained_bytes: self.max_retained_bytes.unwrap_or(defaults.max_retained_bytes),
