@@ -684,13 +684,19 @@ fn inbound_topic_aliases() {
     assert_eq!(codes(&net.recv(1, V5)), disconnect(reason::PROTOCOL_ERROR));
 }
 
-#[test]
-fn offline_queue_is_bounded_and_drops_are_counted() {
-    let mut net = Net::with(Config { max_queued_messages: 3, sys_interval_ms: 0, ..Config::default() });
+/// An offline session `away` subscribed to `t` at QoS 1, and a publisher
+/// connected as connection 2.
+fn away_on_t_and_a_publisher(net: &mut Net) {
     net.connect(1, V3, "away", false);
     net.subscribe(1, V3, "t", QoS::AtLeastOnce);
     net.broker.closed(1, net.now);
     net.connect(2, V3, "pub", true);
+}
+
+#[test]
+fn offline_queue_is_bounded_and_drops_are_counted() {
+    let mut net = Net::with(Config { max_queued_messages: 3, sys_interval_ms: 0, ..Config::default() });
+    away_on_t_and_a_publisher(&mut net);
     for i in 0..10u16 {
         net.publish(2, V3, publish("t", b"m", QoS::AtLeastOnce, Some(i + 1)));
     }
@@ -703,10 +709,7 @@ fn offline_queue_is_bounded_and_drops_are_counted() {
 fn offline_queue_is_bounded_in_bytes_and_a_lone_big_message_still_waits() {
     let config = Config { max_queued_bytes: 250, sys_interval_ms: 0, ..Config::default() };
     let mut net = Net::with(config);
-    net.connect(1, V3, "away", false);
-    net.subscribe(1, V3, "t", QoS::AtLeastOnce);
-    net.broker.closed(1, net.now);
-    net.connect(2, V3, "pub", true);
+    away_on_t_and_a_publisher(&mut net);
     // Topic and payload: 101 bytes each, so two fit in 250 and the rest drop.
     for i in 0..5u16 {
         net.publish(2, V3, publish("t", &[b'a'; 100], QoS::AtLeastOnce, Some(i + 1)));
@@ -732,10 +735,7 @@ fn offline_queue_is_bounded_in_bytes_and_a_lone_big_message_still_waits() {
 #[test]
 fn a_byte_bound_of_zero_is_no_byte_bound() {
     let mut net = Net::with(Config { max_queued_bytes: 0, sys_interval_ms: 0, ..Config::default() });
-    net.connect(1, V3, "away", false);
-    net.subscribe(1, V3, "t", QoS::AtLeastOnce);
-    net.broker.closed(1, net.now);
-    net.connect(2, V3, "pub", true);
+    away_on_t_and_a_publisher(&mut net);
     for i in 0..10u16 {
         net.publish(2, V3, publish("t", &[b'a'; 100], QoS::AtLeastOnce, Some(i + 1)));
     }
