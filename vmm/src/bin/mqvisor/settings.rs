@@ -373,7 +373,10 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_paths_are_relative_to_it() {
-        let conf = temp("a.toml", "max_connections = 5\nmax_inflight = 3\nmax_keep_alive = 60\nacl_file = \"acl\"\n");
+        let conf = temp(
+            "a.toml",
+            "max_connections = 5\nmax_inflight = 3\nreceive_maximum = 9\nmax_keep_alive = 60\nacl_file = \"acl\"\n",
+        );
         std::fs::write(conf.with_file_name("acl"), "topic read x\n").unwrap();
         let flags = BrokerFlags { config: Some(conf), max_inflight: Some(7), ..BrokerFlags::default() };
         let s = flags.resolve().unwrap();
@@ -383,12 +386,15 @@ mod tests {
         // What the guest reads is what the host resolved.
         let guest = config_blob::read(&s.config_blob()).unwrap();
         assert_eq!((guest.max_connections, guest.max_inflight, guest.max_keep_alive), (5, 7, Some(60)));
+        assert_eq!(guest.receive_maximum, 9);
         assert!(guest.acl.is_some());
     }
 
     #[test]
     fn zero_limits_and_oversize_files_are_refused() {
         let err = BrokerFlags { max_inflight: Some(0), ..BrokerFlags::default() }.resolve().unwrap_err();
+        assert!(matches!(err, SettingsError::Invalid(ConfigError::ZeroWindow)), "{err}");
+        let err = BrokerFlags { receive_maximum: Some(0), ..BrokerFlags::default() }.resolve().unwrap_err();
         assert!(matches!(err, SettingsError::Invalid(ConfigError::ZeroWindow)), "{err}");
         let err = BrokerFlags { max_topic_levels: Some(0), ..BrokerFlags::default() }.resolve().unwrap_err();
         assert!(err.to_string().contains("topic length and level"), "{err}");
